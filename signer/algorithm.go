@@ -1,0 +1,145 @@
+package signer
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rsa"
+	"crypto/tls"
+	"fmt"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+)
+
+// Algorithm describes one TLS signature scheme: the key type it needs and
+// the [crypto.SignerOpts] a [crypto.Signer] must be given for it.
+type Algorithm struct {
+	// Wire is the scheme's value on the wire: its TLS code point.
+	Wire keylessv1.SignatureAlgorithm
+	// KeyType is the type of key the scheme needs.
+	KeyType keylessv1.KeyType
+	// Hash is the hash whose digest is signed; 0 for Ed25519, which signs
+	// the whole message.
+	Hash crypto.Hash
+	// PSS is whether the scheme is RSASSA-PSS (with a salt as long as the
+	// hash), rather than PKCS #1 v1.5.
+	PSS bool
+	// Legacy is whether the scheme uses SHA-1, which is refused unless the
+	// caller's policy names it.
+	Legacy bool
+}
+
+// SignerOpts returns the options a [crypto.Signer] takes for the scheme.
+func (a Algorithm) SignerOpts() crypto.SignerOpts {
+	if a.PSS {
+		return &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: a.Hash}
+	}
+	return a.Hash
+}
+
+// String returns the scheme's TLS name, such as "PSSWithSHA256".
+func (a Algorithm) String() string { return a.Scheme().String() }
+
+// algorithms is the one table that maps wire values, TLS schemes, key types
+// and signer options to each other. It is ordered by preference.
+var algorithms = []Algorithm{
+	{Wire: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ED25519, KeyType: keylessv1.KeyType_KEY_TYPE_ED25519},
+	{Wire: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ECDSA_SHA256, KeyType: keylessv1.KeyType_KEY_TYPE_ECDSA, Hash: crypto.SHA256},
+	{Wire: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ECDSA_SHA384, KeyType: keylessv1.KeyType_KEY_TYPE_ECDSA, Hash: crypto.SHA384},
+	{Wire: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ECDSA_SHA512, KeyType: keylessv1.KeyType_KEY_TYPE_ECDSA, Hash: crypto.SHA512},
+	{Wire: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PSS_RSAE_SHA256, KeyType: keylessv1.KeyType_KEY_TYPE_RSA, Hash: crypto.SHA256, PSS: true},
+	{Wire: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PSS_RSAE_SHA384, KeyType: keylessv1.KeyType_KEY_TYPE_RSA, Hash: crypto.SHA384, PSS: true},
+	{Wire: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PSS_RSAE_SHA512, KeyType: keylessv1.KeyType_KEY_TYPE_RSA, Hash: crypto.SHA512, PSS: true},
+	{Wire: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256, KeyType: keylessv1.KeyType_KEY_TYPE_RSA, Hash: crypto.SHA256},
+	{Wire: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PKCS1_SHA384, KeyType: keylessv1.KeyType_KEY_TYPE_RSA, Hash: crypto.SHA384},
+	{Wire: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PKCS1_SHA512, KeyType: keylessv1.KeyType_KEY_TYPE_RSA, Hash: crypto.SHA512},
+	{Wire: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ECDSA_SHA1, KeyType: keylessv1.KeyType_KEY_TYPE_ECDSA, Hash: crypto.SHA1, Legacy: true},
+	{Wire: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PKCS1_SHA1, KeyType: keylessv1.KeyType_KEY_TYPE_RSA, Hash: crypto.SHA1, Legacy: true},
+}
+
+// Scheme returns the TLS SignatureScheme, whose code point is the wire value.
+func (a Algorithm) Scheme() tls.SignatureScheme { return tls.SignatureScheme(a.Wire) }
+
+// Algorithms returns every scheme the keyserver knows, in its order of
+// preference. The caller may modify the returned slice.
+func Algorithms() []Algorithm { return append([]Algorithm(nil), algorithms...) }
+
+// AlgorithmFor returns the scheme with the given wire value.
+// It returns false for SIGNATURE_ALGORITHM_UNSPECIFIED and unknown values.
+func AlgorithmFor(wire keylessv1.SignatureAlgorithm) (Algorithm, bool) {
+	for _, a := range algorithms {
+		if a.Wire == wire {
+			return a, true
+		}
+	}
+	return Algorithm{}, false
+}
+
+// AlgorithmForScheme returns the scheme with the given TLS code point.
+func AlgorithmForScheme(s tls.SignatureScheme) (Algorithm, bool) {
+	return AlgorithmFor(keylessv1.SignatureAlgorithm(s))
+}
+
+// AlgorithmForOpts returns the scheme a crypto/tls server means when it asks
+// a key with public key pub to sign with opts. It is the inverse of
+// [Algorithm.SignerOpts] for a given key type.
+func AlgorithmForOpts(pub crypto.PublicKey, opts crypto.SignerOpts) (Algorithm, error) {
+	kt := KeyTypeOf(pub)
+	if kt == keylessv1.KeyType_KEY_TYPE_UNSPECIFIED {
+		return Algorithm{}, fmt.Errorf("signer: unsupported public key type %T", pub)
+	}
+	pss, isPSS := opts.(*rsa.PSSOptions)
+	if isPSS && pss.SaltLength != rsa.PSSSaltLengthEqualsHash && pss.SaltLength != pss.Hash.Size() {
+		return Algorithm{}, fmt.Errorf("signer: unsupported RSA-PSS salt length %d (TLS uses the hash length)", pss.SaltLength)
+	}
+	h := opts.HashFunc()
+	for _, a := range algorithms {
+		if a.KeyType == kt && a.Hash == h && a.PSS == isPSS {
+			return a, nil
+		}
+	}
+	return Algorithm{}, fmt.Errorf("signer: no TLS signature scheme for a %v key with hash %v (PSS %t)", kt, h, isPSS)
+}
+
+// KeyTypeOf returns the type of a public key, or KEY_TYPE_UNSPECIFIED if it
+// is not an RSA, ECDSA or Ed25519 key.
+func KeyTypeOf(pub crypto.PublicKey) keylessv1.KeyType {
+	switch pub.(type) {
+	case *rsa.PublicKey:
+		return keylessv1.KeyType_KEY_TYPE_RSA
+	case *ecdsa.PublicKey:
+		return keylessv1.KeyType_KEY_TYPE_ECDSA
+	case ed25519.PublicKey:
+		return keylessv1.KeyType_KEY_TYPE_ED25519
+	}
+	return keylessv1.KeyType_KEY_TYPE_UNSPECIFIED
+}
+
+// KeyBits returns the size of a public key in bits: the RSA modulus size, the
+// curve size, or 255 for Ed25519. It returns 0 for other keys.
+func KeyBits(pub crypto.PublicKey) int {
+	switch k := pub.(type) {
+	case *rsa.PublicKey:
+		return k.N.BitLen()
+	case *ecdsa.PublicKey:
+		return k.Curve.Params().BitSize
+	case ed25519.PublicKey:
+		return 255
+	}
+	return 0
+}
+
+// DefaultSchemes returns the schemes a key of pub's type can use in
+// principle, in order of preference, without the SHA-1 ones. A key store
+// whose keys cannot perform all of them reports its own list (see
+// [SchemeLister]).
+func DefaultSchemes(pub crypto.PublicKey) []tls.SignatureScheme {
+	kt := KeyTypeOf(pub)
+	var out []tls.SignatureScheme
+	for _, a := range algorithms {
+		if a.KeyType == kt && !a.Legacy {
+			out = append(out, a.Scheme())
+		}
+	}
+	return out
+}

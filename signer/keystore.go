@@ -1,0 +1,98 @@
+package signer
+
+import (
+	"context"
+	"crypto"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"fmt"
+)
+
+// KeyID names a key: the SHA-256 digest of the DER encoding of its X.509
+// SubjectPublicKeyInfo. It is an alias so that key stores need not import
+// this package to satisfy [KeyStore].
+type KeyID = [sha256.Size]byte
+
+// KeyIDOf returns the key id of a public key.
+func KeyIDOf(pub crypto.PublicKey) (KeyID, error) {
+	der, err := x509.MarshalPKIXPublicKey(pub)
+	if err != nil {
+		return KeyID{}, fmt.Errorf("signer: key id: %w", err)
+	}
+	return sha256.Sum256(der), nil
+}
+
+// FormatKeyID returns the lower-case hex form of a key id, as logs and the
+// command line show it.
+func FormatKeyID(id KeyID) string { return hex.EncodeToString(id[:]) }
+
+// ParseKeyID parses the hex form of a key id.
+func ParseKeyID(s string) (KeyID, error) {
+	var id KeyID
+	b, err := hex.DecodeString(s)
+	if err != nil || len(b) != len(id) {
+		return id, fmt.Errorf("signer: key id %q is not %d hex-encoded bytes", s, len(id))
+	}
+	copy(id[:], b)
+	return id, nil
+}
+
+// KeyStore is where the keyserver finds its keys. Its keys are
+// [crypto.Signer] values that may also implement [ContextSigner],
+// [PremasterDecrypter], [SchemeLister] and [Describer]; a key that is not a
+// ContextSigner is called in a goroutine bounded by the request's deadline.
+//
+// Implementations must be safe for concurrent use. An error from either
+// method means the store could not answer (the service reports it as
+// Unavailable); an unknown key is not an error.
+type KeyStore interface {
+	// Key returns the key whose id is id, or (nil, nil) if there is none.
+	Key(ctx context.Context, id KeyID) (crypto.Signer, error)
+	// Keys returns every key in the store.
+	Keys(ctx context.Context) ([]crypto.Signer, error)
+}
+
+// ContextSigner is a key whose signing operation can be bounded by a
+// context. digest and opts follow [crypto.Signer]; the service has already
+// checked that they suit the key.
+type ContextSigner interface {
+	SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error)
+}
+
+// PremasterDecrypter is an RSA key that can decrypt a TLS 1.2 RSA key
+// exchange.
+//
+// DecryptPremaster must implement implicit rejection: for any ciphertext that
+// is not a valid PKCS #1 v1.5 encryption of exactly 48 bytes (including one
+// of the wrong length or one not less than the modulus) it returns 48
+// unpredictable bytes and a nil error, taking as nearly as possible the same
+// time as for a valid one. It returns an error only when the key could not be
+// used at all (an HSM fault, or ctx done), never because of the ciphertext.
+type PremasterDecrypter interface {
+	DecryptPremaster(ctx context.Context, ciphertext []byte) ([]byte, error)
+}
+
+// SchemeLister is a key that can perform only some of the schemes its type
+// allows, as an HSM that lacks a mechanism. Keys that are not SchemeListers
+// are taken to support [DefaultSchemes].
+type SchemeLister interface {
+	SignatureSchemes() []tls.SignatureScheme
+}
+
+// Describer is a key with a name in its store, as a PKCS #11 object's
+// CKA_LABEL and CKA_ID.
+type Describer interface {
+	Label() string
+	ObjectID() []byte
+}
+
+// PremasterLen is the length of a TLS 1.2 premaster secret.
+const PremasterLen = 48
+
+// Checker is a key store that can tell whether it is usable, as an HSM
+// that may be unplugged. [WatchHealth] polls it.
+type Checker interface {
+	Check(ctx context.Context) error
+}

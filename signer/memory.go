@@ -1,0 +1,75 @@
+package signer
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rand"
+	"crypto/rsa"
+	"fmt"
+	"io"
+)
+
+// MemoryStore is a [KeyStore] of in-memory private keys, for tests and
+// examples. It is immutable after construction and safe for concurrent use.
+type MemoryStore struct {
+	keys map[KeyID]crypto.Signer
+	list []crypto.Signer
+}
+
+var _ KeyStore = (*MemoryStore)(nil)
+
+// NewMemoryStore returns a store of the given keys, which must be
+// *rsa.PrivateKey, *ecdsa.PrivateKey or ed25519.PrivateKey. RSA keys can
+// decrypt premaster secrets.
+func NewMemoryStore(keys ...crypto.Signer) (*MemoryStore, error) {
+	s := &MemoryStore{keys: make(map[KeyID]crypto.Signer)}
+	for _, k := range keys {
+		var key crypto.Signer
+		switch k := k.(type) {
+		case *rsa.PrivateKey:
+			key = memoryRSAKey{k}
+		case *ecdsa.PrivateKey, ed25519.PrivateKey:
+			key = k
+		default:
+			return nil, fmt.Errorf("signer: memory store: unsupported key type %T", k)
+		}
+		id, err := KeyIDOf(k.Public())
+		if err != nil {
+			return nil, err
+		}
+		s.keys[id] = key
+		s.list = append(s.list, key)
+	}
+	return s, nil
+}
+
+// Key implements [KeyStore].
+func (s *MemoryStore) Key(_ context.Context, id KeyID) (crypto.Signer, error) {
+	return s.keys[id], nil
+}
+
+// Keys implements [KeyStore].
+func (s *MemoryStore) Keys(context.Context) ([]crypto.Signer, error) {
+	return append([]crypto.Signer(nil), s.list...), nil
+}
+
+// memoryRSAKey adds premaster decryption to an RSA key.
+type memoryRSAKey struct{ *rsa.PrivateKey }
+
+var _ PremasterDecrypter = memoryRSAKey{}
+
+// DecryptPremaster implements [PremasterDecrypter] with crypto/rsa's
+// implicit rejection: the result starts as random bytes and is overwritten,
+// in constant time, only by a valid 48-byte plaintext.
+func (k memoryRSAKey) DecryptPremaster(_ context.Context, ciphertext []byte) ([]byte, error) {
+	pms := make([]byte, PremasterLen)
+	if _, err := io.ReadFull(rand.Reader, pms); err != nil {
+		return nil, err
+	}
+	// The only errors are for a ciphertext of the wrong length or a key
+	// too small for a 48-byte secret; in both cases pms stays random.
+	_ = rsa.DecryptPKCS1v15SessionKey(nil, k.PrivateKey, ciphertext, pms)
+	return pms, nil
+}

@@ -1,0 +1,105 @@
+package signer
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"fmt"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+)
+
+// Limits on request fields. They are far above what TLS needs and exist so
+// that a peer cannot make the keyserver hold or hash large inputs.
+const (
+	// MaxEd25519MessageLen bounds an Ed25519 message. A TLS 1.3
+	// CertificateVerify input is at most 162 bytes and a TLS 1.2
+	// ServerKeyExchange input at most 68+255 bytes.
+	MaxEd25519MessageLen = 512
+	// MaxContextFieldLen bounds each field of a RequestContext.
+	MaxContextFieldLen = 256
+)
+
+// tls13ServerContext is the prefix of every TLS 1.3 server CertificateVerify
+// signature input (RFC 8446, section 4.4.3).
+var tls13ServerContext = append(bytes.Repeat([]byte{0x20}, 64), "TLS 1.3, server CertificateVerify\x00"...)
+
+// ValidateSignRequest checks a SignRequest on its own, without looking at
+// the key, and returns the key id and scheme it names. On success the digest
+// is exactly as long as the scheme's hash output, or, for Ed25519, is a TLS
+// server signature input. Errors are *[ValidationError].
+func ValidateSignRequest(req *keylessv1.SignRequest) (KeyID, Algorithm, error) {
+	id, err := validateKeyID(req.GetKeyId())
+	if err != nil {
+		return id, Algorithm{}, err
+	}
+	alg, ok := AlgorithmFor(req.GetAlgorithm())
+	if !ok {
+		return id, alg, &ValidationError{"algorithm", fmt.Sprintf("%v is not a supported signature algorithm", req.GetAlgorithm())}
+	}
+	d := req.GetDigest()
+	if alg.Hash == 0 {
+		if err := validateEd25519Message(d); err != nil {
+			return id, alg, err
+		}
+	} else if len(d) != alg.Hash.Size() {
+		return id, alg, &ValidationError{"digest", fmt.Sprintf("is %d bytes; %v needs a %d-byte %v digest", len(d), alg, alg.Hash.Size(), alg.Hash)}
+	}
+	return id, alg, validateContext(req.GetContext())
+}
+
+// ValidateDecryptRequest checks a DecryptRequest and returns the key id it
+// names. The ciphertext is not checked: every defect of it is answered by
+// implicit rejection, not by an error. Errors are *[ValidationError].
+func ValidateDecryptRequest(req *keylessv1.DecryptRequest) (KeyID, error) {
+	id, err := validateKeyID(req.GetKeyId())
+	if err != nil {
+		return id, err
+	}
+	return id, validateContext(req.GetContext())
+}
+
+func validateKeyID(b []byte) (KeyID, error) {
+	var id KeyID
+	if len(b) != len(id) {
+		return id, &ValidationError{"key_id", fmt.Sprintf("is %d bytes; a key id is the %d-byte SHA-256 of the key's SubjectPublicKeyInfo", len(b), sha256.Size)}
+	}
+	copy(id[:], b)
+	return id, nil
+}
+
+// validateEd25519Message accepts only what a TLS server signs with Ed25519:
+// a TLS 1.3 CertificateVerify input or TLS 1.2 ServerKeyExchange parameters.
+// Anything else would make the keyserver a general-purpose Ed25519 oracle.
+func validateEd25519Message(m []byte) error {
+	switch {
+	case len(m) == 0:
+		return &ValidationError{"digest", "is empty; Ed25519 needs the message to sign"}
+	case len(m) > MaxEd25519MessageLen:
+		return &ValidationError{"digest", fmt.Sprintf("is %d bytes; an Ed25519 TLS message is at most %d", len(m), MaxEd25519MessageLen)}
+	case bytes.HasPrefix(m, tls13ServerContext):
+		switch len(m) - len(tls13ServerContext) {
+		case 32, 48, 64:
+			return nil
+		}
+		return &ValidationError{"digest", "is a TLS 1.3 CertificateVerify input with a transcript hash of the wrong length"}
+	case len(m) > 68 && m[64] == 3 && int(m[67]) == len(m)-68:
+		// client_random, server_random, then ECParameters with
+		// curve_type named_curve (3), the curve, and the length-prefixed
+		// public point (RFC 8422, section 5.4).
+		return nil
+	}
+	return &ValidationError{"digest", "is not a TLS server signature input (TLS 1.3 CertificateVerify or TLS 1.2 ServerKeyExchange)"}
+}
+
+func validateContext(c *keylessv1.RequestContext) error {
+	for _, f := range []struct{ name, value string }{
+		{"context.server_name", c.GetServerName()},
+		{"context.client_address", c.GetClientAddress()},
+		{"context.connection_id", c.GetConnectionId()},
+	} {
+		if len(f.value) > MaxContextFieldLen {
+			return &ValidationError{f.name, fmt.Sprintf("is %d bytes; at most %d are allowed", len(f.value), MaxContextFieldLen)}
+		}
+	}
+	return nil
+}
