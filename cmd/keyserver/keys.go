@@ -1,0 +1,315 @@
+package main
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/hex"
+	"encoding/pem"
+	"flag"
+	"fmt"
+	"io"
+	"math/big"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/keyless-tls/keyless/hsm"
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+	"github.com/keyless-tls/keyless/signer"
+)
+
+// keys runs "keyserver keys <command>".
+func keys(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return fmt.Errorf("keys: no command given (generate, list, export, csr, selfsign)")
+	}
+	cmds := map[string]func(context.Context, *keysCmd) error{
+		"generate": keysGenerate,
+		"list":     keysList,
+		"export":   keysExport,
+		"csr":      keysCSR,
+		"selfsign": keysSelfsign,
+	}
+	fn, ok := cmds[args[0]]
+	if !ok {
+		fmt.Fprint(stderr, usage)
+		return fmt.Errorf("keys: unknown command %q", args[0])
+	}
+	c := &keysCmd{name: args[0], stdout: stdout, stderr: stderr}
+	if err := c.parse(args[1:]); err != nil {
+		return err
+	}
+	if err := fn(ctx, c); err != nil {
+		return fmt.Errorf("keys %s: %w", c.name, err)
+	}
+	return nil
+}
+
+// keysCmd holds the flags of every "keys" command; each uses the ones that
+// apply to it.
+type keysCmd struct {
+	name           string
+	stdout, stderr io.Writer
+	hsm            hsmFlags
+
+	// generate
+	keyType string
+	bits    int
+	curve   string
+	label   string
+	id      string
+
+	// export, csr, selfsign
+	key     string
+	out     string
+	subject string
+	dns     string
+	days    int
+}
+
+func (c *keysCmd) parse(args []string) error {
+	fs := flag.NewFlagSet("keyserver keys "+c.name, flag.ContinueOnError)
+	fs.SetOutput(c.stderr)
+	c.hsm.register(fs)
+	switch c.name {
+	case "generate":
+		fs.StringVar(&c.keyType, "type", "ecdsa", "key type: rsa, ecdsa or ed25519")
+		fs.IntVar(&c.bits, "bits", 0, "RSA modulus size: 2048 (if unset), 3072 or 4096")
+		fs.StringVar(&c.curve, "curve", "", "ECDSA curve: P-256 (if unset) or P-384")
+		fs.StringVar(&c.label, "label", "", "CKA_LABEL of the new key (required)")
+		fs.StringVar(&c.id, "id", "", "CKA_ID of the new key, in hex (default: random)")
+	case "export", "csr", "selfsign":
+		fs.StringVar(&c.key, "key", "", "the key: its key id (hex) or its label (required)")
+		fs.StringVar(&c.out, "out", "", "output file (default: standard output)")
+		if c.name != "export" {
+			fs.StringVar(&c.subject, "cn", "", "subject common name (default: the first -dns name)")
+			fs.StringVar(&c.dns, "dns", "", "comma-separated DNS names for the subjectAltName (required)")
+		}
+		if c.name == "selfsign" {
+			fs.IntVar(&c.days, "days", 365, "validity in days")
+		}
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("keys %s: unexpected arguments %q", c.name, fs.Args())
+	}
+	return nil
+}
+
+// open opens the HSM named by the flags. Log lines go to stderr, at warn
+// level, so that stdout holds only the command's output.
+func (c *keysCmd) open() (*hsm.Module, error) {
+	logger := hclog.New(&hclog.LoggerOptions{Name: "keyserver", Level: hclog.Warn, Output: c.stderr})
+	cfg, err := c.hsm.config(logger)
+	if err != nil {
+		return nil, err
+	}
+	return hsm.Open(cfg)
+}
+
+func keysGenerate(ctx context.Context, c *keysCmd) error {
+	spec := hsm.KeySpec{Type: c.keyType, Bits: c.bits, Curve: c.curve, Label: c.label}
+	if c.id != "" {
+		id, err := hex.DecodeString(c.id)
+		if err != nil {
+			return fmt.Errorf("-id %q is not hex", c.id)
+		}
+		spec.ID = id
+	}
+	if err := spec.Validate(); err != nil {
+		return err
+	}
+	m, err := c.open()
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	key, err := m.Generate(ctx, spec)
+	if err != nil {
+		return err
+	}
+	return printKeys(c.stdout, []crypto.Signer{key})
+}
+
+func keysList(ctx context.Context, c *keysCmd) error {
+	m, err := c.open()
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	keys, err := m.Keys(ctx)
+	if err != nil {
+		return err
+	}
+	return printKeys(c.stdout, keys)
+}
+
+// printKeys writes one line per key: key id, type and size, label, CKA_ID,
+// whether it decrypts premasters, and its signature schemes.
+func printKeys(w io.Writer, keys []crypto.Signer) error {
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "KEY ID\tTYPE\tLABEL\tCKA_ID\tDECRYPT\tSCHEMES")
+	for _, k := range keys {
+		d, err := signer.Describe(k)
+		if err != nil {
+			return err
+		}
+		var schemes []string
+		for _, s := range signer.Schemes(k) {
+			schemes = append(schemes, s.String())
+		}
+		typ := strings.TrimPrefix(d.GetType().String(), "KEY_TYPE_")
+		fmt.Fprintf(tw, "%x\t%s-%d\t%s\t%x\t%t\t%s\n", d.GetKeyId(), typ, d.GetBits(),
+			d.GetLabel(), d.GetObjectId(), d.GetDecryptPremaster(), strings.Join(schemes, ","))
+	}
+	return tw.Flush()
+}
+
+// find returns the key named by -key: a key id in hex, or a label.
+func (c *keysCmd) find(ctx context.Context, m *hsm.Module) (crypto.Signer, error) {
+	if c.key == "" {
+		return nil, fmt.Errorf("-key is required (a key id or a label)")
+	}
+	if id, err := signer.ParseKeyID(c.key); err == nil {
+		key, err := m.Key(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		if key != nil {
+			return key, nil
+		}
+	}
+	keys, err := m.Keys(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var found []crypto.Signer
+	for _, k := range keys {
+		if d, ok := k.(signer.Describer); ok && d.Label() == c.key {
+			found = append(found, k)
+		}
+	}
+	switch len(found) {
+	case 0:
+		return nil, fmt.Errorf("no key has id or label %q (see keyserver keys list)", c.key)
+	case 1:
+		return found[0], nil
+	}
+	return nil, fmt.Errorf("%d keys have label %q: name the key by its key id", len(found), c.key)
+}
+
+func keysExport(ctx context.Context, c *keysCmd) error {
+	m, err := c.open()
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	key, err := c.find(ctx, m)
+	if err != nil {
+		return err
+	}
+	der, err := x509.MarshalPKIXPublicKey(key.Public())
+	if err != nil {
+		return err
+	}
+	return c.writePEM("PUBLIC KEY", der)
+}
+
+func (c *keysCmd) names() (cn string, dns []string, err error) {
+	for _, n := range strings.Split(c.dns, ",") {
+		if n = strings.TrimSpace(n); n != "" {
+			dns = append(dns, n)
+		}
+	}
+	if len(dns) == 0 {
+		return "", nil, fmt.Errorf("-dns is required")
+	}
+	cn = c.subject
+	if cn == "" {
+		cn = dns[0]
+	}
+	return cn, dns, nil
+}
+
+func keysCSR(ctx context.Context, c *keysCmd) error {
+	cn, dns, err := c.names()
+	if err != nil {
+		return err
+	}
+	m, err := c.open()
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	key, err := c.find(ctx, m)
+	if err != nil {
+		return err
+	}
+	tmpl := &x509.CertificateRequest{Subject: pkix.Name{CommonName: cn}, DNSNames: dns}
+	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
+	if err != nil {
+		return err
+	}
+	return c.writePEM("CERTIFICATE REQUEST", der)
+}
+
+func keysSelfsign(ctx context.Context, c *keysCmd) error {
+	cn, dns, err := c.names()
+	if err != nil {
+		return err
+	}
+	if c.days < 1 {
+		return fmt.Errorf("-days is %d; it must be at least 1", c.days)
+	}
+	m, err := c.open()
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	key, err := c.find(ctx, m)
+	if err != nil {
+		return err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{CommonName: cn},
+		DNSNames:              dns,
+		NotBefore:             now.Add(-time.Hour),
+		NotAfter:              now.AddDate(0, 0, c.days),
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+	}
+	if signer.KeyTypeOf(key.Public()) == keylessv1.KeyType_KEY_TYPE_RSA {
+		tmpl.KeyUsage |= x509.KeyUsageKeyEncipherment
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		return err
+	}
+	return c.writePEM("CERTIFICATE", der)
+}
+
+// writePEM writes one PEM block to -out, or to stdout.
+func (c *keysCmd) writePEM(typ string, der []byte) error {
+	b := pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})
+	if c.out == "" {
+		_, err := c.stdout.Write(b)
+		return err
+	}
+	return os.WriteFile(c.out, b, 0o644)
+}

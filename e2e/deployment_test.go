@@ -1,0 +1,120 @@
+package e2e
+
+import (
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+)
+
+// deployment is a keyserver, an edge and the demo origin running as
+// separate processes, built from this repository, with keys in a fresh
+// SoftHSM token that the keyserver command created.
+type deployment struct {
+	edgeAddr                string
+	caFile                  string // the web CA that issued the edge's certificates
+	keyserver, edge, origin *proc
+}
+
+// webNames maps each test hostname to the key that serves it.
+var webNames = []struct {
+	name string
+	gen  []string // keyserver keys generate flags
+}{
+	{"rsa.e2e.test", []string{"-type", "rsa", "-bits", "2048"}},
+	{"ecdsa.e2e.test", []string{"-type", "ecdsa", "-curve", "P-256"}},
+	{"p384.e2e.test", []string{"-type", "ecdsa", "-curve", "P-384"}},
+	{"ed25519.e2e.test", []string{"-type", "ed25519"}},
+}
+
+var (
+	readyKeyserver = regexp.MustCompile(`keyserver ready: listen=(\S+)`)
+	readyOrigin    = regexp.MustCompile(`listening on (\S+)`)
+	readyEdge      = regexp.MustCompile(`edge ready: listen=(\S+)`)
+)
+
+// procToken makes a fresh SoftHSM token for programs started by the test
+// and returns the environment they need and the flags that open it.
+func procToken(t testing.TB) (env, flags []string) {
+	t.Helper()
+	module := softhsmModule(t)
+	dir := t.TempDir()
+	if err := os.Mkdir(filepath.Join(dir, "tokens"), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	conf := filepath.Join(dir, "softhsm2.conf")
+	os.WriteFile(conf, []byte("directories.tokendir = "+filepath.Join(dir, "tokens")+"\nobjectstore.backend = file\nlog.level = ERROR\n"), 0o600)
+	pin := filepath.Join(dir, "pin")
+	os.WriteFile(pin, []byte("e2e-user-pin-4711\n"), 0o600)
+	so := filepath.Join(dir, "so-pin")
+	os.WriteFile(so, []byte("e2e-so-pin-4711\n"), 0o600)
+	env = []string{"SOFTHSM2_CONF=" + conf}
+	if out, err := run(t, env, "keyserver", "token", "init", "-module", module, "-label", "e2e", "-pin-file", pin, "-so-pin-file", so); err != nil {
+		t.Fatalf("keyserver token init: %v\n%s", err, out)
+	}
+	return env, []string{"-module", module, "-token-label", "e2e", "-pin-file", pin}
+}
+
+func startDeployment(t testing.TB, edgeArgs ...string) *deployment {
+	t.Helper()
+	env, token := procToken(t)
+	dir := t.TempDir()
+	certs := filepath.Join(dir, "certs")
+	os.Mkdir(certs, 0o755)
+	web := newTestCA(t, "e2e web CA")
+	for _, n := range webNames {
+		args := append([]string{"keys", "generate", "-label", n.name}, n.gen...)
+		if out, err := run(t, env, "keyserver", append(args, token...)...); err != nil {
+			t.Fatalf("keyserver %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+		out, err := run(t, env, "keyserver", append([]string{"keys", "csr", "-key", n.name, "-dns", n.name}, token...)...)
+		if err != nil {
+			t.Fatalf("keyserver keys csr: %v\n%s", err, out)
+		}
+		block, _ := pem.Decode([]byte(out))
+		if block == nil {
+			t.Fatalf("keyserver keys csr printed no PEM:\n%s", out)
+		}
+		csr, err := x509.ParseCertificateRequest(block.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := csr.CheckSignature(); err != nil {
+			t.Fatalf("CSR signed in the token does not verify: %v", err)
+		}
+		writeCert(t, certs, n.name+".pem", web.issue(t, csr.PublicKey, x509.ExtKeyUsageServerAuth, csr.DNSNames))
+	}
+	link := newLinkPKI(t)
+	d := &deployment{caFile: writeCert(t, dir, "web-ca.pem", web.cert)}
+
+	d.keyserver = startProc(t, env, "keyserver", append([]string{"serve", "-listen", "127.0.0.1:0",
+		"-tls-cert", link.serverCert, "-tls-key", link.serverKey, "-client-ca", link.caFile}, token...)...)
+	ksAddr := d.keyserver.waitFor(t, readyKeyserver)[1]
+
+	d.origin = startProc(t, nil, "demo-origin", "-listen", "127.0.0.1:0")
+	originAddr := d.origin.waitFor(t, readyOrigin)[1]
+
+	args := []string{"-listen", "127.0.0.1:0", "-certs", certs, "-default-cert", "ecdsa.e2e.test",
+		"-rsa-key-exchange", "rsa.e2e.test", "-origin", "http://" + originAddr,
+		"-keyserver", ksAddr, "-keyserver-name", link.serverName, "-keyserver-ca", link.caFile,
+		"-tls-cert", link.edgeCert, "-tls-key", link.edgeKey}
+	d.edge = startProc(t, nil, "edge", append(args, edgeArgs...)...)
+	d.edgeAddr = d.edge.waitFor(t, readyEdge)[1]
+	return d
+}
+
+// url returns the https URL of name on the edge.
+func (d *deployment) url(name string) string {
+	_, port, _ := strings.Cut(d.edgeAddr, ":")
+	return fmt.Sprintf("https://%s:%s/", name, port)
+}
+
+// resolve returns curl's --resolve argument for name.
+func (d *deployment) resolve(name string) string {
+	_, port, _ := strings.Cut(d.edgeAddr, ":")
+	return fmt.Sprintf("%s:%s:127.0.0.1", name, port)
+}
