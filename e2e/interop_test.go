@@ -26,15 +26,15 @@ func TestInteropOpenSSL(t *testing.T) {
 		args       []string
 		want       []string
 	}{
-		{"TLS1.3/ECDSA-P256", "ecdsa.e2e.test", []string{"-tls1_3"}, []string{"Protocol version: TLSv1.3", "Peer signature type: ECDSA"}},
-		{"TLS1.3/ECDSA-P384", "p384.e2e.test", []string{"-tls1_3"}, []string{"Protocol version: TLSv1.3", "Peer signature type: ECDSA"}},
-		{"TLS1.3/RSA-PSS", "rsa.e2e.test", []string{"-tls1_3"}, []string{"Protocol version: TLSv1.3", "Peer signature type: RSA-PSS"}},
-		{"TLS1.3/Ed25519", "ed25519.e2e.test", []string{"-tls1_3"}, []string{"Protocol version: TLSv1.3", "Peer signature type: Ed25519"}},
+		{"TLS1.3/ECDSA-P256", "ecdsa.e2e.test", []string{"-tls1_3"}, []string{"Protocol version: TLSv1.3", "Signature type: ECDSA", "Hash used: SHA256"}},
+		{"TLS1.3/ECDSA-P384", "p384.e2e.test", []string{"-tls1_3"}, []string{"Protocol version: TLSv1.3", "Signature type: ECDSA", "Hash used: SHA384"}},
+		{"TLS1.3/RSA-PSS", "rsa.e2e.test", []string{"-tls1_3"}, []string{"Protocol version: TLSv1.3", "Signature type: RSA-PSS", "Hash used: SHA256"}},
+		{"TLS1.3/Ed25519", "ed25519.e2e.test", []string{"-tls1_3"}, []string{"Protocol version: TLSv1.3", "Signature type: ed25519"}},
 		{"TLS1.2/ECDHE-ECDSA", "ecdsa.e2e.test", []string{"-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"}, []string{"Protocol version: TLSv1.2", "Ciphersuite: ECDHE-ECDSA-AES128-GCM-SHA256"}},
 		{"TLS1.2/ECDHE-RSA", "rsa.e2e.test", []string{"-tls1_2", "-cipher", "ECDHE-RSA-AES256-GCM-SHA384"}, []string{"Protocol version: TLSv1.2", "Ciphersuite: ECDHE-RSA-AES256-GCM-SHA384"}},
-		{"TLS1.2/ECDHE-RSA-PKCS1", "rsa.e2e.test", []string{"-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256", "-sigalgs", "RSA+SHA256"}, []string{"Protocol version: TLSv1.2", "Peer signature type: RSA"}},
+		{"TLS1.2/ECDHE-RSA-PKCS1", "rsa.e2e.test", []string{"-tls1_2", "-cipher", "ECDHE-RSA-AES128-GCM-SHA256", "-sigalgs", "RSA+SHA256"}, []string{"Protocol version: TLSv1.2", "Signature type: RSA\n", "Hash used: SHA256"}},
 		{"TLS1.2/RSA-key-exchange", "rsa.e2e.test", []string{"-tls1_2", "-cipher", "AES128-GCM-SHA256"}, []string{"Protocol version: TLSv1.2", "Ciphersuite: AES128-GCM-SHA256"}},
-		{"TLS1.2/Ed25519", "ed25519.e2e.test", []string{"-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"}, []string{"Protocol version: TLSv1.2", "Peer signature type: Ed25519"}},
+		{"TLS1.2/Ed25519", "ed25519.e2e.test", []string{"-tls1_2", "-cipher", "ECDHE-ECDSA-AES128-GCM-SHA256"}, []string{"Protocol version: TLSv1.2", "Signature type: ed25519"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rsa"
 	"crypto/tls"
+	"errors"
 	"fmt"
 
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
@@ -82,21 +83,36 @@ func AlgorithmForScheme(s tls.SignatureScheme) (Algorithm, bool) {
 
 // AlgorithmForOpts returns the scheme a crypto/tls server means when it asks
 // a key with public key pub to sign with opts. It is the inverse of
-// [Algorithm.SignerOpts] for a given key type.
+// [Algorithm.SignerOpts] for a given key type. It returns an error for a key
+// type other than RSA, ECDSA and Ed25519, for nil opts, for RSA-PSS with a
+// salt length other than the hash length, for Ed25519ctx and Ed25519ph
+// options, and for a hash that no scheme of the key type uses.
 func AlgorithmForOpts(pub crypto.PublicKey, opts crypto.SignerOpts) (Algorithm, error) {
 	kt := KeyTypeOf(pub)
 	if kt == keylessv1.KeyType_KEY_TYPE_UNSPECIFIED {
 		return Algorithm{}, fmt.Errorf("signer: unsupported public key type %T", pub)
 	}
+	// A nil interface or a nil *rsa.PSSOptions would panic in HashFunc.
 	pss, isPSS := opts.(*rsa.PSSOptions)
-	if isPSS && pss.SaltLength != rsa.PSSSaltLengthEqualsHash && pss.SaltLength != pss.Hash.Size() {
-		return Algorithm{}, fmt.Errorf("signer: unsupported RSA-PSS salt length %d (TLS uses the hash length)", pss.SaltLength)
+	if opts == nil || isPSS && pss == nil {
+		return Algorithm{}, errors.New("signer: nil signer options")
+	}
+	// Ed25519ctx signs something other than the message alone: signing it
+	// as PureEdDSA would give a signature that does not verify.
+	if o, ok := opts.(*ed25519.Options); ok && o.Context != "" {
+		return Algorithm{}, errors.New("signer: Ed25519ctx is not a TLS signature scheme")
 	}
 	h := opts.HashFunc()
 	for _, a := range algorithms {
-		if a.KeyType == kt && a.Hash == h && a.PSS == isPSS {
-			return a, nil
+		if a.KeyType != kt || a.Hash != h || a.PSS != isPSS {
+			continue
 		}
+		// Compare the salt only once h is known to be a table hash:
+		// crypto.Hash.Size panics for 0 and unknown values.
+		if isPSS && pss.SaltLength != rsa.PSSSaltLengthEqualsHash && pss.SaltLength != h.Size() {
+			return Algorithm{}, fmt.Errorf("signer: unsupported RSA-PSS salt length %d (TLS uses the hash length)", pss.SaltLength)
+		}
+		return a, nil
 	}
 	return Algorithm{}, fmt.Errorf("signer: no TLS signature scheme for a %v key with hash %v (PSS %t)", kt, h, isPSS)
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"crypto/rand"
+	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -105,8 +106,35 @@ func (s *Service) sign(ctx context.Context, req *keylessv1.SignRequest) ([]byte,
 	if err := s.limit.acquire(ctx); err != nil {
 		return nil, err
 	}
-	defer s.limit.release()
-	return signContext(ctx, key, req.GetDigest(), alg.SignerOpts())
+	sig, err := signContext(ctx, key, req.GetDigest(), alg.SignerOpts(), s.limit.release)
+	if err != nil {
+		return nil, err
+	}
+	if err := verifyRSA(key.Public(), req.GetDigest(), sig, alg); err != nil {
+		return nil, err
+	}
+	return sig, nil
+}
+
+// verifyRSA checks an RSA signature before it leaves the keyserver: a
+// signature computed with a fault in one CRT half reveals the private key to
+// anyone who has it and the public key (NOTES: crypto/tls never checks the
+// signatures it sends). Verifying costs a small fraction of signing.
+func verifyRSA(pub crypto.PublicKey, digest, sig []byte, alg Algorithm) error {
+	rpub, ok := pub.(*rsa.PublicKey)
+	if !ok {
+		return nil
+	}
+	var err error
+	if alg.PSS {
+		err = rsa.VerifyPSS(rpub, alg.Hash, digest, sig, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash})
+	} else {
+		err = rsa.VerifyPKCS1v15(rpub, alg.Hash, digest, sig)
+	}
+	if err != nil {
+		return fmt.Errorf("signer: the key store returned an RSA signature that does not verify: %w", err)
+	}
+	return nil
 }
 
 // Decrypt implements KeylessService.Decrypt.
@@ -150,8 +178,9 @@ func (s *Service) decrypt(ctx context.Context, req *keylessv1.DecryptRequest) ([
 func (s *Service) ListKeys(ctx context.Context, req *keylessv1.ListKeysRequest) (*keylessv1.ListKeysResponse, error) {
 	keys, err := s.keys.Keys(ctx)
 	if err != nil {
+		err = storeError(ctx, err)
 		s.logFailure("list_keys", nil, err)
-		return nil, toStatus(fmt.Errorf("%w: %w", ErrUnavailable, err))
+		return nil, toStatus(err)
 	}
 	resp := &keylessv1.ListKeysResponse{}
 	for _, k := range keys {
@@ -202,11 +231,21 @@ func (s *Service) key(ctx context.Context, id KeyID) (crypto.Signer, error) {
 	key, err := s.keys.Key(ctx, id)
 	switch {
 	case err != nil:
-		return nil, fmt.Errorf("%w: %w", ErrUnavailable, err)
+		return nil, storeError(ctx, err)
 	case key == nil:
 		return nil, ErrKeyNotFound
 	}
 	return key, nil
+}
+
+// storeError classifies an error of a [KeyStore] method: the store could
+// not answer (ErrUnavailable), unless it gave up because the request's
+// context ended, which is the caller's deadline and not a store failure.
+func storeError(ctx context.Context, err error) error {
+	if ctx.Err() != nil && errors.Is(err, ctx.Err()) {
+		return fmt.Errorf("signer: key store: %w", err)
+	}
+	return fmt.Errorf("%w: %w", ErrUnavailable, err)
 }
 
 // checkAlgorithm reports whether key can perform alg.
@@ -220,11 +259,16 @@ func checkAlgorithm(key crypto.Signer, alg Algorithm) error {
 	return nil
 }
 
-// signContext signs with key, bounded by ctx. A key that cannot take a
-// context is run in a goroutine; if ctx ends first, the goroutine finishes
-// on its own and its result is dropped.
-func signContext(ctx context.Context, key crypto.Signer, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+// signContext signs with key, bounded by ctx, and calls release once the key
+// store is done with the operation. A key that cannot take a context is run
+// in a goroutine; if ctx ends first, the goroutine finishes on its own, its
+// result is dropped, and only then is release called: the operation still
+// occupies the key store (an HSM call cannot be cancelled), so its limiter
+// slot must stay taken or timed-out calls would pile up in the store
+// without bound.
+func signContext(ctx context.Context, key crypto.Signer, digest []byte, opts crypto.SignerOpts, release func()) ([]byte, error) {
 	if cs, ok := key.(ContextSigner); ok {
+		defer release()
 		return cs.SignContext(ctx, digest, opts)
 	}
 	type result struct {
@@ -234,6 +278,9 @@ func signContext(ctx context.Context, key crypto.Signer, digest []byte, opts cry
 	done := make(chan result, 1)
 	go func() {
 		sig, err := key.Sign(rand.Reader, digest, opts)
+		// Release before sending, so that a caller that got its answer
+		// finds the slot free again.
+		release()
 		done <- result{sig, err}
 	}()
 	select {
@@ -256,14 +303,26 @@ func (s *Service) logFailure(op string, keyID []byte, err error) {
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded), errors.Is(err, ErrOverloaded):
 		level = hclog.Warn
 	}
-	s.logger.Log(level, "operation failed", "op", op, "key_id", fmt.Sprintf("%x", keyID), "error", err)
+	id := fmt.Sprintf("%x", keyID)
+	if len(keyID) != len(KeyID{}) {
+		// Not a key id: say only how long it was.
+		id = fmt.Sprintf("(%d bytes)", len(keyID))
+	}
+	s.logger.Log(level, "operation failed", "op", op, "key_id", id, "error", err)
 }
+
+// DefaultHealthInterval is how often [WatchHealth] checks the key store
+// when it is given no interval.
+const DefaultHealthInterval = 2 * time.Second
 
 // WatchHealth sets the serving status of the KeylessService (and of the
 // server as a whole, the "" service) in hs from the key store's [Checker],
 // every interval until ctx is done. A store that is not a Checker is always
-// SERVING.
+// SERVING. An interval of zero or less means DefaultHealthInterval.
 func WatchHealth(ctx context.Context, keys KeyStore, hs *health.Server, interval time.Duration) {
+	if interval <= 0 {
+		interval = DefaultHealthInterval
+	}
 	set := func(st healthpb.HealthCheckResponse_ServingStatus) {
 		hs.SetServingStatus("", st)
 		hs.SetServingStatus(keylessv1.KeylessService_ServiceDesc.ServiceName, st)

@@ -1,0 +1,393 @@
+package signer
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/rsa"
+	"crypto/sha256"
+	"errors"
+	"strings"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+)
+
+// tls13ServerPrefix is written out independently of the package's own copy.
+const tls13ServerPrefix = "                                                                " +
+	"TLS 1.3, server CertificateVerify\x00"
+
+// tls13Message returns a TLS 1.3 server CertificateVerify signature input
+// with a transcript hash of hashLen bytes (RFC 8446, section 4.4.3).
+func tls13Message(hashLen int) []byte {
+	return append([]byte(tls13ServerPrefix), testStream("transcript", hashLen)...)
+}
+
+// tls12Message returns TLS 1.2 ServerKeyExchange signed params for X25519:
+// client_random, server_random, curve_type named_curve, x25519, and a 32-byte
+// point with its length (RFC 8422, section 5.4).
+func tls12Message() []byte {
+	m := testStream("randoms", 64)
+	m = append(m, 0x03, 0x00, 0x1d, 0x20)
+	return append(m, testStream("x25519 point", 32)...)
+}
+
+// testDigest returns a digest-sized value for h, distinct for each label.
+func testDigest(h crypto.Hash, label string) []byte {
+	return testStream(label+" "+h.String(), h.Size())
+}
+
+// isTLSServerSignatureInput is the fuzz oracle for Ed25519 messages, written
+// independently of validateEd25519Message.
+func isTLSServerSignatureInput(m []byte) bool {
+	if rest, ok := bytes.CutPrefix(m, []byte(tls13ServerPrefix)); ok {
+		return len(rest) == sha256.Size || len(rest) == 48 || len(rest) == 64
+	}
+	if len(m) < 64+4+1 {
+		return false
+	}
+	params := m[64:]
+	return params[0] == 3 && int(params[3]) == len(params)-4
+}
+
+// signCase is a SignRequest and what the package makes of it.
+type signCase struct {
+	name string
+	req  *keylessv1.SignRequest
+	// valid is whether ValidateSignRequest accepts it (the key is not
+	// looked at).
+	valid bool
+	// wantCode is Service.Sign's answer over newTestMemoryStore.
+	wantCode codes.Code
+	// wantField is the request field an InvalidArgument names.
+	wantField string
+}
+
+// signCases returns the table shared by the validation, service and fuzz
+// tests: every scheme on every suitable key, and malformed requests of
+// every kind.
+func signCases(tb testing.TB) []signCase {
+	tb.Helper()
+	const (
+		unspecified = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_UNSPECIFIED
+		ed25519Alg  = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ED25519
+		ecdsa256    = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ECDSA_SHA256
+		ecdsaSHA1   = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ECDSA_SHA1
+		pss256      = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PSS_RSAE_SHA256
+		pkcs1SHA256 = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256
+		pkcs1SHA384 = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PKCS1_SHA384
+		pkcs1SHA1   = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PKCS1_SHA1
+	)
+	rsaID := mustKeyID(tb, testRSAKey().Public())
+	p256ID := mustKeyID(tb, testP256Key().Public())
+	p384ID := mustKeyID(tb, testP384Key().Public())
+	edID := mustKeyID(tb, testEd25519Key().Public())
+	unknownID := testStream("unknown key", 32)
+	d256 := testDigest(crypto.SHA256, "digest")
+
+	req := func(id []byte, alg keylessv1.SignatureAlgorithm, digest []byte) *keylessv1.SignRequest {
+		return &keylessv1.SignRequest{KeyId: id, Algorithm: alg, Digest: digest}
+	}
+	ok := func(name string, r *keylessv1.SignRequest) signCase {
+		return signCase{name: name, req: r, valid: true, wantCode: codes.OK}
+	}
+	bad := func(name, field string, r *keylessv1.SignRequest) signCase {
+		return signCase{name: name, req: r, wantCode: codes.InvalidArgument, wantField: field}
+	}
+	// refused passes validation but not the key's check.
+	refused := func(name string, r *keylessv1.SignRequest) signCase {
+		return signCase{name: name, req: r, valid: true, wantCode: codes.InvalidArgument, wantField: "algorithm"}
+	}
+	withContext := func(r *keylessv1.SignRequest, c *keylessv1.RequestContext) *keylessv1.SignRequest {
+		r.Context = c
+		return r
+	}
+	long := strings.Repeat("x", MaxContextFieldLen+1)
+	longest := strings.Repeat("x", MaxContextFieldLen)
+
+	var cases []signCase
+	for _, k := range allTestKeys() {
+		id := mustKeyID(tb, k.key.Public())
+		for _, s := range DefaultSchemes(k.key.Public()) {
+			a, _ := AlgorithmForScheme(s)
+			if a.Hash == 0 {
+				continue // Ed25519 messages below
+			}
+			cases = append(cases, ok(k.name+" "+a.String(), req(id, a.Wire, testDigest(a.Hash, k.name))))
+		}
+	}
+	cases = append(cases,
+		// A P-384 key signing a SHA-256 digest: TLS 1.2 lets any curve use
+		// any hash.
+		ok("P-384 SHA-256 digest (TLS 1.2)", req(p384ID, ecdsa256, d256)),
+		ok("Ed25519 TLS 1.3 CertificateVerify SHA-256", req(edID, ed25519Alg, tls13Message(32))),
+		ok("Ed25519 TLS 1.3 CertificateVerify SHA-384", req(edID, ed25519Alg, tls13Message(48))),
+		ok("Ed25519 TLS 1.3 CertificateVerify SHA-512", req(edID, ed25519Alg, tls13Message(64))),
+		ok("Ed25519 TLS 1.2 ServerKeyExchange", req(edID, ed25519Alg, tls12Message())),
+		ok("context at the limits", withContext(req(p256ID, ecdsa256, d256), &keylessv1.RequestContext{
+			ServerName: longest, ClientAddress: longest, ConnectionId: longest,
+		})),
+		ok("context ordinary", withContext(req(rsaID, pss256, d256), &keylessv1.RequestContext{
+			ServerName: "example.com", ClientAddress: "192.0.2.1:443", ConnectionId: "c-1",
+		})),
+
+		bad("key_id empty", "key_id", req(nil, ecdsa256, d256)),
+		bad("key_id 31 bytes", "key_id", req(p256ID[:31], ecdsa256, d256)),
+		bad("key_id 33 bytes", "key_id", req(append(bytes.Clone(p256ID), 0), ecdsa256, d256)),
+		bad("key_id hex string", "key_id", req([]byte(FormatKeyID(KeyID(p256ID))), ecdsa256, d256)),
+		bad("key_id checked before the rest", "key_id", req(p256ID[:1], unspecified, nil)),
+		signCase{name: "unknown key_id", req: req(unknownID, ecdsa256, d256), valid: true, wantCode: codes.NotFound},
+
+		bad("algorithm unspecified", "algorithm", req(p256ID, unspecified, d256)),
+		bad("algorithm unknown number", "algorithm", req(p256ID, 9999, d256)),
+		bad("algorithm negative", "algorithm", req(p256ID, -1, d256)),
+		bad("algorithm rsa_pss_pss_sha256", "algorithm", req(rsaID, 0x0809, d256)),
+		bad("algorithm ed448", "algorithm", req(edID, 0x0808, tls13Message(32))),
+
+		bad("digest empty", "digest", req(p256ID, ecdsa256, nil)),
+		bad("digest 31 bytes for SHA-256", "digest", req(p256ID, ecdsa256, d256[:31])),
+		bad("digest 33 bytes for SHA-256", "digest", req(p256ID, ecdsa256, append(bytes.Clone(d256), 1))),
+		bad("digest 64 bytes for SHA-256", "digest", req(p256ID, ecdsa256, testDigest(crypto.SHA512, "digest"))),
+		bad("digest 48 bytes for RSA PSS SHA-256", "digest", req(rsaID, pss256, testDigest(crypto.SHA384, "digest"))),
+		bad("digest 32 bytes for RSA PKCS1 SHA-384", "digest", req(rsaID, pkcs1SHA384, d256)),
+		bad("digest 20 bytes for RSA PKCS1 SHA-256", "digest", req(rsaID, pkcs1SHA256, testDigest(crypto.SHA1, "digest"))),
+		bad("digest checked before context", "digest", withContext(req(p256ID, ecdsa256, nil), &keylessv1.RequestContext{ServerName: long})),
+
+		refused("ECDSA scheme on RSA key", req(rsaID, ecdsa256, d256)),
+		refused("Ed25519 on ECDSA key", req(p256ID, ed25519Alg, tls13Message(32))),
+		refused("PSS on ECDSA key", req(p256ID, pss256, d256)),
+		refused("PKCS1 on Ed25519 key", req(edID, pkcs1SHA256, d256)),
+		refused("ECDSA on Ed25519 key", req(edID, ecdsa256, d256)),
+		refused("RSA PKCS1 SHA-1", req(rsaID, pkcs1SHA1, testDigest(crypto.SHA1, "digest"))),
+		refused("ECDSA SHA-1", req(p256ID, ecdsaSHA1, testDigest(crypto.SHA1, "digest"))),
+
+		bad("Ed25519 arbitrary message", "digest", req(edID, ed25519Alg, testStream("arbitrary message", 100))),
+		bad("Ed25519 SHA-256 digest", "digest", req(edID, ed25519Alg, d256)),
+		bad("Ed25519 empty", "digest", req(edID, ed25519Alg, nil)),
+		bad("Ed25519 oversize", "digest", req(edID, ed25519Alg, tls13Message(MaxEd25519MessageLen+1-len(tls13ServerPrefix)))),
+		bad("Ed25519 oversize TLS 1.2 shape", "digest", req(edID, ed25519Alg, append(tls12Message(), make([]byte, MaxEd25519MessageLen)...))),
+		bad("Ed25519 TLS 1.3 hash 31 bytes", "digest", req(edID, ed25519Alg, tls13Message(31))),
+		bad("Ed25519 TLS 1.3 hash 33 bytes", "digest", req(edID, ed25519Alg, tls13Message(33))),
+		bad("Ed25519 TLS 1.3 no hash", "digest", req(edID, ed25519Alg, tls13Message(0))),
+		bad("Ed25519 TLS 1.3 client CertificateVerify", "digest", req(edID, ed25519Alg,
+			append([]byte(strings.Replace(tls13ServerPrefix, "server", "client", 1)), d256...))),
+		bad("Ed25519 TLS 1.2 wrong point length", "digest", req(edID, ed25519Alg, func() []byte {
+			m := tls12Message()
+			m[67]++
+			return m
+		}())),
+		bad("Ed25519 TLS 1.2 explicit curve", "digest", req(edID, ed25519Alg, func() []byte {
+			m := tls12Message()
+			m[64] = 1
+			return m
+		}())),
+		bad("Ed25519 TLS 1.2 no point", "digest", req(edID, ed25519Alg, tls12Message()[:68])),
+
+		bad("context.server_name oversize", "context.server_name", withContext(req(p256ID, ecdsa256, d256), &keylessv1.RequestContext{ServerName: long})),
+		bad("context.client_address oversize", "context.client_address", withContext(req(p256ID, ecdsa256, d256), &keylessv1.RequestContext{ClientAddress: long})),
+		bad("context.connection_id oversize", "context.connection_id", withContext(req(p256ID, ecdsa256, d256), &keylessv1.RequestContext{ConnectionId: long})),
+	)
+	return cases
+}
+
+func TestValidateSignRequest(t *testing.T) {
+	for _, tc := range signCases(t) {
+		t.Run(tc.name, func(t *testing.T) {
+			id, alg, err := ValidateSignRequest(tc.req)
+			if (err == nil) != tc.valid {
+				t.Fatalf("ValidateSignRequest() error = %v, want valid %t", err, tc.valid)
+			}
+			checkValidation(t, tc.req, id, alg, err)
+			if err != nil {
+				var verr *ValidationError
+				if !errors.As(err, &verr) || verr.Field != tc.wantField {
+					t.Errorf("ValidateSignRequest() error = %#v, want a *ValidationError for %q", err, tc.wantField)
+				}
+			}
+		})
+	}
+}
+
+func TestValidateSignRequestNil(t *testing.T) {
+	var verr *ValidationError
+	if _, _, err := ValidateSignRequest(nil); !errors.As(err, &verr) || verr.Field != "key_id" {
+		t.Errorf("ValidateSignRequest(nil) = %v, want a key_id ValidationError", err)
+	}
+	if _, err := ValidateDecryptRequest(nil); !errors.As(err, &verr) || verr.Field != "key_id" {
+		t.Errorf("ValidateDecryptRequest(nil) = %v, want a key_id ValidationError", err)
+	}
+}
+
+func TestValidationErrorMessage(t *testing.T) {
+	err := &ValidationError{Field: "digest", Reason: "is 3 bytes"}
+	if got, want := err.Error(), "signer: invalid digest: is 3 bytes"; got != want {
+		t.Errorf("Error() = %q, want %q", got, want)
+	}
+}
+
+// checkValidation checks the invariants of ValidateSignRequest's result.
+func checkValidation(t *testing.T, req *keylessv1.SignRequest, id KeyID, alg Algorithm, err error) {
+	t.Helper()
+	if err != nil {
+		var verr *ValidationError
+		if !errors.As(err, &verr) {
+			t.Fatalf("ValidateSignRequest() error = %#v, want a *ValidationError", err)
+		}
+		switch verr.Field {
+		case "key_id", "algorithm", "digest", "context.server_name", "context.client_address", "context.connection_id":
+		default:
+			t.Fatalf("ValidateSignRequest() error field = %q, not a SignRequest field", verr.Field)
+		}
+		return
+	}
+	if !bytes.Equal(id[:], req.GetKeyId()) {
+		t.Fatalf("ValidateSignRequest() key id = %x, want the request's %x", id, req.GetKeyId())
+	}
+	if alg.Wire != req.GetAlgorithm() {
+		t.Fatalf("ValidateSignRequest() algorithm = %v, want the request's %v", alg, req.GetAlgorithm())
+	}
+	if got, ok := AlgorithmFor(alg.Wire); !ok || got != alg {
+		t.Fatalf("AlgorithmFor(%v) = %v, %t, want %v", alg.Wire, got, ok, alg)
+	}
+	if got, ok := AlgorithmForScheme(alg.Scheme()); !ok || got != alg {
+		t.Fatalf("AlgorithmForScheme(%v) = %v, %t, want %v", alg.Scheme(), got, ok, alg)
+	}
+	d := req.GetDigest()
+	if alg.Hash != 0 {
+		if len(d) != alg.Hash.Size() {
+			t.Fatalf("ValidateSignRequest() accepted a %d-byte digest for %v", len(d), alg)
+		}
+		if pss, ok := alg.SignerOpts().(*rsa.PSSOptions); ok != alg.PSS || pss != nil && pss.HashFunc() != alg.Hash {
+			t.Fatalf("%v.SignerOpts() = %#v", alg, alg.SignerOpts())
+		}
+	} else if len(d) > MaxEd25519MessageLen || !isTLSServerSignatureInput(d) {
+		t.Fatalf("ValidateSignRequest() accepted Ed25519 message %q", d)
+	}
+	c := req.GetContext()
+	for _, f := range []string{c.GetServerName(), c.GetClientAddress(), c.GetConnectionId()} {
+		if len(f) > MaxContextFieldLen {
+			t.Fatalf("ValidateSignRequest() accepted a %d-byte context field", len(f))
+		}
+	}
+}
+
+// newFuzzService returns a Service over a MemoryStore of every test key,
+// called directly rather than over gRPC.
+func newFuzzService(tb testing.TB) *Service {
+	tb.Helper()
+	svc, err := NewService(Config{Keys: newTestMemoryStore(tb)})
+	if err != nil {
+		tb.Fatalf("NewService() = %v", err)
+	}
+	return svc
+}
+
+// testPublicKeyByID returns the public key of the test key with the given
+// id, or nil.
+func testPublicKeyByID(id []byte) crypto.PublicKey {
+	for _, k := range allTestKeys() {
+		if kid, err := KeyIDOf(k.key.Public()); err == nil && bytes.Equal(kid[:], id) {
+			return k.key.Public()
+		}
+	}
+	return nil
+}
+
+func FuzzValidateSignRequest(f *testing.F) {
+	for _, tc := range signCases(f) {
+		c := tc.req.GetContext()
+		f.Add(tc.req.GetKeyId(), int32(tc.req.GetAlgorithm()), tc.req.GetDigest(), c.GetServerName(), c.GetClientAddress(), c.GetConnectionId())
+	}
+	f.Fuzz(func(t *testing.T, keyID []byte, alg int32, digest []byte, serverName, clientAddress, connectionID string) {
+		req := &keylessv1.SignRequest{
+			KeyId:     keyID,
+			Algorithm: keylessv1.SignatureAlgorithm(alg),
+			Digest:    digest,
+			Context:   &keylessv1.RequestContext{ServerName: serverName, ClientAddress: clientAddress, ConnectionId: connectionID},
+		}
+		id, a, err := ValidateSignRequest(req)
+		checkValidation(t, req, id, a, err)
+	})
+}
+
+func FuzzSignRequestProto(f *testing.F) {
+	for _, tc := range signCases(f) {
+		b, err := proto.Marshal(tc.req)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Add([]byte{})
+	f.Add([]byte{0x0a, 0x20}) // a truncated key_id
+	svc := newFuzzService(f)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		req := &keylessv1.SignRequest{}
+		if err := proto.Unmarshal(data, req); err != nil {
+			return
+		}
+		id, alg, verr := ValidateSignRequest(req)
+		checkValidation(t, req, id, alg, verr)
+
+		resp, err := svc.Sign(t.Context(), req)
+		if err != nil {
+			if c := status.Code(err); c != codes.InvalidArgument && c != codes.NotFound {
+				t.Fatalf("Sign() = %v, want OK, InvalidArgument or NotFound", err)
+			}
+			return
+		}
+		if verr != nil {
+			t.Fatalf("Sign() = OK for a request ValidateSignRequest rejects: %v", verr)
+		}
+		pub := testPublicKeyByID(req.GetKeyId())
+		if pub == nil {
+			t.Fatalf("Sign() = OK for unknown key %x", req.GetKeyId())
+		}
+		if KeyTypeOf(pub) != alg.KeyType || alg.Legacy {
+			t.Fatalf("Sign() = OK for %v with a %v key", alg, KeyTypeOf(pub))
+		}
+		if err := verifySignature(pub, alg, req.GetDigest(), resp.GetSignature()); err != nil {
+			t.Fatalf("Sign(%v) signature: %v", alg, err)
+		}
+	})
+}
+
+func FuzzDecryptRequestProto(f *testing.F) {
+	priv := testRSAKey()
+	for _, tc := range decryptCases(f) {
+		b, err := proto.Marshal(tc.req)
+		if err != nil {
+			f.Fatal(err)
+		}
+		f.Add(b)
+	}
+	f.Add([]byte{})
+	svc := newFuzzService(f)
+	f.Fuzz(func(t *testing.T, data []byte) {
+		req := &keylessv1.DecryptRequest{}
+		if err := proto.Unmarshal(data, req); err != nil {
+			return
+		}
+		resp, err := svc.Decrypt(t.Context(), req)
+		if err != nil {
+			if c := status.Code(err); c != codes.InvalidArgument && c != codes.NotFound {
+				t.Fatalf("Decrypt() = %v, want OK, InvalidArgument or NotFound", err)
+			}
+			return
+		}
+		pms := resp.GetPremaster()
+		if len(pms) != PremasterLen {
+			t.Fatalf("Decrypt() = %d bytes, want %d", len(pms), PremasterLen)
+		}
+		if !bytes.Equal(req.GetKeyId(), mustKeyID(t, priv.Public())) {
+			t.Fatalf("Decrypt() = OK with key %x, which is not the RSA key", req.GetKeyId())
+		}
+		// A valid 48-byte PKCS #1 v1.5 plaintext must come back exactly.
+		if want, err := rsa.DecryptPKCS1v15(nil, priv, req.GetEncryptedPremaster()); err == nil && len(want) == PremasterLen && !bytes.Equal(pms, want) {
+			t.Fatalf("Decrypt() = %x, want the plaintext %x", pms, want)
+		}
+	})
+}
