@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"os"
 	"testing"
+
+	"github.com/keyless-tls/keyless/hsm/hsmtest"
 )
 
 func TestMain(m *testing.M) {
@@ -25,19 +27,13 @@ func TestMain(m *testing.M) {
 // is skipped, or fails when KEYLESS_REQUIRE_SOFTHSM=1.
 func softhsmModule(t testing.TB) string {
 	t.Helper()
-	candidates := []string{os.Getenv("KEYLESS_SOFTHSM_MODULE"),
-		"/usr/lib/softhsm/libsofthsm2.so",
-		"/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-		"/usr/local/lib/softhsm/libsofthsm2.so"}
-	for _, c := range candidates {
-		if c != "" && fileExists(c) {
-			return c
-		}
+	path, reason := hsmtest.ModulePath()
+	if path != "" {
+		return path
 	}
-	msg := "SoftHSM2 is not installed (apt-get install softhsm2, or set KEYLESS_SOFTHSM_MODULE)"
-	if os.Getenv("KEYLESS_REQUIRE_SOFTHSM") == "1" {
-		t.Fatal(msg)
+	if os.Getenv(hsmtest.EnvRequire) == "1" {
+		t.Fatal(reason)
 	}
-	t.Skip(msg)
+	t.Skip(reason)
 	return ""
 }
