@@ -13,8 +13,7 @@
 // server signature input). A Decrypt request reaches only RSA keys that
 // implement [PremasterDecrypter], whose contract is implicit rejection: its
 // answer is 48 bytes and OK whatever the ciphertext. There is no raw RSA
-// operation. An RSA signature is verified before it is returned, since a
-// faulty one can reveal the private key.
+// operation.
 //
 // # Errors
 //

@@ -44,6 +44,10 @@ func ParseKeyID(s string) (KeyID, error) {
 // [PremasterDecrypter], [SchemeLister] and [Describer]; a key that is not a
 // ContextSigner is called in a goroutine bounded by the request's deadline.
 //
+// An RSA key must verify each signature before returning it, since a
+// faulty RSA-CRT signature reveals the private key (package hsm does;
+// crypto/rsa does for in-memory keys). The service does not check again.
+//
 // Implementations must be safe for concurrent use. An error from either
 // method means the store could not answer (the service reports it as
 // Unavailable); an unknown key is not an error.

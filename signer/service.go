@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto"
 	"crypto/rand"
-	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -106,35 +105,7 @@ func (s *Service) sign(ctx context.Context, req *keylessv1.SignRequest) ([]byte,
 	if err := s.limit.acquire(ctx); err != nil {
 		return nil, err
 	}
-	sig, err := signContext(ctx, key, req.GetDigest(), alg.SignerOpts(), s.limit.release)
-	if err != nil {
-		return nil, err
-	}
-	if err := verifyRSA(key.Public(), req.GetDigest(), sig, alg); err != nil {
-		return nil, err
-	}
-	return sig, nil
-}
-
-// verifyRSA checks an RSA signature before it leaves the keyserver: a
-// signature computed with a fault in one CRT half reveals the private key to
-// anyone who has it and the public key (NOTES: crypto/tls never checks the
-// signatures it sends). Verifying costs a small fraction of signing.
-func verifyRSA(pub crypto.PublicKey, digest, sig []byte, alg Algorithm) error {
-	rpub, ok := pub.(*rsa.PublicKey)
-	if !ok {
-		return nil
-	}
-	var err error
-	if alg.PSS {
-		err = rsa.VerifyPSS(rpub, alg.Hash, digest, sig, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash})
-	} else {
-		err = rsa.VerifyPKCS1v15(rpub, alg.Hash, digest, sig)
-	}
-	if err != nil {
-		return fmt.Errorf("signer: the key store returned an RSA signature that does not verify: %w", err)
-	}
-	return nil
+	return signContext(ctx, key, req.GetDigest(), alg.SignerOpts(), s.limit.release)
 }
 
 // Decrypt implements KeylessService.Decrypt.

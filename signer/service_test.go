@@ -650,22 +650,6 @@ func TestServiceSchemeListerAndDescriber(t *testing.T) {
 	checkStatus(t, "Decrypt()", err, codes.InvalidArgument, "key_id")
 }
 
-// TestServiceFaultyRSASignature checks that a wrong RSA signature from the
-// store never leaves the keyserver.
-func TestServiceFaultyRSASignature(t *testing.T) {
-	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{faultyKey{testRSAKey()}}}})
-	for _, s := range DefaultSchemes(testRSAKey().Public()) {
-		alg, _ := AlgorithmForScheme(s)
-		resp, err := ts.client.Sign(testContext(t, 0), &keylessv1.SignRequest{
-			KeyId: mustKeyID(t, testRSAKey().Public()), Algorithm: alg.Wire, Digest: testDigest(alg.Hash, "faulty"),
-		})
-		checkStatus(t, "Sign("+alg.String()+")", err, codes.Internal, "")
-		if resp != nil || status.Convert(err).Message() != "signer: the key operation failed" {
-			t.Errorf("Sign(%v) = %v, %v, want no signature and a generic message", alg, resp, err)
-		}
-	}
-}
-
 // unmarshalableKey is a signer whose public key has no X.509 encoding.
 type unmarshalableKey struct{ crypto.Signer }
 

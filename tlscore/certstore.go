@@ -1,0 +1,464 @@
+package tlscore
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+	"github.com/keyless-tls/keyless/signer"
+)
+
+// CertStoreConfig configures a [CertStore]. It must not be modified after it
+// is passed to [NewCertStore].
+type CertStoreConfig struct {
+	// Client lists the keyserver's keys and performs their operations.
+	// Required.
+	Client *Client
+
+	// Default names the certificate served when the client sends no server
+	// name, or one that no certificate covers: either the base name of a
+	// file in the directory ("default.pem") or a host name that a
+	// certificate covers ("www.example.com"). A file name takes precedence.
+	// Empty means no default: such handshakes fail.
+	Default string
+
+	// AllowMissingKeys makes Load skip, with a warning, each certificate
+	// whose key the keyserver does not hold. By default Load fails with a
+	// *MissingKeysError listing them, which suits startup: a missing key is
+	// a deployment error that would otherwise surface as failed handshakes.
+	AllowMissingKeys bool
+
+	// Logger receives warnings about certificates (expired, not yet valid,
+	// unusable in TLS 1.3, missing keys) and one line per Load. Nil means
+	// no logging.
+	Logger hclog.Logger
+}
+
+// Validate reports whether the configuration is usable.
+func (c *CertStoreConfig) Validate() error {
+	if c.Client == nil {
+		return errors.New("tlscore: CertStoreConfig.Client is nil")
+	}
+	return nil
+}
+
+// CertStore selects, for each TLS handshake, a certificate chain whose
+// private key is a [RemoteKey]. It serves as tls.Config.GetCertificate.
+//
+// The certificates come from [CertStore.Load], which replaces the whole set
+// atomically; until the first successful Load, every handshake fails. A
+// CertStore is safe for concurrent use.
+type CertStore struct {
+	client       *Client
+	defaultName  string
+	allowMissing bool
+	logger       hclog.Logger
+
+	loadMu sync.Mutex // serializes Load
+	set    atomic.Pointer[certSet]
+
+	connPrefix string // random per CertStore, so connection ids differ across restarts
+	connSeq    atomic.Uint64
+}
+
+// NewCertStore returns an empty CertStore; call Load before serving.
+func NewCertStore(cfg CertStoreConfig) (*CertStore, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	logger := cfg.Logger
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+	var p [4]byte
+	_, _ = rand.Read(p[:]) // crypto/rand.Read never fails
+	return &CertStore{
+		client:       cfg.Client,
+		defaultName:  cfg.Default,
+		allowMissing: cfg.AllowMissingKeys,
+		logger:       logger.Named("certstore"),
+		connPrefix:   hex.EncodeToString(p[:]),
+	}, nil
+}
+
+// MissingKeysError reports certificates whose private key the keyserver
+// does not hold (or does not let this edge use).
+type MissingKeysError struct {
+	// Files are the certificate files, in the order they were read.
+	Files []string
+	// KeyIDs are the key ids of the files' leaf certificates, in the same
+	// order.
+	KeyIDs []signer.KeyID
+}
+
+// Error lists the files and their key ids.
+func (e *MissingKeysError) Error() string {
+	var b strings.Builder
+	b.WriteString("tlscore: the keyserver holds no key for ")
+	for i, f := range e.Files {
+		if i > 0 {
+			b.WriteString(", ")
+		}
+		fmt.Fprintf(&b, "%s (key id %s)", f, signer.FormatKeyID(e.KeyIDs[i]))
+	}
+	return b.String()
+}
+
+// certEntry is one loaded certificate. It is immutable.
+type certEntry struct {
+	file  string
+	names []string        // normalized DNS SANs, wildcards included
+	cert  tls.Certificate // PrivateKey is the unbound RemoteKey
+	key   RemoteKey
+}
+
+// certSet is one generation of certificates. It is immutable.
+type certSet struct {
+	exact    map[string][]*certEntry // by normalized name
+	wildcard map[string][]*certEntry // "*.example.com" under "example.com"
+	def      *certEntry              // nil if there is no default
+}
+
+// Load reads the certificate chains in dir and, if all is well, replaces the
+// store's certificates with them.
+//
+// Every regular file named *.pem or *.crt (case-insensitively; names starting
+// with a dot are ignored) must hold a leaf certificate and then its issuers in
+// order, as PEM CERTIFICATE blocks; other block types are skipped, but a file
+// with any PRIVATE KEY block is refused: an edge must not hold private keys.
+// Each leaf's key is matched by key id with the keyserver's ListKeys answer.
+// A leaf is served for its DNS subject alternative names ("*.example.com"
+// stands for exactly one label); several certificates may cover one name (an
+// ECDSA and an RSA one, say), and the first in file-name order that the
+// client supports is chosen.
+//
+// Load fails, keeping the previous certificates, if the keyserver cannot be
+// asked, if a file cannot be read or parsed or holds a private key, if a
+// chain is out of order, if a certificate's key is missing (a
+// *MissingKeysError, unless AllowMissingKeys is set), if the default
+// certificate is not found, or if no certificate is left. All problems are
+// reported at once. Expired and not yet valid certificates are loaded with a
+// warning. Concurrent calls are serialized.
+func (s *CertStore) Load(ctx context.Context, dir string) error {
+	s.loadMu.Lock()
+	defer s.loadMu.Unlock()
+	set, err := s.load(ctx, dir)
+	if err != nil {
+		return fmt.Errorf("tlscore: load certificates from %s: %w", dir, err)
+	}
+	s.set.Store(set)
+	return nil
+}
+
+func (s *CertStore) load(ctx context.Context, dir string) (*certSet, error) {
+	files, err := certFiles(dir)
+	if err != nil {
+		return nil, err
+	}
+	infos, err := s.client.ListKeys(ctx)
+	if err != nil {
+		return nil, err
+	}
+	keys := make(map[signer.KeyID]*keylessv1.Key, len(infos))
+	for _, info := range infos {
+		if id, ok := keyIDFromBytes(info.GetKeyId()); ok {
+			keys[id] = info
+		}
+	}
+
+	var (
+		errs    []error
+		missing MissingKeysError
+		entries []*certEntry
+		now     = time.Now()
+	)
+	for _, f := range files {
+		chain, err := readChainFile(f)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		id, err := signer.KeyIDOf(chain[0].PublicKey)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("tlscore: %s: %w", f, err))
+			continue
+		}
+		info, ok := keys[id]
+		if !ok {
+			missing.Files = append(missing.Files, f)
+			missing.KeyIDs = append(missing.KeyIDs, id)
+			continue
+		}
+		e, err := s.newEntry(f, chain, info)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		s.checkValidity(e, now)
+		entries = append(entries, e)
+	}
+	if len(missing.Files) > 0 {
+		if !s.allowMissing {
+			errs = append(errs, &missing)
+		} else {
+			for i, f := range missing.Files {
+				s.logger.Warn("certificate skipped: the keyserver holds no key for it", "file", f, "key_id", signer.FormatKeyID(missing.KeyIDs[i]))
+			}
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	if len(entries) == 0 {
+		return nil, errors.New("tlscore: no certificate to serve (certificate files are *.pem or *.crt)")
+	}
+
+	set := &certSet{exact: make(map[string][]*certEntry), wildcard: make(map[string][]*certEntry)}
+	for _, e := range entries {
+		for _, n := range e.names {
+			if parent, ok := strings.CutPrefix(n, "*."); ok {
+				set.wildcard[parent] = append(set.wildcard[parent], e)
+			} else {
+				set.exact[n] = append(set.exact[n], e)
+			}
+		}
+	}
+	if s.defaultName != "" {
+		set.def = set.findDefault(entries, s.defaultName)
+		if set.def == nil {
+			return nil, fmt.Errorf("tlscore: default certificate %q: no certificate file has that name and no certificate covers it", s.defaultName)
+		}
+	}
+	s.logger.Info("certificates loaded", "dir", dir, "certificates", len(entries),
+		"names", len(set.exact)+len(set.wildcard), "skipped", len(missing.Files))
+	return set, nil
+}
+
+// certFiles lists the certificate files in dir, sorted by name.
+func certFiles(dir string) ([]string, error) {
+	des, err := os.ReadDir(dir)
+	if err != nil {
+		return nil, fmt.Errorf("tlscore: certificate directory: %w", err)
+	}
+	var files []string
+	for _, de := range des {
+		name := de.Name()
+		ext := strings.ToLower(filepath.Ext(name))
+		if strings.HasPrefix(name, ".") || (ext != ".pem" && ext != ".crt") {
+			continue
+		}
+		path := filepath.Join(dir, name)
+		// Stat, not de.Type: a symbolic link to a file counts (as in a
+		// Kubernetes secret volume).
+		if fi, err := os.Stat(path); err != nil {
+			return nil, fmt.Errorf("tlscore: certificate file: %w", err)
+		} else if !fi.Mode().IsRegular() {
+			continue
+		}
+		files = append(files, path)
+	}
+	return files, nil
+}
+
+// readChainFile reads a PEM file holding a leaf certificate and then its
+// issuers, and checks that each certificate was issued by the next.
+func readChainFile(path string) ([]*x509.Certificate, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("tlscore: certificate file: %w", err)
+	}
+	var (
+		chain    []*x509.Certificate
+		parseErr error
+	)
+	for rest := data; ; {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		switch {
+		case isPrivateKeyBlock(b):
+			return nil, fmt.Errorf("tlscore: %s holds a private key (PEM block %q): an edge must not hold private keys; remove the key from the file and keep it only on the keyserver", path, b.Type)
+		case b.Type == "CERTIFICATE":
+			c, err := x509.ParseCertificate(b.Bytes)
+			if err != nil && parseErr == nil {
+				parseErr = fmt.Errorf("tlscore: %s: certificate %d: %w", path, len(chain)+1, err)
+			}
+			chain = append(chain, c)
+		}
+	}
+	switch {
+	case parseErr != nil:
+		return nil, parseErr
+	case len(chain) == 0:
+		return nil, fmt.Errorf("tlscore: %s: no CERTIFICATE PEM block", path)
+	}
+	for i := 0; i+1 < len(chain); i++ {
+		if err := chain[i].CheckSignatureFrom(chain[i+1]); err != nil {
+			return nil, fmt.Errorf("tlscore: %s: certificate %d was not issued by certificate %d; the file must hold the leaf first, then each issuer in order: %w", path, i+1, i+2, err)
+		}
+	}
+	return chain, nil
+}
+
+func (s *CertStore) newEntry(file string, chain []*x509.Certificate, info *keylessv1.Key) (*certEntry, error) {
+	leaf := chain[0]
+	key, err := NewRemoteKey(s.client, info)
+	if err != nil {
+		return nil, fmt.Errorf("tlscore: %s: %w", file, err)
+	}
+	schemes, tls13, err := certificateSchemes(leaf.PublicKey, info.GetSignatureAlgorithms())
+	if err != nil {
+		return nil, fmt.Errorf("tlscore: %s: key %s: %w", file, signer.FormatKeyID(key.KeyID()), err)
+	}
+	if !tls13 {
+		s.logger.Warn("no TLS 1.3 signature scheme for this certificate's key: TLS 1.3 clients cannot use it",
+			"file", file, "key_id", signer.FormatKeyID(key.KeyID()), "schemes", fmt.Sprint(schemes))
+	}
+	e := &certEntry{
+		file: file,
+		key:  key,
+		cert: tls.Certificate{
+			PrivateKey:                   key,
+			Leaf:                         leaf,
+			SupportedSignatureAlgorithms: schemes,
+		},
+	}
+	for _, c := range chain {
+		e.cert.Certificate = append(e.cert.Certificate, c.Raw)
+	}
+	for _, n := range leaf.DNSNames {
+		if n = normalizeName(n); n != "" && !slices.Contains(e.names, n) {
+			e.names = append(e.names, n)
+		}
+	}
+	if len(e.names) == 0 {
+		s.logger.Warn("certificate has no DNS names: it can only be the default certificate", "file", file)
+	}
+	s.logger.Debug("certificate loaded", "file", file, "names", strings.Join(e.names, ","),
+		"key_id", signer.FormatKeyID(key.KeyID()), "not_after", leaf.NotAfter)
+	return e, nil
+}
+
+// checkValidity warns about a certificate that clients will reject for its
+// dates. Such a certificate is still loaded: refusing it would turn a
+// warning into an outage for every other name.
+func (s *CertStore) checkValidity(e *certEntry, now time.Time) {
+	leaf := e.cert.Leaf
+	switch {
+	case now.After(leaf.NotAfter):
+		s.logger.Warn("certificate has expired", "file", e.file, "not_after", leaf.NotAfter)
+	case now.Before(leaf.NotBefore):
+		s.logger.Warn("certificate is not yet valid", "file", e.file, "not_before", leaf.NotBefore)
+	}
+}
+
+// findDefault finds the default certificate by file base name, then by a
+// host name a certificate covers.
+func (cs *certSet) findDefault(entries []*certEntry, name string) *certEntry {
+	for _, e := range entries {
+		if filepath.Base(e.file) == name {
+			return e
+		}
+	}
+	if c := cs.candidates(normalizeName(name)); len(c) > 0 {
+		return c[0]
+	}
+	return nil
+}
+
+// candidates returns the certificates that cover a normalized name: those
+// naming it exactly, then the wildcard ones.
+func (cs *certSet) candidates(name string) []*certEntry {
+	if name == "" {
+		return nil
+	}
+	exact := cs.exact[name]
+	parent, ok := parentOf(name)
+	if !ok || len(cs.wildcard[parent]) == 0 {
+		return exact
+	}
+	return append(slices.Clip(exact), cs.wildcard[parent]...)
+}
+
+// pick chooses the certificate for a handshake: the first candidate the
+// client supports, else the first candidate (the handshake then fails with
+// crypto/tls's precise error), else the default.
+func (cs *certSet) pick(hello *tls.ClientHelloInfo) *certEntry {
+	cands := cs.candidates(normalizeName(hello.ServerName))
+	if len(cands) > 1 {
+		for _, e := range cands {
+			if hello.SupportsCertificate(&e.cert) == nil {
+				return e
+			}
+		}
+	}
+	if len(cands) > 0 {
+		return cands[0]
+	}
+	return cs.def
+}
+
+// GetCertificate returns the certificate for a handshake, for use as
+// tls.Config.GetCertificate: by server name (exact names before wildcards,
+// case-insensitive, a trailing dot ignored), else the default certificate.
+// It fails if none applies or nothing has been loaded.
+//
+// The result is a shallow copy whose PrivateKey is bound to
+// hello.Context(), so that the key operations end with the handshake, and
+// carries a RequestContext (server name, client address, a connection id
+// unique on this edge) for the keyserver's audit trail.
+func (s *CertStore) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+	set := s.set.Load()
+	if set == nil {
+		return nil, errors.New("tlscore: no certificates loaded")
+	}
+	e := set.pick(hello)
+	if e == nil {
+		return nil, fmt.Errorf("tlscore: no certificate for server name %q and no default certificate", hello.ServerName)
+	}
+	rc := &keylessv1.RequestContext{
+		ServerName:   truncate(hello.ServerName, signer.MaxContextFieldLen),
+		ConnectionId: s.connPrefix + "-" + strconv.FormatUint(s.connSeq.Add(1), 10),
+	}
+	if hello.Conn != nil {
+		rc.ClientAddress = truncate(hello.Conn.RemoteAddr().String(), signer.MaxContextFieldLen)
+	}
+	c := e.cert
+	c.PrivateKey = e.key.WithContext(hello.Context(), rc)
+	return &c, nil
+}
+
+// truncate cuts s to at most n bytes, so that an odd server name cannot make
+// the keyserver refuse a request for its audit fields.
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}
+
+func keyIDFromBytes(b []byte) (signer.KeyID, bool) {
+	var id signer.KeyID
+	if len(b) != len(id) {
+		return id, false
+	}
+	copy(id[:], b)
+	return id, true
+}

@@ -1,0 +1,381 @@
+package tlscore
+
+import (
+	"crypto/elliptic"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+	"github.com/keyless-tls/keyless/signer"
+)
+
+// TestCertStoreSelection checks certificate selection by SNI.
+func TestCertStoreSelection(t *testing.T) {
+	env := newTestEnv(t, envOptions{})
+	// An exact name that a wildcard also covers.
+	exact := env.pki.ca.issue(t, testP384Key().Public(), leafOptions{names: []string{"exact.wild.example.com"}})
+	writeFile(t, env.dir, "exact.crt", certPEM(exact))
+	ed, p256, p384, rsaLeaf := env.leaves["ed25519.pem"], env.leaves["p256.pem"], env.leaves["p384.pem"], env.leaves["rsa.pem"]
+
+	stores := map[string]*CertStore{
+		"none":      env.newStore(t, CertStoreConfig{}),
+		"file":      env.newStore(t, CertStoreConfig{Default: "ed25519.pem"}),
+		"name":      env.newStore(t, CertStoreConfig{Default: "RSA.example.com"}),
+		"wild-name": env.newStore(t, CertStoreConfig{Default: "default.wild.example.com"}),
+	}
+	tests := []struct {
+		name       string
+		dflt       string
+		serverName string
+		want       *x509.Certificate // nil: an error
+	}{
+		{"exact", "none", "p384.example.com", p384},
+		{"exact/case-and-dot", "none", "P384.Example.COM.", p384},
+		{"wildcard", "none", "x.wild.example.com", p256},
+		{"wildcard/case", "none", "X.WILD.example.com", p256},
+		{"exact-before-wildcard", "none", "exact.wild.example.com", exact},
+		{"wildcard/two-labels", "none", "a.b.wild.example.com", nil},
+		{"wildcard/bare-parent", "none", "wild.example.com", nil},
+		{"wildcard/empty-label", "none", ".wild.example.com", nil},
+		{"unknown", "none", "unknown.test", nil},
+		{"no-SNI", "none", "", nil},
+		{"default-file/no-SNI", "file", "", ed},
+		{"default-file/unknown", "file", "unknown.test", ed},
+		{"default-file/two-labels", "file", "a.b.wild.example.com", ed},
+		{"default-file/known", "file", "p384.example.com", p384},
+		{"default-name/no-SNI", "name", "", rsaLeaf},
+		{"default-name/unknown", "name", "unknown.test", rsaLeaf},
+		{"default-wildcard-name", "wild-name", "", p256},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := stores[tt.dflt].GetCertificate(&tls.ClientHelloInfo{ServerName: tt.serverName})
+			if tt.want == nil {
+				if err == nil {
+					t.Fatalf("GetCertificate(%q) = %v, want an error", tt.serverName, got.Leaf.DNSNames)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("GetCertificate(%q) = %v", tt.serverName, err)
+			}
+			if !got.Leaf.Equal(tt.want) {
+				t.Errorf("GetCertificate(%q) = %v, want %v", tt.serverName, got.Leaf.DNSNames, tt.want.DNSNames)
+			}
+		})
+	}
+}
+
+// TestCertStoreCertificate checks what GetCertificate returns.
+func TestCertStoreCertificate(t *testing.T) {
+	env := newTestEnv(t, envOptions{})
+	inter := newTestCA(t, "Intermediate")
+	inter.cert = env.pki.ca.issue(t, inter.key.Public(), leafOptions{ca: true})
+	leaf := inter.issue(t, testP256Key().Public(), leafOptions{names: []string{"chain.example.com"}})
+	writeFile(t, env.dir, "chain.pem", certPEM(leaf, inter.cert))
+	s := env.newStore(t, CertStoreConfig{})
+
+	c1, err := s.GetCertificate(&tls.ClientHelloInfo{ServerName: "chain.example.com"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c2, err := s.GetCertificate(&tls.ClientHelloInfo{ServerName: "chain.example.com"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(c1.Certificate) != 2 || !slices.Equal(c1.Certificate[1], inter.cert.Raw) {
+		t.Errorf("chain has %d certificates, want the leaf and the intermediate", len(c1.Certificate))
+	}
+	if !c1.Leaf.Equal(leaf) {
+		t.Errorf("Leaf = %v, want the leaf", c1.Leaf.Subject)
+	}
+	if c1.PrivateKey == c2.PrivateKey {
+		t.Error("two handshakes got the same PrivateKey; each must be bound to its own handshake")
+	}
+	k, ok := c1.PrivateKey.(RemoteKey)
+	if !ok || k.KeyID() != mustKeyID(t, testP256Key().Public()) {
+		t.Errorf("PrivateKey = %T, want the P-256 RemoteKey", c1.PrivateKey)
+	}
+	want := []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256, tls.ECDSAWithP384AndSHA384, tls.ECDSAWithP521AndSHA512}
+	if !slices.Equal(c1.SupportedSignatureAlgorithms, want) {
+		t.Errorf("SupportedSignatureAlgorithms = %v, want %v", c1.SupportedSignatureAlgorithms, want)
+	}
+}
+
+func TestCertStoreLoadErrors(t *testing.T) {
+	env := newTestEnv(t, envOptions{})
+	unknownKey := mustECDSA(elliptic.P256())
+	good := certPEM(env.pki.ca.issue(t, testP256Key().Public(), leafOptions{names: []string{"good.example.com"}}))
+	inter := newTestCA(t, "Intermediate")
+	inter.cert = env.pki.ca.issue(t, inter.key.Public(), leafOptions{ca: true})
+	chainLeaf := inter.issue(t, testP256Key().Public(), leafOptions{names: []string{"chain.example.com"}})
+
+	tests := []struct {
+		name    string
+		files   map[string][]byte
+		dflt    string
+		wantErr []string // substrings; nil for success
+	}{
+		{name: "ok/other-blocks-and-files-skipped", files: map[string][]byte{
+			"good.pem":    append(pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: []byte{1}}), good...),
+			"readme.txt":  []byte("not a certificate"),
+			".hidden.pem": []byte("ignored"),
+		}},
+		{name: "ok/chain", files: map[string][]byte{"chain.pem": certPEM(chainLeaf, inter.cert)}},
+		{name: "private-key", files: map[string][]byte{"bad.pem": append(good, keyPEM(t, unknownKey)...)},
+			wantErr: []string{"bad.pem", "holds a private key", `"PRIVATE KEY"`}},
+		{name: "EC-private-key-first", files: map[string][]byte{"bad.crt": append(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: []byte{1}}), good...)},
+			wantErr: []string{"bad.crt", "holds a private key", `"EC PRIVATE KEY"`}},
+		{name: "RSA-private-key-after-broken-cert", files: map[string][]byte{"bad.pem": append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte{1}}), pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: []byte{1}})...)},
+			wantErr: []string{"bad.pem", "holds a private key"}},
+		{name: "missing-key", files: map[string][]byte{"unknown.pem": certPEM(env.pki.ca.issue(t, unknownKey.Public(), leafOptions{names: []string{"unknown.example.com"}}))},
+			wantErr: []string{"holds no key for", "unknown.pem", signer.FormatKeyID(mustKeyID(t, unknownKey.Public()))}},
+		{name: "broken-certificate", files: map[string][]byte{"broken.pem": pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte("junk")})},
+			wantErr: []string{"broken.pem", "certificate 1"}},
+		{name: "no-certificate", files: map[string][]byte{"empty.pem": []byte("nothing here")},
+			wantErr: []string{"empty.pem", "no CERTIFICATE PEM block"}},
+		{name: "chain-out-of-order", files: map[string][]byte{"chain.pem": certPEM(inter.cert, chainLeaf)},
+			wantErr: []string{"chain.pem", "was not issued by certificate 2"}},
+		{name: "several-problems", files: map[string][]byte{"a.pem": []byte("x"), "b.pem": append(good, keyPEM(t, unknownKey)...)},
+			wantErr: []string{"a.pem", "b.pem"}},
+		{name: "default-not-found", dflt: "nothing.example.com", wantErr: []string{`default certificate "nothing.example.com"`}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			dir := t.TempDir()
+			for _, c := range envCerts {
+				writeFile(t, dir, c.file, readFile(t, filepath.Join(env.dir, c.file)))
+			}
+			for name, data := range tt.files {
+				writeFile(t, dir, name, data)
+			}
+			s, err := NewCertStore(CertStoreConfig{Client: env.client, Default: tt.dflt})
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = s.Load(t.Context(), dir)
+			if tt.wantErr == nil {
+				if err != nil {
+					t.Fatalf("Load() = %v", err)
+				}
+				return
+			}
+			if err == nil {
+				t.Fatalf("Load() succeeded, want an error containing %q", tt.wantErr)
+			}
+			for _, w := range tt.wantErr {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("Load() = %v, want it to contain %q", err, w)
+				}
+			}
+			if _, err := s.GetCertificate(&tls.ClientHelloInfo{ServerName: "p256.example.com"}); err == nil {
+				t.Error("GetCertificate() succeeded after a failed first Load")
+			}
+		})
+	}
+}
+
+// TestCertStoreMissingKeys checks both ways of handling a certificate whose
+// key the keyserver does not hold.
+func TestCertStoreMissingKeys(t *testing.T) {
+	env := newTestEnv(t, envOptions{})
+	unknownKey := mustECDSA(elliptic.P256())
+	writeFile(t, env.dir, "unknown.pem", certPEM(env.pki.ca.issue(t, unknownKey.Public(), leafOptions{names: []string{"unknown.example.com"}})))
+
+	s, err := NewCertStore(CertStoreConfig{Client: env.client})
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = s.Load(t.Context(), env.dir)
+	var missing *MissingKeysError
+	if !errors.As(err, &missing) {
+		t.Fatalf("Load() = %v, want a *MissingKeysError", err)
+	}
+	if want := []string{filepath.Join(env.dir, "unknown.pem")}; !slices.Equal(missing.Files, want) {
+		t.Errorf("MissingKeysError.Files = %v, want %v", missing.Files, want)
+	}
+	if want := []signer.KeyID{mustKeyID(t, unknownKey.Public())}; !slices.Equal(missing.KeyIDs, want) {
+		t.Errorf("MissingKeysError.KeyIDs = %x, want %x", missing.KeyIDs, want)
+	}
+
+	logger, logs := newTestLogger()
+	s, err = NewCertStore(CertStoreConfig{Client: env.client, AllowMissingKeys: true, Logger: logger})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Load(t.Context(), env.dir); err != nil {
+		t.Fatalf("Load() with AllowMissingKeys = %v", err)
+	}
+	if !strings.Contains(logs.String(), "unknown.pem") {
+		t.Errorf("no warning names the skipped file; log:\n%s", logs)
+	}
+	if _, err := s.GetCertificate(&tls.ClientHelloInfo{ServerName: "unknown.example.com"}); err == nil {
+		t.Error("GetCertificate() served a certificate whose key is missing")
+	}
+	if _, err := s.GetCertificate(&tls.ClientHelloInfo{ServerName: "p256.example.com"}); err != nil {
+		t.Errorf("GetCertificate() = %v for a certificate with its key", err)
+	}
+}
+
+// TestCertStoreReload checks that Load replaces the set atomically and that
+// a failed Load keeps the previous one.
+func TestCertStoreReload(t *testing.T) {
+	env := newTestEnv(t, envOptions{})
+	s := env.newStore(t, CertStoreConfig{})
+	get := func(name string) error {
+		_, err := s.GetCertificate(&tls.ClientHelloInfo{ServerName: name})
+		return err
+	}
+	if err := get("new.example.com"); err == nil {
+		t.Fatal("new.example.com served before it exists")
+	}
+	writeFile(t, env.dir, "new.pem", certPEM(env.pki.ca.issue(t, testP384Key().Public(), leafOptions{names: []string{"new.example.com"}})))
+	if err := s.Load(t.Context(), env.dir); err != nil {
+		t.Fatal(err)
+	}
+	if err := get("new.example.com"); err != nil {
+		t.Errorf("after Load: %v", err)
+	}
+	writeFile(t, env.dir, "zz-bad.pem", []byte("junk"))
+	if os.Remove(filepath.Join(env.dir, "p384.pem")) != nil {
+		t.Fatal("remove")
+	}
+	if err := s.Load(t.Context(), env.dir); err == nil {
+		t.Fatal("Load() of a directory with a broken file succeeded")
+	}
+	for _, name := range []string{"new.example.com", "p384.example.com"} {
+		if err := get(name); err != nil {
+			t.Errorf("after a failed Load, %s: %v; want the previous certificates", name, err)
+		}
+	}
+}
+
+// TestCertStoreValidityWarnings checks that expired and not yet valid
+// certificates are loaded, with a warning.
+func TestCertStoreValidityWarnings(t *testing.T) {
+	env := newTestEnv(t, envOptions{})
+	now := time.Now()
+	writeFile(t, env.dir, "expired.pem", certPEM(env.pki.ca.issue(t, testP256Key().Public(), leafOptions{names: []string{"expired.example.com"}, notBefore: now.Add(-48 * time.Hour), notAfter: now.Add(-time.Hour)})))
+	writeFile(t, env.dir, "future.pem", certPEM(env.pki.ca.issue(t, testP256Key().Public(), leafOptions{names: []string{"future.example.com"}, notBefore: now.Add(time.Hour), notAfter: now.Add(48 * time.Hour)})))
+	logger, logs := newTestLogger()
+	s := env.newStore(t, CertStoreConfig{Logger: logger})
+	for _, want := range []string{"certificate has expired: file=" + filepath.Join(env.dir, "expired.pem"), "certificate is not yet valid: file=" + filepath.Join(env.dir, "future.pem")} {
+		if !strings.Contains(logs.String(), want) {
+			t.Errorf("log lacks %q; log:\n%s", want, logs)
+		}
+	}
+	if _, err := s.GetCertificate(&tls.ClientHelloInfo{ServerName: "expired.example.com"}); err != nil {
+		t.Errorf("expired certificate not served: %v", err)
+	}
+}
+
+func TestCertStoreConfigValidate(t *testing.T) {
+	if _, err := NewCertStore(CertStoreConfig{}); err == nil {
+		t.Error("NewCertStore() without a client succeeded")
+	}
+	env := newTestEnv(t, envOptions{})
+	s, err := NewCertStore(CertStoreConfig{Client: env.client})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetCertificate(&tls.ClientHelloInfo{ServerName: "p256.example.com"}); err == nil {
+		t.Error("GetCertificate() before Load succeeded")
+	}
+	if err := s.Load(t.Context(), filepath.Join(t.TempDir(), "missing")); err == nil {
+		t.Error("Load() of a missing directory succeeded")
+	}
+	if err := s.Load(t.Context(), t.TempDir()); err == nil || !strings.Contains(err.Error(), "no certificate to serve") {
+		t.Errorf("Load() of an empty directory = %v, want a no-certificate error", err)
+	}
+}
+
+func TestCertificateSchemes(t *testing.T) {
+	const (
+		pss256   = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PSS_RSAE_SHA256
+		pkcs1256 = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256
+		pkcs1SHA = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PKCS1_SHA1
+		ecSHA1   = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ECDSA_SHA1
+	)
+	rsaPub, p256, p384, ed := testRSAKey().Public(), testP256Key().Public(), testP384Key().Public(), testEdKey().Public()
+	p224 := mustECDSA(elliptic.P224()).Public()
+	tests := []struct {
+		name      string
+		pub       any
+		offered   []keylessv1.SignatureAlgorithm
+		want      []tls.SignatureScheme
+		wantTLS13 bool
+		wantErr   bool
+	}{
+		{name: "P256/all", pub: p256, offered: []keylessv1.SignatureAlgorithm{algECDSA256, algECDSA384, algECDSA512, ecSHA1},
+			want: []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256, tls.ECDSAWithP384AndSHA384, tls.ECDSAWithP521AndSHA512}, wantTLS13: true},
+		{name: "P256/only-SHA512", pub: p256, offered: []keylessv1.SignatureAlgorithm{algECDSA512},
+			want: []tls.SignatureScheme{tls.ECDSAWithP521AndSHA512}, wantTLS13: false},
+		{name: "P384/only-SHA384", pub: p384, offered: []keylessv1.SignatureAlgorithm{algECDSA384},
+			want: []tls.SignatureScheme{tls.ECDSAWithP384AndSHA384}, wantTLS13: true},
+		{name: "P384/only-SHA256", pub: p384, offered: []keylessv1.SignatureAlgorithm{algECDSA256},
+			want: []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256}, wantTLS13: false},
+		{name: "RSA/PSS-and-PKCS1", pub: rsaPub, offered: []keylessv1.SignatureAlgorithm{pss256, pkcs1256, pkcs1SHA},
+			want: []tls.SignatureScheme{tls.PSSWithSHA256, tls.PKCS1WithSHA256}, wantTLS13: true},
+		{name: "RSA/PKCS1-only", pub: rsaPub, offered: []keylessv1.SignatureAlgorithm{pkcs1256},
+			want: []tls.SignatureScheme{tls.PKCS1WithSHA256}, wantTLS13: false},
+		{name: "RSA/foreign-schemes-dropped", pub: rsaPub, offered: []keylessv1.SignatureAlgorithm{algECDSA256, algEd25519, pss256, 9999},
+			want: []tls.SignatureScheme{tls.PSSWithSHA256}, wantTLS13: true},
+		{name: "Ed25519", pub: ed, offered: []keylessv1.SignatureAlgorithm{algEd25519}, want: []tls.SignatureScheme{tls.Ed25519}, wantTLS13: true},
+		{name: "SHA1-only", pub: rsaPub, offered: []keylessv1.SignatureAlgorithm{pkcs1SHA}, wantErr: true},
+		{name: "none", pub: p256, wantErr: true},
+		{name: "P224", pub: p224, offered: []keylessv1.SignatureAlgorithm{algECDSA256}, wantErr: true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, tls13, err := certificateSchemes(tt.pub, tt.offered)
+			if tt.wantErr {
+				if err == nil || len(got) != 0 {
+					t.Fatalf("certificateSchemes() = %v, %v; want an error and no schemes", got, err)
+				}
+				return
+			}
+			if err != nil || !slices.Equal(got, tt.want) || tls13 != tt.wantTLS13 {
+				t.Errorf("certificateSchemes() = %v, %t, %v; want %v, %t", got, tls13, err, tt.want, tt.wantTLS13)
+			}
+		})
+	}
+}
+
+func TestMatchName(t *testing.T) {
+	tests := []struct {
+		pattern, name string
+		want          bool
+	}{
+		{"example.com", "example.com", true},
+		{"*.example.com", "a.example.com", true},
+		{"*.example.com", "a.b.example.com", false},
+		{"*.example.com", "example.com", false},
+		{"*.example.com", ".example.com", false},
+		{"*.example.com", "aexample.com", false},
+		{"a.example.com", "b.example.com", false},
+		{"*.com", "example.com", true},
+	}
+	for _, tt := range tests {
+		if got := matchName(tt.pattern, tt.name); got != tt.want {
+			t.Errorf("matchName(%q, %q) = %t, want %t", tt.pattern, tt.name, got, tt.want)
+		}
+	}
+	for _, p := range []string{"", ".", "*.", "*", "a.*.example.com", "**.example.com", "*a.example.com", "*.*.example.com"} {
+		if err := checkPattern(p); err == nil {
+			t.Errorf("checkPattern(%q) = nil, want an error", p)
+		}
+	}
+	for _, p := range []string{"example.com", "Example.COM.", "*.example.com"} {
+		if err := checkPattern(p); err != nil {
+			t.Errorf("checkPattern(%q) = %v", p, err)
+		}
+	}
+}

@@ -1,0 +1,277 @@
+package tlscore
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	_ "google.golang.org/grpc/health" // client-side health checking
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
+	"google.golang.org/grpc/status"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+	"github.com/keyless-tls/keyless/signer"
+)
+
+// DefaultCallTimeout is the deadline of a keyserver call when
+// [ClientConfig.CallTimeout] is zero.
+const DefaultCallTimeout = 2 * time.Second
+
+// ClientConfig configures a [Client]. It must not be modified after it is
+// passed to [Dial].
+type ClientConfig struct {
+	// Addresses are the keyservers, each "host:port". Required. Calls are
+	// balanced round-robin over the keyservers that are connected and whose
+	// health service reports keyless.v1.KeylessService as SERVING.
+	Addresses []string
+
+	// TLS is the client side of the mutual TLS 1.3 link, as built by
+	// [ClientMTLSConfig]. Required: it must present a client certificate and
+	// have MinVersion TLS 1.3. Its ServerName is the name every keyserver's
+	// certificate is verified against; if it is empty, the host of the
+	// first address is used, which is allowed only with a single address.
+	TLS *tls.Config
+
+	// CallTimeout bounds each call, retries included, unless the caller's
+	// context ends sooner. Zero means DefaultCallTimeout.
+	CallTimeout time.Duration
+
+	// KeepaliveInterval, if positive, makes the client ping a keyserver
+	// whose connection has been quiet for that long and drop the connection
+	// when no answer comes within CallTimeout, so that a keyserver that
+	// vanished without closing its connections is taken out of the balancing
+	// quickly. gRPC raises values under 10 seconds to 10 seconds. The
+	// keyserver's keepalive.EnforcementPolicy.MinTime must be at most this
+	// interval, or it will close the connection. Zero means no pings.
+	KeepaliveInterval time.Duration
+
+	// Dialer, if set, opens connections instead of a TCP dial, for example
+	// to a Unix socket or, in tests, an in-memory listener. addr is one of
+	// Addresses.
+	Dialer func(ctx context.Context, addr string) (net.Conn, error)
+
+	// Logger receives one line per failed call. Nil means no logging.
+	Logger hclog.Logger
+}
+
+// Validate reports whether the configuration is usable.
+func (c *ClientConfig) Validate() error {
+	if len(c.Addresses) == 0 {
+		return errors.New("tlscore: ClientConfig.Addresses is empty")
+	}
+	for i, a := range c.Addresses {
+		if _, _, err := net.SplitHostPort(a); err != nil {
+			return fmt.Errorf("tlscore: ClientConfig.Addresses[%d] %q is not host:port: %w", i, a, err)
+		}
+		if slices.Index(c.Addresses, a) != i {
+			return fmt.Errorf("tlscore: ClientConfig.Addresses lists %q twice", a)
+		}
+	}
+	switch {
+	case c.TLS == nil:
+		return errors.New("tlscore: ClientConfig.TLS is nil; the keyserver link needs mutual TLS")
+	case len(c.TLS.Certificates) == 0 && c.TLS.GetClientCertificate == nil:
+		return errors.New("tlscore: ClientConfig.TLS has no client certificate; the keyserver requires one")
+	case c.TLS.MinVersion < tls.VersionTLS13:
+		return errors.New("tlscore: ClientConfig.TLS.MinVersion must be TLS 1.3")
+	case c.TLS.ServerName == "" && len(c.Addresses) > 1:
+		return errors.New("tlscore: ClientConfig.TLS.ServerName is required with several addresses: it names the keyservers' certificates")
+	case c.CallTimeout < 0:
+		return fmt.Errorf("tlscore: ClientConfig.CallTimeout is %v; it must be positive, or zero for the default", c.CallTimeout)
+	case c.KeepaliveInterval < 0:
+		return fmt.Errorf("tlscore: ClientConfig.KeepaliveInterval is %v; it must be positive, or zero for none", c.KeepaliveInterval)
+	}
+	return nil
+}
+
+// Client calls the keyservers. It is safe for concurrent use; the caller owns
+// it and must Close it.
+type Client struct {
+	conn    *grpc.ClientConn
+	api     keylessv1.KeylessServiceClient
+	timeout time.Duration
+	logger  hclog.Logger
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// resolverScheme is the scheme of the per-Client manual resolver. It is
+// registered only with that Client's connection, never globally.
+const resolverScheme = "keyless"
+
+// serviceConfig balances round-robin over healthy keyservers and retries a
+// Sign or ListKeys once, on the next keyserver, when the first answers
+// UNAVAILABLE. Both are safe to repeat: a signature has no side effect and
+// the keyserver is stateless. Decrypt is not retried: it is just as safe, but
+// it only serves the legacy RSA key exchange, and a failed one is rare.
+// Retries happen within the call's one deadline.
+var serviceConfig = fmt.Sprintf(`{
+  "loadBalancingConfig": [{"round_robin": {}}],
+  "healthCheckConfig": {"serviceName": %[1]q},
+  "methodConfig": [{
+    "name": [{"service": %[1]q, "method": "Sign"}, {"service": %[1]q, "method": "ListKeys"}],
+    "retryPolicy": {
+      "maxAttempts": 2,
+      "initialBackoff": "0.005s",
+      "maxBackoff": "0.05s",
+      "backoffMultiplier": 2,
+      "retryableStatusCodes": ["UNAVAILABLE"]
+    }
+  }]
+}`, keylessv1.KeylessService_ServiceDesc.ServiceName)
+
+// Dial returns a Client for the keyservers in cfg. It does not wait for a
+// connection: the first call does. Errors are configuration errors.
+func Dial(cfg ClientConfig) (*Client, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	timeout := cfg.CallTimeout
+	if timeout == 0 {
+		timeout = DefaultCallTimeout
+	}
+	logger := cfg.Logger
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+
+	r := manual.NewBuilderWithScheme(resolverScheme)
+	addrs := make([]resolver.Address, len(cfg.Addresses))
+	for i, a := range cfg.Addresses {
+		addrs[i] = resolver.Address{Addr: a}
+	}
+	r.InitialState(resolver.State{Addresses: addrs})
+
+	opts := []grpc.DialOption{
+		grpc.WithTransportCredentials(credentials.NewTLS(cfg.TLS)),
+		grpc.WithResolvers(r),
+		grpc.WithDefaultServiceConfig(serviceConfig),
+	}
+	if cfg.Dialer != nil {
+		opts = append(opts, grpc.WithContextDialer(cfg.Dialer))
+	}
+	if cfg.KeepaliveInterval > 0 {
+		opts = append(opts, grpc.WithKeepaliveParams(keepalive.ClientParameters{
+			Time:                cfg.KeepaliveInterval,
+			Timeout:             timeout,
+			PermitWithoutStream: true,
+		}))
+	}
+	// The target's endpoint is the first address, which is also the TLS
+	// server name when cfg.TLS.ServerName is empty (a single keyserver).
+	conn, err := grpc.NewClient(resolverScheme+":///"+cfg.Addresses[0], opts...)
+	if err != nil {
+		return nil, fmt.Errorf("tlscore: keyserver client: %w", err)
+	}
+	return &Client{
+		conn:    conn,
+		api:     keylessv1.NewKeylessServiceClient(conn),
+		timeout: timeout,
+		logger:  logger.Named("keyserver_client"),
+	}, nil
+}
+
+// CallTimeout returns the deadline applied to each call.
+func (c *Client) CallTimeout() time.Duration { return c.timeout }
+
+// Close closes the connections. Calls made after Close fail. It is safe to
+// call more than once; later calls return the first call's result.
+func (c *Client) Close() error {
+	c.closeOnce.Do(func() { c.closeErr = c.conn.Close() })
+	return c.closeErr
+}
+
+// callContext bounds a call by the client's timeout, or by ctx's own
+// deadline if that is sooner.
+func (c *Client) callContext(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, c.timeout)
+}
+
+// Sign asks a keyserver to sign digest (for Ed25519, the whole message) with
+// the key keyID using alg. rc describes the TLS connection for the
+// keyserver's audit trail; it may be nil. Errors wrap the gRPC status (use
+// status.Code): DeadlineExceeded when no keyserver answered in time,
+// Unavailable when none could be reached, NotFound for an unknown key,
+// InvalidArgument for a request the keyserver refused.
+func (c *Client) Sign(ctx context.Context, keyID signer.KeyID, alg signer.Algorithm, digest []byte, rc *keylessv1.RequestContext) ([]byte, error) {
+	ctx, cancel := c.callContext(ctx)
+	defer cancel()
+	start := time.Now()
+	resp, err := c.api.Sign(ctx, &keylessv1.SignRequest{
+		KeyId:     keyID[:],
+		Algorithm: alg.Wire,
+		Digest:    digest,
+		Context:   rc,
+	})
+	if err == nil && len(resp.GetSignature()) == 0 {
+		err = errors.New("the keyserver returned an empty signature")
+	}
+	if err != nil {
+		return nil, c.failed("sign", keyID, rc, start, err)
+	}
+	return resp.GetSignature(), nil
+}
+
+// Decrypt asks a keyserver to decrypt a TLS 1.2 RSA-encrypted premaster
+// secret with the key keyID. The answer is always exactly
+// signer.PremasterLen (48) bytes: the keyserver applies implicit rejection,
+// so an invalid ciphertext yields unpredictable bytes, not an error. An
+// answer of any other length is an error. Errors are as for [Client.Sign].
+func (c *Client) Decrypt(ctx context.Context, keyID signer.KeyID, ciphertext []byte, rc *keylessv1.RequestContext) ([]byte, error) {
+	ctx, cancel := c.callContext(ctx)
+	defer cancel()
+	start := time.Now()
+	resp, err := c.api.Decrypt(ctx, &keylessv1.DecryptRequest{
+		KeyId:              keyID[:],
+		EncryptedPremaster: ciphertext,
+		Context:            rc,
+	})
+	if err == nil && len(resp.GetPremaster()) != signer.PremasterLen {
+		err = fmt.Errorf("the keyserver returned a %d-byte premaster secret; want %d", len(resp.GetPremaster()), signer.PremasterLen)
+	}
+	if err != nil {
+		return nil, c.failed("decrypt", keyID, rc, start, err)
+	}
+	return resp.GetPremaster(), nil
+}
+
+// ListKeys returns the keys the keyservers let this edge use. It asks one
+// keyserver: all keyservers behind one Client are expected to hold the
+// same keys.
+func (c *Client) ListKeys(ctx context.Context) ([]*keylessv1.Key, error) {
+	ctx, cancel := c.callContext(ctx)
+	defer cancel()
+	start := time.Now()
+	resp, err := c.api.ListKeys(ctx, &keylessv1.ListKeysRequest{})
+	if err != nil {
+		return nil, c.failed("list_keys", signer.KeyID{}, nil, start, err)
+	}
+	return resp.GetKeys(), nil
+}
+
+// failed logs a failed call once and returns the error to hand back.
+func (c *Client) failed(op string, keyID signer.KeyID, rc *keylessv1.RequestContext, start time.Time, err error) error {
+	args := []any{"op", op, "code", status.Code(err), "duration", time.Since(start), "error", err}
+	if keyID != (signer.KeyID{}) {
+		args = append(args, "key_id", signer.FormatKeyID(keyID))
+	}
+	if rc != nil {
+		args = append(args, "server_name", rc.GetServerName(), "connection_id", rc.GetConnectionId())
+	}
+	c.logger.Warn("keyserver call failed", args...)
+	if op == "list_keys" {
+		return fmt.Errorf("tlscore: list keys: %w", err)
+	}
+	return fmt.Errorf("tlscore: %s with key %s: %w", op, signer.FormatKeyID(keyID), err)
+}

@@ -1,0 +1,292 @@
+package tlscore
+
+import (
+	"context"
+	"crypto"
+	"crypto/tls"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+	"github.com/keyless-tls/keyless/signer"
+)
+
+func TestClientConfigValidate(t *testing.T) {
+	pki := newTestPKI(t)
+	good, err := ClientMTLSConfig(pki.clientCert, pki.clientKey, pki.caFile, keyserverName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	noCert := good.Clone()
+	noCert.GetClientCertificate = nil
+	tls12 := good.Clone()
+	tls12.MinVersion = tls.VersionTLS12
+	noName := good.Clone()
+	noName.ServerName = ""
+
+	tests := []struct {
+		name    string
+		cfg     ClientConfig
+		wantErr string
+	}{
+		{"ok", ClientConfig{Addresses: []string{"ks:443"}, TLS: good}, ""},
+		{"ok/several", ClientConfig{Addresses: []string{"ks1:443", "ks2:443"}, TLS: good, CallTimeout: time.Second}, ""},
+		{"ok/one-address-no-server-name", ClientConfig{Addresses: []string{"ks:443"}, TLS: noName}, ""},
+		{"no-addresses", ClientConfig{TLS: good}, "Addresses is empty"},
+		{"empty-address", ClientConfig{Addresses: []string{""}, TLS: good}, "not host:port"},
+		{"no-port", ClientConfig{Addresses: []string{"ks.example.com"}, TLS: good}, "not host:port"},
+		{"duplicate", ClientConfig{Addresses: []string{"ks:443", "ks:443"}, TLS: good}, "twice"},
+		{"no-TLS", ClientConfig{Addresses: []string{"ks:443"}}, "TLS is nil"},
+		{"no-client-certificate", ClientConfig{Addresses: []string{"ks:443"}, TLS: noCert}, "no client certificate"},
+		{"TLS12", ClientConfig{Addresses: []string{"ks:443"}, TLS: tls12}, "TLS 1.3"},
+		{"several-without-server-name", ClientConfig{Addresses: []string{"ks1:443", "ks2:443"}, TLS: noName}, "ServerName is required"},
+		{"negative-timeout", ClientConfig{Addresses: []string{"ks:443"}, TLS: good, CallTimeout: -time.Second}, "CallTimeout"},
+		{"negative-keepalive", ClientConfig{Addresses: []string{"ks:443"}, TLS: good, KeepaliveInterval: -time.Second}, "KeepaliveInterval"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := Dial(tt.cfg)
+			if tt.wantErr == "" {
+				if err != nil {
+					t.Fatalf("Dial() = %v", err)
+				}
+				if err := c.Close(); err != nil {
+					t.Errorf("Close() = %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+				t.Errorf("Dial() = %v, want an error containing %q", err, tt.wantErr)
+			}
+		})
+	}
+}
+
+// unavailableService fails every Sign and Decrypt with Unavailable and counts
+// them.
+func unavailableService(next keylessv1.KeylessServiceServer, signs, decrypts *atomic.Int64) *fakeService {
+	return &fakeService{
+		next: next,
+		sign: func(context.Context, *keylessv1.SignRequest) (*keylessv1.SignResponse, error) {
+			signs.Add(1)
+			return nil, status.Error(codes.Unavailable, "HSM unplugged")
+		},
+		decrypt: func(context.Context, *keylessv1.DecryptRequest) (*keylessv1.DecryptResponse, error) {
+			decrypts.Add(1)
+			return nil, status.Error(codes.Unavailable, "HSM unplugged")
+		},
+	}
+}
+
+func signOnce(t *testing.T, c *Client) error {
+	t.Helper()
+	id := mustKeyID(t, testP256Key().Public())
+	alg, _ := signer.AlgorithmFor(algECDSA256)
+	_, err := c.Sign(t.Context(), id, alg, digest(crypto.SHA256), nil)
+	return err
+}
+
+// TestClientSignRetry checks that a Sign answered Unavailable is retried
+// once, on the other keyserver when there is one, and Decrypt is not.
+func TestClientSignRetry(t *testing.T) {
+	pki := newTestPKI(t)
+	real := newSignerService(t, []crypto.Signer{testP256Key(), testRSAKey()}, nil)
+	var badSigns, badDecrypts atomic.Int64
+	bad := startKeyserver(t, pki, unavailableService(real, &badSigns, &badDecrypts))
+	good := startKeyserver(t, pki, real)
+
+	t.Run("two-keyservers", func(t *testing.T) {
+		c := dialTestClient(t, pki, ClientConfig{Addresses: []string{"bad:1", "good:1"}}, map[string]*testKeyserver{"bad:1": bad, "good:1": good})
+		badSigns.Store(0)
+		// Round-robin reaches the bad keyserver within a few calls once
+		// both are connected; every call must still succeed.
+		for i := 0; i < 50 && badSigns.Load() < 3; i++ {
+			if err := signOnce(t, c); err != nil {
+				t.Fatalf("Sign() call %d = %v; want the retry on the other keyserver to succeed", i, err)
+			}
+		}
+		if badSigns.Load() < 3 {
+			t.Errorf("the unavailable keyserver got %d Sign attempts; round-robin should have reached it", badSigns.Load())
+		}
+	})
+	t.Run("one-keyserver", func(t *testing.T) {
+		c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"bad:1": bad})
+		badSigns.Store(0)
+		badDecrypts.Store(0)
+		if err := signOnce(t, c); status.Code(err) != codes.Unavailable {
+			t.Errorf("Sign() = %v, want code Unavailable", err)
+		}
+		if n := badSigns.Load(); n != 2 {
+			t.Errorf("Sign attempts = %d, want 2 (one retry)", n)
+		}
+		_, err := c.Decrypt(t.Context(), mustKeyID(t, testRSAKey().Public()), make([]byte, 256), nil)
+		if status.Code(err) != codes.Unavailable {
+			t.Errorf("Decrypt() = %v, want code Unavailable", err)
+		}
+		if n := badDecrypts.Load(); n != 1 {
+			t.Errorf("Decrypt attempts = %d, want 1 (no retry)", n)
+		}
+	})
+}
+
+// TestClientDeadline checks that every call carries a deadline: the call
+// timeout, or the caller's if sooner.
+func TestClientDeadline(t *testing.T) {
+	pki := newTestPKI(t)
+	real := newSignerService(t, []crypto.Signer{testP256Key()}, nil)
+	var seen atomic.Int64 // the deadline the keyserver saw, as time left
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	ks := startKeyserver(t, pki, &fakeService{next: real, sign: func(ctx context.Context, _ *keylessv1.SignRequest) (*keylessv1.SignResponse, error) {
+		d, ok := ctx.Deadline()
+		if ok {
+			seen.Store(int64(time.Until(d)))
+		} else {
+			seen.Store(-1)
+		}
+		<-release // never answers in time
+		return nil, status.Error(codes.Internal, "too late")
+	}})
+	const callTimeout = 300 * time.Millisecond
+	c := dialTestClient(t, pki, ClientConfig{CallTimeout: callTimeout}, map[string]*testKeyserver{"ks:1": ks})
+	if c.CallTimeout() != callTimeout {
+		t.Errorf("CallTimeout() = %v, want %v", c.CallTimeout(), callTimeout)
+	}
+	// Connect first, so that the timings below measure the call only.
+	if _, err := c.ListKeys(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+
+	tests := []struct {
+		name        string
+		ctxTimeout  time.Duration // 0: no deadline on the caller's context
+		wantTimeout time.Duration
+	}{
+		{"call-timeout", 0, callTimeout},
+		{"caller-sooner", 100 * time.Millisecond, 100 * time.Millisecond},
+		{"caller-later", 5 * time.Second, callTimeout},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx := t.Context()
+			if tt.ctxTimeout > 0 {
+				var cancel context.CancelFunc
+				ctx, cancel = context.WithTimeout(ctx, tt.ctxTimeout)
+				defer cancel()
+			}
+			seen.Store(0)
+			start := time.Now()
+			alg, _ := signer.AlgorithmFor(algECDSA256)
+			_, err := c.Sign(ctx, mustKeyID(t, testP256Key().Public()), alg, digest(crypto.SHA256), nil)
+			elapsed := time.Since(start)
+			if status.Code(err) != codes.DeadlineExceeded {
+				t.Errorf("Sign() = %v, want code DeadlineExceeded", err)
+			}
+			if elapsed < tt.wantTimeout || elapsed > tt.wantTimeout+time.Second {
+				t.Errorf("Sign() failed after %v, want about %v", elapsed, tt.wantTimeout)
+			}
+			if left := time.Duration(seen.Load()); left <= 0 || left > tt.wantTimeout {
+				t.Errorf("the keyserver saw %v left before the deadline, want (0, %v]", left, tt.wantTimeout)
+			}
+		})
+	}
+}
+
+// TestClientDecryptLength refuses a premaster of the wrong size.
+func TestClientDecryptLength(t *testing.T) {
+	pki := newTestPKI(t)
+	real := newSignerService(t, []crypto.Signer{testRSAKey()}, nil)
+	for _, n := range []int{0, 47, 49} {
+		ks := startKeyserver(t, pki, &fakeService{next: real, decrypt: func(context.Context, *keylessv1.DecryptRequest) (*keylessv1.DecryptResponse, error) {
+			return &keylessv1.DecryptResponse{Premaster: make([]byte, n)}, nil
+		}})
+		c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
+		_, err := c.Decrypt(t.Context(), mustKeyID(t, testRSAKey().Public()), make([]byte, 256), nil)
+		if err == nil || !strings.Contains(err.Error(), "premaster secret; want 48") {
+			t.Errorf("Decrypt() with a %d-byte answer = %v, want a length error", n, err)
+		}
+	}
+}
+
+func TestClientClose(t *testing.T) {
+	pki := newTestPKI(t)
+	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{testP256Key()}, nil))
+	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
+	if err := signOnce(t, c); err != nil {
+		t.Fatalf("Sign() = %v", err)
+	}
+	for i := range 2 {
+		if err := c.Close(); err != nil {
+			t.Errorf("Close() #%d = %v", i+1, err)
+		}
+	}
+	if err := signOnce(t, c); status.Code(err) != codes.Canceled {
+		t.Errorf("Sign() after Close = %v, want code Canceled", err)
+	}
+}
+
+// TestClientMutualTLS checks that the keyserver link fails with a keyserver
+// certificate from another CA or for another name, and with a client
+// certificate the keyserver does not trust.
+func TestClientMutualTLS(t *testing.T) {
+	pki := newTestPKI(t)
+	other := newTestPKI(t) // another CA
+	svc := newSignerService(t, []crypto.Signer{testP256Key()}, nil)
+	tests := []struct {
+		name     string
+		server   *testPKI // whose server certificate and client CA
+		client   *testPKI // whose client certificate and CA
+		hostName string
+		wantOK   bool
+	}{
+		{"ok", pki, pki, keyserverName, true},
+		{"server-from-other-CA", other, pki, keyserverName, false},
+		{"wrong-server-name", pki, pki, "other.test", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ks := startKeyserver(t, tt.server, svc)
+			tlsCfg, err := ClientMTLSConfig(tt.client.clientCert, tt.client.clientKey, tt.client.caFile, tt.hostName)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c, err := Dial(ClientConfig{Addresses: []string{"ks:1"}, TLS: tlsCfg, CallTimeout: time.Second, Dialer: bufDialer(ks)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			_, err = c.ListKeys(t.Context())
+			if tt.wantOK != (err == nil) {
+				t.Errorf("ListKeys() = %v, want success %t", err, tt.wantOK)
+			}
+			if !tt.wantOK && status.Code(err) != codes.Unavailable {
+				t.Errorf("ListKeys() = %v, want code Unavailable", err)
+			}
+		})
+	}
+}
+
+// TestClientHealthCheck checks that a keyserver whose health service reports
+// NOT_SERVING gets no calls.
+func TestClientHealthCheck(t *testing.T) {
+	pki := newTestPKI(t)
+	real := newSignerService(t, []crypto.Signer{testP256Key()}, nil)
+	var sickSigns, unused atomic.Int64
+	sick := startKeyserverWithHealth(t, pki, unavailableService(real, &sickSigns, &unused), healthpb.HealthCheckResponse_NOT_SERVING)
+	good := startKeyserver(t, pki, real)
+	c := dialTestClient(t, pki, ClientConfig{Addresses: []string{"sick:1", "good:1"}}, map[string]*testKeyserver{"sick:1": sick, "good:1": good})
+	for i := range 10 {
+		if err := signOnce(t, c); err != nil {
+			t.Fatalf("Sign() call %d = %v", i, err)
+		}
+	}
+	if n := sickSigns.Load(); n != 0 {
+		t.Errorf("the NOT_SERVING keyserver got %d Sign calls, want 0", n)
+	}
+}

@@ -1,0 +1,47 @@
+// Package tlscore is the core of a keyless TLS edge: it terminates TLS with
+// crypto/tls for many host names while every private-key operation is
+// performed by a keyserver over gRPC with mutual TLS 1.3.
+//
+// An edge is wired in five steps (see the example of [NewServerTLSConfig]):
+// [ClientMTLSConfig] reads the edge's credentials for the keyserver link,
+// [Dial] returns a [Client] for the keyservers, [CertStore.Load] reads the
+// certificates and matches them with the keyserver's keys,
+// [NewServerTLSConfig] builds the edge's tls.Config, and [ServeHTTP] (with
+// [NewReverseProxy]) or [ServeTCP] serves it. The keyserver uses
+// [ServerMTLSConfig] for its gRPC listener.
+//
+// # Trust and guarantees
+//
+// The edge holds no private key. [CertStore.Load] refuses any certificate file
+// that contains a PRIVATE KEY PEM block, and the keys it serves are
+// [RemoteKey] values whose operations are RPCs. Every RPC carries a deadline
+// ([ClientConfig.CallTimeout], or the caller's own if sooner), so a slow or
+// dead keyserver fails a handshake within that deadline; it never hangs it.
+//
+// A [RemoteKey] for an RSA key is a [crypto.Signer] and a [crypto.Decrypter];
+// ECDSA and Ed25519 keys are [crypto.Signer] only, because crypto/tls treats
+// any Decrypter as an RSA key-exchange key. RSA decryption is offered only for
+// the TLS 1.2 premaster secret and relies on the keyserver's implicit
+// rejection: a bad ciphertext yields 48 unpredictable bytes, never an error,
+// so the edge is no padding oracle. RSA signatures are verified on the edge
+// before crypto/tls sends them, because a faulty RSA-CRT signature reveals
+// the private key.
+//
+// The algorithm table (which TLS signature scheme means which
+// [crypto.SignerOpts]) is package signer's; this package keeps no copy.
+//
+// # Resumption
+//
+// Session tickets are on: a resumed handshake needs no key operation. Every
+// ticket is sealed with the ticket keys of the [tls.Config] returned by
+// [NewServerTLSConfig], whichever per-client configuration handled the
+// handshake, so [tls.Config.SetSessionTicketKeys] on that config applies to
+// all of them. Tickets are bound to the server name they were issued for: a
+// ticket offered under another SNI is ignored and a full handshake follows.
+//
+// # Reload
+//
+// [CertStore.Load] and [MTLSCredentials.Reload] replace their state
+// atomically: handshakes that have started finish with the old state, later
+// ones use the new. A failed reload keeps the previous state.
+package tlscore

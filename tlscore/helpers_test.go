@@ -1,0 +1,591 @@
+package tlscore
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/test/bufconn"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+	"github.com/keyless-tls/keyless/signer"
+)
+
+// defaultTestTimeout bounds anything a test waits for that should be quick.
+const defaultTestTimeout = 10 * time.Second
+
+// keyserverName is the name in the test keyservers' certificates.
+const keyserverName = "keyserver.test"
+
+// Test keys, generated once per test binary.
+var (
+	testRSAKey = sync.OnceValue(func() *rsa.PrivateKey {
+		k, err := rsa.GenerateKey(rand.Reader, 2048)
+		if err != nil {
+			panic(err)
+		}
+		return k
+	})
+	testP256Key = sync.OnceValue(func() *ecdsa.PrivateKey { return mustECDSA(elliptic.P256()) })
+	testP384Key = sync.OnceValue(func() *ecdsa.PrivateKey { return mustECDSA(elliptic.P384()) })
+	testEdKey   = sync.OnceValue(func() ed25519.PrivateKey {
+		_, k, err := ed25519.GenerateKey(rand.Reader)
+		if err != nil {
+			panic(err)
+		}
+		return k
+	})
+)
+
+func mustECDSA(c elliptic.Curve) *ecdsa.PrivateKey {
+	k, err := ecdsa.GenerateKey(c, rand.Reader)
+	if err != nil {
+		panic(err)
+	}
+	return k
+}
+
+func mustKeyID(t *testing.T, pub crypto.PublicKey) signer.KeyID {
+	t.Helper()
+	id, err := signer.KeyIDOf(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// testCA is an in-memory certificate authority.
+type testCA struct {
+	cert *x509.Certificate
+	key  crypto.Signer
+	pool *x509.CertPool
+}
+
+func newTestCA(t *testing.T, name string) *testCA {
+	t.Helper()
+	key := mustECDSA(elliptic.P256())
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: name},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		KeyUsage:              x509.KeyUsageCertSign,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(cert)
+	return &testCA{cert: cert, key: key, pool: pool}
+}
+
+// leafOptions describe a certificate to issue.
+type leafOptions struct {
+	names     []string
+	client    bool // client auth rather than server auth
+	ca        bool // an intermediate CA
+	notBefore time.Time
+	notAfter  time.Time
+}
+
+var serial struct {
+	sync.Mutex
+	n int64
+}
+
+func (ca *testCA) issue(t *testing.T, pub crypto.PublicKey, o leafOptions) *x509.Certificate {
+	t.Helper()
+	serial.Lock()
+	serial.n++
+	sn := serial.n + 1
+	serial.Unlock()
+	if o.notBefore.IsZero() {
+		o.notBefore = time.Now().Add(-time.Hour)
+	}
+	if o.notAfter.IsZero() {
+		o.notAfter = time.Now().Add(24 * time.Hour)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(sn),
+		Subject:      pkix.Name{CommonName: "test leaf"},
+		DNSNames:     o.names,
+		NotBefore:    o.notBefore,
+		NotAfter:     o.notAfter,
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	if _, ok := pub.(*rsa.PublicKey); ok {
+		tmpl.KeyUsage |= x509.KeyUsageKeyEncipherment
+	}
+	if o.client {
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+	}
+	if o.ca {
+		tmpl.KeyUsage, tmpl.ExtKeyUsage = x509.KeyUsageCertSign, nil
+		tmpl.BasicConstraintsValid, tmpl.IsCA = true, true
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cert
+}
+
+func certPEM(certs ...*x509.Certificate) []byte {
+	var b bytes.Buffer
+	for _, c := range certs {
+		pem.Encode(&b, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
+	}
+	return b.Bytes()
+}
+
+func keyPEM(t *testing.T, key crypto.Signer) []byte {
+	t.Helper()
+	der, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+}
+
+func writeFile(t *testing.T, dir, name string, data ...[]byte) string {
+	t.Helper()
+	p := filepath.Join(dir, name)
+	if err := os.WriteFile(p, bytes.Join(data, nil), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// testPKI holds the mTLS files of a keyserver and an edge, all from one CA,
+// which also issues the edge's web certificates.
+type testPKI struct {
+	ca                                     *testCA
+	serverCert, serverKey                  string
+	clientCert, clientKey, caFile, fileDir string
+}
+
+func newTestPKI(t *testing.T) *testPKI {
+	t.Helper()
+	dir := t.TempDir()
+	ca := newTestCA(t, "Test CA")
+	sk, ck := mustECDSA(elliptic.P256()), mustECDSA(elliptic.P256())
+	return &testPKI{
+		ca:         ca,
+		fileDir:    dir,
+		caFile:     writeFile(t, dir, "ca.pem", certPEM(ca.cert)),
+		serverCert: writeFile(t, dir, "server.pem", certPEM(ca.issue(t, sk.Public(), leafOptions{names: []string{keyserverName}}))),
+		serverKey:  writeFile(t, dir, "server.key", keyPEM(t, sk)),
+		clientCert: writeFile(t, dir, "client.pem", certPEM(ca.issue(t, ck.Public(), leafOptions{client: true}))),
+		clientKey:  writeFile(t, dir, "client.key", keyPEM(t, ck)),
+	}
+}
+
+// opRecorder records the key operations a keyserver received.
+type opRecorder struct {
+	mu       sync.Mutex
+	signs    []*keylessv1.SignRequest
+	decrypts []*keylessv1.DecryptRequest
+}
+
+func (r *opRecorder) intercept(ctx context.Context, req any, _ *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	r.mu.Lock()
+	switch req := req.(type) {
+	case *keylessv1.SignRequest:
+		r.signs = append(r.signs, req)
+	case *keylessv1.DecryptRequest:
+		r.decrypts = append(r.decrypts, req)
+	}
+	r.mu.Unlock()
+	return handler(ctx, req)
+}
+
+// counts returns the numbers of Sign and Decrypt requests so far.
+func (r *opRecorder) counts() (signs, decrypts int) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.signs), len(r.decrypts)
+}
+
+func (r *opRecorder) lastSign() *keylessv1.SignRequest {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.signs) == 0 {
+		return nil
+	}
+	return r.signs[len(r.signs)-1]
+}
+
+// testKeyserver is a gRPC keyserver on an in-memory listener, with mTLS.
+type testKeyserver struct {
+	lis *bufconn.Listener
+	ops *opRecorder
+}
+
+func startKeyserver(t *testing.T, pki *testPKI, svc keylessv1.KeylessServiceServer) *testKeyserver {
+	t.Helper()
+	return startKeyserverWithHealth(t, pki, svc, healthpb.HealthCheckResponse_SERVING)
+}
+
+// startKeyserverWithHealth starts a keyserver whose health service reports
+// st for the KeylessService.
+func startKeyserverWithHealth(t *testing.T, pki *testPKI, svc keylessv1.KeylessServiceServer, st healthpb.HealthCheckResponse_ServingStatus) *testKeyserver {
+	t.Helper()
+	cfg, err := ServerMTLSConfig(pki.serverCert, pki.serverKey, pki.caFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ks := &testKeyserver{lis: bufconn.Listen(1 << 20), ops: &opRecorder{}}
+	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(cfg)), grpc.ChainUnaryInterceptor(ks.ops.intercept))
+	keylessv1.RegisterKeylessServiceServer(srv, svc)
+	hs := health.NewServer()
+	hs.SetServingStatus(keylessv1.KeylessService_ServiceDesc.ServiceName, st)
+	healthpb.RegisterHealthServer(srv, hs)
+	go srv.Serve(ks.lis)
+	t.Cleanup(srv.Stop)
+	return ks
+}
+
+// newSignerService returns the real keyserver service over in-memory keys.
+// Keys listed in schemes report only those schemes.
+func newSignerService(t *testing.T, keys []crypto.Signer, schemes map[signer.KeyID][]tls.SignatureScheme) *signer.Service {
+	t.Helper()
+	ms, err := signer.NewMemoryStore(keys...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := signer.NewService(signer.Config{Keys: schemeStore{ms, schemes}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return svc
+}
+
+// schemeStore restricts some keys to given signature schemes, as an HSM that
+// lacks a mechanism would.
+type schemeStore struct {
+	signer.KeyStore
+	schemes map[signer.KeyID][]tls.SignatureScheme
+}
+
+type schemeKey struct {
+	crypto.Signer
+	schemes []tls.SignatureScheme
+}
+
+func (k schemeKey) SignatureSchemes() []tls.SignatureScheme { return k.schemes }
+
+type schemeDecrypterKey struct {
+	schemeKey
+	signer.PremasterDecrypter
+}
+
+func (s schemeStore) wrap(k crypto.Signer) crypto.Signer {
+	id, _ := signer.KeyIDOf(k.Public())
+	sc, ok := s.schemes[id]
+	if !ok || k == nil {
+		return k
+	}
+	if d, ok := k.(signer.PremasterDecrypter); ok {
+		return schemeDecrypterKey{schemeKey{k, sc}, d}
+	}
+	return schemeKey{k, sc}
+}
+
+func (s schemeStore) Key(ctx context.Context, id signer.KeyID) (crypto.Signer, error) {
+	k, err := s.KeyStore.Key(ctx, id)
+	if k == nil || err != nil {
+		return k, err
+	}
+	return s.wrap(k), nil
+}
+
+func (s schemeStore) Keys(ctx context.Context) ([]crypto.Signer, error) {
+	ks, err := s.KeyStore.Keys(ctx)
+	for i := range ks {
+		ks[i] = s.wrap(ks[i])
+	}
+	return ks, err
+}
+
+// dialTestClient returns a Client for the given keyservers, keyed by the
+// address the client is given for each.
+func dialTestClient(t *testing.T, pki *testPKI, cfg ClientConfig, servers map[string]*testKeyserver) *Client {
+	t.Helper()
+	tlsCfg, err := ClientMTLSConfig(pki.clientCert, pki.clientKey, pki.caFile, keyserverName)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.TLS = tlsCfg
+	if cfg.Addresses == nil {
+		for a := range servers {
+			cfg.Addresses = append(cfg.Addresses, a)
+		}
+	}
+	cfg.Dialer = func(ctx context.Context, addr string) (net.Conn, error) {
+		return servers[addr].lis.DialContext(ctx)
+	}
+	c, err := Dial(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// fakeService is a KeylessService whose handlers are set per test. Nil
+// handlers delegate to next.
+type fakeService struct {
+	keylessv1.UnimplementedKeylessServiceServer
+	next    keylessv1.KeylessServiceServer
+	sign    func(context.Context, *keylessv1.SignRequest) (*keylessv1.SignResponse, error)
+	decrypt func(context.Context, *keylessv1.DecryptRequest) (*keylessv1.DecryptResponse, error)
+}
+
+func (f *fakeService) Sign(ctx context.Context, req *keylessv1.SignRequest) (*keylessv1.SignResponse, error) {
+	if f.sign != nil {
+		return f.sign(ctx, req)
+	}
+	return f.next.Sign(ctx, req)
+}
+
+func (f *fakeService) Decrypt(ctx context.Context, req *keylessv1.DecryptRequest) (*keylessv1.DecryptResponse, error) {
+	if f.decrypt != nil {
+		return f.decrypt(ctx, req)
+	}
+	return f.next.Decrypt(ctx, req)
+}
+
+func (f *fakeService) ListKeys(ctx context.Context, req *keylessv1.ListKeysRequest) (*keylessv1.ListKeysResponse, error) {
+	return f.next.ListKeys(ctx, req)
+}
+
+// blockingHandler returns a handler that never answers until the test ends,
+// whatever its context says: a keyserver that hangs.
+func blockingHandler[Req, Resp any](t *testing.T) func(context.Context, Req) (Resp, error) {
+	release := make(chan struct{})
+	t.Cleanup(func() { close(release) })
+	return func(context.Context, Req) (Resp, error) {
+		<-release
+		var zero Resp
+		return zero, nil
+	}
+}
+
+// testEnv is an edge's view of one keyserver: a Client, and a directory of
+// certificates for the four test keys.
+type testEnv struct {
+	pki    *testPKI
+	ks     *testKeyserver
+	client *Client
+	dir    string
+	leaves map[string]*x509.Certificate // by file name
+}
+
+type envOptions struct {
+	schemes     map[signer.KeyID][]tls.SignatureScheme
+	wrap        func(next keylessv1.KeylessServiceServer) keylessv1.KeylessServiceServer
+	callTimeout time.Duration
+}
+
+// The certificates of a testEnv, by file name.
+var envCerts = []struct {
+	file  string
+	key   func() crypto.Signer
+	names []string
+}{
+	{"ed25519.pem", func() crypto.Signer { return testEdKey() }, []string{"ed25519.example.com"}},
+	{"p256.pem", func() crypto.Signer { return testP256Key() }, []string{"p256.example.com", "*.wild.example.com"}},
+	{"p384.pem", func() crypto.Signer { return testP384Key() }, []string{"p384.example.com"}},
+	{"rsa.pem", func() crypto.Signer { return testRSAKey() }, []string{"rsa.example.com", "legacy.example.com", "*.legacy-wild.example.com"}},
+}
+
+func newTestEnv(t *testing.T, o envOptions) *testEnv {
+	t.Helper()
+	pki := newTestPKI(t)
+	var keys []crypto.Signer
+	for _, c := range envCerts {
+		keys = append(keys, c.key())
+	}
+	var svc keylessv1.KeylessServiceServer = newSignerService(t, keys, o.schemes)
+	if o.wrap != nil {
+		svc = o.wrap(svc)
+	}
+	ks := startKeyserver(t, pki, svc)
+	client := dialTestClient(t, pki, ClientConfig{CallTimeout: o.callTimeout}, map[string]*testKeyserver{"ks1.test:443": ks})
+	env := &testEnv{pki: pki, ks: ks, client: client, dir: t.TempDir(), leaves: make(map[string]*x509.Certificate)}
+	for _, c := range envCerts {
+		leaf := pki.ca.issue(t, c.key().Public(), leafOptions{names: c.names})
+		env.leaves[c.file] = leaf
+		writeFile(t, env.dir, c.file, certPEM(leaf))
+	}
+	return env
+}
+
+// newStore returns a CertStore over env's client, loaded from env's
+// directory.
+func (env *testEnv) newStore(t *testing.T, cfg CertStoreConfig) *CertStore {
+	t.Helper()
+	cfg.Client = env.client
+	s, err := NewCertStore(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), defaultTestTimeout)
+	defer cancel()
+	if err := s.Load(ctx, env.dir); err != nil {
+		t.Fatalf("Load(%s) = %v", env.dir, err)
+	}
+	return s
+}
+
+// serverConfig returns the edge's TLS config over a store of env's
+// certificates.
+func (env *testEnv) serverConfig(t *testing.T, rsaKex ...string) *tls.Config {
+	t.Helper()
+	cfg, err := NewServerTLSConfig(ServerConfig{Certificates: env.newStore(t, CertStoreConfig{}), RSAKeyExchange: rsaKex})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return cfg
+}
+
+// clientConfig returns a TLS client config that trusts the test CA.
+func (env *testEnv) clientConfig(serverName string, minVersion, maxVersion uint16) *tls.Config {
+	return &tls.Config{RootCAs: env.pki.ca.pool, ServerName: serverName, MinVersion: minVersion, MaxVersion: maxVersion}
+}
+
+// handshakeResult is what runHandshake saw.
+type handshakeResult struct {
+	state     tls.ConnectionState // the client's
+	clientErr error
+	serverErr error
+	elapsed   time.Duration
+}
+
+// runHandshake performs one TLS handshake over loopback TCP between a
+// crypto/tls client with cc and a server with sc, then the server sends a
+// line the client reads (which also delivers TLS 1.3 session tickets).
+// serverCtx, if not nil, is the server's handshake context.
+func runHandshake(t *testing.T, sc, cc *tls.Config, serverCtx context.Context) handshakeResult {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	if serverCtx == nil {
+		serverCtx = t.Context()
+	}
+	serverErr := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			serverErr <- err
+			return
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(defaultTestTimeout))
+		tc := tls.Server(c, sc)
+		if err := tc.HandshakeContext(serverCtx); err != nil {
+			serverErr <- err
+			return
+		}
+		_, err = tc.Write([]byte("hello\n"))
+		serverErr <- err
+	}()
+
+	start := time.Now()
+	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: defaultTestTimeout}, Config: cc}
+	ctx, cancel := context.WithTimeout(t.Context(), defaultTestTimeout)
+	defer cancel()
+	var r handshakeResult
+	conn, err := d.DialContext(ctx, "tcp", ln.Addr().String())
+	if err == nil {
+		tc := conn.(*tls.Conn)
+		tc.SetDeadline(time.Now().Add(defaultTestTimeout))
+		buf := make([]byte, 6)
+		if _, err = tc.Read(buf); err == nil && string(buf) != "hello\n" {
+			t.Errorf("client read %q, want %q", buf, "hello\n")
+		}
+		r.state = tc.ConnectionState()
+		conn.Close()
+	}
+	r.clientErr = err
+	r.elapsed = time.Since(start)
+	select {
+	case r.serverErr = <-serverErr:
+	case <-time.After(defaultTestTimeout):
+		t.Fatal("the TLS server did not finish its handshake")
+	}
+	return r
+}
+
+// newTestLogger returns a logger whose output the test can read.
+func newTestLogger() (hclog.Logger, *syncBuffer) {
+	var buf syncBuffer
+	return hclog.New(&hclog.LoggerOptions{Output: &buf, Level: hclog.Debug}), &buf
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func bufDialer(ks *testKeyserver) func(context.Context, string) (net.Conn, error) {
+	return func(ctx context.Context, _ string) (net.Conn, error) { return ks.lis.DialContext(ctx) }
+}
+
+func readFile(t *testing.T, path string) []byte {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}

@@ -1,0 +1,221 @@
+package tlscore
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"sync/atomic"
+	"time"
+)
+
+// MTLSCredentials are one end's credentials for the edge–keyserver link: a
+// certificate chain with its private key, and the CA certificates that
+// authenticate the peer, all read from PEM files.
+//
+// The configurations it returns read the credentials at each handshake, so
+// [MTLSCredentials.Reload] takes effect without rebuilding a gRPC server or
+// client: handshakes that start after Reload returns use the new files,
+// established connections are not disturbed. It is safe for concurrent use.
+type MTLSCredentials struct {
+	certFile, keyFile, caFile string
+	cur                       atomic.Pointer[mtlsMaterial]
+}
+
+// mtlsMaterial is one loaded generation of credentials. It is immutable.
+type mtlsMaterial struct {
+	cert   *tls.Certificate
+	pool   *x509.CertPool
+	server *tls.Config // the keyserver's per-handshake config, built once per load
+}
+
+// LoadMTLSCredentials reads a certificate chain (certFile, leaf first), its
+// private key (keyFile) and the CA certificates that authenticate the peer
+// (caFile). Errors name the file and the problem: a file that cannot be read,
+// that holds no PEM block of the expected type, a key that does not match
+// the certificate, or a certificate that has expired.
+func LoadMTLSCredentials(certFile, keyFile, caFile string) (*MTLSCredentials, error) {
+	c := &MTLSCredentials{certFile: certFile, keyFile: keyFile, caFile: caFile}
+	if err := c.Reload(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Reload reads the files again and, if they are all valid, replaces the
+// credentials. On error the previous credentials stay in use.
+func (c *MTLSCredentials) Reload() error {
+	m, err := loadMTLSMaterial(c.certFile, c.keyFile, c.caFile)
+	if err != nil {
+		return err
+	}
+	c.cur.Store(m)
+	return nil
+}
+
+// ServerConfig returns a configuration for the keyserver's gRPC listener:
+// TLS 1.3 only, and every client must present a certificate issued by one of
+// the CA certificates. Pass it to credentials.NewTLS.
+func (c *MTLSCredentials) ServerConfig() *tls.Config {
+	return &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		ClientAuth: tls.RequireAndVerifyClientCert,
+		// The certificate and the client CAs are swapped together on
+		// Reload: each handshake takes the generation current when it
+		// starts.
+		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
+			return c.cur.Load().server, nil
+		},
+	}
+}
+
+// ClientConfig returns a configuration for the edge's gRPC connections to
+// keyservers named serverName: TLS 1.3 only, the client certificate
+// presented, and the keyserver's certificate verified against the CA
+// certificates and serverName, which must not be empty.
+//
+// Because crypto/tls has no per-handshake hook for a client's roots, the
+// configuration verifies the server itself in VerifyConnection (with
+// InsecureSkipVerify set only to turn off the built-in check, which would pin
+// the roots of the moment). The verification is the one crypto/tls performs:
+// chain to the current CA certificates, server-auth key usage, host name.
+// Do not clear VerifyConnection on the result.
+func (c *MTLSCredentials) ClientConfig(serverName string) *tls.Config {
+	return &tls.Config{
+		MinVersion: tls.VersionTLS13,
+		ServerName: serverName,
+		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
+			return c.cur.Load().cert, nil
+		},
+		InsecureSkipVerify: true, // replaced by VerifyConnection below
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			return verifyServer(c.cur.Load().pool, serverName, cs)
+		},
+	}
+}
+
+// verifyServer verifies a keyserver's certificate chain as crypto/tls would.
+func verifyServer(roots *x509.CertPool, serverName string, cs tls.ConnectionState) error {
+	if serverName == "" {
+		return errors.New("tlscore: no keyserver name to verify the certificate against")
+	}
+	if len(cs.PeerCertificates) == 0 {
+		return errors.New("tlscore: the keyserver sent no certificate")
+	}
+	opts := x509.VerifyOptions{
+		Roots:         roots,
+		DNSName:       serverName,
+		Intermediates: x509.NewCertPool(),
+		KeyUsages:     []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	for _, ic := range cs.PeerCertificates[1:] {
+		opts.Intermediates.AddCert(ic)
+	}
+	if _, err := cs.PeerCertificates[0].Verify(opts); err != nil {
+		return fmt.Errorf("tlscore: keyserver certificate: %w", err)
+	}
+	return nil
+}
+
+// ServerMTLSConfig returns the configuration for a keyserver's gRPC
+// listener, as [MTLSCredentials.ServerConfig] over [LoadMTLSCredentials]:
+// TLS 1.3 only, tls.RequireAndVerifyClientCert with clientCAFile as the
+// client CAs. Use LoadMTLSCredentials directly to be able to reload.
+func ServerMTLSConfig(certFile, keyFile, clientCAFile string) (*tls.Config, error) {
+	c, err := LoadMTLSCredentials(certFile, keyFile, clientCAFile)
+	if err != nil {
+		return nil, err
+	}
+	return c.ServerConfig(), nil
+}
+
+// ClientMTLSConfig returns the configuration for an edge's connections to
+// keyservers named serverName, as [MTLSCredentials.ClientConfig] over
+// [LoadMTLSCredentials]: TLS 1.3 only, the certificate in certFile
+// presented, the keyserver verified against caFile. serverName is required.
+func ClientMTLSConfig(certFile, keyFile, caFile, serverName string) (*tls.Config, error) {
+	if serverName == "" {
+		return nil, errors.New("tlscore: ClientMTLSConfig: the keyserver's server name is empty")
+	}
+	c, err := LoadMTLSCredentials(certFile, keyFile, caFile)
+	if err != nil {
+		return nil, err
+	}
+	return c.ClientConfig(serverName), nil
+}
+
+func loadMTLSMaterial(certFile, keyFile, caFile string) (*mtlsMaterial, error) {
+	certPEM, err := readPEMFile(certFile, "certificate", isCertificateBlock)
+	if err != nil {
+		return nil, err
+	}
+	keyPEM, err := readPEMFile(keyFile, "key", isPrivateKeyBlock)
+	if err != nil {
+		return nil, err
+	}
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		return nil, fmt.Errorf("tlscore: key file %q and certificate file %q: %w", keyFile, certFile, err)
+	}
+	if now := time.Now(); now.After(cert.Leaf.NotAfter) {
+		return nil, fmt.Errorf("tlscore: certificate file %q: the certificate expired on %s", certFile, cert.Leaf.NotAfter.UTC().Format(time.RFC3339))
+	}
+	caPEM, err := readPEMFile(caFile, "CA", isCertificateBlock)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(caPEM) {
+		return nil, fmt.Errorf("tlscore: CA file %q: no certificate could be parsed", caFile)
+	}
+	return &mtlsMaterial{
+		cert: &cert,
+		pool: pool,
+		server: &tls.Config{
+			MinVersion:   tls.VersionTLS13,
+			ClientAuth:   tls.RequireAndVerifyClientCert,
+			ClientCAs:    pool,
+			Certificates: []tls.Certificate{cert},
+			// gRPC requires ALPN h2; credentials.NewTLS adds it too.
+			NextProtos: []string{"h2"},
+		},
+	}, nil
+}
+
+// readPEMFile reads a file and checks that it holds at least one PEM block
+// that want accepts. what names the file's role in errors.
+func readPEMFile(path, what string, want func(*pem.Block) bool) ([]byte, error) {
+	if path == "" {
+		return nil, fmt.Errorf("tlscore: no %s file given", what)
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("tlscore: %s file: %w", what, err)
+	}
+	for rest := data; ; {
+		var b *pem.Block
+		b, rest = pem.Decode(rest)
+		if b == nil {
+			return nil, fmt.Errorf("tlscore: %s file %q: no %s PEM block found", what, path, blockKind(what))
+		}
+		if want(b) {
+			return data, nil
+		}
+	}
+}
+
+func blockKind(what string) string {
+	if what == "key" {
+		return "PRIVATE KEY"
+	}
+	return "CERTIFICATE"
+}
+
+func isCertificateBlock(b *pem.Block) bool { return b.Type == "CERTIFICATE" }
+
+// isPrivateKeyBlock matches every PEM private key type: "PRIVATE KEY",
+// "RSA PRIVATE KEY", "EC PRIVATE KEY", "ENCRYPTED PRIVATE KEY" and so on.
+func isPrivateKeyBlock(b *pem.Block) bool { return strings.HasSuffix(b.Type, "PRIVATE KEY") }

@@ -1,0 +1,235 @@
+package tlscore
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// Timeouts of the edge's servers.
+const (
+	// handshakeTimeout bounds a TLS handshake, and for HTTP the reading of
+	// the request headers that follows it.
+	handshakeTimeout = 10 * time.Second
+	// idleTimeout closes HTTP keep-alive connections left idle.
+	idleTimeout = 2 * time.Minute
+	// originDialTimeout bounds connecting to a TCP origin.
+	originDialTimeout = 10 * time.Second
+)
+
+// ServeHTTP serves HTTPS (HTTP/1.1 and HTTP/2) on ln with tlsConfig, as built
+// by [NewServerTLSConfig], passing each request to h, until ctx is done. It
+// then stops accepting, lets requests in progress finish for up to grace,
+// and closes what remains.
+//
+// It returns nil after a shutdown in which every request finished in time,
+// an error if grace ran out first, and an error if serving fails. It closes
+// ln. HTTP/2 works with the configurations tlsConfig's GetConfigForClient
+// returns as long as their NextProtos include "h2" (those of
+// NewServerTLSConfig do).
+//
+// A TLS handshake and the request headers that follow must arrive within 10
+// seconds; a key operation within it is bounded by the Client's call
+// timeout. logger receives net/http's errors (nil means none).
+func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h http.Handler, grace time.Duration, logger hclog.Logger) error {
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+	if tlsConfig == nil || h == nil || grace < 0 {
+		ln.Close()
+		return errors.New("tlscore: ServeHTTP needs a TLS config, a handler and a grace period of zero or more")
+	}
+	srv := &http.Server{
+		Handler:           h,
+		TLSConfig:         tlsConfig,
+		ReadHeaderTimeout: handshakeTimeout,
+		IdleTimeout:       idleTimeout,
+		ErrorLog:          stdLogger(logger.Named("http"), hclog.Warn),
+		// Requests must outlive ctx for the graceful shutdown; they keep
+		// its values.
+		BaseContext: func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.ServeTLS(ln, "", "") }()
+	select {
+	case err := <-served:
+		return fmt.Errorf("tlscore: serve HTTPS on %s: %w", ln.Addr(), err)
+	case <-ctx.Done():
+	}
+
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), grace)
+	defer cancel()
+	err := srv.Shutdown(sctx)
+	<-served // http.ErrServerClosed, as soon as Shutdown has begun
+	if err != nil {
+		srv.Close()
+		return fmt.Errorf("tlscore: HTTPS requests still running after the %v grace period were cut off: %w", grace, err)
+	}
+	return nil
+}
+
+// ServeTCP terminates TLS on ln with tlsConfig and relays each connection's
+// bytes to a new TCP connection to originAddr, in both directions, until ctx
+// is done. When one side closes its writing half, the other side's writing
+// half is closed (with a TLS close_notify towards the client), so protocols
+// that half-close work. The handshake must finish within 10 seconds.
+//
+// When ctx is done ServeTCP stops accepting (closing ln), waits up to grace
+// for the connections in progress to end, then closes them. It returns nil if
+// they all ended in time, else an error; and an error if accepting fails for
+// a reason other than ctx.
+func ServeTCP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, originAddr string, grace time.Duration, logger hclog.Logger) error {
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+	if tlsConfig == nil || originAddr == "" || grace < 0 {
+		ln.Close()
+		return errors.New("tlscore: ServeTCP needs a TLS config, an origin address and a grace period of zero or more")
+	}
+	p := &tcpProxy{
+		tlsConfig: tlsConfig,
+		origin:    originAddr,
+		logger:    logger.Named("tcp"),
+		conns:     make(map[net.Conn]bool),
+		base:      context.WithoutCancel(ctx),
+	}
+	stop := context.AfterFunc(ctx, func() { ln.Close() })
+	defer stop()
+
+	var acceptErr error
+	backoff := 5 * time.Millisecond
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if ctx.Err() != nil {
+				break
+			}
+			if errors.Is(err, net.ErrClosed) {
+				acceptErr = fmt.Errorf("tlscore: accept on %s: %w", ln.Addr(), err)
+				break
+			}
+			// Such as EMFILE: wait a little and try again, as net/http does.
+			p.logger.Warn("accept failed", "error", err, "retry_in", backoff)
+			select {
+			case <-time.After(backoff):
+			case <-ctx.Done():
+			}
+			backoff = min(2*backoff, time.Second)
+			continue
+		}
+		backoff = 5 * time.Millisecond
+		p.track(c, true)
+		p.wg.Go(func() { p.serve(c) })
+	}
+
+	done := make(chan struct{})
+	go func() { p.wg.Wait(); close(done) }()
+	timer := time.NewTimer(grace)
+	defer timer.Stop()
+	select {
+	case <-done:
+		return acceptErr
+	case <-timer.C:
+	}
+	n := p.closeAll()
+	<-done
+	return errors.Join(acceptErr, fmt.Errorf("tlscore: %d TCP connections still open after the %v grace period were closed", n, grace))
+}
+
+// tcpProxy is the state of one ServeTCP.
+type tcpProxy struct {
+	tlsConfig *tls.Config
+	origin    string
+	logger    hclog.Logger
+	base      context.Context // ServeTCP's ctx without its cancellation
+	wg        sync.WaitGroup
+
+	mu    sync.Mutex
+	conns map[net.Conn]bool // every open connection: true for a client's, false for an origin's
+}
+
+func (p *tcpProxy) track(c net.Conn, client bool) {
+	p.mu.Lock()
+	p.conns[c] = client
+	p.mu.Unlock()
+}
+
+func (p *tcpProxy) close(c net.Conn) {
+	p.mu.Lock()
+	delete(p.conns, c)
+	p.mu.Unlock()
+	c.Close()
+}
+
+// closeAll closes every open connection and returns how many client
+// connections there were.
+func (p *tcpProxy) closeAll() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	n := 0
+	for c, client := range p.conns {
+		c.Close()
+		if client {
+			n++
+		}
+	}
+	return n
+}
+
+func (p *tcpProxy) serve(raw net.Conn) {
+	defer p.close(raw)
+	client := tls.Server(raw, p.tlsConfig)
+	hctx, cancel := context.WithTimeout(p.base, handshakeTimeout)
+	err := client.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		p.logger.Debug("TLS handshake failed", "client_address", raw.RemoteAddr().String(), "error", err)
+		return
+	}
+	cs := client.ConnectionState()
+	dctx, cancel := context.WithTimeout(p.base, originDialTimeout)
+	var d net.Dialer
+	origin, err := d.DialContext(dctx, "tcp", p.origin)
+	cancel()
+	if err != nil {
+		p.logger.Warn("origin unreachable", "origin", p.origin, "server_name", cs.ServerName, "error", err)
+		return
+	}
+	p.track(origin, false)
+	defer p.close(origin)
+
+	start := time.Now()
+	var up int64
+	var wg sync.WaitGroup
+	wg.Go(func() { up = relay(origin, client) })
+	down := relay(client, origin)
+	wg.Wait()
+	p.logger.Debug("connection closed", "client_address", raw.RemoteAddr().String(), "server_name", cs.ServerName,
+		"bytes_up", up, "bytes_down", down, "duration", time.Since(start))
+}
+
+// relay copies src to dst until src ends, then closes dst's writing half. If
+// the copy fails, both connections are closed so the other direction ends too.
+func relay(dst, src net.Conn) int64 {
+	n, err := io.Copy(dst, src)
+	if err != nil {
+		dst.Close()
+		src.Close()
+		return n
+	}
+	if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+		if cw.CloseWrite() == nil {
+			return n
+		}
+	}
+	dst.Close()
+	return n
+}

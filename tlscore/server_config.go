@@ -1,0 +1,148 @@
+package tlscore
+
+import (
+	"crypto/tls"
+	"errors"
+	"slices"
+
+	"github.com/hashicorp/go-hclog"
+)
+
+// defaultNextProtos are the ALPN protocols of an HTTPS edge, as ServeHTTP
+// serves them. Never modified: configurations get copies.
+var defaultNextProtos = []string{"h2", "http/1.1"}
+
+// ecdheSuites are the TLS 1.2 suites of every handshake: forward secret,
+// AEAD only. TLS 1.3 suites are not configurable in crypto/tls.
+var ecdheSuites = []uint16{
+	tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+	tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
+	tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
+}
+
+// rsaKexSuites are the RSA key-exchange suites added for the names in
+// ServerConfig.RSAKeyExchange. crypto/tls enables them only when they are
+// listed explicitly, and prefers every ECDHE suite to them.
+var rsaKexSuites = []uint16{
+	tls.TLS_RSA_WITH_AES_128_GCM_SHA256,
+	tls.TLS_RSA_WITH_AES_256_GCM_SHA384,
+}
+
+// ServerConfig configures the edge's TLS server ([NewServerTLSConfig]). It
+// must not be modified after it is passed in.
+type ServerConfig struct {
+	// Certificates provides the certificate of each handshake. Required.
+	Certificates *CertStore
+
+	// RSAKeyExchange lists the host names, exact ("legacy.example.com") or
+	// wildcard ("*.example.com", one label), for which the TLS 1.2 RSA
+	// key-exchange suites TLS_RSA_WITH_AES_{128,256}_GCM are enabled, for
+	// clients that support nothing better. Matching is case-insensitive and
+	// ignores a trailing dot. Empty means RSA key exchange is off, which it
+	// should be unless old clients need it: it is not forward secret, and each
+	// such handshake costs a keyserver decryption. It has no effect under
+	// GODEBUG=fips140=on, where crypto/tls removes these suites.
+	RSAKeyExchange []string
+
+	// NextProtos are the ALPN protocols offered, in order of preference. Nil
+	// means "h2" and "http/1.1", what [ServeHTTP] serves. A raw TCP edge
+	// ([ServeTCP]) should list what its origin speaks, or set an empty,
+	// non-nil slice to turn ALPN off.
+	NextProtos []string
+
+	// Logger receives debug lines about refused session tickets. Nil means
+	// no logging.
+	Logger hclog.Logger
+}
+
+// Validate reports whether the configuration is usable.
+func (c *ServerConfig) Validate() error {
+	if c.Certificates == nil {
+		return errors.New("tlscore: ServerConfig.Certificates is nil")
+	}
+	for _, p := range c.RSAKeyExchange {
+		if err := checkPattern(p); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// NewServerTLSConfig returns the edge's TLS server configuration.
+//
+// TLS 1.2 and 1.3 are enabled. TLS 1.2 uses ECDHE with AES-GCM or
+// ChaCha20-Poly1305 only, plus RSA key exchange for the names in
+// cfg.RSAKeyExchange. Those names are served by a second configuration,
+// built here once and returned by GetConfigForClient; it differs only in its
+// cipher suites (and, for a client that offers only RSA key exchange, drops
+// "h2" from ALPN, since HTTP/2 forbids those suites).
+//
+// Session tickets are on. Whichever configuration handles a handshake, its
+// tickets are sealed and opened with the returned config's ticket keys
+// (crypto/tls rotates them daily; to share tickets between edges call
+// SetSessionTicketKeys on the returned config, and rotate them yourself).
+// A ticket resumes only under the server name it was issued for.
+//
+// The caller may adjust the result before serving, but must not replace
+// GetCertificate, GetConfigForClient, WrapSession or UnwrapSession.
+func NewServerTLSConfig(cfg ServerConfig) (*tls.Config, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	logger := cfg.Logger
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+	nextProtos := cfg.NextProtos
+	if nextProtos == nil {
+		nextProtos = defaultNextProtos
+	}
+	base := &tls.Config{
+		MinVersion:     tls.VersionTLS12,
+		CipherSuites:   slices.Clone(ecdheSuites),
+		NextProtos:     slices.Clone(nextProtos),
+		GetCertificate: cfg.Certificates.GetCertificate,
+	}
+	bindTicketsToServerName(base, logger.Named("tickets"))
+	if len(cfg.RSAKeyExchange) == 0 {
+		return base, nil
+	}
+
+	patterns := make([]string, len(cfg.RSAKeyExchange))
+	for i, p := range cfg.RSAKeyExchange {
+		patterns[i] = normalizeName(p)
+	}
+	// Cloned before GetConfigForClient is set, so the clones have none;
+	// WrapSession and UnwrapSession carry over and still use base's keys.
+	withRSA := base.Clone()
+	withRSA.CipherSuites = append(slices.Clone(ecdheSuites), rsaKexSuites...)
+	rsaOnly := withRSA
+	if slices.Contains(nextProtos, "h2") {
+		rsaOnly = withRSA.Clone()
+		rsaOnly.NextProtos = slices.DeleteFunc(slices.Clone(nextProtos), func(p string) bool { return p == "h2" })
+	}
+	base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+		name := normalizeName(hello.ServerName)
+		if !slices.ContainsFunc(patterns, func(p string) bool { return matchName(p, name) }) {
+			return nil, nil
+		}
+		if offersForwardSecrecy(hello) {
+			return withRSA, nil
+		}
+		return rsaOnly, nil
+	}
+	return base, nil
+}
+
+// offersForwardSecrecy reports whether a client can do better than RSA key
+// exchange: TLS 1.3 or one of our ECDHE suites. crypto/tls then never picks
+// an RSA key-exchange suite.
+func offersForwardSecrecy(hello *tls.ClientHelloInfo) bool {
+	if slices.Contains(hello.SupportedVersions, tls.VersionTLS13) {
+		return true
+	}
+	return slices.ContainsFunc(hello.CipherSuites, func(s uint16) bool { return slices.Contains(ecdheSuites, s) })
+}
