@@ -1,0 +1,167 @@
+package hsm
+
+import (
+	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"fmt"
+	"math/big"
+
+	"github.com/miekg/pkcs11"
+)
+
+// premasterLen is the length of a TLS 1.2 premaster secret.
+const premasterLen = 48
+
+// DecryptPremaster decrypts the RSA-encrypted premaster secret of a TLS 1.2
+// RSA key exchange, with implicit rejection: for any ciphertext that is not
+// a valid PKCS #1 v1.5 encryption of exactly 48 bytes under this key
+// (wrong padding, wrong payload length, wrong ciphertext length, a value
+// not less than the modulus, empty or oversized) it returns 48 random bytes
+// and a nil error. The random bytes are drawn before the token is called,
+// the token always performs exactly one decryption of an in-range value,
+// and the padding is checked in constant time (the model is crypto/rsa's
+// DecryptPKCS1v15SessionKey and BoringSSL), so the answer and its timing
+// do not tell a valid ciphertext from an invalid one.
+//
+// An error is returned only when the key cannot be used at all: the module
+// is closed, the token fails, or ctx ends first.
+//
+// The key decrypts with CKM_RSA_X_509 (raw RSA) where the token offers it.
+// Otherwise it falls back to CKM_RSA_PKCS, treating every failure that can
+// depend on the ciphertext as a padding failure; the token's own padding
+// check then decides timing, which the startup log warns about. No raw
+// RSA result ever leaves this method.
+func (k *rsaDecryptKey) DecryptPremaster(ctx context.Context, ciphertext []byte) ([]byte, error) {
+	if err := k.ready(ctx); err != nil {
+		return nil, err
+	}
+	// The answer for an invalid ciphertext, drawn first so that no
+	// decision taken after the token's answer costs time.
+	out := make([]byte, premasterLen)
+	if _, err := rand.Read(out); err != nil {
+		return nil, fmt.Errorf("hsm: decrypt premaster: %w", err)
+	}
+	in, valid, err := k.inRange(ciphertext)
+	if err != nil {
+		return nil, fmt.Errorf("hsm: decrypt premaster: %w", err)
+	}
+	if k.rawDecrypt {
+		em, err := bounded(ctx, func() ([]byte, error) { return k.decrypt(ctx, pkcs11.CKM_RSA_X_509, in) })
+		if err != nil {
+			k.m.noteFault(err)
+			return nil, fmt.Errorf("hsm: decrypt premaster with key %q: %w", k.label, err)
+		}
+		size := k.size()
+		if len(em) > size {
+			return nil, fmt.Errorf("hsm: decrypt premaster with key %q: token returned %d bytes for a %d-byte modulus", k.label, len(em), size)
+		}
+		if len(em) < size {
+			// Some tokens strip leading zero bytes of the raw result.
+			em = append(make([]byte, size-len(em), size), em...)
+		}
+		checkPremaster(out, em, valid)
+		return out, nil
+	}
+	pt, err := bounded(ctx, func() ([]byte, error) { return k.decryptMasked(ctx, in) })
+	if err != nil {
+		k.m.noteFault(err)
+		return nil, fmt.Errorf("hsm: decrypt premaster with key %q: %w", k.label, err)
+	}
+	valid &= subtle.ConstantTimeEq(int32(len(pt)), premasterLen)
+	buf := make([]byte, premasterLen)
+	copy(buf, pt)
+	subtle.ConstantTimeCopy(valid, out, buf)
+	return out, nil
+}
+
+func (k *rsaDecryptKey) size() int { return (k.pub.N.BitLen() + 7) / 8 }
+
+// inRange returns the ciphertext to hand to the token and 1 if it is the
+// caller's, or 0 and a random value below the modulus if the caller's has
+// the wrong length or is not less than the modulus. The token thus always
+// gets one in-range decryption, with no error path that depends on the
+// ciphertext. (Both conditions are functions of public values alone.)
+func (k *rsaDecryptKey) inRange(ciphertext []byte) ([]byte, int, error) {
+	size := k.size()
+	if len(ciphertext) == size && new(big.Int).SetBytes(ciphertext).Cmp(k.pub.N) < 0 {
+		return ciphertext, 1, nil
+	}
+	// The modulus has size bytes with a non-zero first byte, so any value
+	// with a zero first byte is less than it.
+	dummy := make([]byte, size)
+	if _, err := rand.Read(dummy[1:]); err != nil {
+		return nil, 0, err
+	}
+	return dummy, 0, nil
+}
+
+// decrypt runs one C_Decrypt with mechanism mech on a pooled session.
+func (k *rsaDecryptKey) decrypt(ctx context.Context, mech uint, in []byte) ([]byte, error) {
+	var out []byte
+	err := k.m.raw.do(ctx, func(sh pkcs11.SessionHandle) error {
+		p := k.m.p11
+		if err := p.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, k.handle); err != nil {
+			return err
+		}
+		var err error
+		out, err = p.Decrypt(sh, in)
+		return err
+	})
+	return out, err
+}
+
+// decryptMasked decrypts with CKM_RSA_PKCS and turns every failure that
+// may depend on the ciphertext into an empty result, which the caller
+// rejects. Only faults of the session, login, key or token are errors.
+func (k *rsaDecryptKey) decryptMasked(ctx context.Context, in []byte) ([]byte, error) {
+	var out []byte
+	err := k.m.raw.do(ctx, func(sh pkcs11.SessionHandle) error {
+		p := k.m.p11
+		if err := p.DecryptInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS, nil)}, k.handle); err != nil {
+			return err // no ciphertext involved yet
+		}
+		pt, err := p.Decrypt(sh, in)
+		switch {
+		case err == nil:
+			out = pt
+		case tokenFault(err):
+			return err
+		default:
+			out = nil
+		}
+		return nil
+	})
+	return out, err
+}
+
+// checkPremaster overwrites out (48 random bytes) with the payload of em,
+// a raw RSA decryption, if and only if valid is 1 and em is a PKCS #1 v1.5
+// type 2 block, 0x00 0x02 PS 0x00 M, with at least 8 bytes of non-zero
+// padding PS and a 48-byte message M. It runs in time that depends only on
+// len(em). It follows crypto/rsa's decryptPKCS1v15 and
+// DecryptPKCS1v15SessionKey.
+func checkPremaster(out, em []byte, valid int) {
+	if len(em) < 11+premasterLen {
+		return // a modulus too small for a premaster secret: never valid
+	}
+	firstByteIsZero := subtle.ConstantTimeByteEq(em[0], 0)
+	secondByteIsTwo := subtle.ConstantTimeByteEq(em[1], 2)
+
+	// The separator is the first zero byte after the first two; index is
+	// its position. lookingForIndex becomes 0 once it is found.
+	lookingForIndex := 1
+	index := 0
+	for i := 2; i < len(em); i++ {
+		equals0 := subtle.ConstantTimeByteEq(em[i], 0)
+		index = subtle.ConstantTimeSelect(lookingForIndex&equals0, i, index)
+		lookingForIndex = subtle.ConstantTimeSelect(equals0, 0, lookingForIndex)
+	}
+	// PS must be at least 8 bytes long, so the separator is at index 10 or
+	// later.
+	validPS := subtle.ConstantTimeLessOrEq(2+8, index)
+
+	valid &= firstByteIsZero & secondByteIsTwo & (^lookingForIndex & 1) & validPS
+	valid &= subtle.ConstantTimeEq(int32(len(em)-index-1), premasterLen)
+	subtle.ConstantTimeCopy(valid, out, em[len(em)-premasterLen:])
+}
