@@ -20,6 +20,7 @@ func TestMain(m *testing.M) {
 	binDir = dir
 	code := m.Run()
 	os.RemoveAll(dir)
+	hsmtest.Cleanup()
 	os.Exit(code)
 }
 

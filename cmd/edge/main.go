@@ -119,12 +119,22 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 			return fmt.Errorf("-origin %q: want an http:// or https:// URL with a host", f.origin)
 		}
 	}
-	linkTLS, err := tlscore.ClientMTLSConfig(f.tlsCert, f.tlsKey, f.keyserverCA, f.keyserverName)
+	keyservers := splitList(f.keyservers)
+	name := f.keyserverName
+	if name == "" {
+		if len(keyservers) != 1 {
+			return errors.New("-keyserver-name is required with several keyservers")
+		}
+		if name, _, err = net.SplitHostPort(keyservers[0]); err != nil {
+			return fmt.Errorf("-keyserver %q: %w", keyservers[0], err)
+		}
+	}
+	linkTLS, err := tlscore.ClientMTLSConfig(f.tlsCert, f.tlsKey, f.keyserverCA, name)
 	if err != nil {
 		return err
 	}
 	client, err := tlscore.Dial(tlscore.ClientConfig{
-		Addresses:   splitList(f.keyservers),
+		Addresses:   keyservers,
 		TLS:         linkTLS,
 		CallTimeout: f.callTimeout,
 		Logger:      logger.Named("keyserver"),
