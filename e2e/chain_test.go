@@ -18,7 +18,6 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
@@ -56,6 +55,16 @@ const (
 	nameP384     = "p384.e2e.test"      // P-384, also *.wild.e2e.test
 	nameEd25519  = "ed25519.e2e.test"   // Ed25519
 )
+
+// chainPolicy lets the chain's edge use every key for everything but SHA-1.
+const chainPolicy = `
+rules:
+  - name: chain-edge
+    identities: [spiffe://e2e.internal/edge/1]
+    keys: ["*"]
+    operations: [sign, decrypt]
+    schemes: [default]
+`
 
 var (
 	chainOnce sync.Once
@@ -113,16 +122,21 @@ func startChain(t *testing.T) (*chain, error) {
 	issue("ed25519.pem", edPub, nameEd25519)
 	link := newLinkPKI(t)
 
-	// The keyserver.
-	serverTLS, err := tlscore.ServerMTLSConfig(link.serverCert, link.serverKey, link.caFile)
+	// The keyserver, as keyserver serve builds it.
+	creds, err := tlscore.LoadMTLSCredentials(link.serverCert, link.serverKey, link.caFile)
 	if err != nil {
 		return nil, err
 	}
-	svc, err := signer.NewService(signer.Config{Keys: module, MaxConcurrent: 2, MaxQueued: 256})
+	policy, err := signer.ParsePolicy("chain.yaml", []byte(chainPolicy))
 	if err != nil {
 		return nil, err
 	}
-	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(serverTLS)), grpc.ChainUnaryInterceptor(c.countOps))
+	svc, err := signer.NewService(signer.Config{Keys: module, Policy: policy, Audit: signer.NewAuditLog(io.Discard), MaxConcurrent: 2, MaxQueued: 256})
+	if err != nil {
+		return nil, err
+	}
+	gs := grpc.NewServer(grpc.Creds(creds.ServerCredentials(svc.CheckPeer, nil)), grpc.MaxRecvMsgSize(signer.MaxRequestSize),
+		grpc.StatsHandler(svc.StatsHandler()), grpc.ChainUnaryInterceptor(c.countOps))
 	keylessv1.RegisterKeylessServiceServer(gs, svc)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)

@@ -17,8 +17,28 @@ import (
 type deployment struct {
 	edgeAddr                string
 	caFile                  string // the web CA that issued the edge's certificates
+	keyserverAddr           string
+	link                    *linkPKI // the mTLS files of the edge-keyserver link
+	policyFile, auditFile   string
+	certsDir                string
 	keyserver, edge, origin *proc
 }
+
+// deploymentPolicy is the keyserver's policy in a deployment: the edge may
+// sign with every key of a certificate under e2e.test (matched through
+// -certs) and decrypt with the RSA one.
+const deploymentPolicy = `# The deployment's edge, by its SPIFFE id.
+rules:
+  - name: web
+    identities: [spiffe://e2e.internal/edge/1]
+    keys: [cert:*.e2e.test]
+    operations: [sign]
+    schemes: [default]
+  - name: rsa-kex
+    identities: [spiffe://e2e.internal/edge/1]
+    keys: [cert:rsa.e2e.test]
+    operations: [decrypt]
+`
 
 // webNames maps each test hostname to the key that serves it.
 var webNames = []struct {
@@ -37,6 +57,9 @@ var (
 	readyEdge      = regexp.MustCompile(`edge ready: listen=(\S+)`)
 )
 
+// procPIN is the user PIN of the tokens that procToken makes.
+const procPIN = "e2e-user-pin-4711"
+
 // procToken makes a fresh SoftHSM token for programs started by the test
 // and returns the environment they need and the flags that open it.
 func procToken(t testing.TB) (env, flags []string) {
@@ -49,7 +72,7 @@ func procToken(t testing.TB) (env, flags []string) {
 	conf := filepath.Join(dir, "softhsm2.conf")
 	os.WriteFile(conf, []byte("directories.tokendir = "+filepath.Join(dir, "tokens")+"\nobjectstore.backend = file\nlog.level = ERROR\n"), 0o600)
 	pin := filepath.Join(dir, "pin")
-	os.WriteFile(pin, []byte("e2e-user-pin-4711\n"), 0o600)
+	os.WriteFile(pin, []byte(procPIN+"\n"), 0o600)
 	so := filepath.Join(dir, "so-pin")
 	os.WriteFile(so, []byte("e2e-so-pin-4711\n"), 0o600)
 	env = []string{"SOFTHSM2_CONF=" + conf}
@@ -60,6 +83,13 @@ func procToken(t testing.TB) (env, flags []string) {
 }
 
 func startDeployment(t testing.TB, edgeArgs ...string) *deployment {
+	t.Helper()
+	return startDeploymentWith(t, nil, edgeArgs)
+}
+
+// startDeploymentWith starts a deployment with extra flags for the
+// keyserver and the edge.
+func startDeploymentWith(t testing.TB, keyserverArgs, edgeArgs []string) *deployment {
 	t.Helper()
 	env, token := procToken(t)
 	dir := t.TempDir()
@@ -89,16 +119,23 @@ func startDeployment(t testing.TB, edgeArgs ...string) *deployment {
 		writeCert(t, certs, n.name+".pem", web.issue(t, csr.PublicKey, x509.ExtKeyUsageServerAuth, csr.DNSNames))
 	}
 	link := newLinkPKI(t)
-	d := &deployment{caFile: writeCert(t, dir, "web-ca.pem", web.cert)}
+	d := &deployment{caFile: writeCert(t, dir, "web-ca.pem", web.cert), link: link, certsDir: certs,
+		policyFile: filepath.Join(dir, "policy.yaml"), auditFile: filepath.Join(dir, "audit.log")}
+	if err := os.WriteFile(d.policyFile, []byte(deploymentPolicy), 0o644); err != nil {
+		t.Fatal(err)
+	}
 
-	d.keyserver = startProc(t, env, "keyserver", append([]string{"serve", "-listen", "127.0.0.1:0",
-		"-tls-cert", link.serverCert, "-tls-key", link.serverKey, "-client-ca", link.caFile}, token...)...)
+	args := append([]string{"serve", "-listen", "127.0.0.1:0",
+		"-tls-cert", link.serverCert, "-tls-key", link.serverKey, "-client-ca", link.caFile,
+		"-policy", d.policyFile, "-certs", certs, "-audit-log", d.auditFile}, token...)
+	d.keyserver = startProc(t, env, "keyserver", append(args, keyserverArgs...)...)
 	ksAddr := d.keyserver.waitFor(t, readyKeyserver)[1]
+	d.keyserverAddr = ksAddr
 
 	d.origin = startProc(t, nil, "demo-origin", "-listen", "127.0.0.1:0")
 	originAddr := d.origin.waitFor(t, readyOrigin)[1]
 
-	args := []string{"-listen", "127.0.0.1:0", "-certs", certs, "-default-cert", "ecdsa.e2e.test",
+	args = []string{"-listen", "127.0.0.1:0", "-certs", certs, "-default-cert", "ecdsa.e2e.test",
 		"-rsa-key-exchange", "rsa.e2e.test", "-origin", "http://" + originAddr,
 		"-keyserver", ksAddr, "-keyserver-name", link.serverName, "-keyserver-ca", link.caFile,
 		"-tls-cert", link.edgeCert, "-tls-key", link.edgeKey}

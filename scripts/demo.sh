@@ -4,7 +4,8 @@
 # It makes a fresh SoftHSM token with an RSA-2048 and an ECDSA P-256 key in
 # it, a demo web CA with certificates for rsa.localhost and ecdsa.localhost
 # (signed over CSRs that the token's keys signed), the mutual-TLS PKI of the
-# edge-keyserver link, and then runs a keyserver, an edge and a small origin
+# edge-keyserver link, a keyserver policy that lets the demo edge use the two
+# keys (and nothing else), and then runs a keyserver, an edge and a small origin
 # in the foreground until interrupted, when it stops all three.
 #
 # Environment:
@@ -96,6 +97,27 @@ issue link-ca "$pki/edge.csr" "$pki/edge.pem" \
   "subjectAltName=DNS:edge.keyless.internal,URI:spiffe://keyless.internal/edge/demo
 extendedKeyUsage=clientAuth"
 
+say "writing the keyserver's policy: the demo edge may use the demo keys, nothing else"
+cat > "$dir/policy.yaml" <<'POLICY'
+# Who may use which keys for what. Anything not allowed here is denied.
+# The demo edge is identified by the URI name (SPIFFE id) of its mTLS
+# certificate.
+rules:
+  - name: demo-sign
+    identities: [spiffe://keyless.internal/edge/demo]
+    keys: [label:rsa.localhost, label:ecdsa.localhost]
+    operations: [sign]
+    schemes: [default]          # every TLS 1.2/1.3 scheme but SHA-1
+  - name: demo-rsa-key-exchange
+    identities: [spiffe://keyless.internal/edge/demo]
+    keys: [cert:rsa.localhost]  # the key of the certificate for rsa.localhost (see -certs)
+    operations: [decrypt]       # TLS 1.2 RSA key exchange
+quotas:
+  - name: demo-edge
+    identities: [spiffe://keyless.internal/edge/demo]
+    max_inflight: 64
+POLICY
+
 pids=()
 stop() {
   trap - INT TERM EXIT
@@ -121,6 +143,7 @@ wait_for() { # name, log file, pattern
 
 "$bin/keyserver" serve "${token[@]}" -listen "$ks_addr" \
   -tls-cert "$pki/keyserver.pem" -tls-key "$pki/keyserver.key" -client-ca "$pki/link-ca.pem" \
+  -policy "$dir/policy.yaml" -certs "$dir/certs" -audit-log "$dir/logs/audit.log" \
   > "$dir/logs/keyserver.log" 2>&1 &
 pids+=($!)
 wait_for keyserver "$dir/logs/keyserver.log" "keyserver ready"
@@ -150,7 +173,8 @@ Try:
        --ciphers AES128-GCM-SHA256 https://rsa.localhost:$port/     # TLS 1.2 RSA key exchange
   openssl s_client -connect $addr -servername ecdsa.localhost -CAfile $dir/ca.pem
 
-Logs: $dir/logs. Press Ctrl-C to stop.
+Policy: $dir/policy.yaml (kill -HUP the keyserver to reload it).
+Audit trail: $dir/logs/audit.log. Logs: $dir/logs. Press Ctrl-C to stop.
 TXT
 
 # Run until interrupted or until one of the processes exits.

@@ -30,16 +30,42 @@ var ErrUnavailable = errors.New("signer: key store unavailable")
 // for the key store.
 var ErrOverloaded = errors.New("signer: too many operations waiting for the key store")
 
+// ErrAuditUnavailable is returned for key operations while the audit trail
+// cannot be written: the service refuses to perform operations it cannot
+// record.
+var ErrAuditUnavailable = errors.New("signer: the audit trail cannot be written; key operations are refused until it can")
+
 // PermissionError reports an operation the caller may not perform.
 type PermissionError struct {
-	// Identity is the caller's identity, as authenticated.
+	// Identity is the caller's identity, as authenticated; empty when the
+	// caller has none the policy admits.
 	Identity string
-	// Rule names the policy rule that decided, or says that none allowed it.
+	// Rule is the name of the policy rule that applied: the first rule
+	// that names the identity and the key. It is empty when no rule covers
+	// them.
 	Rule string
+	// Reason says what was refused and why, naming the rule.
+	Reason string
 }
 
 func (e *PermissionError) Error() string {
-	return fmt.Sprintf("signer: permission denied for %q: %s", e.Identity, e.Rule)
+	return "signer: permission denied: " + e.Reason
+}
+
+// QuotaError reports a caller that is over its quota.
+type QuotaError struct {
+	// Identity is the caller's identity.
+	Identity string
+	// Quota names the limit: a quota of the policy, or the keyserver's
+	// default for every identity.
+	Quota string
+	// Limit says which limit was reached, such as "at most 4 operations in
+	// flight".
+	Limit string
+}
+
+func (e *QuotaError) Error() string {
+	return fmt.Sprintf("signer: identity %q is over its quota (%s): %s", e.Identity, e.Quota, e.Limit)
 }
 
 // toStatus maps an error from the service's handlers to a gRPC status. It is
@@ -52,16 +78,21 @@ func toStatus(err error) error {
 	}
 	var verr *ValidationError
 	var perr *PermissionError
+	var qerr *QuotaError
 	switch {
 	case errors.As(err, &verr):
 		return status.Error(codes.InvalidArgument, verr.Error())
 	case errors.As(err, &perr):
 		return status.Error(codes.PermissionDenied, perr.Error())
+	case errors.As(err, &qerr):
+		return status.Error(codes.ResourceExhausted, qerr.Error())
+	case errors.Is(err, ErrAuditUnavailable):
+		return status.Error(codes.Unavailable, ErrAuditUnavailable.Error())
 	case errors.Is(err, ErrKeyNotFound):
 		return status.Error(codes.NotFound, ErrKeyNotFound.Error())
 	case errors.Is(err, ErrOverloaded):
 		return status.Error(codes.ResourceExhausted, ErrOverloaded.Error())
-	case errors.Is(err, ErrUnavailable):
+	case errors.Is(err, ErrUnavailable), isUnavailable(err):
 		return status.Error(codes.Unavailable, ErrUnavailable.Error())
 	case errors.Is(err, context.DeadlineExceeded):
 		return status.Error(codes.DeadlineExceeded, "signer: the key operation did not finish before the deadline")
@@ -69,4 +100,15 @@ func toStatus(err error) error {
 		return status.Error(codes.Canceled, "signer: the request was canceled")
 	}
 	return status.Error(codes.Internal, "signer: the key operation failed")
+}
+
+// isUnavailable reports whether err, from a key store or one of its keys,
+// says the store cannot perform operations now but may later (or another
+// keyserver may): an HSM that is reconnecting after a fault, or whose
+// calls are all stuck. Key stores say so with a method Unavailable() bool,
+// as package hsm's UnavailableError, so that this package need not import
+// them. Such errors become Unavailable, which clients retry elsewhere.
+func isUnavailable(err error) bool {
+	var u interface{ Unavailable() bool }
+	return errors.As(err, &u) && u.Unavailable()
 }

@@ -21,9 +21,11 @@ import (
 )
 
 // ExampleNewService serves the KeylessService over an in-memory key store,
-// with a health service that follows the store. A keyserver would use an
-// HSM-backed store (package hsm) and mTLS credentials
-// (grpc.Creds(credentials.NewTLS(cfg))) instead.
+// with a policy, an audit trail on standard error and a health service that
+// follows the store. A keyserver would use an HSM-backed store (package hsm)
+// and mTLS credentials that check the policy's allow-list in the handshake
+// (grpc.Creds(creds.ServerCredentials(svc.CheckPeer, logger)), package
+// tlscore) instead.
 func ExampleNewService() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
@@ -36,9 +38,23 @@ func ExampleNewService() {
 	if err != nil {
 		log.Fatal(err)
 	}
+	policy, err := signer.ParsePolicy("policy.yaml", []byte(`
+rules:
+  - name: edges
+    identities: [spiffe://example.com/edge/1]
+    keys: ["*"]
+    operations: [sign]
+    schemes: [default]
+`))
+	if err != nil {
+		log.Fatal(err)
+	}
 	logger := hclog.New(&hclog.LoggerOptions{Name: "keyserver", Level: hclog.Info})
 	svc, err := signer.NewService(signer.Config{
 		Keys:          keys,
+		Policy:        policy,
+		Quota:         signer.Quota{MaxInFlight: 32},
+		Audit:         signer.NewAuditLog(os.Stderr),
 		MaxConcurrent: 2,  // an HSM is fastest with few callers
 		MaxQueued:     64, // beyond this, fail fast with ResourceExhausted
 		Logger:        logger.Named("signer"),
@@ -47,7 +63,7 @@ func ExampleNewService() {
 		log.Fatal(err)
 	}
 
-	srv := grpc.NewServer()
+	srv := grpc.NewServer(grpc.MaxRecvMsgSize(signer.MaxRequestSize), grpc.StatsHandler(svc.StatsHandler()))
 	keylessv1.RegisterKeylessServiceServer(srv, svc)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(srv, hs)

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -23,6 +24,21 @@ import (
 type Config struct {
 	// Keys is where the keys live. Required.
 	Keys KeyStore
+
+	// Policy says which client identities may use which keys, operations
+	// and schemes; everything else is denied. Required: without a policy
+	// there is nothing to allow. [Service.SetPolicy] replaces it.
+	Policy *Policy
+
+	// Quota is the quota of each identity that no quota of the policy
+	// names. The zero value sets no limit.
+	Quota Quota
+
+	// Audit receives one record per request. Nil means no audit trail (the
+	// keyserver command always sets one). Install [Service.StatsHandler] on
+	// the gRPC server so that requests refused before their handler are
+	// recorded too.
+	Audit Auditor
 
 	// MaxConcurrent bounds the key operations running in the key store at
 	// once; more wait in a queue. Zero means no bound.
@@ -42,24 +58,41 @@ func (c *Config) Validate() error {
 	switch {
 	case c.Keys == nil:
 		return errors.New("signer: Config.Keys is nil")
+	case c.Policy == nil:
+		return errors.New("signer: Config.Policy is nil; the service denies everything a policy does not allow, so it needs one")
 	case c.MaxConcurrent < 0:
 		return fmt.Errorf("signer: Config.MaxConcurrent is %d; it must be 0 (no bound) or more", c.MaxConcurrent)
 	case c.MaxQueued < 0:
 		return fmt.Errorf("signer: Config.MaxQueued is %d; it must be 0 or more", c.MaxQueued)
 	}
+	if err := c.Quota.Validate(); err != nil {
+		return fmt.Errorf("signer: Config.Quota: %w", err)
+	}
 	return nil
 }
 
+// MaxRequestSize is the largest request message a keyserver should accept
+// (grpc.MaxRecvMsgSize). The largest legitimate request, a Decrypt for an
+// RSA-4096 key or an Ed25519 Sign, is under 1 KiB.
+const MaxRequestSize = 16 << 10
+
 // Service implements keylessv1.KeylessServiceServer over a [KeyStore]. Its
-// handlers validate each request, find the key, perform the operation and
-// map errors to gRPC codes; they know nothing of the transport. It is safe
-// for concurrent use.
+// handlers identify the caller, validate each request, apply the policy and
+// quotas, find the key, perform the operation and map errors to gRPC
+// codes; they know nothing of the transport. It is safe for concurrent use.
 type Service struct {
 	keylessv1.UnimplementedKeylessServiceServer
 
 	keys   KeyStore
+	policy atomic.Pointer[Policy]
+	quota  Quota
+	quotas *quotas
 	limit  *limiter
+	audit  Auditor
 	logger hclog.Logger
+
+	// auditFailing is set while the last audit record could not be written.
+	auditFailing atomic.Bool
 }
 
 var _ keylessv1.KeylessServiceServer = (*Service)(nil)
@@ -73,30 +106,101 @@ func NewService(cfg Config) (*Service, error) {
 	if logger == nil {
 		logger = hclog.NewNullLogger()
 	}
-	return &Service{
+	s := &Service{
 		keys:   cfg.Keys,
+		quota:  cfg.Quota,
+		quotas: newQuotas(),
 		limit:  newLimiter(cfg.MaxConcurrent, cfg.MaxQueued),
+		audit:  cfg.Audit,
 		logger: logger,
-	}, nil
+	}
+	s.policy.Store(cfg.Policy)
+	return s, nil
+}
+
+// SetPolicy replaces the policy for requests that start after it returns,
+// on new and existing connections alike: an identity the new policy does
+// not list is refused at its next request. Counters of quotas carry over.
+func (s *Service) SetPolicy(p *Policy) error {
+	if p == nil {
+		return errors.New("signer: SetPolicy(nil): the service needs a policy")
+	}
+	s.policy.Store(p)
+	return nil
+}
+
+// Policy returns the policy in force.
+func (s *Service) Policy() *Policy { return s.policy.Load() }
+
+// CheckPeer reports whether a client certificate that chains to the
+// keyserver's CA presents an identity the policy lists. It is meant for the
+// TLS handshake (see tlscore.MTLSCredentials.ServerCredentials), so that
+// unlisted clients are refused before they can send a request; the handlers
+// check again at every request. The error is a *[PermissionError].
+func (s *Service) CheckPeer(leaf *x509.Certificate) error {
+	names := CertificateNames(leaf)
+	if _, ok := s.policy.Load().Identify(names); !ok {
+		return &PermissionError{Reason: notListed(names)}
+	}
+	return nil
+}
+
+// admit applies the caller's quota: the policy's quota for identity, or
+// the service's default. The caller must call release after a nil error.
+func (s *Service) admit(pol *Policy, identity string) (release func(), err error) {
+	if q, ok := pol.quotaFor(identity); ok {
+		return s.quotas.acquire(identity, fmt.Sprintf("quota %q of the policy", q.name), q.quota)
+	}
+	return s.quotas.acquire(identity, "the keyserver's default quota per identity", s.quota)
+}
+
+// start identifies the caller of c and admits it: the checks every
+// request passes first. The caller must call release after a nil error.
+func (s *Service) start(ctx context.Context, c *call) (pol *Policy, identity string, release func(), err error) {
+	pol = s.policy.Load()
+	identity, err = identify(ctx, pol, c)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	if s.auditFailing.Load() {
+		return nil, "", nil, ErrAuditUnavailable
+	}
+	release, err = s.admit(pol, identity)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	return pol, identity, release, nil
 }
 
 // Sign implements KeylessService.Sign.
 func (s *Service) Sign(ctx context.Context, req *keylessv1.SignRequest) (*keylessv1.SignResponse, error) {
-	sig, err := s.sign(ctx, req)
-	if err != nil {
-		s.logFailure("sign", req.GetKeyId(), err)
-		return nil, toStatus(err)
+	c, finish := s.begin(ctx, OpSign)
+	c.setRequest(req.GetKeyId(), req.GetContext())
+	if a := req.GetAlgorithm(); a != keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_UNSPECIFIED {
+		c.scheme = SchemeName(a)
+	}
+	sig, err := s.sign(ctx, c, req)
+	if err = s.answer(c, finish, err); err != nil {
+		return nil, err
 	}
 	return &keylessv1.SignResponse{Signature: sig}, nil
 }
 
-func (s *Service) sign(ctx context.Context, req *keylessv1.SignRequest) ([]byte, error) {
+func (s *Service) sign(ctx context.Context, c *call, req *keylessv1.SignRequest) ([]byte, error) {
+	pol, identity, release, err := s.start(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	id, alg, err := ValidateSignRequest(req)
 	if err != nil {
 		return nil, err
 	}
 	key, err := s.key(ctx, id)
 	if err != nil {
+		return nil, err
+	}
+	if c.rule, err = pol.authorize(identity, refOf(id, key), OpSign, alg); err != nil {
 		return nil, err
 	}
 	if err := checkAlgorithm(key, alg); err != nil {
@@ -108,23 +212,48 @@ func (s *Service) sign(ctx context.Context, req *keylessv1.SignRequest) ([]byte,
 	return signContext(ctx, key, req.GetDigest(), alg.SignerOpts(), s.limit.release)
 }
 
+// answer ends a request that returned err: it logs a failure, writes the
+// audit record and returns the status error to answer with. A result that
+// could not be recorded is not returned.
+func (s *Service) answer(c *call, finish func(error) error, err error) error {
+	if err != nil {
+		s.logFailure(c, err)
+		st := toStatus(err)
+		_ = finish(st)
+		return st
+	}
+	if ferr := finish(nil); ferr != nil {
+		return toStatus(ErrAuditUnavailable)
+	}
+	return nil
+}
+
 // Decrypt implements KeylessService.Decrypt.
 func (s *Service) Decrypt(ctx context.Context, req *keylessv1.DecryptRequest) (*keylessv1.DecryptResponse, error) {
-	pms, err := s.decrypt(ctx, req)
-	if err != nil {
-		s.logFailure("decrypt", req.GetKeyId(), err)
-		return nil, toStatus(err)
+	c, finish := s.begin(ctx, OpDecrypt)
+	c.setRequest(req.GetKeyId(), req.GetContext())
+	pms, err := s.decrypt(ctx, c, req)
+	if err = s.answer(c, finish, err); err != nil {
+		return nil, err
 	}
 	return &keylessv1.DecryptResponse{Premaster: pms}, nil
 }
 
-func (s *Service) decrypt(ctx context.Context, req *keylessv1.DecryptRequest) ([]byte, error) {
+func (s *Service) decrypt(ctx context.Context, c *call, req *keylessv1.DecryptRequest) ([]byte, error) {
+	pol, identity, release, err := s.start(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	id, err := ValidateDecryptRequest(req)
 	if err != nil {
 		return nil, err
 	}
 	key, err := s.key(ctx, id)
 	if err != nil {
+		return nil, err
+	}
+	if c.rule, err = pol.authorize(identity, refOf(id, key), OpDecrypt, Algorithm{}); err != nil {
 		return nil, err
 	}
 	d, ok := key.(PremasterDecrypter)
@@ -145,19 +274,52 @@ func (s *Service) decrypt(ctx context.Context, req *keylessv1.DecryptRequest) ([
 	return pms, nil
 }
 
-// ListKeys implements KeylessService.ListKeys.
+// ListKeys implements KeylessService.ListKeys. It lists only the keys the
+// caller's policy lets it use, each with the schemes the policy allows it
+// and the key can perform, and decrypt_premaster only where the policy
+// enables decryption; a key left with neither is not listed.
 func (s *Service) ListKeys(ctx context.Context, req *keylessv1.ListKeysRequest) (*keylessv1.ListKeysResponse, error) {
+	c, finish := s.begin(ctx, "list_keys")
+	resp, err := s.listKeys(ctx, c)
+	if err = s.answer(c, finish, err); err != nil {
+		return nil, err
+	}
+	return resp, nil
+}
+
+func (s *Service) listKeys(ctx context.Context, c *call) (*keylessv1.ListKeysResponse, error) {
+	pol, identity, release, err := s.start(ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
 	keys, err := s.keys.Keys(ctx)
 	if err != nil {
-		err = storeError(ctx, err)
-		s.logFailure("list_keys", nil, err)
-		return nil, toStatus(err)
+		return nil, storeError(ctx, err)
 	}
 	resp := &keylessv1.ListKeysResponse{}
 	for _, k := range keys {
 		info, err := Describe(k)
 		if err != nil {
 			s.logger.Warn("key skipped", "error", err)
+			continue
+		}
+		id, _ := KeyIDOf(k.Public())
+		g, ok := pol.grantsFor(identity, refOf(id, k))
+		if !ok {
+			continue
+		}
+		algs := info.SignatureAlgorithms
+		info.SignatureAlgorithms = nil
+		if g.sign {
+			for _, a := range algs {
+				if g.schemes[a] {
+					info.SignatureAlgorithms = append(info.SignatureAlgorithms, a)
+				}
+			}
+		}
+		info.DecryptPremaster = info.DecryptPremaster && g.decrypt
+		if len(info.SignatureAlgorithms) == 0 && !info.DecryptPremaster {
 			continue
 		}
 		resp.Keys = append(resp.Keys, info)
@@ -263,23 +425,28 @@ func signContext(ctx context.Context, key crypto.Signer, digest []byte, opts cry
 }
 
 // logFailure logs a failed operation once, at the RPC boundary. Requests that
-// were merely malformed are logged at debug level; it never logs a digest,
-// ciphertext or signature.
-func (s *Service) logFailure(op string, keyID []byte, err error) {
-	var verr *ValidationError
+// were merely malformed are logged at debug level, denials and refusals for
+// load at warn level; it never logs a digest, ciphertext or signature.
+func (s *Service) logFailure(c *call, err error) {
+	var (
+		verr *ValidationError
+		perr *PermissionError
+		qerr *QuotaError
+	)
 	level := hclog.Error
 	switch {
 	case errors.As(err, &verr), errors.Is(err, ErrKeyNotFound):
 		level = hclog.Debug
-	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded), errors.Is(err, ErrOverloaded):
+	case errors.As(err, &perr), errors.As(err, &qerr), errors.Is(err, context.Canceled),
+		errors.Is(err, context.DeadlineExceeded), errors.Is(err, ErrOverloaded), errors.Is(err, ErrAuditUnavailable):
 		level = hclog.Warn
 	}
-	id := fmt.Sprintf("%x", keyID)
-	if len(keyID) != len(KeyID{}) {
+	id := c.keyID
+	if id == "" && c.op != "list_keys" {
 		// Not a key id: say only how long it was.
-		id = fmt.Sprintf("(%d bytes)", len(keyID))
+		id = fmt.Sprintf("(%d bytes)", c.keyIDLen)
 	}
-	s.logger.Log(level, "operation failed", "op", op, "key_id", id, "error", err)
+	s.logger.Log(level, "operation failed", "op", c.op, "identity", c.identity, "key_id", id, "rule", c.rule, "error", err)
 }
 
 // DefaultHealthInterval is how often [WatchHealth] checks the key store

@@ -12,6 +12,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
+	"math"
 	"math/big"
 	"net"
 	"regexp"
@@ -24,7 +25,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
@@ -52,39 +53,64 @@ func (s *syncBuffer) String() string {
 	return s.b.String()
 }
 
-// testServer is a Service served over an in-memory gRPC connection. This
-// is about the service, not the transport: the connection is insecure.
+// testServer is a Service served over an in-memory gRPC connection with
+// mutual TLS, as a keyserver serves it, with its audit trail.
 type testServer struct {
 	svc    *Service
-	client keylessv1.KeylessServiceClient
-	logs   *syncBuffer // everything the service logged, at trace level
+	lis    *bufconn.Listener
+	client keylessv1.KeylessServiceClient // as testIdentity
+	logs   *syncBuffer                    // everything the service logged, at trace level
+	audit  *syncBuffer                    // the audit trail, unless cfg.Audit was set
 }
 
-// newTestServer serves a Service for cfg; a nil cfg.Logger is replaced by
-// one that writes to the returned logs.
+// newTestServer serves a Service for cfg; a nil cfg.Policy is replaced by
+// testPolicy, a nil cfg.Logger by one that writes to the returned logs and
+// a nil cfg.Audit by an AuditLog that writes to audit.
 func newTestServer(t *testing.T, cfg Config) *testServer {
 	t.Helper()
-	logs := &syncBuffer{}
+	ts := &testServer{logs: &syncBuffer{}, audit: &syncBuffer{}}
 	if cfg.Logger == nil {
-		cfg.Logger = hclog.New(&hclog.LoggerOptions{Name: "signer", Output: logs, Level: hclog.Trace})
+		cfg.Logger = hclog.New(&hclog.LoggerOptions{Name: "signer", Output: ts.logs, Level: hclog.Trace})
+	}
+	if cfg.Policy == nil {
+		cfg.Policy = testPolicy(t)
+	}
+	if cfg.Audit == nil {
+		cfg.Audit = NewAuditLog(ts.audit)
 	}
 	svc, err := NewService(cfg)
 	if err != nil {
 		t.Fatalf("NewService() = %v", err)
 	}
-	lis := bufconn.Listen(1 << 20)
-	srv := grpc.NewServer()
+	ts.svc = svc
+	ts.lis = bufconn.Listen(1 << 20)
+	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(thePKI().serverTLS())),
+		grpc.MaxRecvMsgSize(MaxRequestSize), grpc.StatsHandler(svc.StatsHandler()))
 	keylessv1.RegisterKeylessServiceServer(srv, svc)
-	go func() { _ = srv.Serve(lis) }()
+	go func() { _ = srv.Serve(ts.lis) }()
 	t.Cleanup(srv.Stop)
+	ts.client = ts.dial(t, testIdentity)
+	return ts
+}
+
+// dial returns a client whose certificate has the given names.
+func (ts *testServer) dial(t *testing.T, names ...string) keylessv1.KeylessServiceClient {
+	t.Helper()
 	conn, err := grpc.NewClient("passthrough:///bufnet",
-		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return lis.DialContext(ctx) }),
-		grpc.WithTransportCredentials(insecure.NewCredentials()))
+		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return ts.lis.DialContext(ctx) }),
+		grpc.WithTransportCredentials(credentials.NewTLS(thePKI().clientTLS(names...))))
 	if err != nil {
 		t.Fatalf("grpc.NewClient() = %v", err)
 	}
 	t.Cleanup(func() { _ = conn.Close() })
-	return &testServer{svc: svc, client: keylessv1.NewKeylessServiceClient(conn), logs: logs}
+	return keylessv1.NewKeylessServiceClient(conn)
+}
+
+// edgeContext returns a context for calling the service's handlers directly
+// as testIdentity, ending after d (defaultTestTimeout if 0).
+func (ts *testServer) edgeContext(t *testing.T, d time.Duration) context.Context {
+	t.Helper()
+	return edgeContext(testContext(t, d), testIdentity)
 }
 
 // testContext returns a context that ends after d, or defaultTestTimeout
@@ -442,18 +468,19 @@ func TestServiceStoreUnavailable(t *testing.T) {
 // unavailable store. The handlers are called directly: over gRPC the
 // client's own deadline would produce the same code.
 func TestServiceStoreDeadline(t *testing.T) {
-	svc, err := NewService(Config{Keys: ctxStore{}})
+	svc, err := NewService(Config{Keys: ctxStore{}, Policy: testPolicy(t)})
 	if err != nil {
 		t.Fatal(err)
 	}
+	ctx := func() context.Context { return edgeContext(testContext(t, 50*time.Millisecond), testIdentity) }
 	id := mustKeyID(t, testP256Key().Public())
-	_, err = svc.Sign(testContext(t, 50*time.Millisecond), &keylessv1.SignRequest{
+	_, err = svc.Sign(ctx(), &keylessv1.SignRequest{
 		KeyId: id, Algorithm: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ECDSA_SHA256, Digest: testDigest(crypto.SHA256, "x"),
 	})
 	checkStatus(t, "Sign()", err, codes.DeadlineExceeded, "")
-	_, err = svc.Decrypt(testContext(t, 50*time.Millisecond), &keylessv1.DecryptRequest{KeyId: id})
+	_, err = svc.Decrypt(ctx(), &keylessv1.DecryptRequest{KeyId: id})
 	checkStatus(t, "Decrypt()", err, codes.DeadlineExceeded, "")
-	_, err = svc.ListKeys(testContext(t, 50*time.Millisecond), &keylessv1.ListKeysRequest{})
+	_, err = svc.ListKeys(ctx(), &keylessv1.ListKeysRequest{})
 	checkStatus(t, "ListKeys()", err, codes.DeadlineExceeded, "")
 }
 
@@ -492,6 +519,10 @@ func TestServiceSignDeadline(t *testing.T) {
 	key := newBlockingKey(t, testP256Key())
 	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{key}}})
 	req := p256SignRequest(t)
+	// Connect (the TLS handshake) before the short deadline starts.
+	if _, err := ts.client.ListKeys(testContext(t, 0), &keylessv1.ListKeysRequest{}); err != nil {
+		t.Fatal(err)
+	}
 
 	// Over gRPC.
 	err := receive(t, signAsync(testContext(t, 50*time.Millisecond), ts.client, req))
@@ -500,7 +531,7 @@ func TestServiceSignDeadline(t *testing.T) {
 	// The handler itself returns, though the key's Sign is still running.
 	errc := make(chan error, 1)
 	go func() {
-		_, err := ts.svc.Sign(testContext(t, 50*time.Millisecond), req)
+		_, err := ts.svc.Sign(ts.edgeContext(t, 50*time.Millisecond), req)
 		errc <- err
 	}()
 	checkStatus(t, "Service.Sign()", receive(t, errc), codes.DeadlineExceeded, "")
@@ -543,7 +574,7 @@ func TestServiceLimiterQueuedDeadline(t *testing.T) {
 
 	errc := make(chan error, 1)
 	go func() {
-		_, err := ts.svc.Sign(testContext(t, 50*time.Millisecond), req)
+		_, err := ts.svc.Sign(ts.edgeContext(t, 50*time.Millisecond), req)
 		errc <- err
 	}()
 	checkStatus(t, "queued Service.Sign()", receive(t, errc), codes.DeadlineExceeded, "")
@@ -569,7 +600,7 @@ func TestServiceTimedOutSignKeepsSlot(t *testing.T) {
 	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{key}}, MaxConcurrent: 1})
 	req := p256SignRequest(t)
 
-	_, err := ts.svc.Sign(testContext(t, 50*time.Millisecond), req)
+	_, err := ts.svc.Sign(ts.edgeContext(t, 50*time.Millisecond), req)
 	checkStatus(t, "Service.Sign()", err, codes.DeadlineExceeded, "")
 	key.waitEntered(t)
 
@@ -608,7 +639,7 @@ func TestServiceSchemeListerAndDescriber(t *testing.T) {
 		{rsaID, tls.PKCS1WithSHA384, codes.OK},
 		{rsaID, tls.PKCS1WithSHA256, codes.InvalidArgument},
 		{rsaID, tls.PSSWithSHA384, codes.InvalidArgument},
-		{rsaID, tls.PKCS1WithSHA1, codes.InvalidArgument},
+		{rsaID, tls.PKCS1WithSHA1, codes.PermissionDenied}, // the policy does not name it
 		{ecID, tls.ECDSAWithP256AndSHA256, codes.OK},
 		{ecID, tls.ECDSAWithP384AndSHA384, codes.InvalidArgument},
 		{ecID, tls.PSSWithSHA256, codes.InvalidArgument},
@@ -668,17 +699,23 @@ func TestServiceListKeysSkipsBadKeys(t *testing.T) {
 
 func TestConfigValidate(t *testing.T) {
 	store := newTestMemoryStore(t)
+	policy := testPolicy(t)
 	tests := []struct {
 		name    string
 		cfg     Config
 		wantErr string
 	}{
 		{"zero", Config{}, "Keys"},
-		{"no keys", Config{MaxConcurrent: 2}, "Keys"},
-		{"negative MaxConcurrent", Config{Keys: store, MaxConcurrent: -1}, "MaxConcurrent"},
-		{"negative MaxQueued", Config{Keys: store, MaxConcurrent: 1, MaxQueued: -1}, "MaxQueued"},
-		{"minimal", Config{Keys: store}, ""},
-		{"bounded", Config{Keys: store, MaxConcurrent: 2, MaxQueued: 100, Logger: hclog.NewNullLogger()}, ""},
+		{"no keys", Config{MaxConcurrent: 2, Policy: policy}, "Keys"},
+		{"no policy", Config{Keys: store}, "Policy"},
+		{"negative MaxConcurrent", Config{Keys: store, Policy: policy, MaxConcurrent: -1}, "MaxConcurrent"},
+		{"negative MaxQueued", Config{Keys: store, Policy: policy, MaxConcurrent: 1, MaxQueued: -1}, "MaxQueued"},
+		{"negative Quota.MaxInFlight", Config{Keys: store, Policy: policy, Quota: Quota{MaxInFlight: -1}}, "Quota.MaxInFlight"},
+		{"negative Quota.Rate", Config{Keys: store, Policy: policy, Quota: Quota{Rate: -1}}, "Quota.Rate"},
+		{"NaN Quota.Rate", Config{Keys: store, Policy: policy, Quota: Quota{Rate: math.NaN()}}, "Quota.Rate"},
+		{"negative Quota.Burst", Config{Keys: store, Policy: policy, Quota: Quota{Rate: 1, Burst: -1}}, "Quota.Burst"},
+		{"minimal", Config{Keys: store, Policy: policy}, ""},
+		{"bounded", Config{Keys: store, Policy: policy, MaxConcurrent: 2, MaxQueued: 100, Quota: Quota{MaxInFlight: 3, Rate: 10}, Logger: hclog.NewNullLogger()}, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

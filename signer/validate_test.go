@@ -2,11 +2,14 @@ package signer
 
 import (
 	"bytes"
+	"context"
 	"crypto"
 	"crypto/rsa"
 	"crypto/sha256"
 	"errors"
+	"fmt"
 	"strings"
+	"sync"
 	"testing"
 
 	"google.golang.org/grpc/codes"
@@ -101,6 +104,10 @@ func signCases(tb testing.TB) []signCase {
 	refused := func(name string, r *keylessv1.SignRequest) signCase {
 		return signCase{name: name, req: r, valid: true, wantCode: codes.InvalidArgument, wantField: "algorithm"}
 	}
+	// denied passes validation but not the default test policy.
+	denied := func(name string, r *keylessv1.SignRequest) signCase {
+		return signCase{name: name, req: r, valid: true, wantCode: codes.PermissionDenied}
+	}
 	withContext := func(r *keylessv1.SignRequest, c *keylessv1.RequestContext) *keylessv1.SignRequest {
 		r.Context = c
 		return r
@@ -161,8 +168,8 @@ func signCases(tb testing.TB) []signCase {
 		refused("PSS on ECDSA key", req(p256ID, pss256, d256)),
 		refused("PKCS1 on Ed25519 key", req(edID, pkcs1SHA256, d256)),
 		refused("ECDSA on Ed25519 key", req(edID, ecdsa256, d256)),
-		refused("RSA PKCS1 SHA-1", req(rsaID, pkcs1SHA1, testDigest(crypto.SHA1, "digest"))),
-		refused("ECDSA SHA-1", req(p256ID, ecdsaSHA1, testDigest(crypto.SHA1, "digest"))),
+		denied("RSA PKCS1 SHA-1", req(rsaID, pkcs1SHA1, testDigest(crypto.SHA1, "digest"))),
+		denied("ECDSA SHA-1", req(p256ID, ecdsaSHA1, testDigest(crypto.SHA1, "digest"))),
 
 		bad("Ed25519 arbitrary message", "digest", req(edID, ed25519Alg, testStream("arbitrary message", 100))),
 		bad("Ed25519 SHA-256 digest", "digest", req(edID, ed25519Alg, d256)),
@@ -274,15 +281,100 @@ func checkValidation(t *testing.T, req *keylessv1.SignRequest, id KeyID, alg Alg
 	}
 }
 
-// newFuzzService returns a Service over a MemoryStore of every test key,
-// called directly rather than over gRPC.
-func newFuzzService(tb testing.TB) *Service {
+// fuzzPolicyYAML lets testIdentity sign with every test key but the P-384
+// one (default schemes), sign with RSA PKCS #1 SHA-1 on the RSA key (which
+// the memory store cannot do), and decrypt with the RSA key only.
+const fuzzPolicyYAML = `
+rules:
+  - name: fuzz-sign
+    identities: [spiffe://test.example/edge/1]
+    keys: [id:%[1]x, id:%[2]x, id:%[3]x, id:%[4]x]
+    operations: [sign]
+    schemes: [default]
+  - name: fuzz-legacy
+    identities: [spiffe://test.example/edge/1]
+    keys: [id:%[1]x]
+    operations: [sign]
+    schemes: [rsa_pkcs1_sha1]
+  - name: fuzz-decrypt
+    identities: [spiffe://test.example/edge/1]
+    keys: [id:%[1]x]
+    operations: [decrypt]
+`
+
+// fuzzService is a Service over a MemoryStore of every test key with the
+// fuzz policy, called directly rather than over gRPC, as testIdentity.
+type fuzzService struct {
+	svc   *Service
+	ctx   context.Context
+	audit *lastRecord
+}
+
+// lastRecord is an Auditor that keeps the last record.
+type lastRecord struct {
+	mu  sync.Mutex
+	rec *AuditRecord
+}
+
+func (l *lastRecord) Audit(rec *AuditRecord) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.rec = rec
+	return nil
+}
+
+func (l *lastRecord) take() *AuditRecord {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	r := l.rec
+	l.rec = nil
+	return r
+}
+
+func newFuzzService(tb testing.TB) *fuzzService {
 	tb.Helper()
-	svc, err := NewService(Config{Keys: newTestMemoryStore(tb)})
+	policy := mustPolicy(tb, fmt.Sprintf(fuzzPolicyYAML,
+		mustKeyID(tb, testRSAKey().Public()), mustKeyID(tb, testP256Key().Public()), mustKeyID(tb, testEd25519Key().Public()),
+		mustKeyID(tb, testP521Key().Public())))
+	fs := &fuzzService{ctx: edgeContext(context.Background(), testIdentity), audit: &lastRecord{}}
+	var err error
+	fs.svc, err = NewService(Config{Keys: newTestMemoryStore(tb), Policy: policy, Audit: fs.audit})
 	if err != nil {
 		tb.Fatalf("NewService() = %v", err)
 	}
-	return svc
+	return fs
+}
+
+// fuzzPolicyAllows is the fuzz policy written out independently: whether
+// it lets testIdentity perform op (with wire, for sign) with key pub.
+func fuzzPolicyAllows(pub crypto.PublicKey, op string, wire keylessv1.SignatureAlgorithm) bool {
+	kt := KeyTypeOf(pub)
+	p384 := testP384Key().Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(pub)
+	switch {
+	case op == OpDecrypt:
+		return kt == keylessv1.KeyType_KEY_TYPE_RSA
+	case p384:
+		return false
+	case wire == keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PKCS1_SHA1:
+		return kt == keylessv1.KeyType_KEY_TYPE_RSA
+	case wire == keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ECDSA_SHA1:
+		return false
+	}
+	return true
+}
+
+// checkRecord checks the audit record of a direct call that returned err.
+func checkRecord(t *testing.T, rec *AuditRecord, op string, keyID []byte, err error) {
+	t.Helper()
+	if rec == nil {
+		t.Fatalf("%s: no audit record", op)
+	}
+	if rec.Op != op || rec.Outcome != status.Code(err).String() || rec.Identity != testIdentity {
+		t.Fatalf("audit record %+v for %s = %v", rec, op, err)
+	}
+	if want := hexKeyID(keyID); rec.KeyID != want {
+		t.Fatalf("audit record key_id = %q, want %q", rec.KeyID, want)
+	}
 }
 
 // testPublicKeyByID returns the public key of the test key with the given
@@ -323,7 +415,7 @@ func FuzzSignRequestProto(f *testing.F) {
 	}
 	f.Add([]byte{})
 	f.Add([]byte{0x0a, 0x20}) // a truncated key_id
-	svc := newFuzzService(f)
+	fs := newFuzzService(f)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		req := &keylessv1.SignRequest{}
 		if err := proto.Unmarshal(data, req); err != nil {
@@ -332,22 +424,25 @@ func FuzzSignRequestProto(f *testing.F) {
 		id, alg, verr := ValidateSignRequest(req)
 		checkValidation(t, req, id, alg, verr)
 
-		resp, err := svc.Sign(t.Context(), req)
-		if err != nil {
-			if c := status.Code(err); c != codes.InvalidArgument && c != codes.NotFound {
-				t.Fatalf("Sign() = %v, want OK, InvalidArgument or NotFound", err)
-			}
-			return
-		}
-		if verr != nil {
-			t.Fatalf("Sign() = OK for a request ValidateSignRequest rejects: %v", verr)
-		}
+		resp, err := fs.svc.Sign(fs.ctx, req)
+		checkRecord(t, fs.audit.take(), OpSign, req.GetKeyId(), err)
 		pub := testPublicKeyByID(req.GetKeyId())
-		if pub == nil {
-			t.Fatalf("Sign() = OK for unknown key %x", req.GetKeyId())
+		want := codes.OK
+		switch {
+		case verr != nil:
+			want = codes.InvalidArgument
+		case pub == nil:
+			want = codes.NotFound
+		case !fuzzPolicyAllows(pub, OpSign, alg.Wire):
+			want = codes.PermissionDenied
+		case KeyTypeOf(pub) != alg.KeyType || alg.Legacy:
+			want = codes.InvalidArgument
 		}
-		if KeyTypeOf(pub) != alg.KeyType || alg.Legacy {
-			t.Fatalf("Sign() = OK for %v with a %v key", alg, KeyTypeOf(pub))
+		if got := status.Code(err); got != want {
+			t.Fatalf("Sign(%v with a %v key) = %v, want %v", alg, KeyTypeOf(pub), err, want)
+		}
+		if err != nil {
+			return
 		}
 		if err := verifySignature(pub, alg, req.GetDigest(), resp.GetSignature()); err != nil {
 			t.Fatalf("Sign(%v) signature: %v", alg, err)
@@ -365,17 +460,29 @@ func FuzzDecryptRequestProto(f *testing.F) {
 		f.Add(b)
 	}
 	f.Add([]byte{})
-	svc := newFuzzService(f)
+	fs := newFuzzService(f)
 	f.Fuzz(func(t *testing.T, data []byte) {
 		req := &keylessv1.DecryptRequest{}
 		if err := proto.Unmarshal(data, req); err != nil {
 			return
 		}
-		resp, err := svc.Decrypt(t.Context(), req)
+		_, verr := ValidateDecryptRequest(req)
+		resp, err := fs.svc.Decrypt(fs.ctx, req)
+		checkRecord(t, fs.audit.take(), OpDecrypt, req.GetKeyId(), err)
+		pub := testPublicKeyByID(req.GetKeyId())
+		want := codes.OK
+		switch {
+		case verr != nil:
+			want = codes.InvalidArgument
+		case pub == nil:
+			want = codes.NotFound
+		case !fuzzPolicyAllows(pub, OpDecrypt, 0):
+			want = codes.PermissionDenied
+		}
+		if got := status.Code(err); got != want {
+			t.Fatalf("Decrypt(key %x) = %v, want %v", req.GetKeyId(), err, want)
+		}
 		if err != nil {
-			if c := status.Code(err); c != codes.InvalidArgument && c != codes.NotFound {
-				t.Fatalf("Decrypt() = %v, want OK, InvalidArgument or NotFound", err)
-			}
 			return
 		}
 		pms := resp.GetPremaster()

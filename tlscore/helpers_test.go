@@ -39,6 +39,27 @@ const defaultTestTimeout = 10 * time.Second
 // keyserverName is the name in the test keyservers' certificates.
 const keyserverName = "keyserver.test"
 
+// edgeIdentity is the name in the test edges' client certificates.
+const edgeIdentity = "edge.test"
+
+// testPolicy lets edgeIdentity use every key for everything the keyserver
+// offers without SHA-1.
+func testPolicy(t *testing.T) *signer.Policy {
+	t.Helper()
+	p, err := signer.ParsePolicy("test.yaml", []byte(`
+rules:
+  - name: edge
+    identities: [`+edgeIdentity+`]
+    keys: ["*"]
+    operations: [sign, decrypt]
+    schemes: [default]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
 // Test keys, generated once per test binary.
 var (
 	testRSAKey = sync.OnceValue(func() *rsa.PrivateKey {
@@ -209,7 +230,7 @@ func newTestPKI(t *testing.T) *testPKI {
 		caFile:     writeFile(t, dir, "ca.pem", certPEM(ca.cert)),
 		serverCert: writeFile(t, dir, "server.pem", certPEM(ca.issue(t, sk.Public(), leafOptions{names: []string{keyserverName}}))),
 		serverKey:  writeFile(t, dir, "server.key", keyPEM(t, sk)),
-		clientCert: writeFile(t, dir, "client.pem", certPEM(ca.issue(t, ck.Public(), leafOptions{client: true}))),
+		clientCert: writeFile(t, dir, "client.pem", certPEM(ca.issue(t, ck.Public(), leafOptions{client: true, names: []string{edgeIdentity}}))),
 		clientKey:  writeFile(t, dir, "client.key", keyPEM(t, ck)),
 	}
 }
@@ -287,7 +308,7 @@ func newSignerService(t *testing.T, keys []crypto.Signer, schemes map[signer.Key
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc, err := signer.NewService(signer.Config{Keys: schemeStore{ms, schemes}})
+	svc, err := signer.NewService(signer.Config{Keys: schemeStore{ms, schemes}, Policy: testPolicy(t)})
 	if err != nil {
 		t.Fatal(err)
 	}

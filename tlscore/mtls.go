@@ -6,10 +6,17 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"io"
+	"net"
 	"os"
 	"strings"
 	"sync/atomic"
 	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/keyless-tls/keyless/signer"
 )
 
 // MTLSCredentials are one end's credentials for the edge–keyserver link: a
@@ -58,8 +65,14 @@ func (c *MTLSCredentials) Reload() error {
 
 // ServerConfig returns a configuration for the keyserver's gRPC listener:
 // TLS 1.3 only, and every client must present a certificate issued by one of
-// the CA certificates. Pass it to credentials.NewTLS.
-func (c *MTLSCredentials) ServerConfig() *tls.Config {
+// the CA certificates. Pass it to credentials.NewTLS. A keyserver should use
+// [MTLSCredentials.ServerCredentials], which also checks the client's
+// identity and logs refused handshakes.
+func (c *MTLSCredentials) ServerConfig() *tls.Config { return c.serverConfig(nil) }
+
+// serverConfig is ServerConfig, with check applied to the verified leaf of
+// each client certificate when check is not nil.
+func (c *MTLSCredentials) serverConfig(check func(*x509.Certificate) error) *tls.Config {
 	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		ClientAuth: tls.RequireAndVerifyClientCert,
@@ -67,9 +80,105 @@ func (c *MTLSCredentials) ServerConfig() *tls.Config {
 		// Reload: each handshake takes the generation current when it
 		// starts.
 		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-			return c.cur.Load().server, nil
+			cfg := c.cur.Load().server
+			if check == nil {
+				return cfg, nil
+			}
+			cfg = cfg.Clone()
+			cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+				// With RequireAndVerifyClientCert, crypto/tls calls this
+				// only after the chain verified, also on resumption.
+				if len(cs.VerifiedChains) == 0 || len(cs.VerifiedChains[0]) == 0 {
+					return &ClientRefusedError{Err: errors.New("the client certificate was not verified")}
+				}
+				leaf := cs.VerifiedChains[0][0]
+				if err := check(leaf); err != nil {
+					return &ClientRefusedError{Names: signer.CertificateNames(leaf), Err: err}
+				}
+				return nil
+			}
+			return cfg, nil
 		},
 	}
+}
+
+// ClientRefusedError is the handshake error of a client whose certificate
+// chains to the CA but whose identity the keyserver's check refused.
+type ClientRefusedError struct {
+	// Names are the names the certificate presents (signer.CertificateNames).
+	Names []string
+	// Err is the check's error.
+	Err error
+}
+
+func (e *ClientRefusedError) Error() string {
+	return fmt.Sprintf("tlscore: client certificate (%s) refused: %v", strings.Join(e.Names, ", "), e.Err)
+}
+
+func (e *ClientRefusedError) Unwrap() error { return e.Err }
+
+// ServerCredentials returns the gRPC transport credentials of a keyserver's
+// listener: those of [MTLSCredentials.ServerConfig] (TLS 1.3, a client
+// certificate that chains to the CA certificates) and, when check is not
+// nil, check must accept the verified leaf certificate, or the handshake
+// fails with a bad_certificate alert. signer.Service.CheckPeer is the
+// keyserver's check: the client's identity must be on the policy's
+// allow-list.
+//
+// Every refused handshake is logged once to logger, at warn level, with the
+// client's address, the names its certificate presents (also for an
+// unverified certificate, such as one from another CA) and the reason; a
+// connection closed before it sent anything (a port probe) is logged at
+// debug level. Reload applies to these credentials too.
+func (c *MTLSCredentials) ServerCredentials(check func(*x509.Certificate) error, logger hclog.Logger) credentials.TransportCredentials {
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+	return &refusalLogger{TransportCredentials: credentials.NewTLS(c.serverConfig(check)), logger: logger}
+}
+
+// refusalLogger logs each failed server handshake of its credentials.
+type refusalLogger struct {
+	credentials.TransportCredentials
+	logger hclog.Logger
+}
+
+func (r *refusalLogger) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
+	c, info, err := r.TransportCredentials.ServerHandshake(conn)
+	if err != nil {
+		r.logRefusal(conn.RemoteAddr(), err)
+	}
+	return c, info, err
+}
+
+func (r *refusalLogger) Clone() credentials.TransportCredentials {
+	return &refusalLogger{TransportCredentials: r.TransportCredentials.Clone(), logger: r.logger}
+}
+
+func (r *refusalLogger) logRefusal(addr net.Addr, err error) {
+	remote := "unknown"
+	if addr != nil {
+		remote = addr.String()
+	}
+	var (
+		refused *ClientRefusedError
+		verr    *tls.CertificateVerificationError
+		names   []string
+	)
+	switch {
+	case errors.As(err, &refused):
+		names = refused.Names
+	case errors.As(err, &verr) && len(verr.UnverifiedCertificates) > 0:
+		names = signer.CertificateNames(verr.UnverifiedCertificates[0])
+	case errors.Is(err, io.EOF):
+		r.logger.Debug("connection closed before the TLS handshake", "remote_address", remote)
+		return
+	}
+	presented := strings.Join(names, ",")
+	if presented == "" {
+		presented = "(none)"
+	}
+	r.logger.Warn("client refused in the TLS handshake", "remote_address", remote, "presented_names", presented, "reason", err.Error())
 }
 
 // ClientConfig returns a configuration for the edge's gRPC connections to

@@ -2,15 +2,20 @@ package main
 
 import (
 	"context"
+	"crypto"
 	"errors"
 	"flag"
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
@@ -21,22 +26,25 @@ import (
 	"github.com/keyless-tls/keyless/tlscore"
 )
 
-// maxRequestSize bounds every gRPC request. The largest legitimate request,
-// a Decrypt for an RSA-4096 key or an Ed25519 Sign, is under 1 KiB.
-const maxRequestSize = 16 << 10
-
 type serveFlags struct {
-	hsm           hsmFlags
-	listen        string
-	tlsCert       string
-	tlsKey        string
-	clientCA      string
-	maxConcurrent int
-	maxQueued     int
-	healthEvery   time.Duration
-	grace         time.Duration
-	logLevel      string
-	logJSON       bool
+	hsm              hsmFlags
+	listen           string
+	tlsCert          string
+	tlsKey           string
+	clientCA         string
+	policy           string
+	certs            string
+	auditLog         string
+	maxConcurrent    int
+	maxQueued        int
+	maxInFlight      int
+	ratePerIdentity  float64
+	burstPerIdentity int
+	allowExtractable bool
+	healthEvery      time.Duration
+	grace            time.Duration
+	logLevel         string
+	logJSON          bool
 }
 
 func serve(ctx context.Context, args []string, stderr io.Writer) error {
@@ -48,8 +56,15 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	fs.StringVar(&f.tlsCert, "tls-cert", "", "PEM certificate chain of the keyserver (required)")
 	fs.StringVar(&f.tlsKey, "tls-key", "", "PEM private key of the keyserver's TLS certificate (required)")
 	fs.StringVar(&f.clientCA, "client-ca", "", "PEM CA certificates that issue edge client certificates (required)")
+	fs.StringVar(&f.policy, "policy", "", "YAML policy file: which edge identities may use which keys, operations and schemes; everything else is denied (required)")
+	fs.StringVar(&f.certs, "certs", "", "directory of PEM certificates (public, no keys) whose DNS names the policy's cert: patterns match against their keys (default: none, cert: patterns match nothing)")
+	fs.StringVar(&f.auditLog, "audit-log", "-", `file the audit trail is appended to, one JSON line per request; "-" is standard error`)
 	fs.IntVar(&f.maxConcurrent, "max-concurrent", 4, "key operations running in the HSM at once; more wait in a queue")
 	fs.IntVar(&f.maxQueued, "max-queued", 1024, "key operations waiting for the HSM before new ones are refused")
+	fs.IntVar(&f.maxInFlight, "max-inflight-per-identity", 256, "requests one edge identity may have in flight at once, unless a quota of the policy names it (0: no bound)")
+	fs.Float64Var(&f.ratePerIdentity, "rate-per-identity", 0, "requests per second one edge identity may make, unless a quota of the policy names it (0: no bound)")
+	fs.IntVar(&f.burstPerIdentity, "burst-per-identity", 0, "burst above -rate-per-identity (0: the rate, rounded up)")
+	fs.BoolVar(&f.allowExtractable, "allow-extractable", false, "DANGEROUS: also serve private keys that are extractable or not sensitive, which the token would let anyone with the PIN copy out")
 	fs.DurationVar(&f.healthEvery, "health-interval", 2*time.Second, "how often the HSM's health is checked")
 	fs.DurationVar(&f.grace, "grace", 10*time.Second, "on shutdown, how long in-flight operations may take to finish")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: trace, debug, info, warn or error")
@@ -64,18 +79,44 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
-	for name, v := range map[string]string{"-tls-cert": f.tlsCert, "-tls-key": f.tlsKey, "-client-ca": f.clientCA} {
-		if v == "" {
-			return fmt.Errorf("serve: %s is required", name)
+	for _, req := range []struct{ name, value, why string }{
+		{"-tls-cert", f.tlsCert, ""},
+		{"-tls-key", f.tlsKey, ""},
+		{"-client-ca", f.clientCA, ""},
+		{"-policy", f.policy, ": the keyserver denies everything a policy does not allow, so without one it would refuse every request"},
+	} {
+		if req.value == "" {
+			return fmt.Errorf("serve: %s is required%s", req.name, req.why)
 		}
 	}
-	tlsConfig, err := tlscore.ServerMTLSConfig(f.tlsCert, f.tlsKey, f.clientCA)
+	quota := signer.Quota{MaxInFlight: f.maxInFlight, Rate: f.ratePerIdentity, Burst: f.burstPerIdentity}
+	if err := quota.Validate(); err != nil {
+		return fmt.Errorf("serve: -max-inflight-per-identity, -rate-per-identity, -burst-per-identity: %w", err)
+	}
+	// Read everything that can be wrong before opening the HSM.
+	policy, err := loadPolicy(f.policy, f.certs)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
+	creds, err := tlscore.LoadMTLSCredentials(f.tlsCert, f.tlsKey, f.clientCA)
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	audit, err := openAuditLog(f.auditLog, stderr)
+	if err != nil {
+		return fmt.Errorf("serve: -audit-log: %w", err)
+	}
+	defer audit.Close()
+
 	hcfg, err := f.hsm.config(logger)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
+	}
+	if f.allowExtractable {
+		hcfg.AllowExtractable = true
+		logger.Warn("*** -allow-extractable is set: the keyserver serves private keys that are extractable or not sensitive. " +
+			"Anyone with the token's PIN can copy such keys out of the HSM, so they are not protected by it. " +
+			"Use this only to migrate: generate new keys inside the token (keyserver keys generate) and remove the flag. ***")
 	}
 	module, err := hsm.Open(hcfg)
 	if err != nil {
@@ -85,6 +126,9 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 
 	svc, err := signer.NewService(signer.Config{
 		Keys:          module,
+		Policy:        policy,
+		Quota:         quota,
+		Audit:         signer.NewAuditLog(audit),
 		MaxConcurrent: f.maxConcurrent,
 		MaxQueued:     f.maxQueued,
 		Logger:        logger.Named("signer"),
@@ -93,8 +137,9 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("serve: %w", err)
 	}
 	gs := grpc.NewServer(
-		grpc.Creds(credentials.NewTLS(tlsConfig)),
-		grpc.MaxRecvMsgSize(maxRequestSize),
+		grpc.Creds(creds.ServerCredentials(svc.CheckPeer, logger.Named("mtls"))),
+		grpc.MaxRecvMsgSize(signer.MaxRequestSize),
+		grpc.StatsHandler(svc.StatsHandler()),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
 	keylessv1.RegisterKeylessServiceServer(gs, svc)
@@ -109,18 +154,30 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
+	lintPolicy(logger, policy, keys)
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
 	go signer.WatchHealth(watchCtx, module, hs, f.healthEvery)
 
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
 	logger.Info("keyserver ready", "listen", ln.Addr().String(), "module", hcfg.ModulePath,
-		"keys", len(keys), "max_concurrent", f.maxConcurrent, "max_queued", f.maxQueued)
+		"keys", len(keys), "policy", policy.String(), "audit_log", f.auditLog,
+		"max_concurrent", f.maxConcurrent, "max_queued", f.maxQueued, "max_inflight_per_identity", f.maxInFlight,
+		"allow_extractable", f.allowExtractable)
 	errc := make(chan error, 1)
 	go func() { errc <- gs.Serve(ln) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("serve: %w", err)
-	case <-ctx.Done():
+	for done := false; !done; {
+		select {
+		case err := <-errc:
+			return fmt.Errorf("serve: %w", err)
+		case <-ctx.Done():
+			done = true
+		case <-hup:
+			reload(ctx, logger, &f, svc, module, creds, audit)
+		}
 	}
 	logger.Info("shutting down: finishing in-flight operations", "grace", f.grace)
 	hs.Shutdown()
@@ -137,4 +194,58 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	logger.Info("stopped")
 	return nil
+}
+
+// reload is SIGHUP: it reads the policy, the certificates and the mTLS
+// files again and reopens the audit log (for log rotation). Each part that
+// fails keeps its previous state, with an error in the log.
+func reload(ctx context.Context, logger hclog.Logger, f *serveFlags, svc *signer.Service, module *hsm.Module, creds *tlscore.MTLSCredentials, audit *auditFile) {
+	logger.Info("SIGHUP: reloading the policy, certificates and mTLS credentials, and reopening the audit log")
+	if err := audit.Reopen(); err != nil {
+		logger.Error("audit log not reopened; still writing to the old file", "error", err)
+	}
+	if err := creds.Reload(); err != nil {
+		logger.Error("mTLS credentials not reloaded; the previous ones stay in use", "error", err)
+	}
+	policy, err := loadPolicy(f.policy, f.certs)
+	if err != nil {
+		logger.Error("policy not reloaded; the previous one stays in force", "error", err)
+		return
+	}
+	if err := svc.SetPolicy(policy); err != nil {
+		logger.Error("policy not reloaded", "error", err)
+		return
+	}
+	if keys, err := module.Keys(ctx); err == nil {
+		lintPolicy(logger, policy, keys)
+	}
+	logger.Info("policy reloaded", "policy", policy.String())
+}
+
+// loadPolicy reads the policy file and, if certsDir is set, the
+// certificates whose names cert: patterns match.
+func loadPolicy(path, certsDir string) (*signer.Policy, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("-policy: %w", err)
+	}
+	policy, err := signer.ParsePolicy(path, data)
+	if err != nil {
+		return nil, err
+	}
+	if certsDir == "" {
+		return policy, nil
+	}
+	names, err := certificateNames(certsDir)
+	if err != nil {
+		return nil, fmt.Errorf("-certs: %w", err)
+	}
+	return policy.WithCertificates(names), nil
+}
+
+func lintPolicy(logger hclog.Logger, policy *signer.Policy, keys []crypto.Signer) {
+	for _, w := range policy.Lint(keys) {
+		logger.Warn(w)
+	}
+	logger.Info("policy allow-list", "identities", strings.Join(policy.Identities(), ","))
 }

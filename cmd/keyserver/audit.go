@@ -1,0 +1,72 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"sync"
+)
+
+// auditFile is the destination of the audit trail: a file opened for
+// appending, which Reopen opens again after log rotation, or standard
+// error. It is safe for concurrent use.
+type auditFile struct {
+	path string // "" for the standard error stream
+	mu   sync.Mutex
+	w    io.Writer
+	f    *os.File // nil for standard error
+}
+
+// openAuditLog opens path for appending (creating it with mode 0600), or
+// returns stderr for "-".
+func openAuditLog(path string, stderr io.Writer) (*auditFile, error) {
+	if path == "" {
+		return nil, errors.New(`no file given; use "-" for standard error`)
+	}
+	if path == "-" {
+		return &auditFile{w: stderr}, nil
+	}
+	a := &auditFile{path: path}
+	if err := a.Reopen(); err != nil {
+		return nil, err
+	}
+	return a, nil
+}
+
+func (a *auditFile) Write(p []byte) (int, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.w.Write(p)
+}
+
+// Reopen opens the file again by name; on error the old one stays in use.
+func (a *auditFile) Reopen() error {
+	if a.path == "" {
+		return nil
+	}
+	f, err := os.OpenFile(a.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return fmt.Errorf("open audit log: %w", err)
+	}
+	a.mu.Lock()
+	old := a.f
+	a.f, a.w = f, f
+	a.mu.Unlock()
+	if old != nil {
+		return old.Close()
+	}
+	return nil
+}
+
+// Close closes the file.
+func (a *auditFile) Close() error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.f == nil {
+		return nil
+	}
+	err := a.f.Close()
+	a.f, a.w = nil, io.Discard
+	return err
+}

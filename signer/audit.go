@@ -1,0 +1,232 @@
+package signer
+
+import (
+	"context"
+	"encoding/json"
+	"io"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/stats"
+	"google.golang.org/grpc/status"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+)
+
+// AuditRecord is the audit trail's record of one request of the
+// KeylessService: one per Sign, Decrypt and ListKeys call that reached the
+// server, whatever its outcome, including requests refused before their
+// handler ran (such as an oversize message).
+//
+// Every field is always present, so that records differ only in their
+// values. A record never holds a digest, message, signature, ciphertext,
+// premaster secret or PIN. A Decrypt whose ciphertext was invalid (answered
+// by implicit rejection) has the same outcome, "OK", and the same fields as
+// a valid one.
+type AuditRecord struct {
+	// Time is when the request arrived, in UTC (RFC 3339 with nanoseconds).
+	Time time.Time `json:"time"`
+	// Identity is the caller's identity: the certificate name the policy
+	// admitted or, when it admitted none, the first name the certificate
+	// presents (see Error). Empty without a verified certificate.
+	Identity string `json:"identity"`
+	// KeyID is the key id in hex, when the request named a 32-byte one.
+	KeyID string `json:"key_id"`
+	// Op is "sign", "decrypt" or "list_keys".
+	Op string `json:"op"`
+	// Scheme is a Sign request's signature scheme, as a policy names it.
+	Scheme string `json:"scheme"`
+	// ServerName, ClientAddress and ConnectionID are the request's
+	// RequestContext, as the edge reported it (at most MaxContextFieldLen
+	// bytes each).
+	ServerName    string `json:"server_name"`
+	ClientAddress string `json:"client_address"`
+	ConnectionID  string `json:"connection_id"`
+	// EdgeAddress is the network address of the edge's connection.
+	EdgeAddress string `json:"edge_address"`
+	// Outcome is the name of the gRPC status code of the answer: "OK",
+	// "PermissionDenied", "ResourceExhausted" and so on.
+	Outcome string `json:"outcome"`
+	// Error is the status message the caller got; empty for OK.
+	Error string `json:"error"`
+	// Rule is the policy rule that allowed the request or, for a denial,
+	// the rule that applied; empty when no rule covers the identity and key.
+	Rule string `json:"rule"`
+	// LatencyUS is the time from the request's arrival to its answer, in
+	// microseconds.
+	LatencyUS int64 `json:"latency_us"`
+}
+
+// Auditor receives the audit trail: one record per request. Audit must be
+// safe for concurrent use and should return quickly: the service calls it
+// before it answers, so that no signature or premaster leaves the keyserver
+// unrecorded. An error fails the request (Unavailable, even if the key
+// operation succeeded) and makes the service refuse key operations until a
+// later record is written: it fails closed.
+type Auditor interface {
+	Audit(rec *AuditRecord) error
+}
+
+// AuditLog is an [Auditor] that writes each record as one line of JSON to
+// an io.Writer, such as an *os.File opened for appending. Each record is one
+// Write call, made under a mutex so that lines never interleave; nothing is
+// buffered in the process, so a record has been handed to the operating
+// system when Audit returns (it is not fsynced). It is safe for concurrent
+// use.
+type AuditLog struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+var _ Auditor = (*AuditLog)(nil)
+
+// NewAuditLog returns an AuditLog that writes to w.
+func NewAuditLog(w io.Writer) *AuditLog { return &AuditLog{w: w} }
+
+// Audit writes rec as one JSON line.
+func (l *AuditLog) Audit(rec *AuditRecord) error {
+	b, err := json.Marshal(rec)
+	if err != nil {
+		return err
+	}
+	b = append(b, '\n')
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	_, err = l.w.Write(b)
+	return err
+}
+
+// call is what the service learns about one request, for its audit record.
+// It is used by one goroutine at a time: the RPC's handler, then the stats
+// handler when the RPC ends (grpc-go calls both on the stream's goroutine).
+type call struct {
+	op         string
+	start      time.Time
+	identified bool
+	identity   string
+	keyID      string // hex, only for a 32-byte key_id
+	keyIDLen   int    // the length of the request's key_id
+	scheme     string
+	rule       string
+	ctx        *keylessv1.RequestContext
+	// edgeAddress is the peer's address, once identify has run.
+	edgeAddress string
+	// recorded is set once the record is written.
+	recorded bool
+}
+
+type callKey struct{}
+
+func callFrom(ctx context.Context) *call {
+	c, _ := ctx.Value(callKey{}).(*call)
+	return c
+}
+
+// methodOps maps the service's gRPC methods to audited operations.
+var methodOps = map[string]string{
+	keylessv1.KeylessService_Sign_FullMethodName:     OpSign,
+	keylessv1.KeylessService_Decrypt_FullMethodName:  OpDecrypt,
+	keylessv1.KeylessService_ListKeys_FullMethodName: "list_keys",
+}
+
+// begin returns the call of a request: the one the stats handler created
+// when the RPC arrived, or a new one when the handler is called directly.
+// finish writes its record, with the outcome of err (a status error or
+// nil), and returns the error of the write.
+func (s *Service) begin(ctx context.Context, op string) (c *call, finish func(err error) error) {
+	c = callFrom(ctx)
+	if c == nil || c.op != op || c.recorded {
+		c = &call{op: op, start: time.Now()}
+	}
+	return c, func(err error) error {
+		c.recorded = true
+		return s.record(ctx, c, err, time.Now())
+	}
+}
+
+// setRequest records the request's fields that the audit trail keeps.
+func (c *call) setRequest(keyID []byte, rc *keylessv1.RequestContext) {
+	c.keyID, c.keyIDLen = hexKeyID(keyID), len(keyID)
+	c.ctx = rc
+}
+
+// record writes c's audit record, with the outcome of err (a status error
+// or nil).
+func (s *Service) record(ctx context.Context, c *call, err error, end time.Time) error {
+	if s.audit == nil {
+		return nil
+	}
+	if !c.identified {
+		// The request never reached its handler (an oversize message, say):
+		// identify the caller for the record alone.
+		_, _ = identify(ctx, s.policy.Load(), c)
+	}
+	st := status.Convert(err)
+	rec := &AuditRecord{
+		Time:          c.start.UTC(),
+		Identity:      c.identity,
+		KeyID:         c.keyID,
+		Op:            c.op,
+		Scheme:        c.scheme,
+		ServerName:    truncate(c.ctx.GetServerName(), MaxContextFieldLen),
+		ClientAddress: truncate(c.ctx.GetClientAddress(), MaxContextFieldLen),
+		ConnectionID:  truncate(c.ctx.GetConnectionId(), MaxContextFieldLen),
+		EdgeAddress:   c.edgeAddress,
+		Outcome:       st.Code().String(),
+		Error:         st.Message(),
+		Rule:          c.rule,
+		LatencyUS:     end.Sub(c.start).Microseconds(),
+	}
+	if werr := s.audit.Audit(rec); werr != nil {
+		if !s.auditFailing.Swap(true) {
+			s.logger.Error("audit record could not be written: key operations are refused until the audit trail works again", "error", werr)
+		}
+		return werr
+	}
+	if s.auditFailing.Swap(false) {
+		s.logger.Info("audit trail writable again: key operations resume")
+	}
+	return nil
+}
+
+func truncate(s string, n int) string {
+	if len(s) > n {
+		return s[:n]
+	}
+	return s
+}
+
+// StatsHandler returns the gRPC stats handler that completes the audit
+// trail of a server that serves s: install it with grpc.StatsHandler. The
+// handlers record every request that reaches them, before they answer; the
+// stats handler records, when the RPC ends, those that gRPC itself refused
+// before the handler ran (a message over the server's MaxRecvMsgSize, one
+// that does not decode), and makes each record's latency start when the
+// RPC arrived. Without it, such refusals go unrecorded.
+func (s *Service) StatsHandler() stats.Handler { return auditHandler{s} }
+
+type auditHandler struct{ s *Service }
+
+func (h auditHandler) TagRPC(ctx context.Context, info *stats.RPCTagInfo) context.Context {
+	op, ok := methodOps[info.FullMethodName]
+	if !ok {
+		return ctx
+	}
+	return context.WithValue(ctx, callKey{}, &call{op: op, start: time.Now()})
+}
+
+func (h auditHandler) HandleRPC(ctx context.Context, st stats.RPCStats) {
+	end, ok := st.(*stats.End)
+	if !ok {
+		return
+	}
+	// The handler ran on this goroutine, if at all, and has returned.
+	if c := callFrom(ctx); c != nil && !c.recorded {
+		c.recorded = true
+		_ = h.s.record(ctx, c, end.Error, end.EndTime)
+	}
+}
+
+func (auditHandler) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context { return ctx }
+
+func (auditHandler) HandleConn(context.Context, stats.ConnStats) {}

@@ -1,0 +1,216 @@
+package signer
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
+	"net"
+	"net/url"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+)
+
+// testIdentity is the identity of the edge that tests use by default; the
+// default test policy lets it use every key for everything but SHA-1.
+const testIdentity = "spiffe://test.example/edge/1"
+
+// testPolicyYAML is the default test policy.
+const testPolicyYAML = `
+rules:
+  - name: test-all
+    identities: [spiffe://test.example/edge/1]
+    keys: ["*"]
+    operations: [sign, decrypt]
+    schemes: [default]
+`
+
+func mustPolicy(tb testing.TB, doc string) *Policy {
+	tb.Helper()
+	p, err := ParsePolicy("test.yaml", []byte(doc))
+	if err != nil {
+		tb.Fatalf("ParsePolicy() = %v", err)
+	}
+	return p
+}
+
+func testPolicy(tb testing.TB) *Policy {
+	tb.Helper()
+	return mustPolicy(tb, testPolicyYAML)
+}
+
+// testPKI is a CA with the keyserver's certificate, made once per test
+// binary; clientCert issues edge certificates.
+type testPKI struct {
+	ca     *x509.Certificate
+	caKey  *ecdsa.PrivateKey
+	pool   *x509.CertPool
+	server tls.Certificate
+	serial atomic.Int64
+}
+
+var thePKI = sync.OnceValue(func() *testPKI {
+	key := testECDSAKey(elliptic.P256())
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "signer test CA"},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(24 * time.Hour),
+		IsCA:                  true,
+		BasicConstraintsValid: true,
+		KeyUsage:              x509.KeyUsageCertSign,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		panic(err)
+	}
+	ca, _ := x509.ParseCertificate(der)
+	p := &testPKI{ca: ca, caKey: key, pool: x509.NewCertPool()}
+	p.pool.AddCert(ca)
+	p.serial.Store(1)
+	p.server = p.issue(x509.ExtKeyUsageServerAuth, "keyserver.test")
+	return p
+})
+
+// issue returns a certificate and key for names: those with "://" become
+// URI SANs, the others DNS SANs.
+func (p *testPKI) issue(usage x509.ExtKeyUsage, names ...string) tls.Certificate {
+	key := testECDSAKey(elliptic.P256())
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(p.serial.Add(1)),
+		Subject:      pkix.Name{CommonName: "signer test leaf"},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(24 * time.Hour),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{usage},
+	}
+	for _, n := range names {
+		if strings.Contains(n, "://") {
+			u, err := url.Parse(n)
+			if err != nil {
+				panic(err)
+			}
+			tmpl.URIs = append(tmpl.URIs, u)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, n)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.ca, key.Public(), p.caKey)
+	if err != nil {
+		panic(err)
+	}
+	leaf, _ := x509.ParseCertificate(der)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
+}
+
+func (p *testPKI) serverTLS() *tls.Config {
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		ClientCAs:    p.pool,
+		Certificates: []tls.Certificate{p.server},
+	}
+}
+
+func (p *testPKI) clientTLS(names ...string) *tls.Config {
+	return &tls.Config{
+		MinVersion:   tls.VersionTLS13,
+		ServerName:   "keyserver.test",
+		RootCAs:      p.pool,
+		Certificates: []tls.Certificate{p.issue(x509.ExtKeyUsageClientAuth, names...)},
+	}
+}
+
+// edgeLeaves caches edgeContext's certificates by their names, so that a
+// context with a short deadline is not spent issuing one.
+var edgeLeaves sync.Map
+
+// edgeContext returns ctx as a handler sees it for a request from an edge
+// whose verified certificate has the given names, for calling handlers
+// directly.
+func edgeContext(ctx context.Context, names ...string) context.Context {
+	key := strings.Join(names, "\x00")
+	v, ok := edgeLeaves.Load(key)
+	if !ok {
+		v, _ = edgeLeaves.LoadOrStore(key, thePKI().issue(x509.ExtKeyUsageClientAuth, names...).Leaf)
+	}
+	leaf := v.(*x509.Certificate)
+	return peer.NewContext(ctx, &peer.Peer{
+		Addr: &net.TCPAddr{IP: net.IPv4(192, 0, 2, 7), Port: 40000},
+		AuthInfo: credentials.TLSInfo{State: tls.ConnectionState{
+			PeerCertificates: []*x509.Certificate{leaf},
+			VerifiedChains:   [][]*x509.Certificate{{leaf, thePKI().ca}},
+		}},
+	})
+}
+
+func TestCertificateNames(t *testing.T) {
+	leaf := thePKI().issue(x509.ExtKeyUsageClientAuth, "Edge-1.Example.COM.", "spiffe://example.com/edge/1", "b.example.com").Leaf
+	got := strings.Join(CertificateNames(leaf), " ")
+	if want := "spiffe://example.com/edge/1 edge-1.example.com b.example.com"; got != want {
+		t.Errorf("CertificateNames() = %q, want %q (URIs first, DNS names normalized)", got, want)
+	}
+	if CertificateNames(nil) != nil {
+		t.Error("CertificateNames(nil) is not nil")
+	}
+}
+
+func TestIdentify(t *testing.T) {
+	p := mustPolicy(t, `
+groups:
+  eu: [edge-eu-2.example.com, spiffe://example.com/edge/eu-1]
+rules:
+  - name: eu
+    identities: [group:eu]
+    keys: ["*"]
+    operations: [sign]
+    schemes: [default]
+`)
+	tests := []struct {
+		names []string
+		want  string
+	}{
+		{[]string{"spiffe://example.com/edge/eu-1", "edge-eu-2.example.com"}, "spiffe://example.com/edge/eu-1"},
+		{[]string{"spiffe://example.com/edge/other", "edge-eu-2.example.com"}, "edge-eu-2.example.com"},
+		{[]string{"spiffe://example.com/edge/EU-1"}, ""}, // URIs are exact
+		{[]string{"edge-eu-3.example.com"}, ""},
+		{nil, ""},
+	}
+	for _, tt := range tests {
+		got, ok := p.Identify(tt.names)
+		if got != tt.want || ok != (tt.want != "") {
+			t.Errorf("Identify(%q) = %q, %t, want %q", tt.names, got, ok, tt.want)
+		}
+	}
+	if got := strings.Join(p.Identities(), " "); got != "edge-eu-2.example.com spiffe://example.com/edge/eu-1" {
+		t.Errorf("Identities() = %q", got)
+	}
+}
+
+func TestCheckPeer(t *testing.T) {
+	svc, err := NewService(Config{Keys: newTestMemoryStore(t), Policy: testPolicy(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pki := thePKI()
+	if err := svc.CheckPeer(pki.issue(x509.ExtKeyUsageClientAuth, "other.example", testIdentity).Leaf); err != nil {
+		t.Errorf("CheckPeer(listed) = %v", err)
+	}
+	err = svc.CheckPeer(pki.issue(x509.ExtKeyUsageClientAuth, "stranger.example", "spiffe://test.example/edge/2").Leaf)
+	if err == nil || !strings.Contains(err.Error(), "stranger.example") || !strings.Contains(err.Error(), "spiffe://test.example/edge/2") {
+		t.Errorf("CheckPeer(unlisted) = %v, want an error naming the presented names", err)
+	}
+	if err := svc.CheckPeer(pki.issue(x509.ExtKeyUsageClientAuth).Leaf); err == nil || !strings.Contains(err.Error(), "no DNS or URI name") {
+		t.Errorf("CheckPeer(no names) = %v", err)
+	}
+}

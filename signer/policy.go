@@ -1,0 +1,824 @@
+package signer
+
+import (
+	"bytes"
+	"crypto"
+	"crypto/x509"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net/url"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+	"unicode"
+	"unicode/utf8"
+
+	"go.yaml.in/yaml/v3"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+)
+
+// Operations a policy rule can allow.
+const (
+	// OpSign is a Sign request: a TLS handshake signature.
+	OpSign = "sign"
+	// OpDecrypt is a Decrypt request: a TLS 1.2 RSA premaster decryption.
+	OpDecrypt = "decrypt"
+)
+
+// Policy decides who may use the keyserver: which client identities are
+// admitted at all (the allow-list: every identity a rule names), and, for
+// each of them, which keys, operations and signature schemes it may use.
+// Anything a rule does not allow is denied.
+//
+// A Policy is parsed from YAML by [ParsePolicy]; the format is described
+// in the README's security section and in docs/SECURITY.md. It is immutable
+// and safe for concurrent use.
+type Policy struct {
+	source string
+	rules  []*policyRule
+	quotas []*policyQuota
+	groups map[string][]string
+	// unusedGroups are groups no rule or quota refers to, sorted.
+	unusedGroups []string
+	// listed holds every identity that some rule names, in normalized form.
+	listed map[string]bool
+	// certs maps key ids to the normalized DNS names of their certificates,
+	// for cert: patterns; see [Policy.WithCertificates].
+	certs map[KeyID][]string
+}
+
+type policyRule struct {
+	name       string
+	line       int
+	identities map[string]bool
+	keys       []keyPattern
+	sign       bool
+	decrypt    bool
+	schemes    map[keylessv1.SignatureAlgorithm]bool
+}
+
+type policyQuota struct {
+	name       string
+	line       int
+	identities map[string]bool
+	quota      Quota
+}
+
+// keyPattern is one entry of a rule's keys.
+type keyPattern struct {
+	text  string // as written, for messages
+	kind  string // "*", "id", "label" or "cert"
+	id    KeyID
+	value string // the label, or the normalized certificate name pattern
+}
+
+// The YAML document. Field names are what operators write.
+type policyFile struct {
+	Groups map[string][]string `yaml:"groups"`
+	Rules  []ruleFile          `yaml:"rules"`
+	Quotas []quotaFile         `yaml:"quotas"`
+}
+
+type ruleFile struct {
+	Name       string   `yaml:"name"`
+	Identities []string `yaml:"identities"`
+	Keys       []string `yaml:"keys"`
+	Operations []string `yaml:"operations"`
+	Schemes    []string `yaml:"schemes"`
+}
+
+type quotaFile struct {
+	Name        string   `yaml:"name"`
+	Identities  []string `yaml:"identities"`
+	MaxInFlight *int     `yaml:"max_inflight"`
+	Rate        *float64 `yaml:"rate"`
+	Burst       *int     `yaml:"burst"`
+}
+
+// yamlTypes names the document's parts in yaml's strict-decoding errors,
+// with the fields each may have.
+var yamlTypes = map[string]string{
+	"signer.policyFile": "the policy (want groups, rules, quotas)",
+	"signer.ruleFile":   "a rule (want name, identities, keys, operations, schemes)",
+	"signer.quotaFile":  "a quota (want name, identities, max_inflight, rate, burst)",
+}
+
+var (
+	unknownFieldRE = regexp.MustCompile(`^line (\d+): field (.+) not found in type (\S+)$`)
+	nameRE         = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$`)
+)
+
+// maxIdentityLen bounds a literal identity; certificate names are far
+// shorter in practice.
+const maxIdentityLen = 1024
+
+// PolicyError reports a policy document that cannot be used. Line is the
+// line of the offending part (0 if unknown), Where names it ("rule
+// \"eu-web\": keys[1]") and Reason says what is wrong.
+type PolicyError struct {
+	Source string
+	Line   int
+	Where  string
+	Reason string
+}
+
+func (e *PolicyError) Error() string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "signer: policy %s", e.Source)
+	if e.Line > 0 {
+		fmt.Fprintf(&b, ": line %d", e.Line)
+	}
+	if e.Where != "" {
+		fmt.Fprintf(&b, ": %s", e.Where)
+	}
+	fmt.Fprintf(&b, ": %s", e.Reason)
+	return b.String()
+}
+
+// ParsePolicy parses a YAML policy document. source names it in errors
+// (usually the file name). Decoding is strict: unknown fields, values of
+// the wrong type, duplicate keys and a second document are errors naming
+// the line. The rules are then checked, and the first problem is returned
+// as a *[PolicyError] naming the rule and field: a missing or duplicate
+// name, an identity that is neither a DNS name nor a URI, an unknown group,
+// a key pattern that is not "*", id:<64 hex digits>, label:<label> or
+// cert:<name or *.name>, an unknown operation or scheme, schemes on a rule
+// that does not allow sign, and quotas out of range. A document without
+// rules is an error too: it would deny everything.
+func ParsePolicy(source string, data []byte) (*Policy, error) {
+	perr := func(line int, where, format string, args ...any) error {
+		return &PolicyError{Source: source, Line: line, Where: where, Reason: fmt.Sprintf(format, args...)}
+	}
+	if !utf8.Valid(data) {
+		return nil, perr(0, "", "not valid UTF-8")
+	}
+	var f policyFile
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&f); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, perr(0, "", "the document is empty; a policy needs at least one rule (everything else is denied)")
+		}
+		return nil, perr(0, "", "%s", yamlError(err))
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return nil, perr(extra.Line, "", "a policy is one YAML document; remove everything after the first \"---\" separator")
+	}
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, perr(0, "", "%s", yamlError(err))
+	}
+	lines := sectionLines(&root)
+
+	p := &Policy{source: source, groups: make(map[string][]string), listed: make(map[string]bool)}
+
+	// Groups.
+	groupNames := make([]string, 0, len(f.Groups))
+	for name := range f.Groups {
+		groupNames = append(groupNames, name)
+	}
+	sort.Strings(groupNames)
+	for _, name := range groupNames {
+		where := fmt.Sprintf("groups: %q", name)
+		line := lines.group[name]
+		if !nameRE.MatchString(name) {
+			return nil, perr(line, where, "a group name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+		}
+		members := f.Groups[name]
+		if len(members) == 0 {
+			return nil, perr(line, where, "the group is empty")
+		}
+		for i, m := range members {
+			if strings.HasPrefix(m, "group:") {
+				return nil, perr(line, fmt.Sprintf("%s[%d]", where, i), "%q: a group holds identities, not other groups", m)
+			}
+			id, err := parseIdentity(m)
+			if err != nil {
+				return nil, perr(line, fmt.Sprintf("%s[%d]", where, i), "%v", err)
+			}
+			p.groups[name] = append(p.groups[name], id)
+		}
+	}
+	used := make(map[string]bool)
+	expand := func(line int, where string, list []string) (map[string]bool, error) {
+		if len(list) == 0 {
+			return nil, perr(line, where, "is empty or missing; name at least one identity or group:NAME")
+		}
+		out := make(map[string]bool)
+		for i, s := range list {
+			if g, ok := strings.CutPrefix(s, "group:"); ok {
+				members, ok := p.groups[g]
+				used[g] = true
+				if !ok {
+					return nil, perr(line, fmt.Sprintf("%s[%d]", where, i), "%q: no such group (groups: %s)", s, strings.Join(groupNames, ", "))
+				}
+				for _, m := range members {
+					out[m] = true
+				}
+				continue
+			}
+			id, err := parseIdentity(s)
+			if err != nil {
+				return nil, perr(line, fmt.Sprintf("%s[%d]", where, i), "%v", err)
+			}
+			out[id] = true
+		}
+		return out, nil
+	}
+
+	// Rules.
+	if len(f.Rules) == 0 {
+		return nil, perr(0, "rules", "there are no rules; everything would be denied")
+	}
+	seen := make(map[string]int)
+	for i, rf := range f.Rules {
+		line := lines.rule(i)
+		where := fmt.Sprintf("rules[%d]", i)
+		if rf.Name == "" {
+			return nil, perr(line, where, "name is missing; every rule needs a name, which denials and the audit trail report")
+		}
+		if !nameRE.MatchString(rf.Name) {
+			return nil, perr(line, where+": name", "%q: a rule name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit", rf.Name)
+		}
+		where = fmt.Sprintf("rule %q", rf.Name)
+		if prev, dup := seen[rf.Name]; dup {
+			return nil, perr(line, where, "the name is also used by rules[%d]; rule names must be unique", prev)
+		}
+		seen[rf.Name] = i
+		r := &policyRule{name: rf.Name, line: line}
+		var err error
+		if r.identities, err = expand(line, where+": identities", rf.Identities); err != nil {
+			return nil, err
+		}
+		for id := range r.identities {
+			p.listed[id] = true
+		}
+		if len(rf.Keys) == 0 {
+			return nil, perr(line, where+": keys", "is empty or missing; name keys as id:<key id>, label:<CKA_LABEL>, cert:<certificate name> or \"*\" for every key")
+		}
+		for j, k := range rf.Keys {
+			kp, err := parseKeyPattern(k)
+			if err != nil {
+				return nil, perr(line, fmt.Sprintf("%s: keys[%d]", where, j), "%v", err)
+			}
+			r.keys = append(r.keys, kp)
+		}
+		if len(rf.Operations) == 0 {
+			return nil, perr(line, where+": operations", "is empty or missing; want sign, decrypt or both")
+		}
+		for j, op := range rf.Operations {
+			switch op {
+			case OpSign:
+				r.sign = true
+			case OpDecrypt:
+				r.decrypt = true
+			default:
+				return nil, perr(line, fmt.Sprintf("%s: operations[%d]", where, j), "%q is not an operation; want sign or decrypt", op)
+			}
+		}
+		switch {
+		case r.sign && len(rf.Schemes) == 0:
+			return nil, perr(line, where+": schemes", "is empty or missing, but the rule allows sign; write [default] for every scheme but SHA-1, or name schemes")
+		case !r.sign && len(rf.Schemes) > 0:
+			return nil, perr(line, where+": schemes", "the rule does not allow sign, so schemes would mean nothing; remove them or add sign to operations")
+		}
+		if r.sign {
+			r.schemes = make(map[keylessv1.SignatureAlgorithm]bool)
+			for j, s := range rf.Schemes {
+				algs, err := parseSchemes(s)
+				if err != nil {
+					return nil, perr(line, fmt.Sprintf("%s: schemes[%d]", where, j), "%v", err)
+				}
+				for _, a := range algs {
+					r.schemes[a] = true
+				}
+			}
+		}
+		p.rules = append(p.rules, r)
+	}
+
+	// Quotas.
+	seen = make(map[string]int)
+	for i, qf := range f.Quotas {
+		line := lines.quota(i)
+		where := fmt.Sprintf("quotas[%d]", i)
+		if qf.Name == "" {
+			return nil, perr(line, where, "name is missing; every quota needs a name, which refusals report")
+		}
+		if !nameRE.MatchString(qf.Name) {
+			return nil, perr(line, where+": name", "%q: a quota name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit", qf.Name)
+		}
+		where = fmt.Sprintf("quota %q", qf.Name)
+		if prev, dup := seen[qf.Name]; dup {
+			return nil, perr(line, where, "the name is also used by quotas[%d]; quota names must be unique", prev)
+		}
+		seen[qf.Name] = i
+		q := &policyQuota{name: qf.Name, line: line}
+		var err error
+		if q.identities, err = expand(line, where+": identities", qf.Identities); err != nil {
+			return nil, err
+		}
+		if qf.MaxInFlight == nil && qf.Rate == nil {
+			return nil, perr(line, where, "sets no limit; give max_inflight, rate or both")
+		}
+		if qf.MaxInFlight != nil {
+			if *qf.MaxInFlight < 1 {
+				return nil, perr(line, where+": max_inflight", "is %d; it must be at least 1", *qf.MaxInFlight)
+			}
+			q.quota.MaxInFlight = *qf.MaxInFlight
+		}
+		if qf.Rate != nil {
+			if r := *qf.Rate; !(r > 0) || math.IsInf(r, 0) {
+				return nil, perr(line, where+": rate", "is %v; it must be a positive number of operations per second", r)
+			}
+			q.quota.Rate = *qf.Rate
+		}
+		if qf.Burst != nil {
+			if qf.Rate == nil {
+				return nil, perr(line, where+": burst", "needs a rate; burst is how many operations may go at once above the rate")
+			}
+			if *qf.Burst < 1 {
+				return nil, perr(line, where+": burst", "is %d; it must be at least 1", *qf.Burst)
+			}
+			q.quota.Burst = *qf.Burst
+		}
+		p.quotas = append(p.quotas, q)
+	}
+	for _, g := range groupNames {
+		if !used[g] {
+			p.unusedGroups = append(p.unusedGroups, g)
+		}
+	}
+	return p, nil
+}
+
+// yamlError rewrites yaml's strict-decoding messages in the policy's own
+// terms.
+func yamlError(err error) string {
+	var te *yaml.TypeError
+	if !errors.As(err, &te) {
+		return strings.TrimPrefix(err.Error(), "yaml: ")
+	}
+	msgs := make([]string, 0, len(te.Errors))
+	for _, m := range te.Errors {
+		if sm := unknownFieldRE.FindStringSubmatch(m); sm != nil {
+			in := yamlTypes[sm[3]]
+			if in == "" {
+				in = sm[3]
+			}
+			m = fmt.Sprintf("line %s: unknown field %q in %s", sm[1], sm[2], in)
+		}
+		msgs = append(msgs, m)
+	}
+	return strings.Join(msgs, "; ")
+}
+
+// policyLines are the lines of the document's parts, for messages.
+type policyLines struct {
+	group         map[string]int
+	rules, quotas []int
+}
+
+func (l policyLines) rule(i int) int {
+	if i < len(l.rules) {
+		return l.rules[i]
+	}
+	return 0
+}
+
+func (l policyLines) quota(i int) int {
+	if i < len(l.quotas) {
+		return l.quotas[i]
+	}
+	return 0
+}
+
+func sectionLines(root *yaml.Node) policyLines {
+	l := policyLines{group: make(map[string]int)}
+	if root.Kind != yaml.DocumentNode || len(root.Content) == 0 || root.Content[0].Kind != yaml.MappingNode {
+		return l
+	}
+	m := root.Content[0].Content
+	for i := 0; i+1 < len(m); i += 2 {
+		k, v := m[i], m[i+1]
+		switch k.Value {
+		case "groups":
+			if v.Kind == yaml.MappingNode {
+				for j := 0; j+1 < len(v.Content); j += 2 {
+					l.group[v.Content[j].Value] = v.Content[j].Line
+				}
+			}
+		case "rules", "quotas":
+			var lines []int
+			if v.Kind == yaml.SequenceNode {
+				for _, item := range v.Content {
+					lines = append(lines, item.Line)
+				}
+			}
+			if k.Value == "rules" {
+				l.rules = lines
+			} else {
+				l.quotas = lines
+			}
+		}
+	}
+	return l
+}
+
+// parseIdentity checks a literal identity and returns its normalized form:
+// a URI (such as a SPIFFE id) exactly as written, or a DNS name in lower
+// case without a trailing dot.
+func parseIdentity(s string) (string, error) {
+	switch {
+	case s == "":
+		return "", errors.New("an identity is empty")
+	case len(s) > maxIdentityLen:
+		return "", fmt.Errorf("an identity is %d bytes; at most %d are allowed", len(s), maxIdentityLen)
+	case strings.ContainsFunc(s, func(r rune) bool { return unicode.IsSpace(r) || unicode.IsControl(r) }):
+		return "", fmt.Errorf("identity %q contains white space or control characters", s)
+	case strings.Contains(s, "*"):
+		return "", fmt.Errorf("identity %q has a wildcard; identities are the exact DNS or URI names of edge certificates (use a group to name several)", s)
+	}
+	if strings.Contains(s, "://") {
+		u, err := url.Parse(s)
+		if err != nil || u.Scheme == "" || u.Host == "" {
+			return "", fmt.Errorf("identity %q is not a URI with a scheme and a host, such as spiffe://example.com/edge/1", s)
+		}
+		return s, nil
+	}
+	if strings.Contains(s, ":") || strings.Contains(s, "/") {
+		return "", fmt.Errorf("identity %q is neither a DNS name nor a URI (scheme://host/...); for a group write group:NAME", s)
+	}
+	n := normalizeDNSName(s)
+	if n == "" || strings.HasPrefix(n, ".") || strings.Contains(n, "..") {
+		return "", fmt.Errorf("identity %q is not a DNS name", s)
+	}
+	return n, nil
+}
+
+func normalizeDNSName(s string) string { return strings.ToLower(strings.TrimSuffix(s, ".")) }
+
+func parseKeyPattern(s string) (keyPattern, error) {
+	if s == "*" {
+		return keyPattern{text: s, kind: "*"}, nil
+	}
+	kind, v, ok := strings.Cut(s, ":")
+	if !ok {
+		return keyPattern{}, fmt.Errorf("%q: want id:<key id>, label:<CKA_LABEL>, cert:<certificate name> or \"*\"", s)
+	}
+	kp := keyPattern{text: s, kind: kind}
+	switch kind {
+	case "id":
+		id, err := ParseKeyID(strings.ToLower(v))
+		if err != nil {
+			return kp, fmt.Errorf("%q: a key id is the 64 hex digits that \"keyserver keys list\" shows", s)
+		}
+		kp.id = id
+	case "label":
+		if v == "" {
+			return kp, fmt.Errorf("%q: the label is empty", s)
+		}
+		kp.value = v
+	case "cert":
+		n := normalizeDNSName(v)
+		rest, wild := strings.CutPrefix(strings.ToLower(v), "*.")
+		rest = strings.TrimSuffix(rest, ".")
+		switch {
+		case n == "":
+			return kp, fmt.Errorf("%q: the certificate name is empty", s)
+		case wild && rest == "":
+			return kp, fmt.Errorf("%q: nothing follows the wildcard", s)
+		case strings.Contains(rest, "*"):
+			return kp, fmt.Errorf("%q: a wildcard may only be the whole first label, as in cert:*.example.com", s)
+		}
+		kp.value = n
+	default:
+		return kp, fmt.Errorf("%q: unknown kind %q; want id:, label:, cert: or \"*\"", s, kind)
+	}
+	return kp, nil
+}
+
+// SchemeName returns the name a policy and the audit trail use for a
+// signature algorithm: the proto enum name without its prefix, in lower
+// case ("rsa_pss_rsae_sha256", "ecdsa_sha256", "ed25519"). Unknown values
+// are shown as their number.
+func SchemeName(wire keylessv1.SignatureAlgorithm) string {
+	if _, ok := keylessv1.SignatureAlgorithm_name[int32(wire)]; !ok {
+		return fmt.Sprintf("%d", int32(wire))
+	}
+	return strings.ToLower(strings.TrimPrefix(wire.String(), "SIGNATURE_ALGORITHM_"))
+}
+
+// schemeAliases are the RFC 8446 names of the ECDSA schemes, accepted in a
+// policy for the TLS 1.2-style names the wire uses.
+var schemeAliases = map[string]string{
+	"ecdsa_secp256r1_sha256": "ecdsa_sha256",
+	"ecdsa_secp384r1_sha384": "ecdsa_sha384",
+	"ecdsa_secp521r1_sha512": "ecdsa_sha512",
+}
+
+// parseSchemes resolves one entry of a rule's schemes: "default" (every
+// scheme but the SHA-1 ones) or one scheme's name.
+func parseSchemes(s string) ([]keylessv1.SignatureAlgorithm, error) {
+	name := strings.ToLower(s)
+	if name == "default" {
+		var out []keylessv1.SignatureAlgorithm
+		for _, a := range algorithms {
+			if !a.Legacy {
+				out = append(out, a.Wire)
+			}
+		}
+		return out, nil
+	}
+	if alias, ok := schemeAliases[name]; ok {
+		name = alias
+	}
+	for _, a := range algorithms {
+		if SchemeName(a.Wire) == name {
+			return []keylessv1.SignatureAlgorithm{a.Wire}, nil
+		}
+	}
+	if strings.Contains(name, "md5") {
+		return nil, fmt.Errorf("%q: MD5-SHA1 signatures exist only in TLS 1.0 and 1.1, which edges do not speak; the keyserver has no such operation", s)
+	}
+	var names []string
+	for _, a := range algorithms {
+		names = append(names, SchemeName(a.Wire))
+	}
+	return nil, fmt.Errorf("%q is not a signature scheme; want default or one of %s", s, strings.Join(names, ", "))
+}
+
+// WithCertificates returns a copy of the policy whose cert: patterns match
+// the keys of the given certificates: names maps a key id to the DNS names
+// of the certificates that use the key. Without it, cert: patterns match
+// nothing. Names are compared case-insensitively, without a trailing dot.
+func (p *Policy) WithCertificates(names map[KeyID][]string) *Policy {
+	q := *p
+	q.certs = make(map[KeyID][]string, len(names))
+	for id, list := range names {
+		for _, n := range list {
+			if n = normalizeDNSName(n); n != "" && !slices.Contains(q.certs[id], n) {
+				q.certs[id] = append(q.certs[id], n)
+			}
+		}
+	}
+	return &q
+}
+
+// CertificateNames returns the names a client certificate presents as its
+// identity, in the order a policy considers them: its URI SANs (such as a
+// SPIFFE id) as written, then its DNS SANs in lower case without a
+// trailing dot. The subject common name is not used.
+func CertificateNames(cert *x509.Certificate) []string {
+	if cert == nil {
+		return nil
+	}
+	var names []string
+	for _, u := range cert.URIs {
+		names = append(names, u.String())
+	}
+	for _, d := range cert.DNSNames {
+		names = append(names, normalizeDNSName(d))
+	}
+	return names
+}
+
+// Identify returns the first of names (as [CertificateNames] orders them)
+// that the policy names in a rule: the caller's identity. It returns false
+// if none is on this allow-list.
+func (p *Policy) Identify(names []string) (string, bool) {
+	for _, n := range names {
+		if p.listed[n] {
+			return n, true
+		}
+	}
+	return "", false
+}
+
+// Identities returns the allow-list: every identity some rule names,
+// sorted.
+func (p *Policy) Identities() []string {
+	out := make([]string, 0, len(p.listed))
+	for id := range p.listed {
+		out = append(out, id)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// keyRef is what the policy knows of a key.
+type keyRef struct {
+	id    KeyID
+	label string
+}
+
+func refOf(id KeyID, key crypto.Signer) keyRef {
+	r := keyRef{id: id}
+	if d, ok := key.(Describer); ok {
+		r.label = d.Label()
+	}
+	return r
+}
+
+func (p *Policy) matchKey(kp keyPattern, k keyRef) bool {
+	switch kp.kind {
+	case "*":
+		return true
+	case "id":
+		return kp.id == k.id
+	case "label":
+		return k.label != "" && kp.value == k.label
+	case "cert":
+		for _, n := range p.certs[k.id] {
+			if matchCertName(kp.value, n) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// matchCertName reports whether a certificate name matches a pattern, both
+// normalized: "*.example.com" matches "a.example.com" and the wildcard
+// certificate name "*.example.com" itself, but neither "example.com" nor
+// "a.b.example.com"; any other pattern matches only the same name.
+func matchCertName(pattern, name string) bool {
+	if pattern == name {
+		return true
+	}
+	suffix, ok := strings.CutPrefix(pattern, "*.")
+	if !ok {
+		return false
+	}
+	label, rest, found := strings.Cut(name, ".")
+	return found && label != "" && label != "*" && rest == suffix
+}
+
+// rulesFor returns the rules that name identity and match key, in file
+// order.
+func (p *Policy) rulesFor(identity string, k keyRef) []*policyRule {
+	var out []*policyRule
+	for _, r := range p.rules {
+		if !r.identities[identity] {
+			continue
+		}
+		for _, kp := range r.keys {
+			if p.matchKey(kp, k) {
+				out = append(out, r)
+				break
+			}
+		}
+	}
+	return out
+}
+
+// authorize decides whether identity may perform op (with alg, for sign)
+// with key k. It returns the name of the rule that allows it, or a
+// *PermissionError naming the rule that applied (the first rule for this
+// identity and key), or saying that no rule covers the key.
+func (p *Policy) authorize(identity string, k keyRef, op string, alg Algorithm) (string, error) {
+	rules := p.rulesFor(identity, k)
+	if len(rules) == 0 {
+		return "", &PermissionError{Identity: identity, Reason: fmt.Sprintf("no rule allows identity %q to use key %s", identity, FormatKeyID(k.id))}
+	}
+	for _, r := range rules {
+		switch {
+		case op == OpDecrypt && r.decrypt:
+			return r.name, nil
+		case op == OpSign && r.sign && r.schemes[alg.Wire]:
+			return r.name, nil
+		}
+	}
+	if op == OpDecrypt {
+		return rules[0].name, &PermissionError{Identity: identity, Rule: rules[0].name,
+			Reason: fmt.Sprintf("%s not allow decrypt with key %s (premaster decryption must be named in operations)", ruleNames(rules), FormatKeyID(k.id))}
+	}
+	var signers []*policyRule
+	for _, r := range rules {
+		if r.sign {
+			signers = append(signers, r)
+		}
+	}
+	if len(signers) == 0 {
+		return rules[0].name, &PermissionError{Identity: identity, Rule: rules[0].name,
+			Reason: fmt.Sprintf("%s not allow sign with key %s", ruleNames(rules), FormatKeyID(k.id))}
+	}
+	reason := fmt.Sprintf("%s not allow scheme %s with key %s", ruleNames(signers), SchemeName(alg.Wire), FormatKeyID(k.id))
+	if alg.Legacy {
+		reason += " (SHA-1 schemes are allowed only where a rule names them)"
+	}
+	return signers[0].name, &PermissionError{Identity: identity, Rule: signers[0].name, Reason: reason}
+}
+
+// ruleNames returns `rule "a" does` or `rules "a", "b" do`.
+func ruleNames(rules []*policyRule) string {
+	if len(rules) == 1 {
+		return fmt.Sprintf("rule %q does", rules[0].name)
+	}
+	q := make([]string, len(rules))
+	for i, r := range rules {
+		q[i] = fmt.Sprintf("%q", r.name)
+	}
+	return "rules " + strings.Join(q, ", ") + " do"
+}
+
+// grants is what the policy lets one identity do with one key: the union
+// of the rules that name both.
+type grants struct {
+	sign, decrypt bool
+	schemes       map[keylessv1.SignatureAlgorithm]bool
+}
+
+func (p *Policy) grantsFor(identity string, k keyRef) (grants, bool) {
+	rules := p.rulesFor(identity, k)
+	if len(rules) == 0 {
+		return grants{}, false
+	}
+	g := grants{schemes: make(map[keylessv1.SignatureAlgorithm]bool)}
+	for _, r := range rules {
+		g.decrypt = g.decrypt || r.decrypt
+		if r.sign {
+			g.sign = true
+			for a := range r.schemes {
+				g.schemes[a] = true
+			}
+		}
+	}
+	return g, true
+}
+
+// quotaFor returns the first quota of the policy that names identity.
+func (p *Policy) quotaFor(identity string) (*policyQuota, bool) {
+	for _, q := range p.quotas {
+		if q.identities[identity] {
+			return q, true
+		}
+	}
+	return nil, false
+}
+
+// Lint returns warnings about a policy that parses but probably does not
+// do what its author meant, given the keys the keyserver holds: a cert:
+// pattern that no certificate name matches (the keyserver was given no
+// certificates, or none with that name), id: and label: patterns that match
+// no key, identities named only by quotas, and unused groups. The keyserver
+// logs them at startup.
+func (p *Policy) Lint(keys []crypto.Signer) []string {
+	var warnings []string
+	refs := make([]keyRef, 0, len(keys))
+	for _, k := range keys {
+		if id, err := KeyIDOf(k.Public()); err == nil {
+			refs = append(refs, refOf(id, k))
+		}
+	}
+	for _, r := range p.rules {
+		for _, kp := range r.keys {
+			if kp.kind == "*" {
+				continue
+			}
+			if slices.ContainsFunc(refs, func(k keyRef) bool { return p.matchKey(kp, k) }) {
+				continue
+			}
+			msg := fmt.Sprintf("policy %s: line %d: rule %q: key pattern %q matches no key the keyserver holds", p.source, r.line, r.name, kp.text)
+			if kp.kind == "cert" {
+				if len(p.certs) == 0 {
+					msg += " (the keyserver was given no certificates, so cert: patterns match nothing; give it -certs DIR)"
+				} else {
+					msg += " (no certificate given to the keyserver has a matching DNS name for a key it holds)"
+				}
+			}
+			warnings = append(warnings, msg)
+		}
+	}
+	for _, q := range p.quotas {
+		for id := range q.identities {
+			if !p.listed[id] {
+				warnings = append(warnings, fmt.Sprintf("policy %s: line %d: quota %q names identity %q, which no rule allows", p.source, q.line, q.name, id))
+			}
+		}
+	}
+	for _, g := range p.unusedGroups {
+		warnings = append(warnings, fmt.Sprintf("policy %s: group %q is used by no rule or quota", p.source, g))
+	}
+	return warnings
+}
+
+// String describes the policy for the startup log: its source and counts.
+func (p *Policy) String() string {
+	return fmt.Sprintf("policy %s: %d rules, %d identities, %d quotas", p.source, len(p.rules), len(p.listed), len(p.quotas))
+}
+
+// hexKeyID returns the hex form of a 32-byte key id, or "" for anything
+// else.
+func hexKeyID(b []byte) string {
+	if len(b) != len(KeyID{}) {
+		return ""
+	}
+	return hex.EncodeToString(b)
+}
