@@ -4,7 +4,7 @@
 GO ?= go
 export PATH := $(CURDIR)/bin:$(PATH)
 
-.PHONY: all build test demo proto lint fuzz clean
+.PHONY: all build test demo proto lint fuzz bench soak clean
 
 all: build
 
@@ -31,5 +31,25 @@ FUZZTIME ?= 10m
 fuzz:
 	scripts/fuzz.sh $(FUZZTIME)
 
+## bench: keyless against in-process keys, in one run of ~4 minutes; table on
+## stdout, JSON in BENCH_OUT (default bench-results.json); see BENCHMARKS.md.
+## BENCH_FLAGS adds flags of "keyless-bench run" (e.g. -duration 1s).
+BENCH_OUT ?= bench-results.json
+BENCH_FLAGS ?=
+bench:
+	scripts/deps.sh demo
+	$(GO) build -o bin/ ./cmd/keyserver ./cmd/edge ./cmd/keyless-bench
+	bin/keyless-bench run -bin bin -out $(BENCH_OUT) $(BENCH_FLAGS)
+
+## soak: SOAKTIME (default 10m) of mixed handshakes through an edge and two
+## keyservers, with a keyserver killed and an HSM fault in the middle; reports
+## failures and memory growth to soak-report.txt. Not part of CI; see
+## docs/RESILIENCE.md.
+SOAKTIME ?= 10m
+soak:
+	scripts/deps.sh demo
+	KEYLESS_SOAK=$(SOAKTIME) KEYLESS_SOAK_REPORT=$(CURDIR)/soak-report.txt \
+		$(GO) test -count=1 -run '^TestSoak$$' -timeout 2h -v ./e2e/
+
 clean:
-	rm -rf bin .demo bench-results.json
+	rm -rf bin .demo bench-results.json soak-report.txt

@@ -1,0 +1,379 @@
+package bench
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"io"
+	"os"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+func TestPercentile(t *testing.T) {
+	ms := func(n ...int) []time.Duration {
+		out := make([]time.Duration, len(n))
+		for i, v := range n {
+			out[i] = time.Duration(v) * time.Millisecond
+		}
+		return out
+	}
+	hundred := make([]time.Duration, 100)
+	for i := range hundred {
+		hundred[i] = time.Duration(i+1) * time.Millisecond
+	}
+	tests := []struct {
+		name   string
+		sorted []time.Duration
+		p      float64
+		want   time.Duration
+	}{
+		{"empty", nil, 50, 0},
+		{"one", ms(7), 50, 7 * time.Millisecond},
+		{"one p99", ms(7), 99, 7 * time.Millisecond},
+		{"median of odd", ms(1, 2, 3, 4, 5), 50, 3 * time.Millisecond},
+		{"median of even", ms(1, 2, 3, 4), 50, 2 * time.Millisecond},
+		{"p99 of 100", hundred, 99, 99 * time.Millisecond},
+		{"p50 of 100", hundred, 50, 50 * time.Millisecond},
+		{"p100", hundred, 100, 100 * time.Millisecond},
+		{"p99 of 10 is the max", ms(1, 2, 3, 4, 5, 6, 7, 8, 9, 10), 99, 10 * time.Millisecond},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := Percentile(tt.sorted, tt.p); got != tt.want {
+				t.Errorf("Percentile(%v, %v) = %v, want %v", tt.sorted, tt.p, got, tt.want)
+			}
+		})
+	}
+}
+
+func TestLoadRun(t *testing.T) {
+	var calls atomic.Int64
+	l := &Load{Name: "sleep", Concurrency: 2, Warmup: 20 * time.Millisecond, Duration: 200 * time.Millisecond,
+		Op: func(ctx context.Context, w int) error {
+			calls.Add(1)
+			time.Sleep(2 * time.Millisecond)
+			return nil
+		}}
+	r, err := l.Run(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Two workers of ~2 ms operations for 200 ms: at most 200 operations.
+	if r.Ops < 20 || r.Ops > 200 || r.Errors != 0 {
+		t.Errorf("Run() = %d ops, %d errors; want 20 to 200 ops and no error", r.Ops, r.Errors)
+	}
+	if r.Ops >= calls.Load() {
+		t.Errorf("Run() counted %d ops of %d calls; the warm-up must not be counted", r.Ops, calls.Load())
+	}
+	if r.P50us < 2000 || r.P99us < r.P50us {
+		t.Errorf("Run() p50 %v µs, p99 %v µs; want p50 >= 2000 µs and p99 >= p50", r.P50us, r.P99us)
+	}
+	if want := float64(r.Ops) / 0.2; r.OpsPerSec < want*0.99 || r.OpsPerSec > want*1.01 {
+		t.Errorf("Run() OpsPerSec = %v, want %v", r.OpsPerSec, want)
+	}
+	if r.Seconds != 0.2 || r.Concurrency != 2 || r.Name != "sleep" {
+		t.Errorf("Run() = %+v; want name, concurrency and window of the load", r)
+	}
+}
+
+func TestLoadRunErrors(t *testing.T) {
+	l := &Load{Name: "fail", Concurrency: 4, Duration: 5 * time.Second,
+		Op: func(ctx context.Context, w int) error { return errors.New("boom") }}
+	start := time.Now()
+	r, err := l.Run(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if time.Since(start) > 3*time.Second {
+		t.Errorf("a load that only fails ran for %v; it must stop early", time.Since(start))
+	}
+	if r.Ops != 0 || r.Errors == 0 || r.FirstError != "boom" {
+		t.Errorf("Run() = %d ops, %d errors, first %q; want 0 ops, errors, first \"boom\"", r.Ops, r.Errors, r.FirstError)
+	}
+}
+
+func TestLoadValidate(t *testing.T) {
+	op := func(context.Context, int) error { return nil }
+	for _, l := range []Load{
+		{Concurrency: 0, Duration: time.Second, Op: op},
+		{Concurrency: 1, Duration: 0, Op: op},
+		{Concurrency: 1, Duration: time.Second, Warmup: -1, Op: op},
+		{Concurrency: 1, Duration: time.Second},
+	} {
+		if err := l.Validate(); err == nil {
+			t.Errorf("Validate(%+v) = nil, want an error", l)
+		}
+	}
+}
+
+func TestParseRunFlags(t *testing.T) {
+	t.Setenv("BENCH_OUT", "")
+	c, err := parseRunFlags(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Out != "bench-results.json" || c.Duration != 1500*time.Millisecond || c.MemConns != 5000 || len(c.Scenarios) != 0 {
+		t.Errorf("defaults = %+v", c)
+	}
+	if !equalInts(c.KeyopsConcurrency, []int{1, 8, 64}) || !equalInts(c.HandshakeConcurrency, []int{1, 8, 32}) ||
+		!equalInts(c.InprocExtraConcurrency, []int{2, 4}) {
+		t.Errorf("default concurrencies = %v, %v, %v", c.KeyopsConcurrency, c.HandshakeConcurrency, c.InprocExtraConcurrency)
+	}
+
+	t.Setenv("BENCH_OUT", "/tmp/x.json")
+	c, err = parseRunFlags([]string{"-duration", "200ms", "-concurrency", "1", "-scenarios", "keyops/ecdsa, resume",
+		"-inproc-extra-concurrency", "", "-keyserver-flags", "-max-concurrent 2"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Out != "/tmp/x.json" || c.Duration != 200*time.Millisecond || !equalInts(c.KeyopsConcurrency, []int{1}) ||
+		!equalInts(c.HandshakeConcurrency, []int{1}) || c.InprocExtraConcurrency != nil {
+		t.Errorf("parsed = %+v", c)
+	}
+	if strings.Join(c.KeyserverFlags, " ") != "-max-concurrent 2" {
+		t.Errorf("KeyserverFlags = %q", c.KeyserverFlags)
+	}
+	for item, want := range map[string]bool{
+		"keyops/ecdsa-p256-sign": true, "keyops/rsa2048-decrypt": false, "resume/tls13": true, "handshake/tls13-ecdsa": false,
+	} {
+		if got := c.selected(item); got != want {
+			t.Errorf("selected(%q) = %t, want %t", item, got, want)
+		}
+	}
+
+	for _, bad := range [][]string{
+		{"-duration", "0s"}, {"-concurrency", "0"}, {"-repeat", "0"}, {"-keyops-concurrency", "a"}, {"-mem-conns", "0"}, {"extra"},
+	} {
+		if _, err := parseRunFlags(bad, io.Discard); err == nil {
+			t.Errorf("parseRunFlags(%q) = nil error, want one", bad)
+		}
+	}
+}
+
+func equalInts(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// testResults makes results in which the targets for ECDSA are missed and
+// those for RSA signing are met.
+func testResults() *Results {
+	r := newResults()
+	res := func(n int, ops, p50 float64, cpu map[string]float64) Result {
+		return Result{Concurrency: n, OpsPerSec: ops, P50us: p50, P99us: 2 * p50, Ops: int64(ops), CPU: cpu}
+	}
+	r.add(keyopsKey("inproc", OpECDSASign, 1), res(1, 4000, 250, map[string]float64{"inproc": 250, "other": 5}))
+	r.add(keyopsKey("inproc", OpECDSASign, 2), res(2, 8000, 250, nil))
+	r.add(keyopsKey("inproc", OpECDSASign, 8), res(8, 5000, 1600, nil))
+	r.add(keyopsKey("keyless", OpECDSASign, 1), Result{Concurrency: 1, OpsPerSec: 2000, P50us: 500, EmptyP50us: 100,
+		CPU: map[string]float64{"client": 100, "keyserver": 400, "other": 9}})
+	r.add(keyopsKey("keyless", OpECDSASign, 8), res(8, 6000, 1300, nil))
+	r.add(keyopsKey("inproc", OpRSASign, 1), res(1, 900, 1100, nil))
+	r.add(keyopsKey("inproc", OpRSASign, 8), res(8, 1000, 8000, nil))
+	r.add(keyopsKey("keyless", OpRSASign, 1), Result{Concurrency: 1, OpsPerSec: 800, P50us: 1250, EmptyP50us: 100})
+	r.add(keyopsKey("keyless", OpRSASign, 8), res(8, 990, 8000, nil))
+	r.add(handshakeKey("handshake", HandshakeTLS13ECDSA, "hsm", 32), res(32, 3000, 10000, nil))
+	r.add(handshakeKey("handshake", HandshakeTLS13ECDSA, "soft", 32), res(32, 6000, 5000, nil))
+	r.add(handshakeKey("handshake", HandshakeTLS13ECDSA, "keyless", 32), res(32, 2850, 11000, nil))
+	r.add(handshakeKey("resume", ResumeTLS13, "soft", 8), res(8, 9000, 800, nil))
+	r.add(handshakeKey("resume", ResumeTLS13, "keyless", 8), res(8, 8000, 900, nil))
+	r.addMem("http1", MemSnapshot{Conns: 0, HeapInuse: 1 << 20}, MemSnapshot{Conns: 1000, HeapInuse: 1<<20 + 1000*40*1024})
+	return r
+}
+
+func TestRowsAndTargets(t *testing.T) {
+	rows := testResults().Rows()
+	byName := map[string]Row{}
+	for _, r := range rows {
+		byName[r.Name] = r
+	}
+	c1 := byName["keyops/ecdsa-p256-sign/c1"]
+	if c1.Baseline == nil || *c1.Baseline != 4000 || c1.Ratio == nil || *c1.Ratio != 0.5 || c1.EmptyCallP50us != 100 {
+		t.Errorf("c1 row = %+v", c1)
+	}
+	if c1.CPURatio == nil || *c1.CPURatio != 0.5 {
+		t.Errorf("c1 CPU ratio = %v, want 0.5 (250 / (100+400))", c1.CPURatio)
+	}
+	best := byName["keyops/ecdsa-p256-sign/best"]
+	if best.OpsPerSec != 6000 || *best.Baseline != 8000 || *best.Ratio != 0.75 {
+		t.Errorf("best row = %+v; want 6000 ÷ 8000", best)
+	}
+	if r := byName["handshake/tls13-ecdsa/c32"]; *r.Ratio != 0.95 || *r.SoftKey != 6000 || *r.SoftKeyRatio != 0.475 {
+		t.Errorf("handshake row = %+v", r)
+	}
+	if r := byName["resume/tls13/c8"]; *r.Baseline != 9000 || r.BaselineName != baselineSoft || r.SoftKey != nil {
+		t.Errorf("resume row = %+v", r)
+	}
+	if r := byName["edgemem/http1"]; r.Value == nil || *r.Value != 40 {
+		t.Errorf("memory row = %+v, want 40 KiB", r)
+	}
+
+	for _, tt := range []struct {
+		name    string
+		present bool
+		met     bool
+	}{
+		{"target/keyops-best-ratio/ecdsa-p256-sign", true, false}, // 6000/8000 = 0.75 < 0.85
+		{"target/keyops-c8-vs-best/ecdsa-p256-sign", true, true},  // c8 is the best
+		{"target/latency-c1/ecdsa-p256-sign", true, false},        // 500-250-100 = 150 > 100
+		{"target/keyops-best-ratio/rsa2048-pss-sign", true, true}, // 990/1000
+		{"target/keyops-c8-vs-best/rsa2048-pss-sign", true, true},
+		{"target/latency-c1/rsa2048-pss-sign", true, true},     // 1250-1100-100 = 50
+		{"target/handshake-c32-ratio/tls13-ecdsa", true, true}, // 0.95 >= 0.9
+		{"target/edgemem/http1", true, true},                   // 40 KiB
+		{"target/keyops-best-ratio/rsa2048-decrypt", false, false},
+		{"target/handshake-c32-ratio/tls13-rsa", false, false},
+	} {
+		r, ok := byName[tt.name]
+		if ok != tt.present {
+			t.Errorf("target %s present = %t, want %t", tt.name, ok, tt.present)
+			continue
+		}
+		if ok && (r.Met == nil || *r.Met != tt.met) {
+			t.Errorf("target %s met = %v (value %v), want %t", tt.name, *r.Met, *r.Value, tt.met)
+		}
+	}
+	if v := *byName["target/latency-c1/ecdsa-p256-sign"].Value; v != 150 {
+		t.Errorf("ECDSA latency excess = %v, want 150", v)
+	}
+}
+
+func TestJSONAndTable(t *testing.T) {
+	rows := testResults().Rows()
+	path := t.TempDir() + "/out.json"
+	if err := WriteJSONFile(path, rows); err != nil {
+		t.Fatal(err)
+	}
+	var got []map[string]any
+	data, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(data, &got); err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != len(rows) {
+		t.Fatalf("JSON has %d objects, want %d", len(got), len(rows))
+	}
+	for _, o := range got {
+		for _, f := range []string{"name", "ops_per_sec", "p50_us", "p99_us", "baseline", "ratio"} {
+			if _, ok := o[f]; !ok {
+				t.Errorf("JSON object %v has no %q", o["name"], f)
+			}
+		}
+	}
+
+	var b bytes.Buffer
+	PrintTable(&b, rows)
+	out := b.String()
+	for _, want := range []string{"KEY OPERATIONS", "FULL HANDSHAKES", "RESUMED HANDSHAKES", "EDGE MEMORY", "TARGETS",
+		"keyops/ecdsa-p256-sign/best", "0.75", "MISSED", "met", "client 100 ks 400 | other 9"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+func TestParseProcStat(t *testing.T) {
+	// Field 2 may hold spaces and parentheses.
+	line := "4242 (my (odd) prog) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 5 0 1000 0 0"
+	got, err := parseProcStat(line)
+	if err != nil || got != 325 {
+		t.Errorf("parseProcStat() = %d, %v; want 325", got, err)
+	}
+	if _, err := parseProcStat("garbage"); err == nil {
+		t.Error("parseProcStat(garbage) = nil error")
+	}
+}
+
+func TestParseMachineStat(t *testing.T) {
+	stat := "cpu  100 10 50 800 40 5 5 0 7 0\ncpu0 50 5 25 400 20 2 3 0 0 0\n"
+	busy, total, err := parseMachineStat(stat)
+	if err != nil || busy != 170 || total != 1010 {
+		t.Errorf("parseMachineStat() = %d, %d, %v; want 170, 1010", busy, total, err)
+	}
+}
+
+func TestCPUPerOp(t *testing.T) {
+	a := cpuSample{procs: map[string]uint64{"ks": 100, "client": 50}, busy: 1000, total: 2000}
+	b := cpuSample{procs: map[string]uint64{"ks": 200, "client": 100}, busy: 1180, total: 2200}
+	got, busy := cpuPerOp(a, b, 1000)
+	// 100 ticks = 1 s over 1000 ops = 1000 µs/op.
+	if got["ks"] != 1000 || got["client"] != 500 || got["other"] != 300 || busy != 0.9 {
+		t.Errorf("cpuPerOp() = %v, %v", got, busy)
+	}
+	if got, _ := cpuPerOp(a, b, 0); got != nil {
+		t.Errorf("cpuPerOp(0 ops) = %v, want nil", got)
+	}
+}
+
+func TestParseWatch(t *testing.T) {
+	got, err := parseWatch("edge=12, keyserver=34")
+	if err != nil || got["edge"] != 12 || got["keyserver"] != 34 || len(got) != 2 {
+		t.Errorf("parseWatch() = %v, %v", got, err)
+	}
+	for _, bad := range []string{"edge", "edge=x", "=3", "a=-1"} {
+		if _, err := parseWatch(bad); err == nil {
+			t.Errorf("parseWatch(%q) = nil error", bad)
+		}
+	}
+}
+
+func TestMainUnknownMode(t *testing.T) {
+	if err := Main(t.Context(), []string{"nope"}, nil, io.Discard, io.Discard); err == nil {
+		t.Error("Main(nope) = nil error")
+	}
+	if err := Main(t.Context(), nil, nil, io.Discard, io.Discard); err == nil {
+		t.Error("Main() = nil error")
+	}
+}
+
+func TestResultsMedian(t *testing.T) {
+	r := newResults()
+	k := keyopsKey("keyless", OpECDSASign, 8)
+	if _, ok := r.get(k); ok {
+		t.Fatal("get() of nothing = ok")
+	}
+	for _, ops := range []float64{300, 100, 200} {
+		r.add(k, Result{OpsPerSec: ops})
+	}
+	if got := r.at(k).OpsPerSec; got != 200 {
+		t.Errorf("median of 300, 100, 200 = %v, want 200", got)
+	}
+	r.add(k, Result{OpsPerSec: 400})
+	if got := r.at(k).OpsPerSec; got != 200 {
+		t.Errorf("lower median of 100..400 = %v, want 200", got)
+	}
+}
+
+func TestLoadRunWatch(t *testing.T) {
+	l := &Load{Name: "watch", Concurrency: 1, Duration: 100 * time.Millisecond, Watch: map[string]int{},
+		Op: func(ctx context.Context, w int) error {
+			for i := 0; i < 10000; i++ { // some CPU
+				_ = strings.Repeat("x", 8)
+			}
+			return nil
+		}}
+	r, err := l.Run(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The figures come from /proc, at 100 ticks per second: a short window
+	// on a busy machine may see none, so only their shape is checked.
+	if r.CPU != nil {
+		if _, ok := r.CPU["other"]; !ok || r.MachineBusy < 0 || r.MachineBusy > 1 {
+			t.Errorf("Run() with Watch = CPU %v, busy %v", r.CPU, r.MachineBusy)
+		}
+	}
+}

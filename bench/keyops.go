@@ -1,0 +1,378 @@
+package bench
+
+import (
+	"context"
+	"crypto"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/tls"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+
+	"github.com/keyless-tls/keyless/hsm"
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+	"github.com/keyless-tls/keyless/signer"
+	"github.com/keyless-tls/keyless/tlscore"
+)
+
+// Key operations the bench measures.
+const (
+	OpECDSASign  = "ecdsa-p256-sign"
+	OpRSASign    = "rsa2048-pss-sign"
+	OpRSADecrypt = "rsa2048-decrypt"
+)
+
+// keyOps lists the key operations in table order.
+var keyOps = []string{OpECDSASign, OpRSASign, OpRSADecrypt}
+
+// keyOpInput is what one worker sends: a digest to sign or a ciphertext to
+// decrypt, made for the key's public key.
+type keyOpInput struct {
+	alg        signer.Algorithm
+	digest     []byte
+	ciphertext []byte
+}
+
+// newKeyOpInput returns a fresh input for op with the key pub: a random
+// SHA-256 digest, or a valid PKCS #1 v1.5 encryption of a random 48-byte
+// premaster secret.
+func newKeyOpInput(op string, pub crypto.PublicKey) (*keyOpInput, error) {
+	in := &keyOpInput{}
+	var sum [32]byte
+	if _, err := rand.Read(sum[:]); err != nil {
+		return nil, err
+	}
+	in.digest = sum[:]
+	var wire keylessv1.SignatureAlgorithm
+	switch op {
+	case OpECDSASign:
+		wire = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ECDSA_SHA256
+	case OpRSASign:
+		wire = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PSS_RSAE_SHA256
+	case OpRSADecrypt:
+		rpub, ok := pub.(*rsa.PublicKey)
+		if !ok {
+			return nil, fmt.Errorf("bench: %s needs an RSA key, not %T", op, pub)
+		}
+		pms := make([]byte, signer.PremasterLen)
+		if _, err := rand.Read(pms); err != nil {
+			return nil, err
+		}
+		ct, err := rsa.EncryptPKCS1v15(rand.Reader, rpub, pms)
+		if err != nil {
+			return nil, err
+		}
+		in.ciphertext = ct
+		return in, nil
+	default:
+		return nil, fmt.Errorf("bench: unknown key operation %q (want %s)", op, strings.Join(keyOps, ", "))
+	}
+	alg, ok := signer.AlgorithmFor(wire)
+	if !ok {
+		return nil, fmt.Errorf("bench: no algorithm %v", wire)
+	}
+	in.alg = alg
+	return in, nil
+}
+
+// loadFlags are the flags of every mode that runs a load.
+type loadFlags struct {
+	concurrency int
+	warmup      time.Duration
+	duration    time.Duration
+	timeout     time.Duration
+	watch       string
+}
+
+func (f *loadFlags) register(fs *flag.FlagSet) {
+	fs.IntVar(&f.concurrency, "concurrency", 1, "number of workers, each running one operation at a time")
+	fs.DurationVar(&f.warmup, "warmup", 500*time.Millisecond, "time to run before measuring")
+	fs.DurationVar(&f.duration, "duration", 2*time.Second, "time to measure")
+	fs.DurationVar(&f.timeout, "op-timeout", tlscore.DefaultCallTimeout, "deadline of each operation")
+	fs.StringVar(&f.watch, "watch", "", "other processes whose CPU time to measure, as name=pid,name=pid")
+}
+
+// load returns the load; self names this process in Result.CPU.
+func (f *loadFlags) load(name, self string, op Op) (*Load, error) {
+	watch, err := parseWatch(f.watch)
+	if err != nil {
+		return nil, err
+	}
+	watch[self] = os.Getpid()
+	return &Load{Name: name, Concurrency: f.concurrency, Warmup: f.warmup, Duration: f.duration, OpTimeout: f.timeout, Op: op, Watch: watch}, nil
+}
+
+// keyFlags name a key operation and the key's public key.
+type keyFlags struct {
+	op  string
+	pub string
+}
+
+func (f *keyFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.op, "op", OpECDSASign, "key operation: "+strings.Join(keyOps, ", "))
+	fs.StringVar(&f.pub, "pub", "", "PEM public key of the key (required)")
+}
+
+// inputs returns the key id and one input per worker.
+func (f *keyFlags) inputs(n int) (signer.KeyID, []*keyOpInput, error) {
+	data, err := os.ReadFile(f.pub)
+	if err != nil {
+		return signer.KeyID{}, nil, fmt.Errorf("bench: -pub: %w", err)
+	}
+	pub, err := readPublicKey(data)
+	if err != nil {
+		return signer.KeyID{}, nil, err
+	}
+	id, err := signer.KeyIDOf(pub)
+	if err != nil {
+		return id, nil, err
+	}
+	ins := make([]*keyOpInput, n)
+	for i := range ins {
+		if ins[i], err = newKeyOpInput(f.op, pub); err != nil {
+			return id, nil, err
+		}
+	}
+	return id, ins, nil
+}
+
+// runKeyops is the "keyops" mode: a gRPC client that loads a keyserver
+// with one key operation over one mutual-TLS connection, as an edge does,
+// then measures the empty call (grpc.health.v1 Check) on that same
+// connection.
+func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("keyless-bench keyops", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		lf    loadFlags
+		kf    keyFlags
+		link  linkFlags
+		addr  = fs.String("addr", "", "keyserver address host:port (required)")
+		empty = fs.Duration("empty", 0, "after the load, measure the empty gRPC call for this long (0: not at all)")
+	)
+	lf.register(fs)
+	kf.register(fs)
+	link.register(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if *addr == "" {
+		return fmt.Errorf("bench: keyops: -addr is required")
+	}
+	id, ins, err := kf.inputs(lf.concurrency)
+	if err != nil {
+		return err
+	}
+	conn, err := link.dial(*addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	api := keylessv1.NewKeylessServiceClient(conn)
+	health := healthpb.NewHealthClient(conn)
+	if err := waitHealthy(ctx, health); err != nil {
+		return err
+	}
+
+	// Requests are built once per worker; gRPC only reads them.
+	var op Op
+	switch kf.op {
+	case OpRSADecrypt:
+		reqs := make([]*keylessv1.DecryptRequest, len(ins))
+		for i, in := range ins {
+			reqs[i] = &keylessv1.DecryptRequest{KeyId: id[:], EncryptedPremaster: in.ciphertext}
+		}
+		op = func(ctx context.Context, w int) error {
+			resp, err := api.Decrypt(ctx, reqs[w])
+			if err == nil && len(resp.GetPremaster()) != signer.PremasterLen {
+				err = fmt.Errorf("decrypt returned %d bytes", len(resp.GetPremaster()))
+			}
+			return err
+		}
+	default:
+		reqs := make([]*keylessv1.SignRequest, len(ins))
+		for i, in := range ins {
+			reqs[i] = &keylessv1.SignRequest{KeyId: id[:], Algorithm: in.alg.Wire, Digest: in.digest}
+		}
+		op = func(ctx context.Context, w int) error {
+			resp, err := api.Sign(ctx, reqs[w])
+			if err == nil && len(resp.GetSignature()) == 0 {
+				err = fmt.Errorf("sign returned no signature")
+			}
+			return err
+		}
+	}
+	load, err := lf.load("keyless/"+kf.op, "client", op)
+	if err != nil {
+		return err
+	}
+	res, err := load.Run(ctx)
+	if err != nil {
+		return err
+	}
+	if *empty > 0 {
+		req := &healthpb.HealthCheckRequest{Service: keylessv1.KeylessService_ServiceDesc.ServiceName}
+		er, err := (&Load{Name: "empty", Concurrency: 1, Warmup: *empty / 5, Duration: *empty, OpTimeout: lf.timeout,
+			Op: func(ctx context.Context, _ int) error {
+				_, err := health.Check(ctx, req)
+				return err
+			}}).Run(ctx)
+		if err != nil {
+			return err
+		}
+		if er.Errors > 0 {
+			return fmt.Errorf("bench: empty call failed: %s", er.FirstError)
+		}
+		res.EmptyP50us, res.EmptyP99us = er.P50us, er.P99us
+	}
+	return writeJSON(stdout, res)
+}
+
+// waitHealthy waits up to 20 s for the keyserver's KeylessService to be
+// SERVING.
+func waitHealthy(ctx context.Context, health healthpb.HealthClient) error {
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	req := &healthpb.HealthCheckRequest{Service: keylessv1.KeylessService_ServiceDesc.ServiceName}
+	for {
+		resp, err := health.Check(ctx, req, grpc.WaitForReady(true))
+		if err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("bench: keyserver not healthy (last answer: %v, %v): %w", resp.GetStatus(), err, ctx.Err())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// linkFlags are the client side of the mutual-TLS link to a keyserver.
+type linkFlags struct {
+	serverName, ca, cert, key string
+}
+
+func (f *linkFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.serverName, "server-name", linkServerName, "name of the keyserver's certificate")
+	fs.StringVar(&f.ca, "ca", "", "PEM CA of the keyserver's certificate (required)")
+	fs.StringVar(&f.cert, "cert", "", "PEM client certificate (required)")
+	fs.StringVar(&f.key, "key", "", "PEM private key of -cert (required)")
+}
+
+func (f *linkFlags) tlsConfig() (*tls.Config, error) {
+	return tlscore.ClientMTLSConfig(f.cert, f.key, f.ca, f.serverName)
+}
+
+// dial opens one gRPC connection to addr with the link's credentials and
+// gRPC's default options: what the edge's client does, without its
+// balancing and retry service config.
+func (f *linkFlags) dial(addr string) (*grpc.ClientConn, error) {
+	cfg, err := f.tlsConfig()
+	if err != nil {
+		return nil, err
+	}
+	conn, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+	if err != nil {
+		return nil, fmt.Errorf("bench: dial keyserver: %w", err)
+	}
+	return conn, nil
+}
+
+// hsmFlags open the token in-process.
+type hsmFlags struct {
+	module, label, pinFile string
+	maxSessions            int
+}
+
+func (f *hsmFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.module, "module", "/usr/lib/softhsm/libsofthsm2.so", "PKCS #11 module")
+	fs.StringVar(&f.label, "token-label", "", "token label (required)")
+	fs.StringVar(&f.pinFile, "pin-file", "", "file holding the user PIN (required)")
+	fs.IntVar(&f.maxSessions, "max-sessions", 0, "hsm.Config.MaxSessions (0: the package default)")
+}
+
+func (f *hsmFlags) open() (*hsm.Module, error) {
+	pin, err := os.ReadFile(f.pinFile)
+	if err != nil {
+		return nil, fmt.Errorf("bench: -pin-file: %w", err)
+	}
+	return hsm.Open(hsm.Config{
+		ModulePath:  f.module,
+		TokenLabel:  f.label,
+		PIN:         strings.TrimRight(string(pin), "\r\n"),
+		MaxSessions: f.maxSessions,
+	})
+}
+
+// runInproc is the "inproc" mode, the baseline of the key operations: the
+// same SoftHSM key called in this process through package hsm, at the
+// given concurrency, with no bound but hsm's own session pool.
+func runInproc(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("keyless-bench inproc", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	var (
+		lf loadFlags
+		kf keyFlags
+		hf hsmFlags
+	)
+	lf.register(fs)
+	kf.register(fs)
+	hf.register(fs)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	id, ins, err := kf.inputs(lf.concurrency)
+	if err != nil {
+		return err
+	}
+	m, err := hf.open()
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	key, err := m.Key(ctx, id)
+	if err != nil {
+		return err
+	}
+	if key == nil {
+		return fmt.Errorf("bench: key %s is not on token %q", signer.FormatKeyID(id), hf.label)
+	}
+	var op Op
+	switch kf.op {
+	case OpRSADecrypt:
+		d, ok := key.(signer.PremasterDecrypter)
+		if !ok {
+			return fmt.Errorf("bench: key %s cannot decrypt", signer.FormatKeyID(id))
+		}
+		op = func(ctx context.Context, w int) error {
+			_, err := d.DecryptPremaster(ctx, ins[w].ciphertext)
+			return err
+		}
+	default:
+		cs, ok := key.(signer.ContextSigner)
+		if !ok {
+			return fmt.Errorf("bench: key %s has no SignContext", signer.FormatKeyID(id))
+		}
+		op = func(ctx context.Context, w int) error {
+			_, err := cs.SignContext(ctx, ins[w].digest, ins[w].alg.SignerOpts())
+			return err
+		}
+	}
+	load, err := lf.load("inproc/"+kf.op, "inproc", op)
+	if err != nil {
+		return err
+	}
+	res, err := load.Run(ctx)
+	if err != nil {
+		return err
+	}
+	return writeJSON(stdout, res)
+}

@@ -1,0 +1,341 @@
+package bench
+
+import (
+	"cmp"
+	"fmt"
+	"math"
+	"slices"
+	"strings"
+)
+
+// runKey names one load run: a group ("keyops", "handshake", "resume"),
+// what ran (a key operation or handshake kind), on which side ("inproc" or
+// "keyless" for key operations; "hsm", "soft" or "keyless" for TLS
+// servers), at which concurrency.
+type runKey struct {
+	group, what, side string
+	n                 int
+}
+
+// MemResult is the edge memory scenario's outcome for one protocol.
+type MemResult struct {
+	Conns               int64
+	HeapKiBPerConn      float64 // HeapInuse delta
+	HeapAllocKiBPerConn float64 // HeapAlloc delta
+	StackKiBPerConn     float64 // StackInuse delta (goroutine stacks, not heap)
+	Base, Loaded        MemSnapshot
+}
+
+// Results collects what the runs measured. It is not safe for concurrent
+// use.
+type Results struct {
+	runs map[runKey][]Result // repetitions, in order
+	mem  map[string]MemResult
+}
+
+func newResults() *Results {
+	return &Results{runs: make(map[runKey][]Result), mem: make(map[string]MemResult)}
+}
+
+func keyopsKey(side, op string, n int) runKey { return runKey{"keyops", op, side, n} }
+
+func handshakeKey(group, kind, server string, n int) runKey {
+	if group == "resume" {
+		kind = resumeName(kind)
+	}
+	return runKey{group, kind, server, n}
+}
+
+// resumeName is a resume kind's name in scenario and row names: "tls13"
+// for "resume-tls13".
+func resumeName(kind string) string { return strings.TrimPrefix(kind, "resume-") }
+
+func resumeNames() []string {
+	out := make([]string, len(resumeKinds))
+	for i, k := range resumeKinds {
+		out[i] = resumeName(k)
+	}
+	return out
+}
+
+// add records one repetition of a run.
+func (r *Results) add(k runKey, res Result) { r.runs[k] = append(r.runs[k], res) }
+
+// get returns the run k: of several repetitions, the one with the median
+// rate (the lower middle one of an even number).
+func (r *Results) get(k runKey) (Result, bool) {
+	reps := r.runs[k]
+	if len(reps) == 0 {
+		return Result{}, false
+	}
+	sorted := slices.Clone(reps)
+	slices.SortStableFunc(sorted, func(a, b Result) int { return cmp.Compare(a.OpsPerSec, b.OpsPerSec) })
+	return sorted[(len(sorted)-1)/2], true
+}
+
+// at is get without the second result.
+func (r *Results) at(k runKey) Result {
+	res, _ := r.get(k)
+	return res
+}
+
+func (r *Results) addMem(proto string, base, loaded MemSnapshot) {
+	n := loaded.Conns - base.Conns
+	m := MemResult{Conns: n, Base: base, Loaded: loaded}
+	if n > 0 {
+		per := func(a, b uint64) float64 { return round1((float64(b) - float64(a)) / float64(n) / 1024) }
+		m.HeapKiBPerConn = per(base.HeapInuse, loaded.HeapInuse)
+		m.HeapAllocKiBPerConn = per(base.HeapAlloc, loaded.HeapAlloc)
+		m.StackKiBPerConn = per(base.StackInuse, loaded.StackInuse)
+	}
+	r.mem[proto] = m
+}
+
+// concurrencies returns the concurrencies measured for group/what/side,
+// in increasing order.
+func (r *Results) concurrencies(group, what, side string) []int {
+	var out []int
+	for k := range r.runs {
+		if k.group == group && k.what == what && k.side == side {
+			out = append(out, k.n)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// best returns the run of group/what/side with the highest rate.
+func (r *Results) best(group, what, side string) (Result, bool) {
+	var b Result
+	found := false
+	for _, n := range r.concurrencies(group, what, side) {
+		res := r.at(runKey{group, what, side, n})
+		if !found || res.OpsPerSec > b.OpsPerSec {
+			b, found = res, true
+		}
+	}
+	return b, found
+}
+
+// Row is one line of the results: a figure with its baseline and their
+// ratio, a memory figure, or a target check. WriteJSONFile writes a list
+// of Rows.
+type Row struct {
+	// Name identifies the figure, as "keyops/ecdsa-p256-sign/c8",
+	// "handshake/tls13-rsa/c32", "resume/tls13/c8", "edgemem/http1" or
+	// "target/…".
+	Name string `json:"name"`
+	// Kind is "keyops", "handshake", "resume", "memory" or "target".
+	Kind        string `json:"kind"`
+	Concurrency int    `json:"concurrency,omitempty"`
+	// OpsPerSec, P50us and P99us are keyless's figures: through the
+	// keyserver (key operations) or the edge and keyserver (handshakes).
+	OpsPerSec float64 `json:"ops_per_sec"`
+	P50us     float64 `json:"p50_us"`
+	P99us     float64 `json:"p99_us"`
+	Errors    int64   `json:"errors,omitempty"`
+	// Baseline is the baseline's rate: the same SoftHSM key in-process
+	// (key operations and full handshakes) or a software-key server
+	// (resumption). Null when there is none.
+	Baseline      *float64 `json:"baseline"`
+	BaselineName  string   `json:"baseline_name,omitempty"`
+	BaselineP50us float64  `json:"baseline_p50_us,omitempty"`
+	BaselineP99us float64  `json:"baseline_p99_us,omitempty"`
+	// Ratio is OpsPerSec / Baseline.
+	Ratio *float64 `json:"ratio"`
+	// SoftKey and SoftKeyRatio are a crypto/tls server with a software
+	// key, for full handshakes.
+	SoftKey      *float64 `json:"soft_key_ops_per_sec,omitempty"`
+	SoftKeyRatio *float64 `json:"soft_key_ratio,omitempty"`
+	// EmptyCallP50us is the empty gRPC call on the keyops connection.
+	EmptyCallP50us float64 `json:"empty_call_p50_us,omitempty"`
+	// CPU and BaselineCPU are the CPU microseconds per operation of each
+	// process of the keyless and the baseline runs ("other" is the rest of
+	// the machine), and CPURatio the baseline's total over keyless's,
+	// "other" left out: the throughput ratio to expect when both are
+	// bound by the same CPUs, which the rest of the machine disturbs less
+	// than it disturbs the measured rates. A diagnostic, not a target.
+	CPU         map[string]float64 `json:"cpu_us_per_op,omitempty"`
+	BaselineCPU map[string]float64 `json:"baseline_cpu_us_per_op,omitempty"`
+	CPURatio    *float64           `json:"cpu_ratio,omitempty"`
+	// MachineBusy is the fraction of the machine's CPUs busy during the
+	// keyless run, by anything.
+	MachineBusy float64 `json:"machine_busy,omitempty"`
+	// Value, Unit, Want and Met are memory figures and target checks.
+	Value *float64 `json:"value,omitempty"`
+	Unit  string   `json:"unit,omitempty"`
+	Want  string   `json:"want,omitempty"`
+	Met   *bool    `json:"met,omitempty"`
+	Note  string   `json:"note,omitempty"`
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// cpuTotal sums the CPU per operation of the watched processes, leaving
+// out the rest of the machine.
+func cpuTotal(m map[string]float64) float64 {
+	var t float64
+	for k, v := range m {
+		if k != "other" {
+			t += v
+		}
+	}
+	return t
+}
+
+// withBaseline fills row's baseline fields from b.
+func (row *Row) withBaseline(k, b Result, name string) {
+	row.Baseline, row.BaselineName, row.BaselineP50us, row.BaselineP99us = ptr(b.OpsPerSec), name, b.P50us, b.P99us
+	row.Ratio = ratio(k.OpsPerSec, b.OpsPerSec)
+	row.BaselineCPU = b.CPU
+	if kc, bc := cpuTotal(k.CPU), cpuTotal(b.CPU); kc > 0 && bc > 0 {
+		row.CPURatio = ptr(round3(bc / kc))
+	}
+}
+
+func round1(v float64) float64 { return math.Round(v*10) / 10 }
+func round3(v float64) float64 { return math.Round(v*1000) / 1000 }
+
+func ratio(a, b float64) *float64 {
+	if b <= 0 {
+		return nil
+	}
+	return ptr(round3(a / b))
+}
+
+// baselineNames describe the baselines in rows.
+const (
+	baselineInproc = "inproc-softhsm"
+	baselineHSMTLS = "crypto/tls+inproc-softhsm"
+	baselineSoft   = "crypto/tls+software-key"
+)
+
+// Rows returns every figure, then the target checks, in table order.
+func (r *Results) Rows() []Row {
+	var rows []Row
+	for _, op := range keyOps {
+		for _, n := range r.concurrencies("keyops", op, "keyless") {
+			k := r.at(keyopsKey("keyless", op, n))
+			row := Row{Name: fmt.Sprintf("keyops/%s/c%d", op, n), Kind: "keyops", Concurrency: n,
+				OpsPerSec: k.OpsPerSec, P50us: k.P50us, P99us: k.P99us, Errors: k.Errors, EmptyCallP50us: k.EmptyP50us,
+				Note: k.FirstError, CPU: k.CPU, MachineBusy: k.MachineBusy}
+			if b, ok := r.get(keyopsKey("inproc", op, n)); ok {
+				row.withBaseline(k, b, baselineInproc)
+				row.Errors += b.Errors
+				if row.Note == "" {
+					row.Note = b.FirstError
+				}
+			}
+			rows = append(rows, row)
+		}
+		kb, ok1 := r.best("keyops", op, "keyless")
+		ib, ok2 := r.best("keyops", op, "inproc")
+		if ok1 && ok2 {
+			row := Row{Name: fmt.Sprintf("keyops/%s/best", op), Kind: "keyops", Concurrency: kb.Concurrency,
+				OpsPerSec: kb.OpsPerSec, P50us: kb.P50us, P99us: kb.P99us, CPU: kb.CPU, MachineBusy: kb.MachineBusy,
+				Note: fmt.Sprintf("keyless best at c%d, in-process best at c%d", kb.Concurrency, ib.Concurrency)}
+			row.withBaseline(kb, ib, fmt.Sprintf("%s c%d", baselineInproc, ib.Concurrency))
+			rows = append(rows, row)
+		}
+	}
+	for _, kind := range handshakeKinds {
+		for _, n := range r.concurrencies("handshake", kind, "keyless") {
+			rows = append(rows, r.tlsRow("handshake", kind, n, "hsm", baselineHSMTLS))
+		}
+	}
+	for _, kind := range resumeNames() {
+		for _, n := range r.concurrencies("resume", kind, "keyless") {
+			rows = append(rows, r.tlsRow("resume", kind, n, "soft", baselineSoft))
+		}
+	}
+	for _, proto := range memProtos {
+		if m, ok := r.mem[proto]; ok {
+			rows = append(rows, Row{Name: "edgemem/" + proto, Kind: "memory", Concurrency: int(m.Conns),
+				Value: ptr(m.HeapKiBPerConn), Unit: "KiB heap in use per idle connection",
+				Note: fmt.Sprintf("%d idle TLS 1.3 connections; heap alloc %.1f KiB/conn; goroutine stacks %.1f KiB/conn (not heap)",
+					m.Conns, m.HeapAllocKiBPerConn, m.StackKiBPerConn)})
+		}
+	}
+	return append(rows, r.Targets()...)
+}
+
+func (r *Results) tlsRow(group, kind string, n int, baseSide, baseName string) Row {
+	k := r.at(runKey{group, kind, "keyless", n})
+	row := Row{Name: fmt.Sprintf("%s/%s/c%d", group, kind, n), Kind: group, Concurrency: n,
+		OpsPerSec: k.OpsPerSec, P50us: k.P50us, P99us: k.P99us, Errors: k.Errors, Note: k.FirstError,
+		CPU: k.CPU, MachineBusy: k.MachineBusy}
+	if b, ok := r.get(runKey{group, kind, baseSide, n}); ok {
+		row.withBaseline(k, b, baseName)
+		if row.Note == "" {
+			row.Note = b.FirstError
+		}
+	}
+	if baseSide != "soft" {
+		if s, ok := r.get(runKey{group, kind, "soft", n}); ok {
+			row.SoftKey, row.SoftKeyRatio = ptr(s.OpsPerSec), ratio(k.OpsPerSec, s.OpsPerSec)
+		}
+	}
+	return row
+}
+
+// Targets checks the issue's targets against the results.
+func (r *Results) Targets() []Row {
+	var rows []Row
+	check := func(name string, value float64, unit, want string, met bool, note string) {
+		rows = append(rows, Row{Name: "target/" + name, Kind: "target", Value: ptr(value), Unit: unit, Want: want, Met: ptr(met), Note: note})
+	}
+	for _, op := range keyOps {
+		kb, ok1 := r.best("keyops", op, "keyless")
+		ib, ok2 := r.best("keyops", op, "inproc")
+		if ok1 && ok2 && ib.OpsPerSec > 0 {
+			want := 0.95
+			if op == OpECDSASign {
+				want = 0.85
+			}
+			v := round3(kb.OpsPerSec / ib.OpsPerSec)
+			check("keyops-best-ratio/"+op, v, "ratio", fmt.Sprintf(">= %.2f", want), v >= want,
+				fmt.Sprintf("keyless %.0f/s (c%d) ÷ in-process %.0f/s (c%d)", kb.OpsPerSec, kb.Concurrency, ib.OpsPerSec, ib.Concurrency))
+		}
+		if cs := r.concurrencies("keyops", op, "keyless"); ok1 && len(cs) > 1 && kb.OpsPerSec > 0 {
+			top := cs[len(cs)-1]
+			k := r.at(keyopsKey("keyless", op, top))
+			v := round3(k.OpsPerSec / kb.OpsPerSec)
+			check(fmt.Sprintf("keyops-c%d-vs-best/%s", top, op), v, "ratio", ">= 0.90", v >= 0.9,
+				fmt.Sprintf("keyless %.0f/s at c%d ÷ %.0f/s at c%d", k.OpsPerSec, top, kb.OpsPerSec, kb.Concurrency))
+		}
+		k1, ok1 := r.get(keyopsKey("keyless", op, 1))
+		i1, ok2 := r.get(keyopsKey("inproc", op, 1))
+		if ok1 && ok2 && k1.EmptyP50us > 0 {
+			excess := round1(k1.P50us - i1.P50us - k1.EmptyP50us)
+			check("latency-c1/"+op, excess, "µs over the empty call", "<= 100", excess <= 100,
+				fmt.Sprintf("keyless p50 %.0f µs − in-process p50 %.0f µs = %.0f µs; empty gRPC call p50 %.0f µs",
+					k1.P50us, i1.P50us, k1.P50us-i1.P50us, k1.EmptyP50us))
+		}
+	}
+	for _, kind := range handshakeKinds {
+		cs := r.concurrencies("handshake", kind, "keyless")
+		if len(cs) == 0 {
+			continue
+		}
+		top := cs[len(cs)-1]
+		k := r.at(runKey{"handshake", kind, "keyless", top})
+		b, ok := r.get(runKey{"handshake", kind, "hsm", top})
+		if !ok || b.OpsPerSec <= 0 {
+			continue
+		}
+		want := 0.95
+		if strings.Contains(kind, "ecdsa") {
+			want = 0.9
+		}
+		v := round3(k.OpsPerSec / b.OpsPerSec)
+		check(fmt.Sprintf("handshake-c%d-ratio/%s", top, kind), v, "ratio", fmt.Sprintf(">= %.2f", want), v >= want,
+			fmt.Sprintf("edge+keyserver %.0f/s ÷ in-process SoftHSM server %.0f/s", k.OpsPerSec, b.OpsPerSec))
+	}
+	for _, proto := range memProtos {
+		if m, ok := r.mem[proto]; ok {
+			check("edgemem/"+proto, m.HeapKiBPerConn, "KiB/conn", "<= 64", m.HeapKiBPerConn <= 64,
+				fmt.Sprintf("%d idle connections", m.Conns))
+		}
+	}
+	return rows
+}
