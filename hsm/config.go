@@ -24,7 +24,20 @@ const (
 	// DefaultSignTimeout bounds the Sign method of the keys, which has no
 	// context. SignContext is bounded by its context alone.
 	DefaultSignTimeout = 30 * time.Second
+	// DefaultRescanInterval is how often the token is scanned for added
+	// and removed keys when Config.RescanInterval is 0.
+	DefaultRescanInterval = 30 * time.Second
+	// DefaultMaxReconnectBackoff caps the wait between two attempts to
+	// reconnect to a faulty token when Config.MaxReconnectBackoff is 0.
+	DefaultMaxReconnectBackoff = 5 * time.Second
+	// DefaultStuckCallThreshold is how long a PKCS #11 call may run
+	// before it is reported as stuck when Config.StuckCallThreshold is 0.
+	DefaultStuckCallThreshold = 10 * time.Second
 )
+
+// minReconnectBackoff is the wait after the first failed attempt to
+// reconnect; it doubles with each further failure.
+const minReconnectBackoff = 100 * time.Millisecond
 
 // maxTokenLabelLen is the size of CK_TOKEN_INFO.label.
 const maxTokenLabelLen = 32
@@ -65,6 +78,26 @@ type Config struct {
 	// values are errors. A context with an earlier deadline ends the wait
 	// sooner.
 	PoolWaitTimeout time.Duration
+
+	// RescanInterval is how often the module scans the token for key pairs
+	// while it is healthy, so that keys added or removed by other
+	// applications (or other keyservers on the same token) are noticed and
+	// logged. Zero means [DefaultRescanInterval]; a negative value turns
+	// periodic scans off ([Module.Refresh] still scans on demand).
+	RescanInterval time.Duration
+
+	// MaxReconnectBackoff caps the wait between attempts to reconnect to a
+	// token after a fault. The module tries at once, then after 100 ms,
+	// doubling each time up to this cap. Zero means
+	// [DefaultMaxReconnectBackoff]; negative values are errors.
+	MaxReconnectBackoff time.Duration
+
+	// StuckCallThreshold is how long a PKCS #11 call of a key operation may
+	// run before it is logged as stuck (once, and again when it returns).
+	// While every call slot is held by a stuck call, operations fail at
+	// once and [Module.Check] fails. Zero means
+	// [DefaultStuckCallThreshold]; negative values are errors.
+	StuckCallThreshold time.Duration
 
 	// AllowExtractable makes the module serve private keys whose
 	// CKA_EXTRACTABLE is true or whose CKA_SENSITIVE is false. By default
@@ -113,6 +146,10 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("hsm: Config.MaxSessions is %d; it must be 0 (for %d) or at least 2, because crypto11 keeps one session for itself", c.MaxSessions, DefaultMaxSessions)
 	case c.PoolWaitTimeout < 0:
 		return fmt.Errorf("hsm: Config.PoolWaitTimeout is %v; it must be 0 (for %v) or positive", c.PoolWaitTimeout, DefaultPoolWaitTimeout)
+	case c.MaxReconnectBackoff < 0:
+		return fmt.Errorf("hsm: Config.MaxReconnectBackoff is %v; it must be 0 (for %v) or positive", c.MaxReconnectBackoff, DefaultMaxReconnectBackoff)
+	case c.StuckCallThreshold < 0:
+		return fmt.Errorf("hsm: Config.StuckCallThreshold is %v; it must be 0 (for %v) or positive", c.StuckCallThreshold, DefaultStuckCallThreshold)
 	}
 	return nil
 }
@@ -123,8 +160,8 @@ func (c Config) String() string {
 	if c.SlotNumber != nil {
 		slot = strconv.Itoa(*c.SlotNumber)
 	}
-	return fmt.Sprintf("{ModulePath:%q TokenLabel:%q TokenSerial:%q SlotNumber:%s PIN:%s MaxSessions:%d PoolWaitTimeout:%v AllowExtractable:%t}",
-		c.ModulePath, c.TokenLabel, c.TokenSerial, slot, redacted(c.PIN), c.MaxSessions, c.PoolWaitTimeout, c.AllowExtractable)
+	return fmt.Sprintf("{ModulePath:%q TokenLabel:%q TokenSerial:%q SlotNumber:%s PIN:%s MaxSessions:%d PoolWaitTimeout:%v RescanInterval:%v MaxReconnectBackoff:%v StuckCallThreshold:%v AllowExtractable:%t}",
+		c.ModulePath, c.TokenLabel, c.TokenSerial, slot, redacted(c.PIN), c.MaxSessions, c.PoolWaitTimeout, c.RescanInterval, c.MaxReconnectBackoff, c.StuckCallThreshold, c.AllowExtractable)
 }
 
 // GoString is String for the %#v verb, so that no format shows the PIN.
@@ -149,6 +186,31 @@ func (c *Config) poolWaitTimeout() time.Duration {
 		return DefaultPoolWaitTimeout
 	}
 	return c.PoolWaitTimeout
+}
+
+// rescanInterval returns the interval of periodic scans, or 0 for none.
+func (c *Config) rescanInterval() time.Duration {
+	switch {
+	case c.RescanInterval == 0:
+		return DefaultRescanInterval
+	case c.RescanInterval < 0:
+		return 0
+	}
+	return c.RescanInterval
+}
+
+func (c *Config) maxReconnectBackoff() time.Duration {
+	if c.MaxReconnectBackoff == 0 {
+		return DefaultMaxReconnectBackoff
+	}
+	return c.MaxReconnectBackoff
+}
+
+func (c *Config) stuckCallThreshold() time.Duration {
+	if c.StuckCallThreshold == 0 {
+		return DefaultStuckCallThreshold
+	}
+	return c.StuckCallThreshold
 }
 
 // Key types for [KeySpec.Type].

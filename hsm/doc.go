@@ -58,10 +58,12 @@
 // warns about. There is no other decryption, and raw RSA results never
 // leave the package.
 //
-// Every key operation can be bounded by a context. PKCS #11 calls cannot be
+// Every key operation is bounded by its context. PKCS #11 calls cannot be
 // interrupted, so they run in a goroutine; when the context ends first the
-// caller gets ctx.Err() at once and the call finishes in the background.
-// Waits for a session are bounded by [Config.PoolWaitTimeout].
+// caller gets ctx.Err() at once and the call finishes in the background,
+// keeping its session and its call slot until it returns (see Bounded
+// calls below). Waits for a session or a call slot are bounded by
+// [Config.PoolWaitTimeout].
 //
 // The PIN is never logged and never part of an error, and a [Config]
 // printed with package fmt shows it redacted.
@@ -83,14 +85,47 @@
 // key discovery and health checks. The module's own sessions recover from
 // a closed session or a lost login by opening a new session or logging in
 // again. crypto11's sessions do not recover, and tokens invalidate every
-// object handle when all sessions of the application close. So an
-// operation that meets such a fault (CKR_SESSION_HANDLE_INVALID,
-// CKR_OBJECT_HANDLE_INVALID, CKR_USER_NOT_LOGGED_IN, CKR_DEVICE_REMOVED and
-// the like) marks the module faulty, and the next [Module.Check] (which
-// also probes the sessions and a key handle itself) or [Module.Refresh]
-// reconnects: a new crypto11 context, fresh sessions and a new scan of the
-// token. Keys obtained before a reconnection stop working and must be
-// looked up again; package signer looks keys up for every request.
+// object handle when all sessions of the application close.
+//
+// So a Module is supervised, by a goroutine that runs from Open to Close.
+// An operation or a health check that meets a token fault
+// (CKR_SESSION_HANDLE_INVALID, CKR_OBJECT_HANDLE_INVALID,
+// CKR_USER_NOT_LOGGED_IN, CKR_DEVICE_REMOVED, CKR_TOKEN_NOT_PRESENT, a
+// token that no longer answers C_GetTokenInfo, and the like) marks the
+// module faulty. From then on every operation, [Module.Key], [Module.Keys]
+// and [Module.Check] fail at once with an *[UnavailableError], without
+// touching the token, and the supervisor reconnects: it checks the token
+// and the PIN, opens a new crypto11 context and new sessions, and scans the
+// token for keys again. It tries at once, then with exponential backoff
+// from 100 ms up to [Config.MaxReconnectBackoff]. Keys obtained before a
+// reconnection stop working and must be looked up again; package signer
+// looks keys up for every request.
+//
+// Some tokens stay unusable after a fault until the PKCS #11 library is
+// initialised again: SoftHSM reads its token directory only in
+// C_Initialize, and a token whose directory went away keeps failing even
+// after it is back. When a plain reconnection fails because the token does
+// not answer, the supervisor therefore finalises and initialises the
+// library again (at most once a second per library). Other Modules of the
+// process on the same library notice (every session and handle of theirs
+// is dead) and reconnect too. Session handles from before are never closed
+// afterwards, because the library may have given their numbers to new
+// sessions.
+//
+// Every [Config.RescanInterval] the supervisor scans the token, so keys
+// that other applications add or remove are noticed and logged.
+//
+// # Bounded calls
+//
+// A key operation's PKCS #11 call takes one of MaxSessions-1 call slots and
+// gives it back when the call returns, not when its caller gives up: a call
+// that hangs in the token keeps its slot and its session, so hung calls
+// never make the module open more sessions or run more calls in the token
+// than that. A call that has run for longer than
+// [Config.StuckCallThreshold] is logged as stuck (and again when it
+// returns). While every slot is held by a stuck call, operations fail at
+// once with an *[UnavailableError] and [Module.Check] fails, so that the
+// keyserver reports NOT_SERVING and edges go elsewhere.
 //
 // PKCS #11 library state is global to a process, and crypto11 finalises a
 // library whenever one of its contexts fails to open, even while others use

@@ -125,7 +125,13 @@ func (f *fixture) key(t testing.TB, label string) crypto.Signer {
 	if !ok {
 		t.Fatalf("fixture has no key labelled %q", label)
 	}
-	return k
+	// Look the key up again: a fault test may have made the module
+	// reconnect, which replaces its key objects.
+	fresh, err := f.m.Key(testContext(t), keyIDOf(t, k.Public()))
+	if err != nil || fresh == nil {
+		t.Fatalf("fixture key %q: Key() = %v, %v", label, fresh, err)
+	}
+	return fresh
 }
 
 func testContext(t testing.TB) context.Context {

@@ -43,13 +43,31 @@ func (k *keyBase) ObjectID() []byte { return slices.Clone(k.objID) }
 // on this token, in order of preference. The caller may modify the result.
 func (k *keyBase) SignatureSchemes() []tls.SignatureScheme { return slices.Clone(k.schemes) }
 
-// ready fails when the module is closed or ctx is already done, before any
-// PKCS #11 call.
+// ready fails, before any PKCS #11 call, when ctx is already done, when
+// the module is closed or faulty, and when the key is from before a
+// reconnection (its handles are stale): the last three with an
+// *UnavailableError.
 func (k *keyBase) ready(ctx context.Context) error {
-	if k.m.closed.Load() {
-		return ErrClosed
+	m := k.m
+	if err := ctx.Err(); err != nil {
+		return err
 	}
-	return ctx.Err()
+	if m.closed.Load() {
+		return m.unavailable(ErrClosed)
+	}
+	if m.staleEpoch() {
+		m.markFaulty(errLibraryReset)
+	}
+	if err := m.downError(); err != nil {
+		return err
+	}
+	m.mu.RLock()
+	gen := m.gen
+	m.mu.RUnlock()
+	if k.gen != gen {
+		return &UnavailableError{Reason: fmt.Sprintf("key %q is from before the module reconnected to the token; look it up again", k.label)}
+	}
+	return nil
 }
 
 // signWithTimeout is Sign for keys whose SignContext takes a context.
@@ -61,8 +79,8 @@ func signWithTimeout(signContext func(context.Context, []byte, crypto.SignerOpts
 
 // bounded runs f, which cannot be interrupted (a PKCS #11 call), in a
 // goroutine and waits for it until ctx is done. If ctx ends first, f runs
-// to completion on its own and its result is dropped; the session pools
-// bound how many such calls can be outstanding.
+// to completion on its own and its result is dropped. Key operations use
+// call, which also bounds and watches such calls.
 func bounded[T any](ctx context.Context, f func() (T, error)) (T, error) {
 	var zero T
 	if err := ctx.Err(); err != nil {
@@ -145,18 +163,14 @@ func (k *rsaKey) SignContext(ctx context.Context, digest []byte, opts crypto.Sig
 	if err != nil {
 		return nil, err
 	}
-	if err := k.ready(ctx); err != nil {
-		return nil, err
-	}
 	var c11opts crypto.SignerOpts = h
 	if pss {
 		// crypto11 refuses PSSSaltLengthAuto; checkOpts allows only a salt
 		// as long as the hash, which TLS uses.
 		c11opts = &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: h}
 	}
-	sig, err := bounded(ctx, func() ([]byte, error) { return k.signer.Sign(rand.Reader, digest, c11opts) })
+	sig, err := call(ctx, &k.keyBase, "C_Sign", func() ([]byte, error) { return k.signer.Sign(rand.Reader, digest, c11opts) })
 	if err != nil {
-		k.m.noteFault(err)
 		return nil, fmt.Errorf("hsm: sign with key %q: %w", k.label, err)
 	}
 	// A faulty RSA-CRT signature reveals the private key: check it before
@@ -243,12 +257,8 @@ func (k *ecdsaKey) SignContext(ctx context.Context, digest []byte, opts crypto.S
 	if len(k.schemes) == 0 {
 		return nil, fmt.Errorf("%w: key %q cannot sign with ECDSA on this token", ErrInvalidRequest, k.label)
 	}
-	if err := k.ready(ctx); err != nil {
-		return nil, err
-	}
-	sig, err := bounded(ctx, func() ([]byte, error) { return k.signer.Sign(rand.Reader, digest, h) })
+	sig, err := call(ctx, &k.keyBase, "C_Sign", func() ([]byte, error) { return k.signer.Sign(rand.Reader, digest, h) })
 	if err != nil {
-		k.m.noteFault(err)
 		return nil, fmt.Errorf("hsm: sign with key %q: %w", k.label, err)
 	}
 	if !ecdsa.VerifyASN1(k.pub, digest, sig) {
@@ -293,10 +303,7 @@ func (k *ed25519Key) SignContext(ctx context.Context, message []byte, opts crypt
 	if len(k.schemes) == 0 {
 		return nil, fmt.Errorf("%w: key %q cannot sign with EdDSA on this token", ErrInvalidRequest, k.label)
 	}
-	if err := k.ready(ctx); err != nil {
-		return nil, err
-	}
-	sig, err := bounded(ctx, func() ([]byte, error) {
+	sig, err := call(ctx, &k.keyBase, "C_Sign", func() ([]byte, error) {
 		var sig []byte
 		err := k.m.raw.do(ctx, func(sh pkcs11.SessionHandle) error {
 			p := k.m.p11
@@ -310,7 +317,6 @@ func (k *ed25519Key) SignContext(ctx context.Context, message []byte, opts crypt
 		return sig, err
 	})
 	if err != nil {
-		k.m.noteFault(err)
 		return nil, fmt.Errorf("hsm: sign with key %q: %w", k.label, err)
 	}
 	if !ed25519.Verify(k.pub, message, sig) {

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/ThalesIgnite/crypto11"
 	"github.com/hashicorp/go-hclog"
@@ -26,10 +27,31 @@ import (
 // the one piece of package-level state: a failed crypto11.Configure calls
 // C_Finalize even while other contexts use the library, which would break
 // every other open Module, and Open must know when that can happen.
+//
+// A library's epoch counts the times a reconnection has finalised and
+// initialised it again (recover.go). Session handles from an earlier epoch
+// are dead, and the library may hand out the same numbers again, so they
+// must never be passed to C_CloseSession: sessions and crypto11 contexts
+// carry the epoch they were opened in. A crypto11 context of an earlier
+// epoch is left open (crypto11 would close its stale handles) and stays
+// counted, as crypto11 counts it.
 var libraries = struct {
 	sync.Mutex
-	open map[string]int
-}{open: make(map[string]int)}
+	open   map[string]int
+	reset  map[string]time.Time // when a reconnection last initialised the library again
+	epochs map[string]*atomic.Uint64
+}{open: make(map[string]int), reset: make(map[string]time.Time), epochs: make(map[string]*atomic.Uint64)}
+
+// libraryEpoch returns the epoch counter of the library at path. The caller
+// holds the libraries lock.
+func libraryEpoch(path string) *atomic.Uint64 {
+	e := libraries.epochs[path]
+	if e == nil {
+		e = new(atomic.Uint64)
+		libraries.epochs[path] = e
+	}
+	return e
+}
 
 // Module is an open PKCS #11 token and the key pairs found on it. Its keys
 // are crypto.Signer values backed by the token (see the package
@@ -40,8 +62,8 @@ var libraries = struct {
 type Module struct {
 	cfg    Config
 	logger hclog.Logger
-	path   string // canonical module path
-	slot   uint
+	path   string        // canonical module path
+	slot   atomic.Uint64 // the token's slot ID, which may change when the library is initialised again
 	token  pkcs11.TokenInfo
 	mechs  mechanisms
 
@@ -49,21 +71,34 @@ type Module struct {
 	p11  p11API
 	raw  *sessionPool
 
-	// fault is the last token fault an operation or check met, nil while
-	// the module is healthy; see recover.go.
-	fault atomic.Pointer[faultState]
-	bg    sync.WaitGroup // closing of replaced crypto11 contexts
+	// fault is the token fault an operation or check met, nil while the
+	// module is healthy; see recover.go. While it is set, operations fail
+	// at once and the supervisor reconnects.
+	fault         atomic.Pointer[faultState]
+	lastReconnect atomic.Pointer[reconnectState] // the last failed attempt since fault
+	tokenGone     atomic.Bool                    // the last attempt found no token
+	bg            sync.WaitGroup                 // closing of replaced crypto11 contexts
+
+	calls *callTracker // the PKCS #11 calls of key operations
+
+	// The supervisor (supervise.go) runs from Open to Close.
+	wake           chan struct{} // a fault was noted
+	stop           chan struct{} // closed by Close
+	supervisorDone chan struct{}
 
 	// forcePKCSDecrypt makes RSA keys use the CKM_RSA_PKCS fallback even
 	// when the token has CKM_RSA_X_509 (tests only).
 	forcePKCSDecrypt bool
 
-	scanMu sync.Mutex // serialises Refresh, Generate and reconnection
-	mu     sync.RWMutex
-	c11    c11Context // replaced on reconnection
-	gen    uint64     // incremented on reconnection; keys carry theirs
-	keys   map[[32]byte]crypto.Signer
-	list   []crypto.Signer // sorted by label, then key id
+	epoch *atomic.Uint64 // the library's epoch (see libraries)
+
+	scanMu   sync.Mutex // serialises Refresh, Generate and reconnection
+	mu       sync.RWMutex
+	c11      c11Context // replaced on reconnection
+	c11Epoch uint64     // the library epoch c11 was opened in
+	gen      uint64     // incremented on reconnection; keys carry theirs
+	keys     map[[32]byte]crypto.Signer
+	list     []crypto.Signer // sorted by label, then key id
 
 	closed    atomic.Bool
 	closeOnce sync.Once
@@ -123,12 +158,14 @@ func open(cfg Config, d deps) (*Module, error) {
 	if err != nil {
 		return nil, err
 	}
-	m.raw = newSessionPool(m.p11, m.slot, cfg.PIN, cfg.maxSessions()-1, cfg.poolWaitTimeout())
+	m.raw = newSessionPool(m.p11, m.slotID(), cfg.PIN, cfg.maxSessions()-1, cfg.poolWaitTimeout())
+	m.raw.epoch = m.epoch
+	m.calls = newCallTracker(cfg.maxSessions()-1, cfg.poolWaitTimeout())
 	if sh != nil {
 		// The session that checked the PIN becomes the pool's first.
 		m.raw.adopt(*sh)
 	}
-	if m.mechs, err = probeMechanisms(m.p11, m.slot); err != nil {
+	if m.mechs, err = probeMechanisms(m.p11, m.slotID()); err != nil {
 		m.Close()
 		return nil, fmt.Errorf("hsm: list mechanisms of token %q: %w", m.token.Label, err)
 	}
@@ -137,10 +174,17 @@ func open(cfg Config, d deps) (*Module, error) {
 		m.Close()
 		return nil, err
 	}
-	m.install(loaded)
+	m.install(loaded, false)
 	m.logSummary()
+	m.wake = make(chan struct{}, 1)
+	m.stop = make(chan struct{})
+	m.supervisorDone = make(chan struct{})
+	go m.supervise()
 	return m, nil
 }
+
+// slotID returns the token's current slot ID.
+func (m *Module) slotID() uint { return uint(m.slot.Load()) }
 
 func canonicalPath(p string) (string, error) {
 	abs, err := filepath.Abs(p)
@@ -177,10 +221,15 @@ func (m *Module) attach() (*pkcs11.SessionHandle, error) {
 		p.Destroy()
 		return nil, err
 	}
+	m.epoch = libraryEpoch(m.path)
 	err := p.Initialize()
-	owned := err == nil
+	// A library initialised here while other Modules have it open was left
+	// uninitialised by a failed reconnection (recover.go): it stays
+	// initialised, because crypto11 counts it open and will not initialise
+	// it itself.
+	owned := err == nil && libraries.open[m.path] == 0
 	switch {
-	case owned:
+	case err == nil:
 	case isCode(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED):
 		if libraries.open[m.path] == 0 {
 			return fail(fmt.Errorf("hsm: PKCS #11 module %s was initialised outside package hsm; crypto11 cannot share it", m.path))
@@ -188,10 +237,14 @@ func (m *Module) attach() (*pkcs11.SessionHandle, error) {
 	default:
 		return fail(fmt.Errorf("hsm: initialise PKCS #11 module %s: %w", m.path, err))
 	}
-	var sh pkcs11.SessionHandle
-	m.slot, m.token, err = m.findToken()
+	var (
+		sh   pkcs11.SessionHandle
+		slot uint
+	)
+	slot, m.token, err = m.findToken()
+	m.slot.Store(uint64(slot))
 	if err == nil {
-		sh, err = m.checkLogin()
+		sh, err = m.checkLogin(slot)
 	}
 	if owned {
 		if sh != 0 {
@@ -206,14 +259,14 @@ func (m *Module) attach() (*pkcs11.SessionHandle, error) {
 		}
 		return fail(err)
 	}
-	c11, err := m.configure()
+	c11, err := m.configure(slot)
 	if err != nil {
 		if sh != 0 {
 			_ = p.CloseSession(sh)
 		}
 		return fail(err)
 	}
-	m.c11 = c11
+	m.c11, m.c11Epoch = c11, m.epoch.Load()
 	if owned {
 		return nil, nil
 	}
@@ -223,11 +276,11 @@ func (m *Module) attach() (*pkcs11.SessionHandle, error) {
 // configure creates a crypto11 context for the token; the caller holds the
 // library lock and has checked the token and the PIN, because a failing
 // crypto11.Configure finalises the library under every other Module.
-func (m *Module) configure() (c11Context, error) {
-	slot := int(m.slot)
+func (m *Module) configure(slot uint) (c11Context, error) {
+	slotNumber := int(slot)
 	c11, err := m.deps.configure(&crypto11.Config{
 		Path:            m.path,
-		SlotNumber:      &slot,
+		SlotNumber:      &slotNumber,
 		Pin:             m.cfg.PIN,
 		MaxSessions:     m.cfg.maxSessions(),
 		PoolWaitTimeout: m.cfg.poolWaitTimeout(),
@@ -289,11 +342,11 @@ func (m *Module) wantToken() string {
 	return fmt.Sprintf("slot number %d", *m.cfg.SlotNumber)
 }
 
-// checkLogin opens a session and logs in, so that a wrong PIN fails here
-// rather than in crypto11.Configure.
-func (m *Module) checkLogin() (pkcs11.SessionHandle, error) {
+// checkLogin opens a session on slot and logs in, so that a wrong PIN
+// fails here rather than in crypto11.Configure.
+func (m *Module) checkLogin(slot uint) (pkcs11.SessionHandle, error) {
 	p := m.p11
-	sh, err := p.OpenSession(m.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	sh, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 	if err != nil {
 		return 0, fmt.Errorf("hsm: open session on token %q: %w", m.token.Label, err)
 	}
@@ -304,13 +357,36 @@ func (m *Module) checkLogin() (pkcs11.SessionHandle, error) {
 	return sh, nil
 }
 
-// Close closes the module's sessions and its crypto11 context; when it is
-// the last Module of its library in the process, crypto11 finalises the
-// library. Close waits for operations in progress to finish. It is safe to
-// call more than once; later calls return the first call's result.
+// Close stops the module's supervisor and closes its sessions and its
+// crypto11 context; when it is the last Module of its library in the
+// process, crypto11 finalises the library. Close waits for operations in
+// progress to finish, including PKCS #11 calls whose callers have given
+// up, but for no longer than [Config.StuckCallThreshold]: if a call or a
+// reconnection is still stuck in the token then, Close returns an error
+// and leaves the sessions and the library open, so that a process can
+// still exit. It is safe to call more than once; later calls return the
+// first call's result.
 func (m *Module) Close() error {
 	m.closeOnce.Do(func() {
 		m.closed.Store(true)
+		deadline := time.Now().Add(m.cfg.stuckCallThreshold())
+		if m.stop != nil {
+			close(m.stop)
+			select {
+			case <-m.supervisorDone:
+			case <-time.After(time.Until(deadline)):
+				m.closeErr = errors.New("hsm: close: a reconnection to the token has not returned; sessions left open")
+				m.logger.Warn("closing the module while a reconnection is stuck in the token; its sessions are left open", "token", m.token.Label)
+				return
+			}
+		}
+		if m.calls != nil {
+			if n := m.calls.waitIdle(deadline); n > 0 {
+				m.closeErr = fmt.Errorf("hsm: close: %d PKCS #11 calls have not returned; sessions left open", n)
+				m.logger.Warn("closing the module while PKCS #11 calls are stuck; their sessions are left open", "token", m.token.Label, "calls", n)
+				return
+			}
+		}
 		// Let a scan, generation or reconnection in progress finish.
 		m.scanMu.Lock()
 		defer m.scanMu.Unlock()
@@ -325,21 +401,44 @@ func (m *Module) Close() error {
 			m.p11.Destroy()
 		}
 		if m.c11 != nil {
-			if err := m.c11.Close(); err != nil {
+			if err := m.closeContext(m.c11, m.c11Epoch); err != nil {
 				m.closeErr = fmt.Errorf("hsm: close: %w", err)
 			}
-			libraries.open[m.path]--
 		}
 	})
 	return m.closeErr
 }
 
+// closeContext closes a crypto11 context opened in library epoch epoch,
+// unless the library has been initialised again since (see libraries).
+// The caller holds the libraries lock.
+func (m *Module) closeContext(c11 c11Context, epoch uint64) error {
+	if m.epoch != nil && epoch != m.epoch.Load() {
+		return nil
+	}
+	libraries.open[m.path]--
+	err := c11.Close()
+	// A library left uninitialised by a failed reconnection cannot be
+	// finalised; that is not an error of Close.
+	if isCode(err, pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED) {
+		err = nil
+	}
+	return err
+}
+
 // Key returns the key whose id is id, the SHA-256 of the DER encoding of
 // its SubjectPublicKeyInfo (x509.MarshalPKIXPublicKey), or (nil, nil) if
-// the module has no such key. It returns [ErrClosed] after Close.
+// the module has no such key. It returns [ErrClosed] after Close and an
+// *[UnavailableError] while the module is reconnecting after a fault.
 func (m *Module) Key(ctx context.Context, id [32]byte) (crypto.Signer, error) {
 	if m.closed.Load() {
 		return nil, ErrClosed
+	}
+	if m.staleEpoch() {
+		m.markFaulty(errLibraryReset)
+	}
+	if err := m.downError(); err != nil {
+		return nil, err
 	}
 	m.mu.RLock()
 	defer m.mu.RUnlock()
@@ -347,11 +446,17 @@ func (m *Module) Key(ctx context.Context, id [32]byte) (crypto.Signer, error) {
 }
 
 // Keys returns every key the module serves, sorted by label and then key
-// id. The caller may modify the returned slice. It returns [ErrClosed]
-// after Close.
+// id. The caller may modify the returned slice. Errors are as for
+// [Module.Key].
 func (m *Module) Keys(ctx context.Context) ([]crypto.Signer, error) {
 	if m.closed.Load() {
 		return nil, ErrClosed
+	}
+	if m.staleEpoch() {
+		m.markFaulty(errLibraryReset)
+	}
+	if err := m.downError(); err != nil {
+		return nil, err
 	}
 	m.mu.RLock()
 	defer m.mu.RUnlock()
@@ -365,17 +470,22 @@ func (m *Module) Mechanisms() []string { return m.mechs.names() }
 
 // Refresh scans the token again for key pairs, so that keys added to or
 // removed from the token (by another application, or another Module)
-// become visible. Keys that did not change keep their identity. If an
-// operation has met a token fault, Refresh reconnects first, as
-// [Module.Check] does. Refresh returns an error, and changes nothing, if
-// the token cannot be scanned; keys that cannot be served are skipped with
-// a warning.
+// become visible; each change is logged. Keys that did not change keep
+// their identity. The module also does this by itself every
+// [Config.RescanInterval]. If an operation has met a token fault, Refresh
+// tries to reconnect first, as the module does in the background (see
+// [Module.Check]). Refresh returns an error, and changes nothing, if the
+// token cannot be scanned; keys that cannot be served are skipped with a
+// warning.
 func (m *Module) Refresh(ctx context.Context) error {
 	if m.closed.Load() {
 		return ErrClosed
 	}
+	if m.staleEpoch() {
+		m.markFaulty(errLibraryReset)
+	}
 	if f := m.fault.Load(); f != nil {
-		return m.reconnect(ctx, f)
+		return m.reconnect(ctx, f, 1)
 	}
 	m.scanMu.Lock()
 	defer m.scanMu.Unlock()
@@ -387,7 +497,7 @@ func (m *Module) Refresh(ctx context.Context) error {
 		m.noteFault(err)
 		return err
 	}
-	m.install(loaded)
+	m.install(loaded, true)
 	return nil
 }
 
@@ -396,6 +506,11 @@ func (m *Module) scan(ctx context.Context, c11 c11Context, gen uint64) ([]crypto
 	var loaded []crypto.Signer
 	err := m.raw.do(ctx, func(sh pkcs11.SessionHandle) error {
 		loaded = nil
+		// A token that has gone away may still answer searches, with
+		// nothing found (SoftHSM): ask about the token itself first.
+		if _, err := m.tokenInfo(ctx); err != nil {
+			return err
+		}
 		hs, err := findObjects(m.p11, sh, []*pkcs11.Attribute{pkcs11.NewAttribute(pkcs11.CKA_CLASS, pkcs11.CKO_PRIVATE_KEY)})
 		if err != nil {
 			return err
@@ -415,6 +530,9 @@ func (m *Module) scan(ctx context.Context, c11 c11Context, gen uint64) ([]crypto
 			}
 			loaded = append(loaded, k)
 		}
+		if _, err := m.tokenInfo(ctx); err != nil {
+			return err
+		}
 		return nil
 	})
 	if err != nil {
@@ -424,11 +542,15 @@ func (m *Module) scan(ctx context.Context, c11 c11Context, gen uint64) ([]crypto
 }
 
 // install replaces the module's keys with loaded, keeping the old object
-// for each key that did not change.
-func (m *Module) install(loaded []crypto.Signer) {
+// for each key that did not change, and logs the keys that appeared and
+// disappeared if logChanges is set.
+func (m *Module) install(loaded []crypto.Signer, logChanges bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	old := m.keys
+	if logChanges {
+		defer m.logChanges(old)
+	}
 	m.keys = make(map[[32]byte]crypto.Signer, len(loaded))
 	m.list = m.list[:0:0]
 	for _, k := range loaded {
@@ -444,6 +566,21 @@ func (m *Module) install(loaded []crypto.Signer) {
 		m.list = append(m.list, k)
 	}
 	sortKeys(m.list)
+}
+
+// logChanges logs the keys that are in m.keys and not in old, and those in
+// old and not in m.keys. The caller holds m.mu.
+func (m *Module) logChanges(old map[[32]byte]crypto.Signer) {
+	for id, k := range m.keys {
+		if _, ok := old[id]; !ok {
+			m.logger.Info("key found on the token", "token", m.token.Label, "label", base(k).label, "key_id", fmt.Sprintf("%x", id))
+		}
+	}
+	for id, k := range old {
+		if _, ok := m.keys[id]; !ok {
+			m.logger.Warn("key no longer on the token", "token", m.token.Label, "label", base(k).label, "key_id", fmt.Sprintf("%x", id))
+		}
+	}
 }
 
 // add makes a newly generated key visible.
@@ -506,7 +643,7 @@ func (m *Module) logSummary() {
 	}
 	m.logger.Info("token opened",
 		"module", m.path, "token", m.token.Label, "serial", m.token.SerialNumber,
-		"manufacturer", m.token.ManufacturerID, "model", m.token.Model, "slot", m.slot,
+		"manufacturer", m.token.ManufacturerID, "model", m.token.Model, "slot", m.slotID(),
 		"mechanisms", strings.Join(m.mechs.names(), ","),
 		"keys", len(m.list), "rsa_keys", counts["rsa"], "ecdsa_keys", counts["ecdsa"], "ed25519_keys", counts["ed25519"])
 	if _, ok := m.mechs[pkcs11.CKM_RSA_X_509]; !ok || fallback > 0 {

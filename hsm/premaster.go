@@ -34,7 +34,7 @@ const premasterLen = 48
 // RSA result ever leaves this method.
 func (k *rsaDecryptKey) DecryptPremaster(ctx context.Context, ciphertext []byte) ([]byte, error) {
 	if err := k.ready(ctx); err != nil {
-		return nil, err
+		return nil, fmt.Errorf("hsm: decrypt premaster with key %q: %w", k.label, err)
 	}
 	// The answer for an invalid ciphertext, drawn first so that no
 	// decision taken after the token's answer costs time.
@@ -47,9 +47,8 @@ func (k *rsaDecryptKey) DecryptPremaster(ctx context.Context, ciphertext []byte)
 		return nil, fmt.Errorf("hsm: decrypt premaster: %w", err)
 	}
 	if k.rawDecrypt {
-		em, err := bounded(ctx, func() ([]byte, error) { return k.decrypt(ctx, pkcs11.CKM_RSA_X_509, in) })
+		em, err := call(ctx, &k.keyBase, "C_Decrypt", func() ([]byte, error) { return k.decrypt(ctx, pkcs11.CKM_RSA_X_509, in) })
 		if err != nil {
-			k.m.noteFault(err)
 			return nil, fmt.Errorf("hsm: decrypt premaster with key %q: %w", k.label, err)
 		}
 		size := k.size()
@@ -63,9 +62,8 @@ func (k *rsaDecryptKey) DecryptPremaster(ctx context.Context, ciphertext []byte)
 		checkPremaster(out, em, valid)
 		return out, nil
 	}
-	pt, err := bounded(ctx, func() ([]byte, error) { return k.decryptMasked(ctx, in) })
+	pt, err := call(ctx, &k.keyBase, "C_Decrypt", func() ([]byte, error) { return k.decryptMasked(ctx, in) })
 	if err != nil {
-		k.m.noteFault(err)
 		return nil, fmt.Errorf("hsm: decrypt premaster with key %q: %w", k.label, err)
 	}
 	valid &= subtle.ConstantTimeEq(int32(len(pt)), premasterLen)

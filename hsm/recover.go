@@ -16,11 +16,26 @@ type faultState struct {
 	when time.Time
 }
 
+// errTokenGone marks an error of a call that asks about the token itself
+// (C_GetTokenInfo) and fails, whatever its return value: SoftHSM answers
+// CKR_GENERAL_ERROR once its token directory has gone, and still lists the
+// slot and finds no objects without an error.
+var errTokenGone = errors.New("hsm: the token does not answer")
+
+// errLibraryReset is the fault of a Module whose sessions and handles
+// predate a new initialisation of its PKCS #11 library by another Module
+// of the process: they are dead, and their numbers may have been given to
+// other sessions and objects since.
+var errLibraryReset = errors.New("hsm: the PKCS #11 library was initialised again by another module; sessions and handles must be rebuilt")
+
 // isTokenFault reports whether err means that the module's connection to
 // the token is broken and must be rebuilt: crypto11's sessions do not
 // recover from these, and SoftHSM (like other tokens) invalidates every
 // object handle when all sessions of the application close.
 func isTokenFault(err error) bool {
+	if errors.Is(err, errTokenGone) || errors.Is(err, errLibraryReset) {
+		return true
+	}
 	var e pkcs11.Error
 	if !errors.As(err, &e) {
 		return false
@@ -36,15 +51,22 @@ func isTokenFault(err error) bool {
 	return false
 }
 
-// noteFault records err if it is a token fault, so that the next Check or
-// Refresh reconnects.
+// noteFault records err if it is a token fault: from then on operations
+// fail at once with an *UnavailableError, Check fails, and the supervisor
+// reconnects.
 func (m *Module) noteFault(err error) {
 	if !isTokenFault(err) {
 		return
 	}
-	if m.fault.Swap(&faultState{err: err, when: time.Now()}) == nil {
-		m.logger.Warn("token fault; the next health check or refresh reconnects", "token", m.token.Label, "error", err)
+	m.markFaulty(err)
+}
+
+// markFaulty records err as a token fault, whatever it is.
+func (m *Module) markFaulty(err error) {
+	if m.fault.CompareAndSwap(nil, &faultState{err: err, when: time.Now()}) {
+		m.logger.Warn("token fault: key operations fail until the module has reconnected", "token", m.token.Label, "error", err)
 	}
+	m.kick()
 }
 
 func (m *Module) crypto11() c11Context {
@@ -53,49 +75,102 @@ func (m *Module) crypto11() c11Context {
 	return m.c11
 }
 
-// Check reports whether the token can be used now: the token is present
-// and its PIN not locked, the module's sessions are logged in, its key
-// handles are valid and crypto11's sessions answer. It makes no
-// cryptographic operation and is meant for health checks.
+// Check reports whether the token can be used now, for health checks: the
+// token answers and its PIN is not locked, the module's sessions are logged
+// in, its key handles are valid, crypto11's sessions answer, and PKCS #11
+// calls are not all stuck. It makes no cryptographic operation.
 //
-// If the check fails, or an operation has met a token fault since the last
-// check (a closed session, a lost login, an invalid handle, a removed
-// device), Check reconnects: it checks the token and the PIN, replaces the
-// crypto11 context and its sessions, and scans the token for keys again.
-// Keys obtained before then stop working once their operations in
-// progress finish, and must be looked up again with [Module.Key]. Check
-// returns nil if the token is usable, possibly after reconnecting; an error
-// describing the fault and the failed reconnection; ctx.Err() if ctx ends
-// first; [ErrClosed] after Close.
+// While the module is faulty (an operation or an earlier check met a
+// closed session, a lost login, an invalid handle, a removed device, a
+// token that does not answer), Check returns an *[UnavailableError] at
+// once, describing the fault and the last failed attempt to reconnect. The
+// module reconnects by itself, in the background, with backoff (see
+// [Config.MaxReconnectBackoff]): it checks the token and the PIN, replaces
+// the crypto11 context and its sessions, and scans the token for keys
+// again; when a plain reconnection fails because the token does not
+// answer, it also initialises the PKCS #11 library again (SoftHSM, for
+// one, reads its token directory only then). Keys obtained before a
+// reconnection stop working and must be looked up again with [Module.Key].
 //
-// Reconnecting rebuilds sessions, not the library: a token that needs the
-// PKCS #11 library to be initialised again (some HSMs after a restart)
-// needs every Module of the process to be closed and opened again.
+// Check returns ctx.Err() if ctx ends first and [ErrClosed] after Close.
 func (m *Module) Check(ctx context.Context) error {
 	if m.closed.Load() {
 		return ErrClosed
 	}
-	_, err := bounded(ctx, func() (struct{}, error) {
-		f := m.fault.Load()
-		if f == nil {
-			err := m.probe(ctx)
-			if err == nil || ctx.Err() != nil {
-				return struct{}{}, err
-			}
-			f = &faultState{err: err, when: time.Now()}
-			if !m.fault.CompareAndSwap(nil, f) {
-				f = m.fault.Load()
-			}
-			m.logger.Warn("health check failed; reconnecting", "token", m.token.Label, "error", err)
+	if m.staleEpoch() {
+		m.markFaulty(errLibraryReset)
+	}
+	if err := m.downError(); err != nil {
+		m.kick()
+		return err
+	}
+	threshold := m.cfg.stuckCallThreshold()
+	if m.calls != nil {
+		if n := m.calls.stuck(threshold); n >= cap(m.calls.slots) {
+			return &UnavailableError{Reason: fmt.Sprintf("all %d call slots are held by PKCS #11 calls that have not returned for %v", n, threshold)}
 		}
-		return struct{}{}, m.reconnect(ctx, f)
-	})
-	return err
+	}
+	_, err := bounded(ctx, func() (struct{}, error) { return struct{}{}, m.probe(ctx) })
+	if err == nil || ctx.Err() != nil {
+		return err
+	}
+	if !m.closed.Load() {
+		m.logger.Warn("health check failed", "token", m.token.Label, "error", err)
+		m.markFaulty(err)
+	}
+	return m.unavailable(err)
+}
+
+// staleEpoch reports whether the module's crypto11 context predates the
+// library's last initialisation (by another Module; see reconnect).
+func (m *Module) staleEpoch() bool {
+	if m.epoch == nil {
+		return false
+	}
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.c11Epoch != m.epoch.Load()
+}
+
+// downError returns an *UnavailableError while the module is faulty, nil
+// otherwise.
+func (m *Module) downError() error {
+	f := m.fault.Load()
+	if f == nil {
+		return nil
+	}
+	reason := "token fault; reconnecting"
+	if r := m.lastReconnect.Load(); r != nil && r.err != nil {
+		reason = fmt.Sprintf("token fault; reconnecting (attempt %d failed: %v)", r.attempt, r.err)
+	}
+	return &UnavailableError{Reason: reason, Since: f.when, Err: f.err}
+}
+
+// tokenInfo asks the token about itself, trying twice more after a short
+// wait if it fails: SoftHSM fails C_GetTokenInfo now and then while
+// another process rewrites its token file (which every C_Login does), and
+// answers again a moment later, whereas a token that has gone keeps
+// failing. Errors wrap errTokenGone.
+func (m *Module) tokenInfo(ctx context.Context) (pkcs11.TokenInfo, error) {
+	for i := 1; ; i++ {
+		ti, err := m.p11.GetTokenInfo(m.slotID())
+		if err == nil {
+			return ti, nil
+		}
+		if i == 3 {
+			return ti, fmt.Errorf("%w: %w", errTokenGone, err)
+		}
+		select {
+		case <-ctx.Done():
+			return ti, fmt.Errorf("%w: %w", errTokenGone, err)
+		case <-time.After(time.Duration(i) * 25 * time.Millisecond):
+		}
+	}
 }
 
 // probe checks the token without changing anything.
 func (m *Module) probe(ctx context.Context) error {
-	ti, err := m.p11.GetTokenInfo(m.slot)
+	ti, err := m.tokenInfo(ctx)
 	if err != nil {
 		return fmt.Errorf("hsm: check token %q: %w", m.token.Label, err)
 	}
@@ -133,9 +208,22 @@ func (m *Module) probe(ctx context.Context) error {
 // probeID is a CKA_ID no key is expected to have.
 var probeID = []byte("keyless-hsm-health-check-no-such-key")
 
+// libraryResetEvery bounds how often a library is initialised again after
+// a fault, so that several faulty Modules of one process do not take
+// turns at finalising it under each other.
+const libraryResetEvery = time.Second
+
 // reconnect rebuilds the module's connection to the token after the fault
-// f. It does nothing if another call has already dealt with f.
-func (m *Module) reconnect(ctx context.Context, f *faultState) error {
+// f; attempt counts the attempts since f (1 for the first). It does
+// nothing if another call has already dealt with f.
+//
+// When an earlier attempt failed because the token did not answer, the
+// PKCS #11 library is finalised and initialised again first: SoftHSM, for
+// one, keeps a token that went away unusable, even after it has come back,
+// until the library is initialised again. That breaks the sessions of every
+// other Module of the process on the same library too; they reconnect in
+// turn, without finalising the library again.
+func (m *Module) reconnect(ctx context.Context, f *faultState, attempt int) error {
 	m.scanMu.Lock()
 	defer m.scanMu.Unlock()
 	switch cur := m.fault.Load(); {
@@ -148,31 +236,47 @@ func (m *Module) reconnect(ctx context.Context, f *faultState) error {
 		return ErrClosed
 	}
 	fail := func(err error) error {
+		m.tokenGone.Store(errors.Is(err, errTokenGone))
 		return fmt.Errorf("hsm: token %q is unusable (%w since %s) and reconnecting failed: %w",
 			m.token.Label, f.err, f.when.Format(time.RFC3339), err)
 	}
 
 	// As in Open, everything crypto11.Configure checks is checked first.
+	reset := false
 	c11, err := func() (c11Context, error) {
 		libraries.Lock()
 		defer libraries.Unlock()
+		if m.tokenGone.Load() && time.Since(libraries.reset[m.path]) > libraryResetEvery {
+			// The library stays counted as open by crypto11 (the old
+			// context is still open), so crypto11 will not initialise it:
+			// this module does, here or at its next attempt.
+			_ = m.p11.Finalize()
+			m.epoch.Add(1)
+			libraries.reset[m.path] = time.Now()
+			reset = true
+		}
+		if err := m.p11.Initialize(); err != nil && !isCode(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+			return nil, fmt.Errorf("%w: initialise PKCS #11 module %s: %w", errTokenGone, m.path, err)
+		}
+		// SoftHSM numbers the slots again when it is initialised again.
 		slot, _, err := m.findToken()
 		if err != nil {
-			return nil, err
+			return nil, fmt.Errorf("%w: %w", errTokenGone, err)
 		}
-		if slot != m.slot {
-			return nil, fmt.Errorf("hsm: token %q moved from slot %d to slot %d; close and open the module", m.token.Label, m.slot, slot)
-		}
-		sh, err := m.checkLogin()
+		sh, err := m.checkLogin(slot)
 		if err != nil {
 			return nil, err
 		}
-		c11, err := m.configure()
+		c11, err := m.configure(slot)
 		if err != nil {
 			_ = m.p11.CloseSession(sh)
 			return nil, err
 		}
-		m.raw.reset()
+		if old := m.slotID(); old != slot {
+			m.logger.Info("token found in another slot", "token", m.token.Label, "old_slot", old, "slot", slot)
+			m.slot.Store(uint64(slot))
+		}
+		m.raw.reset(slot)
 		m.raw.adopt(sh)
 		return c11, nil
 	}()
@@ -181,25 +285,30 @@ func (m *Module) reconnect(ctx context.Context, f *faultState) error {
 	}
 
 	m.mu.Lock()
-	old := m.c11
-	m.c11 = c11
+	old, oldGen, oldEpoch := m.c11, m.gen, m.c11Epoch
+	m.c11, m.c11Epoch = c11, m.epoch.Load()
 	m.gen++
 	gen := m.gen
 	m.mu.Unlock()
-	// The old context's Close waits for its operations in progress.
+	// crypto11's Close waits for the old context's operations while it
+	// holds crypto11's global lock, which every Configure needs: close it
+	// only once the calls that use it have returned.
 	m.bg.Go(func() {
-		_ = old.Close()
+		m.calls.waitGen(oldGen)
 		libraries.Lock()
-		libraries.open[m.path]--
-		libraries.Unlock()
+		defer libraries.Unlock()
+		_ = m.closeContext(old, oldEpoch)
 	})
 
 	loaded, err := m.scan(ctx, c11, gen)
 	if err != nil {
 		return fail(err)
 	}
-	m.install(loaded)
+	m.install(loaded, true)
 	m.fault.CompareAndSwap(f, nil)
-	m.logger.Info("reconnected to token", "token", m.token.Label, "keys", len(loaded), "fault", f.err)
+	m.lastReconnect.Store(nil)
+	m.tokenGone.Store(false)
+	m.logger.Info("reconnected to token", "token", m.token.Label, "keys", len(loaded), "attempts", attempt,
+		"unavailable_for", time.Since(f.when).Round(time.Millisecond), "library_initialised_again", reset, "fault", f.err)
 	return nil
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/miekg/pkcs11"
@@ -23,29 +24,51 @@ var errPoolTimeout = errors.New("hsm: timed out waiting for a free PKCS #11 sess
 // C_Login answers CKR_USER_ALREADY_LOGGED_IN. The pool still logs in each
 // session it opens, and logs in again when an operation reports
 // CKR_USER_NOT_LOGGED_IN, so that it recovers when the login was lost.
+//
+// Each session carries the library epoch it was opened in (see
+// libraries). A session from before the library was initialised again is
+// dropped without C_CloseSession: its handle may by now name another,
+// newer session.
 type sessionPool struct {
-	p11  p11API
-	slot uint
-	pin  string
-	wait time.Duration
+	p11   p11API
+	slot  atomic.Uint64  // changes when the library is initialised again
+	epoch *atomic.Uint64 // the library's epoch; nil for none (tests)
+	pin   string
+	wait  time.Duration
 
 	// slots holds one token per session in use; its capacity is the cap.
 	slots chan struct{}
 	inUse sync.WaitGroup
 
 	mu     sync.Mutex
-	idle   []pkcs11.SessionHandle
+	idle   []session
 	closed bool
 }
 
+// session is a pooled session and the library epoch it was opened in.
+type session struct {
+	sh    pkcs11.SessionHandle
+	epoch uint64
+}
+
 func newSessionPool(p p11API, slot uint, pin string, size int, wait time.Duration) *sessionPool {
-	return &sessionPool{p11: p, slot: slot, pin: pin, wait: wait, slots: make(chan struct{}, size)}
+	sp := &sessionPool{p11: p, pin: pin, wait: wait, slots: make(chan struct{}, size)}
+	sp.slot.Store(uint64(slot))
+	return sp
+}
+
+// libEpoch returns the library's current epoch.
+func (p *sessionPool) libEpoch() uint64 {
+	if p.epoch == nil {
+		return 0
+	}
+	return p.epoch.Load()
 }
 
 // get returns a session for the caller's exclusive use, waiting for a free
 // one until ctx is done or the pool's wait timeout passes. The caller must
 // hand it back with put.
-func (p *sessionPool) get(ctx context.Context) (pkcs11.SessionHandle, error) {
+func (p *sessionPool) get(ctx context.Context) (session, error) {
 	select {
 	case p.slots <- struct{}{}:
 	default:
@@ -54,64 +77,75 @@ func (p *sessionPool) get(ctx context.Context) (pkcs11.SessionHandle, error) {
 		select {
 		case p.slots <- struct{}{}:
 		case <-ctx.Done():
-			return 0, ctx.Err()
+			return session{}, ctx.Err()
 		case <-t.C:
-			return 0, errPoolTimeout
+			return session{}, errPoolTimeout
 		}
 	}
 	p.mu.Lock()
 	if p.closed {
 		p.mu.Unlock()
 		<-p.slots
-		return 0, ErrClosed
+		return session{}, ErrClosed
 	}
 	p.inUse.Add(1)
-	if n := len(p.idle); n > 0 {
-		sh := p.idle[n-1]
+	cur := p.libEpoch()
+	for n := len(p.idle); n > 0; n-- {
+		s := p.idle[n-1]
 		p.idle = p.idle[:n-1]
-		p.mu.Unlock()
-		return sh, nil
+		if s.epoch == cur {
+			p.mu.Unlock()
+			return s, nil
+		}
 	}
 	p.mu.Unlock()
-	sh, err := p.open()
+	s, err := p.open()
 	if err != nil {
 		p.inUse.Done()
 		<-p.slots
-		return 0, err
+		return session{}, err
 	}
-	return sh, nil
+	return s, nil
 }
 
-// adopt adds an open, logged-in session to the idle sessions.
+// adopt adds an open, logged-in session of the current library epoch to
+// the idle sessions.
 func (p *sessionPool) adopt(sh pkcs11.SessionHandle) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.idle = append(p.idle, sh)
+	p.idle = append(p.idle, session{sh, p.libEpoch()})
 }
 
-// reset closes the idle sessions, which may be stale after a fault.
-// Sessions in use are kept or dropped when they come back.
-func (p *sessionPool) reset() {
+// reset closes the idle sessions, which may be stale after a fault, and
+// opens new ones on slot from then on. Sessions in use are kept or dropped
+// when they come back. The caller holds the libraries lock.
+func (p *sessionPool) reset(slot uint) {
+	p.slot.Store(uint64(slot))
 	p.mu.Lock()
 	idle := p.idle
 	p.idle = nil
 	p.mu.Unlock()
-	for _, sh := range idle {
-		_ = p.p11.CloseSession(sh)
+	cur := p.libEpoch()
+	for _, s := range idle {
+		if s.epoch == cur {
+			_ = p.p11.CloseSession(s.sh)
+		}
 	}
 }
 
 // open opens and logs in a new session.
-func (p *sessionPool) open() (pkcs11.SessionHandle, error) {
-	sh, err := p.p11.OpenSession(p.slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+func (p *sessionPool) open() (session, error) {
+	s := session{epoch: p.libEpoch()}
+	var err error
+	s.sh, err = p.p11.OpenSession(uint(p.slot.Load()), pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
 	if err != nil {
-		return 0, fmt.Errorf("hsm: open session: %w", err)
+		return session{}, fmt.Errorf("hsm: open session: %w", err)
 	}
-	if err := p.login(sh); err != nil {
-		_ = p.p11.CloseSession(sh)
-		return 0, err
+	if err := p.login(s.sh); err != nil {
+		_ = p.p11.CloseSession(s.sh)
+		return session{}, err
 	}
-	return sh, nil
+	return s, nil
 }
 
 func (p *sessionPool) login(sh pkcs11.SessionHandle) error {
@@ -121,17 +155,29 @@ func (p *sessionPool) login(sh pkcs11.SessionHandle) error {
 	return nil
 }
 
+// closeSession closes s unless the library has been initialised again
+// since it was opened. It holds the libraries lock, so that the library
+// cannot be initialised again between the check and the close.
+func (p *sessionPool) closeSession(s session) {
+	libraries.Lock()
+	defer libraries.Unlock()
+	if s.epoch == p.libEpoch() {
+		_ = p.p11.CloseSession(s.sh)
+	}
+}
+
 // put returns a session taken with get. A broken session is closed
-// instead of being kept.
-func (p *sessionPool) put(sh pkcs11.SessionHandle, broken bool) {
+// instead of being kept, a session from an earlier library epoch dropped.
+func (p *sessionPool) put(s session, broken bool) {
 	p.mu.Lock()
-	keep := !broken && !p.closed
+	stale := s.epoch != p.libEpoch()
+	keep := !broken && !p.closed && !stale
 	if keep {
-		p.idle = append(p.idle, sh)
+		p.idle = append(p.idle, s)
 	}
 	p.mu.Unlock()
-	if !keep {
-		_ = p.p11.CloseSession(sh)
+	if !keep && !stale {
+		p.closeSession(s)
 	}
 	p.inUse.Done()
 	<-p.slots
@@ -143,24 +189,24 @@ func (p *sessionPool) put(sh pkcs11.SessionHandle, broken bool) {
 // itself; f must therefore be safe to run twice.
 func (p *sessionPool) do(ctx context.Context, f func(sh pkcs11.SessionHandle) error) error {
 	for attempt := 0; ; attempt++ {
-		sh, err := p.get(ctx)
+		s, err := p.get(ctx)
 		if err != nil {
 			return err
 		}
-		err = f(sh)
+		err = f(s.sh)
 		retry := false
 		switch {
 		case err == nil:
 		case sessionBroken(err):
-			p.put(sh, true)
+			p.put(s, true)
 			if attempt == 0 && !isCode(err, pkcs11.CKR_DEVICE_REMOVED) && !isCode(err, pkcs11.CKR_TOKEN_NOT_PRESENT) {
 				continue
 			}
 			return err
 		case isCode(err, pkcs11.CKR_USER_NOT_LOGGED_IN):
-			retry = attempt == 0 && p.login(sh) == nil
+			retry = attempt == 0 && p.login(s.sh) == nil
 		}
-		p.put(sh, false)
+		p.put(s, false)
 		if !retry {
 			return err
 		}
@@ -175,8 +221,8 @@ func (p *sessionPool) close() {
 	idle := p.idle
 	p.idle = nil
 	p.mu.Unlock()
-	for _, sh := range idle {
-		_ = p.p11.CloseSession(sh)
+	for _, s := range idle {
+		p.closeSession(s)
 	}
 	p.inUse.Wait()
 }

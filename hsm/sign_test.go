@@ -39,7 +39,9 @@ func TestGenerate(t *testing.T) {
 	for _, spec := range specs {
 		t.Run(spec.Label, func(t *testing.T) {
 			k, ok := f.keys[spec.Label]
-			if !ok {
+			if ok {
+				k = f.key(t, spec.Label)
+			} else {
 				var err error
 				if k, err = f.m.Generate(ctx, spec); err != nil {
 					t.Fatalf("Generate(%+v) = %v", spec, err)

@@ -132,6 +132,7 @@ func newStubModule(p *stubP11, sessions int) *Module {
 	return &Module{
 		p11:    p,
 		raw:    newSessionPool(p, 0, "pin", sessions, 200*time.Millisecond),
+		calls:  newCallTracker(sessions, 200*time.Millisecond),
 		logger: hclog.NewNullLogger(),
 	}
 }
@@ -422,7 +423,7 @@ func TestSessionPool(t *testing.T) {
 		t.Errorf("get() = %v, %v; want the idle session %v", sh2, err, sh)
 	}
 	pool.put(sh2, true) // broken: closed, not kept
-	if p.open[sh] {
+	if p.open[sh.sh] {
 		t.Error("a broken session was not closed")
 	}
 	if p.logins != 1 {

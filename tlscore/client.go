@@ -12,6 +12,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/credentials"
 	_ "google.golang.org/grpc/health" // client-side health checking
 	"google.golang.org/grpc/keepalive"
@@ -26,6 +27,14 @@ import (
 // DefaultCallTimeout is the deadline of a keyserver call when
 // [ClientConfig.CallTimeout] is zero.
 const DefaultCallTimeout = 2 * time.Second
+
+// minConnectTimeout bounds one attempt to connect to a keyserver, TLS
+// handshake included.
+const minConnectTimeout = 5 * time.Second
+
+// DefaultReconnectBackoff caps the wait between attempts to connect to a
+// keyserver when [ClientConfig.ReconnectBackoff] is zero.
+const DefaultReconnectBackoff = 2 * time.Second
 
 // ClientConfig configures a [Client]. It must not be modified after it is
 // passed to [Dial].
@@ -54,6 +63,14 @@ type ClientConfig struct {
 	// keyserver's keepalive.EnforcementPolicy.MinTime must be at most this
 	// interval, or it will close the connection. Zero means no pings.
 	KeepaliveInterval time.Duration
+
+	// ReconnectBackoff caps the wait between attempts to connect to a
+	// keyserver that is down: attempts start 100 ms apart and the interval
+	// grows by 1.6 each time, with jitter, up to this cap. It bounds how
+	// long a keyserver that has come back waits before it is used again.
+	// Zero means DefaultReconnectBackoff (gRPC's own default is two
+	// minutes).
+	ReconnectBackoff time.Duration
 
 	// Dialer, if set, opens connections instead of a TCP dial, for example
 	// to a Unix socket or, in tests, an in-memory listener. addr is one of
@@ -90,6 +107,8 @@ func (c *ClientConfig) Validate() error {
 		return fmt.Errorf("tlscore: ClientConfig.CallTimeout is %v; it must be positive, or zero for the default", c.CallTimeout)
 	case c.KeepaliveInterval < 0:
 		return fmt.Errorf("tlscore: ClientConfig.KeepaliveInterval is %v; it must be positive, or zero for none", c.KeepaliveInterval)
+	case c.ReconnectBackoff < 0:
+		return fmt.Errorf("tlscore: ClientConfig.ReconnectBackoff is %v; it must be positive, or zero for the default", c.ReconnectBackoff)
 	}
 	return nil
 }
@@ -111,16 +130,25 @@ type Client struct {
 const resolverScheme = "keyless"
 
 // serviceConfig balances round-robin over healthy keyservers and retries a
-// Sign or ListKeys once, on the next keyserver, when the first answers
-// UNAVAILABLE. Both are safe to repeat: a signature has no side effect and
-// the keyserver is stateless. Decrypt is not retried: it is just as safe, but
-// it only serves the legacy RSA key exchange, and a failed one is rare.
-// Retries happen within the call's one deadline.
+// call once, on the next keyserver, when the first answers UNAVAILABLE: a
+// keyserver that died or is shutting down, or whose HSM is reconnecting
+// after a fault. Every operation is safe to repeat: a signature or a
+// premaster decryption has no side effect, the keyserver is stateless, and
+// a call is repeated only when no answer came, so the edge never sees two
+// answers (with implicit rejection, possibly different ones) for one
+// ciphertext.
+// Retries happen within the call's one deadline, so within the handshake's.
+//
+// A keyserver leaves the balancing when its connection breaks (at once for
+// a killed process, whose kernel resets the connection; after the
+// keepalive timeout for one that vanished) or when its health service
+// stops reporting SERVING (an HSM fault, a shutdown), and comes back when
+// it reconnects and reports SERVING again.
 var serviceConfig = fmt.Sprintf(`{
   "loadBalancingConfig": [{"round_robin": {}}],
   "healthCheckConfig": {"serviceName": %[1]q},
   "methodConfig": [{
-    "name": [{"service": %[1]q, "method": "Sign"}, {"service": %[1]q, "method": "ListKeys"}],
+    "name": [{"service": %[1]q, "method": "Sign"}, {"service": %[1]q, "method": "Decrypt"}, {"service": %[1]q, "method": "ListKeys"}],
     "retryPolicy": {
       "maxAttempts": 2,
       "initialBackoff": "0.005s",
@@ -153,10 +181,23 @@ func Dial(cfg ClientConfig) (*Client, error) {
 	}
 	r.InitialState(resolver.State{Addresses: addrs})
 
+	maxBackoff := cfg.ReconnectBackoff
+	if maxBackoff == 0 {
+		maxBackoff = DefaultReconnectBackoff
+	}
 	opts := []grpc.DialOption{
 		grpc.WithTransportCredentials(credentials.NewTLS(cfg.TLS)),
 		grpc.WithResolvers(r),
 		grpc.WithDefaultServiceConfig(serviceConfig),
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff: backoff.Config{
+				BaseDelay:  min(100*time.Millisecond, maxBackoff),
+				Multiplier: 1.6,
+				Jitter:     0.2,
+				MaxDelay:   maxBackoff,
+			},
+			MinConnectTimeout: minConnectTimeout,
+		}),
 	}
 	if cfg.Dialer != nil {
 		opts = append(opts, grpc.WithContextDialer(cfg.Dialer))

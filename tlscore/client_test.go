@@ -48,6 +48,7 @@ func TestClientConfigValidate(t *testing.T) {
 		{"several-without-server-name", ClientConfig{Addresses: []string{"ks1:443", "ks2:443"}, TLS: noName}, "ServerName is required"},
 		{"negative-timeout", ClientConfig{Addresses: []string{"ks:443"}, TLS: good, CallTimeout: -time.Second}, "CallTimeout"},
 		{"negative-keepalive", ClientConfig{Addresses: []string{"ks:443"}, TLS: good, KeepaliveInterval: -time.Second}, "KeepaliveInterval"},
+		{"negative-reconnect-backoff", ClientConfig{Addresses: []string{"ks:443"}, TLS: good, ReconnectBackoff: -time.Second}, "ReconnectBackoff"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -92,8 +93,8 @@ func signOnce(t *testing.T, c *Client) error {
 	return err
 }
 
-// TestClientSignRetry checks that a Sign answered Unavailable is retried
-// once, on the other keyserver when there is one, and Decrypt is not.
+// TestClientSignRetry checks that a Sign or Decrypt answered Unavailable is
+// retried once, on the other keyserver when there is one.
 func TestClientSignRetry(t *testing.T) {
 	pki := newTestPKI(t)
 	real := newSignerService(t, []crypto.Signer{testP256Key(), testRSAKey()}, nil)
@@ -129,8 +130,8 @@ func TestClientSignRetry(t *testing.T) {
 		if status.Code(err) != codes.Unavailable {
 			t.Errorf("Decrypt() = %v, want code Unavailable", err)
 		}
-		if n := badDecrypts.Load(); n != 1 {
-			t.Errorf("Decrypt attempts = %d, want 1 (no retry)", n)
+		if n := badDecrypts.Load(); n != 2 {
+			t.Errorf("Decrypt attempts = %d, want 2 (one retry)", n)
 		}
 	})
 }

@@ -65,6 +65,8 @@ func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h ht
 	case <-ctx.Done():
 	}
 
+	logger.Info("shutting down: accepting no more connections, letting requests in progress finish", "grace", grace)
+	start := time.Now()
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), grace)
 	defer cancel()
 	err := srv.Shutdown(sctx)
@@ -73,6 +75,7 @@ func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h ht
 		srv.Close()
 		return fmt.Errorf("tlscore: HTTPS requests still running after the %v grace period were cut off: %w", grace, err)
 	}
+	logger.Info("every request finished", "after", time.Since(start).Round(time.Millisecond))
 	return nil
 }
 
@@ -130,12 +133,15 @@ func ServeTCP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, origi
 		p.wg.Go(func() { p.serve(c) })
 	}
 
+	logger.Info("shutting down: accepting no more connections, letting connections in progress finish", "grace", grace)
+	start := time.Now()
 	done := make(chan struct{})
 	go func() { p.wg.Wait(); close(done) }()
 	timer := time.NewTimer(grace)
 	defer timer.Stop()
 	select {
 	case <-done:
+		logger.Info("every connection finished", "after", time.Since(start).Round(time.Millisecond))
 		return acceptErr
 	case <-timer.C:
 	}

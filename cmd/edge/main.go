@@ -9,6 +9,18 @@
 //	     (-origin URL | -tcp-origin HOST:PORT) [flags]
 //
 // Run "edge -h" for every flag and its default.
+//
+// # Signals
+//
+// SIGTERM or SIGINT stops the edge gracefully: it stops accepting
+// connections, lets requests (or TCP connections) in progress finish for up
+// to -grace, and exits.
+//
+// SIGHUP reloads the certificate directory and the keyserver link's
+// credentials (-tls-cert, -tls-key, -keyserver-ca) without dropping any
+// connection: new handshakes use the new files. Each of the two is
+// replaced only if all its files are valid; otherwise the error is logged
+// and the previous configuration stays in force.
 package main
 
 import (
@@ -32,7 +44,10 @@ import (
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	err := run(ctx, os.Args[1:], os.Stderr)
+	reload := make(chan os.Signal, 1)
+	signal.Notify(reload, syscall.SIGHUP)
+	err := run(ctx, os.Args[1:], os.Stderr, reload)
+	signal.Stop(reload)
 	stop()
 	if err != nil && !errors.Is(err, flag.ErrHelp) {
 		fmt.Fprintln(os.Stderr, "edge:", err)
@@ -53,6 +68,8 @@ type flags struct {
 	tlsCert        string
 	tlsKey         string
 	callTimeout    time.Duration
+	keepalive      time.Duration
+	reconnect      time.Duration
 	grace          time.Duration
 	logLevel       string
 	logJSON        bool
@@ -74,6 +91,8 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.tlsCert, "tls-cert", "", "PEM client certificate of this edge for the keyserver link (required)")
 	fs.StringVar(&f.tlsKey, "tls-key", "", "PEM private key of -tls-cert (required)")
 	fs.DurationVar(&f.callTimeout, "call-timeout", tlscore.DefaultCallTimeout, "deadline of each keyserver call; a handshake whose key operation takes longer fails")
+	fs.DurationVar(&f.keepalive, "keepalive", 15*time.Second, "ping a keyserver connection idle this long, and drop it when no answer comes within -call-timeout (at least 10s; 0 turns pings off)")
+	fs.DurationVar(&f.reconnect, "reconnect-backoff", tlscore.DefaultReconnectBackoff, "longest wait between attempts to reconnect to a keyserver that is down")
 	fs.DurationVar(&f.grace, "grace", 10*time.Second, "on shutdown, how long in-flight requests may take to finish")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: trace, debug, info, warn or error")
 	fs.BoolVar(&f.logJSON, "log-json", false, "log as JSON lines")
@@ -97,12 +116,20 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	if f.callTimeout <= 0 {
 		return nil, fmt.Errorf("-call-timeout %v: must be positive", f.callTimeout)
 	}
+	if f.keepalive != 0 && f.keepalive < 10*time.Second {
+		return nil, fmt.Errorf("-keepalive %v: must be 0 or at least 10s (gRPC's minimum, and the keyserver's)", f.keepalive)
+	}
+	if f.reconnect <= 0 {
+		return nil, fmt.Errorf("-reconnect-backoff %v: must be positive", f.reconnect)
+	}
 	return &f, nil
 }
 
 // run is main without the process: it wires the keyserver client, the
 // certificate store and the TLS listener, then serves until ctx is done.
-func run(ctx context.Context, args []string, stderr io.Writer) error {
+// Each value received from reload (SIGHUP in main; nil means never) reloads
+// the certificates and the keyserver link's credentials.
+func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.Signal) error {
 	f, err := parse(args, stderr)
 	if err != nil {
 		return err
@@ -129,15 +156,17 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 			return fmt.Errorf("-keyserver %q: %w", keyservers[0], err)
 		}
 	}
-	linkTLS, err := tlscore.ClientMTLSConfig(f.tlsCert, f.tlsKey, f.keyserverCA, name)
+	link, err := tlscore.LoadMTLSCredentials(f.tlsCert, f.tlsKey, f.keyserverCA)
 	if err != nil {
 		return err
 	}
 	client, err := tlscore.Dial(tlscore.ClientConfig{
-		Addresses:   keyservers,
-		TLS:         linkTLS,
-		CallTimeout: f.callTimeout,
-		Logger:      logger.Named("keyserver"),
+		Addresses:         keyservers,
+		TLS:               link.ClientConfig(name),
+		CallTimeout:       f.callTimeout,
+		KeepaliveInterval: f.keepalive,
+		ReconnectBackoff:  f.reconnect,
+		Logger:            logger.Named("keyserver"),
 	})
 	if err != nil {
 		return err
@@ -163,12 +192,59 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return err
 	}
+	reloadCtx, stopReload := context.WithCancel(ctx)
+	defer stopReload()
+	go reloadOn(reloadCtx, reload, func() { reloadConfig(reloadCtx, f.certs, certs, link, logger) })
 	if origin != nil {
 		logger.Info("edge ready", "listen", ln.Addr().String(), "origin", origin.String(), "keyservers", f.keyservers)
 		return tlscore.ServeHTTP(ctx, ln, tlsConfig, tlscore.NewReverseProxy(origin, logger), f.grace, logger)
 	}
 	logger.Info("edge ready", "listen", ln.Addr().String(), "tcp_origin", f.tcpOrigin, "keyservers", f.keyservers)
 	return tlscore.ServeTCP(ctx, ln, tlsConfig, f.tcpOrigin, f.grace, logger)
+}
+
+// reloadOn calls do for each value received from signals until ctx is
+// done.
+func reloadOn(ctx context.Context, signals <-chan os.Signal, do func()) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case _, ok := <-signals:
+			if !ok {
+				return
+			}
+			do()
+		}
+	}
+}
+
+// reloadTimeout bounds a reload, which asks a keyserver for its keys.
+const reloadTimeout = 30 * time.Second
+
+// reloadConfig reloads the keyserver link's credentials and then the
+// certificates from dir. Each is replaced only if all its files are valid
+// (and, for the certificates, the keyservers hold their keys); otherwise
+// the error is logged and the previous one stays in force. Established
+// connections, to clients and to keyservers, are not disturbed.
+func reloadConfig(ctx context.Context, dir string, certs *tlscore.CertStore, link *tlscore.MTLSCredentials, logger hclog.Logger) {
+	logger.Info("reloading certificates and keyserver link credentials")
+	ok := true
+	// The credentials first: the certificates are checked against the
+	// keyservers over the link.
+	if err := link.Reload(); err != nil {
+		ok = false
+		logger.Error("reload of the keyserver link credentials failed; the previous ones stay in force", "error", err)
+	}
+	lctx, cancel := context.WithTimeout(ctx, reloadTimeout)
+	defer cancel()
+	if err := certs.Load(lctx, dir); err != nil {
+		ok = false
+		logger.Error("reload of the certificates failed; the previous ones stay in force", "error", err)
+	}
+	if ok {
+		logger.Info("reload complete")
+	}
 }
 
 // splitList splits a comma-separated flag value, dropping empty items.

@@ -23,6 +23,8 @@ func TestRunFlagErrors(t *testing.T) {
 		{"origin without host", with("-origin", "http://"), `-origin "http://"`},
 		{"bad log level", with("-origin", "http://o", "-log-level", "chatty"), `-log-level "chatty"`},
 		{"zero call timeout", with("-origin", "http://o", "-call-timeout", "0s"), "-call-timeout"},
+		{"keepalive too short", with("-origin", "http://o", "-keepalive", "1s"), "-keepalive"},
+		{"zero reconnect backoff", with("-origin", "http://o", "-reconnect-backoff", "0s"), "-reconnect-backoff"},
 		{"extra argument", with("-origin", "http://o", "extra"), "unexpected arguments"},
 		{"missing client certificate", with("-origin", "http://o"), "no such file"},
 		{"several keyservers without a name", append(with("-origin", "http://o"), "-keyserver", "a:1,b:2"), "-keyserver-name is required"},
@@ -32,17 +34,17 @@ func TestRunFlagErrors(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var stderr bytes.Buffer
-			err := run(t.Context(), tt.args, &stderr)
+			err := run(t.Context(), tt.args, &stderr, nil)
 			if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
 				t.Errorf("run(%q) = %v, want an error containing %q", tt.args, err, tt.wantErr)
 			}
 		})
 	}
 	var stderr bytes.Buffer
-	if err := run(t.Context(), []string{"-h"}, &stderr); !errors.Is(err, flag.ErrHelp) {
+	if err := run(t.Context(), []string{"-h"}, &stderr, nil); !errors.Is(err, flag.ErrHelp) {
 		t.Errorf("run(-h) = %v, want flag.ErrHelp", err)
 	}
-	for _, f := range []string{"-listen", "-certs", "-default-cert", "-rsa-key-exchange", "-origin", "-tcp-origin", "-keyserver", "-call-timeout", "-grace"} {
+	for _, f := range []string{"-listen", "-certs", "-default-cert", "-rsa-key-exchange", "-origin", "-tcp-origin", "-keyserver", "-call-timeout", "-keepalive", "-reconnect-backoff", "-grace"} {
 		if !strings.Contains(stderr.String(), f) {
 			t.Errorf("edge -h does not document %s", f)
 		}
