@@ -458,33 +458,17 @@ const DefaultHealthInterval = 2 * time.Second
 // every interval until ctx is done. A store that is not a Checker is always
 // SERVING. An interval of zero or less means DefaultHealthInterval.
 func WatchHealth(ctx context.Context, keys KeyStore, hs *health.Server, interval time.Duration) {
-	if interval <= 0 {
-		interval = DefaultHealthInterval
+	WatchHealthFunc(ctx, keys, interval, func(err error) { SetHealth(hs, err) })
+}
+
+// SetHealth sets the serving status of the KeylessService (and of the
+// server as a whole, the "" service) in hs: SERVING for a nil err (a
+// successful health check), NOT_SERVING otherwise.
+func SetHealth(hs *health.Server, err error) {
+	st := healthpb.HealthCheckResponse_SERVING
+	if err != nil {
+		st = healthpb.HealthCheckResponse_NOT_SERVING
 	}
-	set := func(st healthpb.HealthCheckResponse_ServingStatus) {
-		hs.SetServingStatus("", st)
-		hs.SetServingStatus(keylessv1.KeylessService_ServiceDesc.ServiceName, st)
-	}
-	c, ok := keys.(Checker)
-	if !ok {
-		set(healthpb.HealthCheckResponse_SERVING)
-		return
-	}
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		cctx, cancel := context.WithTimeout(ctx, interval)
-		err := c.Check(cctx)
-		cancel()
-		if err != nil {
-			set(healthpb.HealthCheckResponse_NOT_SERVING)
-		} else {
-			set(healthpb.HealthCheckResponse_SERVING)
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
-	}
+	hs.SetServingStatus("", st)
+	hs.SetServingStatus(keylessv1.KeylessService_ServiceDesc.ServiceName, st)
 }

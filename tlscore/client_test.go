@@ -98,12 +98,24 @@ func signOnce(t *testing.T, c *Client) error {
 func TestClientSignRetry(t *testing.T) {
 	pki := newTestPKI(t)
 	real := newSignerService(t, []crypto.Signer{testP256Key(), testRSAKey()}, nil)
-	var badSigns, badDecrypts atomic.Int64
-	bad := startKeyserver(t, pki, unavailableService(real, &badSigns, &badDecrypts))
-	good := startKeyserver(t, pki, real)
+	var badSigns, badDecrypts, badLists, goodLists atomic.Int64
+	badService := unavailableService(real, &badSigns, &badDecrypts)
+	badService.lists = &badLists
+	bad := startKeyserver(t, pki, badService)
+	good := startKeyserver(t, pki, &fakeService{next: real, lists: &goodLists})
 
 	t.Run("two-keyservers", func(t *testing.T) {
 		c := dialTestClient(t, pki, ClientConfig{Addresses: []string{"bad:1", "good:1"}}, map[string]*testKeyserver{"bad:1": bad, "good:1": good})
+		// Until both keyservers are connected, round-robin has only one
+		// to retry on: wait until each has answered a ListKeys.
+		for deadline := time.Now().Add(10 * time.Second); badLists.Load() == 0 || goodLists.Load() == 0; {
+			if time.Now().After(deadline) {
+				t.Fatalf("round-robin did not reach both keyservers (ListKeys: bad %d, good %d)", badLists.Load(), goodLists.Load())
+			}
+			if _, err := c.ListKeys(t.Context()); err != nil {
+				t.Fatalf("ListKeys() = %v", err)
+			}
+		}
 		badSigns.Store(0)
 		// Round-robin reaches the bad keyserver within a few calls once
 		// both are connected; every call must still succeed.

@@ -19,6 +19,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -394,6 +395,7 @@ type fakeService struct {
 	next    keylessv1.KeylessServiceServer
 	sign    func(context.Context, *keylessv1.SignRequest) (*keylessv1.SignResponse, error)
 	decrypt func(context.Context, *keylessv1.DecryptRequest) (*keylessv1.DecryptResponse, error)
+	lists   *atomic.Int64 // if set, counts ListKeys calls
 }
 
 func (f *fakeService) Sign(ctx context.Context, req *keylessv1.SignRequest) (*keylessv1.SignResponse, error) {
@@ -411,6 +413,9 @@ func (f *fakeService) Decrypt(ctx context.Context, req *keylessv1.DecryptRequest
 }
 
 func (f *fakeService) ListKeys(ctx context.Context, req *keylessv1.ListKeysRequest) (*keylessv1.ListKeysResponse, error) {
+	if f.lists != nil {
+		f.lists.Add(1)
+	}
 	return f.next.ListKeys(ctx, req)
 }
 

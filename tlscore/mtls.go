@@ -137,22 +137,55 @@ func (c *MTLSCredentials) ServerCredentials(check func(*x509.Certificate) error,
 	return &refusalLogger{TransportCredentials: credentials.NewTLS(c.serverConfig(check)), logger: logger}
 }
 
+// ServerCredentialsCounted is [MTLSCredentials.ServerCredentials] that
+// also calls refused with the reason of each refused handshake (see
+// [RefusalReason]), for a metric. refused must be safe for concurrent use.
+func (c *MTLSCredentials) ServerCredentialsCounted(check func(*x509.Certificate) error, logger hclog.Logger, refused func(reason string)) credentials.TransportCredentials {
+	r := c.ServerCredentials(check, logger).(*refusalLogger)
+	r.count = refused
+	return r
+}
+
+// RefusalReason classifies a failed server handshake for a metric label:
+// "identity_refused" (the certificate chains to the CA but the identity is
+// not allowed), "untrusted_certificate" (it does not verify),
+// "closed_early" (the peer sent nothing) or "handshake_error".
+func RefusalReason(err error) string {
+	var (
+		refused *ClientRefusedError
+		verr    *tls.CertificateVerificationError
+	)
+	switch {
+	case errors.As(err, &refused):
+		return "identity_refused"
+	case errors.As(err, &verr):
+		return "untrusted_certificate"
+	case errors.Is(err, io.EOF):
+		return "closed_early"
+	}
+	return "handshake_error"
+}
+
 // refusalLogger logs each failed server handshake of its credentials.
 type refusalLogger struct {
 	credentials.TransportCredentials
 	logger hclog.Logger
+	count  func(reason string) // nil: not counted
 }
 
 func (r *refusalLogger) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
 	c, info, err := r.TransportCredentials.ServerHandshake(conn)
 	if err != nil {
 		r.logRefusal(conn.RemoteAddr(), err)
+		if r.count != nil {
+			r.count(RefusalReason(err))
+		}
 	}
 	return c, info, err
 }
 
 func (r *refusalLogger) Clone() credentials.TransportCredentials {
-	return &refusalLogger{TransportCredentials: r.TransportCredentials.Clone(), logger: r.logger}
+	return &refusalLogger{TransportCredentials: r.TransportCredentials.Clone(), logger: r.logger, count: r.count}
 }
 
 func (r *refusalLogger) logRefusal(addr net.Addr, err error) {

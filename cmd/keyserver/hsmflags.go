@@ -103,3 +103,19 @@ func newLogger(name, level string, json bool, w io.Writer) (hclog.Logger, error)
 	}
 	return hclog.New(&hclog.LoggerOptions{Name: name, Level: lvl, JSONFormat: json, Output: w}), nil
 }
+
+// validate checks the flags without reading the PIN: errors name the
+// flag. The choice of token is checked by hsm.Config.Validate.
+func (f *hsmFlags) validate() error {
+	switch {
+	case f.module == "":
+		return errors.New("-module is required: the path of the PKCS #11 module")
+	case f.maxSessions < 2:
+		return fmt.Errorf("-max-sessions %d: must be at least 2 (crypto11 keeps one session for itself)", f.maxSessions)
+	case f.sessionWait <= 0:
+		return fmt.Errorf("-session-wait %v: must be positive", f.sessionWait)
+	case f.pinFile == "" && f.pinEnv == "":
+		return errors.New("-pin-file and -pin-env are both empty: name where the PIN is")
+	}
+	return nil
+}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -21,6 +22,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 
 	"github.com/keyless-tls/keyless/hsm"
+	"github.com/keyless-tls/keyless/internal/opsserver"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 	"github.com/keyless-tls/keyless/signer"
 	"github.com/keyless-tls/keyless/tlscore"
@@ -45,9 +47,14 @@ type serveFlags struct {
 	grace            time.Duration
 	logLevel         string
 	logJSON          bool
+	metricsListen    string
+	metricsRemote    bool
 }
 
-func serve(ctx context.Context, args []string, stderr io.Writer) error {
+// parseServe parses the flags, environment variables (KEYSERVER_*) and
+// config file (-config) of keyserver serve, and validates them: the
+// effective configuration. Errors name the flag and the problem.
+func parseServe(args []string, stderr io.Writer) (*serveFlags, error) {
 	var f serveFlags
 	fs := flag.NewFlagSet("keyserver serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -69,15 +76,25 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	fs.DurationVar(&f.grace, "grace", 10*time.Second, "on shutdown, how long in-flight operations may take to finish")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: trace, debug, info, warn or error")
 	fs.BoolVar(&f.logJSON, "log-json", false, "log as JSON lines")
-	if err := fs.Parse(args); err != nil {
-		return err
+	fs.StringVar(&f.metricsListen, "metrics-listen", "", "address of the operations listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9443 (default: none, off)")
+	fs.BoolVar(&f.metricsRemote, "metrics-allow-remote", false, "let -metrics-listen be a non-loopback address")
+	if err := parseConfig(fs, args, "KEYSERVER"); err != nil {
+		return nil, err
 	}
 	if fs.NArg() > 0 {
-		return fmt.Errorf("serve: unexpected arguments %q", fs.Args())
+		return nil, fmt.Errorf("serve: unexpected arguments %q", fs.Args())
 	}
-	logger, err := newLogger("keyserver", f.logLevel, f.logJSON, stderr)
-	if err != nil {
-		return err
+	if err := f.validate(); err != nil {
+		return nil, fmt.Errorf("serve: %w", err)
+	}
+	return &f, nil
+}
+
+// validate checks the flags that need no file or HSM: errors name the
+// flag and the value's problem.
+func (f *serveFlags) validate() error {
+	if hclog.LevelFromString(f.logLevel) == hclog.NoLevel {
+		return fmt.Errorf("-log-level %q: want trace, debug, info, warn or error", f.logLevel)
 	}
 	for _, req := range []struct{ name, value, why string }{
 		{"-tls-cert", f.tlsCert, ""},
@@ -86,13 +103,44 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		{"-policy", f.policy, ": the keyserver denies everything a policy does not allow, so without one it would refuse every request"},
 	} {
 		if req.value == "" {
-			return fmt.Errorf("serve: %s is required%s", req.name, req.why)
+			return fmt.Errorf("%s is required%s", req.name, req.why)
 		}
+	}
+	if _, _, err := net.SplitHostPort(f.listen); err != nil {
+		return fmt.Errorf("-listen %q: want host:port: %w", f.listen, err)
+	}
+	if f.metricsListen != "" {
+		if _, _, err := net.SplitHostPort(f.metricsListen); err != nil {
+			return fmt.Errorf("-metrics-listen %q: want host:port: %w", f.metricsListen, err)
+		}
+	}
+	switch {
+	case f.maxConcurrent < 0:
+		return fmt.Errorf("-max-concurrent %d: must be 0 (no bound) or more", f.maxConcurrent)
+	case f.maxQueued < 0:
+		return fmt.Errorf("-max-queued %d: must be 0 or more", f.maxQueued)
+	case f.healthEvery <= 0:
+		return fmt.Errorf("-health-interval %v: must be positive", f.healthEvery)
+	case f.grace < 0:
+		return fmt.Errorf("-grace %v: must not be negative", f.grace)
 	}
 	quota := signer.Quota{MaxInFlight: f.maxInFlight, Rate: f.ratePerIdentity, Burst: f.burstPerIdentity}
 	if err := quota.Validate(); err != nil {
-		return fmt.Errorf("serve: -max-inflight-per-identity, -rate-per-identity, -burst-per-identity: %w", err)
+		return fmt.Errorf("-max-inflight-per-identity, -rate-per-identity, -burst-per-identity: %w", err)
 	}
+	return f.hsm.validate()
+}
+
+func serve(ctx context.Context, args []string, stderr io.Writer) error {
+	f, err := parseServe(args, stderr)
+	if err != nil {
+		return err
+	}
+	logger, err := newLogger("keyserver", f.logLevel, f.logJSON, stderr)
+	if err != nil {
+		return err
+	}
+	quota := signer.Quota{MaxInFlight: f.maxInFlight, Rate: f.ratePerIdentity, Burst: f.burstPerIdentity}
 	// Read everything that can be wrong before opening the HSM.
 	policy, err := loadPolicy(f.policy, f.certs)
 	if err != nil {
@@ -124,11 +172,17 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	defer module.Close()
 
-	svc, err := signer.NewService(signer.Config{
+	// The metrics see every request through the auditor, after the audit
+	// log; they need the policy in force, so they reach the service
+	// through svc, set below.
+	reg := opsserver.NewRegistry()
+	var svc *signer.Service
+	metrics := signer.NewMetrics(reg, func() *signer.Policy { return svc.Policy() })
+	svc, err = signer.NewService(signer.Config{
 		Keys:          module,
 		Policy:        policy,
 		Quota:         quota,
-		Audit:         signer.NewAuditLog(audit),
+		Audit:         signer.MultiAuditor(signer.NewAuditLog(audit), metrics),
 		MaxConcurrent: f.maxConcurrent,
 		MaxQueued:     f.maxQueued,
 		Logger:        logger.Named("signer"),
@@ -137,11 +191,12 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("serve: %w", err)
 	}
 	gs := grpc.NewServer(
-		grpc.Creds(creds.ServerCredentials(svc.CheckPeer, logger.Named("mtls"))),
+		grpc.Creds(creds.ServerCredentialsCounted(svc.CheckPeer, logger.Named("mtls"), metrics.HandshakeRefused)),
 		grpc.MaxRecvMsgSize(signer.MaxRequestSize),
 		grpc.StatsHandler(svc.StatsHandler()),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
+	svc.RegisterQueueMetrics(reg)
 	keylessv1.RegisterKeylessServiceServer(gs, svc)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
@@ -155,15 +210,45 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("serve: %w", err)
 	}
 	lintPolicy(logger, policy, keys)
+	metrics.SetKeys(keys)
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
-	go signer.WatchHealth(watchCtx, module, hs, f.healthEvery)
+	hsmHealth := &healthState{}
+	hsmHealth.set(errors.New("not checked yet"))
+	go signer.WatchHealthFunc(watchCtx, module, f.healthEvery, func(err error) {
+		signer.SetHealth(hs, err)
+		metrics.SetHSMUp(err)
+		hsmHealth.set(err)
+	})
+	metricsAddr := "off"
+	if f.metricsListen != "" {
+		mln, err := opsserver.Listen(f.metricsListen, f.metricsRemote)
+		if err != nil {
+			return fmt.Errorf("serve: -metrics-listen: %w", err)
+		}
+		metricsAddr = mln.Addr().String()
+		ready := func(ctx context.Context) error {
+			if err := hsmHealth.get(); err != nil {
+				return fmt.Errorf("HSM: %w", err)
+			}
+			keys, err := module.Keys(ctx)
+			if err != nil {
+				return fmt.Errorf("keys: %w", err)
+			}
+			if len(keys) == 0 {
+				return errors.New("no keys loaded")
+			}
+			return nil
+		}
+		go opsserver.Serve(watchCtx, mln, reg, ready, logger.Named("metrics"))
+	}
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 
-	logger.Info("keyserver ready", "listen", ln.Addr().String(), "module", hcfg.ModulePath,
+	logger.Info("keyserver ready", "listen", ln.Addr().String(), "metrics", metricsAddr, "module", hcfg.ModulePath,
+		"token_label", hcfg.TokenLabel, "token_serial", hcfg.TokenSerial, "health_interval", f.healthEvery,
 		"keys", len(keys), "policy", policy.String(), "audit_log", f.auditLog,
 		"max_concurrent", f.maxConcurrent, "max_queued", f.maxQueued, "max_inflight_per_identity", f.maxInFlight,
 		"allow_extractable", f.allowExtractable)
@@ -176,7 +261,10 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		case <-ctx.Done():
 			done = true
 		case <-hup:
-			reload(ctx, logger, &f, svc, module, creds, audit)
+			reload(ctx, logger, f, svc, module, creds, audit)
+			if keys, err := module.Keys(ctx); err == nil {
+				metrics.SetKeys(keys)
+			}
 		}
 	}
 	logger.Info("shutting down: finishing in-flight operations", "grace", f.grace)
@@ -249,3 +337,14 @@ func lintPolicy(logger hclog.Logger, policy *signer.Policy, keys []crypto.Signer
 	}
 	logger.Info("policy allow-list", "identities", strings.Join(policy.Identities(), ","))
 }
+
+// healthState is the result of the last health check of the HSM, for
+// /readyz. It is safe for concurrent use.
+type healthState struct {
+	mu  sync.Mutex
+	err error
+}
+
+func (h *healthState) set(err error) { h.mu.Lock(); h.err = err; h.mu.Unlock() }
+
+func (h *healthState) get() error { h.mu.Lock(); defer h.mu.Unlock(); return h.err }

@@ -1,0 +1,167 @@
+package e2e
+
+import (
+	"crypto/tls"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+)
+
+var readyMetrics = regexp.MustCompile(`keyserver ready: .*metrics=(\S+)`)
+
+// scrape returns the text of http://addr/metrics.
+func scrape(t *testing.T, addr string) string {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatalf("GET /metrics: %v", err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET /metrics: %s\n%s", resp.Status, b)
+	}
+	return string(b)
+}
+
+// metricValue returns the value of the series whose line starts with
+// series (name and labels, as exposed), and false if there is none.
+func metricValue(text, series string) (float64, bool) {
+	for _, line := range strings.Split(text, "\n") {
+		if rest, ok := strings.CutPrefix(line, series+" "); ok {
+			v, err := strconv.ParseFloat(strings.TrimSpace(rest), 64)
+			return v, err == nil
+		}
+	}
+	return 0, false
+}
+
+// httpStatus returns the status code of GET http://addr/path.
+func httpStatus(t *testing.T, addr, path string) int {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + path)
+	if err != nil {
+		t.Fatalf("GET %s: %v", path, err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
+
+// waitStatus waits up to 15 s for GET path to answer want.
+func waitStatus(t *testing.T, addr, path string, want int) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		got := httpStatus(t, addr, path)
+		if got == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("GET %s = %d, want %d", path, got, want)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// TestKeyserverMetrics scrapes the keyserver's /metrics after real
+// handshakes through an edge, and checks that /readyz turns 503 when the
+// token goes away.
+func TestKeyserverMetrics(t *testing.T) {
+	d := startDeploymentWith(t, []string{"-metrics-listen", "127.0.0.1:0"}, nil)
+	addr := d.keyserver.waitFor(t, readyMetrics)[1]
+	if got := httpStatus(t, addr, "/healthz"); got != http.StatusOK {
+		t.Fatalf("/healthz = %d, want 200", got)
+	}
+	waitStatus(t, addr, "/readyz", http.StatusOK)
+
+	roots := readCertPool(t, d.caFile)
+	const handshakes = 3
+	for i := 0; i < handshakes; i++ {
+		for _, v := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+			conn, err := tls.Dial("tcp", d.edgeAddr, &tls.Config{ServerName: "ecdsa.e2e.test", RootCAs: roots, MinVersion: v, MaxVersion: v})
+			if err != nil {
+				t.Fatalf("handshake: %v", err)
+			}
+			conn.Close()
+		}
+	}
+	text := scrape(t, addr)
+	for _, want := range []struct {
+		series string
+		min    float64
+	}{
+		// The default-deny policy names the edge in no group.
+		{`keyless_keyserver_operations_total{identity_group="none",key="ecdsa.e2e.test",op="sign",outcome="OK",scheme="ecdsa_sha256"}`, 2 * handshakes},
+		{`keyless_keyserver_operation_duration_seconds_count{op="sign",outcome="OK"}`, 2 * handshakes},
+		{`keyless_keyserver_hsm_up`, 1},
+		{`keyless_keyserver_keys`, float64(len(webNames))},
+		{`keyless_keyserver_hsm_queue_depth`, 0},
+		{`keyless_keyserver_hsm_operations_running`, 0},
+		{`go_goroutines`, 1},
+	} {
+		got, ok := metricValue(text, want.series)
+		if !ok || got < want.min {
+			t.Errorf("%s = %v (present: %v), want at least %v; keyless series:\n%s", want.series, got, ok, want.min, keylessSeries(text))
+		}
+	}
+	if strings.Contains(text, "127.0.0.1") || strings.Contains(text, "spiffe://") {
+		t.Errorf("metrics carry an address or an identity:\n%s", text)
+	}
+
+	// A client that is not an edge is refused in the mTLS handshake, and
+	// counted.
+	if conn, err := tls.Dial("tcp", d.keyserverAddr, &tls.Config{InsecureSkipVerify: true}); err == nil {
+		conn.Handshake()
+		io.ReadAll(conn)
+		conn.Close()
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		text = scrape(t, addr)
+		if strings.Contains(text, "keyless_keyserver_handshakes_refused_total{") {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no keyless_keyserver_handshakes_refused_total series after a refused handshake")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+
+	// The token goes away: the keyserver is no longer ready.
+	conf := ""
+	for _, e := range d.keyserver.cmd.Env {
+		if v, ok := strings.CutPrefix(e, "SOFTHSM2_CONF="); ok {
+			conf = v
+		}
+	}
+	tokens := filepath.Join(filepath.Dir(conf), "tokens")
+	if err := os.Rename(tokens, tokens+".away"); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Rename(tokens+".away", tokens) })
+	waitStatus(t, addr, "/readyz", http.StatusServiceUnavailable)
+	if got, _ := metricValue(scrape(t, addr), "keyless_keyserver_hsm_up"); got != 0 {
+		t.Errorf("keyless_keyserver_hsm_up = %v with the token gone, want 0", got)
+	}
+	if err := os.Rename(tokens+".away", tokens); err != nil {
+		t.Fatal(err)
+	}
+	waitStatus(t, addr, "/readyz", http.StatusOK)
+}
+
+// keylessSeries returns the keyless_ lines of a scrape, for messages.
+func keylessSeries(text string) string {
+	var out []string
+	for _, line := range strings.Split(text, "\n") {
+		if strings.HasPrefix(line, "keyless_") {
+			out = append(out, line)
+		}
+	}
+	return strings.Join(out, "\n")
+}

@@ -1,0 +1,233 @@
+package signer
+
+import (
+	"context"
+	"crypto"
+	"sort"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the keyserver's Prometheus metrics. A Metrics is an
+// [Auditor]: fanned out with the audit log (see [MultiAuditor]), it sees
+// every request the service answers, at the same single point as the audit
+// trail. It is safe for concurrent use.
+//
+// Labels are bounded: a key is named by its label (or key id in hex) only
+// when [Metrics.SetKeys] made it known, and "unknown" otherwise, so that a
+// client sending random key ids cannot create series; an identity is named
+// by its policy groups (see [Policy.IdentityGroup]), never by its name or
+// address.
+type Metrics struct {
+	ops        *prometheus.CounterVec
+	latency    *prometheus.HistogramVec
+	refused    *prometheus.CounterVec
+	hsmUp      prometheus.Gauge
+	keysLoaded prometheus.Gauge
+
+	mu     sync.RWMutex
+	keys   map[string]string // key id hex -> metric name
+	policy func() *Policy
+}
+
+var _ Auditor = (*Metrics)(nil)
+
+// NewMetrics registers the keyserver's metrics with reg and returns them.
+// policy returns the policy in force (such as [Service.Policy]); nil means
+// every identity is in group "none". It panics if a metric is already
+// registered with reg, as prometheus.MustRegister does.
+func NewMetrics(reg prometheus.Registerer, policy func() *Policy) *Metrics {
+	m := &Metrics{
+		ops: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "keyless", Subsystem: "keyserver", Name: "operations_total",
+			Help: "Requests answered, by operation, key, signature scheme, outcome (gRPC code) and identity group.",
+		}, []string{"op", "key", "scheme", "outcome", "identity_group"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "keyless", Subsystem: "keyserver", Name: "operation_duration_seconds",
+			Help:    "Time from a request's arrival to its answer, by operation and outcome.",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}, []string{"op", "outcome"}),
+		refused: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "keyless", Subsystem: "keyserver", Name: "handshakes_refused_total",
+			Help: "mTLS handshakes of edges that failed, by reason.",
+		}, []string{"reason"}),
+		hsmUp: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "keyless", Subsystem: "keyserver", Name: "hsm_up",
+			Help: "1 if the last health check of the HSM succeeded, else 0.",
+		}),
+		keysLoaded: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "keyless", Subsystem: "keyserver", Name: "keys",
+			Help: "Keys the keyserver serves.",
+		}),
+		keys:   map[string]string{},
+		policy: policy,
+	}
+	reg.MustRegister(m.ops, m.latency, m.refused, m.hsmUp, m.keysLoaded)
+	return m
+}
+
+// Audit counts rec's request; it never fails.
+func (m *Metrics) Audit(rec *AuditRecord) error {
+	m.mu.RLock()
+	key, ok := m.keys[rec.KeyID]
+	m.mu.RUnlock()
+	switch {
+	case rec.Op == "list_keys":
+		key = ""
+	case !ok:
+		key = "unknown"
+	}
+	group := "none"
+	if m.policy != nil {
+		if p := m.policy(); p != nil {
+			group = p.IdentityGroup(rec.Identity)
+		}
+	}
+	m.ops.WithLabelValues(rec.Op, key, rec.Scheme, rec.Outcome, group).Inc()
+	m.latency.WithLabelValues(rec.Op, rec.Outcome).Observe(float64(rec.LatencyUS) / 1e6)
+	return nil
+}
+
+// SetKeys makes keys known by name to the metrics: each is named by its
+// label ([Describer]) or, without one, its key id in hex. It also sets the
+// keyless_keyserver_keys gauge.
+func (m *Metrics) SetKeys(keys []crypto.Signer) {
+	names := make(map[string]string, len(keys))
+	for _, k := range keys {
+		id, err := KeyIDOf(k.Public())
+		if err != nil {
+			continue
+		}
+		hexID := FormatKeyID(id)
+		name := hexID
+		if d, ok := k.(Describer); ok && d.Label() != "" {
+			name = d.Label()
+		}
+		names[hexID] = name
+	}
+	m.mu.Lock()
+	m.keys = names
+	m.mu.Unlock()
+	m.keysLoaded.Set(float64(len(names)))
+}
+
+// SetHSMUp sets keyless_keyserver_hsm_up from the result of a health
+// check.
+func (m *Metrics) SetHSMUp(err error) {
+	if err != nil {
+		m.hsmUp.Set(0)
+	} else {
+		m.hsmUp.Set(1)
+	}
+}
+
+// HandshakeRefused counts a failed mTLS handshake of an edge. reason is
+// one of a few fixed words (such as "untrusted_certificate"), never an
+// address or a name.
+func (m *Metrics) HandshakeRefused(reason string) {
+	m.refused.WithLabelValues(reason).Inc()
+}
+
+// MultiAuditor returns an Auditor that passes each record to every one of
+// auditors, in order, and returns the first error (after calling them
+// all). Put the audit log first.
+func MultiAuditor(auditors ...Auditor) Auditor { return multiAuditor(auditors) }
+
+type multiAuditor []Auditor
+
+func (a multiAuditor) Audit(rec *AuditRecord) error {
+	var first error
+	for _, x := range a {
+		if err := x.Audit(rec); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
+// IdentityGroup returns the groups of the policy that list identity,
+// sorted and joined with ",": a bounded label for metrics. It is "none" for
+// an identity on the allow-list that no group names, and "unlisted" for
+// one that is not on the allow-list at all (or empty).
+func (p *Policy) IdentityGroup(identity string) string {
+	if identity == "" || !p.listed[identity] {
+		return "unlisted"
+	}
+	var in []string
+	for name, members := range p.groups {
+		for _, m := range members {
+			if m == identity {
+				in = append(in, name)
+				break
+			}
+		}
+	}
+	if len(in) == 0 {
+		return "none"
+	}
+	sort.Strings(in)
+	return strings.Join(in, ",")
+}
+
+// queueDepth returns the operations waiting for the key store.
+func (l *limiter) queueDepth() int64 {
+	if l == nil {
+		return 0
+	}
+	return l.waiting.Load()
+}
+
+// running returns the operations running in the key store.
+func (l *limiter) running() int {
+	if l == nil {
+		return 0
+	}
+	return len(l.slots)
+}
+
+// RegisterQueueMetrics registers gauges of s's HSM queue with reg: the
+// operations waiting for the key store and those running in it.
+func (s *Service) RegisterQueueMetrics(reg prometheus.Registerer) {
+	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "keyless", Subsystem: "keyserver", Name: "hsm_queue_depth",
+			Help: "Key operations waiting for a free HSM slot (see -max-concurrent, -max-queued).",
+		}, func() float64 { return float64(s.limit.queueDepth()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "keyless", Subsystem: "keyserver", Name: "hsm_operations_running",
+			Help: "Key operations running in the HSM.",
+		}, func() float64 { return float64(s.limit.running()) }),
+	)
+}
+
+// WatchHealthFunc checks the key store's [Checker] every interval until
+// ctx is done and calls report with each result (nil for a store that is
+// not a Checker, once). An interval of zero or less means
+// DefaultHealthInterval. [WatchHealth] is WatchHealthFunc setting a gRPC
+// health server.
+func WatchHealthFunc(ctx context.Context, keys KeyStore, interval time.Duration, report func(error)) {
+	if interval <= 0 {
+		interval = DefaultHealthInterval
+	}
+	c, ok := keys.(Checker)
+	if !ok {
+		report(nil)
+		return
+	}
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		cctx, cancel := context.WithTimeout(ctx, interval)
+		err := c.Check(cctx)
+		cancel()
+		report(err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
