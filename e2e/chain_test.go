@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"crypto"
+	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
@@ -17,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -42,6 +44,15 @@ type chain struct {
 	stall atomic.Bool
 
 	stopKeyserver func()
+
+	// For tests that talk to the keyserver directly: its address, the link
+	// PKI (the edge's client certificate), the RSA key, and everything the
+	// keyserver logged (at trace level) and audited.
+	ksAddr    string
+	link      *linkPKI
+	rsaPub    *rsa.PublicKey
+	logs      *syncBuffer
+	auditLogs *syncBuffer
 }
 
 // chainCallTimeout is the edge's deadline for each keyserver call.
@@ -110,7 +121,7 @@ func startChain(t *testing.T) (*chain, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &chain{webCA: newTestCA(t, "e2e web CA")}
+	c := &chain{webCA: newTestCA(t, "e2e web CA"), rsaPub: rsaPub.(*rsa.PublicKey), logs: &syncBuffer{}, auditLogs: &syncBuffer{}}
 	certs := filepath.Join(dir, "certs")
 	os.Mkdir(certs, 0o755)
 	issue := func(file string, pub crypto.PublicKey, names ...string) {
@@ -121,6 +132,7 @@ func startChain(t *testing.T) (*chain, error) {
 	issue("p384.pem", p384Pub, nameP384, "*.wild.e2e.test")
 	issue("ed25519.pem", edPub, nameEd25519)
 	link := newLinkPKI(t)
+	c.link = link
 
 	// The keyserver, as keyserver serve builds it.
 	creds, err := tlscore.LoadMTLSCredentials(link.serverCert, link.serverKey, link.caFile)
@@ -131,7 +143,9 @@ func startChain(t *testing.T) (*chain, error) {
 	if err != nil {
 		return nil, err
 	}
-	svc, err := signer.NewService(signer.Config{Keys: module, Policy: policy, Audit: signer.NewAuditLog(io.Discard), MaxConcurrent: 2, MaxQueued: 256})
+	logger := hclog.New(&hclog.LoggerOptions{Name: "keyserver", Level: hclog.Trace, Output: c.logs})
+	svc, err := signer.NewService(signer.Config{Keys: module, Policy: policy, Audit: signer.NewAuditLog(c.auditLogs),
+		MaxConcurrent: 2, MaxQueued: 256, Logger: logger})
 	if err != nil {
 		return nil, err
 	}
@@ -149,6 +163,7 @@ func startChain(t *testing.T) (*chain, error) {
 	go gs.Serve(ksLn)
 	var stopOnce sync.Once
 	c.stopKeyserver = func() { stopOnce.Do(func() { stopHealth(); gs.Stop() }) }
+	c.ksAddr = ksLn.Addr().String()
 
 	// The edge.
 	clientTLS, err := tlscore.ClientMTLSConfig(link.edgeCert, link.edgeKey, link.caFile, link.serverName)
