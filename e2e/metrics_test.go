@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"crypto/tls"
+	"crypto/x509"
+	"encoding/pem"
 	"io"
 	"net/http"
 	"os"
@@ -164,4 +166,106 @@ func keylessSeries(text string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+var readyEdgeMetrics = regexp.MustCompile(`edge ready: .*metrics=(\S+)`)
+
+// TestEdgeMetrics scrapes the edge's /metrics after real handshakes (TLS
+// 1.2, TLS 1.3 and a resumption), and checks that /readyz turns 503 when
+// the keyserver stops.
+func TestEdgeMetrics(t *testing.T) {
+	d := startDeploymentWith(t, nil, []string{"-metrics-listen", "127.0.0.1:0"})
+	addr := d.edge.waitFor(t, readyEdgeMetrics)[1]
+	if got := httpStatus(t, addr, "/healthz"); got != http.StatusOK {
+		t.Fatalf("/healthz = %d, want 200", got)
+	}
+	waitStatus(t, addr, "/readyz", http.StatusOK)
+
+	roots := readCertPool(t, d.caFile)
+	const handshakes = 2
+	for _, v := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+		cache := tls.NewLRUClientSessionCache(4)
+		for i := 0; i < handshakes; i++ {
+			conn, err := tls.Dial("tcp", d.edgeAddr, &tls.Config{ServerName: "ecdsa.e2e.test", RootCAs: roots, MinVersion: v, MaxVersion: v, ClientSessionCache: cache})
+			if err != nil {
+				t.Fatalf("handshake: %v", err)
+			}
+			// A request, so that TLS 1.3 session tickets arrive.
+			io.WriteString(conn, "GET / HTTP/1.1\r\nHost: ecdsa.e2e.test\r\nConnection: close\r\n\r\n")
+			io.ReadAll(conn)
+			conn.Close()
+		}
+	}
+	var text string
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		text = scrape(t, addr)
+		v12, _ := metricValue(text, `keyless_edge_handshakes_total{key_type="ecdsa_p256",outcome="ok",resumed="false",version="1.2"}`)
+		v13, _ := metricValue(text, `keyless_edge_handshakes_total{key_type="ecdsa_p256",outcome="ok",resumed="false",version="1.3"}`)
+		if v12 >= 1 && v13 >= 1 || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	var resumed float64
+	for _, line := range strings.Split(text, "\n") {
+		if strings.HasPrefix(line, "keyless_edge_handshakes_total{") && strings.Contains(line, `outcome="ok",resumed="true"`) {
+			_, v, _ := strings.Cut(line, "} ")
+			f, _ := strconv.ParseFloat(v, 64)
+			resumed += f
+		}
+	}
+	if resumed < 1 {
+		t.Errorf("resumed handshakes = %v, want at least 1; keyless series:\n%s", resumed, keylessSeries(text))
+	}
+	for _, want := range []struct {
+		series string
+		min    float64
+	}{
+		{`keyless_edge_handshakes_total{key_type="ecdsa_p256",outcome="ok",resumed="false",version="1.2"}`, 1},
+		{`keyless_edge_handshakes_total{key_type="ecdsa_p256",outcome="ok",resumed="false",version="1.3"}`, 1},
+		{`keyless_edge_certificates_loaded`, float64(len(webNames))},
+		{`keyless_edge_keyserver_call_duration_seconds_count{keyserver="` + d.keyserverAddr + `",method="Sign"}`, 2},
+		{`keyless_edge_keyserver_call_duration_seconds_count{keyserver="` + d.keyserverAddr + `",method="ListKeys"}`, 1},
+	} {
+		got, ok := metricValue(text, want.series)
+		if !ok || got < want.min {
+			t.Errorf("%s = %v (present: %v), want at least %v; keyless series:\n%s", want.series, got, ok, want.min, keylessSeries(text))
+		}
+	}
+	if got, _ := metricValue(text, `keyless_edge_certificates_loaded`); got != float64(len(webNames)) {
+		t.Errorf("keyless_edge_certificates_loaded = %v, want %d", got, len(webNames))
+	}
+	for _, n := range webNames {
+		leaf := readCertPEM(t, filepath.Join(d.certsDir, n.name+".pem"))
+		got, ok := metricValue(text, `keyless_edge_certificate_expiry_timestamp_seconds{name="`+n.name+`"}`)
+		if !ok || got != float64(leaf.NotAfter.Unix()) {
+			t.Errorf("expiry of %s = %v (present: %v), want %d", n.name, got, ok, leaf.NotAfter.Unix())
+		}
+	}
+
+	// The keyserver stops: the edge is no longer ready.
+	d.keyserver.stop(t)
+	waitStatus(t, addr, "/readyz", http.StatusServiceUnavailable)
+	if got := httpStatus(t, addr, "/healthz"); got != http.StatusOK {
+		t.Errorf("/healthz = %d with the keyserver down, want 200", got)
+	}
+}
+
+// readCertPEM reads the first certificate of a PEM file.
+func readCertPEM(t *testing.T, file string) *x509.Certificate {
+	t.Helper()
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	block, _ := pem.Decode(b)
+	if block == nil {
+		t.Fatalf("%s: no PEM", file)
+	}
+	c, err := x509.ParseCertificate(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
 }

@@ -48,6 +48,11 @@ type CertStoreConfig struct {
 	// unusable in TLS 1.3, missing keys) and one line per Load. Nil means
 	// no logging.
 	Logger hclog.Logger
+
+	// Metrics, if set, is told the certificates of each successful Load
+	// (keyless_edge_certificates_loaded and
+	// keyless_edge_certificate_expiry_timestamp_seconds).
+	Metrics *Metrics
 }
 
 // Validate reports whether the configuration is usable.
@@ -69,6 +74,7 @@ type CertStore struct {
 	defaultName  string
 	allowMissing bool
 	logger       hclog.Logger
+	metrics      *Metrics
 
 	loadMu sync.Mutex // serializes Load
 	set    atomic.Pointer[certSet]
@@ -93,6 +99,7 @@ func NewCertStore(cfg CertStoreConfig) (*CertStore, error) {
 		defaultName:  cfg.Default,
 		allowMissing: cfg.AllowMissingKeys,
 		logger:       logger.Named("certstore"),
+		metrics:      cfg.Metrics,
 		connPrefix:   hex.EncodeToString(p[:]),
 	}, nil
 }
@@ -133,6 +140,7 @@ type certSet struct {
 	exact    map[string][]*certEntry // by normalized name
 	wildcard map[string][]*certEntry // "*.example.com" under "example.com"
 	def      *certEntry              // nil if there is no default
+	all      []*certEntry            // every certificate, in file-name order
 }
 
 // Load reads the certificate chains in dir and, if all is well, replaces the
@@ -163,6 +171,7 @@ func (s *CertStore) Load(ctx context.Context, dir string) error {
 		return fmt.Errorf("tlscore: load certificates from %s: %w", dir, err)
 	}
 	s.set.Store(set)
+	s.metrics.setCertificates(set.all)
 	return nil
 }
 
@@ -229,7 +238,7 @@ func (s *CertStore) load(ctx context.Context, dir string) (*certSet, error) {
 		return nil, errors.New("tlscore: no certificate to serve (certificate files are *.pem or *.crt)")
 	}
 
-	set := &certSet{exact: make(map[string][]*certEntry), wildcard: make(map[string][]*certEntry)}
+	set := &certSet{exact: make(map[string][]*certEntry), wildcard: make(map[string][]*certEntry), all: entries}
 	for _, e := range entries {
 		for _, n := range e.names {
 			if parent, ok := strings.CutPrefix(n, "*."); ok {
@@ -461,4 +470,13 @@ func keyIDFromBytes(b []byte) (signer.KeyID, bool) {
 	}
 	copy(id[:], b)
 	return id, true
+}
+
+// Loaded returns how many certificates the store serves: zero until a Load
+// has succeeded.
+func (s *CertStore) Loaded() int {
+	if set := s.set.Load(); set != nil {
+		return len(set.all)
+	}
+	return 0
 }

@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 	_ "google.golang.org/grpc/health" // client-side health checking
 	"google.golang.org/grpc/keepalive"
@@ -79,6 +80,13 @@ type ClientConfig struct {
 
 	// Logger receives one line per failed call. Nil means no logging.
 	Logger hclog.Logger
+
+	// Metrics, if set, records the duration and errors of each call by
+	// keyserver address (see [Metrics]). The client then dials the
+	// keyservers itself (with Dialer, else a plain TCP dial), so that each
+	// connection is named by its configured address; gRPC's proxy support
+	// (HTTPS_PROXY) is not used.
+	Metrics *Metrics
 }
 
 // Validate reports whether the configuration is usable.
@@ -199,8 +207,29 @@ func Dial(cfg ClientConfig) (*Client, error) {
 			MinConnectTimeout: minConnectTimeout,
 		}),
 	}
-	if cfg.Dialer != nil {
-		opts = append(opts, grpc.WithContextDialer(cfg.Dialer))
+	dialer := cfg.Dialer
+	if cfg.Metrics != nil {
+		dial := dialer
+		if dial == nil {
+			var d net.Dialer
+			dial = func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
+		}
+		dialer = func(ctx context.Context, addr string) (net.Conn, error) {
+			c, err := dial(ctx, addr)
+			if err != nil {
+				return nil, err
+			}
+			return &namedConn{Conn: c, addr: keyserverAddr(addr)}, nil
+		}
+		opts = append(opts, grpc.WithChainUnaryInterceptor(cfg.Metrics.unaryInterceptor(func(a net.Addr) string {
+			if ka, ok := a.(keyserverAddr); ok {
+				return string(ka)
+			}
+			return "none"
+		})))
+	}
+	if dialer != nil {
+		opts = append(opts, grpc.WithContextDialer(dialer))
 	}
 	if cfg.KeepaliveInterval > 0 {
 		opts = append(opts, grpc.WithKeepaliveParams(keepalive.ClientParameters{
@@ -221,6 +250,19 @@ func Dial(cfg ClientConfig) (*Client, error) {
 		timeout: timeout,
 		logger:  logger.Named("keyserver_client"),
 	}, nil
+}
+
+// Ready reports whether a keyserver is ready for calls: connected, and
+// reporting SERVING to health checks. A client that has gone idle is asked
+// to reconnect, and reports false until it has.
+func (c *Client) Ready() bool {
+	switch c.conn.GetState() {
+	case connectivity.Ready:
+		return true
+	case connectivity.Idle:
+		c.conn.Connect()
+	}
+	return false
 }
 
 // CallTimeout returns the deadline applied to each call.

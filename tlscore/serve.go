@@ -8,7 +8,9 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -39,7 +41,9 @@ const (
 // A TLS handshake and the request headers that follow must arrive within 10
 // seconds; a key operation within it is bounded by the Client's call
 // timeout. logger receives net/http's errors (nil means none).
-func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h http.Handler, grace time.Duration, logger hclog.Logger) error {
+//
+// With [WithMetrics], each handshake is counted (see [Metrics]).
+func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h http.Handler, grace time.Duration, logger hclog.Logger, opts ...ServeOption) error {
 	if logger == nil {
 		logger = hclog.NewNullLogger()
 	}
@@ -57,8 +61,13 @@ func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h ht
 		// its values.
 		BaseContext: func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
 	}
+	config := tlsConfig.Clone()
+	if len(config.NextProtos) == 0 {
+		config.NextProtos = slices.Clone(defaultNextProtos)
+	}
+	tln := &tlsListener{Listener: ln, config: config, base: context.WithoutCancel(ctx), metrics: newServeOptions(opts).metrics}
 	served := make(chan error, 1)
-	go func() { served <- srv.ServeTLS(ln, "", "") }()
+	go func() { served <- srv.Serve(tln) }()
 	select {
 	case err := <-served:
 		return fmt.Errorf("tlscore: serve HTTPS on %s: %w", ln.Addr(), err)
@@ -89,7 +98,9 @@ func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h ht
 // for the connections in progress to end, then closes them. It returns nil if
 // they all ended in time, else an error; and an error if accepting fails for
 // a reason other than ctx.
-func ServeTCP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, originAddr string, grace time.Duration, logger hclog.Logger) error {
+//
+// With [WithMetrics], each handshake is counted (see [Metrics]).
+func ServeTCP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, originAddr string, grace time.Duration, logger hclog.Logger, opts ...ServeOption) error {
 	if logger == nil {
 		logger = hclog.NewNullLogger()
 	}
@@ -103,6 +114,7 @@ func ServeTCP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, origi
 		logger:    logger.Named("tcp"),
 		conns:     make(map[net.Conn]bool),
 		base:      context.WithoutCancel(ctx),
+		metrics:   newServeOptions(opts).metrics,
 	}
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
@@ -156,6 +168,7 @@ type tcpProxy struct {
 	origin    string
 	logger    hclog.Logger
 	base      context.Context // ServeTCP's ctx without its cancellation
+	metrics   *Metrics
 	wg        sync.WaitGroup
 
 	mu    sync.Mutex
@@ -192,11 +205,9 @@ func (p *tcpProxy) closeAll() int {
 
 func (p *tcpProxy) serve(raw net.Conn) {
 	defer p.close(raw)
-	client := tls.Server(raw, p.tlsConfig)
-	hctx, cancel := context.WithTimeout(p.base, handshakeTimeout)
-	err := client.HandshakeContext(hctx)
-	cancel()
-	if err != nil {
+	oc := &observedConn{Conn: raw}
+	client := tls.Server(oc, p.tlsConfig)
+	if err := handshake(p.base, client, oc, p.metrics); err != nil {
 		p.logger.Debug("TLS handshake failed", "client_address", raw.RemoteAddr().String(), "error", err)
 		return
 	}
@@ -238,4 +249,87 @@ func relay(dst, src net.Conn) int64 {
 	}
 	dst.Close()
 	return n
+}
+
+// ServeOption is an optional setting of [ServeHTTP] and [ServeTCP].
+type ServeOption func(*serveOptions)
+
+type serveOptions struct {
+	metrics *Metrics
+}
+
+func newServeOptions(opts []ServeOption) serveOptions {
+	var o serveOptions
+	for _, opt := range opts {
+		opt(&o)
+	}
+	return o
+}
+
+// WithMetrics counts each TLS handshake in m's
+// keyless_edge_handshakes_total, by TLS version, key type of the
+// certificate served, resumption and outcome. The key type is known only
+// for a tls.Config built by [NewServerTLSConfig].
+func WithMetrics(m *Metrics) ServeOption {
+	return func(o *serveOptions) { o.metrics = m }
+}
+
+// observedConn is a client's connection under its *tls.Conn. The
+// GetCertificate of [NewServerTLSConfig] records in it the key type of the
+// certificate it chose (hello.Conn is this connection).
+type observedConn struct {
+	net.Conn
+	keyType atomic.Pointer[string]
+}
+
+// recordKeyType notes the key type of the certificate chosen for the
+// handshake on conn, if conn is an observedConn.
+func recordKeyType(conn net.Conn, cert *tls.Certificate) {
+	if oc, ok := conn.(*observedConn); ok {
+		kt := keyTypeOf(cert)
+		oc.keyType.Store(&kt)
+	}
+}
+
+// handshake runs c's handshake, bounded by handshakeTimeout, and counts it
+// in m. oc is the connection under c.
+func handshake(base context.Context, c *tls.Conn, oc *observedConn, m *Metrics) error {
+	ctx, cancel := context.WithTimeout(base, handshakeTimeout)
+	defer cancel()
+	err := c.HandshakeContext(ctx)
+	if m != nil {
+		var kt string
+		if p := oc.keyType.Load(); p != nil {
+			kt = *p
+		}
+		m.observeHandshake(c, kt, err)
+	}
+	return err
+}
+
+// tlsListener makes ServeHTTP's connections *tls.Conn values, so that
+// http.Server serves them as TLS (HTTP/2 included). With metrics, it also
+// starts each connection's handshake in a goroutine of its own, which
+// counts the outcome: http.Server, which calls Handshake in its
+// per-connection goroutine, then waits for that handshake and gets its
+// result, since a tls.Conn runs one handshake for all callers. Accept
+// itself never waits for a handshake, so a slow client stalls nobody.
+type tlsListener struct {
+	net.Listener
+	config  *tls.Config
+	base    context.Context
+	metrics *Metrics
+}
+
+func (l *tlsListener) Accept() (net.Conn, error) {
+	raw, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	oc := &observedConn{Conn: raw}
+	c := tls.Server(oc, l.config)
+	if l.metrics != nil {
+		go handshake(l.base, c, oc, l.metrics)
+	}
+	return c, nil
 }

@@ -104,7 +104,7 @@ func NewServerTLSConfig(cfg ServerConfig) (*tls.Config, error) {
 		MinVersion:     tls.VersionTLS12,
 		CipherSuites:   slices.Clone(ecdheSuites),
 		NextProtos:     slices.Clone(nextProtos),
-		GetCertificate: cfg.Certificates.GetCertificate,
+		GetCertificate: getCertificate(cfg.Certificates),
 	}
 	bindTicketsToServerName(base, logger.Named("tickets"))
 	if len(cfg.RSAKeyExchange) == 0 {
@@ -145,4 +145,16 @@ func offersForwardSecrecy(hello *tls.ClientHelloInfo) bool {
 		return true
 	}
 	return slices.ContainsFunc(hello.CipherSuites, func(s uint16) bool { return slices.Contains(ecdheSuites, s) })
+}
+
+// getCertificate is certs.GetCertificate that also records the key type
+// of the certificate chosen on the connection, for [Metrics].
+func getCertificate(certs *CertStore) func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	return func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+		c, err := certs.GetCertificate(hello)
+		if err == nil {
+			recordKeyType(hello.Conn, c)
+		}
+		return c, err
+	}
 }

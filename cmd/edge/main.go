@@ -30,7 +30,6 @@ import (
 	"fmt"
 	"io"
 	"net"
-	"net/url"
 	"os"
 	"os/signal"
 	"strings"
@@ -39,6 +38,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/keyless-tls/keyless/internal/opsserver"
 	"github.com/keyless-tls/keyless/tlscore"
 )
 
@@ -55,76 +55,6 @@ func main() {
 	}
 }
 
-type flags struct {
-	listen         string
-	certs          string
-	defaultCert    string
-	rsaKeyExchange string
-	origin         string
-	tcpOrigin      string
-	keyservers     string
-	keyserverName  string
-	keyserverCA    string
-	tlsCert        string
-	tlsKey         string
-	callTimeout    time.Duration
-	keepalive      time.Duration
-	reconnect      time.Duration
-	grace          time.Duration
-	logLevel       string
-	logJSON        bool
-}
-
-func parse(args []string, stderr io.Writer) (*flags, error) {
-	var f flags
-	fs := flag.NewFlagSet("edge", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	fs.StringVar(&f.listen, "listen", "127.0.0.1:8443", "address to accept TLS connections on")
-	fs.StringVar(&f.certs, "certs", "", "directory of PEM certificate chains, one per file (required)")
-	fs.StringVar(&f.defaultCert, "default-cert", "", "certificate for clients without a known server name: a file name in -certs or a host name (default: none, such handshakes fail)")
-	fs.StringVar(&f.rsaKeyExchange, "rsa-key-exchange", "", "comma-separated host names (or *.wildcards) for which TLS 1.2 RSA key exchange is enabled (default: none)")
-	fs.StringVar(&f.origin, "origin", "", "HTTP origin URL to reverse-proxy to, e.g. http://127.0.0.1:8080")
-	fs.StringVar(&f.tcpOrigin, "tcp-origin", "", "raw TCP origin host:port, instead of -origin, for non-HTTP protocols")
-	fs.StringVar(&f.keyservers, "keyserver", "", "comma-separated keyserver addresses host:port (required)")
-	fs.StringVar(&f.keyserverName, "keyserver-name", "", "name the keyservers' certificates are verified against (default: the host of a single -keyserver)")
-	fs.StringVar(&f.keyserverCA, "keyserver-ca", "", "PEM CA certificates that issue the keyservers' certificates (required)")
-	fs.StringVar(&f.tlsCert, "tls-cert", "", "PEM client certificate of this edge for the keyserver link (required)")
-	fs.StringVar(&f.tlsKey, "tls-key", "", "PEM private key of -tls-cert (required)")
-	fs.DurationVar(&f.callTimeout, "call-timeout", tlscore.DefaultCallTimeout, "deadline of each keyserver call; a handshake whose key operation takes longer fails")
-	fs.DurationVar(&f.keepalive, "keepalive", 15*time.Second, "ping a keyserver connection idle this long, and drop it when no answer comes within -call-timeout (at least 10s; 0 turns pings off)")
-	fs.DurationVar(&f.reconnect, "reconnect-backoff", tlscore.DefaultReconnectBackoff, "longest wait between attempts to reconnect to a keyserver that is down")
-	fs.DurationVar(&f.grace, "grace", 10*time.Second, "on shutdown, how long in-flight requests may take to finish")
-	fs.StringVar(&f.logLevel, "log-level", "info", "log level: trace, debug, info, warn or error")
-	fs.BoolVar(&f.logJSON, "log-json", false, "log as JSON lines")
-	if err := fs.Parse(args); err != nil {
-		return nil, err
-	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
-	}
-	for _, req := range []struct{ name, value string }{
-		{"-certs", f.certs}, {"-keyserver", f.keyservers}, {"-keyserver-ca", f.keyserverCA},
-		{"-tls-cert", f.tlsCert}, {"-tls-key", f.tlsKey},
-	} {
-		if req.value == "" {
-			return nil, fmt.Errorf("%s is required", req.name)
-		}
-	}
-	if (f.origin == "") == (f.tcpOrigin == "") {
-		return nil, errors.New("set exactly one of -origin (HTTP) and -tcp-origin (raw TCP)")
-	}
-	if f.callTimeout <= 0 {
-		return nil, fmt.Errorf("-call-timeout %v: must be positive", f.callTimeout)
-	}
-	if f.keepalive != 0 && f.keepalive < 10*time.Second {
-		return nil, fmt.Errorf("-keepalive %v: must be 0 or at least 10s (gRPC's minimum, and the keyserver's)", f.keepalive)
-	}
-	if f.reconnect <= 0 {
-		return nil, fmt.Errorf("-reconnect-backoff %v: must be positive", f.reconnect)
-	}
-	return &f, nil
-}
-
 // run is main without the process: it wires the keyserver client, the
 // certificate store and the TLS listener, then serves until ctx is done.
 // Each value received from reload (SIGHUP in main; nil means never) reloads
@@ -134,28 +64,11 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	if err != nil {
 		return err
 	}
-	level := hclog.LevelFromString(f.logLevel)
-	if level == hclog.NoLevel {
-		return fmt.Errorf("-log-level %q: want trace, debug, info, warn or error", f.logLevel)
-	}
-	logger := hclog.New(&hclog.LoggerOptions{Name: "edge", Level: level, JSONFormat: f.logJSON, Output: stderr})
+	logger := hclog.New(&hclog.LoggerOptions{Name: "edge", Level: f.level, JSONFormat: f.logJSON, Output: stderr})
 
-	var origin *url.URL
-	if f.origin != "" {
-		if origin, err = url.Parse(f.origin); err != nil || (origin.Scheme != "http" && origin.Scheme != "https") || origin.Host == "" {
-			return fmt.Errorf("-origin %q: want an http:// or https:// URL with a host", f.origin)
-		}
-	}
-	keyservers := splitList(f.keyservers)
-	name := f.keyserverName
-	if name == "" {
-		if len(keyservers) != 1 {
-			return errors.New("-keyserver-name is required with several keyservers")
-		}
-		if name, _, err = net.SplitHostPort(keyservers[0]); err != nil {
-			return fmt.Errorf("-keyserver %q: %w", keyservers[0], err)
-		}
-	}
+	reg := opsserver.NewRegistry()
+	metrics := tlscore.NewMetrics(reg)
+	keyservers, name, origin := f.keyserverList, f.serverName, f.originURL
 	link, err := tlscore.LoadMTLSCredentials(f.tlsCert, f.tlsKey, f.keyserverCA)
 	if err != nil {
 		return err
@@ -167,13 +80,14 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		KeepaliveInterval: f.keepalive,
 		ReconnectBackoff:  f.reconnect,
 		Logger:            logger.Named("keyserver"),
+		Metrics:           metrics,
 	})
 	if err != nil {
 		return err
 	}
 	defer client.Close()
 
-	certs, err := tlscore.NewCertStore(tlscore.CertStoreConfig{Client: client, Default: f.defaultCert, Logger: logger})
+	certs, err := tlscore.NewCertStore(tlscore.CertStoreConfig{Client: client, Default: f.defaultCert, Logger: logger, Metrics: metrics})
 	if err != nil {
 		return err
 	}
@@ -195,12 +109,44 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	reloadCtx, stopReload := context.WithCancel(ctx)
 	defer stopReload()
 	go reloadOn(reloadCtx, reload, func() { reloadConfig(reloadCtx, f.certs, certs, link, logger) })
-	if origin != nil {
-		logger.Info("edge ready", "listen", ln.Addr().String(), "origin", origin.String(), "keyservers", f.keyservers)
-		return tlscore.ServeHTTP(ctx, ln, tlsConfig, tlscore.NewReverseProxy(origin, logger), f.grace, logger)
+
+	metricsAddr := "off"
+	if f.metricsListen != "" {
+		mln, err := opsserver.Listen(f.metricsListen, f.metricsRemote)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("-metrics-listen: %w", err)
+		}
+		metricsAddr = mln.Addr().String()
+		go opsserver.Serve(reloadCtx, mln, reg, func(context.Context) error { return ready(certs, client) }, logger.Named("metrics"))
 	}
-	logger.Info("edge ready", "listen", ln.Addr().String(), "tcp_origin", f.tcpOrigin, "keyservers", f.keyservers)
-	return tlscore.ServeTCP(ctx, ln, tlsConfig, f.tcpOrigin, f.grace, logger)
+	summary := []any{"listen", ln.Addr().String()}
+	if origin != nil {
+		summary = append(summary, "origin", origin.String())
+	} else {
+		summary = append(summary, "tcp_origin", f.tcpOrigin)
+	}
+	summary = append(summary, "keyservers", strings.Join(keyservers, ","), "keyserver_name", name,
+		"certs", f.certs, "certificates", certs.Loaded(), "default_cert", f.defaultCert,
+		"rsa_key_exchange", f.rsaKeyExchange, "call_timeout", f.callTimeout, "keepalive", f.keepalive,
+		"reconnect_backoff", f.reconnect, "grace", f.grace, "metrics", metricsAddr)
+	logger.Info("edge ready", summary...)
+	if origin != nil {
+		return tlscore.ServeHTTP(ctx, ln, tlsConfig, tlscore.NewReverseProxy(origin, logger), f.grace, logger, tlscore.WithMetrics(metrics))
+	}
+	return tlscore.ServeTCP(ctx, ln, tlsConfig, f.tcpOrigin, f.grace, logger, tlscore.WithMetrics(metrics))
+}
+
+// ready reports whether the edge can serve: it has certificates and a
+// keyserver is connected and healthy.
+func ready(certs *tlscore.CertStore, client *tlscore.Client) error {
+	if certs.Loaded() == 0 {
+		return errors.New("no certificates loaded")
+	}
+	if !client.Ready() {
+		return errors.New("no keyserver ready")
+	}
+	return nil
 }
 
 // reloadOn calls do for each value received from signals until ctx is

@@ -1,0 +1,139 @@
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/keyless-tls/keyless/internal/config"
+	"github.com/keyless-tls/keyless/tlscore"
+)
+
+// flags is the edge's effective configuration.
+type flags struct {
+	listen         string
+	certs          string
+	defaultCert    string
+	rsaKeyExchange string
+	origin         string
+	tcpOrigin      string
+	keyservers     string
+	keyserverName  string
+	keyserverCA    string
+	tlsCert        string
+	tlsKey         string
+	callTimeout    time.Duration
+	keepalive      time.Duration
+	reconnect      time.Duration
+	grace          time.Duration
+	logLevel       string
+	logJSON        bool
+	metricsListen  string
+	metricsRemote  bool
+
+	// Derived from the above by parse.
+	level         hclog.Level
+	originURL     *url.URL
+	keyserverList []string
+	serverName    string // of the keyservers' certificates
+}
+
+// parse reads the edge's settings from args, EDGE_* environment variables
+// and a YAML -config file (see [config.Parse]) and checks them. Every
+// error names the flag of the bad setting.
+func parse(args []string, stderr io.Writer) (*flags, error) {
+	var f flags
+	fs := flag.NewFlagSet("edge", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&f.listen, "listen", "127.0.0.1:8443", "address to accept TLS connections on")
+	fs.StringVar(&f.certs, "certs", "", "directory of PEM certificate chains, one per file (required)")
+	fs.StringVar(&f.defaultCert, "default-cert", "", "certificate for clients without a known server name: a file name in -certs or a host name (default: none, such handshakes fail)")
+	fs.StringVar(&f.rsaKeyExchange, "rsa-key-exchange", "", "comma-separated host names (or *.wildcards) for which TLS 1.2 RSA key exchange is enabled (default: none)")
+	fs.StringVar(&f.origin, "origin", "", "HTTP origin URL to reverse-proxy to, e.g. http://127.0.0.1:8080")
+	fs.StringVar(&f.tcpOrigin, "tcp-origin", "", "raw TCP origin host:port, instead of -origin, for non-HTTP protocols")
+	fs.StringVar(&f.keyservers, "keyserver", "", "comma-separated keyserver addresses host:port (required)")
+	fs.StringVar(&f.keyserverName, "keyserver-name", "", "name the keyservers' certificates are verified against (default: the host of a single -keyserver)")
+	fs.StringVar(&f.keyserverCA, "keyserver-ca", "", "PEM CA certificates that issue the keyservers' certificates (required)")
+	fs.StringVar(&f.tlsCert, "tls-cert", "", "PEM client certificate of this edge for the keyserver link (required)")
+	fs.StringVar(&f.tlsKey, "tls-key", "", "PEM private key of -tls-cert (required)")
+	fs.DurationVar(&f.callTimeout, "call-timeout", tlscore.DefaultCallTimeout, "deadline of each keyserver call; a handshake whose key operation takes longer fails")
+	fs.DurationVar(&f.keepalive, "keepalive", 15*time.Second, "ping a keyserver connection idle this long, and drop it when no answer comes within -call-timeout (at least 10s; 0 turns pings off)")
+	fs.DurationVar(&f.reconnect, "reconnect-backoff", tlscore.DefaultReconnectBackoff, "longest wait between attempts to reconnect to a keyserver that is down")
+	fs.DurationVar(&f.grace, "grace", 10*time.Second, "on shutdown, how long in-flight requests may take to finish")
+	fs.StringVar(&f.logLevel, "log-level", "info", "log level: trace, debug, info, warn or error")
+	fs.BoolVar(&f.logJSON, "log-json", false, "log as JSON lines")
+	fs.StringVar(&f.metricsListen, "metrics-listen", "", "address of the operations listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9444 (default: none, off)")
+	fs.BoolVar(&f.metricsRemote, "metrics-allow-remote", false, "let -metrics-listen be a non-loopback address")
+	if err := config.Parse(fs, args, "EDGE"); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments %q", fs.Args())
+	}
+	for _, req := range []struct{ name, value string }{
+		{"-certs", f.certs}, {"-keyserver", f.keyservers}, {"-keyserver-ca", f.keyserverCA},
+		{"-tls-cert", f.tlsCert}, {"-tls-key", f.tlsKey},
+	} {
+		if req.value == "" {
+			return nil, fmt.Errorf("%s is required", req.name)
+		}
+	}
+	if _, _, err := net.SplitHostPort(f.listen); err != nil {
+		return nil, fmt.Errorf("-listen %q: want host:port: %w", f.listen, err)
+	}
+	if (f.origin == "") == (f.tcpOrigin == "") {
+		return nil, errors.New("set exactly one of -origin (HTTP) and -tcp-origin (raw TCP)")
+	}
+	if f.origin != "" {
+		u, err := url.Parse(f.origin)
+		if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			return nil, fmt.Errorf("-origin %q: want an http:// or https:// URL with a host", f.origin)
+		}
+		f.originURL = u
+	}
+	if f.tcpOrigin != "" {
+		if _, _, err := net.SplitHostPort(f.tcpOrigin); err != nil {
+			return nil, fmt.Errorf("-tcp-origin %q: want host:port: %w", f.tcpOrigin, err)
+		}
+	}
+	f.keyserverList = splitList(f.keyservers)
+	for _, k := range f.keyserverList {
+		if _, _, err := net.SplitHostPort(k); err != nil {
+			return nil, fmt.Errorf("-keyserver %q: %w", k, err)
+		}
+	}
+	f.serverName = f.keyserverName
+	if f.serverName == "" {
+		if len(f.keyserverList) != 1 {
+			return nil, errors.New("-keyserver-name is required with several keyservers")
+		}
+		f.serverName, _, _ = net.SplitHostPort(f.keyserverList[0])
+	}
+	if f.callTimeout <= 0 {
+		return nil, fmt.Errorf("-call-timeout %v: must be positive", f.callTimeout)
+	}
+	if f.keepalive != 0 && f.keepalive < 10*time.Second {
+		return nil, fmt.Errorf("-keepalive %v: must be 0 or at least 10s (gRPC's minimum, and the keyserver's)", f.keepalive)
+	}
+	if f.reconnect <= 0 {
+		return nil, fmt.Errorf("-reconnect-backoff %v: must be positive", f.reconnect)
+	}
+	if f.grace < 0 {
+		return nil, fmt.Errorf("-grace %v: must be zero or more", f.grace)
+	}
+	if f.level = hclog.LevelFromString(f.logLevel); f.level == hclog.NoLevel {
+		return nil, fmt.Errorf("-log-level %q: want trace, debug, info, warn or error", f.logLevel)
+	}
+	if f.metricsListen != "" {
+		if _, _, err := net.SplitHostPort(f.metricsListen); err != nil {
+			return nil, fmt.Errorf("-metrics-listen %q: want host:port: %w", f.metricsListen, err)
+		}
+	}
+	return &f, nil
+}

@@ -1,0 +1,132 @@
+package main
+
+import (
+	"io"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+// validEdge is a complete set of edge flags; parse reads no file.
+var validEdge = []string{"-certs", "d", "-keyserver", "k:1", "-keyserver-ca", "ca", "-tls-cert", "c", "-tls-key", "k", "-origin", "http://o"}
+
+func TestParseBadSettings(t *testing.T) {
+	with := func(extra ...string) []string { return append(append([]string{}, validEdge...), extra...) }
+	tests := []struct {
+		args []string
+		want string // the flag the error must name
+	}{
+		{[]string{"-keyserver", "k:1", "-keyserver-ca", "ca", "-tls-cert", "c", "-tls-key", "k", "-origin", "http://o"}, "-certs"},
+		{[]string{"-certs", "d", "-keyserver-ca", "ca", "-tls-cert", "c", "-tls-key", "k", "-origin", "http://o"}, "-keyserver"},
+		{[]string{"-certs", "d", "-keyserver", "k:1", "-tls-cert", "c", "-tls-key", "k", "-origin", "http://o"}, "-keyserver-ca"},
+		{[]string{"-certs", "d", "-keyserver", "k:1", "-keyserver-ca", "ca", "-tls-key", "k", "-origin", "http://o"}, "-tls-cert"},
+		{[]string{"-certs", "d", "-keyserver", "k:1", "-keyserver-ca", "ca", "-tls-cert", "c", "-origin", "http://o"}, "-tls-key"},
+		{with("-listen", "nonsense"), "-listen"},
+		{with("-origin", "ftp://o"), "-origin"},
+		{with("-tcp-origin", "o:1"), "-tcp-origin"},
+		{append(validEdge[:len(validEdge)-2:len(validEdge)-2], "-tcp-origin", "o"), "-tcp-origin"},
+		{with("-keyserver", "a"), "-keyserver"},
+		{with("-keyserver", "a:1,b:2"), "-keyserver-name"},
+		{with("-call-timeout", "0s"), "-call-timeout"},
+		{with("-keepalive", "1s"), "-keepalive"},
+		{with("-reconnect-backoff", "0s"), "-reconnect-backoff"},
+		{with("-grace", "-1s"), "-grace"},
+		{with("-grace", "soon"), "-grace"},
+		{with("-log-level", "chatty"), "-log-level"},
+		{with("-metrics-listen", "9090"), "-metrics-listen"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.want, func(t *testing.T) {
+			_, err := parse(tt.args, io.Discard)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Errorf("parse(%q) = %v, want an error naming %s", tt.args, err, tt.want)
+			}
+		})
+	}
+}
+
+func TestParseBadConfigFile(t *testing.T) {
+	dir := t.TempDir()
+	for name, body := range map[string]string{
+		"unknown key":  "call-timeot: 5s\n",
+		"bad value":    "call-timeout: soon\n",
+		"nested value": "call-timeout: [1, 2]\n",
+	} {
+		t.Run(name, func(t *testing.T) {
+			file := filepath.Join(dir, strings.ReplaceAll(name, " ", "_")+".yaml")
+			os.WriteFile(file, []byte(body), 0o600)
+			_, err := parse(append([]string{"-config", file}, validEdge...), io.Discard)
+			if err == nil || !strings.Contains(err.Error(), "call-time") {
+				t.Errorf("parse with config %q = %v, want an error naming the key", body, err)
+			}
+		})
+	}
+}
+
+// TestParseSources checks that a config file, the equivalent flags and the
+// equivalent environment variables give the same configuration.
+func TestParseSources(t *testing.T) {
+	settings := [][2]string{
+		{"listen", "127.0.0.1:7443"}, {"certs", "/etc/keyless/certs"}, {"default-cert", "www.example.com"},
+		{"rsa-key-exchange", "legacy.example.com"}, {"origin", "http://127.0.0.1:8080"},
+		{"keyserver", "ks1.internal:7000,ks2.internal:7000"}, {"keyserver-name", "keyserver.internal"},
+		{"keyserver-ca", "/etc/keyless/ca.pem"}, {"tls-cert", "/etc/keyless/edge.pem"}, {"tls-key", "/etc/keyless/edge.key"},
+		{"call-timeout", "3s"}, {"keepalive", "20s"}, {"reconnect-backoff", "1s"}, {"grace", "5s"},
+		{"log-level", "debug"}, {"log-json", "true"}, {"metrics-listen", "127.0.0.1:9444"},
+	}
+	var args []string
+	var yml strings.Builder
+	for _, s := range settings {
+		args = append(args, "-"+s[0]+"="+s[1])
+		yml.WriteString(s[0] + ": " + s[1] + "\n")
+	}
+	fromFlags, err := parse(args, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	file := filepath.Join(t.TempDir(), "edge.yaml")
+	os.WriteFile(file, []byte(yml.String()), 0o600)
+	fromFile, err := parse([]string{"-config", file}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(fromFlags, fromFile) {
+		t.Errorf("config file gives\n%+v\nflags give\n%+v", fromFile, fromFlags)
+	}
+	for _, s := range settings {
+		t.Setenv("EDGE_"+strings.ToUpper(strings.ReplaceAll(s[0], "-", "_")), s[1])
+	}
+	fromEnv, err := parse(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(fromFlags, fromEnv) {
+		t.Errorf("environment gives\n%+v\nflags give\n%+v", fromEnv, fromFlags)
+	}
+	if fromFlags.callTimeout != 3*time.Second || len(fromFlags.keyserverList) != 2 || !fromFlags.logJSON {
+		t.Errorf("parsed %+v", fromFlags)
+	}
+	// Flags win over the environment, which wins over the file.
+	got, err := parse([]string{"-config", file, "-call-timeout", "7s"}, io.Discard)
+	if err != nil || got.callTimeout != 7*time.Second {
+		t.Errorf("flag over env and file: call-timeout = %v (%v), want 7s", got, err)
+	}
+	t.Setenv("EDGE_GRACE", "9s")
+	got, err = parse([]string{"-config", file}, io.Discard)
+	if err != nil || got.grace != 9*time.Second {
+		t.Errorf("env over file: grace = %v (%v), want 9s", got, err)
+	}
+}
+
+func TestHelpDocumentsSources(t *testing.T) {
+	var out strings.Builder
+	parse([]string{"-h"}, &out)
+	for _, want := range []string{"EDGE_<NAME>", "-config", "-metrics-listen", "-metrics-allow-remote", `(default "127.0.0.1:8443")`, "(default 2s)"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("edge -h does not mention %q:\n%s", want, out.String())
+		}
+	}
+}

@@ -1,0 +1,202 @@
+package tlscore
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/rsa"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"path"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+)
+
+// Metrics are the edge's Prometheus metrics: TLS handshakes (see
+// [WithMetrics]), keyserver calls ([ClientConfig.Metrics]) and loaded
+// certificates ([CertStoreConfig.Metrics]). A nil *Metrics records
+// nothing. It is safe for concurrent use.
+//
+// Labels are bounded: a keyserver is named by its configured address, a
+// certificate by its first DNS name (or file name), and no label carries a
+// client's address or server name.
+type Metrics struct {
+	handshakes   *prometheus.CounterVec
+	callLatency  *prometheus.HistogramVec
+	callErrors   *prometheus.CounterVec
+	certsLoaded  prometheus.Gauge
+	certsExpiry  *prometheus.GaugeVec
+	expiryMu     sync.Mutex
+	expiryLabels map[string]bool
+}
+
+// NewMetrics registers the edge's metrics with reg and returns them. It
+// panics if a metric is already registered with reg, as
+// prometheus.MustRegister does.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "keyless", Subsystem: "edge", Name: "handshakes_total",
+			Help: "TLS handshakes with clients, by TLS version (1.2, 1.3, unknown), key type of the certificate chosen (none if no certificate was chosen: a TLS 1.3 resumption, or a failure before the choice; crypto/tls chooses one before resuming in TLS 1.2), resumption and outcome (ok, timeout, client_closed, error).",
+		}, []string{"version", "key_type", "resumed", "outcome"}),
+		callLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "keyless", Subsystem: "edge", Name: "keyserver_call_duration_seconds",
+			Help:    "Duration of keyserver calls, retries included, by method and keyserver (configured address; none if no keyserver was reached).",
+			Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5},
+		}, []string{"method", "keyserver"}),
+		callErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "keyless", Subsystem: "edge", Name: "keyserver_call_errors_total",
+			Help: "Failed keyserver calls, by method, keyserver and gRPC code.",
+		}, []string{"method", "keyserver", "code"}),
+		certsLoaded: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "keyless", Subsystem: "edge", Name: "certificates_loaded",
+			Help: "Certificates the edge serves, from its last successful load.",
+		}),
+		certsExpiry: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "keyless", Subsystem: "edge", Name: "certificate_expiry_timestamp_seconds",
+			Help: "NotAfter of each loaded certificate, in Unix seconds, by name (first DNS name, else file name; the earliest if several certificates share it).",
+		}, []string{"name"}),
+		expiryLabels: map[string]bool{},
+	}
+	reg.MustRegister(m.handshakes, m.callLatency, m.callErrors, m.certsLoaded, m.certsExpiry)
+	return m
+}
+
+// observeHandshake counts one handshake of c. keyType is the key type of
+// the certificate chosen, "" if none was; err is the handshake's result.
+func (m *Metrics) observeHandshake(c *tls.Conn, keyType string, err error) {
+	if m == nil {
+		return
+	}
+	cs := c.ConnectionState()
+	version := "unknown"
+	switch cs.Version {
+	case tls.VersionTLS12:
+		version = "1.2"
+	case tls.VersionTLS13:
+		version = "1.3"
+	}
+	if keyType == "" {
+		keyType = "none"
+	}
+	resumed := "false"
+	if err == nil && cs.DidResume {
+		resumed = "true"
+	}
+	m.handshakes.WithLabelValues(version, keyType, resumed, handshakeOutcome(err)).Inc()
+}
+
+// handshakeOutcome classifies a handshake error into a few fixed words.
+func handshakeOutcome(err error) string {
+	var ne net.Error
+	switch {
+	case err == nil:
+		return "ok"
+	case errors.Is(err, context.DeadlineExceeded), errors.As(err, &ne) && ne.Timeout():
+		return "timeout"
+	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), errors.Is(err, net.ErrClosed):
+		return "client_closed"
+	default:
+		return "error"
+	}
+}
+
+// keyTypeOf names the type of a certificate's key: rsa, ecdsa_p256,
+// ecdsa_p384, ecdsa_p521, ed25519 or other.
+func keyTypeOf(c *tls.Certificate) string {
+	if c == nil || c.Leaf == nil {
+		return "other"
+	}
+	switch k := c.Leaf.PublicKey.(type) {
+	case *rsa.PublicKey:
+		return "rsa"
+	case *ecdsa.PublicKey:
+		switch k.Curve.Params().BitSize {
+		case 256:
+			return "ecdsa_p256"
+		case 384:
+			return "ecdsa_p384"
+		case 521:
+			return "ecdsa_p521"
+		}
+	case ed25519.PublicKey:
+		return "ed25519"
+	}
+	return "other"
+}
+
+// setCertificates sets the certificate gauges to entries, removing the
+// series of certificates no longer loaded.
+func (m *Metrics) setCertificates(entries []*certEntry) {
+	if m == nil {
+		return
+	}
+	expiry := make(map[string]time.Time, len(entries))
+	for _, e := range entries {
+		name := filepath.Base(e.file)
+		if len(e.cert.Leaf.DNSNames) > 0 {
+			name = e.cert.Leaf.DNSNames[0]
+		}
+		if t, ok := expiry[name]; !ok || e.cert.Leaf.NotAfter.Before(t) {
+			expiry[name] = e.cert.Leaf.NotAfter
+		}
+	}
+	m.expiryMu.Lock()
+	defer m.expiryMu.Unlock()
+	for name, t := range expiry {
+		m.certsExpiry.WithLabelValues(name).Set(float64(t.Unix()))
+	}
+	for name := range m.expiryLabels {
+		if _, ok := expiry[name]; !ok {
+			m.certsExpiry.DeleteLabelValues(name)
+			delete(m.expiryLabels, name)
+		}
+	}
+	for name := range expiry {
+		m.expiryLabels[name] = true
+	}
+	m.certsLoaded.Set(float64(len(entries)))
+}
+
+// unaryInterceptor returns a gRPC client interceptor that times each call
+// and counts its errors, by method and keyserver. keyserver maps the
+// address of the connection that served the call to a label.
+func (m *Metrics) unaryInterceptor(keyserver func(net.Addr) string) grpc.UnaryClientInterceptor {
+	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		var p peer.Peer
+		start := time.Now()
+		err := invoker(ctx, method, req, reply, cc, append(opts, grpc.Peer(&p))...)
+		method = path.Base(method)
+		ks := keyserver(p.Addr)
+		m.callLatency.WithLabelValues(method, ks).Observe(time.Since(start).Seconds())
+		if err != nil {
+			m.callErrors.WithLabelValues(method, ks, status.Code(err).String()).Inc()
+		}
+		return err
+	}
+}
+
+// keyserverAddr is the remote address of a keyserver connection: the
+// address as configured, so that metrics name keyservers by it rather than
+// by whatever it resolved to.
+type keyserverAddr string
+
+func (a keyserverAddr) Network() string { return "tcp" }
+func (a keyserverAddr) String() string  { return string(a) }
+
+// namedConn is a keyserver connection whose RemoteAddr is the configured
+// address.
+type namedConn struct {
+	net.Conn
+	addr keyserverAddr
+}
+
+func (c *namedConn) RemoteAddr() net.Addr { return c.addr }
