@@ -25,11 +25,16 @@ type hsmFlags struct {
 	pinEnv      string
 	maxSessions int
 	sessionWait time.Duration
+	tokenURI    string
+
+	uriFlag string   // the flag tokenURI came from: "" means -token-uri
+	uri     *hsm.URI // -token-uri parsed and checked by resolveURI, or nil
 }
 
 const defaultPINEnv = "KEYLESS_PIN"
 
 func (f *hsmFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&f.tokenURI, "token-uri", "", "RFC 7512 PKCS #11 URI of the token (and keys), e.g. 'pkcs11:token=web;object=www.example.com?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/keyless/pin', instead of -module, -token-label, -token-serial, -slot and -pin-file; object= and id= select the keys used (pin-value is refused)")
 	fs.StringVar(&f.module, "module", "/usr/lib/softhsm/libsofthsm2.so", "path of the PKCS #11 module")
 	fs.StringVar(&f.tokenLabel, "token-label", "", "label of the token (one of -token-label, -token-serial, -slot)")
 	fs.StringVar(&f.tokenSerial, "token-serial", "", "serial number of the token")
@@ -43,6 +48,9 @@ func (f *hsmFlags) register(fs *flag.FlagSet) {
 // config returns the hsm.Config the flags describe, with the PIN read from
 // its file or environment variable. Errors never contain the PIN.
 func (f *hsmFlags) config(logger hclog.Logger) (hsm.Config, error) {
+	if err := f.resolveURI(nil); err != nil {
+		return hsm.Config{}, err
+	}
 	pin, err := readPIN(f.pinFile, f.pinEnv, logger)
 	if err != nil {
 		return hsm.Config{}, err
@@ -117,5 +125,68 @@ func (f *hsmFlags) validate() error {
 	case f.pinFile == "" && f.pinEnv == "":
 		return errors.New("-pin-file and -pin-env are both empty: name where the PIN is")
 	}
+	return nil
+}
+
+// resolveURI parses -token-uri, checks it against the other flags of fs
+// (after parsing) and copies its token, module-path and pin-source into
+// them. A setting made both by the URI and by a flag (on the command line,
+// in the environment or in the config file) is an error naming both; with
+// a nil fs, the URI's settings win. It does nothing without -token-uri, or
+// when it has already run.
+func (f *hsmFlags) resolveURI(fs *flag.FlagSet) error {
+	if f.tokenURI == "" || f.uri != nil {
+		return nil
+	}
+	from := f.uriFlag
+	if from == "" {
+		from = "-token-uri"
+	}
+	u, err := hsm.ParseURI(f.tokenURI)
+	if err != nil {
+		return fmt.Errorf("%s: %w", from, err)
+	}
+	set := make(map[string]bool)
+	if fs != nil {
+		fs.Visit(func(fl *flag.Flag) { set[fl.Name] = true })
+	}
+	conflict := func(attr, name string) error {
+		return fmt.Errorf("%s sets %s and -%s is set too: use one of them", from, attr, name)
+	}
+	if u.SelectsToken() {
+		n := 0
+		for _, ok := range []bool{u.TokenLabel != "", u.TokenSerial != "", u.SlotID != nil} {
+			if ok {
+				n++
+			}
+		}
+		if n > 1 {
+			return fmt.Errorf("%s: name the token by one of token=, serial= and slot-id=, not several", from)
+		}
+		for _, name := range []string{"token-label", "token-serial", "slot"} {
+			if set[name] {
+				return conflict("the token", name)
+			}
+		}
+		f.tokenLabel, f.tokenSerial, f.slot = u.TokenLabel, u.TokenSerial, -1
+		if u.SlotID != nil {
+			f.slot = *u.SlotID
+		}
+	}
+	if u.ModulePath != "" {
+		if set["module"] {
+			return conflict("module-path", "module")
+		}
+		f.module = u.ModulePath
+	}
+	if u.PINSource != "" {
+		for _, name := range []string{"pin-file", "pin-env"} {
+			if set[name] {
+				return conflict("pin-source", name)
+			}
+		}
+		f.pinFile = u.PINSource
+	}
+	f.uri = u
 	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/pem"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -68,6 +69,7 @@ type keysCmd struct {
 
 	// export, csr, selfsign
 	key     string
+	keyURI  *hsm.URI // -key as a PKCS #11 URI, or nil
 	out     string
 	subject string
 	dns     string
@@ -86,7 +88,7 @@ func (c *keysCmd) parse(args []string) error {
 		fs.StringVar(&c.label, "label", "", "CKA_LABEL of the new key (required)")
 		fs.StringVar(&c.id, "id", "", "CKA_ID of the new key, in hex (default: random)")
 	case "export", "csr", "selfsign":
-		fs.StringVar(&c.key, "key", "", "the key: its key id (hex) or its label (required)")
+		fs.StringVar(&c.key, "key", "", "the key: its key id (hex), its label, or a PKCS #11 URI such as 'pkcs11:object=www.example.com;id=%01%02' (which may also name the token, module and pin-source); required unless -token-uri selects one key")
 		fs.StringVar(&c.out, "out", "", "output file (default: standard output)")
 		if c.name != "export" {
 			fs.StringVar(&c.subject, "cn", "", "subject common name (default: the first -dns name)")
@@ -102,6 +104,36 @@ func (c *keysCmd) parse(args []string) error {
 	if fs.NArg() > 0 {
 		return fmt.Errorf("keys %s: unexpected arguments %q", c.name, fs.Args())
 	}
+	if err := c.parseKeyURI(); err != nil {
+		return fmt.Errorf("keys %s: %w", c.name, err)
+	}
+	if err := c.hsm.resolveURI(fs); err != nil {
+		return fmt.Errorf("keys %s: %w", c.name, err)
+	}
+	return nil
+}
+
+// parseKeyURI handles a -key given as a PKCS #11 URI: it must name a key
+// (object= or id=), and if it also names the token, module or PIN source
+// it stands in for -token-uri, which must then be unset.
+func (c *keysCmd) parseKeyURI() error {
+	if len(c.key) < len("pkcs11:") || !strings.EqualFold(c.key[:len("pkcs11:")], "pkcs11:") {
+		return nil
+	}
+	u, err := hsm.ParseURI(c.key)
+	if err != nil {
+		return fmt.Errorf("-key: %w", err)
+	}
+	if !u.SelectsKeys() {
+		return fmt.Errorf("-key %s names no key: add object= (the label) or id= (the CKA_ID)", u)
+	}
+	if u.SelectsToken() || u.ModulePath != "" || u.PINSource != "" {
+		if c.hsm.tokenURI != "" {
+			return errors.New("-key and -token-uri both name the token, module or PIN: name them in one place")
+		}
+		c.hsm.tokenURI, c.hsm.uriFlag = c.key, "-key"
+	}
+	c.keyURI = u
 	return nil
 }
 
@@ -118,6 +150,19 @@ func (c *keysCmd) open() (*hsm.Module, error) {
 
 func keysGenerate(ctx context.Context, c *keysCmd) error {
 	spec := hsm.KeySpec{Type: c.keyType, Bits: c.bits, Curve: c.curve, Label: c.label}
+	// -token-uri's object= and id= are the defaults of -label and -id.
+	if u := c.hsm.uri; u != nil && u.SelectsKeys() {
+		switch {
+		case u.ObjectLabel != "" && c.label != "" && c.label != u.ObjectLabel:
+			return fmt.Errorf("-label %q and -token-uri's object=%s differ: use one of them", c.label, u.ObjectLabel)
+		case u.ObjectID != nil && c.id != "":
+			return errors.New("-id and -token-uri's id= are both set: use one of them")
+		}
+		if u.ObjectLabel != "" {
+			spec.Label = u.ObjectLabel
+		}
+		spec.ID = u.ObjectID
+	}
 	if c.id != "" {
 		id, err := hex.DecodeString(c.id)
 		if err != nil {
@@ -146,7 +191,8 @@ func keysList(ctx context.Context, c *keysCmd) error {
 		return err
 	}
 	defer m.Close()
-	keys, err := m.Keys(ctx)
+	// With -token-uri naming keys, only those are listed.
+	keys, err := newKeyStore(m, c.hsm.uri).Keys(ctx)
 	if err != nil {
 		return err
 	}
@@ -174,10 +220,28 @@ func printKeys(w io.Writer, keys []crypto.Signer) error {
 	return tw.Flush()
 }
 
-// find returns the key named by -key: a key id in hex, or a label.
+// find returns the key named by -key: a key id in hex, a label or a
+// PKCS #11 URI; without -key, the one key -token-uri selects.
 func (c *keysCmd) find(ctx context.Context, m *hsm.Module) (crypto.Signer, error) {
+	uri := c.keyURI
+	if c.key == "" && c.hsm.uri != nil && c.hsm.uri.SelectsKeys() {
+		uri = c.hsm.uri
+	}
+	if uri != nil {
+		keys, err := newKeyStore(m, uri).Keys(ctx)
+		if err != nil {
+			return nil, err
+		}
+		switch len(keys) {
+		case 0:
+			return nil, fmt.Errorf("no key matches %s (see keyserver keys list)", uri)
+		case 1:
+			return keys[0], nil
+		}
+		return nil, fmt.Errorf("%d keys match %s: add id= to name one", len(keys), uri)
+	}
 	if c.key == "" {
-		return nil, fmt.Errorf("-key is required (a key id or a label)")
+		return nil, fmt.Errorf("-key is required (a key id, a label or a PKCS #11 URI)")
 	}
 	if id, err := signer.ParseKeyID(c.key); err == nil {
 		key, err := m.Key(ctx, id)

@@ -84,6 +84,9 @@ func parseServe(args []string, stderr io.Writer) (*serveFlags, error) {
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("serve: unexpected arguments %q", fs.Args())
 	}
+	if err := f.hsm.resolveURI(fs); err != nil {
+		return nil, fmt.Errorf("serve: %w", err)
+	}
 	if err := f.validate(); err != nil {
 		return nil, fmt.Errorf("serve: %w", err)
 	}
@@ -171,6 +174,8 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("serve: %w", err)
 	}
 	defer module.Close()
+	// With -token-uri naming keys (object=, id=), only those are served.
+	store := newKeyStore(module, f.hsm.uri)
 
 	// The metrics see every request through the auditor, after the audit
 	// log; they need the policy in force, so they reach the service
@@ -179,7 +184,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	var svc *signer.Service
 	metrics := signer.NewMetrics(reg, func() *signer.Policy { return svc.Policy() })
 	svc, err = signer.NewService(signer.Config{
-		Keys:          module,
+		Keys:          store,
 		Policy:        policy,
 		Quota:         quota,
 		Audit:         signer.MultiAuditor(signer.NewAuditLog(audit), metrics),
@@ -205,9 +210,12 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
-	keys, err := module.Keys(ctx)
+	keys, err := store.Keys(ctx)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
+	}
+	if f.hsm.uri != nil && f.hsm.uri.SelectsKeys() {
+		logServedKeys(logger, f.hsm.uri, keys)
 	}
 	lintPolicy(logger, policy, keys)
 	metrics.SetKeys(keys)
@@ -215,7 +223,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	defer stopWatch()
 	hsmHealth := &healthState{}
 	hsmHealth.set(errors.New("not checked yet"))
-	go signer.WatchHealthFunc(watchCtx, module, f.healthEvery, func(err error) {
+	go signer.WatchHealthFunc(watchCtx, store, f.healthEvery, func(err error) {
 		signer.SetHealth(hs, err)
 		metrics.SetHSMUp(err)
 		hsmHealth.set(err)
@@ -231,7 +239,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 			if err := hsmHealth.get(); err != nil {
 				return fmt.Errorf("HSM: %w", err)
 			}
-			keys, err := module.Keys(ctx)
+			keys, err := store.Keys(ctx)
 			if err != nil {
 				return fmt.Errorf("keys: %w", err)
 			}
@@ -248,7 +256,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	defer signal.Stop(hup)
 
 	logger.Info("keyserver ready", "listen", ln.Addr().String(), "metrics", metricsAddr, "module", hcfg.ModulePath,
-		"token_label", hcfg.TokenLabel, "token_serial", hcfg.TokenSerial, "health_interval", f.healthEvery,
+		"token_label", hcfg.TokenLabel, "token_serial", hcfg.TokenSerial, "token_uri", tokenURIForLog(f.hsm.uri), "health_interval", f.healthEvery,
 		"keys", len(keys), "policy", policy.String(), "audit_log", f.auditLog,
 		"max_concurrent", f.maxConcurrent, "max_queued", f.maxQueued, "max_inflight_per_identity", f.maxInFlight,
 		"allow_extractable", f.allowExtractable)
@@ -261,8 +269,8 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		case <-ctx.Done():
 			done = true
 		case <-hup:
-			reload(ctx, logger, f, svc, module, creds, audit)
-			if keys, err := module.Keys(ctx); err == nil {
+			reload(ctx, logger, f, svc, store, creds, audit)
+			if keys, err := store.Keys(ctx); err == nil {
 				metrics.SetKeys(keys)
 			}
 		}
@@ -287,7 +295,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 // reload is SIGHUP: it reads the policy, the certificates and the mTLS
 // files again and reopens the audit log (for log rotation). Each part that
 // fails keeps its previous state, with an error in the log.
-func reload(ctx context.Context, logger hclog.Logger, f *serveFlags, svc *signer.Service, module *hsm.Module, creds *tlscore.MTLSCredentials, audit *auditFile) {
+func reload(ctx context.Context, logger hclog.Logger, f *serveFlags, svc *signer.Service, store signer.KeyStore, creds *tlscore.MTLSCredentials, audit *auditFile) {
 	logger.Info("SIGHUP: reloading the policy, certificates and mTLS credentials, and reopening the audit log")
 	if err := audit.Reopen(); err != nil {
 		logger.Error("audit log not reopened; still writing to the old file", "error", err)
@@ -304,7 +312,7 @@ func reload(ctx context.Context, logger hclog.Logger, f *serveFlags, svc *signer
 		logger.Error("policy not reloaded", "error", err)
 		return
 	}
-	if keys, err := module.Keys(ctx); err == nil {
+	if keys, err := store.Keys(ctx); err == nil {
 		lintPolicy(logger, policy, keys)
 	}
 	logger.Info("policy reloaded", "policy", policy.String())
@@ -348,3 +356,28 @@ type healthState struct {
 func (h *healthState) set(err error) { h.mu.Lock(); h.err = err; h.mu.Unlock() }
 
 func (h *healthState) get() error { h.mu.Lock(); defer h.mu.Unlock(); return h.err }
+
+// logServedKeys logs which keys -token-uri selects, one line each, and
+// warns when it selects none.
+func logServedKeys(logger hclog.Logger, uri *hsm.URI, keys []crypto.Signer) {
+	if len(keys) == 0 {
+		logger.Warn("-token-uri selects no key on the token: nothing can be served until one is added", "token_uri", uri.String())
+		return
+	}
+	for _, k := range keys {
+		d, err := signer.Describe(k)
+		if err != nil {
+			continue
+		}
+		logger.Info("serving key selected by -token-uri", "key_id", fmt.Sprintf("%x", d.GetKeyId()), "label", d.GetLabel(),
+			"object_id", fmt.Sprintf("%x", d.GetObjectId()), "type", d.GetType().String())
+	}
+}
+
+// tokenURIForLog is the URI for the startup line, or "" without one.
+func tokenURIForLog(uri *hsm.URI) string {
+	if uri == nil {
+		return ""
+	}
+	return uri.String()
+}
