@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # fuzz.sh runs every fuzz target for the given time each (default 10m). Not
-# part of CI. Inputs that make a target fail are written by `go test` under
+# part of CI. -timeout=0: go test's default 10-minute timeout would
+# otherwise end a 10-minute fuzz run with a spurious panic. Inputs that make a target fail are written by `go test` under
 # <package>/testdata/fuzz/<Target>/; commit them as regression seeds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,6 @@ for pkg in $(go list ./...); do
   dir=$(go list -f '{{.Dir}}' "$pkg")
   for target in $(grep -ho '^func Fuzz[A-Za-z0-9_]*' "$dir"/*_test.go 2>/dev/null | sed 's/^func //'); do
     echo "== $pkg $target ($t)"
-    go test -run='^$' -fuzz="^$target\$" -fuzztime="$t" "$pkg"
+    go test -run='^$' -fuzz="^$target\$" -fuzztime="$t" -timeout=0 "$pkg"
   done
 done
