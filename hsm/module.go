@@ -468,6 +468,14 @@ func (m *Module) Keys(ctx context.Context) ([]crypto.Signer, error) {
 // restricted by their own attributes; see their SignatureSchemes.
 func (m *Module) Mechanisms() []string { return m.mechs.names() }
 
+// Sessions reports how many of the module's key-operation sessions are in
+// use, by PKCS #11 calls in progress (including calls whose callers gave up
+// but that have not returned), and how many there are: MaxSessions-1. It is
+// what an operator watches to see the HSM saturated, or calls stuck.
+func (m *Module) Sessions() (inUse, capacity int) {
+	return len(m.calls.slots), cap(m.calls.slots)
+}
+
 // Refresh scans the token again for key pairs, so that keys added to or
 // removed from the token (by another application, or another Module)
 // become visible; each change is logged. Keys that did not change keep

@@ -358,4 +358,7 @@ func TestConcurrent(t *testing.T) {
 	for err := range errc {
 		t.Error(err)
 	}
+	if inUse, capacity := f.m.Sessions(); inUse != 0 || capacity != f.tok.Config().MaxSessions-1 {
+		t.Errorf("Sessions() after the work = %d in use of %d, want 0 of %d", inUse, capacity, f.tok.Config().MaxSessions-1)
+	}
 }

@@ -118,6 +118,9 @@ func TestStuckCalls(t *testing.T) {
 	if sessions != 2 {
 		t.Errorf("%d sessions open for 2 stuck calls, want 2", sessions)
 	}
+	if inUse, capacity := m.Sessions(); inUse != 2 || capacity != 2 {
+		t.Errorf("Sessions() = %d in use of %d, want 2 of 2: stuck calls hold their sessions", inUse, capacity)
+	}
 	waitLog(t, &logs, `hsm call stuck for`)
 	if !strings.Contains(logs.String(), `C_Sign key="stuck-ed"`) {
 		t.Errorf("the stuck call is not named in the log:\n%s", logs.String())

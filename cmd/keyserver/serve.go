@@ -202,6 +202,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
 	svc.RegisterQueueMetrics(reg)
+	registerSessionMetrics(reg, module)
 	keylessv1.RegisterKeylessServiceServer(gs, svc)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
