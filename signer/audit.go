@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/json"
 	"io"
+	"strconv"
 	"sync"
 	"time"
+	"unicode/utf8"
 
 	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/status"
@@ -85,15 +87,75 @@ func NewAuditLog(w io.Writer) *AuditLog { return &AuditLog{w: w} }
 
 // Audit writes rec as one JSON line.
 func (l *AuditLog) Audit(rec *AuditRecord) error {
-	b, err := json.Marshal(rec)
+	bp := auditBuffers.Get().(*[]byte)
+	defer func() {
+		if cap(*bp) <= maxPooledAuditBuffer {
+			auditBuffers.Put(bp)
+		}
+	}()
+	b, err := appendAuditRecord((*bp)[:0], rec)
 	if err != nil {
 		return err
 	}
 	b = append(b, '\n')
+	*bp = b
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	_, err = l.w.Write(b)
 	return err
+}
+
+// auditBuffers holds the buffers AuditLog encodes records into. An
+// io.Writer must not retain the slice it is given, so a buffer is reused
+// once Write returns.
+var auditBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
+
+// maxPooledAuditBuffer keeps a rare huge record's buffer out of the pool.
+const maxPooledAuditBuffer = 16 << 10
+
+// appendAuditRecord appends rec's JSON encoding to b: the bytes
+// json.Marshal(rec) returns, without its reflection and allocations.
+// Strings that need escaping, and times json cannot encode, are left to
+// encoding/json, so that the output stays identical (TestAuditEncoding).
+func appendAuditRecord(b []byte, rec *AuditRecord) ([]byte, error) {
+	b = append(b, `{"time":"`...)
+	// AppendText is MarshalJSON without the quotes and the allocation: the
+	// same RFC 3339 form, refused in the same cases.
+	b, err := rec.Time.AppendText(b)
+	if err != nil {
+		return json.Marshal(rec) // fails too; let it say why
+	}
+	b = append(b, '"')
+	b = appendJSONField(b, `,"identity":`, rec.Identity)
+	b = appendJSONField(b, `,"key_id":`, rec.KeyID)
+	b = appendJSONField(b, `,"op":`, rec.Op)
+	b = appendJSONField(b, `,"scheme":`, rec.Scheme)
+	b = appendJSONField(b, `,"server_name":`, rec.ServerName)
+	b = appendJSONField(b, `,"client_address":`, rec.ClientAddress)
+	b = appendJSONField(b, `,"connection_id":`, rec.ConnectionID)
+	b = appendJSONField(b, `,"edge_address":`, rec.EdgeAddress)
+	b = appendJSONField(b, `,"outcome":`, rec.Outcome)
+	b = appendJSONField(b, `,"error":`, rec.Error)
+	b = appendJSONField(b, `,"rule":`, rec.Rule)
+	b = append(b, `,"latency_us":`...)
+	b = strconv.AppendInt(b, rec.LatencyUS, 10)
+	return append(b, '}'), nil
+}
+
+// appendJSONField appends name and s as a JSON string, as encoding/json
+// writes it.
+func appendJSONField(b []byte, name, s string) []byte {
+	b = append(b, name...)
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c < 0x20 || c >= utf8.RuneSelf || c == '"' || c == '\\' || c == '<' || c == '>' || c == '&' {
+			// Escapes, HTML-safe escapes, UTF-8 checks: encoding/json's.
+			q, _ := json.Marshal(s) // a string always encodes
+			return append(b, q...)
+		}
+	}
+	b = append(b, '"')
+	b = append(b, s...)
+	return append(b, '"')
 }
 
 // call is what the service learns about one request, for its audit record.
@@ -227,6 +289,10 @@ func (h auditHandler) HandleRPC(ctx context.Context, st stats.RPCStats) {
 	}
 }
 
-func (auditHandler) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context { return ctx }
+// TagConn gives each connection its cache of the caller's identity (see
+// connIdentity).
+func (auditHandler) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context {
+	return context.WithValue(ctx, connIdentityKey{}, &connIdentity{})
+}
 
 func (auditHandler) HandleConn(context.Context, stats.ConnStats) {}

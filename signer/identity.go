@@ -5,30 +5,78 @@ import (
 	"crypto/x509"
 	"fmt"
 	"strings"
+	"sync/atomic"
 
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
 )
 
-// peerOf returns the verified leaf certificate of the gRPC peer in ctx (nil
-// if the connection has none: no TLS, or a certificate that crypto/tls did
-// not verify) and the peer's network address.
+// verifiedLeaf returns the verified leaf certificate of p (nil if the
+// connection has none: no TLS, or a certificate that crypto/tls did not
+// verify).
 //
 // Only VerifiedChains is trusted: PeerCertificates holds whatever the client
 // sent, verified or not.
-func peerOf(ctx context.Context) (leaf *x509.Certificate, addr string) {
-	p, ok := peer.FromContext(ctx)
-	if !ok {
-		return nil, ""
-	}
-	if p.Addr != nil {
-		addr = p.Addr.String()
+func verifiedLeaf(p *peer.Peer) *x509.Certificate {
+	if p == nil {
+		return nil
 	}
 	info, ok := p.AuthInfo.(credentials.TLSInfo)
 	if !ok || len(info.State.VerifiedChains) == 0 || len(info.State.VerifiedChains[0]) == 0 {
-		return nil, addr
+		return nil
 	}
-	return info.State.VerifiedChains[0][0], addr
+	return info.State.VerifiedChains[0][0]
+}
+
+// identityResult is what identify finds for one verified leaf certificate
+// under one policy. It is immutable.
+type identityResult struct {
+	leaf *x509.Certificate
+	pol  *Policy
+	addr string // the peer's network address
+	// identity is the listed identity when ok; otherwise the first name
+	// of the certificate (or ""), and reason says why it is refused.
+	identity string
+	ok       bool
+	reason   string
+}
+
+// connIdentity caches, for one connection, the caller's identity, so that
+// the certificate's names are not gathered and looked up in the policy at
+// every request. The stats handler puts one in each connection's context
+// (TagConn), so it lives and dies with the connection and holds one entry.
+// The entry is used only for the same leaf certificate and the same
+// policy: a policy reload ([Service.SetPolicy] stores a new *Policy) makes
+// the next request of every connection look its identity up again in the
+// policy now in force. The entry holds the policy and the certificate, so
+// neither address can be reused while it is cached. It is safe for
+// concurrent use: requests on the connection race to store equal results.
+type connIdentity struct {
+	last atomic.Pointer[identityResult]
+}
+
+type connIdentityKey struct{}
+
+// lookupIdentity identifies leaf under pol.
+func lookupIdentity(p *peer.Peer, leaf *x509.Certificate, pol *Policy) *identityResult {
+	r := &identityResult{leaf: leaf, pol: pol}
+	if p != nil && p.Addr != nil {
+		r.addr = p.Addr.String()
+	}
+	if leaf == nil {
+		r.reason = "the connection has no verified client certificate"
+		return r
+	}
+	names := CertificateNames(leaf)
+	if id, ok := pol.Identify(names); ok {
+		r.identity, r.ok = id, true
+		return r
+	}
+	if len(names) > 0 {
+		r.identity = names[0]
+	}
+	r.reason = notListed(names)
+	return r
 }
 
 // identify returns the caller's identity under pol: the first name of its
@@ -37,21 +85,27 @@ func peerOf(ctx context.Context) (leaf *x509.Certificate, addr string) {
 // no listed name.
 func identify(ctx context.Context, pol *Policy, c *call) (string, error) {
 	c.identified = true
-	leaf, addr := peerOf(ctx)
-	c.edgeAddress = addr
-	if leaf == nil {
-		return "", &PermissionError{Reason: "the connection has no verified client certificate"}
-	}
-	names := CertificateNames(leaf)
-	id, ok := pol.Identify(names)
-	if !ok {
-		if len(names) > 0 {
-			c.identity = names[0]
+	p, _ := peer.FromContext(ctx)
+	leaf := verifiedLeaf(p)
+	cache, _ := ctx.Value(connIdentityKey{}).(*connIdentity)
+	var r *identityResult
+	if cache != nil && leaf != nil {
+		if r = cache.last.Load(); r != nil && (r.leaf != leaf || r.pol != pol) {
+			r = nil
 		}
-		return "", &PermissionError{Reason: notListed(names)}
 	}
-	c.identity = id
-	return id, nil
+	if r == nil {
+		r = lookupIdentity(p, leaf, pol)
+		if cache != nil && leaf != nil {
+			cache.last.Store(r)
+		}
+	}
+	c.edgeAddress = r.addr
+	c.identity = r.identity
+	if !r.ok {
+		return "", &PermissionError{Reason: r.reason}
+	}
+	return r.identity, nil
 }
 
 func notListed(names []string) string {

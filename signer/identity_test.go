@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"errors"
 	"math/big"
 	"net"
 	"net/url"
@@ -212,5 +213,50 @@ func TestCheckPeer(t *testing.T) {
 	}
 	if err := svc.CheckPeer(pki.issue(x509.ExtKeyUsageClientAuth).Leaf); err == nil || !strings.Contains(err.Error(), "no DNS or URI name") {
 		t.Errorf("CheckPeer(no names) = %v", err)
+	}
+}
+
+// TestIdentifyConnectionCache checks the per-connection identity cache: a
+// request is identified under the policy in force, never under the one
+// whose result was cached, and under its own certificate.
+func TestIdentifyConnectionCache(t *testing.T) {
+	const other = "spiffe://test.example/edge/2"
+	polA := testPolicy(t)
+	polB := mustPolicy(t, strings.Replace(testPolicyYAML, testIdentity, other, 1))
+	cache := &connIdentity{}
+	ctxA := context.WithValue(edgeContext(t.Context(), testIdentity), connIdentityKey{}, cache)
+	ctxOther := context.WithValue(edgeContext(t.Context(), other), connIdentityKey{}, cache)
+	tests := []struct {
+		name    string
+		ctx     context.Context
+		pol     *Policy
+		wantID  string
+		wantErr bool
+	}{
+		{"listed", ctxA, polA, testIdentity, false},
+		{"listed again (cached)", ctxA, polA, testIdentity, false},
+		{"after a reload that removes it", ctxA, polB, testIdentity, true},
+		{"removed, again (cached)", ctxA, polB, testIdentity, true},
+		{"after a reload that lists it again", ctxA, polA, testIdentity, false},
+		{"another certificate on the cache", ctxOther, polA, other, true},
+		{"that certificate, listed", ctxOther, polB, other, false},
+		{"the first certificate again", ctxA, polB, testIdentity, true},
+	}
+	for _, tt := range tests {
+		c := &call{op: OpSign}
+		id, err := identify(tt.ctx, tt.pol, c)
+		var perr *PermissionError
+		if gotErr := errors.As(err, &perr); gotErr != tt.wantErr || (err != nil && !gotErr) {
+			t.Fatalf("%s: identify() = %q, %v; want error %v", tt.name, id, err, tt.wantErr)
+		}
+		if c.identity != tt.wantID || (!tt.wantErr && id != tt.wantID) {
+			t.Errorf("%s: identify() = %q, call identity %q; want %q", tt.name, id, c.identity, tt.wantID)
+		}
+		if c.edgeAddress != "192.0.2.7:40000" {
+			t.Errorf("%s: edge address %q", tt.name, c.edgeAddress)
+		}
+		if r := cache.last.Load(); r == nil || r.pol != tt.pol {
+			t.Errorf("%s: cached result %+v, want one for the policy used", tt.name, r)
+		}
 	}
 }

@@ -156,6 +156,14 @@ func (p *Policy) IdentityGroup(identity string) string {
 	if identity == "" || !p.listed[identity] {
 		return "unlisted"
 	}
+	if g, ok := p.identityGroups[identity]; ok {
+		return g
+	}
+	return p.identityGroup(identity)
+}
+
+// identityGroup computes IdentityGroup for a listed identity.
+func (p *Policy) identityGroup(identity string) string {
 	var in []string
 	for name, members := range p.groups {
 		for _, m := range members {

@@ -47,6 +47,9 @@ type Policy struct {
 	unusedGroups []string
 	// listed holds every identity that some rule names, in normalized form.
 	listed map[string]bool
+	// identityGroups holds IdentityGroup's answer for each listed
+	// identity, computed once because the metrics ask at every request.
+	identityGroups map[string]string
 	// certs maps key ids to the normalized DNS names of their certificates,
 	// for cert: patterns; see [Policy.WithCertificates].
 	certs map[KeyID][]string
@@ -64,6 +67,7 @@ type policyRule struct {
 
 type policyQuota struct {
 	name       string
+	desc       string // how refusals name it: quota "x" of the policy
 	line       int
 	identities map[string]bool
 	quota      Quota
@@ -319,7 +323,7 @@ func ParsePolicy(source string, data []byte) (*Policy, error) {
 			return nil, perr(line, where, "the name is also used by quotas[%d]; quota names must be unique", prev)
 		}
 		seen[qf.Name] = i
-		q := &policyQuota{name: qf.Name, line: line}
+		q := &policyQuota{name: qf.Name, desc: fmt.Sprintf("quota %q of the policy", qf.Name), line: line}
 		var err error
 		if q.identities, err = expand(line, where+": identities", qf.Identities); err != nil {
 			return nil, err
@@ -354,6 +358,10 @@ func ParsePolicy(source string, data []byte) (*Policy, error) {
 		if !used[g] {
 			p.unusedGroups = append(p.unusedGroups, g)
 		}
+	}
+	p.identityGroups = make(map[string]string, len(p.listed))
+	for id := range p.listed {
+		p.identityGroups[id] = p.identityGroup(id)
 	}
 	return p, nil
 }
@@ -817,8 +825,10 @@ func (p *Policy) String() string {
 // hexKeyID returns the hex form of a 32-byte key id, or "" for anything
 // else.
 func hexKeyID(b []byte) string {
+	var buf [2 * len(KeyID{})]byte
 	if len(b) != len(KeyID{}) {
 		return ""
 	}
-	return hex.EncodeToString(b)
+	hex.Encode(buf[:], b)
+	return string(buf[:]) // one allocation, where hex.EncodeToString makes two
 }

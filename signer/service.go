@@ -149,7 +149,7 @@ func (s *Service) CheckPeer(leaf *x509.Certificate) error {
 // the service's default. The caller must call release after a nil error.
 func (s *Service) admit(pol *Policy, identity string) (release func(), err error) {
 	if q, ok := pol.quotaFor(identity); ok {
-		return s.quotas.acquire(identity, fmt.Sprintf("quota %q of the policy", q.name), q.quota)
+		return s.quotas.acquire(identity, q.desc, q.quota)
 	}
 	return s.quotas.acquire(identity, "the keyserver's default quota per identity", s.quota)
 }
