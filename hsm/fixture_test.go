@@ -114,7 +114,10 @@ func mustFixture(t testing.TB) *fixture {
 		shared.f = f
 	})
 	if shared.f == nil {
-		t.Skip("the shared SoftHSM fixture could not be created (see the first test that used it)")
+		if _, reason := hsmtest.ModulePath(); reason != "" && os.Getenv(hsmtest.EnvRequire) != "1" {
+			t.Skipf("hsmtest: %s", reason)
+		}
+		t.Fatal("the shared SoftHSM fixture could not be created (see the first test that used it)")
 	}
 	return shared.f
 }
