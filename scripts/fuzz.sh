@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # fuzz.sh runs every fuzz target for the given time each (default 10m). Not
-# part of CI. -timeout=0, because go test's default 10-minute timeout would
-# end a 10-minute fuzz run with a spurious panic. Inputs that make a target
+# part of CI. -timeout=0, so that go test's default 10-minute test timeout
+# cannot cut a 10-minute fuzz run short. Inputs that make a target
 # fail are written by `go test` under <package>/testdata/fuzz/<Target>/;
 # commit them as regression seeds.
 set -euo pipefail
