@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -43,6 +44,11 @@ type ClientConfig struct {
 	// Addresses are the keyservers, each "host:port". Required. Calls are
 	// balanced round-robin over the keyservers that are connected and whose
 	// health service reports keyless.v1.KeylessService as SERVING.
+	//
+	// Alternatively, a single "dns:///host:port" names every address that
+	// host resolves to, through gRPC's DNS resolver, which resolves it again
+	// when a connection fails; the TLS server name is then host unless
+	// TLS.ServerName says otherwise.
 	Addresses []string
 
 	// TLS is the client side of the mutual TLS 1.3 link, as built by
@@ -95,7 +101,11 @@ func (c *ClientConfig) Validate() error {
 		return errors.New("tlscore: ClientConfig.Addresses is empty")
 	}
 	for i, a := range c.Addresses {
-		if _, _, err := net.SplitHostPort(a); err != nil {
+		hostport, isDNS := strings.CutPrefix(a, dnsScheme)
+		if isDNS && len(c.Addresses) > 1 {
+			return fmt.Errorf("tlscore: ClientConfig.Addresses[%d] %q: a %s target must be the only address", i, a, dnsScheme)
+		}
+		if _, _, err := net.SplitHostPort(hostport); err != nil {
 			return fmt.Errorf("tlscore: ClientConfig.Addresses[%d] %q is not host:port: %w", i, a, err)
 		}
 		if slices.Index(c.Addresses, a) != i {
@@ -136,6 +146,9 @@ type Client struct {
 // resolverScheme is the scheme of the per-Client manual resolver. It is
 // registered only with that Client's connection, never globally.
 const resolverScheme = "keyless"
+
+// dnsScheme prefixes a keyserver address resolved by gRPC's DNS resolver.
+const dnsScheme = "dns:///"
 
 // serviceConfig balances round-robin over healthy keyservers and retries a
 // call once, on the next keyserver, when the first answers UNAVAILABLE: a
@@ -182,12 +195,23 @@ func Dial(cfg ClientConfig) (*Client, error) {
 		logger = hclog.NewNullLogger()
 	}
 
-	r := manual.NewBuilderWithScheme(resolverScheme)
-	addrs := make([]resolver.Address, len(cfg.Addresses))
-	for i, a := range cfg.Addresses {
-		addrs[i] = resolver.Address{Addr: a}
+	// A static list goes through a manual resolver; a dns:/// target
+	// through gRPC's own DNS resolver.
+	target := cfg.Addresses[0]
+	var resolvers []grpc.DialOption
+	if !strings.HasPrefix(target, dnsScheme) {
+		r := manual.NewBuilderWithScheme(resolverScheme)
+		addrs := make([]resolver.Address, len(cfg.Addresses))
+		for i, a := range cfg.Addresses {
+			addrs[i] = resolver.Address{Addr: a}
+		}
+		r.InitialState(resolver.State{Addresses: addrs})
+		resolvers = append(resolvers, grpc.WithResolvers(r))
+		// The target's endpoint is the first address, which is also the
+		// TLS server name when cfg.TLS.ServerName is empty (a single
+		// keyserver).
+		target = resolverScheme + ":///" + target
 	}
-	r.InitialState(resolver.State{Addresses: addrs})
 
 	maxBackoff := cfg.ReconnectBackoff
 	if maxBackoff == 0 {
@@ -195,7 +219,6 @@ func Dial(cfg ClientConfig) (*Client, error) {
 	}
 	opts := []grpc.DialOption{
 		grpc.WithTransportCredentials(credentials.NewTLS(cfg.TLS)),
-		grpc.WithResolvers(r),
 		grpc.WithDefaultServiceConfig(serviceConfig),
 		grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff: backoff.Config{
@@ -238,9 +261,7 @@ func Dial(cfg ClientConfig) (*Client, error) {
 			PermitWithoutStream: true,
 		}))
 	}
-	// The target's endpoint is the first address, which is also the TLS
-	// server name when cfg.TLS.ServerName is empty (a single keyserver).
-	conn, err := grpc.NewClient(resolverScheme+":///"+cfg.Addresses[0], opts...)
+	conn, err := grpc.NewClient(target, append(opts, resolvers...)...)
 	if err != nil {
 		return nil, fmt.Errorf("tlscore: keyserver client: %w", err)
 	}

@@ -7,6 +7,7 @@ import (
 	"io"
 	"net"
 	"net/url"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -57,7 +58,7 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.rsaKeyExchange, "rsa-key-exchange", "", "comma-separated host names (or *.wildcards) for which TLS 1.2 RSA key exchange is enabled (default: none)")
 	fs.StringVar(&f.origin, "origin", "", "HTTP origin URL to reverse-proxy to, e.g. http://127.0.0.1:8080")
 	fs.StringVar(&f.tcpOrigin, "tcp-origin", "", "raw TCP origin host:port, instead of -origin, for non-HTTP protocols")
-	fs.StringVar(&f.keyservers, "keyserver", "", "comma-separated keyserver addresses host:port (required)")
+	fs.StringVar(&f.keyservers, "keyserver", "", "comma-separated keyserver addresses host:port, or one dns:///host:port for every address the name resolves to (required)")
 	fs.StringVar(&f.keyserverName, "keyserver-name", "", "name the keyservers' certificates are verified against (default: the host of a single -keyserver)")
 	fs.StringVar(&f.keyserverCA, "keyserver-ca", "", "PEM CA certificates that issue the keyservers' certificates (required)")
 	fs.StringVar(&f.tlsCert, "tls-cert", "", "PEM client certificate of this edge for the keyserver link (required)")
@@ -104,7 +105,11 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	}
 	f.keyserverList = splitList(f.keyservers)
 	for _, k := range f.keyserverList {
-		if _, _, err := net.SplitHostPort(k); err != nil {
+		hostport, isDNS := strings.CutPrefix(k, "dns:///")
+		if isDNS && len(f.keyserverList) > 1 {
+			return nil, fmt.Errorf("-keyserver %q: a dns:/// name must be the only keyserver address", k)
+		}
+		if _, _, err := net.SplitHostPort(hostport); err != nil {
 			return nil, fmt.Errorf("-keyserver %q: %w", k, err)
 		}
 	}
@@ -113,7 +118,7 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 		if len(f.keyserverList) != 1 {
 			return nil, errors.New("-keyserver-name is required with several keyservers")
 		}
-		f.serverName, _, _ = net.SplitHostPort(f.keyserverList[0])
+		f.serverName, _, _ = net.SplitHostPort(strings.TrimPrefix(f.keyserverList[0], "dns:///"))
 	}
 	if f.callTimeout <= 0 {
 		return nil, fmt.Errorf("-call-timeout %v: must be positive", f.callTimeout)

@@ -28,6 +28,8 @@ func TestRunFlagErrors(t *testing.T) {
 		{"extra argument", with("-origin", "http://o", "extra"), "unexpected arguments"},
 		{"missing client certificate", with("-origin", "http://o"), "no such file"},
 		{"several keyservers without a name", append(with("-origin", "http://o"), "-keyserver", "a:1,b:2"), "-keyserver-name is required"},
+		{"dns name among others", append(with("-origin", "http://o"), "-keyserver", "dns:///ks:1,b:2", "-keyserver-name", "ks"), "must be the only keyserver address"},
+		{"dns name without port", append(with("-origin", "http://o"), "-keyserver", "dns:///ks"), `-keyserver "dns:///ks"`},
 		{"keyserver without port", append(with("-origin", "http://o"), "-keyserver", "a"), `-keyserver "a"`},
 		{"unknown flag", []string{"-frobnicate"}, "frobnicate"},
 	}
