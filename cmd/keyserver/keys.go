@@ -272,6 +272,18 @@ func (c *keysCmd) find(ctx context.Context, m *hsm.Module) (crypto.Signer, error
 }
 
 func keysExport(ctx context.Context, c *keysCmd) error {
+	return c.withKey(ctx, func(key crypto.Signer) error {
+		der, err := x509.MarshalPKIXPublicKey(key.Public())
+		if err != nil {
+			return err
+		}
+		return c.writePEM("PUBLIC KEY", der)
+	})
+}
+
+// withKey opens the HSM, finds the key named by -key, calls fn with it and
+// closes the HSM.
+func (c *keysCmd) withKey(ctx context.Context, fn func(crypto.Signer) error) error {
 	m, err := c.open()
 	if err != nil {
 		return err
@@ -281,11 +293,7 @@ func keysExport(ctx context.Context, c *keysCmd) error {
 	if err != nil {
 		return err
 	}
-	der, err := x509.MarshalPKIXPublicKey(key.Public())
-	if err != nil {
-		return err
-	}
-	return c.writePEM("PUBLIC KEY", der)
+	return fn(key)
 }
 
 func (c *keysCmd) names() (cn string, dns []string, err error) {
@@ -309,21 +317,14 @@ func keysCSR(ctx context.Context, c *keysCmd) error {
 	if err != nil {
 		return err
 	}
-	m, err := c.open()
-	if err != nil {
-		return err
-	}
-	defer m.Close()
-	key, err := c.find(ctx, m)
-	if err != nil {
-		return err
-	}
-	tmpl := &x509.CertificateRequest{Subject: pkix.Name{CommonName: cn}, DNSNames: dns}
-	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
-	if err != nil {
-		return err
-	}
-	return c.writePEM("CERTIFICATE REQUEST", der)
+	return c.withKey(ctx, func(key crypto.Signer) error {
+		tmpl := &x509.CertificateRequest{Subject: pkix.Name{CommonName: cn}, DNSNames: dns}
+		der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
+		if err != nil {
+			return err
+		}
+		return c.writePEM("CERTIFICATE REQUEST", der)
+	})
 }
 
 func keysSelfsign(ctx context.Context, c *keysCmd) error {
@@ -334,38 +335,31 @@ func keysSelfsign(ctx context.Context, c *keysCmd) error {
 	if c.days < 1 {
 		return fmt.Errorf("-days is %d; it must be at least 1", c.days)
 	}
-	m, err := c.open()
-	if err != nil {
-		return err
-	}
-	defer m.Close()
-	key, err := c.find(ctx, m)
-	if err != nil {
-		return err
-	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
-	if err != nil {
-		return err
-	}
-	now := time.Now()
-	tmpl := &x509.Certificate{
-		SerialNumber:          serial,
-		Subject:               pkix.Name{CommonName: cn},
-		DNSNames:              dns,
-		NotBefore:             now.Add(-time.Hour),
-		NotAfter:              now.AddDate(0, 0, c.days),
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-	}
-	if signer.KeyTypeOf(key.Public()) == keylessv1.KeyType_KEY_TYPE_RSA {
-		tmpl.KeyUsage |= x509.KeyUsageKeyEncipherment
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		return err
-	}
-	return c.writePEM("CERTIFICATE", der)
+	return c.withKey(ctx, func(key crypto.Signer) error {
+		serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+		if err != nil {
+			return err
+		}
+		now := time.Now()
+		tmpl := &x509.Certificate{
+			SerialNumber:          serial,
+			Subject:               pkix.Name{CommonName: cn},
+			DNSNames:              dns,
+			NotBefore:             now.Add(-time.Hour),
+			NotAfter:              now.AddDate(0, 0, c.days),
+			KeyUsage:              x509.KeyUsageDigitalSignature,
+			ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+			BasicConstraintsValid: true,
+		}
+		if signer.KeyTypeOf(key.Public()) == keylessv1.KeyType_KEY_TYPE_RSA {
+			tmpl.KeyUsage |= x509.KeyUsageKeyEncipherment
+		}
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+		if err != nil {
+			return err
+		}
+		return c.writePEM("CERTIFICATE", der)
+	})
 }
 
 // writePEM writes one PEM block to -out, or to stdout.
