@@ -157,6 +157,7 @@ func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		link  linkFlags
 		addr  = fs.String("addr", "", "keyserver address host:port (required)")
 		empty = fs.Duration("empty", 0, "after the load, measure the empty gRPC call for this long (0: not at all)")
+		unary = fs.Bool("unary", false, "call the unary Sign and Decrypt RPCs instead of the edge's client (which batches operations on a stream)")
 	)
 	lf.register(fs)
 	kf.register(fs)
@@ -176,39 +177,20 @@ func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	defer conn.Close()
-	api := keylessv1.NewKeylessServiceClient(conn)
 	health := healthpb.NewHealthClient(conn)
 	if err := waitHealthy(ctx, health); err != nil {
 		return err
 	}
-
-	// Requests are built once per worker; gRPC only reads them.
 	var op Op
-	switch kf.op {
-	case OpRSADecrypt:
-		reqs := make([]*keylessv1.DecryptRequest, len(ins))
-		for i, in := range ins {
-			reqs[i] = &keylessv1.DecryptRequest{KeyId: id[:], EncryptedPremaster: in.ciphertext}
-		}
-		op = func(ctx context.Context, w int) error {
-			resp, err := api.Decrypt(ctx, reqs[w])
-			if err == nil && len(resp.GetPremaster()) != signer.PremasterLen {
-				err = fmt.Errorf("decrypt returned %d bytes", len(resp.GetPremaster()))
-			}
+	if *unary {
+		op = unaryKeyOp(keylessv1.NewKeylessServiceClient(conn), kf.op, id, ins)
+	} else {
+		// The edge's client, on the same connection as the empty call.
+		client, err := tlscore.NewClientConn(conn, lf.timeout)
+		if err != nil {
 			return err
 		}
-	default:
-		reqs := make([]*keylessv1.SignRequest, len(ins))
-		for i, in := range ins {
-			reqs[i] = &keylessv1.SignRequest{KeyId: id[:], Algorithm: in.alg.Wire, Digest: in.digest}
-		}
-		op = func(ctx context.Context, w int) error {
-			resp, err := api.Sign(ctx, reqs[w])
-			if err == nil && len(resp.GetSignature()) == 0 {
-				err = fmt.Errorf("sign returned no signature")
-			}
-			return err
-		}
+		op = clientKeyOp(client, kf.op, id, ins)
 	}
 	load, err := lf.load("keyless/"+kf.op, "client", op)
 	if err != nil {
@@ -234,6 +216,50 @@ func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		res.EmptyP50us, res.EmptyP99us = er.P50us, er.P99us
 	}
 	return writeJSON(stdout, res)
+}
+
+// clientKeyOp is the key operation through tlscore.Client, as the edge
+// performs it. Inputs are built once per worker.
+func clientKeyOp(c *tlscore.Client, name string, id signer.KeyID, ins []*keyOpInput) Op {
+	if name == OpRSADecrypt {
+		return func(ctx context.Context, w int) error {
+			_, err := c.Decrypt(ctx, id, ins[w].ciphertext, nil)
+			return err
+		}
+	}
+	return func(ctx context.Context, w int) error {
+		_, err := c.Sign(ctx, id, ins[w].alg, ins[w].digest, nil)
+		return err
+	}
+}
+
+// unaryKeyOp is the key operation as one unary call each. Requests are
+// built once per worker; gRPC only reads them.
+func unaryKeyOp(api keylessv1.KeylessServiceClient, name string, id signer.KeyID, ins []*keyOpInput) Op {
+	if name == OpRSADecrypt {
+		reqs := make([]*keylessv1.DecryptRequest, len(ins))
+		for i, in := range ins {
+			reqs[i] = &keylessv1.DecryptRequest{KeyId: id[:], EncryptedPremaster: in.ciphertext}
+		}
+		return func(ctx context.Context, w int) error {
+			resp, err := api.Decrypt(ctx, reqs[w])
+			if err == nil && len(resp.GetPremaster()) != signer.PremasterLen {
+				err = fmt.Errorf("decrypt returned %d bytes", len(resp.GetPremaster()))
+			}
+			return err
+		}
+	}
+	reqs := make([]*keylessv1.SignRequest, len(ins))
+	for i, in := range ins {
+		reqs[i] = &keylessv1.SignRequest{KeyId: id[:], Algorithm: in.alg.Wire, Digest: in.digest}
+	}
+	return func(ctx context.Context, w int) error {
+		resp, err := api.Sign(ctx, reqs[w])
+		if err == nil && len(resp.GetSignature()) == 0 {
+			err = fmt.Errorf("sign returned no signature")
+		}
+		return err
+	}
 }
 
 // waitHealthy waits up to 20 s for the keyserver's KeylessService to be

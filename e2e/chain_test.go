@@ -33,14 +33,14 @@ import (
 // chain is the whole product in one test process, with every real part:
 // crypto/tls clients → an edge (tlscore, over TCP) → gRPC with mutual TLS
 // 1.3 over TCP → signer.Service → hsm.Module → a SoftHSM token made for the
-// test. A gRPC interceptor on the keyserver counts the key operations.
+// test. The keyserver's audit trail counts the key operations.
 type chain struct {
 	webCA    *testCA
 	edgeAddr string
 
 	signs, decrypts atomic.Int64
 	// stall, while set, makes every key operation wait for the request's
-	// deadline, as a stuck HSM would.
+	// deadline, as a stuck HSM would (see stallingStore).
 	stall atomic.Bool
 
 	stopKeyserver func()
@@ -144,13 +144,14 @@ func startChain(t *testing.T) (*chain, error) {
 		return nil, err
 	}
 	logger := hclog.New(&hclog.LoggerOptions{Name: "keyserver", Level: hclog.Trace, Output: c.logs})
-	svc, err := signer.NewService(signer.Config{Keys: module, Policy: policy, Audit: signer.NewAuditLog(c.auditLogs),
+	svc, err := signer.NewService(signer.Config{Keys: stallingStore{module, c}, Policy: policy,
+		Audit:         signer.MultiAuditor(signer.NewAuditLog(c.auditLogs), opCounter{c}),
 		MaxConcurrent: 2, MaxQueued: 256, Logger: logger})
 	if err != nil {
 		return nil, err
 	}
 	gs := grpc.NewServer(grpc.Creds(creds.ServerCredentials(svc.CheckPeer, nil)), grpc.MaxRecvMsgSize(signer.MaxRequestSize),
-		grpc.StatsHandler(svc.StatsHandler()), grpc.ChainUnaryInterceptor(c.countOps))
+		grpc.StatsHandler(svc.StatsHandler()))
 	keylessv1.RegisterKeylessServiceServer(gs, svc)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)
@@ -194,23 +195,36 @@ func startChain(t *testing.T) (*chain, error) {
 	return c, nil
 }
 
-// countOps counts the key operations the keyserver is asked for, and
-// stalls them while c.stall is set.
-func (c *chain) countOps(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
-	switch info.FullMethod {
-	case keylessv1.KeylessService_Sign_FullMethodName:
-		c.signs.Add(1)
-	case keylessv1.KeylessService_Decrypt_FullMethodName:
-		c.decrypts.Add(1)
+// opCounter counts, from the audit trail, the key operations the keyserver
+// was asked for, whatever their outcome, on streams and unary calls alike.
+type opCounter struct{ c *chain }
+
+func (o opCounter) Audit(rec *signer.AuditRecord) error {
+	switch rec.Op {
+	case signer.OpSign:
+		o.c.signs.Add(1)
+	case signer.OpDecrypt:
+		o.c.decrypts.Add(1)
 	}
-	if c.stall.Load() && info.FullMethod != keylessv1.KeylessService_ListKeys_FullMethodName {
+	return nil
+}
+
+// stallingStore is the token, whose key lookups wait for the request's
+// deadline while c.stall is set, as a stuck HSM would.
+type stallingStore struct {
+	*hsm.Module
+	c *chain
+}
+
+func (s stallingStore) Key(ctx context.Context, id signer.KeyID) (crypto.Signer, error) {
+	if s.c.stall.Load() {
 		<-ctx.Done()
 		return nil, ctx.Err()
 	}
-	return handler(ctx, req)
+	return s.Module.Key(ctx, id)
 }
 
-// ops returns the numbers of Sign and Decrypt calls so far.
+// ops returns the numbers of sign and decrypt operations so far.
 func (c *chain) ops() (int64, int64) { return c.signs.Load(), c.decrypts.Load() }
 
 // echoTLS answers with what the edge saw of the TLS connection.

@@ -34,7 +34,10 @@ type AuditRecord struct {
 	Identity string `json:"identity"`
 	// KeyID is the key id in hex, when the request named a 32-byte one.
 	KeyID string `json:"key_id"`
-	// Op is "sign", "decrypt" or "list_keys".
+	// Op is "sign", "decrypt" or "list_keys"; "unknown" for a stream
+	// operation that carries neither a sign nor a decrypt request; "stream"
+	// for the end of a Stream call as a whole (its operations have their
+	// own records), with the stream's outcome and lifetime.
 	Op string `json:"op"`
 	// Scheme is a Sign request's signature scheme, as a policy names it.
 	Scheme string `json:"scheme"`
@@ -175,6 +178,8 @@ type call struct {
 	edgeAddress string
 	// recorded is set once the record is written.
 	recorded bool
+	// streamed is set for an operation of a Stream.
+	streamed bool
 }
 
 type callKey struct{}
@@ -189,6 +194,7 @@ var methodOps = map[string]string{
 	keylessv1.KeylessService_Sign_FullMethodName:     OpSign,
 	keylessv1.KeylessService_Decrypt_FullMethodName:  OpDecrypt,
 	keylessv1.KeylessService_ListKeys_FullMethodName: "list_keys",
+	keylessv1.KeylessService_Stream_FullMethodName:   OpStream,
 }
 
 // begin returns the call of a request: the one the stats handler created

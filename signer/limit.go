@@ -25,9 +25,10 @@ func newLimiter(running, queue int) *limiter {
 }
 
 // acquire waits for a slot until ctx is done. It returns ErrOverloaded at
-// once when the queue is full. The caller must call release after a nil
-// error.
-func (l *limiter) acquire(ctx context.Context) error {
+// once when the queue is full, unless the operation is a stream's
+// (streamed): those queue in their stream, which bounds them, and only its
+// few workers wait here. The caller must call release after a nil error.
+func (l *limiter) acquire(ctx context.Context, streamed bool) error {
 	if l == nil {
 		return nil
 	}
@@ -36,7 +37,7 @@ func (l *limiter) acquire(ctx context.Context) error {
 		return nil
 	default:
 	}
-	if l.waiting.Add(1) > l.maxQueue {
+	if l.waiting.Add(1) > l.maxQueue && !streamed {
 		l.waiting.Add(-1)
 		return ErrOverloaded
 	}

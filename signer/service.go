@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -44,9 +45,12 @@ type Config struct {
 	// once; more wait in a queue. Zero means no bound.
 	MaxConcurrent int
 
-	// MaxQueued bounds the operations waiting for the key store when
-	// MaxConcurrent are running; beyond it requests fail at once with
-	// ResourceExhausted. Waits are bounded by each request's deadline.
+	// MaxQueued bounds the unary calls waiting for the key store when
+	// MaxConcurrent are running; beyond it they fail at once with
+	// ResourceExhausted. Operations of a Stream wait in their stream
+	// instead (at most 256 per stream; beyond that the stream is not read,
+	// so HTTP/2 flow control holds the client back). Waits are bounded by
+	// each request's deadline.
 	MaxQueued int
 
 	// Logger receives one line per failed operation. Nil means no logging.
@@ -73,8 +77,13 @@ func (c *Config) Validate() error {
 
 // MaxRequestSize is the largest request message a keyserver should accept
 // (grpc.MaxRecvMsgSize). The largest legitimate request, a Decrypt for an
-// RSA-4096 key or an Ed25519 Sign, is under 1 KiB.
-const MaxRequestSize = 16 << 10
+// RSA-4096 key or an Ed25519 Sign, is under 1 KiB, so a StreamRequest of
+// MaxStreamOperations of them fits with room to spare.
+const MaxRequestSize = 96 << 10
+
+// defaultStreamWorkers is the number of workers of each Stream when
+// Config.MaxConcurrent sets no bound.
+const defaultStreamWorkers = 8
 
 // Service implements keylessv1.KeylessServiceServer over a [KeyStore]. Its
 // handlers identify the caller, validate each request, apply the policy and
@@ -93,6 +102,12 @@ type Service struct {
 
 	// auditFailing is set while the last audit record could not be written.
 	auditFailing atomic.Bool
+
+	// streamWorkers is the number of workers of each Stream.
+	streamWorkers int
+	// draining is closed by Drain.
+	draining  chan struct{}
+	drainOnce sync.Once
 }
 
 var _ keylessv1.KeylessServiceServer = (*Service)(nil)
@@ -113,6 +128,12 @@ func NewService(cfg Config) (*Service, error) {
 		limit:  newLimiter(cfg.MaxConcurrent, cfg.MaxQueued),
 		audit:  cfg.Audit,
 		logger: logger,
+
+		streamWorkers: 2 * cfg.MaxConcurrent,
+		draining:      make(chan struct{}),
+	}
+	if s.streamWorkers == 0 {
+		s.streamWorkers = defaultStreamWorkers
 	}
 	s.policy.Store(cfg.Policy)
 	return s, nil
@@ -174,12 +195,23 @@ func (s *Service) start(ctx context.Context, c *call) (pol *Policy, identity str
 
 // Sign implements KeylessService.Sign.
 func (s *Service) Sign(ctx context.Context, req *keylessv1.SignRequest) (*keylessv1.SignResponse, error) {
+	return s.sign1(ctx, req, nil)
+}
+
+// sign1 answers one sign request, the unary call's or a stream
+// operation's; refused, if not nil, is the error to answer with instead of
+// performing it.
+func (s *Service) sign1(ctx context.Context, req *keylessv1.SignRequest, refused error) (*keylessv1.SignResponse, error) {
 	c, finish := s.begin(ctx, OpSign)
 	c.setRequest(req.GetKeyId(), req.GetContext())
 	if a := req.GetAlgorithm(); a != keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_UNSPECIFIED {
 		c.scheme = SchemeName(a)
 	}
-	sig, err := s.sign(ctx, c, req)
+	var sig []byte
+	err := refused
+	if err == nil {
+		sig, err = s.sign(ctx, c, req)
+	}
 	if err = s.answer(c, finish, err); err != nil {
 		return nil, err
 	}
@@ -206,7 +238,7 @@ func (s *Service) sign(ctx context.Context, c *call, req *keylessv1.SignRequest)
 	if err := checkAlgorithm(key, alg); err != nil {
 		return nil, err
 	}
-	if err := s.limit.acquire(ctx); err != nil {
+	if err := s.limit.acquire(ctx, c.streamed); err != nil {
 		return nil, err
 	}
 	return signContext(ctx, key, req.GetDigest(), alg.SignerOpts(), s.limit.release)
@@ -230,9 +262,18 @@ func (s *Service) answer(c *call, finish func(error) error, err error) error {
 
 // Decrypt implements KeylessService.Decrypt.
 func (s *Service) Decrypt(ctx context.Context, req *keylessv1.DecryptRequest) (*keylessv1.DecryptResponse, error) {
+	return s.decrypt1(ctx, req, nil)
+}
+
+// decrypt1 answers one decrypt request, as sign1 does a sign request.
+func (s *Service) decrypt1(ctx context.Context, req *keylessv1.DecryptRequest, refused error) (*keylessv1.DecryptResponse, error) {
 	c, finish := s.begin(ctx, OpDecrypt)
 	c.setRequest(req.GetKeyId(), req.GetContext())
-	pms, err := s.decrypt(ctx, c, req)
+	var pms []byte
+	err := refused
+	if err == nil {
+		pms, err = s.decrypt(ctx, c, req)
+	}
 	if err = s.answer(c, finish, err); err != nil {
 		return nil, err
 	}
@@ -260,7 +301,7 @@ func (s *Service) decrypt(ctx context.Context, c *call, req *keylessv1.DecryptRe
 	if !ok {
 		return nil, &ValidationError{"key_id", fmt.Sprintf("key %s cannot decrypt premaster secrets (it is a %v key)", FormatKeyID(id), KeyTypeOf(key.Public()))}
 	}
-	if err := s.limit.acquire(ctx); err != nil {
+	if err := s.limit.acquire(ctx, c.streamed); err != nil {
 		return nil, err
 	}
 	defer s.limit.release()

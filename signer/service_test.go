@@ -66,7 +66,7 @@ type testServer struct {
 // newTestServer serves a Service for cfg; a nil cfg.Policy is replaced by
 // testPolicy, a nil cfg.Logger by one that writes to the returned logs and
 // a nil cfg.Audit by an AuditLog that writes to audit.
-func newTestServer(t *testing.T, cfg Config) *testServer {
+func newTestServer(t testing.TB, cfg Config) *testServer {
 	t.Helper()
 	ts := &testServer{logs: &syncBuffer{}, audit: &syncBuffer{}}
 	if cfg.Logger == nil {
@@ -94,7 +94,7 @@ func newTestServer(t *testing.T, cfg Config) *testServer {
 }
 
 // dial returns a client whose certificate has the given names.
-func (ts *testServer) dial(t *testing.T, names ...string) keylessv1.KeylessServiceClient {
+func (ts *testServer) dial(t testing.TB, names ...string) keylessv1.KeylessServiceClient {
 	t.Helper()
 	conn, err := grpc.NewClient("passthrough:///bufnet",
 		grpc.WithContextDialer(func(ctx context.Context, _ string) (net.Conn, error) { return ts.lis.DialContext(ctx) }),

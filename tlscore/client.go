@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials"
 	_ "google.golang.org/grpc/health" // client-side health checking
@@ -138,6 +139,14 @@ type Client struct {
 	api     keylessv1.KeylessServiceClient
 	timeout time.Duration
 	logger  hclog.Logger
+	metrics *Metrics
+	ownConn bool // Close closes conn
+
+	// streams carry Sign and Decrypt (see stream.go); streamsCtx ends them
+	// at Close.
+	streams     *opStreams
+	streamsCtx  context.Context
+	stopStreams context.CancelFunc
 
 	closeOnce sync.Once
 	closeErr  error
@@ -265,12 +274,63 @@ func Dial(cfg ClientConfig) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("tlscore: keyserver client: %w", err)
 	}
-	return &Client{
+	// One stream per keyserver of a static list; a DNS name may stand for
+	// several, so it gets a few.
+	n := len(cfg.Addresses)
+	if strings.HasPrefix(cfg.Addresses[0], dnsScheme) {
+		n = dnsStreams
+	}
+	c := newClient(conn, timeout, logger.Named("keyserver_client"), n)
+	c.metrics = cfg.Metrics
+	c.ownConn = true
+	return c, nil
+}
+
+// NewClientConn returns a Client that calls a keyserver over conn, a
+// connection the caller made with its own options and still owns: Close
+// does not close it. Each call is bounded by timeout (zero means
+// DefaultCallTimeout); there are no metrics and no logging. Dial is the
+// way to reach keyservers for an edge; this is for programs that manage
+// their connection themselves, such as the benchmark.
+func NewClientConn(conn *grpc.ClientConn, timeout time.Duration) (*Client, error) {
+	if conn == nil {
+		return nil, errors.New("tlscore: NewClientConn: nil connection")
+	}
+	if timeout < 0 {
+		return nil, fmt.Errorf("tlscore: NewClientConn: timeout %v; it must be positive, or zero for the default", timeout)
+	}
+	if timeout == 0 {
+		timeout = DefaultCallTimeout
+	}
+	return newClient(conn, timeout, hclog.NewNullLogger(), 1), nil
+}
+
+// newClient returns a Client over conn with streams streams.
+func newClient(conn *grpc.ClientConn, timeout time.Duration, logger hclog.Logger, streams int) *Client {
+	c := &Client{
 		conn:    conn,
 		api:     keylessv1.NewKeylessServiceClient(conn),
 		timeout: timeout,
-		logger:  logger.Named("keyserver_client"),
-	}, nil
+		logger:  logger,
+	}
+	c.streamsCtx, c.stopStreams = context.WithCancel(context.Background())
+	c.streams = newOpStreams(c, streams)
+	return c
+}
+
+// dnsStreams is the number of streams of a Client whose keyservers are
+// named by a dns:/// target.
+const dnsStreams = 4
+
+// keyserverLabel names the keyserver at addr for metrics.
+func (c *Client) keyserverLabel(addr net.Addr) string {
+	if ka, ok := addr.(keyserverAddr); ok {
+		return string(ka)
+	}
+	if c.metrics == nil || addr == nil {
+		return "none"
+	}
+	return addr.String()
 }
 
 // Ready reports whether a keyserver is ready for calls: connected, and
@@ -289,10 +349,17 @@ func (c *Client) Ready() bool {
 // CallTimeout returns the deadline applied to each call.
 func (c *Client) CallTimeout() time.Duration { return c.timeout }
 
-// Close closes the connections. Calls made after Close fail. It is safe to
+// Close ends the client's streams and closes its connections (unless it
+// was made by NewClientConn). Calls made after Close fail. It is safe to
 // call more than once; later calls return the first call's result.
 func (c *Client) Close() error {
-	c.closeOnce.Do(func() { c.closeErr = c.conn.Close() })
+	c.closeOnce.Do(func() {
+		c.stopStreams()
+		c.streams.close()
+		if c.ownConn {
+			c.closeErr = c.conn.Close()
+		}
+	})
 	return c.closeErr
 }
 
@@ -312,12 +379,26 @@ func (c *Client) Sign(ctx context.Context, keyID signer.KeyID, alg signer.Algori
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
 	start := time.Now()
-	resp, err := c.api.Sign(ctx, &keylessv1.SignRequest{
+	req := &keylessv1.SignRequest{
 		KeyId:     keyID[:],
 		Algorithm: alg.Wire,
 		Digest:    digest,
 		Context:   rc,
-	})
+	}
+	var (
+		resp *keylessv1.SignResponse
+		err  = errUseUnary
+	)
+	if !c.streams.unary.Load() {
+		var r *keylessv1.OperationResult
+		r, err = c.stream(ctx, "Sign", start, &keylessv1.Operation{Request: &keylessv1.Operation_Sign{Sign: req}})
+		if resp = r.GetSign(); err == nil && resp == nil {
+			err = errors.New("the keyserver answered a sign operation with no signature")
+		}
+	}
+	if errors.Is(err, errUseUnary) {
+		resp, err = c.api.Sign(ctx, req)
+	}
 	if err == nil && len(resp.GetSignature()) == 0 {
 		err = errors.New("the keyserver returned an empty signature")
 	}
@@ -336,11 +417,25 @@ func (c *Client) Decrypt(ctx context.Context, keyID signer.KeyID, ciphertext []b
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
 	start := time.Now()
-	resp, err := c.api.Decrypt(ctx, &keylessv1.DecryptRequest{
+	req := &keylessv1.DecryptRequest{
 		KeyId:              keyID[:],
 		EncryptedPremaster: ciphertext,
 		Context:            rc,
-	})
+	}
+	var (
+		resp *keylessv1.DecryptResponse
+		err  = errUseUnary
+	)
+	if !c.streams.unary.Load() {
+		var r *keylessv1.OperationResult
+		r, err = c.stream(ctx, "Decrypt", start, &keylessv1.Operation{Request: &keylessv1.Operation_Decrypt{Decrypt: req}})
+		if resp = r.GetDecrypt(); err == nil && resp == nil {
+			err = errors.New("the keyserver answered a decrypt operation with no premaster")
+		}
+	}
+	if errors.Is(err, errUseUnary) {
+		resp, err = c.api.Decrypt(ctx, req)
+	}
 	if err == nil && len(resp.GetPremaster()) != signer.PremasterLen {
 		err = fmt.Errorf("the keyserver returned a %d-byte premaster secret; want %d", len(resp.GetPremaster()), signer.PremasterLen)
 	}
@@ -362,6 +457,25 @@ func (c *Client) ListKeys(ctx context.Context) ([]*keylessv1.Key, error) {
 		return nil, c.failed("list_keys", signer.KeyID{}, nil, start, err)
 	}
 	return resp.GetKeys(), nil
+}
+
+// stream performs op on a stream and returns its result, or its error as a
+// status error; it records the call's metrics under method. When the
+// keyserver turns out not to implement Stream, it returns errUseUnary (and
+// later calls skip streams): the caller makes the unary call instead.
+func (c *Client) stream(ctx context.Context, method string, start time.Time, op *keylessv1.Operation) (*keylessv1.OperationResult, error) {
+	r, ks, err := c.streams.do(ctx, op)
+	if errors.Is(err, errUseUnary) {
+		c.logger.Info("the keyserver does not implement Stream; using unary calls")
+		return nil, err
+	}
+	if err == nil && r.GetError() != nil {
+		err = status.Error(codes.Code(r.GetError().GetCode()), r.GetError().GetMessage())
+	}
+	if c.metrics != nil {
+		c.metrics.observeCall(method, ks, start, err)
+	}
+	return r, err
 }
 
 // failed logs a failed call once and returns the error to hand back.

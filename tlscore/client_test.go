@@ -120,15 +120,18 @@ func TestClientSignRetry(t *testing.T) {
 			}
 		}
 		badSigns.Store(0)
-		// Round-robin reaches the bad keyserver within a few calls once
-		// both are connected; every call must still succeed.
-		for i := 0; i < 50 && badSigns.Load() < 3; i++ {
+		// The client has a stream on each keyserver and uses them in turn,
+		// so it reaches the bad one at once; every call must still succeed,
+		// by the retry on the other. A stream whose keyserver answered
+		// UNAVAILABLE takes no new operations: its replacement may land on
+		// either keyserver, so the bad one is tried again only sometimes.
+		for i := range 50 {
 			if err := signOnce(t, c); err != nil {
 				t.Fatalf("Sign() call %d = %v; want the retry on the other keyserver to succeed", i, err)
 			}
 		}
-		if badSigns.Load() < 3 {
-			t.Errorf("the unavailable keyserver got %d Sign attempts; round-robin should have reached it", badSigns.Load())
+		if badSigns.Load() < 1 {
+			t.Errorf("the unavailable keyserver got %d Sign attempts; the client should have reached it", badSigns.Load())
 		}
 	})
 	t.Run("one-keyserver", func(t *testing.T) {

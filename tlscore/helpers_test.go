@@ -25,9 +25,11 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
 
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
@@ -239,6 +241,7 @@ func newTestPKI(t *testing.T) *testPKI {
 // opRecorder records the key operations a keyserver received.
 type opRecorder struct {
 	mu       sync.Mutex
+	messages int // StreamRequest messages
 	signs    []*keylessv1.SignRequest
 	decrypts []*keylessv1.DecryptRequest
 }
@@ -253,6 +256,36 @@ func (r *opRecorder) intercept(ctx context.Context, req any, _ *grpc.UnaryServer
 	}
 	r.mu.Unlock()
 	return handler(ctx, req)
+}
+
+// interceptStream records the operations of Stream calls.
+func (r *opRecorder) interceptStream(srv any, ss grpc.ServerStream, _ *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	return handler(srv, recordingStream{ss, r})
+}
+
+type recordingStream struct {
+	grpc.ServerStream
+	r *opRecorder
+}
+
+func (s recordingStream) RecvMsg(m any) error {
+	if err := s.ServerStream.RecvMsg(m); err != nil {
+		return err
+	}
+	if req, ok := m.(*keylessv1.StreamRequest); ok {
+		s.r.mu.Lock()
+		s.r.messages++
+		for _, op := range req.GetOperations() {
+			if sr := op.GetSign(); sr != nil {
+				s.r.signs = append(s.r.signs, sr)
+			}
+			if dr := op.GetDecrypt(); dr != nil {
+				s.r.decrypts = append(s.r.decrypts, dr)
+			}
+		}
+		s.r.mu.Unlock()
+	}
+	return nil
 }
 
 // counts returns the numbers of Sign and Decrypt requests so far.
@@ -275,6 +308,7 @@ func (r *opRecorder) lastSign() *keylessv1.SignRequest {
 type testKeyserver struct {
 	lis *bufconn.Listener
 	ops *opRecorder
+	srv *grpc.Server
 }
 
 func startKeyserver(t *testing.T, pki *testPKI, svc keylessv1.KeylessServiceServer) *testKeyserver {
@@ -291,13 +325,14 @@ func startKeyserverWithHealth(t *testing.T, pki *testPKI, svc keylessv1.KeylessS
 		t.Fatal(err)
 	}
 	ks := &testKeyserver{lis: bufconn.Listen(1 << 20), ops: &opRecorder{}}
-	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(cfg)), grpc.ChainUnaryInterceptor(ks.ops.intercept))
+	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(cfg)), grpc.ChainUnaryInterceptor(ks.ops.intercept), grpc.ChainStreamInterceptor(ks.ops.interceptStream))
 	keylessv1.RegisterKeylessServiceServer(srv, svc)
 	hs := health.NewServer()
 	hs.SetServingStatus(keylessv1.KeylessService_ServiceDesc.ServiceName, st)
 	healthpb.RegisterHealthServer(srv, hs)
 	go srv.Serve(ks.lis)
 	t.Cleanup(srv.Stop)
+	ks.srv = srv
 	return ks
 }
 
@@ -396,6 +431,58 @@ type fakeService struct {
 	sign    func(context.Context, *keylessv1.SignRequest) (*keylessv1.SignResponse, error)
 	decrypt func(context.Context, *keylessv1.DecryptRequest) (*keylessv1.DecryptResponse, error)
 	lists   *atomic.Int64 // if set, counts ListKeys calls
+	// noStream makes Stream answer UNIMPLEMENTED, as a keyserver that has
+	// only the unary calls.
+	noStream bool
+}
+
+// Stream performs each operation with the service's own Sign or Decrypt,
+// each in its own goroutine with the operation's deadline, so that the
+// per-test handlers see the stream's operations too.
+func (f *fakeService) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest, keylessv1.StreamResponse]) error {
+	if f.noStream {
+		return status.Error(codes.Unimplemented, "fake keyserver without Stream")
+	}
+	var sendMu sync.Mutex
+	for {
+		req, err := stream.Recv()
+		if err != nil {
+			return nil
+		}
+		for _, op := range req.GetOperations() {
+			go func() {
+				timeout := signer.DefaultOperationTimeout
+				if ms := op.GetTimeoutMs(); ms > 0 {
+					timeout = time.Duration(ms) * time.Millisecond
+				}
+				ctx, cancel := context.WithTimeout(stream.Context(), timeout)
+				defer cancel()
+				res := &keylessv1.OperationResult{Id: op.GetId()}
+				var err error
+				switch {
+				case op.GetSign() != nil:
+					var resp *keylessv1.SignResponse
+					if resp, err = f.Sign(ctx, op.GetSign()); err == nil {
+						res.Result = &keylessv1.OperationResult_Sign{Sign: resp}
+					}
+				case op.GetDecrypt() != nil:
+					var resp *keylessv1.DecryptResponse
+					if resp, err = f.Decrypt(ctx, op.GetDecrypt()); err == nil {
+						res.Result = &keylessv1.OperationResult_Decrypt{Decrypt: resp}
+					}
+				default:
+					err = status.Error(codes.InvalidArgument, "empty operation")
+				}
+				if err != nil {
+					st := status.Convert(err)
+					res.Result = &keylessv1.OperationResult_Error{Error: &keylessv1.OperationError{Code: uint32(st.Code()), Message: st.Message()}}
+				}
+				sendMu.Lock()
+				defer sendMu.Unlock()
+				_ = stream.Send(&keylessv1.StreamResponse{Results: []*keylessv1.OperationResult{res}})
+			}()
+		}
+	}
 }
 
 func (f *fakeService) Sign(ctx context.Context, req *keylessv1.SignRequest) (*keylessv1.SignResponse, error) {

@@ -184,6 +184,15 @@ func (m *Metrics) unaryInterceptor(keyserver func(net.Addr) string) grpc.UnaryCl
 	}
 }
 
+// observeCall records one operation sent on a stream, as the interceptor
+// records a unary call.
+func (m *Metrics) observeCall(method, keyserver string, start time.Time, err error) {
+	m.callLatency.WithLabelValues(method, keyserver).Observe(time.Since(start).Seconds())
+	if err != nil {
+		m.callErrors.WithLabelValues(method, keyserver, status.Code(err).String()).Inc()
+	}
+}
+
 // keyserverAddr is the remote address of a keyserver connection: the
 // address as configured, so that metrics name keyservers by it rather than
 // by whatever it resolved to.

@@ -284,6 +284,10 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	logger.Info("shutting down: finishing in-flight operations", "grace", f.grace)
 	hs.Shutdown()
+	// Streams are long-lived: ask them to end once their started
+	// operations are answered, so that GracefulStop does not wait for the
+	// grace period, and edges send the rest to another keyserver.
+	svc.Drain()
 	stopped := make(chan struct{})
 	go func() { gs.GracefulStop(); close(stopped) }()
 	select {

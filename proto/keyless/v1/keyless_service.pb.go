@@ -489,6 +489,379 @@ func (x *DecryptResponse) GetPremaster() []byte {
 	return nil
 }
 
+// StreamRequest carries one or more operations.
+type StreamRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// At most 64 operations; a message with more is answered with an
+	// INVALID_ARGUMENT result for each of its operations.
+	Operations    []*Operation `protobuf:"bytes,1,rep,name=operations,proto3" json:"operations,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamRequest) Reset() {
+	*x = StreamRequest{}
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamRequest) ProtoMessage() {}
+
+func (x *StreamRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamRequest.ProtoReflect.Descriptor instead.
+func (*StreamRequest) Descriptor() ([]byte, []int) {
+	return file_keyless_v1_keyless_service_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *StreamRequest) GetOperations() []*Operation {
+	if x != nil {
+		return x.Operations
+	}
+	return nil
+}
+
+// Operation is one Sign or Decrypt on a Stream.
+type Operation struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Chosen by the client, and returned with the operation's result. The
+	// keyserver does not interpret it; the client should keep it unique among
+	// its operations in flight on the stream.
+	Id uint64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// How long the operation may take from its arrival at the keyserver, in
+	// milliseconds, queueing included: the remainder of the caller's deadline.
+	// Zero means the keyserver's default (2 s); the keyserver caps it at 60 s.
+	TimeoutMs uint32 `protobuf:"varint,2,opt,name=timeout_ms,json=timeoutMs,proto3" json:"timeout_ms,omitempty"`
+	// The operation. An operation with neither is answered INVALID_ARGUMENT.
+	//
+	// Types that are valid to be assigned to Request:
+	//
+	//	*Operation_Sign
+	//	*Operation_Decrypt
+	Request       isOperation_Request `protobuf_oneof:"request"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Operation) Reset() {
+	*x = Operation{}
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Operation) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Operation) ProtoMessage() {}
+
+func (x *Operation) ProtoReflect() protoreflect.Message {
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Operation.ProtoReflect.Descriptor instead.
+func (*Operation) Descriptor() ([]byte, []int) {
+	return file_keyless_v1_keyless_service_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *Operation) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *Operation) GetTimeoutMs() uint32 {
+	if x != nil {
+		return x.TimeoutMs
+	}
+	return 0
+}
+
+func (x *Operation) GetRequest() isOperation_Request {
+	if x != nil {
+		return x.Request
+	}
+	return nil
+}
+
+func (x *Operation) GetSign() *SignRequest {
+	if x != nil {
+		if x, ok := x.Request.(*Operation_Sign); ok {
+			return x.Sign
+		}
+	}
+	return nil
+}
+
+func (x *Operation) GetDecrypt() *DecryptRequest {
+	if x != nil {
+		if x, ok := x.Request.(*Operation_Decrypt); ok {
+			return x.Decrypt
+		}
+	}
+	return nil
+}
+
+type isOperation_Request interface {
+	isOperation_Request()
+}
+
+type Operation_Sign struct {
+	// A signature, as KeylessService.Sign.
+	Sign *SignRequest `protobuf:"bytes,3,opt,name=sign,proto3,oneof"`
+}
+
+type Operation_Decrypt struct {
+	// A premaster decryption, as KeylessService.Decrypt.
+	Decrypt *DecryptRequest `protobuf:"bytes,4,opt,name=decrypt,proto3,oneof"`
+}
+
+func (*Operation_Sign) isOperation_Request() {}
+
+func (*Operation_Decrypt) isOperation_Request() {}
+
+// StreamResponse carries the results of one or more operations.
+type StreamResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// One or more results, of operations of any earlier StreamRequest.
+	Results       []*OperationResult `protobuf:"bytes,1,rep,name=results,proto3" json:"results,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *StreamResponse) Reset() {
+	*x = StreamResponse{}
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *StreamResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*StreamResponse) ProtoMessage() {}
+
+func (x *StreamResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use StreamResponse.ProtoReflect.Descriptor instead.
+func (*StreamResponse) Descriptor() ([]byte, []int) {
+	return file_keyless_v1_keyless_service_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *StreamResponse) GetResults() []*OperationResult {
+	if x != nil {
+		return x.Results
+	}
+	return nil
+}
+
+// OperationResult is the outcome of one Operation: its response, or the
+// error the same unary call would have returned.
+type OperationResult struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The id of the operation.
+	Id uint64 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	// Exactly one of them is set.
+	//
+	// Types that are valid to be assigned to Result:
+	//
+	//	*OperationResult_Sign
+	//	*OperationResult_Decrypt
+	//	*OperationResult_Error
+	Result        isOperationResult_Result `protobuf_oneof:"result"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OperationResult) Reset() {
+	*x = OperationResult{}
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OperationResult) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OperationResult) ProtoMessage() {}
+
+func (x *OperationResult) ProtoReflect() protoreflect.Message {
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OperationResult.ProtoReflect.Descriptor instead.
+func (*OperationResult) Descriptor() ([]byte, []int) {
+	return file_keyless_v1_keyless_service_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *OperationResult) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *OperationResult) GetResult() isOperationResult_Result {
+	if x != nil {
+		return x.Result
+	}
+	return nil
+}
+
+func (x *OperationResult) GetSign() *SignResponse {
+	if x != nil {
+		if x, ok := x.Result.(*OperationResult_Sign); ok {
+			return x.Sign
+		}
+	}
+	return nil
+}
+
+func (x *OperationResult) GetDecrypt() *DecryptResponse {
+	if x != nil {
+		if x, ok := x.Result.(*OperationResult_Decrypt); ok {
+			return x.Decrypt
+		}
+	}
+	return nil
+}
+
+func (x *OperationResult) GetError() *OperationError {
+	if x != nil {
+		if x, ok := x.Result.(*OperationResult_Error); ok {
+			return x.Error
+		}
+	}
+	return nil
+}
+
+type isOperationResult_Result interface {
+	isOperationResult_Result()
+}
+
+type OperationResult_Sign struct {
+	// The signature of a successful sign operation.
+	Sign *SignResponse `protobuf:"bytes,2,opt,name=sign,proto3,oneof"`
+}
+
+type OperationResult_Decrypt struct {
+	// The answer of a decrypt operation (implicit rejection: OK even for an
+	// invalid ciphertext).
+	Decrypt *DecryptResponse `protobuf:"bytes,3,opt,name=decrypt,proto3,oneof"`
+}
+
+type OperationResult_Error struct {
+	// Why the operation failed.
+	Error *OperationError `protobuf:"bytes,4,opt,name=error,proto3,oneof"`
+}
+
+func (*OperationResult_Sign) isOperationResult_Result() {}
+
+func (*OperationResult_Decrypt) isOperationResult_Result() {}
+
+func (*OperationResult_Error) isOperationResult_Result() {}
+
+// OperationError is a failed operation's status, with the codes and
+// messages the unary calls use.
+type OperationError struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// A gRPC status code (google.rpc.Code), never OK.
+	Code uint32 `protobuf:"varint,1,opt,name=code,proto3" json:"code,omitempty"`
+	// What was wrong, naming the field at fault for INVALID_ARGUMENT.
+	Message       string `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OperationError) Reset() {
+	*x = OperationError{}
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OperationError) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OperationError) ProtoMessage() {}
+
+func (x *OperationError) ProtoReflect() protoreflect.Message {
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OperationError.ProtoReflect.Descriptor instead.
+func (*OperationError) Descriptor() ([]byte, []int) {
+	return file_keyless_v1_keyless_service_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *OperationError) GetCode() uint32 {
+	if x != nil {
+		return x.Code
+	}
+	return 0
+}
+
+func (x *OperationError) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 // ListKeysRequest asks for the keys the caller may use.
 type ListKeysRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -498,7 +871,7 @@ type ListKeysRequest struct {
 
 func (x *ListKeysRequest) Reset() {
 	*x = ListKeysRequest{}
-	mi := &file_keyless_v1_keyless_service_proto_msgTypes[5]
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -510,7 +883,7 @@ func (x *ListKeysRequest) String() string {
 func (*ListKeysRequest) ProtoMessage() {}
 
 func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_keyless_v1_keyless_service_proto_msgTypes[5]
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -523,7 +896,7 @@ func (x *ListKeysRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysRequest.ProtoReflect.Descriptor instead.
 func (*ListKeysRequest) Descriptor() ([]byte, []int) {
-	return file_keyless_v1_keyless_service_proto_rawDescGZIP(), []int{5}
+	return file_keyless_v1_keyless_service_proto_rawDescGZIP(), []int{10}
 }
 
 // ListKeysResponse lists keys.
@@ -537,7 +910,7 @@ type ListKeysResponse struct {
 
 func (x *ListKeysResponse) Reset() {
 	*x = ListKeysResponse{}
-	mi := &file_keyless_v1_keyless_service_proto_msgTypes[6]
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -549,7 +922,7 @@ func (x *ListKeysResponse) String() string {
 func (*ListKeysResponse) ProtoMessage() {}
 
 func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_keyless_v1_keyless_service_proto_msgTypes[6]
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -562,7 +935,7 @@ func (x *ListKeysResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListKeysResponse.ProtoReflect.Descriptor instead.
 func (*ListKeysResponse) Descriptor() ([]byte, []int) {
-	return file_keyless_v1_keyless_service_proto_rawDescGZIP(), []int{6}
+	return file_keyless_v1_keyless_service_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ListKeysResponse) GetKeys() []*Key {
@@ -600,7 +973,7 @@ type Key struct {
 
 func (x *Key) Reset() {
 	*x = Key{}
-	mi := &file_keyless_v1_keyless_service_proto_msgTypes[7]
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -612,7 +985,7 @@ func (x *Key) String() string {
 func (*Key) ProtoMessage() {}
 
 func (x *Key) ProtoReflect() protoreflect.Message {
-	mi := &file_keyless_v1_keyless_service_proto_msgTypes[7]
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -625,7 +998,7 @@ func (x *Key) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Key.ProtoReflect.Descriptor instead.
 func (*Key) Descriptor() ([]byte, []int) {
-	return file_keyless_v1_keyless_service_proto_rawDescGZIP(), []int{7}
+	return file_keyless_v1_keyless_service_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *Key) GetKeyId() []byte {
@@ -707,7 +1080,29 @@ const file_keyless_v1_keyless_service_proto_rawDesc = "" +
 	"\x13encrypted_premaster\x18\x02 \x01(\fR\x12encryptedPremaster\x124\n" +
 	"\acontext\x18\x03 \x01(\v2\x1a.keyless.v1.RequestContextR\acontext\"/\n" +
 	"\x0fDecryptResponse\x12\x1c\n" +
-	"\tpremaster\x18\x01 \x01(\fR\tpremaster\"\x11\n" +
+	"\tpremaster\x18\x01 \x01(\fR\tpremaster\"F\n" +
+	"\rStreamRequest\x125\n" +
+	"\n" +
+	"operations\x18\x01 \x03(\v2\x15.keyless.v1.OperationR\n" +
+	"operations\"\xac\x01\n" +
+	"\tOperation\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x1d\n" +
+	"\n" +
+	"timeout_ms\x18\x02 \x01(\rR\ttimeoutMs\x12-\n" +
+	"\x04sign\x18\x03 \x01(\v2\x17.keyless.v1.SignRequestH\x00R\x04sign\x126\n" +
+	"\adecrypt\x18\x04 \x01(\v2\x1a.keyless.v1.DecryptRequestH\x00R\adecryptB\t\n" +
+	"\arequest\"G\n" +
+	"\x0eStreamResponse\x125\n" +
+	"\aresults\x18\x01 \x03(\v2\x1b.keyless.v1.OperationResultR\aresults\"\xc8\x01\n" +
+	"\x0fOperationResult\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12.\n" +
+	"\x04sign\x18\x02 \x01(\v2\x18.keyless.v1.SignResponseH\x00R\x04sign\x127\n" +
+	"\adecrypt\x18\x03 \x01(\v2\x1b.keyless.v1.DecryptResponseH\x00R\adecrypt\x122\n" +
+	"\x05error\x18\x04 \x01(\v2\x1a.keyless.v1.OperationErrorH\x00R\x05errorB\b\n" +
+	"\x06result\">\n" +
+	"\x0eOperationError\x12\x12\n" +
+	"\x04code\x18\x01 \x01(\rR\x04code\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage\"\x11\n" +
 	"\x0fListKeysRequest\"7\n" +
 	"\x10ListKeysResponse\x12#\n" +
 	"\x04keys\x18\x01 \x03(\v2\x0f.keyless.v1.KeyR\x04keys\"\xab\x02\n" +
@@ -741,11 +1136,12 @@ const file_keyless_v1_keyless_service_proto_rawDesc = "" +
 	"\x14KEY_TYPE_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fKEY_TYPE_RSA\x10\x01\x12\x12\n" +
 	"\x0eKEY_TYPE_ECDSA\x10\x02\x12\x14\n" +
-	"\x10KEY_TYPE_ED25519\x10\x032\xd6\x01\n" +
+	"\x10KEY_TYPE_ED25519\x10\x032\x9b\x02\n" +
 	"\x0eKeylessService\x129\n" +
 	"\x04Sign\x12\x17.keyless.v1.SignRequest\x1a\x18.keyless.v1.SignResponse\x12B\n" +
 	"\aDecrypt\x12\x1a.keyless.v1.DecryptRequest\x1a\x1b.keyless.v1.DecryptResponse\x12E\n" +
-	"\bListKeys\x12\x1b.keyless.v1.ListKeysRequest\x1a\x1c.keyless.v1.ListKeysResponseB\xa9\x01\n" +
+	"\bListKeys\x12\x1b.keyless.v1.ListKeysRequest\x1a\x1c.keyless.v1.ListKeysResponse\x12C\n" +
+	"\x06Stream\x12\x19.keyless.v1.StreamRequest\x1a\x1a.keyless.v1.StreamResponse(\x010\x01B\xa9\x01\n" +
 	"\x0ecom.keyless.v1B\x13KeylessServiceProtoP\x01Z9github.com/keyless-tls/keyless/proto/keyless/v1;keylessv1\xa2\x02\x03KXX\xaa\x02\n" +
 	"Keyless.V1\xca\x02\n" +
 	"Keyless\\V1\xe2\x02\x16Keyless\\V1\\GPBMetadata\xea\x02\vKeyless::V1b\x06proto3"
@@ -763,7 +1159,7 @@ func file_keyless_v1_keyless_service_proto_rawDescGZIP() []byte {
 }
 
 var file_keyless_v1_keyless_service_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_keyless_v1_keyless_service_proto_msgTypes = make([]protoimpl.MessageInfo, 8)
+var file_keyless_v1_keyless_service_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_keyless_v1_keyless_service_proto_goTypes = []any{
 	(SignatureAlgorithm)(0),  // 0: keyless.v1.SignatureAlgorithm
 	(KeyType)(0),             // 1: keyless.v1.KeyType
@@ -772,28 +1168,42 @@ var file_keyless_v1_keyless_service_proto_goTypes = []any{
 	(*SignResponse)(nil),     // 4: keyless.v1.SignResponse
 	(*DecryptRequest)(nil),   // 5: keyless.v1.DecryptRequest
 	(*DecryptResponse)(nil),  // 6: keyless.v1.DecryptResponse
-	(*ListKeysRequest)(nil),  // 7: keyless.v1.ListKeysRequest
-	(*ListKeysResponse)(nil), // 8: keyless.v1.ListKeysResponse
-	(*Key)(nil),              // 9: keyless.v1.Key
+	(*StreamRequest)(nil),    // 7: keyless.v1.StreamRequest
+	(*Operation)(nil),        // 8: keyless.v1.Operation
+	(*StreamResponse)(nil),   // 9: keyless.v1.StreamResponse
+	(*OperationResult)(nil),  // 10: keyless.v1.OperationResult
+	(*OperationError)(nil),   // 11: keyless.v1.OperationError
+	(*ListKeysRequest)(nil),  // 12: keyless.v1.ListKeysRequest
+	(*ListKeysResponse)(nil), // 13: keyless.v1.ListKeysResponse
+	(*Key)(nil),              // 14: keyless.v1.Key
 }
 var file_keyless_v1_keyless_service_proto_depIdxs = []int32{
-	0, // 0: keyless.v1.SignRequest.algorithm:type_name -> keyless.v1.SignatureAlgorithm
-	2, // 1: keyless.v1.SignRequest.context:type_name -> keyless.v1.RequestContext
-	2, // 2: keyless.v1.DecryptRequest.context:type_name -> keyless.v1.RequestContext
-	9, // 3: keyless.v1.ListKeysResponse.keys:type_name -> keyless.v1.Key
-	1, // 4: keyless.v1.Key.type:type_name -> keyless.v1.KeyType
-	0, // 5: keyless.v1.Key.signature_algorithms:type_name -> keyless.v1.SignatureAlgorithm
-	3, // 6: keyless.v1.KeylessService.Sign:input_type -> keyless.v1.SignRequest
-	5, // 7: keyless.v1.KeylessService.Decrypt:input_type -> keyless.v1.DecryptRequest
-	7, // 8: keyless.v1.KeylessService.ListKeys:input_type -> keyless.v1.ListKeysRequest
-	4, // 9: keyless.v1.KeylessService.Sign:output_type -> keyless.v1.SignResponse
-	6, // 10: keyless.v1.KeylessService.Decrypt:output_type -> keyless.v1.DecryptResponse
-	8, // 11: keyless.v1.KeylessService.ListKeys:output_type -> keyless.v1.ListKeysResponse
-	9, // [9:12] is the sub-list for method output_type
-	6, // [6:9] is the sub-list for method input_type
-	6, // [6:6] is the sub-list for extension type_name
-	6, // [6:6] is the sub-list for extension extendee
-	0, // [0:6] is the sub-list for field type_name
+	0,  // 0: keyless.v1.SignRequest.algorithm:type_name -> keyless.v1.SignatureAlgorithm
+	2,  // 1: keyless.v1.SignRequest.context:type_name -> keyless.v1.RequestContext
+	2,  // 2: keyless.v1.DecryptRequest.context:type_name -> keyless.v1.RequestContext
+	8,  // 3: keyless.v1.StreamRequest.operations:type_name -> keyless.v1.Operation
+	3,  // 4: keyless.v1.Operation.sign:type_name -> keyless.v1.SignRequest
+	5,  // 5: keyless.v1.Operation.decrypt:type_name -> keyless.v1.DecryptRequest
+	10, // 6: keyless.v1.StreamResponse.results:type_name -> keyless.v1.OperationResult
+	4,  // 7: keyless.v1.OperationResult.sign:type_name -> keyless.v1.SignResponse
+	6,  // 8: keyless.v1.OperationResult.decrypt:type_name -> keyless.v1.DecryptResponse
+	11, // 9: keyless.v1.OperationResult.error:type_name -> keyless.v1.OperationError
+	14, // 10: keyless.v1.ListKeysResponse.keys:type_name -> keyless.v1.Key
+	1,  // 11: keyless.v1.Key.type:type_name -> keyless.v1.KeyType
+	0,  // 12: keyless.v1.Key.signature_algorithms:type_name -> keyless.v1.SignatureAlgorithm
+	3,  // 13: keyless.v1.KeylessService.Sign:input_type -> keyless.v1.SignRequest
+	5,  // 14: keyless.v1.KeylessService.Decrypt:input_type -> keyless.v1.DecryptRequest
+	12, // 15: keyless.v1.KeylessService.ListKeys:input_type -> keyless.v1.ListKeysRequest
+	7,  // 16: keyless.v1.KeylessService.Stream:input_type -> keyless.v1.StreamRequest
+	4,  // 17: keyless.v1.KeylessService.Sign:output_type -> keyless.v1.SignResponse
+	6,  // 18: keyless.v1.KeylessService.Decrypt:output_type -> keyless.v1.DecryptResponse
+	13, // 19: keyless.v1.KeylessService.ListKeys:output_type -> keyless.v1.ListKeysResponse
+	9,  // 20: keyless.v1.KeylessService.Stream:output_type -> keyless.v1.StreamResponse
+	17, // [17:21] is the sub-list for method output_type
+	13, // [13:17] is the sub-list for method input_type
+	13, // [13:13] is the sub-list for extension type_name
+	13, // [13:13] is the sub-list for extension extendee
+	0,  // [0:13] is the sub-list for field type_name
 }
 
 func init() { file_keyless_v1_keyless_service_proto_init() }
@@ -801,13 +1211,22 @@ func file_keyless_v1_keyless_service_proto_init() {
 	if File_keyless_v1_keyless_service_proto != nil {
 		return
 	}
+	file_keyless_v1_keyless_service_proto_msgTypes[6].OneofWrappers = []any{
+		(*Operation_Sign)(nil),
+		(*Operation_Decrypt)(nil),
+	}
+	file_keyless_v1_keyless_service_proto_msgTypes[8].OneofWrappers = []any{
+		(*OperationResult_Sign)(nil),
+		(*OperationResult_Decrypt)(nil),
+		(*OperationResult_Error)(nil),
+	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keyless_v1_keyless_service_proto_rawDesc), len(file_keyless_v1_keyless_service_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   8,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

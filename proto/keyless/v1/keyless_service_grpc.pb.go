@@ -35,6 +35,7 @@ const (
 	KeylessService_Sign_FullMethodName     = "/keyless.v1.KeylessService/Sign"
 	KeylessService_Decrypt_FullMethodName  = "/keyless.v1.KeylessService/Decrypt"
 	KeylessService_ListKeys_FullMethodName = "/keyless.v1.KeylessService/ListKeys"
+	KeylessService_Stream_FullMethodName   = "/keyless.v1.KeylessService/Stream"
 )
 
 // KeylessServiceClient is the client API for KeylessService service.
@@ -60,6 +61,20 @@ type KeylessServiceClient interface {
 	Decrypt(ctx context.Context, in *DecryptRequest, opts ...grpc.CallOption) (*DecryptResponse, error)
 	// ListKeys lists the keys the caller may use, with what each can do.
 	ListKeys(ctx context.Context, in *ListKeysRequest, opts ...grpc.CallOption) (*ListKeysResponse, error)
+	// Stream carries Sign and Decrypt operations on one long-lived stream, the
+	// way an edge sends the key operations of its handshakes: each message may
+	// batch several operations, each operation has its own id, deadline and
+	// result, and results come back as they complete, batched too, in any
+	// order. An operation on the stream is checked, authorized, audited and
+	// answered exactly as the same request made with Sign or Decrypt; the
+	// stream only saves the per-call cost of a unary RPC.
+	//
+	// The stream itself fails only for what concerns the stream: a message
+	// over the keyserver's size limit (RESOURCE_EXHAUSTED), the client going
+	// away, or the keyserver shutting down (UNAVAILABLE, after the operations
+	// it had started are answered). Operations whose result did not arrive
+	// before the stream ended were not answered and may be sent again.
+	Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamRequest, StreamResponse], error)
 }
 
 type keylessServiceClient struct {
@@ -100,6 +115,19 @@ func (c *keylessServiceClient) ListKeys(ctx context.Context, in *ListKeysRequest
 	return out, nil
 }
 
+func (c *keylessServiceClient) Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamRequest, StreamResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &KeylessService_ServiceDesc.Streams[0], KeylessService_Stream_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[StreamRequest, StreamResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KeylessService_StreamClient = grpc.BidiStreamingClient[StreamRequest, StreamResponse]
+
 // KeylessServiceServer is the server API for KeylessService service.
 // All implementations must embed UnimplementedKeylessServiceServer
 // for forward compatibility.
@@ -123,6 +151,20 @@ type KeylessServiceServer interface {
 	Decrypt(context.Context, *DecryptRequest) (*DecryptResponse, error)
 	// ListKeys lists the keys the caller may use, with what each can do.
 	ListKeys(context.Context, *ListKeysRequest) (*ListKeysResponse, error)
+	// Stream carries Sign and Decrypt operations on one long-lived stream, the
+	// way an edge sends the key operations of its handshakes: each message may
+	// batch several operations, each operation has its own id, deadline and
+	// result, and results come back as they complete, batched too, in any
+	// order. An operation on the stream is checked, authorized, audited and
+	// answered exactly as the same request made with Sign or Decrypt; the
+	// stream only saves the per-call cost of a unary RPC.
+	//
+	// The stream itself fails only for what concerns the stream: a message
+	// over the keyserver's size limit (RESOURCE_EXHAUSTED), the client going
+	// away, or the keyserver shutting down (UNAVAILABLE, after the operations
+	// it had started are answered). Operations whose result did not arrive
+	// before the stream ended were not answered and may be sent again.
+	Stream(grpc.BidiStreamingServer[StreamRequest, StreamResponse]) error
 	mustEmbedUnimplementedKeylessServiceServer()
 }
 
@@ -141,6 +183,9 @@ func (UnimplementedKeylessServiceServer) Decrypt(context.Context, *DecryptReques
 }
 func (UnimplementedKeylessServiceServer) ListKeys(context.Context, *ListKeysRequest) (*ListKeysResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListKeys not implemented")
+}
+func (UnimplementedKeylessServiceServer) Stream(grpc.BidiStreamingServer[StreamRequest, StreamResponse]) error {
+	return status.Error(codes.Unimplemented, "method Stream not implemented")
 }
 func (UnimplementedKeylessServiceServer) mustEmbedUnimplementedKeylessServiceServer() {}
 func (UnimplementedKeylessServiceServer) testEmbeddedByValue()                        {}
@@ -217,6 +262,13 @@ func _KeylessService_ListKeys_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _KeylessService_Stream_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(KeylessServiceServer).Stream(&grpc.GenericServerStream[StreamRequest, StreamResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type KeylessService_StreamServer = grpc.BidiStreamingServer[StreamRequest, StreamResponse]
+
 // KeylessService_ServiceDesc is the grpc.ServiceDesc for KeylessService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -237,6 +289,13 @@ var KeylessService_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _KeylessService_ListKeys_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Stream",
+			Handler:       _KeylessService_Stream_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
+		},
+	},
 	Metadata: "keyless/v1/keyless_service.proto",
 }

@@ -1,0 +1,417 @@
+package signer
+
+import (
+	"bytes"
+	"context"
+	"crypto"
+	"errors"
+	"io"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/proto"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+)
+
+type opStreamClient = grpc.BidiStreamingClient[keylessv1.StreamRequest, keylessv1.StreamResponse]
+
+// openStream opens a Stream as client.
+func openStream(t *testing.T, client keylessv1.KeylessServiceClient) opStreamClient {
+	t.Helper()
+	st, err := client.Stream(testContext(t, 0))
+	if err != nil {
+		t.Fatalf("Stream() = %v", err)
+	}
+	return st
+}
+
+// sendOps sends ops in one message.
+func sendOps(t *testing.T, st opStreamClient, ops ...*keylessv1.Operation) {
+	t.Helper()
+	if err := st.Send(&keylessv1.StreamRequest{Operations: ops}); err != nil {
+		t.Fatalf("Send() = %v", err)
+	}
+}
+
+// receiveResults receives until n results have arrived, and returns them
+// by id; a second result for an id fails the test.
+func receiveResults(t *testing.T, st opStreamClient, n int) map[uint64]*keylessv1.OperationResult {
+	t.Helper()
+	got := make(map[uint64]*keylessv1.OperationResult)
+	for len(got) < n {
+		resp, err := st.Recv()
+		if err != nil {
+			t.Fatalf("Recv() after %d of %d results = %v", len(got), n, err)
+		}
+		if len(resp.GetResults()) == 0 {
+			t.Fatal("Recv() = a message with no result")
+		}
+		for _, r := range resp.GetResults() {
+			if _, dup := got[r.GetId()]; dup {
+				t.Fatalf("two results for operation %d", r.GetId())
+			}
+			got[r.GetId()] = r
+		}
+	}
+	return got
+}
+
+// resultErr returns a result's error as a status error, or nil.
+func resultErr(r *keylessv1.OperationResult) error {
+	e := r.GetError()
+	if e == nil {
+		return nil
+	}
+	return status.Error(codes.Code(e.GetCode()), e.GetMessage())
+}
+
+func signOp(id uint64, req *keylessv1.SignRequest) *keylessv1.Operation {
+	return &keylessv1.Operation{Id: id, Request: &keylessv1.Operation_Sign{Sign: req}}
+}
+
+func decryptOp(id uint64, req *keylessv1.DecryptRequest) *keylessv1.Operation {
+	return &keylessv1.Operation{Id: id, Request: &keylessv1.Operation_Decrypt{Decrypt: req}}
+}
+
+// TestStreamMatchesUnary sends every sign and decrypt case of the unary
+// tests in one batch and checks that each result is what the unary call
+// answers: the same code and message, a signature that verifies, the
+// premaster of a valid ciphertext and 48 fresh bytes for an invalid one.
+func TestStreamMatchesUnary(t *testing.T) {
+	ts := newTestServer(t, Config{Keys: newTestMemoryStore(t), MaxConcurrent: 2})
+	signs, decrypts := signCases(t), decryptCases(t)
+	var ops []*keylessv1.Operation
+	for i, tc := range signs {
+		ops = append(ops, signOp(uint64(i), tc.req))
+	}
+	for i, tc := range decrypts {
+		ops = append(ops, decryptOp(uint64(1000+i), tc.req))
+	}
+	st := openStream(t, ts.client)
+	for rest := ops; len(rest) > 0; {
+		n := min(len(rest), MaxStreamOperations)
+		sendOps(t, st, rest[:n]...)
+		rest = rest[n:]
+	}
+	got := receiveResults(t, st, len(ops))
+
+	for i, tc := range signs {
+		r := got[uint64(i)]
+		_, uerr := ts.client.Sign(testContext(t, 0), tc.req)
+		err := resultErr(r)
+		checkStatus(t, "stream sign "+tc.name, err, tc.wantCode, tc.wantField)
+		if status.Convert(err).Message() != status.Convert(uerr).Message() {
+			t.Errorf("stream sign %s: message %q, unary %q", tc.name, status.Convert(err).Message(), status.Convert(uerr).Message())
+		}
+		if err != nil {
+			continue
+		}
+		alg, _ := AlgorithmFor(tc.req.GetAlgorithm())
+		if err := verifySignature(testPublicKeyByID(tc.req.GetKeyId()), alg, tc.req.GetDigest(), r.GetSign().GetSignature()); err != nil {
+			t.Errorf("stream sign %s: signature: %v", tc.name, err)
+		}
+	}
+	for i, tc := range decrypts {
+		r := got[uint64(1000+i)]
+		checkStatus(t, "stream decrypt "+tc.name, resultErr(r), tc.wantCode, tc.wantField)
+		if tc.wantCode != codes.OK {
+			continue
+		}
+		pms := r.GetDecrypt().GetPremaster()
+		switch {
+		case tc.want != nil && !bytes.Equal(pms, tc.want):
+			t.Errorf("stream decrypt %s = %x, want %x", tc.name, pms, tc.want)
+		case tc.want == nil && (len(pms) != PremasterLen || bytes.Equal(pms, decrypts[0].want)):
+			t.Errorf("stream decrypt %s = %x, want 48 unpredictable bytes", tc.name, pms)
+		}
+	}
+
+	// The client closes its side: the stream ends cleanly.
+	if err := st.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err != io.EOF {
+		t.Errorf("Recv() after CloseSend = %v, want io.EOF", err)
+	}
+}
+
+// TestStreamRefusals: a message with too many operations and an empty
+// operation are refused each with a result naming the fault, and the
+// stream goes on.
+func TestStreamRefusals(t *testing.T) {
+	ts := newTestServer(t, Config{Keys: newTestMemoryStore(t)})
+	st := openStream(t, ts.client)
+	req := p256SignRequest(t)
+
+	var many []*keylessv1.Operation
+	for i := range MaxStreamOperations + 1 {
+		many = append(many, signOp(uint64(i), req))
+	}
+	sendOps(t, st, many...)
+	for id, r := range receiveResults(t, st, len(many)) {
+		checkStatus(t, "operation of an oversize batch", resultErr(r), codes.InvalidArgument, "operations")
+		if !strings.Contains(r.GetError().GetMessage(), "at most 64 operations; this one carried 65") {
+			t.Errorf("operation %d: %q, want the limit and the count", id, r.GetError().GetMessage())
+		}
+	}
+
+	sendOps(t, st, &keylessv1.Operation{Id: 7}, signOp(8, req))
+	got := receiveResults(t, st, 2)
+	checkStatus(t, "empty operation", resultErr(got[7]), codes.InvalidArgument, "request")
+	if err := resultErr(got[8]); err != nil {
+		t.Errorf("sign after refusals = %v", err)
+	}
+
+	// Every operation has its audit record: the refused ones too.
+	records := auditRecords(t, ts.audit.String())
+	ops := map[string]int{}
+	for _, r := range records {
+		ops[r.Op+" "+r.Outcome]++
+	}
+	if ops["sign InvalidArgument"] != len(many) || ops["unknown InvalidArgument"] != 1 || ops["sign OK"] != 1 {
+		t.Errorf("audit records by op and outcome = %v", ops)
+	}
+}
+
+// TestStreamIdentity: an identity the policy does not list gets
+// PermissionDenied for every operation, recorded under its name; the stream
+// itself is recorded when it ends.
+func TestStreamIdentity(t *testing.T) {
+	ts := newTestServer(t, Config{Keys: newTestMemoryStore(t)})
+	st := openStream(t, ts.dial(t, "spiffe://test.internal/stranger"))
+	sendOps(t, st, signOp(1, p256SignRequest(t)), decryptOp(2, decryptCases(t)[0].req))
+	for id, r := range receiveResults(t, st, 2) {
+		checkStatus(t, "operation of an unlisted identity", resultErr(r), codes.PermissionDenied, "")
+		if id == 2 && r.GetDecrypt() != nil {
+			t.Error("a refused decrypt carries a premaster")
+		}
+	}
+	if err := st.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Recv(); err != io.EOF {
+		t.Fatalf("Recv() = %v, want io.EOF", err)
+	}
+	waitUntil(t, "the stream's record", func() bool { return strings.Contains(ts.audit.String(), `"op":"stream"`) })
+	for _, r := range auditRecords(t, ts.audit.String()) {
+		if r.Identity != "spiffe://test.internal/stranger" {
+			t.Errorf("record %s: identity %q", r.Op, r.Identity)
+		}
+		if r.Op != OpStream && r.Outcome != "PermissionDenied" {
+			t.Errorf("record %s: outcome %s", r.Op, r.Outcome)
+		}
+	}
+}
+
+// TestStreamDeadline: an operation whose key does not answer in its
+// timeout fails alone with DeadlineExceeded, measured from its arrival.
+func TestStreamDeadline(t *testing.T) {
+	slow := newBlockingKey(t, testP256Key())
+	rsaReq := &keylessv1.SignRequest{
+		KeyId:     mustKeyID(t, testRSAKey().Public()),
+		Algorithm: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PSS_RSAE_SHA256,
+		Digest:    testDigest(crypto.SHA256, "rsa"),
+	}
+	store := &testStore{keys: []crypto.Signer{slow, testRSAKey()}}
+	ts := newTestServer(t, Config{Keys: store, MaxConcurrent: 2})
+	st := openStream(t, ts.client)
+	stuck := signOp(1, p256SignRequest(t))
+	stuck.TimeoutMs = 50
+	start := time.Now()
+	sendOps(t, st, stuck, signOp(2, rsaReq))
+	got := receiveResults(t, st, 2)
+	checkStatus(t, "stuck operation", resultErr(got[1]), codes.DeadlineExceeded, "")
+	if err := resultErr(got[2]); err != nil {
+		t.Errorf("operation beside the stuck one = %v", err)
+	}
+	if d := time.Since(start); d > defaultTestTimeout/2 {
+		t.Errorf("the 50 ms operation failed after %v", d)
+	}
+}
+
+// TestStreamDrain: Drain lets the operations a stream has started finish
+// and be answered, does not start those that arrive later, and ends the
+// stream with Unavailable; new streams are refused.
+func TestStreamDrain(t *testing.T) {
+	key := newBlockingKey(t, testP256Key())
+	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{key}}, MaxConcurrent: 2})
+	st := openStream(t, ts.client)
+	req := p256SignRequest(t)
+	sendOps(t, st, signOp(1, req))
+	key.waitEntered(t)
+	ts.svc.Drain()
+	ts.svc.Drain() // twice is harmless
+	sendOps(t, st, signOp(2, req))
+	time.Sleep(20 * time.Millisecond)
+	key.unblock()
+
+	got := receiveResults(t, st, 1)
+	if err := resultErr(got[1]); err != nil || got[1].GetSign() == nil {
+		t.Fatalf("operation started before Drain = %v, want its signature", err)
+	}
+	_, err := st.Recv()
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("Recv() after the started operation = %v, want Unavailable (and no result for the later one)", err)
+	}
+	if len(key.entered) != 0 {
+		t.Errorf("%d operations reached the key after Drain", len(key.entered))
+	}
+	st2 := openStream(t, ts.client)
+	if _, err := st2.Recv(); status.Code(err) != codes.Unavailable {
+		t.Errorf("new stream after Drain: Recv() = %v, want Unavailable", err)
+	}
+}
+
+// TestStreamConcurrent sends many operations from many goroutines on one
+// stream, in messages of varying sizes, under a small limiter: each gets
+// exactly one result, every signature verifies.
+func TestStreamConcurrent(t *testing.T) {
+	ts := newTestServer(t, Config{Keys: newTestMemoryStore(t), MaxConcurrent: 2, MaxQueued: 10000})
+	st := openStream(t, ts.client)
+	req := p256SignRequest(t)
+	const senders, perSender = 8, 150
+	var (
+		mu   sync.Mutex
+		sent int
+		wg   sync.WaitGroup
+	)
+	for g := range senders {
+		wg.Go(func() {
+			for i := 0; i < perSender; {
+				n := min(1+i%7, perSender-i)
+				ops := make([]*keylessv1.Operation, n)
+				for k := range ops {
+					ops[k] = signOp(uint64(g*perSender+i+k), req)
+				}
+				mu.Lock()
+				err := st.Send(&keylessv1.StreamRequest{Operations: ops})
+				sent += n
+				mu.Unlock()
+				if err != nil {
+					t.Errorf("Send() = %v", err)
+					return
+				}
+				i += n
+			}
+		})
+	}
+	got := receiveResults(t, st, senders*perSender)
+	wg.Wait()
+	if sent != senders*perSender {
+		t.Fatalf("sent %d", sent)
+	}
+	alg, _ := AlgorithmFor(req.GetAlgorithm())
+	for id, r := range got {
+		if err := resultErr(r); err != nil {
+			t.Fatalf("operation %d = %v", id, err)
+		}
+		if err := verifySignature(testP256Key().Public(), alg, req.GetDigest(), r.GetSign().GetSignature()); err != nil {
+			t.Fatalf("operation %d: signature: %v", id, err)
+		}
+	}
+}
+
+// TestStreamClientGone: when the client cancels its stream, the service
+// ends it and writes no result anywhere; operations still running finish
+// in the key store and are recorded.
+func TestStreamClientGone(t *testing.T) {
+	key := newBlockingKey(t, testP256Key())
+	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{key}}})
+	ctx, cancel := context.WithCancel(t.Context())
+	st, err := ts.client.Stream(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sendOps(t, st, signOp(1, p256SignRequest(t)))
+	key.waitEntered(t)
+	cancel()
+	if _, err := st.Recv(); status.Code(err) != codes.Canceled {
+		t.Fatalf("Recv() after cancel = %v", err)
+	}
+	key.unblock()
+	waitUntil(t, "the operation's record", func() bool { return strings.Contains(ts.audit.String(), `"op":"sign"`) })
+	waitUntil(t, "the stream's record", func() bool { return strings.Contains(ts.audit.String(), `"op":"stream"`) })
+}
+
+// FuzzStreamRequestProto feeds arbitrary StreamRequest messages through a
+// real stream: every operation gets exactly one result, and a successful
+// signature verifies.
+func FuzzStreamRequestProto(f *testing.F) {
+	for _, tc := range signCases(f)[:8] {
+		b, _ := proto.Marshal(&keylessv1.StreamRequest{Operations: []*keylessv1.Operation{signOp(1, tc.req)}})
+		f.Add(b)
+	}
+	b, _ := proto.Marshal(&keylessv1.StreamRequest{Operations: []*keylessv1.Operation{decryptOp(1, decryptCases(f)[0].req), {Id: 2}}})
+	f.Add(b)
+	f.Add([]byte{})
+	ts := newTestServer(f, Config{Keys: newTestMemoryStore(f), Audit: &lastRecord{}})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		req := &keylessv1.StreamRequest{}
+		if err := proto.Unmarshal(data, req); err != nil || proto.Size(req) > MaxRequestSize {
+			return
+		}
+		ids := map[uint64]int{}
+		for _, op := range req.GetOperations() {
+			ids[op.GetId()]++
+			op.TimeoutMs = min(op.GetTimeoutMs(), 5000)
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), defaultTestTimeout)
+		defer cancel()
+		st, err := ts.client.Stream(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := st.Send(req); err != nil {
+			t.Fatal(err)
+		}
+		if err := st.CloseSend(); err != nil {
+			t.Fatal(err)
+		}
+		n := 0
+		for {
+			resp, err := st.Recv()
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				t.Fatalf("Recv() = %v", err)
+			}
+			for _, r := range resp.GetResults() {
+				n++
+				if ids[r.GetId()]--; ids[r.GetId()] < 0 {
+					t.Fatalf("unexpected result for operation %d", r.GetId())
+				}
+				if sig := r.GetSign().GetSignature(); sig != nil {
+					checkFuzzSignature(t, req, r.GetId(), sig)
+				}
+			}
+		}
+		if n != len(req.GetOperations()) {
+			t.Fatalf("%d results for %d operations", n, len(req.GetOperations()))
+		}
+	})
+}
+
+// checkFuzzSignature fails unless sig verifies for one of req's sign
+// operations with the given id.
+func checkFuzzSignature(t *testing.T, req *keylessv1.StreamRequest, id uint64, sig []byte) {
+	t.Helper()
+	for _, op := range req.GetOperations() {
+		s := op.GetSign()
+		if op.GetId() != id || s == nil {
+			continue
+		}
+		alg, ok := AlgorithmFor(s.GetAlgorithm())
+		pub := testPublicKeyByID(s.GetKeyId())
+		if ok && pub != nil && verifySignature(pub, alg, s.GetDigest(), sig) == nil {
+			return
+		}
+	}
+	t.Fatalf("operation %d: a signature that verifies for none of its requests", id)
+}

@@ -1,0 +1,384 @@
+package tlscore
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+	"github.com/keyless-tls/keyless/signer"
+)
+
+// The client sends Sign and Decrypt as operations on KeylessService.Stream:
+// a few long-lived streams per Client, on which whatever operations are
+// pending when the stream's sender is free go out in one message, and
+// results come back batched the same way. Compared with a unary call per
+// operation this saves the per-call HTTP/2 stream, headers and goroutines
+// on both sides (see BENCHMARKS.md). Keyservers that do not implement
+// Stream (UNIMPLEMENTED) are called with the unary RPCs instead.
+
+// streamMaxAge is how long a stream takes new operations. An older stream
+// is replaced by a new one, which the balancer places on any keyserver that
+// is ready, so that streams spread again over keyservers that came back or
+// were added; the old one closes once its last result has arrived.
+var streamMaxAge = 30 * time.Second
+
+// streamQueue bounds the operations waiting for a stream's sender.
+const streamQueue = 1024
+
+// opStreams is the Client's set of streams, used round-robin.
+type opStreams struct {
+	c     *Client
+	slots []streamSlot
+	next  atomic.Uint32
+	// unary is set once a keyserver answered Stream with UNIMPLEMENTED.
+	unary atomic.Bool
+}
+
+type streamSlot struct {
+	mu sync.Mutex
+	st *opStream
+}
+
+// errUseUnary means the keyserver does not implement Stream.
+var errUseUnary = errors.New("tlscore: the keyserver does not implement Stream")
+
+// errStreamClosed means a stream takes no new operations; do picks
+// another without counting an attempt.
+var errStreamClosed = errors.New("tlscore: stream closed")
+
+func newOpStreams(c *Client, n int) *opStreams {
+	return &opStreams{c: c, slots: make([]streamSlot, n)}
+}
+
+// do performs op on a stream and returns its result and the keyserver that
+// answered. Like the unary calls' retry policy, it tries a second stream,
+// preferably on another keyserver, when the first ended before answering
+// or answered UNAVAILABLE. It returns errUseUnary when the keyserver does
+// not implement Stream.
+func (p *opStreams) do(ctx context.Context, op *keylessv1.Operation) (*keylessv1.OperationResult, string, error) {
+	var (
+		tried   *opStream
+		lastErr error
+		ks      = "none"
+	)
+	for attempts := 0; attempts < 2; {
+		st, err := p.pick(ctx, tried)
+		if err != nil {
+			if lastErr == nil || ctx.Err() != nil {
+				lastErr = err
+			}
+			break
+		}
+		ks = st.keyserver
+		r, err := st.do(ctx, op)
+		switch {
+		case errors.Is(err, errStreamClosed):
+			continue
+		case status.Code(err) == codes.Unimplemented:
+			p.unary.Store(true)
+			return nil, ks, errUseUnary
+		case err == nil && r.GetError().GetCode() == uint32(codes.Unavailable):
+			// The keyserver cannot use its HSM now: take new operations to a
+			// keyserver that can.
+			st.retire()
+			lastErr = status.Error(codes.Unavailable, r.GetError().GetMessage())
+		case err == nil:
+			return r, ks, nil
+		case ctx.Err() != nil:
+			return nil, ks, err
+		default:
+			lastErr = err
+		}
+		tried = st
+		attempts++
+	}
+	return nil, ks, lastErr
+}
+
+// pick returns a stream that is open, waiting for ctx at most. For a retry
+// (avoid set) it prefers a stream other than avoid; otherwise it takes the
+// next slot in turn, replacing its stream if that one no longer takes
+// operations.
+func (p *opStreams) pick(ctx context.Context, avoid *opStream) (*opStream, error) {
+	n := len(p.slots)
+	i := int(p.next.Add(1) % uint32(n))
+	if avoid != nil {
+		for k := range n {
+			slot := &p.slots[(i+k)%n]
+			slot.mu.Lock()
+			st := slot.st
+			slot.mu.Unlock()
+			if st != nil && st != avoid && st.usable() {
+				return st.wait(ctx)
+			}
+		}
+	}
+	slot := &p.slots[i]
+	slot.mu.Lock()
+	st := slot.st
+	if st == nil || st == avoid || !st.usable() {
+		if st != nil {
+			st.retire()
+		}
+		st = p.c.openStream()
+		slot.st = st
+	}
+	slot.mu.Unlock()
+	return st.wait(ctx)
+}
+
+// close ends every stream.
+func (p *opStreams) close() {
+	for i := range p.slots {
+		slot := &p.slots[i]
+		slot.mu.Lock()
+		if slot.st != nil {
+			slot.st.cancel()
+		}
+		slot.mu.Unlock()
+	}
+}
+
+// opStream is one KeylessService.Stream call. A sender goroutine batches
+// queued operations into messages; a receiver goroutine hands each result
+// to the operation waiting for it.
+type opStream struct {
+	ctx    context.Context // the stream's; cancel ends it
+	cancel context.CancelFunc
+	born   time.Time
+
+	ready     chan struct{} // closed once the stream is open or failed to open
+	openErr   error
+	stream    grpc.BidiStreamingClient[keylessv1.StreamRequest, keylessv1.StreamResponse]
+	keyserver string // metrics label of the keyserver
+
+	queue chan *pendingOp // to the sender
+
+	mu      sync.Mutex
+	pending map[uint64]*pendingOp // sent or queued, not yet answered
+	nextID  uint64
+	err     error // why the stream ended; nil while it is open
+	retired bool  // takes no new operations, closes when pending is empty
+}
+
+// pendingOp is an operation waiting for its result.
+type pendingOp struct {
+	op *keylessv1.Operation
+	// done receives the result, or nil if the stream ended first.
+	done chan *keylessv1.OperationResult
+}
+
+// openStream starts opening a stream; it is usable once ready is closed.
+func (c *Client) openStream() *opStream {
+	ctx, cancel := context.WithCancel(c.streamsCtx)
+	st := &opStream{
+		ctx:       ctx,
+		cancel:    cancel,
+		born:      time.Now(),
+		ready:     make(chan struct{}),
+		keyserver: "none",
+		queue:     make(chan *pendingOp, streamQueue),
+		pending:   make(map[uint64]*pendingOp),
+	}
+	go func() {
+		s, err := c.api.Stream(ctx)
+		if err != nil {
+			st.openErr = err
+			st.fail(err)
+			close(st.ready)
+			return
+		}
+		st.stream = s
+		if pr, ok := peer.FromContext(s.Context()); ok {
+			st.keyserver = c.keyserverLabel(pr.Addr)
+		}
+		close(st.ready)
+		go st.send()
+		st.receive()
+	}()
+	return st
+}
+
+// wait waits until st is open, or ctx ends.
+func (st *opStream) wait(ctx context.Context) (*opStream, error) {
+	select {
+	case <-st.ready:
+		if st.openErr != nil {
+			return nil, st.openErr
+		}
+		return st, nil
+	case <-ctx.Done():
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+}
+
+// usable reports whether st takes new operations.
+func (st *opStream) usable() bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.err == nil && !st.retired && time.Since(st.born) < streamMaxAge
+}
+
+// retire makes st take no new operations; it closes once the pending ones
+// are answered.
+func (st *opStream) retire() {
+	st.mu.Lock()
+	st.retired = true
+	idle := len(st.pending) == 0
+	st.mu.Unlock()
+	if idle {
+		st.cancel()
+	}
+}
+
+// do sends op on st and waits for its result or ctx. The error is
+// errStreamClosed if st takes no new operations, the stream's error (as a
+// status) if it ended before the result came, or ctx's.
+func (st *opStream) do(ctx context.Context, op *keylessv1.Operation) (*keylessv1.OperationResult, error) {
+	p := &pendingOp{done: make(chan *keylessv1.OperationResult, 1)}
+	st.mu.Lock()
+	if st.err != nil || st.retired {
+		st.mu.Unlock()
+		return nil, errStreamClosed
+	}
+	st.nextID++
+	id := st.nextID
+	st.pending[id] = p
+	st.mu.Unlock()
+
+	// A copy, so that a retry on another stream does not share it with
+	// this stream's sender.
+	p.op = &keylessv1.Operation{Id: id, TimeoutMs: timeoutMs(ctx), Request: op.GetRequest()}
+	select {
+	case st.queue <- p:
+	case <-ctx.Done():
+		st.forget(id)
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+	select {
+	case r := <-p.done:
+		if r == nil {
+			return nil, st.endErr()
+		}
+		return r, nil
+	case <-ctx.Done():
+		st.forget(id)
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
+}
+
+// timeoutMs is what remains of ctx's deadline, in whole milliseconds
+// rounded up (at least 1); 0 (the keyserver's default) without a deadline.
+func timeoutMs(ctx context.Context) uint32 {
+	d, ok := ctx.Deadline()
+	if !ok {
+		return 0
+	}
+	ms := (time.Until(d) + time.Millisecond - 1) / time.Millisecond
+	return uint32(min(max(ms, 1), signer.MaxOperationTimeout/time.Millisecond))
+}
+
+// forget drops an operation whose caller gave up.
+func (st *opStream) forget(id uint64) {
+	st.mu.Lock()
+	delete(st.pending, id)
+	idle := st.retired && len(st.pending) == 0
+	st.mu.Unlock()
+	if idle {
+		st.cancel()
+	}
+}
+
+// endErr is the error of operations that were pending when st ended.
+func (st *opStream) endErr() error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.err
+}
+
+// send sends queued operations, as many per message as are queued (up to
+// signer.MaxStreamOperations), until the stream ends.
+func (st *opStream) send() {
+	batch := make([]*keylessv1.Operation, 0, signer.MaxStreamOperations)
+	for {
+		select {
+		case p := <-st.queue:
+			batch = append(batch[:0], p.op)
+		more:
+			for len(batch) < signer.MaxStreamOperations {
+				select {
+				case p := <-st.queue:
+					batch = append(batch, p.op)
+				default:
+					break more
+				}
+			}
+			err := st.stream.Send(&keylessv1.StreamRequest{Operations: batch})
+			clear(batch)
+			if err != nil {
+				// The real error comes from Recv.
+				if errors.Is(err, io.EOF) {
+					return
+				}
+				st.fail(err)
+				return
+			}
+		case <-st.ctx.Done():
+			return
+		}
+	}
+}
+
+// receive hands results to their operations until the stream ends.
+func (st *opStream) receive() {
+	for {
+		resp, err := st.stream.Recv()
+		if err != nil {
+			st.fail(err)
+			return
+		}
+		st.mu.Lock()
+		for _, r := range resp.GetResults() {
+			if p, ok := st.pending[r.GetId()]; ok {
+				delete(st.pending, r.GetId())
+				p.done <- r
+			}
+		}
+		idle := st.retired && len(st.pending) == 0
+		st.mu.Unlock()
+		if idle {
+			st.cancel()
+		}
+	}
+}
+
+// fail ends st with err: every pending operation gets a nil result and
+// then st.err, a status error (UNAVAILABLE when the keyserver closed the
+// stream without one).
+func (st *opStream) fail(err error) {
+	if errors.Is(err, io.EOF) {
+		err = status.Error(codes.Unavailable, "the keyserver closed the stream")
+	} else if _, ok := status.FromError(err); !ok {
+		err = status.Error(codes.Unavailable, err.Error())
+	}
+	st.mu.Lock()
+	if st.err == nil {
+		st.err = fmt.Errorf("keyserver stream: %w", err)
+	}
+	for id, p := range st.pending {
+		delete(st.pending, id)
+		p.done <- nil
+	}
+	st.mu.Unlock()
+	st.cancel()
+}

@@ -1,0 +1,183 @@
+package tlscore
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+	"github.com/keyless-tls/keyless/signer"
+)
+
+// signVerified signs a fresh digest and verifies the signature.
+func signVerified(t *testing.T, c *Client, i int) error {
+	t.Helper()
+	alg, _ := signer.AlgorithmFor(algECDSA256)
+	d := digest(crypto.SHA256)
+	d[0], d[1] = byte(i), byte(i>>8)
+	sig, err := c.Sign(t.Context(), mustKeyID(t, testP256Key().Public()), alg, d, nil)
+	if err != nil {
+		return err
+	}
+	if !ecdsa.VerifyASN1(&testP256Key().PublicKey, d, sig) {
+		t.Errorf("signature %d does not verify", i)
+	}
+	return nil
+}
+
+// TestClientStreamBatches: concurrent operations share one stream, several
+// to a message, and each gets its own verified answer.
+func TestClientStreamBatches(t *testing.T) {
+	pki := newTestPKI(t)
+	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{testP256Key()}, nil))
+	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
+	const workers, each = 32, 40
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			for i := range each {
+				if err := signVerified(t, c, w*each+i); err != nil {
+					t.Errorf("Sign() = %v", err)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+	ks.ops.mu.Lock()
+	defer ks.ops.mu.Unlock()
+	if len(ks.ops.signs) != workers*each {
+		t.Fatalf("keyserver got %d sign operations, want %d", len(ks.ops.signs), workers*each)
+	}
+	if ks.ops.messages >= len(ks.ops.signs) {
+		t.Errorf("%d operations came in %d messages; want several per message under concurrency", len(ks.ops.signs), ks.ops.messages)
+	}
+	t.Logf("%d operations in %d messages", len(ks.ops.signs), ks.ops.messages)
+}
+
+// TestClientStreamUnaryFallback: a keyserver without Stream is called with
+// the unary RPCs, and the client stops trying streams.
+func TestClientStreamUnaryFallback(t *testing.T) {
+	pki := newTestPKI(t)
+	var lists atomic.Int64
+	fake := &fakeService{next: newSignerService(t, []crypto.Signer{testP256Key(), testRSAKey()}, nil), noStream: true, lists: &lists}
+	ks := startKeyserver(t, pki, fake)
+	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
+	for i := range 5 {
+		if err := signVerified(t, c, i); err != nil {
+			t.Fatalf("Sign() %d = %v", i, err)
+		}
+	}
+	pms, err := c.Decrypt(t.Context(), mustKeyID(t, testRSAKey().Public()), make([]byte, 256), nil)
+	if err != nil || len(pms) != signer.PremasterLen {
+		t.Fatalf("Decrypt() = %d bytes, %v", len(pms), err)
+	}
+	if !c.streams.unary.Load() {
+		t.Error("the client still uses streams")
+	}
+	if s, d := ks.ops.counts(); s != 5 || d != 1 {
+		t.Errorf("keyserver got %d signs and %d decrypts, want 5 and 1", s, d)
+	}
+}
+
+// TestClientStreamFailover: operations pending on a keyserver that goes
+// away are sent again to the other one and succeed.
+func TestClientStreamFailover(t *testing.T) {
+	pki := newTestPKI(t)
+	real := newSignerService(t, []crypto.Signer{testP256Key()}, nil)
+	entered := make(chan struct{}, 100)
+	hang := make(chan struct{})
+	t.Cleanup(func() { close(hang) })
+	var lists atomic.Int64
+	dying := startKeyserver(t, pki, &fakeService{next: real, lists: &lists, sign: func(ctx context.Context, _ *keylessv1.SignRequest) (*keylessv1.SignResponse, error) {
+		entered <- struct{}{}
+		<-hang
+		return nil, status.Error(codes.Internal, "never")
+	}})
+	var goodLists atomic.Int64
+	good := startKeyserver(t, pki, &fakeService{next: real, lists: &goodLists})
+	c := dialTestClient(t, pki, ClientConfig{Addresses: []string{"dying:1", "good:1"}}, map[string]*testKeyserver{"dying:1": dying, "good:1": good})
+	// Connect to both before the first stream opens, so that the two
+	// streams go one to each keyserver.
+	for deadline := time.Now().Add(10 * time.Second); lists.Load() == 0 || goodLists.Load() == 0; {
+		if time.Now().After(deadline) {
+			t.Fatal("the client did not reach both keyservers")
+		}
+		if _, err := c.ListKeys(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// Send operations until one hangs on the dying keyserver.
+	errc := make(chan error, 100)
+	n := 0
+	for hung := false; !hung; n++ {
+		go func(i int) { errc <- signVerified(t, c, i) }(n)
+		select {
+		case <-entered:
+			hung = true
+		case <-time.After(20 * time.Millisecond):
+		}
+		if n > 50 {
+			t.Fatal("no operation reached the dying keyserver")
+		}
+	}
+	dying.srv.Stop()
+	for i := range n {
+		select {
+		case err := <-errc:
+			if err != nil {
+				t.Errorf("Sign() %d = %v; want it answered by the other keyserver", i, err)
+			}
+		case <-time.After(DefaultCallTimeout):
+			t.Fatal("an operation pending on the stopped keyserver was not sent again in time")
+		}
+	}
+}
+
+// TestClientStreamRotation: streams older than streamMaxAge are replaced
+// without failing an operation.
+func TestClientStreamRotation(t *testing.T) {
+	old := streamMaxAge
+	streamMaxAge = 20 * time.Millisecond
+	t.Cleanup(func() { streamMaxAge = old })
+	pki := newTestPKI(t)
+	var streams atomic.Int64
+	real := newSignerService(t, []crypto.Signer{testP256Key()}, nil)
+	ks := startKeyserver(t, pki, &countingStreams{KeylessServiceServer: real, n: &streams})
+	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
+	var wg sync.WaitGroup
+	for w := range 4 {
+		wg.Go(func() {
+			for i := 0; i < 1000 && streams.Load() < 4; i++ {
+				if err := signVerified(t, c, w*1000+i); err != nil {
+					t.Errorf("Sign() = %v", err)
+					return
+				}
+				time.Sleep(time.Millisecond)
+			}
+		})
+	}
+	wg.Wait()
+	if streams.Load() < 4 {
+		t.Errorf("%d streams opened; want the stream replaced every 20 ms", streams.Load())
+	}
+}
+
+// countingStreams counts Stream calls.
+type countingStreams struct {
+	keylessv1.KeylessServiceServer
+	n *atomic.Int64
+}
+
+func (s *countingStreams) Stream(stream keylessv1.KeylessService_StreamServer) error {
+	s.n.Add(1)
+	return s.KeylessServiceServer.Stream(stream)
+}
