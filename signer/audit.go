@@ -3,6 +3,7 @@ package signer
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"io"
 	"strconv"
 	"sync"
@@ -73,22 +74,81 @@ type Auditor interface {
 }
 
 // AuditLog is an [Auditor] that writes each record as one line of JSON to
-// an io.Writer, such as an *os.File opened for appending. Each record is one
-// Write call, made under a mutex so that lines never interleave; nothing is
-// buffered in the process, so a record has been handed to the operating
-// system when Audit returns (it is not fsynced). It is safe for concurrent
-// use.
+// an io.Writer, such as an *os.File opened for appending. It is safe for
+// concurrent use, and it never calls the writer's Write concurrently.
+//
+// Concurrent records are written together (group commit), by their
+// callers: AuditLog has no goroutine of its own. A caller that finds no
+// Write in progress makes one, with the records of every caller queued so
+// far and its own; a lone caller thus writes its record at once. Callers
+// that arrive while a Write is in progress queue their records for the
+// next Write and wait for it; when the Write in progress ends, one of them
+// makes it, unless a new caller does first. Each Write holds whole lines
+// only, so that lines never interleave, and records are written in the
+// order their callers queued them. Callers that find 1 MiB of records
+// queued wait until the Write in progress ends and the queued one starts
+// before they queue theirs, so that a Write holds about 1 MiB at most.
+//
+// Nothing is buffered across calls: when Audit returns nil, the Write that
+// held its record has returned, so the record has been handed to the
+// operating system (it is not fsynced). A Write that fails, or writes fewer
+// bytes than it was given ([io.ErrShortWrite]), fails every record it held:
+// each of their callers gets its error.
 type AuditLog struct {
+	w io.Writer
+
 	mu sync.Mutex
-	w  io.Writer
+	// writing is set while a caller, the writer, is in w.Write.
+	writing bool
+	// next holds the records of the callers waiting for the next Write;
+	// nil when there are none.
+	next *auditBatch
+	// spare is a batch that no caller uses any more, kept to be next.
+	spare *auditBatch
+	// full is where callers wait while next holds maxAuditBatch bytes or
+	// more, until its Write starts; fullWaiters counts them.
+	full        sync.Cond
+	fullWaiters int
 }
+
+// auditBatch is the records of one Write but the writer's, when the writer
+// is not alone. Its fields are guarded by the AuditLog's mu.
+type auditBatch struct {
+	buf []byte // whole JSON lines
+	// refs counts the callers with a record in buf that have not returned.
+	refs int
+	done bool  // buf was written, with the result err
+	err  error // the Write's error
+	// cond wakes the batch's callers when it is done, and one of them when
+	// the Write before it ended, to make its Write.
+	cond sync.Cond
+}
+
+// maxAuditBatch is the size of queued records from which callers wait
+// for the Write of those records to start before queuing theirs: a batch
+// is smaller than maxAuditBatch plus one record.
+const maxAuditBatch = 1 << 20
+
+// maxSpareAuditBatch keeps the buffer of a rare huge batch from being
+// reused.
+const maxSpareAuditBatch = 64 << 10
+
+// errAuditWritePanicked is the error of the records of a batch whose Write
+// panicked (its writer's caller gets the panic).
+var errAuditWritePanicked = errors.New("audit log: Write panicked")
 
 var _ Auditor = (*AuditLog)(nil)
 
 // NewAuditLog returns an AuditLog that writes to w.
-func NewAuditLog(w io.Writer) *AuditLog { return &AuditLog{w: w} }
+func NewAuditLog(w io.Writer) *AuditLog {
+	l := &AuditLog{w: w}
+	l.full.L = &l.mu
+	return l
+}
 
-// Audit writes rec as one JSON line.
+// Audit writes rec as one JSON line, alone or with the records of
+// concurrent callers, and returns once that Write has returned, with its
+// error.
 func (l *AuditLog) Audit(rec *AuditRecord) error {
 	bp := auditBuffers.Get().(*[]byte)
 	defer func() {
@@ -102,15 +162,110 @@ func (l *AuditLog) Audit(rec *AuditRecord) error {
 	}
 	b = append(b, '\n')
 	*bp = b
+
+	l.mu.Lock()
+	for l.next != nil && len(l.next.buf) >= maxAuditBatch {
+		l.fullWaiters++
+		l.full.Wait()
+		l.fullWaiters--
+	}
+	if !l.writing && l.next == nil {
+		// Alone: write rec from its own buffer.
+		l.writing = true
+		l.mu.Unlock()
+		return l.write(nil, b)
+	}
+	batch := l.next
+	if batch == nil {
+		batch = l.newBatch()
+		l.next = batch
+	}
+	batch.buf = append(batch.buf, b...)
+	batch.refs++
+	for !batch.done {
+		if !l.writing {
+			// The Write before ended: make this batch's. Nobody appends to
+			// it any more, so its buffer is read without the lock.
+			l.writing = true
+			l.next = nil
+			if l.fullWaiters > 0 {
+				l.full.Broadcast()
+			}
+			l.mu.Unlock()
+			return l.write(batch, batch.buf)
+		}
+		// Either a Write before this batch's is in progress, whose end
+		// wakes one caller of this batch, or this batch's, whose end wakes
+		// them all.
+		batch.cond.Wait()
+	}
+	err = batch.err
+	l.release(batch)
+	l.mu.Unlock()
+	return err
+}
+
+// write makes the Write of p, the records of batch (nil for a lone
+// record), as the writer, and ends it: it wakes batch's callers and hands
+// the next Write to a caller of the next batch.
+func (l *AuditLog) write(batch *auditBatch, p []byte) error {
+	ended := false
+	defer func() {
+		if !ended { // Write panicked: fail its records, free the log.
+			l.end(batch, errAuditWritePanicked)
+		}
+	}()
+	n, err := l.w.Write(p)
+	if err == nil && n < len(p) {
+		err = io.ErrShortWrite
+	}
+	ended = true
+	l.end(batch, err)
+	return err
+}
+
+// end ends the Write in progress, of batch (nil for a lone record), whose
+// result is err.
+func (l *AuditLog) end(batch *auditBatch, err error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	_, err = l.w.Write(b)
-	return err
+	l.writing = false
+	if batch != nil {
+		batch.done, batch.err = true, err
+		batch.cond.Broadcast()
+		l.release(batch) // the writer's own record
+	}
+	if l.next != nil {
+		// Every caller of next waits on its cond: one of them makes its
+		// Write, unless a new caller does first.
+		l.next.cond.Signal()
+	}
+}
+
+// newBatch returns an empty batch. l.mu is held.
+func (l *AuditLog) newBatch() *auditBatch {
+	if b := l.spare; b != nil {
+		l.spare = nil
+		return b
+	}
+	b := &auditBatch{}
+	b.cond.L = &l.mu
+	return b
+}
+
+// release drops the reference of a caller returning from a done batch, and
+// keeps the batch as spare once no caller uses it. l.mu is held.
+func (l *AuditLog) release(b *auditBatch) {
+	b.refs--
+	if b.refs == 0 && l.spare == nil && cap(b.buf) <= maxSpareAuditBatch {
+		b.buf, b.done, b.err = b.buf[:0], false, nil
+		l.spare = b
+	}
 }
 
 // auditBuffers holds the buffers AuditLog encodes records into. An
 // io.Writer must not retain the slice it is given, so a buffer is reused
-// once Write returns.
+// once Write returns or its record is copied into a batch.
 var auditBuffers = sync.Pool{New: func() any { b := make([]byte, 0, 512); return &b }}
 
 // maxPooledAuditBuffer keeps a rare huge record's buffer out of the pool.

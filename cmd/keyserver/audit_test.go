@@ -1,0 +1,79 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/keyless-tls/keyless/signer"
+)
+
+// TestAuditFileReopen rotates the audit log while records are written
+// concurrently: every record is in one of the files, once, as a whole
+// line, and nothing is written after Close.
+func TestAuditFileReopen(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "audit.log")
+	a, err := openAuditLog(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := signer.NewAuditLog(a)
+	const goroutines, perGoroutine, rotations = 16, 300, 20
+	var wg sync.WaitGroup
+	for g := range goroutines {
+		wg.Go(func() {
+			for i := range perGoroutine {
+				if err := l.Audit(&signer.AuditRecord{Op: "sign", Identity: fmt.Sprintf("%d/%d", g, i)}); err != nil {
+					t.Errorf("Audit() = %v", err)
+					return
+				}
+			}
+		})
+	}
+	for i := range rotations {
+		if err := os.Rename(path, fmt.Sprintf("%s.%d", path, i)); err != nil {
+			t.Fatal(err)
+		}
+		if err := a.Reopen(); err != nil {
+			t.Fatalf("Reopen() = %v", err)
+		}
+	}
+	wg.Wait()
+	if err := a.Close(); err != nil {
+		t.Fatalf("Close() = %v", err)
+	}
+	seen := map[string]bool{}
+	files, _ := filepath.Glob(path + "*")
+	if len(files) != rotations+1 {
+		t.Errorf("%d files, want %d", len(files), rotations+1)
+	}
+	for _, name := range files {
+		data, err := os.ReadFile(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(data) > 0 && data[len(data)-1] != '\n' {
+			t.Errorf("%s ends in a partial line", name)
+		}
+		for _, line := range strings.Split(strings.TrimSuffix(string(data), "\n"), "\n") {
+			if line == "" {
+				continue
+			}
+			var rec signer.AuditRecord
+			if err := json.Unmarshal([]byte(line), &rec); err != nil {
+				t.Fatalf("%s: line %q: %v", name, line, err)
+			}
+			if seen[rec.Identity] {
+				t.Errorf("record %s written twice", rec.Identity)
+			}
+			seen[rec.Identity] = true
+		}
+	}
+	if len(seen) != goroutines*perGoroutine {
+		t.Errorf("%d records in the files, want %d", len(seen), goroutines*perGoroutine)
+	}
+}
