@@ -47,7 +47,7 @@ const edgeIdentity = "edge.test"
 
 // testPolicy lets edgeIdentity use every key for everything the keyserver
 // offers without SHA-1.
-func testPolicy(t *testing.T) *signer.Policy {
+func testPolicy(t testing.TB) *signer.Policy {
 	t.Helper()
 	p, err := signer.ParsePolicy("test.yaml", []byte(`
 rules:
@@ -91,7 +91,7 @@ func mustECDSA(c elliptic.Curve) *ecdsa.PrivateKey {
 	return k
 }
 
-func mustKeyID(t *testing.T, pub crypto.PublicKey) signer.KeyID {
+func mustKeyID(t testing.TB, pub crypto.PublicKey) signer.KeyID {
 	t.Helper()
 	id, err := signer.KeyIDOf(pub)
 	if err != nil {
@@ -107,7 +107,7 @@ type testCA struct {
 	pool *x509.CertPool
 }
 
-func newTestCA(t *testing.T, name string) *testCA {
+func newTestCA(t testing.TB, name string) *testCA {
 	t.Helper()
 	key := mustECDSA(elliptic.P256())
 	tmpl := &x509.Certificate{
@@ -146,7 +146,7 @@ var serial struct {
 	n int64
 }
 
-func (ca *testCA) issue(t *testing.T, pub crypto.PublicKey, o leafOptions) *x509.Certificate {
+func (ca *testCA) issue(t testing.TB, pub crypto.PublicKey, o leafOptions) *x509.Certificate {
 	t.Helper()
 	serial.Lock()
 	serial.n++
@@ -196,7 +196,7 @@ func certPEM(certs ...*x509.Certificate) []byte {
 	return b.Bytes()
 }
 
-func keyPEM(t *testing.T, key crypto.Signer) []byte {
+func keyPEM(t testing.TB, key crypto.Signer) []byte {
 	t.Helper()
 	der, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
@@ -205,7 +205,7 @@ func keyPEM(t *testing.T, key crypto.Signer) []byte {
 	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
 }
 
-func writeFile(t *testing.T, dir, name string, data ...[]byte) string {
+func writeFile(t testing.TB, dir, name string, data ...[]byte) string {
 	t.Helper()
 	p := filepath.Join(dir, name)
 	if err := os.WriteFile(p, bytes.Join(data, nil), 0o600); err != nil {
@@ -222,7 +222,7 @@ type testPKI struct {
 	clientCert, clientKey, caFile, fileDir string
 }
 
-func newTestPKI(t *testing.T) *testPKI {
+func newTestPKI(t testing.TB) *testPKI {
 	t.Helper()
 	dir := t.TempDir()
 	ca := newTestCA(t, "Test CA")
@@ -311,14 +311,14 @@ type testKeyserver struct {
 	srv *grpc.Server
 }
 
-func startKeyserver(t *testing.T, pki *testPKI, svc keylessv1.KeylessServiceServer) *testKeyserver {
+func startKeyserver(t testing.TB, pki *testPKI, svc keylessv1.KeylessServiceServer) *testKeyserver {
 	t.Helper()
 	return startKeyserverWithHealth(t, pki, svc, healthpb.HealthCheckResponse_SERVING)
 }
 
 // startKeyserverWithHealth starts a keyserver whose health service reports
 // st for the KeylessService.
-func startKeyserverWithHealth(t *testing.T, pki *testPKI, svc keylessv1.KeylessServiceServer, st healthpb.HealthCheckResponse_ServingStatus) *testKeyserver {
+func startKeyserverWithHealth(t testing.TB, pki *testPKI, svc keylessv1.KeylessServiceServer, st healthpb.HealthCheckResponse_ServingStatus) *testKeyserver {
 	t.Helper()
 	cfg, err := ServerMTLSConfig(pki.serverCert, pki.serverKey, pki.caFile)
 	if err != nil {
@@ -338,7 +338,7 @@ func startKeyserverWithHealth(t *testing.T, pki *testPKI, svc keylessv1.KeylessS
 
 // newSignerService returns the real keyserver service over in-memory keys.
 // Keys listed in schemes report only those schemes.
-func newSignerService(t *testing.T, keys []crypto.Signer, schemes map[signer.KeyID][]tls.SignatureScheme) *signer.Service {
+func newSignerService(t testing.TB, keys []crypto.Signer, schemes map[signer.KeyID][]tls.SignatureScheme) *signer.Service {
 	t.Helper()
 	ms, err := signer.NewMemoryStore(keys...)
 	if err != nil {
@@ -400,7 +400,7 @@ func (s schemeStore) Keys(ctx context.Context) ([]crypto.Signer, error) {
 
 // dialTestClient returns a Client for the given keyservers, keyed by the
 // address the client is given for each.
-func dialTestClient(t *testing.T, pki *testPKI, cfg ClientConfig, servers map[string]*testKeyserver) *Client {
+func dialTestClient(t testing.TB, pki *testPKI, cfg ClientConfig, servers map[string]*testKeyserver) *Client {
 	t.Helper()
 	tlsCfg, err := ClientMTLSConfig(pki.clientCert, pki.clientKey, pki.caFile, keyserverName)
 	if err != nil {

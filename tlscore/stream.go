@@ -71,7 +71,9 @@ func (p *opStreams) do(ctx context.Context, op *keylessv1.Operation) (*keylessv1
 		lastErr error
 		ks      = "none"
 	)
-	for attempts := 0; attempts < 2; {
+	// A stream may stop taking operations between pick and do; such a
+	// pick does not count as an attempt, up to a few times.
+	for attempts, picks := 0, 0; attempts < 2 && picks < 5; picks++ {
 		st, err := p.pick(ctx, tried)
 		if err != nil {
 			if lastErr == nil || ctx.Err() != nil {
@@ -101,6 +103,9 @@ func (p *opStreams) do(ctx context.Context, op *keylessv1.Operation) (*keylessv1
 		}
 		tried = st
 		attempts++
+	}
+	if lastErr == nil {
+		lastErr = status.Error(codes.Unavailable, "no keyserver stream took the operation")
 	}
 	return nil, ks, lastErr
 }
