@@ -62,8 +62,8 @@ func (s *Service) Drain() {
 // Config.MaxConcurrent, so that the key store is kept at its bound while
 // other workers check requests and write audit records), and go through
 // the same checks, limiter, quotas and audit trail as Sign and Decrypt.
-// Results are sent as they complete, each message carrying every result
-// ready at that moment.
+// Results are sent as they complete by the workers themselves, each
+// message carrying every result ready at that moment.
 func (s *Service) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest, keylessv1.StreamResponse]) error {
 	select {
 	case <-s.draining:
@@ -71,12 +71,12 @@ func (s *Service) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest
 	default:
 	}
 	st := &opStream{
-		s:       s,
-		stream:  stream,
-		ctx:     stream.Context(),
-		jobs:    make(chan streamJob, maxStreamInFlight),
-		results: make(chan *keylessv1.OperationResult, maxStreamInFlight),
-		slots:   make(chan struct{}, maxStreamInFlight),
+		s:      s,
+		stream: stream,
+		ctx:    stream.Context(),
+		jobs:   make(chan streamJob, maxStreamInFlight),
+		slots:  make(chan struct{}, maxStreamInFlight),
+		wake:   make(chan struct{}, 1),
 	}
 	return st.serve()
 }
@@ -87,13 +87,18 @@ type opStream struct {
 	stream grpc.BidiStreamingServer[keylessv1.StreamRequest, keylessv1.StreamResponse]
 	ctx    context.Context
 
-	jobs    chan streamJob                  // received, for the workers
-	results chan *keylessv1.OperationResult // done, for the writer
-	slots   chan struct{}                   // one per operation in flight
+	jobs  chan streamJob // received, for the workers
+	slots chan struct{}  // one per operation in flight
+	wake  chan struct{}  // tells serve that a Send failed or the stream drained
 
 	mu       sync.Mutex
 	inFlight int  // operations handed to the workers and not yet sent back
 	closing  bool // draining: the reader drops what it receives
+	// out holds results for the worker that is sending (sending is set);
+	// spare is a slice to reuse for it.
+	out, spare []*keylessv1.OperationResult
+	sending    bool
+	sendErr    error // the first Send that failed; nothing is sent after it
 }
 
 // streamJob is one operation as received.
@@ -103,10 +108,10 @@ type streamJob struct {
 	refused error // answer this instead of performing the operation
 }
 
-// serve runs the stream: a reader goroutine receives and dispatches, the
-// workers perform, and this goroutine sends results until the client
-// closes its side (then nil, once everything received is answered), the
-// stream breaks, or the service drains.
+// serve runs the stream: a reader goroutine receives and dispatches, and
+// the workers perform and send (see deliver), until the client closes its
+// side (then nil, once everything received is answered), the stream
+// breaks, or the service drains.
 func (st *opStream) serve() error {
 	readDone := make(chan error, 1)
 	go func() { readDone <- st.read() }()
@@ -120,79 +125,93 @@ func (st *opStream) serve() error {
 	var (
 		readErr  error
 		draining = st.s.draining
-		batch    = make([]*keylessv1.OperationResult, 0, MaxStreamOperations)
 	)
 	for {
 		select {
-		case r := <-st.results:
-			n, err := st.send(append(batch[:0], r))
-			if err != nil {
-				return err
-			}
-			if st.done(n) {
-				return errDraining
-			}
 		case readErr = <-readDone:
 			readDone = nil
 		case <-workersDone:
 			// Reading has ended and every received operation has been
-			// performed: send what is left and end.
-			for {
-				select {
-				case r := <-st.results:
-					n, err := st.send(append(batch[:0], r))
-					if err != nil {
-						return err
-					}
-					st.done(n)
-					continue
-				default:
-				}
-				break
+			// performed and its result sent.
+			if err := st.failed(); err != nil {
+				return err
 			}
 			if errors.Is(readErr, io.EOF) {
 				return nil
 			}
 			return readErr
+		case <-st.wake:
+			if err := st.failed(); err != nil {
+				return err
+			}
+			if st.drained() {
+				return errDraining
+			}
 		case <-draining:
 			draining = nil
 			st.mu.Lock()
 			st.closing = true
-			idle := st.inFlight == 0
 			st.mu.Unlock()
-			if idle {
+			if st.drained() {
 				return errDraining
 			}
 		}
 	}
 }
 
-// send sends batch, after adding every further result that is ready, and
-// returns the number of results it sent.
-func (st *opStream) send(batch []*keylessv1.OperationResult) (int, error) {
-	for len(batch) < MaxStreamOperations {
-		select {
-		case r := <-st.results:
-			batch = append(batch, r)
-			continue
-		default:
-		}
-		break
-	}
-	err := st.stream.Send(&keylessv1.StreamResponse{Results: batch})
-	for range batch {
-		<-st.slots
-	}
-	clear(batch)
-	return len(batch), err
-}
-
-// done records that n results were sent, and reports whether the stream is
-// draining and has nothing left in flight.
-func (st *opStream) done(n int) bool {
+// deliver queues the result of an operation and, unless another worker is
+// sending, sends every queued result, as few messages as will hold them,
+// until none is left. So a result waits for no goroutine when the stream
+// is quiet, and results that complete while a Send is in progress go out
+// together in the next.
+func (st *opStream) deliver(r *keylessv1.OperationResult) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	st.inFlight -= n
+	st.out = append(st.out, r)
+	if st.sending {
+		return
+	}
+	st.sending = true
+	for len(st.out) > 0 && st.sendErr == nil {
+		batch := st.out
+		st.out = st.spare[:0]
+		st.mu.Unlock()
+		var err error
+		for i := 0; i < len(batch) && err == nil; i += MaxStreamOperations {
+			err = st.stream.Send(&keylessv1.StreamResponse{Results: batch[i:min(i+MaxStreamOperations, len(batch))]})
+		}
+		for range batch {
+			<-st.slots
+		}
+		clear(batch)
+		st.mu.Lock()
+		st.spare = batch[:0]
+		st.inFlight -= len(batch)
+		if err != nil {
+			st.sendErr = err
+		}
+		if err != nil || (st.closing && st.inFlight == 0) {
+			select {
+			case st.wake <- struct{}{}:
+			default:
+			}
+		}
+	}
+	st.sending = false
+}
+
+// failed returns the error of a Send that failed, if any.
+func (st *opStream) failed() error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.sendErr
+}
+
+// drained reports whether the stream is draining and has nothing left in
+// flight.
+func (st *opStream) drained() bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
 	return st.closing && st.inFlight == 0
 }
 
@@ -236,7 +255,7 @@ func (st *opStream) read() error {
 // work performs operations until reading has ended.
 func (st *opStream) work() {
 	for j := range st.jobs {
-		st.results <- st.perform(j)
+		st.deliver(st.perform(j))
 	}
 }
 
