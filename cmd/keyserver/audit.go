@@ -45,6 +45,12 @@ func (a *auditFile) Reopen() error {
 	if a.path == "" {
 		return nil
 	}
+	a.mu.Lock()
+	closed := a.w == closedWriter{}
+	a.mu.Unlock()
+	if closed {
+		return errAuditClosed
+	}
 	f, err := os.OpenFile(a.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 	if err != nil {
 		return fmt.Errorf("open audit log: %w", err)
@@ -59,14 +65,24 @@ func (a *auditFile) Reopen() error {
 	return nil
 }
 
-// Close closes the file.
+// errAuditClosed fails records written after Close: an operation still
+// running when the keyserver stopped is refused, not answered unrecorded.
+var errAuditClosed = errors.New("the audit log is closed: the keyserver is stopping")
+
+// closedWriter is the writer of a closed auditFile.
+type closedWriter struct{}
+
+func (closedWriter) Write([]byte) (int, error) { return 0, errAuditClosed }
+
+// Close closes the file; later writes fail with errAuditClosed.
 func (a *auditFile) Close() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	a.w = closedWriter{}
 	if a.f == nil {
 		return nil
 	}
 	err := a.f.Close()
-	a.f, a.w = nil, io.Discard
+	a.f = nil
 	return err
 }

@@ -2,7 +2,9 @@ package main
 
 import (
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -75,5 +77,26 @@ func TestAuditFileReopen(t *testing.T) {
 	}
 	if len(seen) != goroutines*perGoroutine {
 		t.Errorf("%d records in the files, want %d", len(seen), goroutines*perGoroutine)
+	}
+}
+
+// TestAuditFileClosed: a record written after Close fails, so that the
+// service refuses the operation instead of answering it unrecorded.
+func TestAuditFileClosed(t *testing.T) {
+	for _, path := range []string{filepath.Join(t.TempDir(), "audit.jsonl"), "-"} {
+		a, err := openAuditLog(path, io.Discard)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := a.Close(); err != nil {
+			t.Fatalf("Close() = %v", err)
+		}
+		log := signer.NewAuditLog(a)
+		if err := log.Audit(&signer.AuditRecord{Op: signer.OpSign}); !errors.Is(err, errAuditClosed) {
+			t.Errorf("%s: Audit() after Close = %v, want errAuditClosed", path, err)
+		}
+		if err := a.Reopen(); path != "-" && !errors.Is(err, errAuditClosed) {
+			t.Errorf("%s: Reopen() after Close = %v, want errAuditClosed", path, err)
+		}
 	}
 }
