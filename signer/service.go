@@ -105,9 +105,10 @@ type Service struct {
 
 	// streamWorkers is the number of workers of each Stream.
 	streamWorkers int
-	// draining is closed by Drain.
-	draining  chan struct{}
-	drainOnce sync.Once
+	// streamsMu guards the open streams and draining, set by Drain.
+	streamsMu sync.Mutex
+	streams   map[*opStream]struct{}
+	draining  bool
 }
 
 var _ keylessv1.KeylessServiceServer = (*Service)(nil)
@@ -130,7 +131,7 @@ func NewService(cfg Config) (*Service, error) {
 		logger: logger,
 
 		streamWorkers: 2 * cfg.MaxConcurrent,
-		draining:      make(chan struct{}),
+		streams:       make(map[*opStream]struct{}),
 	}
 	if s.streamWorkers == 0 {
 		s.streamWorkers = defaultStreamWorkers

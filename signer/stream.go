@@ -48,13 +48,21 @@ const (
 var errDraining = status.Error(codes.Unavailable, "the keyserver is shutting down; send the remaining operations to another keyserver")
 
 // Drain makes the service stop taking operations on streams: each open
-// Stream finishes the operations it has started, sends their results and
-// ends with Unavailable; operations that arrive meanwhile are not started
-// (their result never comes, so the client knows to send them elsewhere),
-// and new streams end at once. Unary calls are not affected: the gRPC
-// server's GracefulStop lets them finish. It is safe to call more than once.
+// Stream finishes the operations it received before Drain, sends their
+// results and ends with Unavailable; operations it receives after Drain
+// returns are not started (their result never comes, so the client knows
+// to send them elsewhere), and new streams end at once. Unary calls are not affected: the gRPC server's
+// GracefulStop lets them finish. It is safe to call more than once.
 func (s *Service) Drain() {
-	s.drainOnce.Do(func() { close(s.draining) })
+	s.streamsMu.Lock()
+	defer s.streamsMu.Unlock()
+	s.draining = true
+	for st := range s.streams {
+		st.mu.Lock()
+		st.closing = true
+		st.mu.Unlock()
+		st.signal()
+	}
 }
 
 // Stream implements KeylessService.Stream. A stream's operations run on a
@@ -65,11 +73,6 @@ func (s *Service) Drain() {
 // Results are sent as they complete by the workers themselves, each
 // message carrying every result ready at that moment.
 func (s *Service) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest, keylessv1.StreamResponse]) error {
-	select {
-	case <-s.draining:
-		return errDraining
-	default:
-	}
 	st := &opStream{
 		s:      s,
 		stream: stream,
@@ -78,6 +81,18 @@ func (s *Service) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest
 		slots:  make(chan struct{}, maxStreamInFlight),
 		wake:   make(chan struct{}, 1),
 	}
+	s.streamsMu.Lock()
+	if s.draining {
+		s.streamsMu.Unlock()
+		return errDraining
+	}
+	s.streams[st] = struct{}{}
+	s.streamsMu.Unlock()
+	defer func() {
+		s.streamsMu.Lock()
+		delete(s.streams, st)
+		s.streamsMu.Unlock()
+	}()
 	return st.serve()
 }
 
@@ -89,7 +104,7 @@ type opStream struct {
 
 	jobs  chan streamJob // received, for the workers
 	slots chan struct{}  // one per operation in flight
-	wake  chan struct{}  // tells serve that a Send failed or the stream drained
+	wake  chan struct{}  // tells serve that a Send failed or the stream drained (signal)
 
 	mu       sync.Mutex
 	inFlight int  // operations handed to the workers and not yet sent back
@@ -122,10 +137,7 @@ func (st *opStream) serve() error {
 	}
 	go func() { wg.Wait(); close(workersDone) }()
 
-	var (
-		readErr  error
-		draining = st.s.draining
-	)
+	var readErr error
 	for {
 		select {
 		case readErr = <-readDone:
@@ -144,14 +156,6 @@ func (st *opStream) serve() error {
 			if err := st.failed(); err != nil {
 				return err
 			}
-			if st.drained() {
-				return errDraining
-			}
-		case <-draining:
-			draining = nil
-			st.mu.Lock()
-			st.closing = true
-			st.mu.Unlock()
 			if st.drained() {
 				return errDraining
 			}
@@ -191,13 +195,18 @@ func (st *opStream) deliver(r *keylessv1.OperationResult) {
 			st.sendErr = err
 		}
 		if err != nil || (st.closing && st.inFlight == 0) {
-			select {
-			case st.wake <- struct{}{}:
-			default:
-			}
+			st.signal()
 		}
 	}
 	st.sending = false
+}
+
+// signal wakes serve to check whether a Send failed or the stream drained.
+func (st *opStream) signal() {
+	select {
+	case st.wake <- struct{}{}:
+	default:
+	}
 }
 
 // failed returns the error of a Send that failed, if any.

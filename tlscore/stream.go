@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -32,6 +31,9 @@ import (
 // is ready, so that streams spread again over keyservers that came back or
 // were added; the old one closes once its last result has arrived.
 var streamMaxAge = 30 * time.Second
+
+// streamQueue bounds the operations waiting for a stream's sender.
+const streamQueue = 1024
 
 // opStreams is the Client's set of streams, used round-robin.
 type opStreams struct {
@@ -152,11 +154,9 @@ func (p *opStreams) close() {
 	}
 }
 
-// opStream is one KeylessService.Stream call. A caller that finds no
-// Send in progress sends its operation itself; operations queued during a
-// Send go out together in the next, made by a sender goroutine (see
-// enqueue). A receiver goroutine hands each result to the operation
-// waiting for it.
+// opStream is one KeylessService.Stream call. A sender goroutine batches
+// queued operations into messages; a receiver goroutine hands each result
+// to the operation waiting for it.
 type opStream struct {
 	ctx    context.Context // the stream's; cancel ends it
 	cancel context.CancelFunc
@@ -167,13 +167,7 @@ type opStream struct {
 	stream    grpc.BidiStreamingClient[keylessv1.StreamRequest, keylessv1.StreamResponse]
 	keyserver string // metrics label of the keyserver
 
-	// sendMu guards the operations waiting to be sent and the sending
-	// role: while sending is set, one goroutine (a caller, or the sender
-	// goroutine once kicked) owns Send.
-	sendMu  sync.Mutex
-	outq    []*keylessv1.Operation
-	sending bool
-	kick    chan struct{} // hands the sending role to the sender goroutine
+	queue chan *pendingOp // to the sender
 
 	mu      sync.Mutex
 	pending map[uint64]*pendingOp // sent or queued, not yet answered
@@ -184,6 +178,7 @@ type opStream struct {
 
 // pendingOp is an operation waiting for its result.
 type pendingOp struct {
+	op *keylessv1.Operation
 	// done receives the result, or nil if the stream ended first.
 	done chan *keylessv1.OperationResult
 }
@@ -197,7 +192,7 @@ func (c *Client) openStream() *opStream {
 		born:      time.Now(),
 		ready:     make(chan struct{}),
 		keyserver: "none",
-		kick:      make(chan struct{}, 1),
+		queue:     make(chan *pendingOp, streamQueue),
 		pending:   make(map[uint64]*pendingOp),
 	}
 	go func() {
@@ -268,7 +263,13 @@ func (st *opStream) do(ctx context.Context, op *keylessv1.Operation) (*keylessv1
 
 	// A copy, so that a retry on another stream does not share it with
 	// this stream's sender.
-	st.enqueue(&keylessv1.Operation{Id: id, TimeoutMs: timeoutMs(ctx), Request: op.GetRequest()})
+	p.op = &keylessv1.Operation{Id: id, TimeoutMs: timeoutMs(ctx), Request: op.GetRequest()}
+	select {
+	case st.queue <- p:
+	case <-ctx.Done():
+		st.forget(id)
+		return nil, status.FromContextError(ctx.Err()).Err()
+	}
 	select {
 	case r := <-p.done:
 		if r == nil {
@@ -310,59 +311,32 @@ func (st *opStream) endErr() error {
 	return st.err
 }
 
-// enqueue queues op for sending. If no Send is in progress, the caller
-// makes one itself, with op and whatever else is queued, so that a quiet
-// stream costs no goroutine hand-off; if more operations were queued during
-// that Send, it hands the sending role to the sender goroutine rather than
-// keep the caller from its result.
-func (st *opStream) enqueue(op *keylessv1.Operation) {
-	st.sendMu.Lock()
-	st.outq = append(st.outq, op)
-	if st.sending {
-		st.sendMu.Unlock()
-		return
-	}
-	st.sending = true
-	st.sendMu.Unlock()
-	if st.sendBatch() {
-		st.kick <- struct{}{}
-	}
-}
-
-// sendBatch sends up to signer.MaxStreamOperations queued operations in
-// one message; the caller holds the sending role. It reports whether
-// operations are left, in which case the caller keeps the role; otherwise
-// the role is released.
-func (st *opStream) sendBatch() (more bool) {
-	st.sendMu.Lock()
-	n := min(len(st.outq), signer.MaxStreamOperations)
-	batch := slices.Clone(st.outq[:n])
-	st.outq = append(st.outq[:0], st.outq[n:]...)
-	st.sendMu.Unlock()
-	if n > 0 {
-		// On io.EOF the stream has ended and Recv returns its status,
-		// which fails the pending operations.
-		if err := st.stream.Send(&keylessv1.StreamRequest{Operations: batch}); err != nil && !errors.Is(err, io.EOF) {
-			st.fail(err)
-		}
-	}
-	st.sendMu.Lock()
-	defer st.sendMu.Unlock()
-	if len(st.outq) > 0 && st.ctx.Err() == nil {
-		return true
-	}
-	st.outq = st.outq[:0]
-	st.sending = false
-	return false
-}
-
-// send is the sender goroutine: it sends what is queued whenever a caller
-// hands it the sending role, until the stream ends.
+// send sends queued operations, as many per message as are queued (up to
+// signer.MaxStreamOperations), until the stream ends.
 func (st *opStream) send() {
+	batch := make([]*keylessv1.Operation, 0, signer.MaxStreamOperations)
 	for {
 		select {
-		case <-st.kick:
-			for st.sendBatch() {
+		case p := <-st.queue:
+			batch = append(batch[:0], p.op)
+		more:
+			for len(batch) < signer.MaxStreamOperations {
+				select {
+				case p := <-st.queue:
+					batch = append(batch, p.op)
+				default:
+					break more
+				}
+			}
+			err := st.stream.Send(&keylessv1.StreamRequest{Operations: batch})
+			clear(batch)
+			if err != nil {
+				// The real error comes from Recv.
+				if errors.Is(err, io.EOF) {
+					return
+				}
+				st.fail(err)
+				return
 			}
 		case <-st.ctx.Done():
 			return
