@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"google.golang.org/grpc"
@@ -27,6 +28,12 @@ const (
 
 	// MaxOperationTimeout caps an operation's timeout_ms.
 	MaxOperationTimeout = 60 * time.Second
+
+	// MaxStreamsPerConnection is what a keyserver should allow as HTTP/2
+	// concurrent streams per connection (grpc.MaxConcurrentStreams): an
+	// edge uses one Stream per connection, plus unary calls (ListKeys, and
+	// every operation for an edge that does not use Stream).
+	MaxStreamsPerConnection = 1024
 
 	// maxStreamInFlight bounds the operations of one stream received and
 	// not yet answered. Beyond it the service stops reading the stream, so
@@ -65,10 +72,11 @@ func (s *Service) Drain() {
 	}
 }
 
-// Stream implements KeylessService.Stream. A stream's operations run on a
-// fixed set of worker goroutines that live as long as the stream (twice
-// Config.MaxConcurrent, so that the key store is kept at its bound while
-// other workers check requests and write audit records), and go through
+// Stream implements KeylessService.Stream. A stream's operations run on
+// worker goroutines that live as long as the stream, started as operations
+// need them up to twice Config.MaxConcurrent (so that the key store is
+// kept at its bound while other workers check requests and write audit
+// records), and go through
 // the same checks, limiter, quotas and audit trail as Sign and Decrypt.
 // Results are sent as they complete by the workers themselves, each
 // message carrying every result ready at that moment.
@@ -106,6 +114,12 @@ type opStream struct {
 	slots chan struct{}  // one per operation in flight
 	wake  chan struct{}  // tells serve that a Send failed or the stream drained (signal)
 
+	// The workers, started by the reader as operations need them (so an
+	// idle stream costs two goroutines), at most s.streamWorkers.
+	workers sync.WaitGroup
+	started int          // workers started (guarded by mu)
+	busy    atomic.Int32 // workers performing an operation
+
 	mu       sync.Mutex
 	inFlight int  // operations handed to the workers and not yet sent back
 	closing  bool // draining: the reader drops what it receives
@@ -114,6 +128,13 @@ type opStream struct {
 	out, spare []*keylessv1.OperationResult
 	sending    bool
 	sendErr    error // the first Send that failed; nothing is sent after it
+}
+
+// startedWorkers returns the number of workers started so far.
+func (st *opStream) startedWorkers() int {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	return st.started
 }
 
 // streamJob is one operation as received.
@@ -130,18 +151,17 @@ type streamJob struct {
 func (st *opStream) serve() error {
 	readDone := make(chan error, 1)
 	go func() { readDone <- st.read() }()
-	workersDone := make(chan struct{})
-	var wg sync.WaitGroup
-	for range st.s.streamWorkers {
-		wg.Go(st.work)
-	}
-	go func() { wg.Wait(); close(workersDone) }()
-
-	var readErr error
+	var (
+		readErr     error
+		workersDone chan struct{} // closed when the workers have ended, once reading has
+	)
 	for {
 		select {
 		case readErr = <-readDone:
 			readDone = nil
+			// The reader starts no more workers, and has closed jobs.
+			workersDone = make(chan struct{})
+			go func() { st.workers.Wait(); close(workersDone) }()
 		case <-workersDone:
 			// Reading has ended and every received operation has been
 			// performed and its result sent.
@@ -250,6 +270,11 @@ func (st *opStream) read() error {
 			closing := st.closing
 			if !closing {
 				st.inFlight++
+				// Start a worker unless one is free for this operation.
+				if st.started < st.s.streamWorkers && int(st.busy.Load())+len(st.jobs) >= st.started {
+					st.started++
+					st.workers.Go(st.work)
+				}
 			}
 			st.mu.Unlock()
 			if closing {
@@ -264,7 +289,9 @@ func (st *opStream) read() error {
 // work performs operations until reading has ended.
 func (st *opStream) work() {
 	for j := range st.jobs {
+		st.busy.Add(1)
 		st.deliver(st.perform(j))
+		st.busy.Add(-1)
 	}
 }
 

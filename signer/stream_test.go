@@ -415,3 +415,42 @@ func checkFuzzSignature(t *testing.T, req *keylessv1.StreamRequest, id uint64, s
 	}
 	t.Fatalf("operation %d: a signature that verifies for none of its requests", id)
 }
+
+// TestStreamWorkersOnDemand: a stream starts workers as its operations
+// need them, never more than twice MaxConcurrent, so an idle stream costs
+// no worker.
+func TestStreamWorkersOnDemand(t *testing.T) {
+	key := newBlockingKey(t, testP256Key())
+	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{key}}, MaxConcurrent: 2})
+	st := openStream(t, ts.client)
+	started := func() int {
+		ts.svc.streamsMu.Lock()
+		defer ts.svc.streamsMu.Unlock()
+		for s := range ts.svc.streams {
+			return s.startedWorkers()
+		}
+		return -1
+	}
+	sendOps(t, st, &keylessv1.Operation{Id: 0}) // refused at once: one worker
+	receiveResults(t, st, 1)
+	if n := started(); n != 1 {
+		t.Fatalf("after one operation: %d workers, want 1", n)
+	}
+	var ops []*keylessv1.Operation
+	for i := range 10 {
+		ops = append(ops, signOp(uint64(1+i), p256SignRequest(t)))
+	}
+	sendOps(t, st, ops...)
+	key.waitEntered(t)
+	key.waitEntered(t)
+	waitUntil(t, "4 workers", func() bool { return started() == 4 })
+	key.unblock()
+	for id, r := range receiveResults(t, st, len(ops)) {
+		if err := resultErr(r); err != nil {
+			t.Errorf("operation %d = %v", id, err)
+		}
+	}
+	if n := started(); n != 4 {
+		t.Errorf("%d workers, want 2 × MaxConcurrent = 4", n)
+	}
+}

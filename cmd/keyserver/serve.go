@@ -206,6 +206,10 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		// concurrency 1 in signer's BenchmarkServiceSign, the same at 4
 		// (when every worker is busy, gRPC starts a goroutine as before).
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
+		// An edge needs one Stream per connection and a few unary calls;
+		// the bound keeps one connection from holding the goroutines and
+		// queues of unboundedly many streams (gRPC's default is 2^32-1).
+		grpc.MaxConcurrentStreams(signer.MaxStreamsPerConnection),
 	)
 	svc.RegisterQueueMetrics(reg)
 	registerSessionMetrics(reg, module)
