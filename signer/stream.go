@@ -58,8 +58,9 @@ var errDraining = status.Error(codes.Unavailable, "the keyserver is shutting dow
 // Stream finishes the operations it received before Drain, sends their
 // results and ends with Unavailable; operations it receives after Drain
 // returns are not started (their result never comes, so the client knows
-// to send them elsewhere), and new streams end at once. Unary calls are not affected: the gRPC server's
-// GracefulStop lets them finish. It is safe to call more than once.
+// to send them elsewhere), and new streams end at once. Unary calls are
+// not affected: the gRPC server's GracefulStop lets them finish. It is
+// safe to call more than once.
 func (s *Service) Drain() {
 	s.streamsMu.Lock()
 	defer s.streamsMu.Unlock()
@@ -72,14 +73,13 @@ func (s *Service) Drain() {
 	}
 }
 
-// Stream implements KeylessService.Stream. A stream's operations run on
-// worker goroutines that live as long as the stream, started as operations
-// need them up to twice Config.MaxConcurrent (so that the key store is
-// kept at its bound while other workers check requests and write audit
-// records), and go through
-// the same checks, limiter, quotas and audit trail as Sign and Decrypt.
-// Results are sent as they complete by the workers themselves, each
-// message carrying every result ready at that moment.
+// Stream implements KeylessService.Stream. A stream's operations go
+// through the same checks, limiter, quotas and audit trail as Sign and
+// Decrypt, on worker goroutines that live as long as the stream, started
+// as operations need them up to twice Config.MaxConcurrent (so that the key
+// store is kept at its bound while other workers check requests and write
+// audit records). Results are sent as they complete, by the workers
+// themselves, each message carrying every result ready at that moment.
 func (s *Service) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest, keylessv1.StreamResponse]) error {
 	st := &opStream{
 		s:      s,
