@@ -132,8 +132,11 @@ func (c *ClientConfig) Validate() error {
 	return nil
 }
 
-// Client calls the keyservers. It is safe for concurrent use; the caller owns
-// it and must Close it.
+// Client calls the keyservers. Sign and Decrypt travel as operations on
+// long-lived KeylessService.Stream calls, batched with whatever else is
+// pending (see stream.go), or as unary calls to a keyserver without
+// Stream; ListKeys is a unary call. It is safe for concurrent use; the
+// caller owns it and must Close it.
 type Client struct {
 	conn    *grpc.ClientConn
 	api     keylessv1.KeylessServiceClient
