@@ -388,20 +388,8 @@ func (c *Client) Sign(ctx context.Context, keyID signer.KeyID, alg signer.Algori
 		Digest:    digest,
 		Context:   rc,
 	}
-	var (
-		resp *keylessv1.SignResponse
-		err  = errUseUnary
-	)
-	if !c.streams.unary.Load() {
-		var r *keylessv1.OperationResult
-		r, err = c.stream(ctx, "Sign", start, &keylessv1.Operation{Request: &keylessv1.Operation_Sign{Sign: req}})
-		if resp = r.GetSign(); err == nil && resp == nil {
-			err = errors.New("the keyserver answered a sign operation with no signature")
-		}
-	}
-	if errors.Is(err, errUseUnary) {
-		resp, err = c.api.Sign(ctx, req)
-	}
+	resp, err := perform(c, ctx, "Sign", start, &keylessv1.Operation{Request: &keylessv1.Operation_Sign{Sign: req}},
+		(*keylessv1.OperationResult).GetSign, func() (*keylessv1.SignResponse, error) { return c.api.Sign(ctx, req) })
 	if err == nil && len(resp.GetSignature()) == 0 {
 		err = errors.New("the keyserver returned an empty signature")
 	}
@@ -425,20 +413,8 @@ func (c *Client) Decrypt(ctx context.Context, keyID signer.KeyID, ciphertext []b
 		EncryptedPremaster: ciphertext,
 		Context:            rc,
 	}
-	var (
-		resp *keylessv1.DecryptResponse
-		err  = errUseUnary
-	)
-	if !c.streams.unary.Load() {
-		var r *keylessv1.OperationResult
-		r, err = c.stream(ctx, "Decrypt", start, &keylessv1.Operation{Request: &keylessv1.Operation_Decrypt{Decrypt: req}})
-		if resp = r.GetDecrypt(); err == nil && resp == nil {
-			err = errors.New("the keyserver answered a decrypt operation with no premaster")
-		}
-	}
-	if errors.Is(err, errUseUnary) {
-		resp, err = c.api.Decrypt(ctx, req)
-	}
+	resp, err := perform(c, ctx, "Decrypt", start, &keylessv1.Operation{Request: &keylessv1.Operation_Decrypt{Decrypt: req}},
+		(*keylessv1.OperationResult).GetDecrypt, func() (*keylessv1.DecryptResponse, error) { return c.api.Decrypt(ctx, req) })
 	if err == nil && len(resp.GetPremaster()) != signer.PremasterLen {
 		err = fmt.Errorf("the keyserver returned a %d-byte premaster secret; want %d", len(resp.GetPremaster()), signer.PremasterLen)
 	}
@@ -460,6 +436,20 @@ func (c *Client) ListKeys(ctx context.Context) ([]*keylessv1.Key, error) {
 		return nil, c.failed("list_keys", signer.KeyID{}, nil, start, err)
 	}
 	return resp.GetKeys(), nil
+}
+
+// perform sends op on a stream and returns the response get picks from its
+// result (nil if the result is another kind or an error), or, for a
+// keyserver without Stream, makes the unary call.
+func perform[Resp any](c *Client, ctx context.Context, method string, start time.Time, op *keylessv1.Operation,
+	get func(*keylessv1.OperationResult) Resp, unary func() (Resp, error)) (Resp, error) {
+	if !c.streams.unary.Load() {
+		r, err := c.stream(ctx, method, start, op)
+		if !errors.Is(err, errUseUnary) {
+			return get(r), err
+		}
+	}
+	return unary()
 }
 
 // stream performs op on a stream and returns its result, or its error as a
