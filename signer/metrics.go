@@ -197,9 +197,14 @@ func (l *limiter) running() int {
 }
 
 // RegisterQueueMetrics registers gauges of s's HSM queue with reg: the
-// operations waiting for the key store and those running in it.
+// operations waiting for the key store and those running in it; and the
+// Stream calls open, one per connected edge (per keyserver connection).
 func (s *Service) RegisterQueueMetrics(reg prometheus.Registerer) {
 	reg.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "keyless", Subsystem: "keyserver", Name: "streams_open",
+			Help: "KeylessService.Stream calls open: edges sending key operations on a stream.",
+		}, func() float64 { return float64(s.openStreams()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Namespace: "keyless", Subsystem: "keyserver", Name: "hsm_queue_depth",
 			Help: "Key operations waiting for a free HSM slot (see -max-concurrent, -max-queued).",

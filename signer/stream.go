@@ -104,6 +104,13 @@ func (s *Service) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest
 	return st.serve()
 }
 
+// openStreams returns the number of Stream calls open.
+func (s *Service) openStreams() int {
+	s.streamsMu.Lock()
+	defer s.streamsMu.Unlock()
+	return len(s.streams)
+}
+
 // opStream is one Stream call.
 type opStream struct {
 	s      *Service
