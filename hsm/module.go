@@ -369,6 +369,9 @@ func (m *Module) checkLogin(slot uint) (pkcs11.SessionHandle, error) {
 func (m *Module) Close() error {
 	m.closeOnce.Do(func() {
 		m.closed.Store(true)
+		if m.calls != nil {
+			m.calls.stopWorkers()
+		}
 		deadline := time.Now().Add(m.cfg.stuckCallThreshold())
 		if m.stop != nil {
 			close(m.stop)

@@ -78,7 +78,14 @@ func (m *Module) unavailable(err error) error {
 // safe for concurrent use.
 type callTracker struct {
 	slots chan struct{}
-	wait  time.Duration // longest wait for a slot
+
+	// Calls run on goroutines that are kept for the next call (see run),
+	// so that their stacks stay grown; stopWorkers ends them.
+	jobs     chan func()
+	stop     chan struct{}
+	stopOnce sync.Once
+
+	wait time.Duration // longest wait for a slot
 
 	mu      sync.Mutex
 	cond    *sync.Cond // signalled when a call ends
@@ -98,6 +105,8 @@ type callRecord struct {
 func newCallTracker(slots int, wait time.Duration) *callTracker {
 	t := &callTracker{
 		slots:   make(chan struct{}, slots),
+		jobs:    make(chan func()),
+		stop:    make(chan struct{}),
 		wait:    wait,
 		running: make(map[uint64]*callRecord),
 		perGen:  make(map[uint64]int),
@@ -128,6 +137,34 @@ func (t *callTracker) acquire(ctx context.Context, stuckAfter time.Duration) err
 	case <-timer.C:
 		return errPoolTimeout
 	}
+}
+
+// run runs f on a call goroutine: one that is waiting for work, else a
+// new one, which afterwards waits for the next call until stopWorkers.
+// Every running call holds a slot, so there are about as many call
+// goroutines as slots at most.
+func (t *callTracker) run(f func()) {
+	select {
+	case t.jobs <- f:
+	default:
+		go t.work(f)
+	}
+}
+
+func (t *callTracker) work(f func()) {
+	for {
+		f()
+		select {
+		case f = <-t.jobs:
+		case <-t.stop:
+			return
+		}
+	}
+}
+
+// stopWorkers makes the call goroutines end once their call returns.
+func (t *callTracker) stopWorkers() {
+	t.stopOnce.Do(func() { close(t.stop) })
 }
 
 // start records a call that holds a slot and returns its id.
@@ -207,9 +244,9 @@ func (t *callTracker) waitGen(gen uint64) {
 
 // call runs f, one PKCS #11 operation of key k named op (as "C_Sign"),
 // bounded by ctx. It fails at once while the module is closed or faulty, or
-// k is from before a reconnection; it waits for a call slot, then runs f in
-// a goroutine that keeps the slot until f returns, even if ctx ends first
-// and call returns ctx.Err(). Errors that mean the token cannot be used are
+// k is from before a reconnection; it waits for a call slot, then runs f on
+// a call goroutine (callTracker.run) that keeps the slot until f returns,
+// even if ctx ends first and call returns ctx.Err(). Errors that mean the token cannot be used are
 // recorded as faults (so that the module reconnects) and returned as
 // *UnavailableError.
 func call[T any](ctx context.Context, k *keyBase, op string, f func() (T, error)) (T, error) {
@@ -227,14 +264,14 @@ func call[T any](ctx context.Context, k *keyBase, op string, f func() (T, error)
 		err error
 	}
 	done := make(chan result, 1)
-	go func() {
+	m.calls.run(func() {
 		v, err := f()
 		r := m.calls.finish(id)
 		if r.reported {
 			m.logger.Info("stuck PKCS #11 call returned", "op", r.op, "key", r.key, "after", time.Since(r.start).Round(time.Millisecond), "error", err)
 		}
 		done <- result{v, err}
-	}()
+	})
 	select {
 	case r := <-done:
 		if r.err != nil {

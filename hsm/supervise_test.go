@@ -6,6 +6,7 @@ import (
 	"crypto/ed25519"
 	"crypto/rand"
 	"errors"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -245,4 +246,37 @@ func TestUnavailableError(t *testing.T) {
 	if errors.As(m.unavailable(ErrInvalidRequest), &ue) {
 		t.Error("an invalid request counts as unavailable")
 	}
+}
+
+// TestCallGoroutinesReused: calls run on goroutines that wait for the next
+// call instead of ending, so that sequential calls need at most two (one
+// finishing while the next starts), and stopWorkers ends them.
+func TestCallGoroutinesReused(t *testing.T) {
+	tr := newCallTracker(4, time.Second)
+	before := runtime.NumGoroutine()
+	ran := 0
+	for range 200 {
+		done := make(chan struct{})
+		tr.run(func() { ran++; close(done) })
+		<-done
+	}
+	if ran != 200 {
+		t.Fatalf("ran %d calls, want 200", ran)
+	}
+	if n := runtime.NumGoroutine() - before; n > 2 {
+		t.Errorf("%d call goroutines after 200 sequential calls, want at most 2", n)
+	}
+	tr.stopWorkers()
+	tr.stopWorkers() // twice is harmless
+	deadline := time.Now().Add(5 * time.Second)
+	for runtime.NumGoroutine() > before {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d call goroutines left after stopWorkers", runtime.NumGoroutine()-before)
+		}
+		time.Sleep(time.Millisecond)
+	}
+	// A call after stopWorkers still runs, on a goroutine of its own.
+	done := make(chan struct{})
+	tr.run(func() { close(done) })
+	<-done
 }
