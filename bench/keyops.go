@@ -190,6 +190,7 @@ func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		if err != nil {
 			return err
 		}
+		defer client.Close()
 		op = clientKeyOp(client, kf.op, id, ins)
 	}
 	load, err := lf.load("keyless/"+kf.op, "client", op)

@@ -100,9 +100,10 @@ func BenchmarkAuditLog(b *testing.B) {
 	}
 }
 
-// BenchmarkAuditLogParallel audits from many goroutines at once into a
-// file, so that each Write is a real write(2).
-func BenchmarkAuditLogParallel(b *testing.B) {
+// benchAuditFile returns an AuditLog on a file in b's temporary directory,
+// closed when b ends, and a typical record.
+func benchAuditFile(b *testing.B) (*AuditLog, *AuditRecord) {
+	b.Helper()
 	rec := &AuditRecord{Time: time.Now().UTC(), Identity: testIdentity, KeyID: "4f0a9c5e1d2b3a4f0a9c5e1d2b3a4f0a9c5e1d2b3a4f0a9c5e1d2b3a4f0a9c5e",
 		Op: OpSign, Scheme: "ecdsa_secp256r1_sha256", ServerName: "www.example.com", ClientAddress: "203.0.113.9:443",
 		ConnectionID: "conn-7", EdgeAddress: "192.0.2.7:40000", Outcome: "OK", Rule: "test-all", LatencyUS: 1234}
@@ -110,8 +111,14 @@ func BenchmarkAuditLogParallel(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	defer f.Close()
-	l := NewAuditLog(f)
+	b.Cleanup(func() { f.Close() })
+	return NewAuditLog(f), rec
+}
+
+// BenchmarkAuditLogParallel audits from many goroutines at once into a
+// file, so that each Write is a real write(2).
+func BenchmarkAuditLogParallel(b *testing.B) {
+	l, rec := benchAuditFile(b)
 	b.ReportAllocs()
 	b.RunParallel(func(pb *testing.PB) {
 		for pb.Next() {
@@ -130,15 +137,7 @@ func BenchmarkAuditLogParallel(b *testing.B) {
 // goroutine readied meanwhile waits for a sleeping thread to wake.)
 func BenchmarkAuditLogBurst(b *testing.B) {
 	const burst = 64
-	rec := &AuditRecord{Time: time.Now().UTC(), Identity: testIdentity, KeyID: "4f0a9c5e1d2b3a4f0a9c5e1d2b3a4f0a9c5e1d2b3a4f0a9c5e1d2b3a4f0a9c5e",
-		Op: OpSign, Scheme: "ecdsa_secp256r1_sha256", ServerName: "www.example.com", ClientAddress: "203.0.113.9:443",
-		ConnectionID: "conn-7", EdgeAddress: "192.0.2.7:40000", Outcome: "OK", Rule: "test-all", LatencyUS: 1234}
-	f, err := os.OpenFile(filepath.Join(b.TempDir(), "audit.log"), os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer f.Close()
-	l := NewAuditLog(f)
+	l, rec := benchAuditFile(b)
 	b.ReportAllocs()
 	for i := 0; i < b.N; i += burst {
 		var wg sync.WaitGroup
