@@ -299,14 +299,14 @@ func (f *linkFlags) tlsConfig() (*tls.Config, error) {
 }
 
 // dial opens one gRPC connection to addr with the link's credentials and
-// gRPC's default options: what the edge's client does, without its
+// the edge's transport options: what the edge's client does, without its
 // balancing and retry service config.
 func (f *linkFlags) dial(addr string) (*grpc.ClientConn, error) {
 	cfg, err := f.tlsConfig()
 	if err != nil {
 		return nil, err
 	}
-	conn, err := grpc.NewClient("passthrough:///"+addr, grpc.WithTransportCredentials(credentials.NewTLS(cfg)))
+	conn, err := grpc.NewClient("passthrough:///"+addr, append(tlscore.LinkDialOptions(), grpc.WithTransportCredentials(credentials.NewTLS(cfg)))...)
 	if err != nil {
 		return nil, fmt.Errorf("bench: dial keyserver: %w", err)
 	}

@@ -14,6 +14,9 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/encoding"
+
+	"github.com/keyless-tls/keyless/signer"
+	"github.com/keyless-tls/keyless/tlscore"
 )
 
 // The "transport" mode is an experiment, not part of "run": it measures
@@ -198,7 +201,7 @@ func runTransport(ctx context.Context, args []string, stdout, stderr io.Writer) 
 		return err
 	}
 	srvTLS := &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAnyClientCert}
-	gs := grpc.NewServer(grpc.Creds(credentials.NewTLS(srvTLS)), grpc.ForceServerCodec(rawCodec{}))
+	gs := grpc.NewServer(append(signer.ServerOptions(), grpc.Creds(credentials.NewTLS(srvTLS)), grpc.ForceServerCodec(rawCodec{}))...)
 	gs.RegisterService(&expServiceDesc, nil)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -207,7 +210,7 @@ func runTransport(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	go gs.Serve(ln)
 	defer gs.Stop()
 	conn, err := grpc.NewClient("passthrough:///"+ln.Addr().String(),
-		grpc.WithTransportCredentials(credentials.NewTLS(clientTLS)), grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})))
+		append(tlscore.LinkDialOptions(), grpc.WithTransportCredentials(credentials.NewTLS(clientTLS)), grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})))...)
 	if err != nil {
 		return err
 	}

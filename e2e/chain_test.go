@@ -150,8 +150,8 @@ func startChain(t *testing.T) (*chain, error) {
 	if err != nil {
 		return nil, err
 	}
-	gs := grpc.NewServer(grpc.Creds(creds.ServerCredentials(svc.CheckPeer, nil)), grpc.MaxRecvMsgSize(signer.MaxRequestSize),
-		grpc.StatsHandler(svc.StatsHandler()))
+	gs := grpc.NewServer(append(signer.ServerOptions(), grpc.Creds(creds.ServerCredentials(svc.CheckPeer, nil)),
+		grpc.StatsHandler(svc.StatsHandler()))...)
 	keylessv1.RegisterKeylessServiceServer(gs, svc)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(gs, hs)

@@ -132,11 +132,10 @@ func startSecKeyserver(t testing.TB) *secKeyserver {
 	if err != nil {
 		t.Fatal(err)
 	}
-	gs := grpc.NewServer(
+	gs := grpc.NewServer(append(signer.ServerOptions(),
 		grpc.Creds(creds.ServerCredentials(ks.svc.CheckPeer, logger.Named("mtls"))),
-		grpc.MaxRecvMsgSize(signer.MaxRequestSize),
 		grpc.StatsHandler(ks.svc.StatsHandler()),
-	)
+	)...)
 	keylessv1.RegisterKeylessServiceServer(gs, ks.svc)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -41,8 +41,8 @@ func newBenchClient(b *testing.B, opts ...grpc.ServerOption) keylessv1.KeylessSe
 	ks, _ := keys.Keys(b.Context())
 	metrics.SetKeys(ks)
 	lis := bufconn.Listen(1 << 20)
-	opts = append([]grpc.ServerOption{grpc.Creds(credentials.NewTLS(thePKI().serverTLS())),
-		grpc.MaxRecvMsgSize(MaxRequestSize), grpc.StatsHandler(svc.StatsHandler())}, opts...)
+	opts = append(append(ServerOptions(), grpc.Creds(credentials.NewTLS(thePKI().serverTLS())),
+		grpc.StatsHandler(svc.StatsHandler())), opts...)
 	srv := grpc.NewServer(opts...)
 	keylessv1.RegisterKeylessServiceServer(srv, svc)
 	go func() { _ = srv.Serve(lis) }()

@@ -63,7 +63,7 @@ rules:
 		log.Fatal(err)
 	}
 
-	srv := grpc.NewServer(grpc.MaxRecvMsgSize(signer.MaxRequestSize), grpc.StatsHandler(svc.StatsHandler()))
+	srv := grpc.NewServer(append(signer.ServerOptions(), grpc.StatsHandler(svc.StatsHandler()))...)
 	keylessv1.RegisterKeylessServiceServer(srv, svc)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(srv, hs)

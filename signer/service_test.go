@@ -84,8 +84,8 @@ func newTestServer(t testing.TB, cfg Config) *testServer {
 	}
 	ts.svc = svc
 	ts.lis = bufconn.Listen(1 << 20)
-	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(thePKI().serverTLS())),
-		grpc.MaxRecvMsgSize(MaxRequestSize), grpc.StatsHandler(svc.StatsHandler()))
+	srv := grpc.NewServer(append(ServerOptions(), grpc.Creds(credentials.NewTLS(thePKI().serverTLS())),
+		grpc.StatsHandler(svc.StatsHandler()))...)
 	keylessv1.RegisterKeylessServiceServer(srv, svc)
 	go func() { _ = srv.Serve(ts.lis) }()
 	t.Cleanup(srv.Stop)

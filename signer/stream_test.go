@@ -454,3 +454,25 @@ func TestStreamWorkersOnDemand(t *testing.T) {
 		t.Errorf("%d workers, want 2 × MaxConcurrent = 4", n)
 	}
 }
+
+// TestMessagesLargerThanWindow: with the fixed flow-control windows of
+// ServerOptions, a request larger than WindowSize (but within
+// MaxRequestSize) still arrives whole, as a unary call and on a stream, and
+// is answered; the stream goes on.
+func TestMessagesLargerThanWindow(t *testing.T) {
+	ts := newTestServer(t, Config{Keys: newTestMemoryStore(t)})
+	big := p256SignRequest(t)
+	big.Digest = make([]byte, WindowSize+WindowSize/4)
+	_, err := ts.client.Sign(testContext(t, 0), big)
+	checkStatus(t, "Sign() of a request larger than the window", err, codes.InvalidArgument, "digest")
+
+	st := openStream(t, ts.client)
+	sendOps(t, st, signOp(1, big), signOp(2, p256SignRequest(t)))
+	sendOps(t, st, signOp(3, big))
+	got := receiveResults(t, st, 3)
+	checkStatus(t, "stream operation larger than the window", resultErr(got[1]), codes.InvalidArgument, "digest")
+	checkStatus(t, "second stream operation larger than the window", resultErr(got[3]), codes.InvalidArgument, "digest")
+	if err := resultErr(got[2]); err != nil {
+		t.Errorf("operation sent with one larger than the window = %v", err)
+	}
+}

@@ -192,6 +192,18 @@ var serviceConfig = fmt.Sprintf(`{
   }]
 }`, keylessv1.KeylessService_ServiceDesc.ServiceName)
 
+// LinkDialOptions returns the gRPC dial options that shape the edge's
+// side of its link to a keyserver as the keyserver shapes its own
+// ([signer.ServerOptions]): fixed flow-control windows of
+// [signer.WindowSize]. Dial uses them; so should a client that dials a
+// keyserver itself, for [NewClientConn].
+func LinkDialOptions() []grpc.DialOption {
+	return []grpc.DialOption{
+		grpc.WithStaticStreamWindowSize(signer.WindowSize),
+		grpc.WithStaticConnWindowSize(signer.WindowSize),
+	}
+}
+
 // Dial returns a Client for the keyservers in cfg. It does not wait for a
 // connection: the first call does. Errors are configuration errors.
 func Dial(cfg ClientConfig) (*Client, error) {
@@ -229,7 +241,7 @@ func Dial(cfg ClientConfig) (*Client, error) {
 	if maxBackoff == 0 {
 		maxBackoff = DefaultReconnectBackoff
 	}
-	opts := []grpc.DialOption{
+	opts := append(LinkDialOptions(),
 		grpc.WithTransportCredentials(credentials.NewTLS(cfg.TLS)),
 		grpc.WithDefaultServiceConfig(serviceConfig),
 		grpc.WithConnectParams(grpc.ConnectParams{
@@ -241,7 +253,7 @@ func Dial(cfg ClientConfig) (*Client, error) {
 			},
 			MinConnectTimeout: minConnectTimeout,
 		}),
-	}
+	)
 	dialer := cfg.Dialer
 	if cfg.Metrics != nil {
 		dial := dialer

@@ -96,11 +96,10 @@ func ExampleMTLSCredentials_ServerCredentials() {
 	}
 	var svc *signer.Service // signer.NewService(signer.Config{Keys: ..., Policy: ..., Audit: ...})
 	logger := hclog.Default()
-	srv := grpc.NewServer(
+	srv := grpc.NewServer(append(signer.ServerOptions(),
 		grpc.Creds(creds.ServerCredentials(svc.CheckPeer, logger.Named("mtls"))),
-		grpc.MaxRecvMsgSize(signer.MaxRequestSize),
 		grpc.StatsHandler(svc.StatsHandler()),
-	)
+	)...)
 	keylessv1.RegisterKeylessServiceServer(srv, svc)
 	// Serve, and call creds.Reload() (and svc.SetPolicy) on SIGHUP.
 }

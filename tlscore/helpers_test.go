@@ -304,11 +304,13 @@ func (r *opRecorder) lastSign() *keylessv1.SignRequest {
 	return r.signs[len(r.signs)-1]
 }
 
-// testKeyserver is a gRPC keyserver on an in-memory listener, with mTLS.
+// testKeyserver is a gRPC keyserver on an in-memory listener, with mTLS
+// and the transport options of a real one ([signer.ServerOptions]).
 type testKeyserver struct {
-	lis *bufconn.Listener
-	ops *opRecorder
-	srv *grpc.Server
+	lis    *bufconn.Listener
+	ops    *opRecorder
+	frames *frameCounts // HTTP/2 frames the keyserver read and wrote
+	srv    *grpc.Server
 }
 
 func startKeyserver(t testing.TB, pki *testPKI, svc keylessv1.KeylessServiceServer) *testKeyserver {
@@ -324,8 +326,9 @@ func startKeyserverWithHealth(t testing.TB, pki *testPKI, svc keylessv1.KeylessS
 	if err != nil {
 		t.Fatal(err)
 	}
-	ks := &testKeyserver{lis: bufconn.Listen(1 << 20), ops: &opRecorder{}}
-	srv := grpc.NewServer(grpc.Creds(credentials.NewTLS(cfg)), grpc.ChainUnaryInterceptor(ks.ops.intercept), grpc.ChainStreamInterceptor(ks.ops.interceptStream))
+	ks := &testKeyserver{lis: bufconn.Listen(1 << 20), ops: &opRecorder{}, frames: &frameCounts{}}
+	srv := grpc.NewServer(append(signer.ServerOptions(), grpc.Creds(countingCreds{credentials.NewTLS(cfg), ks.frames}),
+		grpc.ChainUnaryInterceptor(ks.ops.intercept), grpc.ChainStreamInterceptor(ks.ops.interceptStream))...)
 	keylessv1.RegisterKeylessServiceServer(srv, svc)
 	hs := health.NewServer()
 	hs.SetServingStatus(keylessv1.KeylessService_ServiceDesc.ServiceName, st)

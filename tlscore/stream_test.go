@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/net/http2"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -180,4 +181,33 @@ type countingStreams struct {
 func (s *countingStreams) Stream(stream keylessv1.KeylessService_StreamServer) error {
 	s.n.Add(1)
 	return s.KeylessServiceServer.Stream(stream)
+}
+
+// TestLinkWindowsAreStatic: operations sent one at a time cost one frame
+// each way and no flow-control chatter. With gRPC's default dynamic windows
+// nearly every message would also bring a bandwidth-delay PING, its ack and
+// a WINDOW_UPDATE (see signer.WindowSize).
+func TestLinkWindowsAreStatic(t *testing.T) {
+	pki := newTestPKI(t)
+	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{testP256Key()}, nil))
+	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
+	const ops = 40
+	for i := range ops {
+		if err := signVerified(t, c, i); err != nil {
+			t.Fatalf("Sign() %d = %v", i, err)
+		}
+	}
+	pingsIn, pingsOut := ks.frames.get(http2.FramePing)
+	updatesIn, updatesOut := ks.frames.get(http2.FrameWindowUpdate)
+	dataIn, dataOut := ks.frames.get(http2.FrameData)
+	t.Logf("keyserver read %d DATA, %d PING, %d WINDOW_UPDATE frames and wrote %d, %d, %d", dataIn, pingsIn, updatesIn, dataOut, pingsOut, updatesOut)
+	if pingsIn+pingsOut > 0 {
+		t.Errorf("%d operations brought %d PING frames from the edge and %d to it; want none", ops, pingsIn, pingsOut)
+	}
+	if updatesIn+updatesOut > 2 {
+		t.Errorf("%d operations brought %d WINDOW_UPDATE frames from the edge and %d to it; want at most 2", ops, updatesIn, updatesOut)
+	}
+	if dataIn < ops || dataOut < ops {
+		t.Errorf("the keyserver read %d and wrote %d DATA frames for %d operations sent one at a time; the count is wrong", dataIn, dataOut, ops)
+	}
 }

@@ -196,9 +196,8 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
-	gs := grpc.NewServer(
+	gs := grpc.NewServer(append(signer.ServerOptions(),
 		grpc.Creds(creds.ServerCredentialsCounted(svc.CheckPeer, logger.Named("mtls"), metrics.HandshakeRefused)),
-		grpc.MaxRecvMsgSize(signer.MaxRequestSize),
 		grpc.StatsHandler(svc.StatsHandler()),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		// Reuse a goroutine per CPU for requests instead of starting one
@@ -206,11 +205,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		// concurrency 1 in signer's BenchmarkServiceSign, the same at 4
 		// (when every worker is busy, gRPC starts a goroutine as before).
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
-		// An edge needs one Stream per connection and a few unary calls;
-		// the bound keeps one connection from holding the goroutines and
-		// queues of unboundedly many streams (gRPC's default is 2^32-1).
-		grpc.MaxConcurrentStreams(signer.MaxStreamsPerConnection),
-	)
+	)...)
 	svc.RegisterQueueMetrics(reg)
 	registerSessionMetrics(reg, module)
 	keylessv1.RegisterKeylessServiceServer(gs, svc)

@@ -1,0 +1,30 @@
+package signer
+
+import "google.golang.org/grpc"
+
+// WindowSize is the HTTP/2 flow-control window, per stream and per
+// connection, that both ends of the edge–keyserver link fix (see
+// [ServerOptions]; tlscore.Dial does the same on the edge). Fixing it turns
+// off gRPC's bandwidth-delay estimation, which otherwise answers almost
+// every message of a link carrying one operation at a time with a PING and
+// a WINDOW_UPDATE, and the PING with an ack: two more writes, two more
+// reads and their wake-ups per operation on each side, in a keyless handshake
+// more than the operation's own message. The link needs no larger window:
+// its messages are small (see [MaxRequestSize]), a stream holds at most a
+// few hundred operations in flight, and both ends read as fast as they
+// receive. A message larger than the window still passes: the receiver
+// opens the window for it.
+const WindowSize = 64 << 10
+
+// ServerOptions returns the gRPC server options that shape a keyserver's
+// transport: the request size limit, the streams allowed per connection
+// and the fixed flow-control windows. A keyserver adds its credentials,
+// stats handler and keepalive policy.
+func ServerOptions() []grpc.ServerOption {
+	return []grpc.ServerOption{
+		grpc.MaxRecvMsgSize(MaxRequestSize),
+		grpc.MaxConcurrentStreams(MaxStreamsPerConnection),
+		grpc.StaticStreamWindowSize(WindowSize),
+		grpc.StaticConnWindowSize(WindowSize),
+	}
+}
