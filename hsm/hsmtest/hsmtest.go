@@ -101,9 +101,13 @@ func New(t testing.TB) *Token {
 	}
 	tok := &Token{
 		ModulePath: module,
-		Label:      fmt.Sprintf("kt-%d-%d", os.Getpid(), counter.Add(1)),
-		PIN:        "pin-" + randomHex(8),
-		SOPIN:      "so-" + randomHex(8),
+		// Fixed width, so that no label is a prefix of another:
+		// pkcs11-tool's --token-label picks the first token whose label
+		// starts with the one given (with "kt-1-1", token "kt-1-10" and its
+		// PIN, once a test binary has made ten tokens).
+		Label: fmt.Sprintf("kt-%d-%05d", os.Getpid(), counter.Add(1)),
+		PIN:   "pin-" + randomHex(8),
+		SOPIN: "so-" + randomHex(8),
 	}
 	mu.Lock()
 	defer mu.Unlock()
