@@ -1,7 +1,6 @@
 package tlscore
 
 import (
-	"context"
 	"net"
 	"sync"
 
@@ -23,13 +22,17 @@ func (c *frameCounts) get(ft http2.FrameType) (read, written int) {
 	return c.read[ft], c.written[ft]
 }
 
-func (c *frameCounts) add(m *map[http2.FrameType]int, ft http2.FrameType) {
+func (c *frameCounts) add(written bool, ft http2.FrameType) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if *m == nil {
-		*m = make(map[http2.FrameType]int)
+	if c.read == nil {
+		c.read, c.written = make(map[http2.FrameType]int), make(map[http2.FrameType]int)
 	}
-	(*m)[ft]++
+	if written {
+		c.written[ft]++
+	} else {
+		c.read[ft]++
+	}
 }
 
 // countingCreds wraps server credentials so that every connection's HTTP/2
@@ -47,10 +50,6 @@ func (c countingCreds) ServerHandshake(raw net.Conn) (net.Conn, credentials.Auth
 	return &countingConn{Conn: conn, counts: c.counts, in: frameScanner{skip: len(http2.ClientPreface)}}, info, nil
 }
 
-func (c countingCreds) ClientHandshake(ctx context.Context, authority string, raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	return c.TransportCredentials.ClientHandshake(ctx, authority, raw)
-}
-
 func (c countingCreds) Clone() credentials.TransportCredentials {
 	return countingCreds{c.TransportCredentials.Clone(), c.counts}
 }
@@ -65,12 +64,12 @@ type countingConn struct {
 
 func (c *countingConn) Read(b []byte) (int, error) {
 	n, err := c.Conn.Read(b)
-	c.in.scan(b[:n], func(ft http2.FrameType) { c.counts.add(&c.counts.read, ft) })
+	c.in.scan(b[:n], func(ft http2.FrameType) { c.counts.add(false, ft) })
 	return n, err
 }
 
 func (c *countingConn) Write(b []byte) (int, error) {
-	c.out.scan(b, func(ft http2.FrameType) { c.counts.add(&c.counts.written, ft) })
+	c.out.scan(b, func(ft http2.FrameType) { c.counts.add(true, ft) })
 	return c.Conn.Write(b)
 }
 
