@@ -10,10 +10,11 @@ import "google.golang.org/grpc"
 // a WINDOW_UPDATE, and the PING with an ack: two more writes, two more
 // reads and their wake-ups per operation on each side, in a keyless handshake
 // more than the operation's own message. The link needs no larger window:
-// its messages are small (see [MaxRequestSize]), a stream holds at most a
-// few hundred operations in flight, and both ends read as fast as they
-// receive. A message larger than the window still passes: the receiver
-// opens the window for it.
+// its messages are small (see [MaxRequestSize]), and a stream holds at most
+// a few hundred operations in flight, beyond which the keyserver stops
+// reading it on purpose (HTTP/2 flow control then holds the edge back). A
+// message larger than the window still passes: the receiver opens the
+// window for it when it starts reading it.
 const WindowSize = 64 << 10
 
 // ServerOptions returns the gRPC server options that shape a keyserver's
