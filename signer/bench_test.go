@@ -18,11 +18,10 @@ import (
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
-// newBenchClient serves a Service as cmd/keyserver wires one (mutual TLS,
-// the stats handler, an audit log, here to io.Discard, fanned out with the
-// metrics, a limiter) over bufconn, and returns a client with testIdentity's
-// certificate.
-func newBenchClient(b *testing.B, opts ...grpc.ServerOption) keylessv1.KeylessServiceClient {
+// newBenchService returns a Service as cmd/keyserver wires one: an audit
+// log (here to io.Discard) fanned out with the metrics, a quota and a
+// limiter, over in-memory keys.
+func newBenchService(b *testing.B) *Service {
 	b.Helper()
 	var svc *Service
 	metrics := NewMetrics(prometheus.NewRegistry(), func() *Policy { return svc.Policy() })
@@ -40,6 +39,16 @@ func newBenchClient(b *testing.B, opts ...grpc.ServerOption) keylessv1.KeylessSe
 	}
 	ks, _ := keys.Keys(b.Context())
 	metrics.SetKeys(ks)
+	return svc
+}
+
+// newBenchClient serves a Service as cmd/keyserver wires one (mutual TLS,
+// the stats handler, an audit log, here to io.Discard, fanned out with the
+// metrics, a limiter) over bufconn, and returns a client with testIdentity's
+// certificate.
+func newBenchClient(b *testing.B, opts ...grpc.ServerOption) keylessv1.KeylessServiceClient {
+	b.Helper()
+	svc := newBenchService(b)
 	lis := bufconn.Listen(1 << 20)
 	opts = append(append(ServerOptions(), grpc.Creds(credentials.NewTLS(thePKI().serverTLS())),
 		grpc.StatsHandler(svc.StatsHandler())), opts...)
@@ -126,22 +135,7 @@ func BenchmarkServiceSignParallel(b *testing.B) {
 // handler tagged the connection and the RPC, with the audit log and
 // metrics.
 func BenchmarkServiceSignHandler(b *testing.B) {
-	var svc *Service
-	metrics := NewMetrics(prometheus.NewRegistry(), func() *Policy { return svc.Policy() })
-	keys := newTestMemoryStore(b)
-	svc, err := NewService(Config{
-		Keys:          keys,
-		Policy:        testPolicy(b),
-		Quota:         Quota{MaxInFlight: 256},
-		Audit:         MultiAuditor(NewAuditLog(io.Discard), metrics),
-		MaxConcurrent: 4,
-		MaxQueued:     1024,
-	})
-	if err != nil {
-		b.Fatalf("NewService() = %v", err)
-	}
-	ks, _ := keys.Keys(b.Context())
-	metrics.SetKeys(ks)
+	svc := newBenchService(b)
 	sh := svc.StatsHandler()
 	ctx := sh.TagConn(edgeContext(b.Context(), testIdentity), &stats.ConnTagInfo{})
 	req := benchSignRequest(b)
