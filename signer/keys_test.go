@@ -216,11 +216,11 @@ func (ctxStore) Keys(ctx context.Context) ([]crypto.Signer, error) {
 }
 
 // blockingKey is a key whose Sign, like an uncancellable HSM call, waits
-// until release is closed.
+// until it is released.
 type blockingKey struct {
 	crypto.Signer
 	entered chan struct{} // receives once as each Sign call starts
-	release chan struct{} // closed by unblock to let every Sign call finish
+	release chan struct{} // a send lets one Sign call finish (releaseOne); closed by unblock, all
 	once    sync.Once
 }
 
@@ -242,6 +242,16 @@ func (k *blockingKey) waitEntered(t *testing.T) {
 }
 
 func (k *blockingKey) unblock() { k.once.Do(func() { close(k.release) }) }
+
+// releaseOne lets one waiting Sign call finish.
+func (k *blockingKey) releaseOne(t *testing.T) {
+	t.Helper()
+	select {
+	case k.release <- struct{}{}:
+	case <-time.After(defaultTestTimeout):
+		t.Fatal("no Sign call waited to be released")
+	}
+}
 
 func (k *blockingKey) Sign(rand io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
 	k.entered <- struct{}{}

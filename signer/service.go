@@ -55,6 +55,9 @@ type Config struct {
 
 	// Logger receives one line per failed operation. Nil means no logging.
 	Logger hclog.Logger
+
+	// resultDelay replaces maxResultDelay in tests.
+	resultDelay time.Duration
 }
 
 // Validate reports whether the configuration is usable.
@@ -105,6 +108,9 @@ type Service struct {
 
 	// streamWorkers is the number of workers of each Stream.
 	streamWorkers int
+	// resultDelay bounds how long a Stream's result waits for others to
+	// share its message (see opStream.hold).
+	resultDelay time.Duration
 	// streamsMu guards the open streams and draining, set by Drain.
 	streamsMu sync.Mutex
 	streams   map[*opStream]struct{}
@@ -131,10 +137,14 @@ func NewService(cfg Config) (*Service, error) {
 		logger: logger,
 
 		streamWorkers: 2 * cfg.MaxConcurrent,
+		resultDelay:   cfg.resultDelay,
 		streams:       make(map[*opStream]struct{}),
 	}
 	if s.streamWorkers == 0 {
 		s.streamWorkers = defaultStreamWorkers
+	}
+	if s.resultDelay == 0 {
+		s.resultDelay = maxResultDelay
 	}
 	s.policy.Store(cfg.Policy)
 	return s, nil

@@ -29,6 +29,10 @@ const (
 	// MaxOperationTimeout caps an operation's timeout_ms.
 	MaxOperationTimeout = 60 * time.Second
 
+	// maxResultDelay bounds how long a result waits in the keyserver for
+	// others to share its message (see opStream.hold).
+	maxResultDelay = 2 * time.Millisecond
+
 	// MaxStreamsPerConnection is what a keyserver should allow as HTTP/2
 	// concurrent streams per connection (grpc.MaxConcurrentStreams): an
 	// edge uses one Stream per connection, plus unary calls (ListKeys, and
@@ -78,8 +82,11 @@ func (s *Service) Drain() {
 // Decrypt, on worker goroutines that live as long as the stream, started
 // as operations need them up to twice Config.MaxConcurrent (so that the key
 // store is kept at its bound while other workers check requests and write
-// audit records). Results are sent as they complete, by the workers
-// themselves, each message carrying every result ready at that moment.
+// audit records). Results are sent by the workers themselves, each message
+// carrying every result ready at that moment; while more operations are
+// unfinished than the key store performs at once, a result waits up to
+// 2 ms for others, so that under load results share messages (see
+// opStream.hold).
 func (s *Service) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest, keylessv1.StreamResponse]) error {
 	st := &opStream{
 		s:      s,
@@ -89,6 +96,9 @@ func (s *Service) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest
 		slots:  make(chan struct{}, maxStreamInFlight),
 		wake:   make(chan struct{}, 1),
 	}
+	st.timer = time.AfterFunc(time.Hour, st.flushHeld)
+	st.timer.Stop()
+	defer st.timer.Stop()
 	s.streamsMu.Lock()
 	if s.draining {
 		s.streamsMu.Unlock()
@@ -130,10 +140,13 @@ type opStream struct {
 	mu       sync.Mutex
 	inFlight int  // operations handed to the workers and not yet sent back
 	closing  bool // draining: the reader drops what it receives
-	// out holds results for the worker that is sending (sending is set);
-	// spare is a slice to reuse for it.
+	// out holds results not yet sent: for the worker that is sending
+	// (sending is set), or waiting for more (see hold) until timer, armed
+	// when timerArmed, sends them. spare is a slice to reuse for out.
 	out, spare []*keylessv1.OperationResult
 	sending    bool
+	timer      *time.Timer
+	timerArmed bool
 	sendErr    error // the first Send that failed; nothing is sent after it
 }
 
@@ -190,20 +203,49 @@ func (st *opStream) serve() error {
 	}
 }
 
-// deliver queues the result of an operation and, unless another worker is
-// sending, sends every queued result, as few messages as will hold them,
-// until none is left. So a result waits for no goroutine when the stream
-// is quiet, and results that complete while a Send is in progress go out
-// together in the next.
+// deliver queues the result of an operation and sends every queued
+// result, as few messages as will hold them, unless another worker is
+// sending (its next message takes them) or the results should wait for
+// more (see hold).
 func (st *opStream) deliver(r *keylessv1.OperationResult) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.out = append(st.out, r)
+	st.flushLocked(false)
+}
+
+// hold reports whether the queued results should wait for others. While
+// more of the stream's operations are unfinished (running or queued) than
+// the key store performs at once (Config.MaxConcurrent, or 4 without a
+// bound), more results come soon, and sending each alone would cost a
+// message and a wake-up on both sides. Otherwise, when a message is full
+// and while draining, results go at once: an operation sent alone, or the
+// last of a burst, never waits. The caller holds st.mu.
+func (st *opStream) hold() bool {
+	keyStoreSlots := st.s.streamWorkers / 2
+	return !st.closing &&
+		len(st.out) < MaxStreamOperations &&
+		st.inFlight-len(st.out) > keyStoreSlots
+}
+
+// flushLocked sends the queued results, unless a Send is in progress (its
+// worker sends them next) or, without force, they should wait (see hold):
+// then the stream's timer sends them within the service's resultDelay.
+// The caller holds st.mu.
+func (st *opStream) flushLocked(force bool) {
 	if st.sending {
 		return
 	}
 	st.sending = true
 	for len(st.out) > 0 && st.sendErr == nil {
+		if !force && st.hold() {
+			if !st.timerArmed {
+				st.timerArmed = true
+				st.timer.Reset(st.s.resultDelay)
+			}
+			break
+		}
+		force = false
 		batch := st.out
 		st.out = st.spare[:0]
 		st.mu.Unlock()
@@ -226,6 +268,16 @@ func (st *opStream) deliver(r *keylessv1.OperationResult) {
 		}
 	}
 	st.sending = false
+}
+
+// flushHeld sends the results that wait, on the stream's timer: after the
+// service's resultDelay, or sooner if the timer was armed for results sent
+// since.
+func (st *opStream) flushHeld() {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	st.timerArmed = false
+	st.flushLocked(true)
 }
 
 // signal wakes serve to check whether a Send failed or the stream drained.

@@ -476,3 +476,82 @@ func TestMessagesLargerThanWindow(t *testing.T) {
 		t.Errorf("operation sent with one larger than the window = %v", err)
 	}
 }
+
+// TestStreamResultsShareMessages: while more of a stream's operations are
+// unfinished than the key store performs at once (MaxConcurrent), results
+// wait for each other; once no more are left, each goes at once.
+func TestStreamResultsShareMessages(t *testing.T) {
+	key := newBlockingKey(t, testP256Key())
+	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{key}}, MaxConcurrent: 2, resultDelay: time.Hour})
+	st := openStream(t, ts.client)
+	const n = 8
+	var ops []*keylessv1.Operation
+	for i := range n {
+		ops = append(ops, signOp(uint64(1+i), p256SignRequest(t)))
+	}
+	sendOps(t, st, ops...)
+	waitUntil(t, "every operation in flight", func() bool {
+		ts.svc.streamsMu.Lock()
+		defer ts.svc.streamsMu.Unlock()
+		for s := range ts.svc.streams {
+			s.mu.Lock()
+			defer s.mu.Unlock()
+			return s.inFlight == n
+		}
+		return false
+	})
+
+	// The first n-2 results wait until only 2 operations are unfinished,
+	// then go in one message; the last two go alone.
+	for range n - 2 {
+		key.releaseOne(t)
+	}
+	for _, want := range []int{n - 2, 1, 1} {
+		if want == 1 {
+			key.releaseOne(t)
+		}
+		resp, err := st.Recv()
+		if err != nil {
+			t.Fatalf("Recv() = %v", err)
+		}
+		if got := len(resp.GetResults()); got != want {
+			t.Fatalf("a message of %d results, want %d", got, want)
+		}
+		for _, r := range resp.GetResults() {
+			if err := resultErr(r); err != nil {
+				t.Errorf("operation %d = %v", r.GetId(), err)
+			}
+		}
+	}
+
+	// An operation sent alone is answered at once.
+	key.unblock()
+	sendOps(t, st, signOp(n+1, p256SignRequest(t)))
+	if got := receiveResults(t, st, 1); resultErr(got[n+1]) != nil {
+		t.Fatalf("operation sent alone = %v", resultErr(got[n+1]))
+	}
+}
+
+// TestStreamResultWaitIsBounded: a result that waits for others is sent
+// after at most the delay even if the others never finish, as when the key
+// store hangs.
+func TestStreamResultWaitIsBounded(t *testing.T) {
+	key := newBlockingKey(t, testP256Key())
+	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{key}}, MaxConcurrent: 2})
+	st := openStream(t, ts.client)
+	var ops []*keylessv1.Operation
+	for i := range 8 {
+		ops = append(ops, signOp(uint64(1+i), p256SignRequest(t)))
+	}
+	sendOps(t, st, ops...)
+	key.waitEntered(t)
+	key.releaseOne(t)
+	got := receiveResults(t, st, 1)
+	for id, r := range got {
+		if err := resultErr(r); err != nil {
+			t.Errorf("operation %d = %v", id, err)
+		}
+	}
+	key.unblock()
+	receiveResults(t, st, len(ops)-1)
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -312,13 +313,19 @@ func (st *opStream) endErr() error {
 }
 
 // send sends queued operations, as many per message as are queued (up to
-// signer.MaxStreamOperations), until the stream ends.
+// signer.MaxStreamOperations), until the stream ends. An operation that
+// finds the sender idle does not wait for others beyond a yield of the
+// processor: at concurrency 1 each goes at once.
 func (st *opStream) send() {
 	batch := make([]*keylessv1.Operation, 0, signer.MaxStreamOperations)
 	for {
 		select {
 		case p := <-st.queue:
 			batch = append(batch[:0], p.op)
+			// Let the goroutines ready to run first, typically callers
+			// woken by the same result message, queue their operations
+			// for this message too.
+			runtime.Gosched()
 		more:
 			for len(batch) < signer.MaxStreamOperations {
 				select {

@@ -64,8 +64,9 @@ type KeylessServiceClient interface {
 	// Stream carries Sign and Decrypt operations on one long-lived stream, the
 	// way an edge sends the key operations of its handshakes: each message may
 	// batch several operations, each operation has its own id, deadline and
-	// result, and results come back as they complete, batched too, in any
-	// order. An operation on the stream is checked, authorized, audited and
+	// result, and results come back as they complete, batched too (under
+	// load a result may wait up to 2 ms to share a message), in any order.
+	// An operation on the stream is checked, authorized, audited and
 	// answered exactly as the same request made with Sign or Decrypt; the
 	// stream only saves the per-call cost of a unary RPC.
 	//
@@ -154,8 +155,9 @@ type KeylessServiceServer interface {
 	// Stream carries Sign and Decrypt operations on one long-lived stream, the
 	// way an edge sends the key operations of its handshakes: each message may
 	// batch several operations, each operation has its own id, deadline and
-	// result, and results come back as they complete, batched too, in any
-	// order. An operation on the stream is checked, authorized, audited and
+	// result, and results come back as they complete, batched too (under
+	// load a result may wait up to 2 ms to share a message), in any order.
+	// An operation on the stream is checked, authorized, audited and
 	// answered exactly as the same request made with Sign or Decrypt; the
 	// stream only saves the per-call cost of a unary RPC.
 	//
