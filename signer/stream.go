@@ -246,6 +246,10 @@ func (st *opStream) flushLocked(force bool) {
 			break
 		}
 		force = false
+		if st.timerArmed {
+			st.timerArmed = false
+			st.timer.Stop()
+		}
 		batch := st.out
 		st.out = st.spare[:0]
 		st.mu.Unlock()
