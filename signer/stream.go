@@ -141,12 +141,14 @@ type opStream struct {
 	inFlight int  // operations handed to the workers and not yet sent back
 	closing  bool // draining: the reader drops what it receives
 	// out holds results not yet sent: for the worker that is sending
-	// (sending is set), or waiting for more (see hold) until timer, armed
-	// when timerArmed, sends them. spare is a slice to reuse for out.
+	// (sending is set), or waiting for more (see hold) until the timer,
+	// armed when timerArmed, fires and sets due. spare is a slice to reuse
+	// for out.
 	out, spare []*keylessv1.OperationResult
 	sending    bool
 	timer      *time.Timer
 	timerArmed bool
+	due        bool  // the results in out have waited long enough
 	sendErr    error // the first Send that failed; nothing is sent after it
 }
 
@@ -211,7 +213,7 @@ func (st *opStream) deliver(r *keylessv1.OperationResult) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.out = append(st.out, r)
-	st.flushLocked(false)
+	st.flushLocked()
 }
 
 // hold reports whether the queued results should wait for others. While
@@ -228,24 +230,23 @@ func (st *opStream) hold() bool {
 		st.inFlight-len(st.out) > keyStoreSlots
 }
 
-// flushLocked sends the queued results, unless a Send is in progress (its
-// worker sends them next) or, without force, they should wait (see hold):
-// then the stream's timer sends them within the service's resultDelay.
-// The caller holds st.mu.
-func (st *opStream) flushLocked(force bool) {
+// flushLocked sends the queued results unless a Send is in progress (its
+// worker sends them next) or they should wait (see hold) and the timer has
+// not said they waited long enough. The caller holds st.mu.
+func (st *opStream) flushLocked() {
 	if st.sending {
 		return
 	}
 	st.sending = true
 	for len(st.out) > 0 && st.sendErr == nil {
-		if !force && st.hold() {
+		if !st.due && st.hold() {
 			if !st.timerArmed {
 				st.timerArmed = true
 				st.timer.Reset(st.s.resultDelay)
 			}
 			break
 		}
-		force = false
+		st.due = false
 		if st.timerArmed {
 			st.timerArmed = false
 			st.timer.Stop()
@@ -274,14 +275,15 @@ func (st *opStream) flushLocked(force bool) {
 	st.sending = false
 }
 
-// flushHeld sends the results that wait, on the stream's timer: after the
-// service's resultDelay, or sooner if the timer was armed for results sent
-// since.
+// flushHeld runs on the stream's timer, the service's resultDelay after a
+// result began to wait: the results that wait go now or, if a worker is
+// sending, in its next message.
 func (st *opStream) flushHeld() {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.timerArmed = false
-	st.flushLocked(true)
+	st.due = len(st.out) > 0
+	st.flushLocked()
 }
 
 // signal wakes serve to check whether a Send failed or the stream drained.
