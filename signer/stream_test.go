@@ -518,18 +518,14 @@ func TestStreamResultsShareMessages(t *testing.T) {
 			t.Fatalf("a message of %d results, want %d", got, want)
 		}
 		for _, r := range resp.GetResults() {
-			if err := resultErr(r); err != nil {
-				t.Errorf("operation %d = %v", r.GetId(), err)
-			}
+			checkP256Result(t, r)
 		}
 	}
 
 	// An operation sent alone is answered at once.
 	key.unblock()
 	sendOps(t, st, signOp(n+1, p256SignRequest(t)))
-	if got := receiveResults(t, st, 1); resultErr(got[n+1]) != nil {
-		t.Fatalf("operation sent alone = %v", resultErr(got[n+1]))
-	}
+	checkP256Result(t, receiveResults(t, st, 1)[n+1])
 }
 
 // TestStreamResultWaitIsBounded: a result that waits for others is sent
@@ -546,12 +542,28 @@ func TestStreamResultWaitIsBounded(t *testing.T) {
 	sendOps(t, st, ops...)
 	key.waitEntered(t)
 	key.releaseOne(t)
-	got := receiveResults(t, st, 1)
-	for id, r := range got {
-		if err := resultErr(r); err != nil {
-			t.Errorf("operation %d = %v", id, err)
-		}
+	for _, r := range receiveResults(t, st, 1) {
+		checkP256Result(t, r)
 	}
 	key.unblock()
-	receiveResults(t, st, len(ops)-1)
+	for _, r := range receiveResults(t, st, len(ops)-1) {
+		checkP256Result(t, r)
+	}
+}
+
+// checkP256Result checks that r carries a signature of p256SignRequest's
+// digest that verifies with the test P-256 key.
+func checkP256Result(t *testing.T, r *keylessv1.OperationResult) {
+	t.Helper()
+	if r == nil {
+		t.Fatal("no result")
+	}
+	if err := resultErr(r); err != nil {
+		t.Fatalf("operation %d = %v", r.GetId(), err)
+	}
+	req := p256SignRequest(t)
+	alg, _ := AlgorithmFor(req.GetAlgorithm())
+	if err := verifySignature(testP256Key().Public(), alg, req.GetDigest(), r.GetSign().GetSignature()); err != nil {
+		t.Errorf("operation %d: %v", r.GetId(), err)
+	}
 }
