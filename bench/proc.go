@@ -109,21 +109,6 @@ func (p *proc) tail() string {
 	return s
 }
 
-// wait waits for the process to exit by itself, killing it after timeout.
-func (p *proc) wait(timeout time.Duration) error {
-	select {
-	case <-p.done:
-	case <-time.After(timeout):
-		p.cmd.Process.Kill()
-		<-p.done
-		return fmt.Errorf("bench: %s did not finish within %v; killed", p.name, timeout)
-	}
-	if p.err != nil {
-		return fmt.Errorf("bench: %s: %v:\n%s", p.name, p.err, p.tail())
-	}
-	return nil
-}
-
 // stop closes the process's standard input and sends SIGTERM, then kills
 // it if it has not exited after 10 s.
 func (p *proc) stop() {
