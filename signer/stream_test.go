@@ -79,6 +79,26 @@ func decryptOp(id uint64, req *keylessv1.DecryptRequest) *keylessv1.Operation {
 	return &keylessv1.Operation{Id: id, Request: &keylessv1.Operation_Decrypt{Decrypt: req}}
 }
 
+// p256SignOps returns n P-256 sign operations with ids 1 to n.
+func p256SignOps(t *testing.T, n int) []*keylessv1.Operation {
+	t.Helper()
+	var ops []*keylessv1.Operation
+	for i := range n {
+		ops = append(ops, signOp(uint64(1+i), p256SignRequest(t)))
+	}
+	return ops
+}
+
+// openStreamOf returns the service's one open stream, or nil.
+func openStreamOf(svc *Service) *opStream {
+	svc.streamsMu.Lock()
+	defer svc.streamsMu.Unlock()
+	for s := range svc.streams {
+		return s
+	}
+	return nil
+}
+
 // TestStreamMatchesUnary sends every sign and decrypt case of the unary
 // tests in one batch and checks that each result is what the unary call
 // answers: the same code and message, a signature that verifies, the
@@ -424,9 +444,7 @@ func TestStreamWorkersOnDemand(t *testing.T) {
 	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{key}}, MaxConcurrent: 2})
 	st := openStream(t, ts.client)
 	started := func() int {
-		ts.svc.streamsMu.Lock()
-		defer ts.svc.streamsMu.Unlock()
-		for s := range ts.svc.streams {
+		if s := openStreamOf(ts.svc); s != nil {
 			return s.startedWorkers()
 		}
 		return -1
@@ -436,10 +454,7 @@ func TestStreamWorkersOnDemand(t *testing.T) {
 	if n := started(); n != 1 {
 		t.Fatalf("after one operation: %d workers, want 1", n)
 	}
-	var ops []*keylessv1.Operation
-	for i := range 10 {
-		ops = append(ops, signOp(uint64(1+i), p256SignRequest(t)))
-	}
+	ops := p256SignOps(t, 10)
 	sendOps(t, st, ops...)
 	key.waitEntered(t)
 	key.waitEntered(t)
@@ -485,20 +500,15 @@ func TestStreamResultsShareMessages(t *testing.T) {
 	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{key}}, MaxConcurrent: 2, resultDelay: time.Hour})
 	st := openStream(t, ts.client)
 	const n = 8
-	var ops []*keylessv1.Operation
-	for i := range n {
-		ops = append(ops, signOp(uint64(1+i), p256SignRequest(t)))
-	}
-	sendOps(t, st, ops...)
+	sendOps(t, st, p256SignOps(t, n)...)
 	waitUntil(t, "every operation in flight", func() bool {
-		ts.svc.streamsMu.Lock()
-		defer ts.svc.streamsMu.Unlock()
-		for s := range ts.svc.streams {
-			s.mu.Lock()
-			defer s.mu.Unlock()
-			return s.inFlight == n
+		s := openStreamOf(ts.svc)
+		if s == nil {
+			return false
 		}
-		return false
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.inFlight == n
 	})
 
 	// The first n-2 results wait until only 2 operations are unfinished,
@@ -535,10 +545,7 @@ func TestStreamResultWaitIsBounded(t *testing.T) {
 	key := newBlockingKey(t, testP256Key())
 	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{key}}, MaxConcurrent: 2})
 	st := openStream(t, ts.client)
-	var ops []*keylessv1.Operation
-	for i := range 8 {
-		ops = append(ops, signOp(uint64(1+i), p256SignRequest(t)))
-	}
+	ops := p256SignOps(t, 8)
 	sendOps(t, st, ops...)
 	key.waitEntered(t)
 	key.releaseOne(t)
