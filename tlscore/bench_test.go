@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/net/http2"
+
 	"github.com/keyless-tls/keyless/signer"
 )
 
@@ -18,9 +20,10 @@ import (
 // edge sends operations, and, as the baseline measured in the same run in
 // alternating rounds, as one unary call each (a keyserver without Stream).
 // It reports the CPU time per operation of each (client and keyserver
-// together, every goroutine) and stream-cpu/unary-cpu: the share of the
-// unary cost the stream keeps. On a shared machine CPU time varies far
-// less than wall time.
+// together, every goroutine), stream-cpu/unary-cpu: the share of the
+// unary cost the stream keeps, and the stream's request and response
+// messages per operation: below 1 when operations share messages. On a
+// shared machine CPU time varies far less than wall time.
 func BenchmarkClientSign(b *testing.B) {
 	for _, workers := range []int{1, 16} {
 		b.Run(fmt.Sprintf("workers=%d", workers), func(b *testing.B) {
@@ -56,6 +59,7 @@ func BenchmarkClientSign(b *testing.B) {
 			const round = 256
 			var streamCPU, unaryCPU time.Duration
 			var n int
+			reqs0, resps0 := streamKS.frames.get(http2.FrameData)
 			for b.Loop() {
 				// Each iteration is one round of each, so that both see
 				// the same machine.
@@ -66,6 +70,11 @@ func BenchmarkClientSign(b *testing.B) {
 			b.ReportMetric(float64(streamCPU.Nanoseconds())/float64(n), "stream-cpu-ns/op")
 			b.ReportMetric(float64(unaryCPU.Nanoseconds())/float64(n), "unary-cpu-ns/op")
 			b.ReportMetric(float64(streamCPU)/float64(unaryCPU), "stream/unary-cpu")
+			// Each stream message is one DATA frame: how many operations
+			// share a message.
+			reqs, resps := streamKS.frames.get(http2.FrameData)
+			b.ReportMetric(float64(reqs-reqs0)/float64(n), "stream-requests/op")
+			b.ReportMetric(float64(resps-resps0)/float64(n), "stream-responses/op")
 		})
 	}
 }
