@@ -246,9 +246,9 @@ func (t *callTracker) waitGen(gen uint64) {
 // bounded by ctx. It fails at once while the module is closed or faulty, or
 // k is from before a reconnection; it waits for a call slot, then runs f on
 // a call goroutine (callTracker.run) that keeps the slot until f returns,
-// even if ctx ends first and call returns ctx.Err(). Errors that mean the token cannot be used are
-// recorded as faults (so that the module reconnects) and returned as
-// *UnavailableError.
+// even if ctx ends first and call returns ctx.Err(). Errors that mean the
+// token cannot be used are recorded as faults (so that the module
+// reconnects) and returned as *UnavailableError.
 func call[T any](ctx context.Context, k *keyBase, op string, f func() (T, error)) (T, error) {
 	var zero T
 	m := k.m

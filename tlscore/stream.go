@@ -168,7 +168,7 @@ type opStream struct {
 	stream    grpc.BidiStreamingClient[keylessv1.StreamRequest, keylessv1.StreamResponse]
 	keyserver string // metrics label of the keyserver
 
-	queue chan *pendingOp // to the sender
+	queue chan *keylessv1.Operation // to the sender
 
 	mu      sync.Mutex
 	pending map[uint64]*pendingOp // sent or queued, not yet answered
@@ -179,7 +179,6 @@ type opStream struct {
 
 // pendingOp is an operation waiting for its result.
 type pendingOp struct {
-	op *keylessv1.Operation
 	// done receives the result, or nil if the stream ended first.
 	done chan *keylessv1.OperationResult
 }
@@ -193,7 +192,7 @@ func (c *Client) openStream() *opStream {
 		born:      time.Now(),
 		ready:     make(chan struct{}),
 		keyserver: "none",
-		queue:     make(chan *pendingOp, streamQueue),
+		queue:     make(chan *keylessv1.Operation, streamQueue),
 		pending:   make(map[uint64]*pendingOp),
 	}
 	go func() {
@@ -264,9 +263,8 @@ func (st *opStream) do(ctx context.Context, op *keylessv1.Operation) (*keylessv1
 
 	// A copy, so that a retry on another stream does not share it with
 	// this stream's sender.
-	p.op = &keylessv1.Operation{Id: id, TimeoutMs: timeoutMs(ctx), Request: op.GetRequest()}
 	select {
-	case st.queue <- p:
+	case st.queue <- &keylessv1.Operation{Id: id, TimeoutMs: timeoutMs(ctx), Request: op.GetRequest()}:
 	case <-ctx.Done():
 		st.forget(id)
 		return nil, status.FromContextError(ctx.Err()).Err()
@@ -320,8 +318,8 @@ func (st *opStream) send() {
 	batch := make([]*keylessv1.Operation, 0, signer.MaxStreamOperations)
 	for {
 		select {
-		case p := <-st.queue:
-			batch = append(batch[:0], p.op)
+		case op := <-st.queue:
+			batch = append(batch[:0], op)
 			// Let the goroutines ready to run first, typically callers
 			// woken by the same result message, queue their operations
 			// for this message too.
@@ -329,8 +327,8 @@ func (st *opStream) send() {
 		more:
 			for len(batch) < signer.MaxStreamOperations {
 				select {
-				case p := <-st.queue:
-					batch = append(batch, p.op)
+				case op := <-st.queue:
+					batch = append(batch, op)
 				default:
 					break more
 				}
