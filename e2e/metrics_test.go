@@ -106,6 +106,10 @@ func TestKeyserverMetrics(t *testing.T) {
 		{`keyless_keyserver_hsm_queue_depth`, 0},
 		{`keyless_keyserver_hsm_operations_running`, 0},
 		{`keyless_keyserver_streams_open`, 1}, // the edge sends its operations on a stream
+		{`keyless_keyserver_stream_messages_total{direction="received"}`, 1},
+		{`keyless_keyserver_stream_operations_total{direction="received"}`, 2 * handshakes},
+		{`keyless_keyserver_stream_messages_total{direction="sent"}`, 1},
+		{`keyless_keyserver_stream_operations_total{direction="sent"}`, 2 * handshakes},
 		{`keyless_keyserver_hsm_sessions_in_use`, 0},
 		{`keyless_keyserver_hsm_sessions`, 7}, // -max-sessions 8, less crypto11's own
 		{`go_goroutines`, 1},

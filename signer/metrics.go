@@ -6,6 +6,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -197,8 +198,10 @@ func (l *limiter) running() int {
 }
 
 // RegisterQueueMetrics registers gauges of s's HSM queue with reg: the
-// operations waiting for the key store and those running in it; and the
-// Stream calls open, one per connected edge (per keyserver connection).
+// operations waiting for the key store and those running in it; the
+// Stream calls open, one per connected edge (per keyserver connection);
+// and counters of the streams' messages and the operations they carry in
+// each direction, whose quotient says how far operations share messages.
 func (s *Service) RegisterQueueMetrics(reg prometheus.Registerer) {
 	reg.MustRegister(
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
@@ -214,6 +217,25 @@ func (s *Service) RegisterQueueMetrics(reg prometheus.Registerer) {
 			Help: "Key operations running in the HSM.",
 		}, func() float64 { return float64(s.limit.running()) }),
 	)
+	for _, c := range []struct {
+		direction          string
+		messages, payloads *atomic.Uint64
+	}{
+		{"received", &s.traffic.received, &s.traffic.receivedOps},
+		{"sent", &s.traffic.sent, &s.traffic.sentResults},
+	} {
+		labels := prometheus.Labels{"direction": c.direction}
+		reg.MustRegister(
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Namespace: "keyless", Subsystem: "keyserver", Name: "stream_messages_total", ConstLabels: labels,
+				Help: "Messages of KeylessService.Stream calls: received from edges (operations) and sent to them (results).",
+			}, func() float64 { return float64(c.messages.Load()) }),
+			prometheus.NewCounterFunc(prometheus.CounterOpts{
+				Namespace: "keyless", Subsystem: "keyserver", Name: "stream_operations_total", ConstLabels: labels,
+				Help: "Operations carried by the messages of KeylessService.Stream calls, received (requests) and sent (results); divided by stream_messages_total, how many share a message.",
+			}, func() float64 { return float64(c.payloads.Load()) }),
+		)
+	}
 }
 
 // WatchHealthFunc checks the key store's [Checker] every interval until

@@ -111,6 +111,8 @@ type Service struct {
 	// resultDelay bounds how long a Stream's result waits for others to
 	// share its message (see opStream.hold).
 	resultDelay time.Duration
+	// traffic counts the messages of every Stream and what they carry.
+	traffic streamTraffic
 	// streamsMu guards the open streams and draining, set by Drain.
 	streamsMu sync.Mutex
 	streams   map[*opStream]struct{}

@@ -121,6 +121,14 @@ func (s *Service) openStreams() int {
 	return len(s.streams)
 }
 
+// streamTraffic counts the messages of the Stream calls in each direction
+// and the operations (or results) they carry: their quotients say how far
+// operations share messages. It is safe for concurrent use.
+type streamTraffic struct {
+	received, receivedOps atomic.Uint64 // StreamRequest messages, operations
+	sent, sentResults     atomic.Uint64 // StreamResponse messages, results
+}
+
 // opStream is one Stream call.
 type opStream struct {
 	s      *Service
@@ -256,7 +264,11 @@ func (st *opStream) flushLocked() {
 		st.mu.Unlock()
 		var err error
 		for i := 0; i < len(batch) && err == nil; i += MaxStreamOperations {
-			err = st.stream.Send(&keylessv1.StreamResponse{Results: batch[i:min(i+MaxStreamOperations, len(batch))]})
+			results := batch[i:min(i+MaxStreamOperations, len(batch))]
+			if err = st.stream.Send(&keylessv1.StreamResponse{Results: results}); err == nil {
+				st.s.traffic.sent.Add(1)
+				st.s.traffic.sentResults.Add(uint64(len(results)))
+			}
 		}
 		for range batch {
 			<-st.slots
@@ -321,6 +333,8 @@ func (st *opStream) read() error {
 		}
 		arrived := time.Now()
 		ops := req.GetOperations()
+		st.s.traffic.received.Add(1)
+		st.s.traffic.receivedOps.Add(uint64(len(ops)))
 		var refused error
 		if len(ops) > MaxStreamOperations {
 			refused = &ValidationError{"operations", fmt.Sprintf("a StreamRequest carries at most %d operations; this one carried %d", MaxStreamOperations, len(ops))}

@@ -6,11 +6,13 @@ import (
 	"crypto"
 	"errors"
 	"io"
+	"maps"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
@@ -498,6 +500,8 @@ func TestMessagesLargerThanWindow(t *testing.T) {
 func TestStreamResultsShareMessages(t *testing.T) {
 	key := newBlockingKey(t, testP256Key())
 	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{key}}, MaxConcurrent: 2, resultDelay: time.Hour})
+	reg := prometheus.NewRegistry()
+	ts.svc.RegisterQueueMetrics(reg)
 	st := openStream(t, ts.client)
 	const n = 8
 	sendOps(t, st, p256SignOps(t, n)...)
@@ -536,6 +540,42 @@ func TestStreamResultsShareMessages(t *testing.T) {
 	key.unblock()
 	sendOps(t, st, signOp(n+1, p256SignRequest(t)))
 	checkP256Result(t, receiveResults(t, st, 1)[n+1])
+
+	// The traffic metrics count the two messages received (n operations,
+	// then 1) and the four sent (n-2 results, 1, 1, 1).
+	want := map[string]float64{
+		"keyless_keyserver_stream_messages_total/received":   2,
+		"keyless_keyserver_stream_operations_total/received": n + 1,
+		"keyless_keyserver_stream_messages_total/sent":       4,
+		"keyless_keyserver_stream_operations_total/sent":     n + 1,
+	}
+	if got := trafficMetrics(t, reg); !maps.Equal(got, want) {
+		t.Errorf("stream traffic metrics = %v, want %v", got, want)
+	}
+}
+
+// trafficMetrics returns the stream message and operation counters
+// registered with reg, keyed by metric name and direction.
+func trafficMetrics(t *testing.T, reg *prometheus.Registry) map[string]float64 {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatalf("Gather() = %v", err)
+	}
+	got := map[string]float64{}
+	for _, mf := range mfs {
+		if !strings.HasPrefix(mf.GetName(), "keyless_keyserver_stream_") {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "direction" {
+					got[mf.GetName()+"/"+l.GetValue()] = m.GetCounter().GetValue()
+				}
+			}
+		}
+	}
+	return got
 }
 
 // TestStreamResultWaitIsBounded: a result that waits for others is sent
