@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"strings"
@@ -178,7 +179,9 @@ func testResults() *Results {
 	r.add(keyopsKey("inproc", OpECDSASign, 8), res(8, 5000, 1600, nil))
 	r.add(keyopsKey("keyless", OpECDSASign, 1), Result{Concurrency: 1, OpsPerSec: 2000, P50us: 500, EmptyP50us: 100,
 		CPU: map[string]float64{"client": 100, "keyserver": 400, "other": 9}})
-	r.add(keyopsKey("keyless", OpECDSASign, 8), res(8, 6000, 1300, nil))
+	k8 := res(8, 6000, 1300, nil)
+	k8.OpsPerRequest, k8.ResultsPerResponse = 2.7, 1.6
+	r.add(keyopsKey("keyless", OpECDSASign, 8), k8)
 	r.add(keyopsKey("inproc", OpRSASign, 1), res(1, 900, 1100, nil))
 	r.add(keyopsKey("inproc", OpRSASign, 8), res(8, 1000, 8000, nil))
 	r.add(keyopsKey("keyless", OpRSASign, 1), Result{Concurrency: 1, OpsPerSec: 800, P50us: 1250, EmptyP50us: 100})
@@ -272,13 +275,16 @@ func TestJSONAndTable(t *testing.T) {
 				t.Errorf("JSON object %v has no %q", o["name"], f)
 			}
 		}
+		if o["name"] == "keyops/ecdsa-p256-sign/c8" && (o["ops_per_request_msg"] != 2.7 || o["results_per_response_msg"] != 1.6) {
+			t.Errorf("JSON object %v: ops_per_request_msg %v, results_per_response_msg %v; want 2.7, 1.6", o["name"], o["ops_per_request_msg"], o["results_per_response_msg"])
+		}
 	}
 
 	var b bytes.Buffer
 	PrintTable(&b, rows)
 	out := b.String()
 	for _, want := range []string{"KEY OPERATIONS", "FULL HANDSHAKES", "RESUMED HANDSHAKES", "EDGE MEMORY", "TARGETS",
-		"keyops/ecdsa-p256-sign/best", "0.75", "MISSED", "met", "client 100 ks 400 | other 9"} {
+		"keyops/ecdsa-p256-sign/best", "0.75", "MISSED", "met", "client 100 ks 400 | other 9", "2.7 1.6"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}
@@ -375,5 +381,47 @@ func TestLoadRunWatch(t *testing.T) {
 		if _, ok := r.CPU["other"]; !ok || r.MachineBusy < 0 || r.MachineBusy > 1 {
 			t.Errorf("Run() with Watch = CPU %v, busy %v", r.CPU, r.MachineBusy)
 		}
+	}
+}
+
+// TestStreamTraffic reads the keyserver's stream counters from its
+// metrics and turns two readings into operations per message.
+func TestStreamTraffic(t *testing.T) {
+	exposition := func(recv, recvOps, sent, sentRes int) string {
+		return fmt.Sprintf(`# HELP keyless_keyserver_stream_messages_total Messages.
+# TYPE keyless_keyserver_stream_messages_total counter
+keyless_keyserver_stream_messages_total{direction="received"} %d
+keyless_keyserver_stream_messages_total{direction="sent"} %d
+# TYPE keyless_keyserver_stream_operations_total counter
+keyless_keyserver_stream_operations_total{direction="received"} %d
+keyless_keyserver_stream_operations_total{direction="sent"} %d
+keyless_keyserver_streams_open 1
+`, recv, sent, recvOps, sentRes)
+	}
+	before, err := parseTraffic(strings.NewReader(exposition(10, 10, 10, 10)))
+	if err != nil {
+		t.Fatalf("parseTraffic() = %v", err)
+	}
+	after, err := parseTraffic(strings.NewReader(exposition(110, 280, 190, 280)))
+	if err != nil {
+		t.Fatalf("parseTraffic() = %v", err)
+	}
+	var r Result
+	r.sharing(before, after)
+	if r.OpsPerRequest != 2.7 || r.ResultsPerResponse != 1.5 {
+		// 270 operations in 100 messages; 270 results in 180.
+		t.Errorf("sharing: %v operations per request, %v results per response; want 2.7, 1.5", r.OpsPerRequest, r.ResultsPerResponse)
+	}
+	var idle Result
+	idle.sharing(after, after)
+	if idle.OpsPerRequest != 0 || idle.ResultsPerResponse != 0 {
+		t.Errorf("sharing with no messages = %v, %v; want 0, 0", idle.OpsPerRequest, idle.ResultsPerResponse)
+	}
+
+	if _, err := parseTraffic(strings.NewReader("keyless_keyserver_streams_open 1\n")); err == nil {
+		t.Error("parseTraffic() of metrics without the stream counters = nil error")
+	}
+	if _, err := parseTraffic(strings.NewReader(`keyless_keyserver_stream_messages_total{direction="sent"} x` + "\n")); err == nil {
+		t.Error("parseTraffic() of a malformed value = nil error")
 	}
 }

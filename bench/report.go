@@ -35,18 +35,18 @@ func PrintTable(w io.Writer, rows []Row) {
 		fmt.Fprintln(w)
 	}
 	section("keyops", "KEY OPERATIONS: keyless = client process → gRPC/mTLS → keyserver → SoftHSM; baseline = same key in-process through hsm",
-		"name\tkeyless/s\tp50 µs\tp99 µs\tinproc/s\tp50 µs\tp99 µs\tratio\tempty p50 µs\tcpu ratio\tcpu µs/op keyless\tbaseline\tbusy\t",
-		func(r Row) string {
-			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t", r.Name, num(r.OpsPerSec), num(r.P50us), num(r.P99us),
-				nump(r.Baseline), num(r.BaselineP50us), num(r.BaselineP99us), rat(r.Ratio), num(r.EmptyCallP50us),
-				rat(r.CPURatio), cpuStr(r.CPU), cpuStr(r.BaselineCPU), busy(r.MachineBusy))
-		})
-	section("handshake", "FULL HANDSHAKES: keyless = edge + keyserver; baseline = crypto/tls with the same SoftHSM key in-process; soft = crypto/tls with a software key",
-		"name\tkeyless/s\tp50 µs\tp99 µs\tinproc-hsm/s\tp50 µs\tp99 µs\tratio\tsoft-key/s\tratio\tcpu ratio\tcpu µs/op keyless\tbaseline\tbusy\t",
+		"name\tkeyless/s\tp50 µs\tp99 µs\tinproc/s\tp50 µs\tp99 µs\tratio\tempty p50 µs\tcpu ratio\tcpu µs/op keyless\tbaseline\tbusy\tops/msg in out\t",
 		func(r Row) string {
 			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t", r.Name, num(r.OpsPerSec), num(r.P50us), num(r.P99us),
+				nump(r.Baseline), num(r.BaselineP50us), num(r.BaselineP99us), rat(r.Ratio), num(r.EmptyCallP50us),
+				rat(r.CPURatio), cpuStr(r.CPU), cpuStr(r.BaselineCPU), busy(r.MachineBusy), sharing(r))
+		})
+	section("handshake", "FULL HANDSHAKES: keyless = edge + keyserver; baseline = crypto/tls with the same SoftHSM key in-process; soft = crypto/tls with a software key",
+		"name\tkeyless/s\tp50 µs\tp99 µs\tinproc-hsm/s\tp50 µs\tp99 µs\tratio\tsoft-key/s\tratio\tcpu ratio\tcpu µs/op keyless\tbaseline\tbusy\tops/msg in out\t",
+		func(r Row) string {
+			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t", r.Name, num(r.OpsPerSec), num(r.P50us), num(r.P99us),
 				nump(r.Baseline), num(r.BaselineP50us), num(r.BaselineP99us), rat(r.Ratio), nump(r.SoftKey), rat(r.SoftKeyRatio),
-				rat(r.CPURatio), cpuStr(r.CPU), cpuStr(r.BaselineCPU), busy(r.MachineBusy))
+				rat(r.CPURatio), cpuStr(r.CPU), cpuStr(r.BaselineCPU), busy(r.MachineBusy), sharing(r))
 		})
 	section("resume", "RESUMED HANDSHAKES (no key operation): keyless = edge; baseline = crypto/tls with a software key",
 		"name\tkeyless/s\tp50 µs\tp99 µs\tsoft-key/s\tp50 µs\tp99 µs\tratio\tcpu ratio\tcpu µs/op keyless\tbaseline\tbusy\t",
@@ -73,6 +73,15 @@ func PrintTable(w io.Writer, rows []Row) {
 			}
 			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t", strings.TrimPrefix(r.Name, "target/"), v, r.Want, met, r.Note)
 		})
+}
+
+// sharing shows the operations per stream message received by the
+// keyserver and the results per message it sent, as "2.7 1.7", or "-".
+func sharing(r Row) string {
+	if r.OpsPerRequest == 0 && r.ResultsPerResponse == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.1f %.1f", r.OpsPerRequest, r.ResultsPerResponse)
 }
 
 // cpuStr shows CPU µs per operation by process, "other" last, as

@@ -158,6 +158,12 @@ type Row struct {
 	CPU         map[string]float64 `json:"cpu_us_per_op,omitempty"`
 	BaselineCPU map[string]float64 `json:"baseline_cpu_us_per_op,omitempty"`
 	CPURatio    *float64           `json:"cpu_ratio,omitempty"`
+	// OpsPerRequest and ResultsPerResponse are how many operations shared
+	// each message the keyserver received on its streams, and results each
+	// message it sent, during the keyless run: 1 when each travels alone.
+	// Zero when not measured.
+	OpsPerRequest      float64 `json:"ops_per_request_msg,omitempty"`
+	ResultsPerResponse float64 `json:"results_per_response_msg,omitempty"`
 	// MachineBusy is the fraction of the machine's CPUs busy during the
 	// keyless run, by anything.
 	MachineBusy float64 `json:"machine_busy,omitempty"`
@@ -218,7 +224,8 @@ func (r *Results) Rows() []Row {
 			k := r.at(keyopsKey("keyless", op, n))
 			row := Row{Name: fmt.Sprintf("keyops/%s/c%d", op, n), Kind: "keyops", Concurrency: n,
 				OpsPerSec: k.OpsPerSec, P50us: k.P50us, P99us: k.P99us, Errors: k.Errors, EmptyCallP50us: k.EmptyP50us,
-				Note: k.FirstError, CPU: k.CPU, MachineBusy: k.MachineBusy}
+				Note: k.FirstError, CPU: k.CPU, MachineBusy: k.MachineBusy,
+				OpsPerRequest: k.OpsPerRequest, ResultsPerResponse: k.ResultsPerResponse}
 			if b, ok := r.get(keyopsKey("inproc", op, n)); ok {
 				row.withBaseline(k, b, baselineInproc)
 				row.Errors += b.Errors
@@ -233,6 +240,7 @@ func (r *Results) Rows() []Row {
 		if ok1 && ok2 {
 			row := Row{Name: fmt.Sprintf("keyops/%s/best", op), Kind: "keyops", Concurrency: kb.Concurrency,
 				OpsPerSec: kb.OpsPerSec, P50us: kb.P50us, P99us: kb.P99us, CPU: kb.CPU, MachineBusy: kb.MachineBusy,
+				OpsPerRequest: kb.OpsPerRequest, ResultsPerResponse: kb.ResultsPerResponse,
 				Note: fmt.Sprintf("keyless best at c%d, in-process best at c%d", kb.Concurrency, ib.Concurrency)}
 			row.withBaseline(kb, ib, fmt.Sprintf("%s c%d", baselineInproc, ib.Concurrency))
 			rows = append(rows, row)
@@ -263,7 +271,7 @@ func (r *Results) tlsRow(group, kind string, n int, baseSide, baseName string) R
 	k := r.at(runKey{group, kind, "keyless", n})
 	row := Row{Name: fmt.Sprintf("%s/%s/c%d", group, kind, n), Kind: group, Concurrency: n,
 		OpsPerSec: k.OpsPerSec, P50us: k.P50us, P99us: k.P99us, Errors: k.Errors, Note: k.FirstError,
-		CPU: k.CPU, MachineBusy: k.MachineBusy}
+		CPU: k.CPU, MachineBusy: k.MachineBusy, OpsPerRequest: k.OpsPerRequest, ResultsPerResponse: k.ResultsPerResponse}
 	if b, ok := r.get(runKey{group, kind, baseSide, n}); ok {
 		row.withBaseline(k, b, baseName)
 		if row.Note == "" {

@@ -189,6 +189,7 @@ type orchestrator struct {
 	link    *linkPKI
 	policy  string // policy file, if the keyserver takes one
 	audit   string // audit log file, if the keyserver takes one
+	metrics bool   // the keyserver takes -metrics-listen
 	results *Results
 	seq     int
 	srv     servers
@@ -198,7 +199,7 @@ type orchestrator struct {
 const benchToken = "keyless-bench"
 
 var (
-	readyKeyserver = regexp.MustCompile(`keyserver ready: listen=(\S+)`)
+	readyKeyserver = regexp.MustCompile(`keyserver ready: listen=(\S+)(?: metrics=(\S+))?`)
 	readyEdge      = regexp.MustCompile(`edge ready: listen=(\S+)`)
 	readySelf      = regexp.MustCompile(`(?m)^ready (\S+)`)
 	heldRE         = regexp.MustCompile(`(?m)^held (\d+)`)
@@ -420,7 +421,8 @@ rules:
 `
 
 // writePolicy writes a permissive policy if "keyserver serve" has a
-// -policy flag.
+// -policy flag, and notes whether it takes -audit-log and -metrics-listen
+// (a -bin keyserver may be an older one).
 func (o *orchestrator) writePolicy(ctx context.Context) error {
 	hctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
@@ -430,6 +432,7 @@ func (o *orchestrator) writePolicy(ctx context.Context) error {
 		// fill the orchestrator's memory with one line per operation.
 		o.audit = filepath.Join(o.dir, "audit.jsonl")
 	}
+	o.metrics = regexp.MustCompile(`(?m)^\s*-metrics-listen\b`).Match(help)
 	if !regexp.MustCompile(`(?m)^\s*-policy\b`).Match(help) {
 		return nil
 	}
@@ -442,6 +445,7 @@ func (o *orchestrator) writePolicy(ctx context.Context) error {
 type servers struct {
 	keyserver, edge, hsmTLS, softTLS    *proc
 	ksAddr, edgeAddr, hsmAddr, softAddr string
+	ksMetrics                           string // the keyserver's metrics listener, if any
 }
 
 func (s *servers) stop() {
@@ -452,7 +456,9 @@ func (s *servers) stop() {
 	}
 }
 
-func (o *orchestrator) startKeyserver() (*proc, string, error) {
+// startKeyserver starts the keyserver and returns it, its address and its
+// metrics listener's ("" for none).
+func (o *orchestrator) startKeyserver() (p *proc, addr, metricsAddr string, err error) {
 	args := []string{"serve", "-listen", "127.0.0.1:0", "-tls-cert", o.link.serverCert, "-tls-key", o.link.serverKey,
 		"-client-ca", o.link.caFile}
 	if o.policy != "" {
@@ -461,17 +467,24 @@ func (o *orchestrator) startKeyserver() (*proc, string, error) {
 	if o.audit != "" {
 		args = append(args, "-audit-log", o.audit)
 	}
+	if o.metrics {
+		// For the stream counters; see keyserverRun.
+		args = append(args, "-metrics-listen", "127.0.0.1:0")
+	}
 	args = append(append(args, o.token...), o.cfg.KeyserverFlags...)
-	p, err := startProc("keyserver", o.logDir, append(slices.Clone(o.env), o.cfg.KeyserverEnv...), filepath.Join(o.bin, "keyserver"), args...)
+	p, err = startProc("keyserver", o.logDir, append(slices.Clone(o.env), o.cfg.KeyserverEnv...), filepath.Join(o.bin, "keyserver"), args...)
 	if err != nil {
-		return nil, "", err
+		return nil, "", "", err
 	}
 	m, err := p.waitFor(readyKeyserver, 30*time.Second)
 	if err != nil {
 		p.stop()
-		return nil, "", err
+		return nil, "", "", err
 	}
-	return p, m[1], nil
+	if m[2] != "off" {
+		metricsAddr = m[2]
+	}
+	return p, m[1], metricsAddr, nil
 }
 
 func (o *orchestrator) startEdge(ksAddr string) (*proc, string, error) {
@@ -518,7 +531,7 @@ func (o *orchestrator) scenarios(ctx context.Context) error {
 	defer s.stop()
 	var err error
 	o.logf("starting keyserver")
-	if s.keyserver, s.ksAddr, err = o.startKeyserver(); err != nil {
+	if s.keyserver, s.ksAddr, s.ksMetrics, err = o.startKeyserver(); err != nil {
 		return err
 	}
 	if needHS || needResume {
@@ -640,6 +653,28 @@ func (o *orchestrator) runResult(ctx context.Context, name string, env []string,
 	return r, nil
 }
 
+// keyserverRun is runResult for a run through the keyserver: it reads the
+// keyserver's stream counters before and after, and sets the result's
+// operations per message from them. Without a metrics listener, or when a
+// reading fails (logged), the result has no such figures; the run stands.
+func (o *orchestrator) keyserverRun(ctx context.Context, name string, env []string, args ...string) (Result, error) {
+	if o.srv.ksMetrics == "" {
+		return o.runResult(ctx, name, env, args...)
+	}
+	before, err1 := scrapeTraffic(ctx, o.srv.ksMetrics)
+	r, err := o.runResult(ctx, name, env, args...)
+	if err != nil {
+		return r, err
+	}
+	after, err2 := scrapeTraffic(ctx, o.srv.ksMetrics)
+	if err := errors.Join(err1, err2); err != nil {
+		o.logf("%s: operations per message not measured: %v", name, err)
+		return r, nil
+	}
+	r.sharing(before, after)
+	return r, nil
+}
+
 func (o *orchestrator) keyopsRun(ctx context.Context, side, op string, n int, ksAddr string) error {
 	mode := "inproc"
 	if side == "keyless" {
@@ -657,7 +692,11 @@ func (o *orchestrator) keyopsRun(ctx context.Context, side, op string, n int, ks
 			args = append(args, "-empty", "500ms")
 		}
 	}
-	r, err := o.runResult(ctx, fmt.Sprintf("%s-%s-c%d", side, op, n), env, args...)
+	run := o.runResult
+	if side == "keyless" {
+		run = o.keyserverRun
+	}
+	r, err := run(ctx, fmt.Sprintf("%s-%s-c%d", side, op, n), env, args...)
 	if err != nil {
 		return err
 	}
@@ -677,7 +716,11 @@ func (o *orchestrator) handshakeRun(ctx context.Context, group, kind, server, ad
 		watch = watchArg("server", o.srv.softTLS)
 	}
 	args := append([]string{"loadgen", "-addr", addr, "-kind", kind, "-watch", watch}, o.loadArgs(n)...)
-	r, err := o.runResult(ctx, fmt.Sprintf("loadgen-%s-%s-c%d", kind, server, n), nil, args...)
+	run := o.runResult
+	if server == "keyless" {
+		run = o.keyserverRun
+	}
+	r, err := run(ctx, fmt.Sprintf("loadgen-%s-%s-c%d", kind, server, n), nil, args...)
 	if err != nil {
 		return err
 	}
@@ -709,6 +752,9 @@ func (o *orchestrator) progress(group, what, side string, r Result) {
 	}
 	if r.EmptyP50us > 0 {
 		extra += fmt.Sprintf("; empty call p50 %.0f µs", r.EmptyP50us)
+	}
+	if r.OpsPerRequest > 0 || r.ResultsPerResponse > 0 {
+		extra += fmt.Sprintf("; per stream message: %.1f operations in, %.1f results out", r.OpsPerRequest, r.ResultsPerResponse)
 	}
 	if r.Errors > 0 {
 		extra += fmt.Sprintf(", %d errors (first: %s)", r.Errors, r.FirstError)

@@ -35,6 +35,13 @@ type Result struct {
 	// one call at a time; zero when not measured.
 	EmptyP50us float64 `json:"empty_p50_us,omitempty"`
 	EmptyP99us float64 `json:"empty_p99_us,omitempty"`
+	// OpsPerRequest and ResultsPerResponse are how many operations the
+	// keyserver's Stream calls received per message, and results it sent
+	// per message, over the whole run (warm-up included), from its
+	// metrics; zero when not measured (baselines, and the edge's resumed
+	// handshakes, which send nothing).
+	OpsPerRequest      float64 `json:"ops_per_request_msg,omitempty"`
+	ResultsPerResponse float64 `json:"results_per_response_msg,omitempty"`
 	// FirstError is the first error seen, if any.
 	FirstError string `json:"first_error,omitempty"`
 	// CPU is the CPU time used during the window per counted operation,
