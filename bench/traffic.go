@@ -1,14 +1,14 @@
 package bench
 
 import (
-	"bufio"
 	"context"
 	"fmt"
 	"io"
 	"net/http"
-	"strconv"
-	"strings"
 	"time"
+
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 )
 
 // streamTraffic is what the keyserver's stream counters say: the messages
@@ -18,40 +18,34 @@ type streamTraffic struct {
 	received, receivedOps, sent, sentResults float64
 }
 
-// trafficSeries maps the keyserver's metric series to the fields of a
-// streamTraffic.
-var trafficSeries = map[string]func(*streamTraffic) *float64{
-	`keyless_keyserver_stream_messages_total{direction="received"}`:   func(t *streamTraffic) *float64 { return &t.received },
-	`keyless_keyserver_stream_operations_total{direction="received"}`: func(t *streamTraffic) *float64 { return &t.receivedOps },
-	`keyless_keyserver_stream_messages_total{direction="sent"}`:       func(t *streamTraffic) *float64 { return &t.sent },
-	`keyless_keyserver_stream_operations_total{direction="sent"}`:     func(t *streamTraffic) *float64 { return &t.sentResults },
-}
-
 // parseTraffic reads the stream counters from a Prometheus text
 // exposition. It fails unless all four are there.
 func parseTraffic(r io.Reader) (streamTraffic, error) {
 	var t streamTraffic
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(r)
+	if err != nil {
+		return t, fmt.Errorf("bench: keyserver metrics: %w", err)
+	}
+	fields := map[string]*float64{
+		"keyless_keyserver_stream_messages_total/received":   &t.received,
+		"keyless_keyserver_stream_operations_total/received": &t.receivedOps,
+		"keyless_keyserver_stream_messages_total/sent":       &t.sent,
+		"keyless_keyserver_stream_operations_total/sent":     &t.sentResults,
+	}
 	found := 0
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		series, value, ok := strings.Cut(sc.Text(), " ")
-		field, known := trafficSeries[series]
-		if !ok || !known {
-			continue
+	for _, name := range []string{"keyless_keyserver_stream_messages_total", "keyless_keyserver_stream_operations_total"} {
+		for _, m := range families[name].GetMetric() {
+			for _, l := range m.GetLabel() {
+				if f, ok := fields[name+"/"+l.GetValue()]; ok && l.GetName() == "direction" {
+					*f = m.GetCounter().GetValue()
+					found++
+				}
+			}
 		}
-		v, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
-		if err != nil {
-			return t, fmt.Errorf("bench: metric %s: %w", series, err)
-		}
-		*field(&t) = v
-		found++
 	}
-	if err := sc.Err(); err != nil {
-		return t, err
-	}
-	if found != len(trafficSeries) {
-		return t, fmt.Errorf("bench: the keyserver's metrics have %d of the %d stream counters", found, len(trafficSeries))
+	if found != len(fields) {
+		return t, fmt.Errorf("bench: the keyserver's metrics have %d of the %d stream counters", found, len(fields))
 	}
 	return t, nil
 }
