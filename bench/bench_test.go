@@ -81,6 +81,24 @@ func TestLoadRun(t *testing.T) {
 	}
 }
 
+// TestLoadRunPause: with a pause, each worker idles before each operation,
+// and the pause is not part of the operation's latency.
+func TestLoadRunPause(t *testing.T) {
+	l := &Load{Name: "pause", Concurrency: 1, Duration: 200 * time.Millisecond, Pause: 20 * time.Millisecond,
+		Op: func(ctx context.Context, w int) error { return nil }}
+	r, err := l.Run(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	// One worker, 20 ms idle before each instant operation, for 200 ms.
+	if r.Ops < 1 || r.Ops > 10 {
+		t.Errorf("Run() = %d ops; want 1 to 10", r.Ops)
+	}
+	if r.P99us >= 20000 {
+		t.Errorf("Run() p99 %v µs; the 20 ms pause must not count in the latency", r.P99us)
+	}
+}
+
 func TestLoadRunErrors(t *testing.T) {
 	l := &Load{Name: "fail", Concurrency: 4, Duration: 5 * time.Second,
 		Op: func(ctx context.Context, w int) error { return errors.New("boom") }}
@@ -103,6 +121,7 @@ func TestLoadValidate(t *testing.T) {
 		{Concurrency: 0, Duration: time.Second, Op: op},
 		{Concurrency: 1, Duration: 0, Op: op},
 		{Concurrency: 1, Duration: time.Second, Warmup: -1, Op: op},
+		{Concurrency: 1, Duration: time.Second, Pause: -1, Op: op},
 		{Concurrency: 1, Duration: time.Second},
 	} {
 		if err := l.Validate(); err == nil {
@@ -182,6 +201,7 @@ func testResults() *Results {
 	k8 := res(8, 6000, 1300, nil)
 	k8.OpsPerRequest, k8.ResultsPerResponse = 2.7, 1.6
 	r.add(keyopsKey("keyless", OpECDSASign, 8), k8)
+	r.add(keyopsKey("inproc-paused", OpECDSASign, 1), res(1, 2500, 320, nil))
 	r.add(keyopsKey("inproc", OpRSASign, 1), res(1, 900, 1100, nil))
 	r.add(keyopsKey("inproc", OpRSASign, 8), res(8, 1000, 8000, nil))
 	r.add(keyopsKey("keyless", OpRSASign, 1), Result{Concurrency: 1, OpsPerSec: 800, P50us: 1250, EmptyP50us: 100})
@@ -249,6 +269,17 @@ func TestRowsAndTargets(t *testing.T) {
 	}
 	if v := *byName["target/latency-c1/ecdsa-p256-sign"].Value; v != 150 {
 		t.Errorf("ECDSA latency excess = %v, want 150", v)
+	}
+	// The paused baseline is a diagnostic: in the c1 row and the target's
+	// note, never in the target's value or the baseline's best.
+	if got := byName["keyops/ecdsa-p256-sign/c1"].PausedBaselineP50us; got != 320 {
+		t.Errorf("ECDSA c1 paused baseline p50 = %v, want 320", got)
+	}
+	if note := byName["target/latency-c1/ecdsa-p256-sign"].Note; !strings.Contains(note, "after an idle gap as long as the empty call 320 µs, keyless over it 80 µs") {
+		t.Errorf("ECDSA latency target note = %q; want the paused baseline", note)
+	}
+	if b := byName["keyops/ecdsa-p256-sign/best"]; b.BaselineName != "inproc-softhsm c2" {
+		t.Errorf("ECDSA best baseline = %q, want the in-process c2 run", b.BaselineName)
 	}
 }
 

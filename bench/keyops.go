@@ -89,6 +89,7 @@ type loadFlags struct {
 	warmup      time.Duration
 	duration    time.Duration
 	timeout     time.Duration
+	pause       time.Duration
 	watch       string
 }
 
@@ -97,6 +98,7 @@ func (f *loadFlags) register(fs *flag.FlagSet) {
 	fs.DurationVar(&f.warmup, "warmup", 500*time.Millisecond, "time to run before measuring")
 	fs.DurationVar(&f.duration, "duration", 2*time.Second, "time to measure")
 	fs.DurationVar(&f.timeout, "op-timeout", tlscore.DefaultCallTimeout, "deadline of each operation")
+	fs.DurationVar(&f.pause, "pause", 0, "idle time of each worker before each operation, not counted in its latency")
 	fs.StringVar(&f.watch, "watch", "", "other processes whose CPU time to measure, as name=pid,name=pid")
 }
 
@@ -107,7 +109,8 @@ func (f *loadFlags) load(name, self string, op Op) (*Load, error) {
 		return nil, err
 	}
 	watch[self] = os.Getpid()
-	return &Load{Name: name, Concurrency: f.concurrency, Warmup: f.warmup, Duration: f.duration, OpTimeout: f.timeout, Op: op, Watch: watch}, nil
+	return &Load{Name: name, Concurrency: f.concurrency, Warmup: f.warmup, Duration: f.duration, OpTimeout: f.timeout, Op: op,
+		Pause: f.pause, Watch: watch}, nil
 }
 
 // keyFlags name a key operation and the key's public key.

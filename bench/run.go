@@ -565,8 +565,11 @@ func (o *orchestrator) scenarios(ctx context.Context) error {
 			}
 			for _, n := range c.KeyopsConcurrency {
 				for range c.Repeat {
-					note(o.keyopsRun(ctx, "inproc", op, n, s.ksAddr))
-					note(o.keyopsRun(ctx, "keyless", op, n, s.ksAddr))
+					note(o.keyopsRun(ctx, "inproc", op, n, s.ksAddr, 0))
+					note(o.keyopsRun(ctx, "keyless", op, n, s.ksAddr, 0))
+					if n == 1 {
+						note(o.pausedBaselineRun(ctx, op, s.ksAddr))
+					}
 				}
 			}
 			// The baseline's best concurrency may lie between the
@@ -574,7 +577,7 @@ func (o *orchestrator) scenarios(ctx context.Context) error {
 			for _, n := range c.InprocExtraConcurrency {
 				if !slices.Contains(c.KeyopsConcurrency, n) {
 					for range c.Repeat {
-						note(o.keyopsRun(ctx, "inproc", op, n, s.ksAddr))
+						note(o.keyopsRun(ctx, "inproc", op, n, s.ksAddr, 0))
 					}
 				}
 			}
@@ -653,6 +656,21 @@ func (o *orchestrator) runResult(ctx context.Context, name string, env []string,
 	return r, nil
 }
 
+// pausedBaselineRun measures the in-process baseline of op at concurrency
+// 1 with each operation following an idle gap as long as the empty call's
+// p50 of the keyless run just made. Through a keyserver, each operation at
+// concurrency 1 follows such a gap (its request's round trip), which on a
+// VM costs the operation itself time; the latency target's note quotes
+// this figure beside it, to tell that cost from keyless's own.
+func (o *orchestrator) pausedBaselineRun(ctx context.Context, op, ksAddr string) error {
+	reps := o.results.runs[keyopsKey("keyless", op, 1)]
+	if len(reps) == 0 || reps[len(reps)-1].EmptyP50us <= 0 {
+		return nil
+	}
+	pause := time.Duration(reps[len(reps)-1].EmptyP50us * float64(time.Microsecond)).Round(time.Microsecond)
+	return o.keyopsRun(ctx, "inproc-paused", op, 1, ksAddr, pause)
+}
+
 // keyserverRun is runResult for a run through the keyserver: it reads the
 // keyserver's stream counters before and after, and sets the result's
 // operations per message from them. Without a metrics listener, or when a
@@ -675,14 +693,21 @@ func (o *orchestrator) keyserverRun(ctx context.Context, name string, env []stri
 	return r, nil
 }
 
-func (o *orchestrator) keyopsRun(ctx context.Context, side, op string, n int, ksAddr string) error {
+// keyopsRun measures key operation op at concurrency n on side "keyless"
+// (through the keyserver at ksAddr), "inproc" (the baseline) or
+// "inproc-paused" (the baseline with every operation following an idle gap
+// of pause; see pausedBaselineRun).
+func (o *orchestrator) keyopsRun(ctx context.Context, side, op string, n int, ksAddr string, pause time.Duration) error {
 	mode := "inproc"
 	if side == "keyless" {
 		mode = "keyops"
 	}
 	args := append([]string{mode, "-op", op, "-pub", o.pubs[op]}, o.loadArgs(n)...)
+	if pause > 0 {
+		args = append(args, "-pause", pause.String())
+	}
 	env := o.env
-	if side == "inproc" {
+	if side != "keyless" {
 		args = append(args, o.hsmArgs()...)
 	} else {
 		env = nil

@@ -84,6 +84,10 @@ type Load struct {
 	Duration    time.Duration
 	OpTimeout   time.Duration
 	Op          Op
+	// Pause is how long each worker sleeps before each operation, outside
+	// its latency: every operation then follows an idle gap, as a key
+	// operation through a keyserver follows its request's round trip.
+	Pause time.Duration
 	// Watch names processes (by pid) whose CPU time is measured over the
 	// window; see Result.CPU.
 	Watch map[string]int
@@ -96,6 +100,8 @@ func (l *Load) Validate() error {
 		return fmt.Errorf("bench: concurrency %d; want at least 1", l.Concurrency)
 	case l.Warmup < 0:
 		return fmt.Errorf("bench: warm-up %v; want 0 or more", l.Warmup)
+	case l.Pause < 0:
+		return fmt.Errorf("bench: pause %v; want 0 or more", l.Pause)
 	case l.Duration <= 0:
 		return fmt.Errorf("bench: duration %v; want more than 0", l.Duration)
 	case l.Op == nil:
@@ -160,6 +166,9 @@ func (l *Load) Run(ctx context.Context) (Result, error) {
 		w.lat = make([]time.Duration, 0, guess)
 		wg.Go(func() {
 			for ctx.Err() == nil {
+				if l.Pause > 0 {
+					time.Sleep(l.Pause)
+				}
 				s := time.Now()
 				if !s.Before(t1) {
 					return
