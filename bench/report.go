@@ -39,14 +39,14 @@ func PrintTable(w io.Writer, rows []Row) {
 		func(r Row) string {
 			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t", r.Name, num(r.OpsPerSec), num(r.P50us), num(r.P99us),
 				nump(r.Baseline), num(r.BaselineP50us), num(r.BaselineP99us), rat(r.Ratio), num(r.EmptyCallP50us),
-				rat(r.CPURatio), cpuStr(r.CPU), cpuStr(r.BaselineCPU), busy(r.MachineBusy), sharing(r))
+				rat(r.CPURatio), cpuStr(r.CPU), cpuStr(r.BaselineCPU), busy(r.MachineBusy), sharingStr(r))
 		})
 	section("handshake", "FULL HANDSHAKES: keyless = edge + keyserver; baseline = crypto/tls with the same SoftHSM key in-process; soft = crypto/tls with a software key",
 		"name\tkeyless/s\tp50 µs\tp99 µs\tinproc-hsm/s\tp50 µs\tp99 µs\tratio\tsoft-key/s\tratio\tcpu ratio\tcpu µs/op keyless\tbaseline\tbusy\tops/msg in out\t",
 		func(r Row) string {
 			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t", r.Name, num(r.OpsPerSec), num(r.P50us), num(r.P99us),
 				nump(r.Baseline), num(r.BaselineP50us), num(r.BaselineP99us), rat(r.Ratio), nump(r.SoftKey), rat(r.SoftKeyRatio),
-				rat(r.CPURatio), cpuStr(r.CPU), cpuStr(r.BaselineCPU), busy(r.MachineBusy), sharing(r))
+				rat(r.CPURatio), cpuStr(r.CPU), cpuStr(r.BaselineCPU), busy(r.MachineBusy), sharingStr(r))
 		})
 	section("resume", "RESUMED HANDSHAKES (no key operation): keyless = edge; baseline = crypto/tls with a software key",
 		"name\tkeyless/s\tp50 µs\tp99 µs\tsoft-key/s\tp50 µs\tp99 µs\tratio\tcpu ratio\tcpu µs/op keyless\tbaseline\tbusy\t",
@@ -75,9 +75,9 @@ func PrintTable(w io.Writer, rows []Row) {
 		})
 }
 
-// sharing shows the operations per stream message received by the
+// sharingStr shows the operations per stream message received by the
 // keyserver and the results per message it sent, as "2.7 1.7", or "-".
-func sharing(r Row) string {
+func sharingStr(r Row) string {
 	if r.OpsPerRequest == 0 && r.ResultsPerResponse == 0 {
 		return "-"
 	}

@@ -568,7 +568,7 @@ func (o *orchestrator) scenarios(ctx context.Context) error {
 					note(o.keyopsRun(ctx, "inproc", op, n, s.ksAddr, 0))
 					note(o.keyopsRun(ctx, "keyless", op, n, s.ksAddr, 0))
 					if n == 1 {
-						note(o.pausedBaselineRun(ctx, op, s.ksAddr))
+						note(o.pausedBaselineRun(ctx, op))
 					}
 				}
 			}
@@ -662,13 +662,13 @@ func (o *orchestrator) runResult(ctx context.Context, name string, env []string,
 // concurrency 1 follows such a gap (its request's round trip), which on a
 // VM costs the operation itself time; the latency target's note quotes
 // this figure beside it, to tell that cost from keyless's own.
-func (o *orchestrator) pausedBaselineRun(ctx context.Context, op, ksAddr string) error {
+func (o *orchestrator) pausedBaselineRun(ctx context.Context, op string) error {
 	reps := o.results.runs[keyopsKey("keyless", op, 1)]
 	if len(reps) == 0 || reps[len(reps)-1].EmptyP50us <= 0 {
 		return nil
 	}
 	pause := time.Duration(reps[len(reps)-1].EmptyP50us * float64(time.Microsecond)).Round(time.Microsecond)
-	return o.keyopsRun(ctx, "inproc-paused", op, 1, ksAddr, pause)
+	return o.keyopsRun(ctx, "inproc-paused", op, 1, "", pause)
 }
 
 // keyserverRun is runResult for a run through the keyserver: it reads the
