@@ -542,7 +542,15 @@ func TestStreamResultsShareMessages(t *testing.T) {
 	checkP256Result(t, receiveResults(t, st, 1)[n+1])
 
 	// The traffic metrics count the two messages received (n operations,
-	// then 1) and the four sent (n-2 results, 1, 1, 1).
+	// then 1) and the four sent (n-2 results, 1, 1, 1). The worker counts
+	// a message once its Send has returned, which may be after the client
+	// has it: wait until no Send is in progress.
+	waitUntil(t, "the last Send to end", func() bool {
+		s := openStreamOf(ts.svc)
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return !s.sending
+	})
 	want := map[string]float64{
 		"keyless_keyserver_stream_messages_total/received":   2,
 		"keyless_keyserver_stream_operations_total/received": n + 1,
