@@ -118,6 +118,12 @@ func TestReconnect(t *testing.T) {
 			wantUnavailable(t, "Check() after the fault", err)
 		}
 		waitHealthy(ctx, t, m)
+		// The module is healthy as soon as the fault is cleared; the
+		// supervisor logs the reconnection just after.
+		deadline := time.Now().Add(5 * time.Second)
+		for !strings.Contains(logs.String(), "reconnected to token") && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
 		if !strings.Contains(logs.String(), "reconnected to token") {
 			t.Errorf("no reconnection in the log:\n%s", logs.String())
 		}
