@@ -139,19 +139,18 @@ func TestParseRunFlags(t *testing.T) {
 	if c.Out != "bench-results.json" || c.Duration != 1500*time.Millisecond || c.MemConns != 5000 || len(c.Scenarios) != 0 {
 		t.Errorf("defaults = %+v", c)
 	}
-	if !equalInts(c.KeyopsConcurrency, []int{1, 8, 64}) || !equalInts(c.HandshakeConcurrency, []int{1, 8, 32}) ||
-		!equalInts(c.InprocExtraConcurrency, []int{2, 4}) {
-		t.Errorf("default concurrencies = %v, %v, %v", c.KeyopsConcurrency, c.HandshakeConcurrency, c.InprocExtraConcurrency)
+	if !equalInts(c.KeyopsConcurrency, []int{1, 2, 4, 8, 64}) || !equalInts(c.HandshakeConcurrency, []int{1, 8, 32}) {
+		t.Errorf("default concurrencies = %v, %v", c.KeyopsConcurrency, c.HandshakeConcurrency)
 	}
 
 	t.Setenv("BENCH_OUT", "/tmp/x.json")
 	c, err = parseRunFlags([]string{"-duration", "200ms", "-concurrency", "1", "-scenarios", "keyops/ecdsa, resume",
-		"-inproc-extra-concurrency", "", "-keyserver-flags", "-max-concurrent 2"}, io.Discard)
+		"-keyserver-flags", "-max-concurrent 2"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if c.Out != "/tmp/x.json" || c.Duration != 200*time.Millisecond || !equalInts(c.KeyopsConcurrency, []int{1}) ||
-		!equalInts(c.HandshakeConcurrency, []int{1}) || c.InprocExtraConcurrency != nil {
+		!equalInts(c.HandshakeConcurrency, []int{1}) {
 		t.Errorf("parsed = %+v", c)
 	}
 	if strings.Join(c.KeyserverFlags, " ") != "-max-concurrent 2" {

@@ -41,10 +41,10 @@ type RunConfig struct {
 	// Warmup and Duration bound every load run.
 	Warmup, Duration time.Duration
 	// KeyopsConcurrency and HandshakeConcurrency are the concurrencies of
-	// the key-operation and handshake scenarios. InprocExtraConcurrency
-	// are further concurrencies at which the in-process baseline is
-	// measured, to find its best.
-	KeyopsConcurrency, HandshakeConcurrency, InprocExtraConcurrency []int
+	// the key-operation and handshake scenarios. Both sides of a key
+	// operation run at each of them, so that each side's best is found
+	// among the same ones.
+	KeyopsConcurrency, HandshakeConcurrency []int
 	// Scenarios selects scenarios by name prefix ("keyops",
 	// "keyops/rsa2048-decrypt", "handshake/tls13", "resume", "edgemem");
 	// nil or "all" means every scenario.
@@ -74,16 +74,15 @@ func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
 		defOut = "bench-results.json"
 	}
 	c := &RunConfig{}
-	var keyopsConc, hsConc, extraConc, conc, scenarios, ksFlags, edgeFlags, ksEnv, edgeEnv string
+	var keyopsConc, hsConc, conc, scenarios, ksFlags, edgeFlags, ksEnv, edgeEnv string
 	fs.StringVar(&c.Bin, "bin", "", "directory with keyserver and edge binaries (default: go build them)")
 	fs.StringVar(&c.Out, "out", defOut, "JSON results file (default $BENCH_OUT, else bench-results.json)")
 	fs.StringVar(&c.WorkDir, "workdir", "", "directory for the token, PKI and logs (default: a temporary one)")
 	fs.BoolVar(&c.Keep, "keep", false, "keep the temporary work directory")
 	fs.DurationVar(&c.Warmup, "warmup", 300*time.Millisecond, "warm-up of each run, not measured")
 	fs.DurationVar(&c.Duration, "duration", 1500*time.Millisecond, "measured time of each run")
-	fs.StringVar(&keyopsConc, "keyops-concurrency", "1,8,64", "concurrencies of the key-operation scenarios")
+	fs.StringVar(&keyopsConc, "keyops-concurrency", "1,2,4,8,64", "concurrencies of the key-operation scenarios, both sides (SoftHSM's best lies near 2–8)")
 	fs.StringVar(&hsConc, "handshake-concurrency", "1,8,32", "concurrencies of the handshake scenarios")
-	fs.StringVar(&extraConc, "inproc-extra-concurrency", "2,4", "further concurrencies of the in-process key-operation baseline, to find its best (empty: none)")
 	fs.StringVar(&conc, "concurrency", "", "concurrencies of every scenario (overrides the two above)")
 	fs.StringVar(&scenarios, "scenarios", "all", "comma-separated scenario name prefixes: keyops, handshake, resume, edgemem, or finer such as keyops/ecdsa, handshake/tls12")
 	fs.IntVar(&c.Repeat, "repeat", 1, "runs of each figure and its baseline, alternating; the median is kept (for noisy machines)")
@@ -105,11 +104,6 @@ func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
 	}
 	if c.HandshakeConcurrency, err = parseInts(hsConc); err != nil {
 		return nil, fmt.Errorf("bench: -handshake-concurrency: %w", err)
-	}
-	if strings.TrimSpace(extraConc) != "" {
-		if c.InprocExtraConcurrency, err = parseInts(extraConc); err != nil {
-			return nil, fmt.Errorf("bench: -inproc-extra-concurrency: %w", err)
-		}
 	}
 	for s := range strings.SplitSeq(scenarios, ",") {
 		if s = strings.TrimSpace(s); s != "" && s != "all" {
@@ -569,15 +563,6 @@ func (o *orchestrator) scenarios(ctx context.Context) error {
 					note(o.keyopsRun(ctx, "keyless", op, n, s.ksAddr, 0))
 					if n == 1 {
 						note(o.pausedBaselineRun(ctx, op))
-					}
-				}
-			}
-			// The baseline's best concurrency may lie between the
-			// concurrencies of the table (SoftHSM peaks near 2).
-			for _, n := range c.InprocExtraConcurrency {
-				if !slices.Contains(c.KeyopsConcurrency, n) {
-					for range c.Repeat {
-						note(o.keyopsRun(ctx, "inproc", op, n, s.ksAddr, 0))
 					}
 				}
 			}
