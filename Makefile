@@ -31,7 +31,7 @@ FUZZTIME ?= 10m
 fuzz:
 	scripts/fuzz.sh $(FUZZTIME)
 
-## bench: keyless against in-process keys, in one run of ~4 minutes; table on
+## bench: keyless against in-process keys, in one run of ~3 minutes; table on
 ## stdout, JSON in BENCH_OUT (default bench-results.json); see BENCHMARKS.md.
 ## BENCH_FLAGS adds flags of "keyless-bench run" (e.g. -duration 1s).
 BENCH_OUT ?= bench-results.json
