@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -279,6 +280,54 @@ func TestRowsAndTargets(t *testing.T) {
 	}
 	if b := byName["keyops/ecdsa-p256-sign/best"]; b.BaselineName != "inproc-softhsm c2" {
 		t.Errorf("ECDSA best baseline = %q, want the in-process c2 run", b.BaselineName)
+	}
+}
+
+// TestRatioRange checks that repeated figures report the spread of one
+// repetition's ratio, pairing each keyless run with the baseline run of
+// the same repetition, and that a run missing from one side (a failed
+// run) pairs nothing.
+func TestRatioRange(t *testing.T) {
+	r := newResults()
+	add := func(side string, n, rep int, ops float64) {
+		r.add(keyopsKey(side, OpRSASign, n), Result{Concurrency: n, OpsPerSec: ops, rep: rep})
+	}
+	// c8: the inproc run of repetition 1 failed; pairs 0 (0.8) and 2 (1.1).
+	add("inproc", 8, 0, 1000)
+	add("keyless", 8, 0, 800)
+	add("keyless", 8, 1, 700) // paired by position, it would give 700 ÷ 900
+	add("inproc", 8, 2, 900)
+	add("keyless", 8, 2, 990)
+	// c64: one repetition only, no range.
+	add("inproc", 64, 0, 850)
+	add("keyless", 64, 0, 700)
+	for _, rep := range []int{0, 1} {
+		r.add(handshakeKey("handshake", HandshakeTLS13RSA, "hsm", 32), Result{Concurrency: 32, OpsPerSec: 600, rep: rep})
+		r.add(handshakeKey("handshake", HandshakeTLS13RSA, "keyless", 32), Result{Concurrency: 32, OpsPerSec: 540 + 60*float64(rep), rep: rep})
+	}
+	byName := map[string]Row{}
+	for _, row := range r.Rows() {
+		byName[row.Name] = row
+	}
+	for name, want := range map[string][]float64{
+		"keyops/rsa2048-pss-sign/c8":   {0.8, 1.1},
+		"keyops/rsa2048-pss-sign/c64":  nil,
+		"keyops/rsa2048-pss-sign/best": {0.8, 1.1}, // both sides' best at c8
+		"handshake/tls13-rsa/c32":      {0.9, 1},
+	} {
+		if got := byName[name].RatioRange; !slices.Equal(got, want) {
+			t.Errorf("%s: RatioRange = %v, want %v", name, got, want)
+		}
+	}
+	for _, name := range []string{"target/keyops-best-ratio/rsa2048-pss-sign", "target/handshake-c32-ratio/tls13-rsa"} {
+		if note := byName[name].Note; !strings.Contains(note, "one repetition's ratio") {
+			t.Errorf("%s note = %q; want the range of one repetition's ratio", name, note)
+		}
+	}
+	var table strings.Builder
+	PrintTable(&table, r.Rows())
+	if !strings.Contains(table.String(), "(0.80-1.10)") {
+		t.Errorf("table lacks the c8 ratio range:\n%s", table.String())
 	}
 }
 

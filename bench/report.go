@@ -38,21 +38,21 @@ func PrintTable(w io.Writer, rows []Row) {
 		"name\tkeyless/s\tp50 µs\tp99 µs\tinproc/s\tp50 µs\tp99 µs\tratio\tempty p50 µs\tcpu ratio\tcpu µs/op keyless\tbaseline\tbusy\tops/msg in out\t",
 		func(r Row) string {
 			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t", r.Name, num(r.OpsPerSec), num(r.P50us), num(r.P99us),
-				nump(r.Baseline), num(r.BaselineP50us), num(r.BaselineP99us), rat(r.Ratio), num(r.EmptyCallP50us),
+				nump(r.Baseline), num(r.BaselineP50us), num(r.BaselineP99us), ratioStr(r), num(r.EmptyCallP50us),
 				rat(r.CPURatio), cpuStr(r.CPU), cpuStr(r.BaselineCPU), busy(r.MachineBusy), sharingStr(r))
 		})
 	section("handshake", "FULL HANDSHAKES: keyless = edge + keyserver; baseline = crypto/tls with the same SoftHSM key in-process; soft = crypto/tls with a software key",
 		"name\tkeyless/s\tp50 µs\tp99 µs\tinproc-hsm/s\tp50 µs\tp99 µs\tratio\tsoft-key/s\tratio\tcpu ratio\tcpu µs/op keyless\tbaseline\tbusy\tops/msg in out\t",
 		func(r Row) string {
 			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t", r.Name, num(r.OpsPerSec), num(r.P50us), num(r.P99us),
-				nump(r.Baseline), num(r.BaselineP50us), num(r.BaselineP99us), rat(r.Ratio), nump(r.SoftKey), rat(r.SoftKeyRatio),
+				nump(r.Baseline), num(r.BaselineP50us), num(r.BaselineP99us), ratioStr(r), nump(r.SoftKey), rat(r.SoftKeyRatio),
 				rat(r.CPURatio), cpuStr(r.CPU), cpuStr(r.BaselineCPU), busy(r.MachineBusy), sharingStr(r))
 		})
 	section("resume", "RESUMED HANDSHAKES (no key operation): keyless = edge; baseline = crypto/tls with a software key",
 		"name\tkeyless/s\tp50 µs\tp99 µs\tsoft-key/s\tp50 µs\tp99 µs\tratio\tcpu ratio\tcpu µs/op keyless\tbaseline\tbusy\t",
 		func(r Row) string {
 			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t", r.Name, num(r.OpsPerSec), num(r.P50us), num(r.P99us),
-				nump(r.Baseline), num(r.BaselineP50us), num(r.BaselineP99us), rat(r.Ratio),
+				nump(r.Baseline), num(r.BaselineP50us), num(r.BaselineP99us), ratioStr(r),
 				rat(r.CPURatio), cpuStr(r.CPU), cpuStr(r.BaselineCPU), busy(r.MachineBusy))
 		})
 	section("memory", "EDGE MEMORY",
@@ -73,6 +73,15 @@ func PrintTable(w io.Writer, rows []Row) {
 			}
 			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t", strings.TrimPrefix(r.Name, "target/"), v, r.Want, met, r.Note)
 		})
+}
+
+// ratioStr shows a row's ratio and, when the figure was repeated, the
+// range of one repetition's ratio, as "0.89 (0.78-0.95)".
+func ratioStr(r Row) string {
+	if len(r.RatioRange) != 2 {
+		return rat(r.Ratio)
+	}
+	return fmt.Sprintf("%s (%.2f-%.2f)", rat(r.Ratio), r.RatioRange[0], r.RatioRange[1])
 }
 
 // sharingStr shows the operations per stream message received by the

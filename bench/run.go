@@ -185,6 +185,7 @@ type orchestrator struct {
 	audit   string // audit log file, if the keyserver takes one
 	metrics bool   // the keyserver takes -metrics-listen
 	results *Results
+	rep     int // the repetition running, recorded with each result
 	seq     int
 	srv     servers
 }
@@ -558,7 +559,8 @@ func (o *orchestrator) scenarios(ctx context.Context) error {
 				continue
 			}
 			for _, n := range c.KeyopsConcurrency {
-				for range c.Repeat {
+				for rep := range c.Repeat {
+					o.rep = rep
 					note(o.keyopsRun(ctx, "inproc", op, n, s.ksAddr, 0))
 					note(o.keyopsRun(ctx, "keyless", op, n, s.ksAddr, 0))
 					if n == 1 {
@@ -574,7 +576,8 @@ func (o *orchestrator) scenarios(ctx context.Context) error {
 				continue
 			}
 			for _, n := range c.HandshakeConcurrency {
-				for range c.Repeat {
+				for rep := range c.Repeat {
+					o.rep = rep
 					note(o.handshakeRun(ctx, "handshake", kind, "hsm", s.hsmAddr, n))
 					note(o.handshakeRun(ctx, "handshake", kind, "soft", s.softAddr, n))
 					note(o.handshakeRun(ctx, "handshake", kind, "keyless", s.edgeAddr, n))
@@ -588,7 +591,8 @@ func (o *orchestrator) scenarios(ctx context.Context) error {
 				continue
 			}
 			for _, n := range c.HandshakeConcurrency {
-				for range c.Repeat {
+				for rep := range c.Repeat {
+					o.rep = rep
 					note(o.handshakeRun(ctx, "resume", kind, "soft", s.softAddr, n))
 					note(o.handshakeRun(ctx, "resume", kind, "keyless", s.edgeAddr, n))
 				}
@@ -710,6 +714,7 @@ func (o *orchestrator) keyopsRun(ctx context.Context, side, op string, n int, ks
 	if err != nil {
 		return err
 	}
+	r.rep = o.rep
 	o.results.add(keyopsKey(side, op, n), r)
 	o.progress("keyops", op, side, r)
 	return nil
@@ -734,6 +739,7 @@ func (o *orchestrator) handshakeRun(ctx context.Context, group, kind, server, ad
 	if err != nil {
 		return err
 	}
+	r.rep = o.rep
 	o.results.add(handshakeKey(group, kind, server, n), r)
 	o.progress(group, kind, server, r)
 	return nil

@@ -50,6 +50,11 @@ type Result struct {
 	// busy. Linux only; empty elsewhere.
 	CPU         map[string]float64 `json:"cpu_us_per_op,omitempty"`
 	MachineBusy float64            `json:"machine_busy,omitempty"`
+
+	// rep is the repetition of the figure the run belongs to (the
+	// orchestrator's count): runs of one repetition were measured one
+	// after the other.
+	rep int
 }
 
 // Percentile returns the p-th percentile (0 < p <= 100) of sorted, by the
