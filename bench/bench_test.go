@@ -326,7 +326,7 @@ func TestRatioRange(t *testing.T) {
 	}
 	var table strings.Builder
 	PrintTable(&table, r.Rows())
-	if !strings.Contains(table.String(), "(0.80-1.10)") {
+	if !strings.Contains(table.String(), "(0.80–1.10)") {
 		t.Errorf("table lacks the c8 ratio range:\n%s", table.String())
 	}
 }

@@ -76,12 +76,12 @@ func PrintTable(w io.Writer, rows []Row) {
 }
 
 // ratioStr shows a row's ratio and, when the figure was repeated, the
-// range of one repetition's ratio, as "0.89 (0.78-0.95)".
+// range of one repetition's ratio, as "0.89 (0.78–0.95)".
 func ratioStr(r Row) string {
 	if len(r.RatioRange) != 2 {
 		return rat(r.Ratio)
 	}
-	return fmt.Sprintf("%s (%.2f-%.2f)", rat(r.Ratio), r.RatioRange[0], r.RatioRange[1])
+	return fmt.Sprintf("%s (%.2f–%.2f)", rat(r.Ratio), r.RatioRange[0], r.RatioRange[1])
 }
 
 // sharingStr shows the operations per stream message received by the
