@@ -51,6 +51,14 @@ func premasterCases(t testing.TB, pub *rsa.PublicKey) []premasterCase {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A valid ciphertext that starts with a zero byte, which a lax length
+	// check would accept without it; valid has one 1 time in 256.
+	zeroFirst := valid
+	for zeroFirst[0] != 0 {
+		if zeroFirst, err = rsa.EncryptPKCS1v15(rand.Reader, pub, pms); err != nil {
+			t.Fatal(err)
+		}
+	}
 	payload := func(n int) []byte { b := make([]byte, n); rand.Read(b); return b }
 	nPlus := func(d int64) []byte {
 		return new(big.Int).Add(pub.N, big.NewInt(d)).FillBytes(make([]byte, k))
@@ -74,6 +82,7 @@ func premasterCases(t testing.TB, pub *rsa.PublicKey) []premasterCase {
 		{"ciphertext zero", make([]byte, k), nil},
 		{"ciphertext one", append(make([]byte, k-1), 1), nil},
 		{"short ciphertext", valid[1:], nil},
+		{"short ciphertext, valid but for its leading zero byte", zeroFirst[1:], nil},
 		{"valid ciphertext with a leading zero byte", append([]byte{0}, valid...), nil},
 		{"long ciphertext", append(bytes.Clone(valid), 0), nil},
 		{"empty ciphertext", []byte{}, nil},

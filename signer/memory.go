@@ -68,8 +68,15 @@ func (k memoryRSAKey) DecryptPremaster(_ context.Context, ciphertext []byte) ([]
 	if _, err := io.ReadFull(rand.Reader, pms); err != nil {
 		return nil, err
 	}
-	// The only errors are for a ciphertext of the wrong length or a key
-	// too small for a 48-byte secret; in both cases pms stays random.
+	// RFC 8017 §7.2.2 step 1: a ciphertext is exactly as long as the
+	// modulus. crypto/rsa would accept a shorter one (a valid ciphertext
+	// whose leading zero byte was dropped); the length is public, so this
+	// check costs no secret timing.
+	if len(ciphertext) != k.Size() {
+		return pms, nil
+	}
+	// The only error left is for a key too small for a 48-byte secret;
+	// then pms stays random.
 	_ = rsa.DecryptPKCS1v15SessionKey(nil, k.PrivateKey, ciphertext, pms)
 	return pms, nil
 }

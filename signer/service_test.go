@@ -265,6 +265,12 @@ func decryptCases(tb testing.TB) []decryptCase {
 		return c
 	}
 	valid := encrypt(pms)
+	// A valid ciphertext that starts with a zero byte, which a lax length
+	// check would accept without it; valid has one 1 time in 256.
+	zeroFirst := encrypt(pms)
+	for zeroFirst[0] != 0 {
+		zeroFirst = encrypt(pms)
+	}
 	noSeparator := pkcs1Block(k, 0, 2, nil)
 	noSeparator[k-1] = 0xff
 
@@ -290,6 +296,7 @@ func decryptCases(tb testing.TB) []decryptCase {
 		rejected("ciphertext equal to the modulus", pub.N.FillBytes(make([]byte, k))),
 		rejected("ciphertext above the modulus", bytes.Repeat([]byte{0xff}, k)),
 		rejected("ciphertext short", valid[1:]),
+		rejected("ciphertext short (valid but for its leading zero byte)", zeroFirst[1:]),
 		rejected("ciphertext long (leading zero)", append([]byte{0}, valid...)),
 		rejected("ciphertext long (trailing byte)", append(bytes.Clone(valid), 0)),
 		rejected("ciphertext empty", nil),
