@@ -493,8 +493,18 @@ func FuzzDecryptRequestProto(f *testing.F) {
 			t.Fatalf("Decrypt() = OK with key %x, which is not the RSA key", req.GetKeyId())
 		}
 		// A valid 48-byte PKCS #1 v1.5 plaintext must come back exactly.
-		if want, err := rsa.DecryptPKCS1v15(nil, priv, req.GetEncryptedPremaster()); err == nil && len(want) == PremasterLen && !bytes.Equal(pms, want) {
-			t.Fatalf("Decrypt() = %x, want the plaintext %x", pms, want)
+		// (crypto/rsa also decrypts a ciphertext shorter than the modulus,
+		// which RFC 8017 rejects; so does the service.)
+		ct := req.GetEncryptedPremaster()
+		pt, err := rsa.DecryptPKCS1v15(nil, priv, ct)
+		if err != nil || len(pt) != PremasterLen {
+			return
+		}
+		if len(ct) == priv.Size() && !bytes.Equal(pms, pt) {
+			t.Fatalf("Decrypt() = %x, want the plaintext %x", pms, pt)
+		}
+		if len(ct) != priv.Size() && bytes.Equal(pms, pt) {
+			t.Fatalf("Decrypt() of a %d-byte ciphertext for a %d-byte modulus = the plaintext, want random bytes", len(ct), priv.Size())
 		}
 	})
 }
