@@ -44,6 +44,8 @@ type chain struct {
 	stall atomic.Bool
 
 	stopKeyserver func()
+	// dir holds the certificates and the link PKI; TestMain removes it.
+	dir string
 
 	// For tests that talk to the keyserver directly: its address, the link
 	// PKI (the edge's client certificate), the RSA key, and everything the
@@ -121,7 +123,7 @@ func startChain(t *testing.T) (*chain, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &chain{webCA: newTestCA(t, "e2e web CA"), rsaPub: rsaPub.(*rsa.PublicKey), logs: &syncBuffer{}, auditLogs: &syncBuffer{}}
+	c := &chain{dir: dir, webCA: newTestCA(t, "e2e web CA"), rsaPub: rsaPub.(*rsa.PublicKey), logs: &syncBuffer{}, auditLogs: &syncBuffer{}}
 	certs := filepath.Join(dir, "certs")
 	os.Mkdir(certs, 0o755)
 	issue := func(file string, pub crypto.PublicKey, names ...string) {
@@ -131,7 +133,7 @@ func startChain(t *testing.T) (*chain, error) {
 	issue("ecdsa.pem", p256Pub, nameECDSA)
 	issue("p384.pem", p384Pub, nameP384, "*.wild.e2e.test")
 	issue("ed25519.pem", edPub, nameEd25519)
-	link := newLinkPKI(t)
+	link := newLinkPKIIn(t, dir)
 	c.link = link
 
 	// The keyserver, as keyserver serve builds it.

@@ -20,6 +20,9 @@ func TestMain(m *testing.M) {
 	binDir = dir
 	code := m.Run()
 	os.RemoveAll(dir)
+	if theChain != nil {
+		os.RemoveAll(theChain.dir)
+	}
 	hsmtest.Cleanup()
 	os.Exit(code)
 }

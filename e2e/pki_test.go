@@ -129,7 +129,13 @@ type linkPKI struct {
 
 func newLinkPKI(t testing.TB) *linkPKI {
 	t.Helper()
-	dir := t.TempDir()
+	return newLinkPKIIn(t, t.TempDir())
+}
+
+// newLinkPKIIn is newLinkPKI with its files in dir, for a fixture that
+// outlives the test that makes it.
+func newLinkPKIIn(t testing.TB, dir string) *linkPKI {
+	t.Helper()
 	ca := newTestCA(t, "e2e link CA")
 	p := &linkPKI{ca: ca, caFile: writeCert(t, dir, "ca.pem", ca.cert), serverName: "keyserver.e2e.internal"}
 	skey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
