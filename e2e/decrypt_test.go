@@ -21,8 +21,10 @@ import (
 // to the keyserver's gRPC API (mutual TLS, the policy, the audit trail, a
 // SoftHSM key) and checks implicit rejection as an edge sees it: a valid
 // ciphertext yields exactly its premaster; every defective one yields 48
-// bytes and OK, different each time; and the keyserver's log lines do not
-// tell them apart, nor contain any ciphertext or premaster.
+// bytes and OK, the same bytes each time as a valid one does (so that
+// asking twice tells nothing), other bytes for each; and the keyserver's
+// log lines do not tell them apart, nor contain any ciphertext or
+// premaster.
 func TestDecryptThroughAPI(t *testing.T) {
 	c := sharedChain(t)
 	clientTLS, err := tlscore.ClientMTLSConfig(c.link.edgeCert, c.link.edgeKey, c.link.caFile, c.link.serverName)
@@ -79,16 +81,21 @@ func TestDecryptThroughAPI(t *testing.T) {
 	validLog := c.logs.String()[logStart:]
 	var secrets [][]byte
 	secrets = append(secrets, premaster, valid)
+	seen := map[string]bool{}
 	for _, tt := range defective {
 		t.Run(tt.name, func(t *testing.T) {
 			start := len(c.logs.String())
 			a, b := decrypt(tt.ct), decrypt(tt.ct)
-			if bytes.Equal(a, b) {
-				t.Errorf("two decryptions of the same defective ciphertext gave the same bytes %x", a)
+			if !bytes.Equal(a, b) {
+				t.Errorf("two decryptions of the same defective ciphertext gave %x and %x; want the same bytes, as for a valid one", a, b)
 			}
 			if bytes.Equal(a, premaster) {
 				t.Errorf("a defective ciphertext decrypted to the valid premaster")
 			}
+			if seen[string(a)] {
+				t.Errorf("two defective ciphertexts were answered with the same bytes %x", a)
+			}
+			seen[string(a)] = true
 			if logged := c.logs.String()[start:]; logged != strings.Repeat(validLog, 2) {
 				t.Errorf("the keyserver logged differently than for a valid ciphertext:\n%q\nvs\n%q", logged, validLog)
 			}

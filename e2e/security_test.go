@@ -380,7 +380,7 @@ func TestSecurityMatrix(t *testing.T) {
 		{"allowed: A decrypts an invalid premaster (implicit rejection)", func() error {
 			resp, err := decrypt(a, rsaID, invalidCT)
 			if err == nil && (len(resp.GetPremaster()) != 48 || bytes.Equal(resp.GetPremaster(), pms)) {
-				err = errors.New("implicit rejection did not answer 48 fresh bytes")
+				err = errors.New("implicit rejection did not answer 48 bytes other than the premaster")
 			}
 			return err
 		}, codes.OK, "", secEdgeA, "decrypt", "a-kex", rsaID},

@@ -322,6 +322,14 @@ func (m *Module) loadKey(sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, c11 c11
 		if !km.rawDecrypt && !km.pkcsDecrypt {
 			return k, nil
 		}
+		if !km.pkcs1 && !km.rawDecrypt {
+			// No way to compute the implicit-rejection secret (see
+			// rejectionSecret): serving decryption would need
+			// random rejections, an oracle to a caller who asks twice.
+			m.logger.Warn("RSA premaster decryption disabled for a key: the token can neither sign with CKM_RSA_PKCS nor decrypt with CKM_RSA_X_509 with it, so its implicit rejection could not be deterministic",
+				"key", pi.describe())
+			return k, nil
+		}
 		return &rsaDecryptKey{rsaKey: k, rawDecrypt: km.rawDecrypt && !m.forcePKCSDecrypt}, nil
 	case *ecdsa.PublicKey:
 		if !curveOK(pub) {

@@ -50,8 +50,12 @@
 // CKM_EDDSA, within their key sizes) and the key's CKA_ALLOWED_MECHANISMS.
 //
 // DecryptPremaster implements implicit rejection: whatever the ciphertext,
-// its answer is 48 bytes and no error, and an invalid ciphertext gets random
-// bytes in about the same time as a valid one gets the premaster secret.
+// its answer is 48 bytes and no error, and an invalid ciphertext gets, in
+// about the same time as a valid one gets the premaster secret, bytes that
+// only the key could compute and that are the same on every call (package
+// premaster's rejection, keyed with the key's signature of a fixed message,
+// which the key computes in the token on first use). Fresh random bytes
+// would tell a caller who asks twice which ciphertexts were valid.
 // It decrypts with raw RSA (CKM_RSA_X_509) and checks the PKCS #1 v1.5
 // padding in constant time; tokens without raw RSA fall back to
 // CKM_RSA_PKCS with every ciphertext-dependent error masked, which Open

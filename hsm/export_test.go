@@ -27,3 +27,9 @@ func RawDecrypt(k crypto.Signer) (raw, ok bool) {
 	}
 	return d.rawDecrypt, true
 }
+
+// RejectionSecret returns k's implicit-rejection secret, computing it in
+// the token if need be.
+func RejectionSecret(ctx context.Context, k crypto.Signer) ([]byte, error) {
+	return k.(*rsaDecryptKey).rejectionSecret(ctx)
+}

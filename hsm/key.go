@@ -12,6 +12,8 @@ import (
 	"fmt"
 	"io"
 	"slices"
+	"sync"
+	"sync/atomic"
 
 	"github.com/miekg/pkcs11"
 )
@@ -21,8 +23,9 @@ import (
 // with the key are larger but still far below this.
 const maxEd25519Message = 64 << 10
 
-// keyBase holds what every key type shares. Keys are immutable and safe for
-// concurrent use.
+// keyBase holds what every key type shares. Keys are safe for concurrent
+// use, and immutable but for an RSA key's implicit-rejection secret, which
+// is computed once.
 type keyBase struct {
 	m       *Module
 	gen     uint64              // the module's connection generation
@@ -221,6 +224,11 @@ type rsaDecryptKey struct {
 	// constant-time padding check, false for the masked CKM_RSA_PKCS
 	// fallback.
 	rawDecrypt bool
+
+	// secret is the key's implicit-rejection secret, computed in the
+	// token on first use (see rejectionSecret); secretMu serializes that.
+	secret   atomic.Pointer[[]byte]
+	secretMu sync.Mutex
 }
 
 // ecdsaKey is an ECDSA private key in the token. It signs through crypto11

@@ -28,8 +28,9 @@ type c11Context interface {
 var _ c11Context = (*crypto11.Context)(nil)
 
 // p11API lists the methods of *pkcs11.Ctx the module uses for the
-// operations crypto11 cannot do (raw RSA decryption, EdDSA, discovery,
-// health checks), so that tests can wrap it to inject faults.
+// operations crypto11 cannot do (raw RSA decryption, the implicit-rejection
+// secret, EdDSA, discovery, health checks), so that tests can wrap it to
+// inject faults.
 type p11API interface {
 	Initialize(opts ...pkcs11.InitializeOption) error
 	Finalize() error

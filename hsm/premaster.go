@@ -8,21 +8,27 @@ import (
 	"math/big"
 
 	"github.com/miekg/pkcs11"
+
+	"github.com/keyless-tls/keyless/internal/premaster"
 )
 
 // premasterLen is the length of a TLS 1.2 premaster secret.
-const premasterLen = 48
+const premasterLen = premaster.Len
 
 // DecryptPremaster decrypts the RSA-encrypted premaster secret of a TLS 1.2
 // RSA key exchange, with implicit rejection: for any ciphertext that is not
 // a valid PKCS #1 v1.5 encryption of exactly 48 bytes under this key
 // (wrong padding, wrong payload length, wrong ciphertext length, a value
-// not less than the modulus, empty or oversized) it returns 48 random bytes
-// and a nil error. The random bytes are drawn before the token is called,
-// the token always performs exactly one decryption of an in-range value,
-// and the padding is checked in constant time (the model is crypto/rsa's
-// DecryptPKCS1v15SessionKey and BoringSSL), so the answer and its timing
-// do not tell a valid ciphertext from an invalid one.
+// not less than the modulus, empty or oversized) it returns 48 bytes and a
+// nil error. Those bytes are package premaster's rejection: the same for
+// the same ciphertext on every call and every Module holding the key, and
+// unpredictable without it, so asking twice does not tell either.
+//
+// The rejection is computed before the token is called, the token always
+// performs exactly one decryption of an in-range value, and the padding is
+// checked in constant time (the model is crypto/rsa's
+// DecryptPKCS1v15SessionKey and BoringSSL), so neither the answer nor its
+// timing tells a valid ciphertext from an invalid one.
 //
 // An error is returned only when the key cannot be used at all: the module
 // is closed, the token fails, or ctx ends first.
@@ -33,15 +39,13 @@ const premasterLen = 48
 // check then decides timing, which the startup log warns about. No raw
 // RSA result ever leaves this method.
 func (k *rsaDecryptKey) DecryptPremaster(ctx context.Context, ciphertext []byte) ([]byte, error) {
-	if err := k.ready(ctx); err != nil {
+	secret, err := k.rejectionSecret(ctx)
+	if err != nil {
 		return nil, fmt.Errorf("hsm: decrypt premaster with key %q: %w", k.label, err)
 	}
-	// The answer for an invalid ciphertext, drawn first so that no
+	// The answer for an invalid ciphertext, computed first so that no
 	// decision taken after the token's answer costs time.
-	out := make([]byte, premasterLen)
-	if _, err := rand.Read(out); err != nil {
-		return nil, fmt.Errorf("hsm: decrypt premaster: %w", err)
-	}
+	out := premaster.Rejection(secret, ciphertext)
 	in, valid, err := k.inRange(ciphertext)
 	if err != nil {
 		return nil, fmt.Errorf("hsm: decrypt premaster: %w", err)
@@ -51,13 +55,9 @@ func (k *rsaDecryptKey) DecryptPremaster(ctx context.Context, ciphertext []byte)
 		if err != nil {
 			return nil, fmt.Errorf("hsm: decrypt premaster with key %q: %w", k.label, err)
 		}
-		size := k.size()
-		if len(em) > size {
-			return nil, fmt.Errorf("hsm: decrypt premaster with key %q: token returned %d bytes for a %d-byte modulus", k.label, len(em), size)
-		}
-		if len(em) < size {
-			// Some tokens strip leading zero bytes of the raw result.
-			em = append(make([]byte, size-len(em), size), em...)
+		em, err = k.fullLength(em)
+		if err != nil {
+			return nil, fmt.Errorf("hsm: decrypt premaster with key %q: %w", k.label, err)
 		}
 		checkPremaster(out, em, valid)
 		return out, nil
@@ -71,6 +71,85 @@ func (k *rsaDecryptKey) DecryptPremaster(ctx context.Context, ciphertext []byte)
 	copy(buf, pt)
 	subtle.ConstantTimeCopy(valid, out, buf)
 	return out, nil
+}
+
+// fullLength returns a raw RSA result as a modulus-length big-endian
+// number: some tokens strip its leading zero bytes. The copy is made
+// whatever the length, so that its cost does not depend on the plaintext.
+func (k *rsaDecryptKey) fullLength(em []byte) ([]byte, error) {
+	size := k.size()
+	if len(em) > size {
+		return nil, fmt.Errorf("token returned %d bytes for a %d-byte modulus", len(em), size)
+	}
+	buf := make([]byte, size)
+	copy(buf[size-len(em):], em)
+	return buf, nil
+}
+
+// rejectionSecret returns the key's implicit-rejection secret (see package
+// premaster), computing it in the token on first use: a CKM_RSA_PKCS
+// signature of premaster.SecretMessage, or where the key cannot sign so,
+// the same value as a CKM_RSA_X_509 decryption of that message's type 1
+// encoding. Like a signature, it is checked with the public key before
+// use. It does not depend on any ciphertext.
+func (k *rsaDecryptKey) rejectionSecret(ctx context.Context) ([]byte, error) {
+	if s := k.secret.Load(); s != nil {
+		return *s, nil
+	}
+	k.secretMu.Lock()
+	defer k.secretMu.Unlock()
+	if s := k.secret.Load(); s != nil {
+		return *s, nil
+	}
+	var s []byte
+	var err error
+	if k.mechs.pkcs1 {
+		s, err = call(ctx, &k.keyBase, "C_Sign", func() ([]byte, error) { return k.signRaw(ctx, premaster.SecretMessage) })
+	} else {
+		s, err = call(ctx, &k.keyBase, "C_Decrypt", func() ([]byte, error) {
+			return k.decrypt(ctx, pkcs11.CKM_RSA_X_509, type1Block(k.size(), premaster.SecretMessage))
+		})
+		if err == nil {
+			s, err = k.fullLength(s)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("implicit-rejection secret: %w", err)
+	}
+	if err := premaster.CheckSecret(k.pub, s); err != nil {
+		return nil, fmt.Errorf("implicit-rejection secret: %w", ErrFaultySignature)
+	}
+	k.secret.Store(&s)
+	return s, nil
+}
+
+// signRaw runs one C_Sign with CKM_RSA_PKCS of msg as given, with no
+// DigestInfo, on a pooled session. Only rejectionSecret uses it: callers'
+// signatures go through crypto11, which always adds a DigestInfo.
+func (k *rsaDecryptKey) signRaw(ctx context.Context, msg []byte) ([]byte, error) {
+	var out []byte
+	err := k.m.raw.do(ctx, func(sh pkcs11.SessionHandle) error {
+		p := k.m.p11
+		if err := p.SignInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS, nil)}, k.handle); err != nil {
+			return err
+		}
+		var err error
+		out, err = p.Sign(sh, msg)
+		return err
+	})
+	return out, err
+}
+
+// type1Block returns the size-byte PKCS #1 v1.5 signature encoding of msg
+// with no DigestInfo: 0x00 0x01 0xff… 0x00 msg.
+func type1Block(size int, msg []byte) []byte {
+	em := make([]byte, size)
+	em[1] = 1
+	for i := 2; i < size-len(msg)-1; i++ {
+		em[i] = 0xff
+	}
+	copy(em[size-len(msg):], msg)
+	return em
 }
 
 func (k *rsaDecryptKey) size() int { return (k.pub.N.BitLen() + 7) / 8 }
@@ -133,7 +212,7 @@ func (k *rsaDecryptKey) decryptMasked(ctx context.Context, in []byte) ([]byte, e
 	return out, err
 }
 
-// checkPremaster overwrites out (48 random bytes) with the payload of em,
+// checkPremaster overwrites out (the rejection) with the payload of em,
 // a raw RSA decryption, if and only if valid is 1 and em is a PKCS #1 v1.5
 // type 2 block, 0x00 0x02 PS 0x00 M, with at least 8 bytes of non-zero
 // padding PS and a 48-byte message M. It runs in time that depends only on

@@ -2,12 +2,14 @@ package hsm_test
 
 import (
 	"bytes"
+	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
 	"math/big"
 	"testing"
 
 	"github.com/keyless-tls/keyless/hsm"
+	"github.com/keyless-tls/keyless/internal/premaster"
 	"github.com/keyless-tls/keyless/signer"
 )
 
@@ -92,8 +94,19 @@ func premasterCases(t testing.TB, pub *rsa.PublicKey) []premasterCase {
 	}
 }
 
+// testDecryptPremaster runs every case through k. A rejection must be
+// package premaster's: HMAC-SHA-384 of the ciphertext under the key's secret,
+// which must be the key's own signature of premaster.SecretMessage. Since
+// that signature is unique, every Module with the key answers the same.
 func testDecryptPremaster(t *testing.T, k signer.PremasterDecrypter, pub *rsa.PublicKey) {
 	ctx := testContext(t)
+	secret, err := hsm.RejectionSecret(ctx, k.(crypto.Signer))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := premaster.CheckSecret(pub, secret); err != nil {
+		t.Fatal(err)
+	}
 	for _, tt := range premasterCases(t, pub) {
 		t.Run(tt.name, func(t *testing.T) {
 			got, err := k.DecryptPremaster(ctx, tt.ciphertext)
@@ -109,12 +122,12 @@ func testDecryptPremaster(t *testing.T, k signer.PremasterDecrypter, pub *rsa.Pu
 				}
 				return
 			}
-			again, err := k.DecryptPremaster(ctx, tt.ciphertext)
-			if err != nil || len(again) != 48 {
-				t.Fatalf("second DecryptPremaster() = %d bytes, %v", len(again), err)
+			if want := premaster.Rejection(secret, tt.ciphertext); !bytes.Equal(got, want) {
+				t.Fatalf("DecryptPremaster() = %x; want the rejection %x", got, want)
 			}
-			if bytes.Equal(got, again) {
-				t.Fatalf("two rejections of the same ciphertext gave the same bytes %x; want fresh random bytes", got)
+			again, err := k.DecryptPremaster(ctx, tt.ciphertext)
+			if err != nil || !bytes.Equal(got, again) {
+				t.Fatalf("second DecryptPremaster() = %x, %v; want the same rejection %x", again, err, got)
 			}
 		})
 	}
@@ -149,4 +162,13 @@ func TestDecryptPremasterFallback(t *testing.T) {
 		t.Fatalf("RawDecrypt() = %t, %t; want the fallback", raw, ok)
 	}
 	testDecryptPremaster(t, k.(signer.PremasterDecrypter), k.Public().(*rsa.PublicKey))
+
+	// The two Modules, one decrypting raw and one through the fallback,
+	// reject a ciphertext alike: a caller who asks both learns nothing.
+	invalid := bytes.Repeat([]byte{0x42}, k.Public().(*rsa.PublicKey).Size())
+	a, errA := want.(signer.PremasterDecrypter).DecryptPremaster(ctx, invalid)
+	b, errB := k.(signer.PremasterDecrypter).DecryptPremaster(ctx, invalid)
+	if errA != nil || errB != nil || !bytes.Equal(a, b) {
+		t.Fatalf("the two Modules rejected a ciphertext with %x, %v and %x, %v; want the same bytes", a, errA, b, errB)
+	}
 }

@@ -1,6 +1,7 @@
 package hsm
 
 import (
+	"context"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
@@ -17,6 +18,8 @@ import (
 	"github.com/ThalesIgnite/crypto11"
 	"github.com/hashicorp/go-hclog"
 	"github.com/miekg/pkcs11"
+
+	"github.com/keyless-tls/keyless/internal/premaster"
 )
 
 // stubP11 is a PKCS #11 library in memory, for the module's raw
@@ -154,12 +157,105 @@ func rawRSA(k *rsa.PrivateKey, in []byte, stripZeros bool) []byte {
 	return m.FillBytes(make([]byte, k.Size()))
 }
 
+// newStubRSAKey returns testRSAKey as a key of m, its implicit-rejection
+// secret already known, so that the stub sees only decryptions.
 func newStubRSAKey(m *Module, raw bool) *rsaDecryptKey {
 	priv := testRSAKey()
-	return &rsaDecryptKey{
+	k := &rsaDecryptKey{
 		rsaKey:     &rsaKey{keyBase: keyBase{m: m, label: "stub"}, pub: &priv.PublicKey, signer: priv, mechs: keyMechanisms{pss: true, pkcs1: true}},
 		rawDecrypt: raw,
 	}
+	secret, err := premaster.Secret(priv)
+	if err != nil {
+		panic(err)
+	}
+	k.secret.Store(&secret)
+	return k
+}
+
+// TestRejectionSecretStub checks how a key computes its implicit-rejection
+// secret in the token: with CKM_RSA_PKCS signing of the bare message, or
+// with CKM_RSA_X_509 where the key cannot sign so; retried after a fault;
+// refused if it does not verify.
+func TestRejectionSecretStub(t *testing.T) {
+	priv := testRSAKey()
+	want, err := premaster.Secret(priv)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := t.Context()
+	newKey := func(p *stubP11, pkcs1 bool) *rsaDecryptKey {
+		k := newStubRSAKey(newStubModule(p, 2), true)
+		k.secret.Store(nil)
+		k.mechs.pkcs1 = pkcs1
+		return k
+	}
+
+	t.Run("signed with CKM_RSA_PKCS, once", func(t *testing.T) {
+		p := newStubP11()
+		var signs int
+		p.sign = func(msg []byte) ([]byte, error) {
+			signs++
+			if p.mech != pkcs11.CKM_RSA_PKCS || string(msg) != string(premaster.SecretMessage) {
+				t.Errorf("C_Sign(0x%x, %q); want CKM_RSA_PKCS of the bare SecretMessage", p.mech, msg)
+			}
+			return rsa.SignPKCS1v15(nil, priv, 0, msg)
+		}
+		k := newKey(p, true)
+		for range 3 {
+			got, err := k.rejectionSecret(ctx)
+			if err != nil || string(got) != string(want) {
+				t.Fatalf("rejectionSecret() = %x, %v; want %x", got, err, want)
+			}
+		}
+		if signs != 1 {
+			t.Errorf("the token signed %d times; want once", signs)
+		}
+	})
+
+	t.Run("raw decryption where the key cannot sign with CKM_RSA_PKCS", func(t *testing.T) {
+		p := newStubP11()
+		p.decrypt = func(mech uint, in []byte) ([]byte, error) {
+			if mech != pkcs11.CKM_RSA_X_509 {
+				t.Errorf("C_Decrypt mechanism 0x%x; want CKM_RSA_X_509", mech)
+			}
+			return rawRSA(priv, in, true), nil // a token that strips leading zeros
+		}
+		got, err := newKey(p, false).rejectionSecret(ctx)
+		if err != nil || string(got) != string(want) {
+			t.Fatalf("rejectionSecret() = %x, %v; want %x", got, err, want)
+		}
+	})
+
+	t.Run("a failure is an error, and the next call retries", func(t *testing.T) {
+		p := newStubP11()
+		p.sign = func(msg []byte) ([]byte, error) { return rsa.SignPKCS1v15(nil, priv, 0, msg) }
+		k := newKey(p, true)
+		done, cancel := context.WithCancel(ctx)
+		cancel()
+		if _, err := k.DecryptPremaster(done, make([]byte, priv.Size())); err == nil {
+			t.Fatal("DecryptPremaster() succeeded though the secret could not be computed")
+		}
+		if got, err := k.rejectionSecret(ctx); err != nil || string(got) != string(want) {
+			t.Fatalf("rejectionSecret() after the failure = %x, %v; want %x", got, err, want)
+		}
+	})
+
+	t.Run("a secret that does not verify is refused", func(t *testing.T) {
+		p := newStubP11()
+		p.sign = func(msg []byte) ([]byte, error) {
+			sig, err := rsa.SignPKCS1v15(nil, priv, 0, msg)
+			sig[len(sig)-1] ^= 1 // a faulty computation
+			return sig, err
+		}
+		k := newKey(p, true)
+		if _, err := k.rejectionSecret(ctx); !errors.Is(err, ErrFaultySignature) {
+			t.Fatalf("rejectionSecret() = %v; want ErrFaultySignature", err)
+		}
+		if k.secret.Load() != nil {
+			t.Fatal("a faulty secret was kept")
+		}
+	})
 }
 
 func TestDecryptPremasterStub(t *testing.T) {

@@ -29,7 +29,9 @@
 // server signature input). A Decrypt request reaches only RSA keys that
 // implement [PremasterDecrypter], for identities the policy lets decrypt
 // with them; its contract is implicit rejection: its answer is 48 bytes
-// and OK whatever the ciphertext. There is no raw RSA operation.
+// and OK whatever the ciphertext, and for an invalid ciphertext the same 48
+// bytes every time (see [PremasterDecrypter]), so that asking twice reveals
+// nothing. There is no raw RSA operation.
 //
 // # Audit
 //

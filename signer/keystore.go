@@ -8,6 +8,8 @@ import (
 	"crypto/x509"
 	"encoding/hex"
 	"fmt"
+
+	"github.com/keyless-tls/keyless/internal/premaster"
 )
 
 // KeyID names a key: the SHA-256 digest of the DER encoding of its X.509
@@ -70,10 +72,13 @@ type ContextSigner interface {
 //
 // DecryptPremaster must implement implicit rejection: for any ciphertext that
 // is not a valid PKCS #1 v1.5 encryption of exactly 48 bytes (including one
-// of the wrong length or one not less than the modulus) it returns 48
-// unpredictable bytes and a nil error, taking as nearly as possible the same
-// time as for a valid one. It returns an error only when the key could not be
-// used at all (an HSM fault, or ctx done), never because of the ciphertext.
+// of the wrong length or one not less than the modulus) it returns a nil
+// error and the 48 bytes of package premaster's Rejection under the key's
+// secret, taking as nearly as possible the same time as for a valid one.
+// Those bytes are the same on every call for the same ciphertext, so that a
+// caller who asks twice cannot tell them from a premaster secret. It returns
+// an error only when the key could not be used at all (an HSM fault, or ctx
+// done), never because of the ciphertext.
 type PremasterDecrypter interface {
 	DecryptPremaster(ctx context.Context, ciphertext []byte) ([]byte, error)
 }
@@ -93,7 +98,7 @@ type Describer interface {
 }
 
 // PremasterLen is the length of a TLS 1.2 premaster secret.
-const PremasterLen = 48
+const PremasterLen = premaster.Len
 
 // Checker is a key store that can tell whether it is usable, as an HSM
 // that may be unplugged. [WatchHealth] polls it.

@@ -5,10 +5,10 @@ import (
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/ed25519"
-	"crypto/rand"
 	"crypto/rsa"
 	"fmt"
-	"io"
+
+	"github.com/keyless-tls/keyless/internal/premaster"
 )
 
 // MemoryStore is a [KeyStore] of in-memory private keys, for tests and
@@ -29,7 +29,11 @@ func NewMemoryStore(keys ...crypto.Signer) (*MemoryStore, error) {
 		var key crypto.Signer
 		switch k := k.(type) {
 		case *rsa.PrivateKey:
-			key = memoryRSAKey{k}
+			secret, err := premaster.Secret(k)
+			if err != nil {
+				return nil, fmt.Errorf("signer: memory store: RSA key: %w", err)
+			}
+			key = memoryRSAKey{k, secret}
 		case *ecdsa.PrivateKey, ed25519.PrivateKey:
 			key = k
 		default:
@@ -56,27 +60,28 @@ func (s *MemoryStore) Keys(context.Context) ([]crypto.Signer, error) {
 }
 
 // memoryRSAKey adds premaster decryption to an RSA key.
-type memoryRSAKey struct{ *rsa.PrivateKey }
+type memoryRSAKey struct {
+	*rsa.PrivateKey
+	secret []byte // the implicit-rejection secret (see package premaster)
+}
 
 var _ PremasterDecrypter = memoryRSAKey{}
 
 // DecryptPremaster implements [PremasterDecrypter] with crypto/rsa's
-// implicit rejection: the result starts as random bytes and is overwritten,
-// in constant time, only by a valid 48-byte plaintext.
+// constant-time padding check: the result starts as package premaster's
+// rejection and is overwritten, in constant time, only by a valid 48-byte
+// plaintext. (Unlike the HSM's, its timing does show a ciphertext of the
+// wrong length or not less than the modulus, both public properties.)
 func (k memoryRSAKey) DecryptPremaster(_ context.Context, ciphertext []byte) ([]byte, error) {
-	pms := make([]byte, PremasterLen)
-	if _, err := io.ReadFull(rand.Reader, pms); err != nil {
-		return nil, err
-	}
+	pms := premaster.Rejection(k.secret, ciphertext)
 	// RFC 8017 §7.2.2 step 1: a ciphertext is exactly as long as the
 	// modulus. crypto/rsa would accept a shorter one (a valid ciphertext
-	// whose leading zero byte was dropped); the length is public, so this
-	// check costs no secret timing.
+	// whose leading zero byte was dropped).
 	if len(ciphertext) != k.Size() {
 		return pms, nil
 	}
 	// The only error left is for a key too small for a 48-byte secret;
-	// then pms stays random.
+	// then pms stays the rejection.
 	_ = rsa.DecryptPKCS1v15SessionKey(nil, k.PrivateKey, ciphertext, pms)
 	return pms, nil
 }

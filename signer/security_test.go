@@ -388,11 +388,11 @@ func TestServiceAuditTrail(t *testing.T) {
 		}
 		r := recs[0]
 		r.Time, r.LatencyUS = time.Time{}, 0
-		if tc.want != nil && valid == nil {
+		if !tc.rejected && valid == nil {
 			valid = &r
 			continue
 		}
-		if tc.want == nil {
+		if tc.rejected {
 			invalid = &r
 		}
 		if r != *valid {

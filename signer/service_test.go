@@ -31,6 +31,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
 
+	"github.com/keyless-tls/keyless/internal/premaster"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -245,9 +246,10 @@ type decryptCase struct {
 	req       *keylessv1.DecryptRequest
 	wantCode  codes.Code
 	wantField string
-	// want is the premaster of a valid ciphertext; nil means implicit
-	// rejection (48 unpredictable bytes).
-	want []byte
+	// want is the answer: the premaster of a valid ciphertext, or the
+	// implicit rejection (package premaster) of an invalid one.
+	want     []byte
+	rejected bool
 }
 
 func decryptCases(tb testing.TB) []decryptCase {
@@ -280,7 +282,15 @@ func decryptCases(tb testing.TB) []decryptCase {
 	ok := func(name string, ct, want []byte) decryptCase {
 		return decryptCase{name: name, req: req(rsaID, ct), wantCode: codes.OK, want: want}
 	}
-	rejected := func(name string, ct []byte) decryptCase { return ok(name, ct, nil) }
+	secret, err := premaster.Secret(priv)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	rejected := func(name string, ct []byte) decryptCase {
+		c := ok(name, ct, premaster.Rejection(secret, ct))
+		c.rejected = true
+		return c
+	}
 	return []decryptCase{
 		ok("valid", valid, pms),
 		ok("valid raw block", rawRSAEncrypt(pub, pkcs1Block(k, 0, 2, pms)), pms),
@@ -332,25 +342,20 @@ func TestServiceDecrypt(t *testing.T) {
 				return
 			}
 			got := resp.GetPremaster()
-			if tc.want != nil {
-				if !bytes.Equal(got, tc.want) {
-					t.Errorf("Decrypt() = %x, want %x", got, tc.want)
-				}
+			if !bytes.Equal(got, tc.want) {
+				t.Fatalf("Decrypt() = %x, want %x", got, tc.want)
+			}
+			if !tc.rejected {
 				return
 			}
-			// Implicit rejection: OK, 48 bytes, and fresh bytes each time.
-			if len(got) != PremasterLen {
-				t.Fatalf("Decrypt() = %d bytes, want %d", len(got), PremasterLen)
+			// Implicit rejection: OK, 48 bytes that are not the payload,
+			// and the same bytes again, as for a valid ciphertext.
+			if len(got) != PremasterLen || bytes.Equal(got, pms) {
+				t.Fatalf("Decrypt() of an invalid ciphertext = %x, want 48 bytes other than the payload", got)
 			}
 			resp2, err := ts.client.Decrypt(testContext(t, 0), tc.req)
-			if err != nil {
-				t.Fatalf("second Decrypt() = %v", err)
-			}
-			if got2 := resp2.GetPremaster(); len(got2) != PremasterLen || bytes.Equal(got, got2) {
-				t.Errorf("two Decrypt() calls of an invalid ciphertext = %x and %x, want two different 48-byte values", got, got2)
-			}
-			if bytes.Equal(got, pms) || bytes.Equal(resp2.GetPremaster(), pms) {
-				t.Error("Decrypt() of an invalid ciphertext returned the payload")
+			if err != nil || !bytes.Equal(resp2.GetPremaster(), got) {
+				t.Errorf("second Decrypt() of an invalid ciphertext = %x, %v; want %x again", resp2.GetPremaster(), err, got)
 			}
 		})
 	}
@@ -373,7 +378,7 @@ func TestServiceDecryptLogsNoOracle(t *testing.T) {
 	for _, tc := range decryptCases(t) {
 		switch {
 		case tc.wantCode != codes.OK:
-		case tc.want != nil && valid == "":
+		case !tc.rejected && valid == "":
 			valid = logOf(tc)
 		default:
 			if got := logOf(tc); got != valid {

@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/keyless-tls/keyless/internal/premaster"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -452,6 +453,10 @@ func FuzzSignRequestProto(f *testing.F) {
 
 func FuzzDecryptRequestProto(f *testing.F) {
 	priv := testRSAKey()
+	fuzzRejectionSecret, err := premaster.Secret(priv)
+	if err != nil {
+		f.Fatal(err)
+	}
 	for _, tc := range decryptCases(f) {
 		b, err := proto.Marshal(tc.req)
 		if err != nil {
@@ -492,19 +497,17 @@ func FuzzDecryptRequestProto(f *testing.F) {
 		if !bytes.Equal(req.GetKeyId(), mustKeyID(t, priv.Public())) {
 			t.Fatalf("Decrypt() = OK with key %x, which is not the RSA key", req.GetKeyId())
 		}
-		// A valid 48-byte PKCS #1 v1.5 plaintext must come back exactly.
-		// (crypto/rsa also decrypts a ciphertext shorter than the modulus,
-		// which RFC 8017 rejects; so does the service.)
+		// A valid 48-byte PKCS #1 v1.5 plaintext must come back exactly,
+		// anything else as its implicit rejection. (crypto/rsa also
+		// decrypts a ciphertext shorter than the modulus, which RFC 8017
+		// rejects, and so does the service.)
 		ct := req.GetEncryptedPremaster()
-		pt, err := rsa.DecryptPKCS1v15(nil, priv, ct)
-		if err != nil || len(pt) != PremasterLen {
-			return
+		wantPMS := premaster.Rejection(fuzzRejectionSecret, ct)
+		if pt, err := rsa.DecryptPKCS1v15(nil, priv, ct); err == nil && len(pt) == PremasterLen && len(ct) == priv.Size() {
+			wantPMS = pt
 		}
-		if len(ct) == priv.Size() && !bytes.Equal(pms, pt) {
-			t.Fatalf("Decrypt() = %x, want the plaintext %x", pms, pt)
-		}
-		if len(ct) != priv.Size() && bytes.Equal(pms, pt) {
-			t.Fatalf("Decrypt() of a %d-byte ciphertext for a %d-byte modulus = the plaintext, want random bytes", len(ct), priv.Size())
+		if !bytes.Equal(pms, wantPMS) {
+			t.Fatalf("Decrypt() = %x, want %x", pms, wantPMS)
 		}
 	})
 }

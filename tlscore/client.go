@@ -167,9 +167,8 @@ const dnsScheme = "dns:///"
 // keyserver that died or is shutting down, or whose HSM is reconnecting
 // after a fault. Every operation is safe to repeat: a signature or a
 // premaster decryption has no side effect, the keyserver is stateless, and
-// a call is repeated only when no answer came, so the edge never sees two
-// answers (with implicit rejection, possibly different ones) for one
-// ciphertext.
+// a call is repeated only when no answer came. (Implicit rejection answers
+// a ciphertext with the same bytes on every keyserver holding the key.)
 // Retries happen within the call's one deadline, so within the handshake's.
 //
 // A keyserver leaves the balancing when its connection breaks (at once for
@@ -414,7 +413,8 @@ func (c *Client) Sign(ctx context.Context, keyID signer.KeyID, alg signer.Algori
 // Decrypt asks a keyserver to decrypt a TLS 1.2 RSA-encrypted premaster
 // secret with the key keyID. The answer is always exactly
 // signer.PremasterLen (48) bytes: the keyserver applies implicit rejection,
-// so an invalid ciphertext yields unpredictable bytes, not an error. An
+// so an invalid ciphertext yields bytes unpredictable without the key (the
+// same bytes each time), not an error. An
 // answer of any other length is an error. Errors are as for [Client.Sign].
 func (c *Client) Decrypt(ctx context.Context, keyID signer.KeyID, ciphertext []byte, rc *keylessv1.RequestContext) ([]byte, error) {
 	ctx, cancel := c.callContext(ctx)

@@ -22,8 +22,9 @@
 // ECDSA and Ed25519 keys are [crypto.Signer] only, because crypto/tls treats
 // any Decrypter as an RSA key-exchange key. RSA decryption is offered only for
 // the TLS 1.2 premaster secret and relies on the keyserver's implicit
-// rejection: a bad ciphertext yields 48 unpredictable bytes, never an error,
-// so the edge is no padding oracle. RSA signatures are verified on the edge
+// rejection: a bad ciphertext yields 48 bytes unpredictable without the key,
+// the same each time, never an error, so neither the edge nor a client of it
+// gets a padding oracle. RSA signatures are verified on the edge
 // before crypto/tls sends them, because a faulty RSA-CRT signature reveals
 // the private key.
 //

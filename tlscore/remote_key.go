@@ -150,8 +150,9 @@ func (k *remoteKey) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]
 // Decrypt decrypts a TLS 1.2 RSA key exchange: opts must be
 // *rsa.PKCS1v15DecryptOptions with SessionKeyLen 48, as crypto/tls passes;
 // anything else is refused without a call. The result is 48 bytes: the
-// premaster secret, or unpredictable bytes if the ciphertext is invalid
-// (implicit rejection, done by the keyserver), so that the handshake fails
+// premaster secret, or bytes unpredictable without the key if the
+// ciphertext is invalid (implicit rejection, done by the keyserver), so
+// that the handshake fails
 // later, at Finished, the same way for every bad ciphertext. An error means
 // the keyserver could not be used, never that the ciphertext was bad. rand is
 // ignored.

@@ -442,8 +442,9 @@ func (x *DecryptRequest) GetContext() *RequestContext {
 	return nil
 }
 
-// DecryptResponse carries a premaster secret, or unpredictable bytes of the
-// same size when the ciphertext was invalid (implicit rejection).
+// DecryptResponse carries a premaster secret, or bytes of the same size,
+// unpredictable without the key and fixed by the ciphertext, when the
+// ciphertext was invalid (implicit rejection).
 type DecryptResponse struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Always 48 bytes.

@@ -57,7 +57,9 @@ type KeylessServiceClient interface {
 	// Decrypt decrypts an RSA-encrypted TLS 1.2 premaster secret with implicit
 	// rejection: whatever the ciphertext, the answer is OK with 48 bytes, which
 	// are the premaster when the ciphertext is a valid PKCS #1 v1.5 encryption
-	// of 48 bytes and unpredictable bytes otherwise.
+	// of 48 bytes and otherwise bytes unpredictable without the key, the same
+	// for the same ciphertext on every call, so that asking twice tells
+	// nothing.
 	Decrypt(ctx context.Context, in *DecryptRequest, opts ...grpc.CallOption) (*DecryptResponse, error)
 	// ListKeys lists the keys the caller may use, with what each can do.
 	ListKeys(ctx context.Context, in *ListKeysRequest, opts ...grpc.CallOption) (*ListKeysResponse, error)
@@ -148,7 +150,9 @@ type KeylessServiceServer interface {
 	// Decrypt decrypts an RSA-encrypted TLS 1.2 premaster secret with implicit
 	// rejection: whatever the ciphertext, the answer is OK with 48 bytes, which
 	// are the premaster when the ciphertext is a valid PKCS #1 v1.5 encryption
-	// of 48 bytes and unpredictable bytes otherwise.
+	// of 48 bytes and otherwise bytes unpredictable without the key, the same
+	// for the same ciphertext on every call, so that asking twice tells
+	// nothing.
 	Decrypt(context.Context, *DecryptRequest) (*DecryptResponse, error)
 	// ListKeys lists the keys the caller may use, with what each can do.
 	ListKeys(context.Context, *ListKeysRequest) (*ListKeysResponse, error)
