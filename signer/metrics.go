@@ -10,6 +10,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
 // Metrics are the keyserver's Prometheus metrics. A Metrics is an
@@ -70,6 +72,15 @@ func NewMetrics(reg prometheus.Registerer, policy func() *Policy) *Metrics {
 	return m
 }
 
+// knownSchemes holds the SchemeName of every scheme the API defines.
+var knownSchemes = func() map[string]bool {
+	names := map[string]bool{}
+	for n := range keylessv1.SignatureAlgorithm_name {
+		names[SchemeName(keylessv1.SignatureAlgorithm(n))] = true
+	}
+	return names
+}()
+
 // Audit counts rec's request; it never fails.
 func (m *Metrics) Audit(rec *AuditRecord) error {
 	m.mu.RLock()
@@ -87,7 +98,13 @@ func (m *Metrics) Audit(rec *AuditRecord) error {
 			group = p.IdentityGroup(rec.Identity)
 		}
 	}
-	m.ops.WithLabelValues(rec.Op, key, rec.Scheme, rec.Outcome, group).Inc()
+	scheme := rec.Scheme
+	if scheme != "" && !knownSchemes[scheme] {
+		// A request may carry any enum number; the audit record keeps
+		// it, a label would make a series of each.
+		scheme = "unknown"
+	}
+	m.ops.WithLabelValues(rec.Op, key, scheme, rec.Outcome, group).Inc()
 	m.latency.WithLabelValues(rec.Op, rec.Outcome).Observe(float64(rec.LatencyUS) / 1e6)
 	return nil
 }

@@ -35,6 +35,9 @@ rules:
 		{Identity: "spiffe://x/edge/1", KeyID: FormatKeyID(id), Op: OpSign, Scheme: "ecdsa_sha256", Outcome: "OK", LatencyUS: 900},
 		{Identity: "spiffe://x/lonely", KeyID: strings.Repeat("ab", 32), Op: OpSign, Outcome: "NotFound"},
 		{Identity: "spiffe://x/intruder", Op: OpSign, Outcome: "PermissionDenied"},
+		// Schemes the API does not define share one series.
+		{Identity: "spiffe://x/edge/1", KeyID: FormatKeyID(id), Op: OpSign, Scheme: "77", Outcome: "InvalidArgument"},
+		{Identity: "spiffe://x/edge/1", KeyID: FormatKeyID(id), Op: OpSign, Scheme: "78", Outcome: "InvalidArgument"},
 	}
 	for _, r := range recs {
 		if err := m.Audit(r); err != nil {
@@ -54,10 +57,13 @@ rules:
 			t.Errorf("operations_total{key=%q,outcome=%q,identity_group=%q} = %v, want 1", tt.key, tt.outcome, tt.group, got)
 		}
 	}
+	if got := testutil.ToFloat64(m.ops.WithLabelValues(OpSign, FormatKeyID(id), "unknown", "InvalidArgument", "edges")); got != 2 {
+		t.Errorf("operations_total{scheme=\"unknown\"} = %v, want 2", got)
+	}
 	if got := testutil.ToFloat64(m.keysLoaded); got != 1 {
 		t.Errorf("keys = %v, want 1", got)
 	}
-	if n, err := testutil.GatherAndCount(reg, "keyless_keyserver_operations_total"); err != nil || n != 3 {
-		t.Errorf("operations_total has %d series (%v), want 3", n, err)
+	if n, err := testutil.GatherAndCount(reg, "keyless_keyserver_operations_total"); err != nil || n != 4 {
+		t.Errorf("operations_total has %d series (%v), want 4", n, err)
 	}
 }
