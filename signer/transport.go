@@ -17,13 +17,20 @@ import "google.golang.org/grpc"
 // window for it when it starts reading it.
 const WindowSize = 64 << 10
 
+// MaxHeaderListSize bounds the headers of a call (grpc.MaxHeaderListSize).
+// An edge's are under 1 KiB; without a bound, gRPC accepts 16 MiB per call
+// and keeps its metadata for the call's life, which for a Stream is the
+// connection's.
+const MaxHeaderListSize = 16 << 10
+
 // ServerOptions returns the gRPC server options that shape a keyserver's
-// transport: the request size limit, the streams allowed per connection
-// and the fixed flow-control windows. A keyserver adds its credentials,
-// stats handler and keepalive policy.
+// transport: the request and header size limits, the streams allowed per
+// connection and the fixed flow-control windows. A keyserver adds its
+// credentials, stats handler and keepalive policy.
 func ServerOptions() []grpc.ServerOption {
 	return []grpc.ServerOption{
 		grpc.MaxRecvMsgSize(MaxRequestSize),
+		grpc.MaxHeaderListSize(MaxHeaderListSize),
 		grpc.MaxConcurrentStreams(MaxStreamsPerConnection),
 		grpc.StaticStreamWindowSize(WindowSize),
 		grpc.StaticConnWindowSize(WindowSize),
