@@ -96,15 +96,23 @@ func (p *testPKI) issue(usage x509.ExtKeyUsage, names ...string) tls.Certificate
 		ExtKeyUsage:  []x509.ExtKeyUsage{usage},
 	}
 	for _, n := range names {
-		if strings.Contains(n, "://") {
-			u, err := url.Parse(n)
-			if err != nil {
-				panic(err)
-			}
-			tmpl.URIs = append(tmpl.URIs, u)
-		} else {
-			tmpl.DNSNames = append(tmpl.DNSNames, n)
+		// A name with "://" is a URI SAN, any other a DNS SAN, unless a
+		// "uri:" or "dns:" prefix says otherwise.
+		uri := strings.Contains(n, "://")
+		if v, ok := strings.CutPrefix(n, "uri:"); ok {
+			n, uri = v, true
+		} else if v, ok := strings.CutPrefix(n, "dns:"); ok {
+			n, uri = v, false
 		}
+		if !uri {
+			tmpl.DNSNames = append(tmpl.DNSNames, n)
+			continue
+		}
+		u, err := url.Parse(n)
+		if err != nil {
+			panic(err)
+		}
+		tmpl.URIs = append(tmpl.URIs, u)
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.ca, key.Public(), p.caKey)
 	if err != nil {
@@ -160,6 +168,16 @@ func TestCertificateNames(t *testing.T) {
 	got := strings.Join(CertificateNames(leaf), " ")
 	if want := "spiffe://example.com/edge/1 edge-1.example.com b.example.com"; got != want {
 		t.Errorf("CertificateNames() = %q, want %q (URIs first, DNS names normalized)", got, want)
+	}
+	// A name of one type never passes for an identity of the other: a DNS
+	// SAN shaped like a URI, and a URI SAN without scheme and host, are not
+	// names at all.
+	leaf = thePKI().issue(x509.ExtKeyUsageClientAuth, "dns:SPIFFE://example.com/edge/1", "uri:edge-1.example.com", "edge-2.example.com").Leaf
+	if len(leaf.DNSNames) != 2 || len(leaf.URIs) != 1 {
+		t.Fatalf("test certificate has DNS names %q and URIs %v", leaf.DNSNames, leaf.URIs)
+	}
+	if got, want := strings.Join(CertificateNames(leaf), " "), "edge-2.example.com"; got != want {
+		t.Errorf("CertificateNames() = %q, want %q", got, want)
 	}
 	if CertificateNames(nil) != nil {
 		t.Error("CertificateNames(nil) is not nil")

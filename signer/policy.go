@@ -583,16 +583,25 @@ func (p *Policy) WithCertificates(names map[KeyID][]string) *Policy {
 // identity, in the order a policy considers them: its URI SANs (such as a
 // SPIFFE id) as written, then its DNS SANs in lower case without a
 // trailing dot. The subject common name is not used.
+//
+// Names that no policy identity of their type can be are left out: a URI
+// SAN without a scheme and a host, and a DNS SAN with ':' or '/' (x509
+// accepts any text there). So a DNS SAN never passes for a URI identity,
+// nor a URI SAN for a DNS one.
 func CertificateNames(cert *x509.Certificate) []string {
 	if cert == nil {
 		return nil
 	}
 	var names []string
 	for _, u := range cert.URIs {
-		names = append(names, u.String())
+		if u.Scheme != "" && u.Host != "" {
+			names = append(names, u.String())
+		}
 	}
 	for _, d := range cert.DNSNames {
-		names = append(names, normalizeDNSName(d))
+		if !strings.ContainsAny(d, ":/") {
+			names = append(names, normalizeDNSName(d))
+		}
 	}
 	return names
 }

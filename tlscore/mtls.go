@@ -15,8 +15,6 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc/credentials"
-
-	"github.com/keyless-tls/keyless/signer"
 )
 
 // MTLSCredentials are one end's credentials for the edge–keyserver link: a
@@ -93,7 +91,7 @@ func (c *MTLSCredentials) serverConfig(check func(*x509.Certificate) error) *tls
 				}
 				leaf := cs.VerifiedChains[0][0]
 				if err := check(leaf); err != nil {
-					return &ClientRefusedError{Names: signer.CertificateNames(leaf), Err: err}
+					return &ClientRefusedError{Names: presentedNames(leaf), Err: err}
 				}
 				return nil
 			}
@@ -105,10 +103,21 @@ func (c *MTLSCredentials) serverConfig(check func(*x509.Certificate) error) *tls
 // ClientRefusedError is the handshake error of a client whose certificate
 // chains to the CA but whose identity the keyserver's check refused.
 type ClientRefusedError struct {
-	// Names are the names the certificate presents (signer.CertificateNames).
+	// Names are the names the certificate presents (see presentedNames).
 	Names []string
 	// Err is the check's error.
 	Err error
+}
+
+// presentedNames returns a certificate's URI and DNS SANs as written, for
+// the log of a refusal: unlike signer.CertificateNames, it keeps names that
+// cannot be identities, which may be why the client was refused.
+func presentedNames(cert *x509.Certificate) []string {
+	var names []string
+	for _, u := range cert.URIs {
+		names = append(names, u.String())
+	}
+	return append(names, cert.DNSNames...)
 }
 
 func (e *ClientRefusedError) Error() string {
@@ -202,7 +211,7 @@ func (r *refusalLogger) logRefusal(addr net.Addr, err error) {
 	case errors.As(err, &refused):
 		names = refused.Names
 	case errors.As(err, &verr) && len(verr.UnverifiedCertificates) > 0:
-		names = signer.CertificateNames(verr.UnverifiedCertificates[0])
+		names = presentedNames(verr.UnverifiedCertificates[0])
 	case errors.Is(err, io.EOF):
 		r.logger.Debug("connection closed before the TLS handshake", "remote_address", remote)
 		return
