@@ -26,6 +26,8 @@ func TestParseBadSettings(t *testing.T) {
 		{[]string{"-certs", "d", "-keyserver", "k:1", "-keyserver-ca", "ca", "-tls-cert", "c", "-origin", "http://o"}, "-tls-key"},
 		{with("-listen", "nonsense"), "-listen"},
 		{with("-origin", "ftp://o"), "-origin"},
+		{with("-origin", "http://user:hunter2@o"), "-origin"},
+		{with("-origin", "http://user:hunter2@o:bad"), "-origin"},
 		{with("-tcp-origin", "o:1"), "-tcp-origin"},
 		{append(validEdge[:len(validEdge)-2:len(validEdge)-2], "-tcp-origin", "o"), "-tcp-origin"},
 		{with("-keyserver", "a"), "-keyserver"},
@@ -43,6 +45,9 @@ func TestParseBadSettings(t *testing.T) {
 			_, err := parse(tt.args, io.Discard)
 			if err == nil || !strings.Contains(err.Error(), tt.want) {
 				t.Errorf("parse(%q) = %v, want an error naming %s", tt.args, err, tt.want)
+			}
+			if err != nil && strings.Contains(err.Error(), "hunter2") {
+				t.Errorf("parse(%q) = %v, which shows the password", tt.args, err)
 			}
 		})
 	}

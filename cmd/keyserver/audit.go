@@ -27,11 +27,16 @@ func openAuditLog(path string, stderr io.Writer) (*auditFile, error) {
 	if path == "-" {
 		return &auditFile{w: stderr}, nil
 	}
-	a := &auditFile{path: path}
-	if err := a.Reopen(); err != nil {
-		return nil, err
+	f, err := openAppend(path)
+	if err != nil {
+		return nil, fmt.Errorf("open audit log: %w", err)
 	}
-	return a, nil
+	return &auditFile{path: path, f: f, w: f}, nil
+}
+
+// openAppend opens path for appending, creating it with mode 0600.
+func openAppend(path string) (*os.File, error) {
+	return os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
 }
 
 func (a *auditFile) Write(p []byte) (int, error) {
@@ -40,7 +45,9 @@ func (a *auditFile) Write(p []byte) (int, error) {
 	return a.w.Write(p)
 }
 
-// Reopen opens the file again by name; on error the old one stays in use.
+// Reopen opens the file again by name. If that fails, the old file stays
+// in use; if closing the old one fails, the new one is in use. The error
+// says which.
 func (a *auditFile) Reopen() error {
 	if a.path == "" {
 		return nil
@@ -51,16 +58,18 @@ func (a *auditFile) Reopen() error {
 	if closed {
 		return errAuditClosed
 	}
-	f, err := os.OpenFile(a.path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	f, err := openAppend(a.path)
 	if err != nil {
-		return fmt.Errorf("open audit log: %w", err)
+		return fmt.Errorf("audit log not reopened; still writing to the old file: %w", err)
 	}
 	a.mu.Lock()
 	old := a.f
 	a.f, a.w = f, f
 	a.mu.Unlock()
 	if old != nil {
-		return old.Close()
+		if err := old.Close(); err != nil {
+			return fmt.Errorf("audit log reopened, but closing the previous file failed: %w", err)
+		}
 	}
 	return nil
 }

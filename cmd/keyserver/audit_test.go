@@ -100,3 +100,48 @@ func TestAuditFileClosed(t *testing.T) {
 		}
 	}
 }
+
+// TestAuditFileReopenErrors: the error of a failed reopen says which file
+// is in use.
+func TestAuditFileReopenErrors(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "audit.log")
+	a, err := openAuditLog(path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer a.Close()
+	write := func(s string) {
+		t.Helper()
+		if _, err := a.Write([]byte(s + "\n")); err != nil {
+			t.Fatalf("Write() = %v", err)
+		}
+	}
+	write("first")
+
+	// The name is now a directory: the old file stays in use.
+	if err := os.Rename(path, path+".1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(path, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := a.Reopen(); err == nil || !strings.Contains(err.Error(), "still writing to the old file") {
+		t.Fatalf("Reopen() onto a directory = %v, want an error saying the old file stays", err)
+	}
+	write("second")
+	if b, _ := os.ReadFile(path + ".1"); string(b) != "first\nsecond\n" {
+		t.Fatalf("old file = %q, want both lines", b)
+	}
+
+	// The old file cannot be closed: the new one is in use all the same.
+	os.Remove(path)
+	a.f.Close()
+	if err := a.Reopen(); err == nil || !strings.Contains(err.Error(), "reopened, but closing the previous file failed") {
+		t.Fatalf("Reopen() with a failing close = %v, want an error saying the new file is in use", err)
+	}
+	write("third")
+	if b, _ := os.ReadFile(path); string(b) != "third\n" {
+		t.Fatalf("new file = %q, want the third line", b)
+	}
+}

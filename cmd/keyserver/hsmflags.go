@@ -72,8 +72,9 @@ func (f *hsmFlags) config(logger hclog.Logger) (hsm.Config, error) {
 }
 
 // readPIN reads the PIN from file, or else from the environment variable
-// env. A trailing newline in the file is dropped. A PIN file that others
-// can read is accepted with a warning.
+// env, which it then removes from the environment. A trailing newline in
+// the file is dropped. A PIN file that others can read is accepted with a
+// warning.
 func readPIN(file, env string, logger hclog.Logger) (string, error) {
 	if file != "" {
 		fi, err := os.Stat(file)
@@ -100,6 +101,9 @@ func readPIN(file, env string, logger hclog.Logger) (string, error) {
 	if !ok || pin == "" {
 		return "", fmt.Errorf("no PIN: environment variable %s is not set (or use -pin-file)", env)
 	}
+	// Out of the environment that libraries and any child process see.
+	// (The kernel's copy, /proc/<pid>/environ, stays: hence -pin-file.)
+	os.Unsetenv(env)
 	return pin, nil
 }
 

@@ -59,10 +59,14 @@ func TestRunCommands(t *testing.T) {
 	}
 }
 
-// tokenFlags returns the flags that open tok, with the PIN in KEYLESS_PIN.
+// tokenFlags returns the flags that open tok, with the PIN in a file.
+// (-pin-env would do for one command only: it removes the variable.)
 func tokenFlags(t *testing.T, tok *hsmtest.Token) []string {
-	t.Setenv(defaultPINEnv, tok.PIN)
-	return []string{"-module", tok.ModulePath, "-token-label", tok.Label}
+	pinFile := filepath.Join(t.TempDir(), "pin")
+	if err := os.WriteFile(pinFile, []byte(tok.PIN), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return []string{"-module", tok.ModulePath, "-token-label", tok.Label, "-pin-file", pinFile}
 }
 
 func TestKeysLifecycle(t *testing.T) {
@@ -167,6 +171,9 @@ func TestPINSources(t *testing.T) {
 	t.Setenv("MY_PIN", tok.PIN)
 	if _, errs, err := runCmd(t, append(base, "-pin-env", "MY_PIN")...); err != nil {
 		t.Fatalf("keys list with -pin-env: %v\n%s", err, errs)
+	}
+	if _, ok := os.LookupEnv("MY_PIN"); ok {
+		t.Error("-pin-env left the PIN in the environment")
 	}
 	t.Setenv(defaultPINEnv, "")
 	tests := []struct {
