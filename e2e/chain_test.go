@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -44,8 +45,9 @@ type chain struct {
 	stall atomic.Bool
 
 	stopKeyserver func()
-	// dir holds the certificates and the link PKI; TestMain removes it.
-	dir string
+	// stop stops everything the chain started and removes the directory
+	// of its certificates and link PKI (keys included).
+	stop func()
 
 	// For tests that talk to the keyserver directly: its address, the link
 	// PKI (the edge's client certificate), the RSA key, and everything the
@@ -123,7 +125,7 @@ func startChain(t *testing.T) (*chain, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &chain{dir: dir, webCA: newTestCA(t, "e2e web CA"), rsaPub: rsaPub.(*rsa.PublicKey), logs: &syncBuffer{}, auditLogs: &syncBuffer{}}
+	c := &chain{webCA: newTestCA(t, "e2e web CA"), rsaPub: rsaPub.(*rsa.PublicKey), logs: &syncBuffer{}, auditLogs: &syncBuffer{}}
 	certs := filepath.Join(dir, "certs")
 	os.Mkdir(certs, 0o755)
 	issue := func(file string, pub crypto.PublicKey, names ...string) {
@@ -166,6 +168,15 @@ func startChain(t *testing.T) (*chain, error) {
 	go gs.Serve(ksLn)
 	var stopOnce sync.Once
 	c.stopKeyserver = func() { stopOnce.Do(func() { stopHealth(); gs.Stop() }) }
+	var closers []func() error // the edge's parts, in the order to close them
+	c.stop = func() {
+		c.stopKeyserver()
+		for _, f := range slices.Backward(closers) {
+			f()
+		}
+		module.Close()
+		os.RemoveAll(dir)
+	}
 	c.ksAddr = ksLn.Addr().String()
 
 	// The edge.
@@ -177,6 +188,7 @@ func startChain(t *testing.T) (*chain, error) {
 	if err != nil {
 		return nil, err
 	}
+	closers = append(closers, client.Close)
 	store, err := tlscore.NewCertStore(tlscore.CertStoreConfig{Client: client, Default: nameECDSA})
 	if err != nil {
 		return nil, err
@@ -193,7 +205,13 @@ func startChain(t *testing.T) (*chain, error) {
 		return nil, err
 	}
 	c.edgeAddr = edgeLn.Addr().String()
-	go tlscore.ServeHTTP(ctx, edgeLn, edgeTLS, http.HandlerFunc(echoTLS), time.Second, nil)
+	edgeCtx, stopEdge := context.WithCancel(ctx)
+	edgeDone := make(chan struct{})
+	go func() {
+		defer close(edgeDone)
+		tlscore.ServeHTTP(edgeCtx, edgeLn, edgeTLS, http.HandlerFunc(echoTLS), time.Second, nil)
+	}()
+	closers = append(closers, func() error { stopEdge(); <-edgeDone; return nil })
 	return c, nil
 }
 

@@ -252,6 +252,7 @@ func TestKeyserverDown(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(c.stop)
 	cfg := &tls.Config{ServerName: nameRSA, RootCAs: c.webCA.pool()}
 	if _, _, err := c.get(t, cfg); err != nil {
 		t.Fatalf("handshake with the keyserver up: %v", err)

@@ -21,7 +21,7 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	os.RemoveAll(dir)
 	if theChain != nil {
-		os.RemoveAll(theChain.dir)
+		theChain.stop()
 	}
 	hsmtest.Cleanup()
 	os.Exit(code)
