@@ -20,7 +20,8 @@ func TestDemo(t *testing.T) {
 	needTool(t, "make")
 	softhsmModule(t)
 	dir := t.TempDir()
-	addr, ksAddr, originAddr := freeAddr(t), freeAddr(t), freeAddr(t)
+	addrs := freeAddrs(t, 3)
+	addr, ksAddr, originAddr := addrs[0], addrs[1], addrs[2]
 	cmd := exec.Command("make", "-s", "demo")
 	cmd.Dir = ".."
 	cmd.Env = append(os.Environ(), "KEYLESS_DEMO_ADDR="+addr, "KEYLESS_DEMO_DIR="+dir,

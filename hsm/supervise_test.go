@@ -156,7 +156,9 @@ func TestStuckCalls(t *testing.T) {
 func TestCloseWithStuckCall(t *testing.T) {
 	var logs logBuffer
 	p := newStubP11()
-	m := newSupervisedStub(t, p, 2, 50*time.Millisecond, &logs)
+	// Close waits this long for the supervisor too: long enough for a
+	// loaded machine, so that only the stuck call is reported.
+	m := newSupervisedStub(t, p, 2, 500*time.Millisecond, &logs)
 	k, _, release := newStubEd25519Key(t, m, p)
 	defer close(release)
 	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Millisecond)

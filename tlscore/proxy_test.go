@@ -199,9 +199,9 @@ func TestReverseProxyOriginDown(t *testing.T) {
 		t.Fatal(err)
 	}
 	down := &url.URL{Scheme: "http", Host: ln.Addr().String()}
-	ln.Close()
 	logger, logs := newTestLogger()
 	addr, _ := startHTTPEdge(t, env.serverConfig(t), NewReverseProxy(down, logger), time.Second)
+	ln.Close() // only now, so that the edge cannot have been given its port
 	for _, h2 := range []bool{false, true} {
 		resp, err := httpClient(t, env, addr, h2, 0).Get("https://p256.example.com/")
 		if err != nil {
@@ -229,7 +229,9 @@ func TestServeHTTPShutdown(t *testing.T) {
 		release bool // whether the origin answers after the shutdown starts
 	}{
 		{"finishes-within-grace", 5 * time.Second, true},
-		{"grace-expires", 200 * time.Millisecond, false},
+		// Long enough that the checks below run before it expires, even
+		// on a loaded machine.
+		{"grace-expires", 1500 * time.Millisecond, false},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
