@@ -36,6 +36,22 @@ type keyBase struct {
 	schemes []tls.SignatureScheme
 }
 
+// signWith runs one C_Sign of msg with mechanism mech, through miekg/pkcs11
+// on a pooled session, for what crypto11 cannot do.
+func (k *keyBase) signWith(ctx context.Context, mech uint, msg []byte) ([]byte, error) {
+	var sig []byte
+	err := k.m.raw.do(ctx, func(sh pkcs11.SessionHandle) error {
+		p := k.m.p11
+		if err := p.SignInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(mech, nil)}, k.handle); err != nil {
+			return err
+		}
+		var err error
+		sig, err = p.Sign(sh, msg)
+		return err
+	})
+	return sig, err
+}
+
 // Label returns the private key object's CKA_LABEL.
 func (k *keyBase) Label() string { return k.label }
 
@@ -311,19 +327,7 @@ func (k *ed25519Key) SignContext(ctx context.Context, message []byte, opts crypt
 	if len(k.schemes) == 0 {
 		return nil, fmt.Errorf("%w: key %q cannot sign with EdDSA on this token", ErrInvalidRequest, k.label)
 	}
-	sig, err := call(ctx, &k.keyBase, "C_Sign", func() ([]byte, error) {
-		var sig []byte
-		err := k.m.raw.do(ctx, func(sh pkcs11.SessionHandle) error {
-			p := k.m.p11
-			if err := p.SignInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(ckmEdDSA, nil)}, k.handle); err != nil {
-				return err
-			}
-			var err error
-			sig, err = p.Sign(sh, message)
-			return err
-		})
-		return sig, err
-	})
+	sig, err := call(ctx, &k.keyBase, "C_Sign", func() ([]byte, error) { return k.signWith(ctx, ckmEdDSA, message) })
 	if err != nil {
 		return nil, fmt.Errorf("hsm: sign with key %q: %w", k.label, err)
 	}

@@ -104,7 +104,11 @@ func (k *rsaDecryptKey) rejectionSecret(ctx context.Context) ([]byte, error) {
 	var s []byte
 	var err error
 	if k.mechs.pkcs1 {
-		s, err = call(ctx, &k.keyBase, "C_Sign", func() ([]byte, error) { return k.signRaw(ctx, premaster.SecretMessage) })
+		// With no DigestInfo: callers' signatures go through crypto11,
+		// which always adds one.
+		s, err = call(ctx, &k.keyBase, "C_Sign", func() ([]byte, error) {
+			return k.signWith(ctx, pkcs11.CKM_RSA_PKCS, premaster.SecretMessage)
+		})
 	} else {
 		s, err = call(ctx, &k.keyBase, "C_Decrypt", func() ([]byte, error) {
 			return k.decrypt(ctx, pkcs11.CKM_RSA_X_509, type1Block(k.size(), premaster.SecretMessage))
@@ -121,23 +125,6 @@ func (k *rsaDecryptKey) rejectionSecret(ctx context.Context) ([]byte, error) {
 	}
 	k.secret.Store(&s)
 	return s, nil
-}
-
-// signRaw runs one C_Sign with CKM_RSA_PKCS of msg as given, with no
-// DigestInfo, on a pooled session. Only rejectionSecret uses it: callers'
-// signatures go through crypto11, which always adds a DigestInfo.
-func (k *rsaDecryptKey) signRaw(ctx context.Context, msg []byte) ([]byte, error) {
-	var out []byte
-	err := k.m.raw.do(ctx, func(sh pkcs11.SessionHandle) error {
-		p := k.m.p11
-		if err := p.SignInit(sh, []*pkcs11.Mechanism{pkcs11.NewMechanism(pkcs11.CKM_RSA_PKCS, nil)}, k.handle); err != nil {
-			return err
-		}
-		var err error
-		out, err = p.Sign(sh, msg)
-		return err
-	})
-	return out, err
 }
 
 // type1Block returns the size-byte PKCS #1 v1.5 signature encoding of msg
