@@ -53,6 +53,14 @@ type Config struct {
 	// each request's deadline.
 	MaxQueued int
 
+	// MaxStreamsPerIdentity bounds the Stream calls one identity may have
+	// open at once, over all its connections; a Stream beyond it ends at
+	// once with ResourceExhausted. An open Stream holds memory and
+	// goroutines in the keyserver even when idle, which quotas (counting
+	// operations) do not bound. An edge opens one to four. Zero means no
+	// bound.
+	MaxStreamsPerIdentity int
+
 	// Logger receives one line per failed operation. Nil means no logging.
 	Logger hclog.Logger
 
@@ -71,6 +79,8 @@ func (c *Config) Validate() error {
 		return fmt.Errorf("signer: Config.MaxConcurrent is %d; it must be 0 (no bound) or more", c.MaxConcurrent)
 	case c.MaxQueued < 0:
 		return fmt.Errorf("signer: Config.MaxQueued is %d; it must be 0 or more", c.MaxQueued)
+	case c.MaxStreamsPerIdentity < 0:
+		return fmt.Errorf("signer: Config.MaxStreamsPerIdentity is %d; it must be 0 (no bound) or more", c.MaxStreamsPerIdentity)
 	}
 	if err := c.Quota.Validate(); err != nil {
 		return fmt.Errorf("signer: Config.Quota: %w", err)
@@ -113,9 +123,13 @@ type Service struct {
 	resultDelay time.Duration
 	// traffic counts the messages of every Stream and what they carry.
 	traffic streamTraffic
-	// streamsMu guards the open streams and draining, set by Drain.
+	// maxStreamsPerIdentity is Config.MaxStreamsPerIdentity.
+	maxStreamsPerIdentity int
+	// streamsMu guards the open streams, their number per identity, and
+	// draining, set by Drain.
 	streamsMu sync.Mutex
 	streams   map[*opStream]struct{}
+	streamsOf map[string]int
 	draining  bool
 }
 
@@ -141,6 +155,9 @@ func NewService(cfg Config) (*Service, error) {
 		streamWorkers: 2 * cfg.MaxConcurrent,
 		resultDelay:   cfg.resultDelay,
 		streams:       make(map[*opStream]struct{}),
+		streamsOf:     make(map[string]int),
+
+		maxStreamsPerIdentity: cfg.MaxStreamsPerIdentity,
 	}
 	if s.streamWorkers == 0 {
 		s.streamWorkers = defaultStreamWorkers

@@ -86,7 +86,8 @@ func (s *Service) Drain() {
 // carrying every result ready at that moment; while more operations are
 // unfinished than the key store performs at once, a result waits up to
 // 2 ms for others, so that under load results share messages (see
-// opStream.hold).
+// opStream.hold). A Stream beyond Config.MaxStreamsPerIdentity of its
+// caller's ends at once with ResourceExhausted.
 func (s *Service) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest, keylessv1.StreamResponse]) error {
 	st := &opStream{
 		s:      s,
@@ -99,16 +100,27 @@ func (s *Service) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest
 	st.timer = time.AfterFunc(time.Hour, st.flushHeld)
 	st.timer.Stop()
 	defer st.timer.Stop()
+	// The identity the streams are counted under; a caller the policy does
+	// not list is counted under "" (its operations are refused one by one).
+	identity, _ := identify(st.ctx, s.policy.Load(), &call{})
 	s.streamsMu.Lock()
 	if s.draining {
 		s.streamsMu.Unlock()
 		return errDraining
 	}
+	if n := s.streamsOf[identity]; s.maxStreamsPerIdentity > 0 && n >= s.maxStreamsPerIdentity {
+		s.streamsMu.Unlock()
+		return status.Errorf(codes.ResourceExhausted, "identity %q has %d streams open, the most one identity may have on this keyserver; close one first", identity, n)
+	}
 	s.streams[st] = struct{}{}
+	s.streamsOf[identity]++
 	s.streamsMu.Unlock()
 	defer func() {
 		s.streamsMu.Lock()
 		delete(s.streams, st)
+		if s.streamsOf[identity]--; s.streamsOf[identity] == 0 {
+			delete(s.streamsOf, identity)
+		}
 		s.streamsMu.Unlock()
 	}()
 	return st.serve()

@@ -228,6 +228,43 @@ func TestStreamIdentity(t *testing.T) {
 	}
 }
 
+// TestStreamsPerIdentity: an identity may have MaxStreamsPerIdentity
+// streams open over all its connections; one more ends at once with
+// ResourceExhausted naming it, and closing one makes room. Other callers
+// are counted apart.
+func TestStreamsPerIdentity(t *testing.T) {
+	ts := newTestServer(t, Config{Keys: newTestMemoryStore(t), MaxStreamsPerIdentity: 2})
+	req := p256SignRequest(t)
+	// open opens a stream and waits for a result, so that the keyserver
+	// has counted it.
+	open := func(client keylessv1.KeylessServiceClient) opStreamClient {
+		t.Helper()
+		st := openStream(t, client)
+		sendOps(t, st, signOp(1, req))
+		receiveResults(t, st, 1)
+		return st
+	}
+	first := open(ts.client)
+	open(ts.dial(t, testIdentity)) // another connection, the same identity
+
+	third := openStream(t, ts.client)
+	sendOps(t, third, signOp(1, req))
+	_, err := third.Recv()
+	checkStatus(t, "a third stream", err, codes.ResourceExhausted, "")
+	if msg := status.Convert(err).Message(); !strings.Contains(msg, testIdentity) || !strings.Contains(msg, "2 streams open") {
+		t.Errorf("a third stream: %q, want the identity and the count", msg)
+	}
+	open(ts.dial(t, "spiffe://test.internal/stranger")) // another caller
+
+	if err := first.CloseSend(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := first.Recv(); err != io.EOF {
+		t.Fatalf("Recv() = %v, want io.EOF", err)
+	}
+	open(ts.client)
+}
+
 // TestStreamDeadline: an operation whose key does not answer in its
 // timeout fails alone with DeadlineExceeded, measured from its arrival.
 func TestStreamDeadline(t *testing.T) {

@@ -41,6 +41,7 @@ type serveFlags struct {
 	maxConcurrent    int
 	maxQueued        int
 	maxInFlight      int
+	maxStreams       int
 	ratePerIdentity  float64
 	burstPerIdentity int
 	allowExtractable bool
@@ -70,6 +71,7 @@ func parseServe(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.IntVar(&f.maxConcurrent, "max-concurrent", 4, "key operations running in the HSM at once; more wait in a queue")
 	fs.IntVar(&f.maxQueued, "max-queued", 1024, "key operations waiting for the HSM before new ones are refused")
 	fs.IntVar(&f.maxInFlight, "max-inflight-per-identity", 256, "requests one edge identity may have in flight at once, unless a quota of the policy names it (0: no bound)")
+	fs.IntVar(&f.maxStreams, "max-streams-per-identity", signer.MaxStreamsPerConnection, "Stream calls one edge identity may have open at once over all its connections; an edge opens one to four (0: no bound)")
 	fs.Float64Var(&f.ratePerIdentity, "rate-per-identity", 0, "requests per second one edge identity may make, unless a quota of the policy names it (0: no bound)")
 	fs.IntVar(&f.burstPerIdentity, "burst-per-identity", 0, "burst above -rate-per-identity (0: the rate, rounded up)")
 	fs.BoolVar(&f.allowExtractable, "allow-extractable", false, "DANGEROUS: also serve private keys that are extractable or not sensitive, which the token would let anyone with the PIN copy out")
@@ -123,6 +125,8 @@ func (f *serveFlags) validate() error {
 		return fmt.Errorf("-max-concurrent %d: must be 0 (no bound) or more", f.maxConcurrent)
 	case f.maxQueued < 0:
 		return fmt.Errorf("-max-queued %d: must be 0 or more", f.maxQueued)
+	case f.maxStreams < 0:
+		return fmt.Errorf("-max-streams-per-identity %d: must be 0 (no bound) or more", f.maxStreams)
 	case f.healthEvery <= 0:
 		return fmt.Errorf("-health-interval %v: must be positive", f.healthEvery)
 	case f.grace < 0:
@@ -185,13 +189,14 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	var svc *signer.Service
 	metrics := signer.NewMetrics(reg, func() *signer.Policy { return svc.Policy() })
 	svc, err = signer.NewService(signer.Config{
-		Keys:          store,
-		Policy:        policy,
-		Quota:         quota,
-		Audit:         signer.MultiAuditor(signer.NewAuditLog(audit), metrics),
-		MaxConcurrent: f.maxConcurrent,
-		MaxQueued:     f.maxQueued,
-		Logger:        logger.Named("signer"),
+		Keys:                  store,
+		Policy:                policy,
+		Quota:                 quota,
+		Audit:                 signer.MultiAuditor(signer.NewAuditLog(audit), metrics),
+		MaxConcurrent:         f.maxConcurrent,
+		MaxQueued:             f.maxQueued,
+		MaxStreamsPerIdentity: f.maxStreams,
+		Logger:                logger.Named("signer"),
 	})
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
@@ -264,7 +269,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	logger.Info("keyserver ready", "listen", ln.Addr().String(), "metrics", metricsAddr, "module", hcfg.ModulePath,
 		"token_label", hcfg.TokenLabel, "token_serial", hcfg.TokenSerial, "token_uri", tokenURIForLog(f.hsm.uri), "health_interval", f.healthEvery,
 		"keys", len(keys), "policy", policy.String(), "audit_log", f.auditLog,
-		"max_concurrent", f.maxConcurrent, "max_queued", f.maxQueued, "max_inflight_per_identity", f.maxInFlight,
+		"max_concurrent", f.maxConcurrent, "max_queued", f.maxQueued, "max_inflight_per_identity", f.maxInFlight, "max_streams_per_identity", f.maxStreams,
 		"allow_extractable", f.allowExtractable)
 	errc := make(chan error, 1)
 	go func() { errc <- gs.Serve(ln) }()
