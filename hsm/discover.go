@@ -330,7 +330,7 @@ func (m *Module) loadKey(sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, c11 c11
 				"key", pi.describe())
 			return k, nil
 		}
-		return &rsaDecryptKey{rsaKey: k, rawDecrypt: km.rawDecrypt && !m.forcePKCSDecrypt}, nil
+		return &rsaDecryptKey{rsaKey: k, rawDecrypt: km.rawDecrypt && !m.forcePKCSDecrypt, computing: make(chan struct{}, 1)}, nil
 	case *ecdsa.PublicKey:
 		if !curveOK(pub) {
 			return nil, skipf("ECDSA curve %s of private key (%s) is not supported", pub.Curve.Params().Name, pi.describe())

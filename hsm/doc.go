@@ -59,8 +59,9 @@
 // It decrypts with raw RSA (CKM_RSA_X_509) and checks the PKCS #1 v1.5
 // padding in constant time; tokens without raw RSA fall back to
 // CKM_RSA_PKCS with every ciphertext-dependent error masked, which Open
-// warns about. There is no other decryption, and raw RSA results never
-// leave the package.
+// warns about. The only other decryption is of a fixed value, once per
+// key, for its rejection secret, and raw RSA results never leave the
+// package.
 //
 // Every key operation is bounded by its context. PKCS #11 calls cannot be
 // interrupted, so they run in a goroutine; when the context ends first the

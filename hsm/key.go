@@ -12,7 +12,6 @@ import (
 	"fmt"
 	"io"
 	"slices"
-	"sync"
 	"sync/atomic"
 
 	"github.com/miekg/pkcs11"
@@ -23,9 +22,8 @@ import (
 // with the key are larger but still far below this.
 const maxEd25519Message = 64 << 10
 
-// keyBase holds what every key type shares. Keys are safe for concurrent
-// use, and immutable but for an RSA key's implicit-rejection secret, which
-// is computed once.
+// keyBase holds what every key type shares. Keys are immutable and safe for
+// concurrent use.
 type keyBase struct {
 	m       *Module
 	gen     uint64              // the module's connection generation
@@ -242,9 +240,11 @@ type rsaDecryptKey struct {
 	rawDecrypt bool
 
 	// secret is the key's implicit-rejection secret, computed in the
-	// token on first use (see rejectionSecret); secretMu serializes that.
-	secret   atomic.Pointer[[]byte]
-	secretMu sync.Mutex
+	// token on first use (see rejectionSecret), the one field of a key
+	// set after it is made; computing, a one-slot semaphore, lets one
+	// caller compute it at a time.
+	secret    atomic.Pointer[[]byte]
+	computing chan struct{}
 }
 
 // ecdsaKey is an ECDSA private key in the token. It signs through crypto11

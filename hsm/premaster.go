@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/subtle"
+	"errors"
 	"fmt"
 	"math/big"
 
@@ -11,9 +12,6 @@ import (
 
 	"github.com/keyless-tls/keyless/internal/premaster"
 )
-
-// premasterLen is the length of a TLS 1.2 premaster secret.
-const premasterLen = premaster.Len
 
 // DecryptPremaster decrypts the RSA-encrypted premaster secret of a TLS 1.2
 // RSA key exchange, with implicit rejection: for any ciphertext that is not
@@ -24,14 +22,17 @@ const premasterLen = premaster.Len
 // the same ciphertext on every call and every Module holding the key, and
 // unpredictable without it, so asking twice does not tell either.
 //
-// The rejection is computed before the token is called, the token always
-// performs exactly one decryption of an in-range value, and the padding is
-// checked in constant time (the model is crypto/rsa's
+// The rejection is computed before the token is called, the token performs
+// exactly one decryption of an in-range value for each ciphertext, and the
+// padding is checked in constant time (the model is crypto/rsa's
 // DecryptPKCS1v15SessionKey and BoringSSL), so neither the answer nor its
-// timing tells a valid ciphertext from an invalid one.
+// timing tells a valid ciphertext from an invalid one. (The key's first
+// decryption also computes its rejection secret: see rejectionSecret.)
 //
 // An error is returned only when the key cannot be used at all: the module
-// is closed, the token fails, or ctx ends first.
+// is closed, the token fails, ctx ends first, or the rejection secret
+// cannot be computed (wrapping [ErrFaultySignature] if the token's result
+// does not verify).
 //
 // The key decrypts with CKM_RSA_X_509 (raw RSA) where the token offers it.
 // Otherwise it falls back to CKM_RSA_PKCS, treating every failure that can
@@ -66,8 +67,8 @@ func (k *rsaDecryptKey) DecryptPremaster(ctx context.Context, ciphertext []byte)
 	if err != nil {
 		return nil, fmt.Errorf("hsm: decrypt premaster with key %q: %w", k.label, err)
 	}
-	valid &= subtle.ConstantTimeEq(int32(len(pt)), premasterLen)
-	buf := make([]byte, premasterLen)
+	valid &= subtle.ConstantTimeEq(int32(len(pt)), premaster.Len)
+	buf := make([]byte, premaster.Len)
 	copy(buf, pt)
 	subtle.ConstantTimeCopy(valid, out, buf)
 	return out, nil
@@ -88,55 +89,53 @@ func (k *rsaDecryptKey) fullLength(em []byte) ([]byte, error) {
 
 // rejectionSecret returns the key's implicit-rejection secret (see package
 // premaster), computing it in the token on first use: a CKM_RSA_PKCS
-// signature of premaster.SecretMessage, or where the key cannot sign so,
-// the same value as a CKM_RSA_X_509 decryption of that message's type 1
-// encoding. Like a signature, it is checked with the public key before
-// use. It does not depend on any ciphertext.
+// signature of premaster.SecretMessage with no DigestInfo, or, where the key
+// cannot sign so or the token refuses it, the same value as a CKM_RSA_X_509
+// decryption of premaster.Type1Block. Like a signature, it is checked with
+// the public key before use. It does not depend on any ciphertext. Callers
+// wait for one computation at a time, each for its own ctx at most; a
+// failure is not kept, so the next call tries again.
 func (k *rsaDecryptKey) rejectionSecret(ctx context.Context) ([]byte, error) {
 	if s := k.secret.Load(); s != nil {
 		return *s, nil
 	}
-	k.secretMu.Lock()
-	defer k.secretMu.Unlock()
+	select {
+	case k.computing <- struct{}{}:
+		defer func() { <-k.computing }()
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 	if s := k.secret.Load(); s != nil {
 		return *s, nil
 	}
-	var s []byte
-	var err error
+	var (
+		s   []byte
+		err = fmt.Errorf("key %q can neither sign with CKM_RSA_PKCS nor decrypt with CKM_RSA_X_509", k.label)
+	)
 	if k.mechs.pkcs1 {
 		// With no DigestInfo: callers' signatures go through crypto11,
 		// which always adds one.
 		s, err = call(ctx, &k.keyBase, "C_Sign", func() ([]byte, error) {
-			return k.signWith(ctx, pkcs11.CKM_RSA_PKCS, premaster.SecretMessage)
+			return k.signWith(ctx, pkcs11.CKM_RSA_PKCS, []byte(premaster.SecretMessage))
 		})
-	} else {
+	}
+	var unavailable *UnavailableError
+	if err != nil && k.mechs.rawDecrypt && ctx.Err() == nil && !errors.As(err, &unavailable) {
 		s, err = call(ctx, &k.keyBase, "C_Decrypt", func() ([]byte, error) {
-			return k.decrypt(ctx, pkcs11.CKM_RSA_X_509, type1Block(k.size(), premaster.SecretMessage))
+			return k.decrypt(ctx, pkcs11.CKM_RSA_X_509, premaster.Type1Block(k.size()))
 		})
-		if err == nil {
-			s, err = k.fullLength(s)
-		}
+	}
+	if err == nil {
+		s, err = k.fullLength(s)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("implicit-rejection secret: %w", err)
 	}
 	if err := premaster.CheckSecret(k.pub, s); err != nil {
-		return nil, fmt.Errorf("implicit-rejection secret: %w", ErrFaultySignature)
+		return nil, fmt.Errorf("implicit-rejection secret: %w: %v", ErrFaultySignature, err)
 	}
 	k.secret.Store(&s)
 	return s, nil
-}
-
-// type1Block returns the size-byte PKCS #1 v1.5 signature encoding of msg
-// with no DigestInfo: 0x00 0x01 0xff… 0x00 msg.
-func type1Block(size int, msg []byte) []byte {
-	em := make([]byte, size)
-	em[1] = 1
-	for i := 2; i < size-len(msg)-1; i++ {
-		em[i] = 0xff
-	}
-	copy(em[size-len(msg):], msg)
-	return em
 }
 
 func (k *rsaDecryptKey) size() int { return (k.pub.N.BitLen() + 7) / 8 }
@@ -206,7 +205,7 @@ func (k *rsaDecryptKey) decryptMasked(ctx context.Context, in []byte) ([]byte, e
 // len(em). It follows crypto/rsa's decryptPKCS1v15 and
 // DecryptPKCS1v15SessionKey.
 func checkPremaster(out, em []byte, valid int) {
-	if len(em) < 11+premasterLen {
+	if len(em) < 11+premaster.Len {
 		return // a modulus too small for a premaster secret: never valid
 	}
 	firstByteIsZero := subtle.ConstantTimeByteEq(em[0], 0)
@@ -226,6 +225,6 @@ func checkPremaster(out, em []byte, valid int) {
 	validPS := subtle.ConstantTimeLessOrEq(2+8, index)
 
 	valid &= firstByteIsZero & secondByteIsTwo & (^lookingForIndex & 1) & validPS
-	valid &= subtle.ConstantTimeEq(int32(len(em)-index-1), premasterLen)
-	subtle.ConstantTimeCopy(valid, out, em[len(em)-premasterLen:])
+	valid &= subtle.ConstantTimeEq(int32(len(em)-index-1), premaster.Len)
+	subtle.ConstantTimeCopy(valid, out, em[len(em)-premaster.Len:])
 }

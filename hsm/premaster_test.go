@@ -5,10 +5,13 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/tls"
 	"math/big"
+	"slices"
 	"testing"
 
 	"github.com/keyless-tls/keyless/hsm"
+	"github.com/keyless-tls/keyless/hsm/hsmtest"
 	"github.com/keyless-tls/keyless/internal/premaster"
 	"github.com/keyless-tls/keyless/signer"
 )
@@ -54,7 +57,7 @@ func premasterCases(t testing.TB, pub *rsa.PublicKey) []premasterCase {
 		t.Fatal(err)
 	}
 	// A valid ciphertext that starts with a zero byte, which a lax length
-	// check would accept without it; valid has one 1 time in 256.
+	// check would accept without it; a ciphertext has one 1 time in 256.
 	zeroFirst := valid
 	for zeroFirst[0] != 0 {
 		if zeroFirst, err = rsa.EncryptPKCS1v15(rand.Reader, pub, pms); err != nil {
@@ -171,4 +174,28 @@ func TestDecryptPremasterFallback(t *testing.T) {
 	if errA != nil || errB != nil || !bytes.Equal(a, b) {
 		t.Fatalf("the two Modules rejected a ciphertext with %x, %v and %x, %v; want the same bytes", a, errA, b, errB)
 	}
+}
+
+// TestDecryptPremasterSecretByRawRSA runs the cases with a key that may not
+// sign with CKM_RSA_PKCS (CKA_ALLOWED_MECHANISMS has only CKM_RSA_X_509 and
+// CKM_RSA_PKCS_PSS), so that its rejection secret comes from a raw RSA
+// decryption; it must be the same value all the same.
+func TestDecryptPremasterSecretByRawRSA(t *testing.T) {
+	tok := hsmtest.New(t)
+	tok.PKCS11Tool(t, "--keypairgen", "--key-type", "rsa:2048", "--label", "raw-only", "--id", "0f",
+		"--allowed-mechanisms", "RSA-X-509,RSA-PKCS-PSS")
+	m := tok.Open(t)
+	ctx := testContext(t)
+	keys, err := m.Keys(ctx)
+	if err != nil || len(keys) != 1 {
+		t.Fatalf("Keys() = %d keys, %v; want 1", len(keys), err)
+	}
+	k := keys[0]
+	if raw, ok := hsm.RawDecrypt(k); !raw || !ok {
+		t.Fatalf("RawDecrypt() = %t, %t; want raw RSA", raw, ok)
+	}
+	if slices.Contains(k.(signer.SchemeLister).SignatureSchemes(), tls.PKCS1WithSHA256) {
+		t.Fatal("the key may sign with PKCS #1 v1.5; the test needs one that may not")
+	}
+	testDecryptPremaster(t, k.(signer.PremasterDecrypter), k.Public().(*rsa.PublicKey))
 }

@@ -12,6 +12,7 @@ import (
 	"io"
 	"math/big"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -162,8 +163,9 @@ func rawRSA(k *rsa.PrivateKey, in []byte, stripZeros bool) []byte {
 func newStubRSAKey(m *Module, raw bool) *rsaDecryptKey {
 	priv := testRSAKey()
 	k := &rsaDecryptKey{
-		rsaKey:     &rsaKey{keyBase: keyBase{m: m, label: "stub"}, pub: &priv.PublicKey, signer: priv, mechs: keyMechanisms{pss: true, pkcs1: true}},
+		rsaKey:     &rsaKey{keyBase: keyBase{m: m, label: "stub"}, pub: &priv.PublicKey, signer: priv, mechs: keyMechanisms{pss: true, pkcs1: true, rawDecrypt: raw}},
 		rawDecrypt: raw,
+		computing:  make(chan struct{}, 1),
 	}
 	secret, err := premaster.Secret(priv)
 	if err != nil {
@@ -174,9 +176,11 @@ func newStubRSAKey(m *Module, raw bool) *rsaDecryptKey {
 }
 
 // TestRejectionSecretStub checks how a key computes its implicit-rejection
-// secret in the token: with CKM_RSA_PKCS signing of the bare message, or
-// with CKM_RSA_X_509 where the key cannot sign so; retried after a fault;
-// refused if it does not verify.
+// secret in the token: with CKM_RSA_PKCS signing of the bare message, once
+// however many callers ask; with CKM_RSA_X_509 where the key cannot sign so
+// or the token refuses; again after a failure; never a secret that does not
+// verify; and a caller waiting for another's computation waits only as long
+// as its own context.
 func TestRejectionSecretStub(t *testing.T) {
 	priv := testRSAKey()
 	want, err := premaster.Secret(priv)
@@ -184,61 +188,88 @@ func TestRejectionSecretStub(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := t.Context()
-	newKey := func(p *stubP11, pkcs1 bool) *rsaDecryptKey {
-		k := newStubRSAKey(newStubModule(p, 2), true)
+	newKey := func(p *stubP11, pkcs1, raw bool) *rsaDecryptKey {
+		k := newStubRSAKey(newStubModule(p, 2), raw)
 		k.secret.Store(nil)
 		k.mechs.pkcs1 = pkcs1
 		return k
 	}
-
-	t.Run("signed with CKM_RSA_PKCS, once", func(t *testing.T) {
-		p := newStubP11()
-		var signs int
-		p.sign = func(msg []byte) ([]byte, error) {
-			signs++
-			if p.mech != pkcs11.CKM_RSA_PKCS || string(msg) != string(premaster.SecretMessage) {
-				t.Errorf("C_Sign(0x%x, %q); want CKM_RSA_PKCS of the bare SecretMessage", p.mech, msg)
-			}
-			return rsa.SignPKCS1v15(nil, priv, 0, msg)
+	var signs, decrypts atomic.Int32
+	rawSign := func(msg []byte) ([]byte, error) {
+		signs.Add(1)
+		return rsa.SignPKCS1v15(nil, priv, 0, msg)
+	}
+	rawDecrypt := func(mech uint, in []byte) ([]byte, error) {
+		decrypts.Add(1)
+		if mech != pkcs11.CKM_RSA_X_509 {
+			t.Errorf("C_Decrypt mechanism 0x%x; want CKM_RSA_X_509", mech)
 		}
-		k := newKey(p, true)
-		for range 3 {
-			got, err := k.rejectionSecret(ctx)
-			if err != nil || string(got) != string(want) {
-				t.Fatalf("rejectionSecret() = %x, %v; want %x", got, err, want)
-			}
-		}
-		if signs != 1 {
-			t.Errorf("the token signed %d times; want once", signs)
-		}
-	})
-
-	t.Run("raw decryption where the key cannot sign with CKM_RSA_PKCS", func(t *testing.T) {
-		p := newStubP11()
-		p.decrypt = func(mech uint, in []byte) ([]byte, error) {
-			if mech != pkcs11.CKM_RSA_X_509 {
-				t.Errorf("C_Decrypt mechanism 0x%x; want CKM_RSA_X_509", mech)
-			}
-			return rawRSA(priv, in, true), nil // a token that strips leading zeros
-		}
-		got, err := newKey(p, false).rejectionSecret(ctx)
+		return rawRSA(priv, in, true), nil // a token that strips leading zeros
+	}
+	check := func(t *testing.T, k *rsaDecryptKey, wantSigns, wantDecrypts int32) {
+		t.Helper()
+		got, err := k.rejectionSecret(ctx)
 		if err != nil || string(got) != string(want) {
 			t.Fatalf("rejectionSecret() = %x, %v; want %x", got, err, want)
 		}
+		if signs.Load() != wantSigns || decrypts.Load() != wantDecrypts {
+			t.Errorf("the token signed %d and decrypted %d times; want %d and %d", signs.Load(), decrypts.Load(), wantSigns, wantDecrypts)
+		}
+	}
+
+	t.Run("signed with CKM_RSA_PKCS, once for many callers", func(t *testing.T) {
+		signs.Store(0)
+		decrypts.Store(0)
+		p := newStubP11()
+		p.sign = func(msg []byte) ([]byte, error) {
+			if p.mech != pkcs11.CKM_RSA_PKCS || string(msg) != premaster.SecretMessage {
+				t.Errorf("C_Sign(0x%x, %q); want CKM_RSA_PKCS of the bare SecretMessage", p.mech, msg)
+			}
+			time.Sleep(10 * time.Millisecond) // callers arrive meanwhile
+			return rawSign(msg)
+		}
+		k := newKey(p, true, true)
+		var wg sync.WaitGroup
+		for range 8 {
+			wg.Go(func() {
+				if got, err := k.rejectionSecret(ctx); err != nil || string(got) != string(want) {
+					t.Errorf("rejectionSecret() = %x, %v; want %x", got, err, want)
+				}
+			})
+		}
+		wg.Wait()
+		check(t, k, 1, 0)
 	})
 
-	t.Run("a failure is an error, and the next call retries", func(t *testing.T) {
+	t.Run("raw decryption where the key cannot sign with CKM_RSA_PKCS", func(t *testing.T) {
+		signs.Store(0)
+		decrypts.Store(0)
 		p := newStubP11()
-		p.sign = func(msg []byte) ([]byte, error) { return rsa.SignPKCS1v15(nil, priv, 0, msg) }
-		k := newKey(p, true)
-		done, cancel := context.WithCancel(ctx)
-		cancel()
-		if _, err := k.DecryptPremaster(done, make([]byte, priv.Size())); err == nil {
+		p.decrypt = rawDecrypt
+		check(t, newKey(p, false, true), 0, 1)
+	})
+
+	t.Run("raw decryption where the token refuses the signature", func(t *testing.T) {
+		signs.Store(0)
+		decrypts.Store(0)
+		p := newStubP11()
+		p.errs = []error{pkcs11.Error(pkcs11.CKR_FUNCTION_FAILED)}
+		p.sign = rawSign
+		p.decrypt = rawDecrypt
+		check(t, newKey(p, true, true), 0, 1)
+	})
+
+	t.Run("a failure is an error, and the next call tries again", func(t *testing.T) {
+		signs.Store(0)
+		decrypts.Store(0)
+		p := newStubP11()
+		p.errs = []error{pkcs11.Error(pkcs11.CKR_FUNCTION_FAILED)}
+		p.sign = rawSign
+		k := newKey(p, true, false)
+		if _, err := k.DecryptPremaster(ctx, make([]byte, priv.Size())); err == nil {
 			t.Fatal("DecryptPremaster() succeeded though the secret could not be computed")
 		}
-		if got, err := k.rejectionSecret(ctx); err != nil || string(got) != string(want) {
-			t.Fatalf("rejectionSecret() after the failure = %x, %v; want %x", got, err, want)
-		}
+		check(t, k, 1, 0)
 	})
 
 	t.Run("a secret that does not verify is refused", func(t *testing.T) {
@@ -248,12 +279,23 @@ func TestRejectionSecretStub(t *testing.T) {
 			sig[len(sig)-1] ^= 1 // a faulty computation
 			return sig, err
 		}
-		k := newKey(p, true)
+		k := newKey(p, true, false)
 		if _, err := k.rejectionSecret(ctx); !errors.Is(err, ErrFaultySignature) {
 			t.Fatalf("rejectionSecret() = %v; want ErrFaultySignature", err)
 		}
 		if k.secret.Load() != nil {
 			t.Fatal("a faulty secret was kept")
+		}
+	})
+
+	t.Run("a waiting caller's context bounds its wait", func(t *testing.T) {
+		k := newKey(newStubP11(), true, false)
+		k.computing <- struct{}{} // another caller is computing
+		defer func() { <-k.computing }()
+		short, cancel := context.WithTimeout(ctx, 20*time.Millisecond)
+		defer cancel()
+		if _, err := k.rejectionSecret(short); !errors.Is(err, context.DeadlineExceeded) {
+			t.Fatalf("rejectionSecret() = %v; want context.DeadlineExceeded", err)
 		}
 	})
 }

@@ -73,12 +73,14 @@ type ContextSigner interface {
 // DecryptPremaster must implement implicit rejection: for any ciphertext that
 // is not a valid PKCS #1 v1.5 encryption of exactly 48 bytes (including one
 // of the wrong length or one not less than the modulus) it returns a nil
-// error and the 48 bytes of package premaster's Rejection under the key's
-// secret, taking as nearly as possible the same time as for a valid one.
-// Those bytes are the same on every call for the same ciphertext, so that a
-// caller who asks twice cannot tell them from a premaster secret. It returns
-// an error only when the key could not be used at all (an HSM fault, or ctx
-// done), never because of the ciphertext.
+// error and [PremasterRejection] of the ciphertext under the key's secret
+// (the key's RSA PKCS #1 v1.5 signature of [PremasterRejectionMessage] with
+// no DigestInfo), taking as nearly as possible the same time as for a valid
+// one. Those bytes are the same on every call for the same ciphertext, so
+// that a caller who asks twice cannot tell them from a premaster secret. It
+// returns an error only when the key could not be used at all (an HSM
+// fault, a secret that could not be computed, or ctx done), never because
+// of the ciphertext.
 type PremasterDecrypter interface {
 	DecryptPremaster(ctx context.Context, ciphertext []byte) ([]byte, error)
 }
@@ -95,6 +97,18 @@ type SchemeLister interface {
 type Describer interface {
 	Label() string
 	ObjectID() []byte
+}
+
+// PremasterRejectionMessage is the message whose RSA PKCS #1 v1.5
+// signature, with no DigestInfo, is a key's implicit-rejection secret (see
+// [PremasterDecrypter]). The service never signs it for a caller.
+const PremasterRejectionMessage = premaster.SecretMessage
+
+// PremasterRejection returns what a [PremasterDecrypter] answers for an
+// invalid ciphertext, given the key's implicit-rejection secret:
+// HMAC-SHA-384(secret, ciphertext), 48 bytes.
+func PremasterRejection(secret, ciphertext []byte) []byte {
+	return premaster.Rejection(secret, ciphertext)
 }
 
 // PremasterLen is the length of a TLS 1.2 premaster secret.

@@ -268,7 +268,7 @@ func decryptCases(tb testing.TB) []decryptCase {
 	}
 	valid := encrypt(pms)
 	// A valid ciphertext that starts with a zero byte, which a lax length
-	// check would accept without it; valid has one 1 time in 256.
+	// check would accept without it; a ciphertext has one 1 time in 256.
 	zeroFirst := encrypt(pms)
 	for zeroFirst[0] != 0 {
 		zeroFirst = encrypt(pms)

@@ -414,8 +414,8 @@ func (c *Client) Sign(ctx context.Context, keyID signer.KeyID, alg signer.Algori
 // secret with the key keyID. The answer is always exactly
 // signer.PremasterLen (48) bytes: the keyserver applies implicit rejection,
 // so an invalid ciphertext yields bytes unpredictable without the key (the
-// same bytes each time), not an error. An
-// answer of any other length is an error. Errors are as for [Client.Sign].
+// same bytes each time), not an error. An answer of any other length is an
+// error. Errors are as for [Client.Sign].
 func (c *Client) Decrypt(ctx context.Context, keyID signer.KeyID, ciphertext []byte, rc *keylessv1.RequestContext) ([]byte, error) {
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()

@@ -152,10 +152,9 @@ func (k *remoteKey) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]
 // anything else is refused without a call. The result is 48 bytes: the
 // premaster secret, or bytes unpredictable without the key if the
 // ciphertext is invalid (implicit rejection, done by the keyserver), so
-// that the handshake fails
-// later, at Finished, the same way for every bad ciphertext. An error means
-// the keyserver could not be used, never that the ciphertext was bad. rand is
-// ignored.
+// that the handshake fails later, at Finished, the same way for every bad
+// ciphertext. An error means the keyserver could not be used, never that
+// the ciphertext was bad. rand is ignored.
 func (k *remoteRSAKey) Decrypt(_ io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
 	o, ok := opts.(*rsa.PKCS1v15DecryptOptions)
 	if !ok || o == nil || o.SessionKeyLen != signer.PremasterLen {

@@ -201,8 +201,9 @@ func TestNewRemoteKeyErrors(t *testing.T) {
 }
 
 // TestRemoteKeyDecrypt checks premaster decryption with implicit rejection:
-// every ciphertext gets 48 bytes and no error, and only a valid one gets the
-// premaster back. Options other than TLS's are refused without a call.
+// every ciphertext gets 48 bytes and no error, the same each time, and only a
+// valid one gets the premaster back. Options other than TLS's are refused
+// without a call.
 func TestRemoteKeyDecrypt(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
 	key := remoteKeys(t, env)[mustKeyID(t, testRSAKey().Public())].(crypto.Decrypter)
@@ -260,6 +261,11 @@ func TestRemoteKeyDecrypt(t *testing.T) {
 			}
 			if bytes.Equal(got, premaster) != tt.wantExact {
 				t.Errorf("Decrypt() == premaster is %t, want %t", !tt.wantExact, tt.wantExact)
+			}
+			// Asked again, the keyserver answers the same: a rejection
+			// looks like a premaster secret.
+			if again, err := key.Decrypt(rand.Reader, tt.ciphertext, tt.opts); err != nil || !bytes.Equal(again, got) {
+				t.Errorf("Decrypt() again = %x, %v; want %x", again, err, got)
 			}
 		})
 	}

@@ -313,7 +313,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 func reload(ctx context.Context, logger hclog.Logger, f *serveFlags, svc *signer.Service, store signer.KeyStore, creds *tlscore.MTLSCredentials, audit *auditFile) {
 	logger.Info("SIGHUP: reloading the policy, certificates and mTLS credentials, and reopening the audit log")
 	if err := audit.Reopen(); err != nil {
-		logger.Error("SIGHUP: audit log", "error", err)
+		logger.Error("SIGHUP: reopening the audit log failed", "error", err)
 	}
 	if err := creds.Reload(); err != nil {
 		logger.Error("mTLS credentials not reloaded; the previous ones stay in use", "error", err)

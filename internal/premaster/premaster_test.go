@@ -5,7 +5,6 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/sha256"
 	"testing"
 )
 
@@ -18,18 +17,22 @@ func TestRejection(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The secret is crypto/rsa's signature of the message, and the raw
+	// RSA decryption of Type1Block.
+	if err := rsa.VerifyPKCS1v15(&priv.PublicKey, crypto.Hash(0), []byte(SecretMessage), secret); err != nil {
+		t.Fatalf("the secret is not a PKCS #1 v1.5 signature of SecretMessage: %v", err)
+	}
 	if err := CheckSecret(&priv.PublicKey, secret); err != nil {
 		t.Fatal(err)
 	}
-	// The secret is what no caller can have signed: any PKCS #1 v1.5
-	// signature with a DigestInfo differs from it.
-	digest := sha256.Sum256(SecretMessage)
-	if sig, _ := rsa.SignPKCS1v15(nil, priv, crypto.SHA256, digest[:]); bytes.Equal(sig, secret) {
-		t.Fatal("the secret equals a SHA-256 signature of the message")
-	}
-	bad := append(bytes.Clone(secret), 0)
-	if err := CheckSecret(&priv.PublicKey, bad[1:]); err == nil {
-		t.Fatal("CheckSecret() accepted a wrong secret")
+	for name, bad := range map[string][]byte{
+		"one bit flipped": func() []byte { b := bytes.Clone(secret); b[len(b)-1] ^= 1; return b }(),
+		"a byte short":    secret[1:],
+		"the modulus":     priv.N.FillBytes(make([]byte, priv.Size())),
+	} {
+		if err := CheckSecret(&priv.PublicKey, bad); err == nil {
+			t.Errorf("CheckSecret() accepted %s", name)
+		}
 	}
 
 	ct := bytes.Repeat([]byte{7}, 256)
@@ -37,12 +40,14 @@ func TestRejection(t *testing.T) {
 	if len(a) != Len || !bytes.Equal(a, b) {
 		t.Fatalf("Rejection() = %x and %x; want the same %d bytes twice", a, b, Len)
 	}
-	for name, other := range map[string][]byte{
+	other := bytes.Clone(secret)
+	other[0] ^= 1
+	for name, got := range map[string][]byte{
 		"another ciphertext":            Rejection(secret, append(bytes.Clone(ct[1:]), 8)),
 		"the ciphertext without a byte": Rejection(secret, ct[1:]),
-		"another secret":                Rejection(bad[1:], ct),
+		"another secret":                Rejection(other, ct),
 	} {
-		if bytes.Equal(a, other) {
+		if bytes.Equal(a, got) {
 			t.Errorf("Rejection() with %s gave the same answer", name)
 		}
 	}
