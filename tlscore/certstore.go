@@ -17,6 +17,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -427,7 +428,9 @@ func (cs *certSet) pick(hello *tls.ClientHelloInfo) *certEntry {
 // GetCertificate returns the certificate for a handshake, for use as
 // tls.Config.GetCertificate: by server name (exact names before wildcards,
 // case-insensitive, a trailing dot ignored), else the default certificate.
-// It fails if none applies or nothing has been loaded.
+// It fails if none applies, if nothing has been loaded, and for a server
+// name that is not a host name (see checkServerName), before any key
+// operation.
 //
 // The result is a shallow copy whose PrivateKey is bound to
 // hello.Context(), so that the key operations end with the handshake, and
@@ -437,6 +440,9 @@ func (s *CertStore) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate
 	set := s.set.Load()
 	if set == nil {
 		return nil, errors.New("tlscore: no certificates loaded")
+	}
+	if err := checkServerName(hello.ServerName); err != nil {
+		return nil, err
 	}
 	e := set.pick(hello)
 	if e == nil {
@@ -454,13 +460,34 @@ func (s *CertStore) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate
 	return &c, nil
 }
 
-// truncate cuts s to at most n bytes, so that an odd server name cannot make
-// the keyserver refuse a request for its audit fields.
+// truncate cuts s to at most n bytes of valid UTF-8, so that an odd value
+// cannot make the keyserver refuse a request for its audit fields, nor
+// protobuf refuse to encode it (and with it every operation of its
+// stream's message).
 func truncate(s string, n int) string {
-	if len(s) > n {
-		return s[:n]
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	if len(s) <= n {
+		return s
 	}
-	return s
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
+}
+
+// auditContext returns rc, or, if one of its fields would make the
+// keyserver refuse the request or protobuf refuse to encode it, a copy with
+// every field cut by truncate.
+func auditContext(rc *keylessv1.RequestContext) *keylessv1.RequestContext {
+	fits := func(s string) bool { return len(s) <= signer.MaxContextFieldLen && utf8.ValidString(s) }
+	if rc == nil || fits(rc.GetServerName()) && fits(rc.GetClientAddress()) && fits(rc.GetConnectionId()) {
+		return rc
+	}
+	return &keylessv1.RequestContext{
+		ServerName:    truncate(rc.GetServerName(), signer.MaxContextFieldLen),
+		ClientAddress: truncate(rc.GetClientAddress(), signer.MaxContextFieldLen),
+		ConnectionId:  truncate(rc.GetConnectionId(), signer.MaxContextFieldLen),
+	}
 }
 
 func keyIDFromBytes(b []byte) (signer.KeyID, bool) {

@@ -385,7 +385,8 @@ func (c *Client) callContext(ctx context.Context) (context.Context, context.Canc
 
 // Sign asks a keyserver to sign digest (for Ed25519, the whole message) with
 // the key keyID using alg. rc describes the TLS connection for the
-// keyserver's audit trail; it may be nil. Errors wrap the gRPC status (use
+// keyserver's audit trail; it may be nil, and fields too long or not UTF-8
+// are cut to what the keyserver takes. Errors wrap the gRPC status (use
 // status.Code): DeadlineExceeded when no keyserver answered in time,
 // Unavailable when none could be reached, NotFound for an unknown key,
 // InvalidArgument for a request the keyserver refused.
@@ -397,7 +398,7 @@ func (c *Client) Sign(ctx context.Context, keyID signer.KeyID, alg signer.Algori
 		KeyId:     keyID[:],
 		Algorithm: alg.Wire,
 		Digest:    digest,
-		Context:   rc,
+		Context:   auditContext(rc),
 	}
 	resp, err := perform(c, ctx, "Sign", start, &keylessv1.Operation{Request: &keylessv1.Operation_Sign{Sign: req}},
 		(*keylessv1.OperationResult).GetSign, func() (*keylessv1.SignResponse, error) { return c.api.Sign(ctx, req) })
@@ -423,7 +424,7 @@ func (c *Client) Decrypt(ctx context.Context, keyID signer.KeyID, ciphertext []b
 	req := &keylessv1.DecryptRequest{
 		KeyId:              keyID[:],
 		EncryptedPremaster: ciphertext,
-		Context:            rc,
+		Context:            auditContext(rc),
 	}
 	resp, err := perform(c, ctx, "Decrypt", start, &keylessv1.Operation{Request: &keylessv1.Operation_Decrypt{Decrypt: req}},
 		(*keylessv1.OperationResult).GetDecrypt, func() (*keylessv1.DecryptResponse, error) { return c.api.Decrypt(ctx, req) })

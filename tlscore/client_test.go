@@ -3,8 +3,10 @@ package tlscore
 import (
 	"context"
 	"crypto"
+	"crypto/ecdsa"
 	"crypto/tls"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -234,6 +236,43 @@ func TestClientDecryptLength(t *testing.T) {
 			t.Errorf("Decrypt() with a %d-byte answer = %v, want a length error", n, err)
 		}
 	}
+}
+
+// TestClientOddRequestContext sends, among ordinary operations on the same
+// stream, ones whose request context is not UTF-8 or too long. Protobuf
+// would refuse to encode them, and with them every operation of their
+// message; the client cuts them to what the keyserver takes instead, and
+// every operation succeeds.
+func TestClientOddRequestContext(t *testing.T) {
+	pki := newTestPKI(t)
+	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{testP256Key()}, nil))
+	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
+	alg, _ := signer.AlgorithmFor(algECDSA256)
+	id := mustKeyID(t, testP256Key().Public())
+	odd := []*keylessv1.RequestContext{
+		{ServerName: "\xff.wild.example.com"},
+		{ServerName: strings.Repeat("é", 200), ClientAddress: "\xc3"},
+		{ConnectionId: strings.Repeat("c", 1000)},
+	}
+	var wg sync.WaitGroup
+	for i := range 60 {
+		wg.Go(func() {
+			rc := &keylessv1.RequestContext{ServerName: "ok.example.com"}
+			if i%4 == 0 {
+				rc = odd[i/4%len(odd)]
+			}
+			d := digest(crypto.SHA256)
+			sig, err := c.Sign(t.Context(), id, alg, d, rc)
+			if err != nil {
+				t.Errorf("Sign(context %q) = %v", rc, err)
+				return
+			}
+			if !ecdsa.VerifyASN1(testP256Key().Public().(*ecdsa.PublicKey), d, sig) {
+				t.Errorf("Sign(context %q): the signature does not verify", rc)
+			}
+		})
+	}
+	wg.Wait()
 }
 
 func TestClientClose(t *testing.T) {

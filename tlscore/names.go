@@ -11,6 +11,31 @@ func normalizeName(name string) string {
 	return strings.ToLower(strings.TrimSuffix(name, "."))
 }
 
+// maxHostNameLen is the length of the longest DNS name, without the
+// trailing dot.
+const maxHostNameLen = 253
+
+// checkServerName returns an error unless name, the server name a client
+// sent, could be a host name: RFC 6066 sends it as an ASCII DNS name (an
+// internationalized one as A-labels), so only ASCII letters, digits, '-',
+// '_' and '.' are accepted, at most 253 bytes besides a trailing dot.
+// crypto/tls takes any bytes; this keeps odd ones out of certificate
+// selection (strings.ToLower folds some non-ASCII letters into ASCII ones),
+// the keyserver's audit trail, logs and headers.
+func checkServerName(name string) error {
+	if n := strings.TrimSuffix(name, "."); len(n) > maxHostNameLen {
+		return fmt.Errorf("tlscore: server name of %d bytes; a host name has at most %d", len(n), maxHostNameLen)
+	}
+	for i := range len(name) {
+		switch c := name[i]; {
+		case 'a' <= c && c <= 'z', 'A' <= c && c <= 'Z', '0' <= c && c <= '9', c == '-', c == '_', c == '.':
+		default:
+			return fmt.Errorf("tlscore: server name %q is not a host name (byte 0x%02x at %d; want ASCII letters, digits, '-', '_' and '.')", name, c, i)
+		}
+	}
+	return nil
+}
+
 // checkPattern reports whether p is a usable host name pattern: an exact name
 // or "*." followed by a name. A wildcard stands for exactly one label.
 func checkPattern(p string) error {

@@ -28,7 +28,10 @@ const (
 //
 // The origin sees X-Forwarded-For (the client's address only: values the
 // client sent are dropped), X-Forwarded-Host, X-Forwarded-Proto,
-// [HeaderServerName] and [HeaderTLSVersion]. Responses are streamed: each
+// [HeaderServerName] (in lower case) and [HeaderTLSVersion]; what a client
+// sent under these names, under X-Real-Ip or Forwarded, or under the same
+// names with '_' for '-', is dropped. The origin is reached directly,
+// whatever proxy the environment names. Responses are streamed: each
 // write of the origin is flushed to the client at once. If the origin cannot
 // be reached or fails to answer, the client gets 502 Bad Gateway with a short
 // body, and the failure is logged once. The handler is safe for concurrent
@@ -41,15 +44,17 @@ func NewReverseProxy(origin *url.URL, logger hclog.Logger) http.Handler {
 	transport := http.DefaultTransport.(*http.Transport).Clone()
 	// A proxy talks to one origin: keep enough idle connections to it.
 	transport.MaxIdleConnsPerHost = 64
+	// Decrypted traffic goes to the origin named, never through a proxy
+	// that HTTPS_PROXY or the like happens to name.
+	transport.Proxy = nil
 	return &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			pr.SetURL(origin)
+			dropProxyHeaders(pr.Out.Header)
 			pr.SetXForwarded()
-			pr.Out.Header.Del(HeaderServerName)
-			pr.Out.Header.Del(HeaderTLSVersion)
 			if cs := pr.In.TLS; cs != nil {
 				if cs.ServerName != "" {
-					pr.Out.Header.Set(HeaderServerName, cs.ServerName)
+					pr.Out.Header.Set(HeaderServerName, normalizeName(cs.ServerName))
 				}
 				pr.Out.Header.Set(HeaderTLSVersion, tls.VersionName(cs.Version))
 			}
@@ -69,6 +74,19 @@ func NewReverseProxy(origin *url.URL, logger hclog.Logger) http.Handler {
 			w.WriteHeader(http.StatusBadGateway)
 			_, _ = io.WriteString(w, "502 Bad Gateway: the origin server did not answer\n")
 		},
+	}
+}
+
+// dropProxyHeaders removes from h what a client sent under the names of the
+// headers the proxy sets, and under names that differ from them only by '_'
+// for '-' (X_Forwarded_For), which CGI-style origins read as the same
+// variable: Forwarded, X-Forwarded-*, X-Real-Ip and X-Keyless-*.
+func dropProxyHeaders(h http.Header) {
+	for name := range h {
+		n := strings.ToLower(strings.ReplaceAll(name, "_", "-"))
+		if n == "forwarded" || n == "x-real-ip" || strings.HasPrefix(n, "x-forwarded-") || strings.HasPrefix(n, "x-keyless-") {
+			delete(h, name)
+		}
 	}
 }
 

@@ -27,8 +27,8 @@ func newEchoOrigin(t *testing.T) *url.URL {
 	t.Helper()
 	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		seen := originSeen{Path: r.URL.Path, Host: r.Host, Headers: make(map[string]string)}
-		for _, h := range []string{"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto", HeaderServerName, HeaderTLSVersion} {
-			seen.Headers[h] = strings.Join(r.Header.Values(h), ",")
+		for h, v := range r.Header {
+			seen.Headers[h] = strings.Join(v, ",")
 		}
 		json.NewEncoder(w).Encode(seen)
 	}))
@@ -123,6 +123,16 @@ func TestReverseProxy(t *testing.T) {
 			req.Header.Set(HeaderServerName, "evil.example.com")
 			req.Header.Set(HeaderTLSVersion, "SSL 2.0")
 			req.Header.Set("X-Forwarded-For", "192.0.2.66")
+			// And lookalikes that CGI-style origins read the same.
+			spoofs := map[string]string{
+				"X_Forwarded_For":       "192.0.2.67",
+				"X-Real-Ip":             "192.0.2.68",
+				"X_Keyless_Server_Name": "evil2.example.com",
+				"Forwarded":             "for=192.0.2.69",
+			}
+			for k, v := range spoofs {
+				req.Header[k] = []string{v}
+			}
 			resp, err := httpClient(t, env, addr, tt.h2, tt.maxVersion).Do(req)
 			if err != nil {
 				t.Fatal(err)
@@ -143,14 +153,47 @@ func TestReverseProxy(t *testing.T) {
 				HeaderTLSVersion:    tt.wantVersion,
 			}
 			for h, w := range want {
-				if got := seen.Headers[h]; got != w {
+				if got := seen.Headers[http.CanonicalHeaderKey(h)]; got != w {
 					t.Errorf("origin saw %s: %q, want %q", h, got, w)
+				}
+			}
+			for name, v := range seen.Headers {
+				for k, spoof := range spoofs {
+					if v == spoof {
+						t.Errorf("origin saw %s: %q, sent by the client as %s", name, v, k)
+					}
 				}
 			}
 			if seen.Path != "/base/hello" || seen.Host != origin.Host {
 				t.Errorf("origin saw Host %q path %q, want %q %q", seen.Host, seen.Path, origin.Host, "/base/hello")
 			}
 		})
+	}
+}
+
+// TestServeHTTPHeaderLimit: request headers beyond 64 KiB are refused, over
+// HTTP/1.1 and HTTP/2, and ones within it pass.
+func TestServeHTTPHeaderLimit(t *testing.T) {
+	env := newTestEnv(t, envOptions{})
+	addr, _ := startHTTPEdge(t, env.serverConfig(t), http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}), time.Second)
+	for _, h2 := range []bool{false, true} {
+		for _, tt := range []struct {
+			size int
+			ok   bool
+		}{{32 << 10, true}, {96 << 10, false}} {
+			req, err := http.NewRequestWithContext(t.Context(), "GET", "https://p256.example.com/", nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			req.Header.Set("X-Filler", strings.Repeat("f", tt.size))
+			resp, err := httpClient(t, env, addr, h2, 0).Do(req)
+			if err == nil {
+				resp.Body.Close()
+			}
+			if ok := err == nil && resp.StatusCode == http.StatusOK; ok != tt.ok {
+				t.Errorf("HTTP/2 %t, %d bytes of headers: %v, %v; want accepted %t", h2, tt.size, resp, err, tt.ok)
+			}
+		}
 	}
 }
 

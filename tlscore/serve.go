@@ -23,6 +23,16 @@ const (
 	handshakeTimeout = 10 * time.Second
 	// idleTimeout closes HTTP keep-alive connections left idle.
 	idleTimeout = 2 * time.Minute
+	// maxHeaderBytes bounds a request's headers (net/http's default is
+	// 1 MiB).
+	maxHeaderBytes = 64 << 10
+	// maxHTTP2Streams bounds the requests in progress on one HTTP/2
+	// connection (net/http's default is 250): each may hold a connection
+	// to the origin.
+	maxHTTP2Streams = 100
+	// http2WriteTimeout closes an HTTP/2 connection whose client reads
+	// nothing for this long while the edge has data to send.
+	http2WriteTimeout = 30 * time.Second
 	// originDialTimeout bounds connecting to a TCP origin.
 	originDialTimeout = 10 * time.Second
 )
@@ -40,7 +50,10 @@ const (
 //
 // A TLS handshake and the request headers that follow must arrive within 10
 // seconds; a key operation within it is bounded by the Client's call
-// timeout. logger receives net/http's errors (nil means none).
+// timeout. Request headers are limited to 64 KiB, an HTTP/2 connection to
+// 100 requests at once, and an HTTP/2 client that reads nothing for 30
+// seconds while a response waits is disconnected. logger receives
+// net/http's errors (nil means none).
 //
 // With [WithMetrics], each handshake is counted (see [Metrics]).
 func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h http.Handler, grace time.Duration, logger hclog.Logger, opts ...ServeOption) error {
@@ -56,7 +69,16 @@ func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h ht
 		TLSConfig:         tlsConfig,
 		ReadHeaderTimeout: handshakeTimeout,
 		IdleTimeout:       idleTimeout,
-		ErrorLog:          stdLogger(logger.Named("http"), hclog.Warn),
+		MaxHeaderBytes:    maxHeaderBytes,
+		HTTP2: &http.HTTP2Config{
+			MaxConcurrentStreams: maxHTTP2Streams,
+			WriteByteTimeout:     http2WriteTimeout,
+			// A connection silent this long is checked with a PING, and
+			// closed if the PING is not answered.
+			SendPingTimeout: idleTimeout / 2,
+			PingTimeout:     handshakeTimeout,
+		},
+		ErrorLog: stdLogger(logger.Named("http"), hclog.Warn),
 		// Requests must outlive ctx for the graceful shutdown; they keep
 		// its values.
 		BaseContext: func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
