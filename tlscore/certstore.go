@@ -3,6 +3,7 @@ package tlscore
 import (
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/hex"
@@ -130,10 +131,11 @@ func (e *MissingKeysError) Error() string {
 
 // certEntry is one loaded certificate. It is immutable.
 type certEntry struct {
-	file  string
-	names []string        // normalized DNS SANs, wildcards included
-	cert  tls.Certificate // PrivateKey is the unbound RemoteKey
-	key   RemoteKey
+	file     string
+	names    []string        // normalized DNS SANs, wildcards included
+	cert     tls.Certificate // PrivateKey is the unbound RemoteKey
+	key      RemoteKey
+	leafHash [sha256.Size]byte // of the leaf's DER, for session tickets
 }
 
 // certSet is one generation of certificates. It is immutable.
@@ -342,8 +344,9 @@ func (s *CertStore) newEntry(file string, chain []*x509.Certificate, info *keyle
 			"file", file, "key_id", signer.FormatKeyID(key.KeyID()), "schemes", fmt.Sprint(schemes))
 	}
 	e := &certEntry{
-		file: file,
-		key:  key,
+		file:     file,
+		key:      key,
+		leafHash: sha256.Sum256(leaf.Raw),
 		cert: tls.Certificate{
 			PrivateKey:                   key,
 			Leaf:                         leaf,
@@ -407,6 +410,18 @@ func (cs *certSet) candidates(name string) []*certEntry {
 	return append(slices.Clip(exact), cs.wildcard[parent]...)
 }
 
+// serving returns the certificates that may serve a handshake for
+// serverName: its candidates, else the default.
+func (cs *certSet) serving(serverName string) []*certEntry {
+	if cands := cs.candidates(normalizeName(serverName)); len(cands) > 0 {
+		return cands
+	}
+	if cs.def != nil {
+		return []*certEntry{cs.def}
+	}
+	return nil
+}
+
 // pick chooses the certificate for a handshake: the first candidate the
 // client supports, else the first candidate (the handshake then fails with
 // crypto/tls's precise error), else the default.
@@ -423,6 +438,20 @@ func (cs *certSet) pick(hello *tls.ClientHelloInfo) *certEntry {
 		return cands[0]
 	}
 	return cs.def
+}
+
+// servingLeaves returns the SHA-256 digests of the leaf certificates that
+// may serve a handshake for serverName now.
+func (s *CertStore) servingLeaves(serverName string) [][sha256.Size]byte {
+	set := s.set.Load()
+	if set == nil {
+		return nil
+	}
+	var out [][sha256.Size]byte
+	for _, e := range set.serving(serverName) {
+		out = append(out, e.leafHash)
+	}
+	return out
 }
 
 // GetCertificate returns the certificate for a handshake, for use as

@@ -7,6 +7,9 @@ import (
 	"crypto/rsa"
 	"crypto/tls"
 	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -282,6 +285,56 @@ func TestResumptionBoundToServerName(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestResumptionEndsWithCertificate: a ticket no longer resumes once the
+// certificate of its name is removed (even with a default certificate,
+// which a TLS 1.2 resumption would otherwise be served with) or replaced;
+// a full handshake then decides, as it would for a new client.
+func TestResumptionEndsWithCertificate(t *testing.T) {
+	for _, version := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+		for _, dflt := range []string{"", "ed25519.pem"} {
+			t.Run(fmt.Sprintf("%s/default=%q", tls.VersionName(version), dflt), func(t *testing.T) {
+				env := newTestEnv(t, envOptions{})
+				store := env.newStore(t, CertStoreConfig{Default: dflt})
+				sc, err := NewServerTLSConfig(ServerConfig{Certificates: store})
+				if err != nil {
+					t.Fatal(err)
+				}
+				cc := env.clientConfig("p384.example.com", version, version)
+				cc.ClientSessionCache = tls.NewLRUClientSessionCache(4)
+				step := func(what string, wantOK, wantResumed bool) {
+					t.Helper()
+					r := runHandshake(t, sc, cc, nil)
+					if ok := r.clientErr == nil && r.serverErr == nil; ok != wantOK || r.state.DidResume != wantResumed {
+						t.Fatalf("%s: errors client %v, server %v, resumed %t; want success %t, resumed %t",
+							what, r.clientErr, r.serverErr, r.state.DidResume, wantOK, wantResumed)
+					}
+				}
+				reload := func() {
+					t.Helper()
+					if err := store.Load(t.Context(), env.dir); err != nil {
+						t.Fatal(err)
+					}
+				}
+				step("first handshake", true, false)
+				step("second handshake", true, true)
+
+				// Replaced: the same key, a new certificate.
+				writeFile(t, env.dir, "p384.pem", certPEM(env.pki.ca.issue(t, testP384Key().Public(), leafOptions{names: []string{"p384.example.com"}})))
+				reload()
+				step("after the certificate was replaced", true, false)
+				step("with a ticket for the new certificate", true, true)
+
+				// Removed.
+				if err := os.Remove(filepath.Join(env.dir, "p384.pem")); err != nil {
+					t.Fatal(err)
+				}
+				reload()
+				step("after the certificate was removed", false, false)
+			})
+		}
 	}
 }
 

@@ -84,7 +84,10 @@ func (c *ServerConfig) Validate() error {
 // tickets are sealed and opened with the returned config's ticket keys
 // (crypto/tls rotates them daily; to share tickets between edges call
 // SetSessionTicketKeys on the returned config, and rotate them yourself).
-// A ticket resumes only under the server name it was issued for.
+// A ticket resumes only under the server name it was issued for, and only
+// while the certificate store would still serve that name with a
+// certificate it could have used then (so not after the name's certificate
+// was removed or replaced).
 //
 // The caller may adjust the result before serving, but must not replace
 // GetCertificate, GetConfigForClient, WrapSession or UnwrapSession.
@@ -106,7 +109,7 @@ func NewServerTLSConfig(cfg ServerConfig) (*tls.Config, error) {
 		NextProtos:     slices.Clone(nextProtos),
 		GetCertificate: getCertificate(cfg.Certificates),
 	}
-	bindTicketsToServerName(base, logger.Named("tickets"))
+	bindTickets(base, cfg.Certificates, logger.Named("tickets"))
 	if len(cfg.RSAKeyExchange) == 0 {
 		return base, nil
 	}

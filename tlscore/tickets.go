@@ -2,27 +2,44 @@ package tlscore
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"crypto/tls"
+	"slices"
 
 	"github.com/hashicorp/go-hclog"
 )
 
-// ticketServerNameTag prefixes the SessionState.Extra entry that records the
-// server name a session was established for.
-const ticketServerNameTag = "keyless-sni:"
+// Tags of the SessionState.Extra entries that bind a session ticket.
+const (
+	// ticketServerNameTag prefixes the server name a session was
+	// established for.
+	ticketServerNameTag = "keyless-sni:"
+	// ticketCertTag prefixes the SHA-256 of a leaf certificate that could
+	// serve that name when the ticket was issued.
+	ticketCertTag = "keyless-cert:"
+)
 
-// bindTicketsToServerName makes cfg's session tickets resume only under the
-// server name they were issued for. Without it, a ticket issued for one name
-// resumes under any other name the same edge serves: a client could carry a
-// session, and its authentication, across virtual hosts.
+// bindTickets makes cfg's session tickets resume only under the server name
+// they were issued for, and only while certs would still serve that name
+// with a certificate it could have used then.
+//
+// Without the first, a ticket issued for one name resumes under any other
+// name the same edge serves: a client could carry a session, and its
+// authentication, across virtual hosts. Without the second, a name whose
+// certificate was removed or replaced (a customer leaving, a revoked
+// certificate) keeps resuming with the old authentication until the ticket
+// keys age out: a TLS 1.3 resumption asks for no certificate at all.
 //
 // Tickets are sealed with cfg's own keys through cfg.EncryptTicket and
 // cfg.DecryptTicket. The closures capture cfg, so configurations cloned from
 // it (such as those GetConfigForClient returns) use cfg's keys too, and
 // tickets resume whichever configuration issued them.
-func bindTicketsToServerName(cfg *tls.Config, logger hclog.Logger) {
+func bindTickets(cfg *tls.Config, certs *CertStore, logger hclog.Logger) {
 	cfg.WrapSession = func(cs tls.ConnectionState, ss *tls.SessionState) ([]byte, error) {
 		ss.Extra = append(ss.Extra, ticketServerNameEntry(cs.ServerName))
+		for _, h := range certs.servingLeaves(cs.ServerName) {
+			ss.Extra = append(ss.Extra, ticketCertEntry(h))
+		}
 		return cfg.EncryptTicket(cs, ss)
 	}
 	cfg.UnwrapSession = func(identity []byte, cs tls.ConnectionState) (*tls.SessionState, error) {
@@ -30,18 +47,25 @@ func bindTicketsToServerName(cfg *tls.Config, logger hclog.Logger) {
 		if err != nil || ss == nil {
 			return nil, err
 		}
-		want := ticketServerNameEntry(cs.ServerName)
-		for _, e := range ss.Extra {
-			if bytes.Equal(e, want) {
+		// Not errors: the client falls back to a full handshake.
+		if !slices.ContainsFunc(ss.Extra, func(e []byte) bool { return bytes.Equal(e, ticketServerNameEntry(cs.ServerName)) }) {
+			logger.Debug("session ticket from another server name ignored", "server_name", cs.ServerName)
+			return nil, nil
+		}
+		for _, h := range certs.servingLeaves(cs.ServerName) {
+			if slices.ContainsFunc(ss.Extra, func(e []byte) bool { return bytes.Equal(e, ticketCertEntry(h)) }) {
 				return ss, nil
 			}
 		}
-		// Not an error: the client falls back to a full handshake.
-		logger.Debug("session ticket from another server name ignored", "server_name", cs.ServerName)
+		logger.Debug("session ticket for a certificate no longer served ignored", "server_name", cs.ServerName)
 		return nil, nil
 	}
 }
 
 func ticketServerNameEntry(serverName string) []byte {
 	return []byte(ticketServerNameTag + normalizeName(serverName))
+}
+
+func ticketCertEntry(leafHash [sha256.Size]byte) []byte {
+	return append([]byte(ticketCertTag), leafHash[:]...)
 }
