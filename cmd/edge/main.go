@@ -37,6 +37,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
 	"github.com/keyless-tls/keyless/internal/opsserver"
 	"github.com/keyless-tls/keyless/tlscore"
@@ -91,7 +93,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	if err != nil {
 		return err
 	}
-	if err := certs.Load(ctx, f.certs); err != nil {
+	if err := loadCertificates(ctx, certs, f.certs, logger); err != nil {
 		return err
 	}
 	serverCfg := tlscore.ServerConfig{Certificates: certs, RSAKeyExchange: splitList(f.rsaKeyExchange), Logger: logger}
@@ -202,4 +204,30 @@ func splitList(s string) []string {
 		}
 	}
 	return out
+}
+
+// Waits between attempts of loadCertificates.
+const (
+	firstLoadRetry = time.Second
+	maxLoadRetry   = 30 * time.Second
+)
+
+// loadCertificates loads dir into certs. While no keyserver answers
+// (Unavailable or DeadlineExceeded), it logs and tries again, waiting 1 s
+// and then twice as long each time up to 30 s, until ctx ends: an edge that
+// starts before its keyservers (after a datacenter restart, say) comes up
+// with them instead of exiting. Any other error is returned at once.
+func loadCertificates(ctx context.Context, certs *tlscore.CertStore, dir string, logger hclog.Logger) error {
+	for wait := firstLoadRetry; ; wait = min(2*wait, maxLoadRetry) {
+		err := certs.Load(ctx, dir)
+		if code := status.Code(err); err == nil || code != codes.Unavailable && code != codes.DeadlineExceeded || ctx.Err() != nil {
+			return err
+		}
+		logger.Warn("no keyserver answered; the edge starts once one does", "error", err, "next_attempt_in", wait)
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return err
+		}
+	}
 }

@@ -2,10 +2,26 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"flag"
+	"math/big"
+	"net"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/keyless-tls/keyless/tlscore"
 )
 
 func TestRunFlagErrors(t *testing.T) {
@@ -57,5 +73,56 @@ func TestSplitList(t *testing.T) {
 	got := splitList(" a:1, ,b:2,")
 	if len(got) != 2 || got[0] != "a:1" || got[1] != "b:2" {
 		t.Errorf("splitList = %q", got)
+	}
+}
+
+// TestLoadCertificatesWaitsForKeyservers: while no keyserver answers, the
+// edge keeps trying, logging each attempt, until its context ends; an
+// error that waiting cannot mend is returned at once.
+func TestLoadCertificatesWaitsForKeyservers(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close() // nobody listens there
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clientTLS := &tls.Config{MinVersion: tls.VersionTLS13, ServerName: "keyserver.test", Certificates: []tls.Certificate{{Certificate: [][]byte{der}, PrivateKey: key}}}
+	client, err := tlscore.Dial(tlscore.ClientConfig{Addresses: []string{addr}, TLS: clientTLS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer client.Close()
+	certs, err := tlscore.NewCertStore(tlscore.CertStoreConfig{Client: client})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	logger := hclog.New(&hclog.LoggerOptions{Output: &logs})
+
+	ctx, cancel := context.WithTimeout(t.Context(), 2500*time.Millisecond)
+	defer cancel()
+	err = loadCertificates(ctx, certs, t.TempDir(), logger)
+	if status.Code(err) != codes.Unavailable {
+		t.Fatalf("loadCertificates() = %v, want Unavailable once its context ended", err)
+	}
+	// Attempts at 0 s and 1 s, then a wait of 2 s that the context cuts.
+	if n := strings.Count(logs.String(), "no keyserver answered"); n < 2 {
+		t.Errorf("%d attempts logged, want 2:\n%s", n, logs.String())
+	}
+
+	logs.Reset()
+	start := time.Now()
+	err = loadCertificates(t.Context(), certs, filepath.Join(t.TempDir(), "missing"), logger)
+	if err == nil || time.Since(start) > time.Second || logs.Len() != 0 {
+		t.Errorf("loadCertificates(missing directory) = %v after %v, log %q; want an error at once", err, time.Since(start), logs.String())
 	}
 }
