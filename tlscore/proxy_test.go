@@ -350,7 +350,7 @@ func TestServeHTTPShutdown(t *testing.T) {
 }
 
 // startTCPEdge runs ServeTCP in front of origin on a loopback listener.
-func startTCPEdge(t *testing.T, env *testEnv, origin string, grace time.Duration) (addr string, stop func() error) {
+func startTCPEdge(t *testing.T, env *testEnv, origin string, grace time.Duration, opts ...ServeOption) (addr string, stop func() error) {
 	t.Helper()
 	sc, err := NewServerTLSConfig(ServerConfig{Certificates: env.newStore(t, CertStoreConfig{}), NextProtos: []string{}})
 	if err != nil {
@@ -362,7 +362,7 @@ func startTCPEdge(t *testing.T, env *testEnv, origin string, grace time.Duration
 	}
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
-	go func() { done <- ServeTCP(ctx, ln, sc, origin, grace, nil) }()
+	go func() { done <- ServeTCP(ctx, ln, sc, origin, grace, nil, opts...) }()
 	var result error
 	stopped := false
 	stop = func() error {
@@ -442,6 +442,43 @@ func TestServeTCP(t *testing.T) {
 	if err := stop(); err != nil {
 		t.Errorf("ServeTCP() = %v, want nil", err)
 	}
+}
+
+// TestServeTCPIdleTimeout: a connection on which nothing moves is closed
+// after the idle timeout, not before; one busy in a single direction for
+// longer is not.
+func TestServeTCPIdleTimeout(t *testing.T) {
+	const idle = time.Second
+	env := newTestEnv(t, envOptions{})
+	addr, _ := startTCPEdge(t, env, startEchoUntilEOF(t), time.Second, WithIdleTimeout(idle))
+
+	t.Run("quiet", func(t *testing.T) {
+		c := dialEdge(t, env, addr)
+		defer c.Close()
+		start := time.Now()
+		n, err := c.Read(make([]byte, 1))
+		if took := time.Since(start); n != 0 || err == nil || took < idle {
+			t.Fatalf("Read() = %d, %v after %v; want the connection closed after %v", n, err, took, idle)
+		}
+	})
+	t.Run("busy one way", func(t *testing.T) {
+		c := dialEdge(t, env, addr)
+		defer c.Close()
+		var sent strings.Builder
+		for i := 0; i < 25; i++ { // a byte every 100 ms: 2.5 idle timeouts
+			if _, err := io.WriteString(c, "b"); err != nil {
+				t.Fatalf("write %d: %v", i, err)
+			}
+			sent.WriteString("b")
+			time.Sleep(100 * time.Millisecond)
+		}
+		if err := c.CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := io.ReadAll(c); err != nil || string(got) != "echo:"+sent.String() {
+			t.Fatalf("read %q, %v; want the echo", got, err)
+		}
+	})
 }
 
 // TestServeTCPShutdown checks that connections open when the context ends

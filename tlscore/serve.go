@@ -33,6 +33,10 @@ const (
 	// http2WriteTimeout closes an HTTP/2 connection whose client reads
 	// nothing for this long while the edge has data to send.
 	http2WriteTimeout = 30 * time.Second
+	// DefaultTCPIdleTimeout is how long ServeTCP keeps a connection on
+	// which no byte moved in either direction, and how long it waits for a
+	// peer to take bytes it has to send (see WithIdleTimeout).
+	DefaultTCPIdleTimeout = 10 * time.Minute
 	// originDialTimeout bounds connecting to a TCP origin.
 	originDialTimeout = 10 * time.Second
 )
@@ -116,6 +120,11 @@ func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h ht
 // half is closed (with a TLS close_notify towards the client), so protocols
 // that half-close work. The handshake must finish within 10 seconds.
 //
+// A connection on which no byte moved in either direction for the idle
+// timeout ([DefaultTCPIdleTimeout], or [WithIdleTimeout]) is closed, both
+// sides, as is one whose client or origin takes nothing it is sent for as
+// long; so is a half-closed one whose other half goes quiet.
+//
 // When ctx is done ServeTCP stops accepting (closing ln), waits up to grace
 // for the connections in progress to end, then closes them. It returns nil if
 // they all ended in time, else an error; and an error if accepting fails for
@@ -130,13 +139,18 @@ func ServeTCP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, origi
 		ln.Close()
 		return errors.New("tlscore: ServeTCP needs a TLS config, an origin address and a grace period of zero or more")
 	}
+	o := newServeOptions(opts)
+	if o.idle <= 0 {
+		o.idle = DefaultTCPIdleTimeout
+	}
 	p := &tcpProxy{
 		tlsConfig: tlsConfig,
 		origin:    originAddr,
 		logger:    logger.Named("tcp"),
 		conns:     make(map[net.Conn]bool),
 		base:      context.WithoutCancel(ctx),
-		metrics:   newServeOptions(opts).metrics,
+		metrics:   o.metrics,
+		idle:      o.idle,
 	}
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
@@ -191,6 +205,7 @@ type tcpProxy struct {
 	logger    hclog.Logger
 	base      context.Context // ServeTCP's ctx without its cancellation
 	metrics   *Metrics
+	idle      time.Duration // see WithIdleTimeout
 	wg        sync.WaitGroup
 
 	mu    sync.Mutex
@@ -248,17 +263,37 @@ func (p *tcpProxy) serve(raw net.Conn) {
 	start := time.Now()
 	var up int64
 	var wg sync.WaitGroup
-	wg.Go(func() { up = relay(origin, client) })
-	down := relay(client, origin)
+	act := newActivity(p.idle)
+	wg.Go(func() { up = act.relay(origin, client) })
+	down := act.relay(client, origin)
 	wg.Wait()
 	p.logger.Debug("connection closed", "client_address", raw.RemoteAddr().String(), "server_name", cs.ServerName,
 		"bytes_up", up, "bytes_down", down, "duration", time.Since(start))
 }
 
+// activity is when a byte last moved in either direction of one relayed
+// connection.
+type activity struct {
+	idle time.Duration
+	last atomic.Int64 // UnixNano
+}
+
+func newActivity(idle time.Duration) *activity {
+	a := &activity{idle: idle}
+	a.touch()
+	return a
+}
+
+func (a *activity) touch() { a.last.Store(time.Now().UnixNano()) }
+
+func (a *activity) quiet() bool { return time.Since(time.Unix(0, a.last.Load())) >= a.idle }
+
 // relay copies src to dst until src ends, then closes dst's writing half. If
-// the copy fails, both connections are closed so the other direction ends too.
-func relay(dst, src net.Conn) int64 {
-	n, err := io.Copy(dst, src)
+// the copy fails, both connections are closed so the other direction ends too;
+// so it does when src has sent nothing while the whole connection was idle
+// for a's timeout, or dst has taken nothing for as long.
+func (a *activity) relay(dst, src net.Conn) int64 {
+	n, err := io.Copy(idleWriter{dst, a}, idleReader{src, a})
 	if err != nil {
 		dst.Close()
 		src.Close()
@@ -273,11 +308,54 @@ func relay(dst, src net.Conn) int64 {
 	return n
 }
 
+// idleReader reads from c until the connection has been idle for a.idle.
+type idleReader struct {
+	c net.Conn
+	a *activity
+}
+
+func (r idleReader) Read(p []byte) (int, error) {
+	for {
+		r.c.SetReadDeadline(time.Now().Add(r.a.idle))
+		n, err := r.c.Read(p)
+		if n > 0 {
+			r.a.touch()
+		}
+		var ne net.Error
+		if n == 0 && errors.As(err, &ne) && ne.Timeout() && !r.a.quiet() {
+			continue // the other direction was busy: not idle
+		}
+		return n, err
+	}
+}
+
+// idleWriter writes to c, failing if c takes nothing for a.idle.
+type idleWriter struct {
+	c net.Conn
+	a *activity
+}
+
+func (w idleWriter) Write(p []byte) (int, error) {
+	w.c.SetWriteDeadline(time.Now().Add(w.a.idle))
+	n, err := w.c.Write(p)
+	if n > 0 {
+		w.a.touch()
+	}
+	return n, err
+}
+
 // ServeOption is an optional setting of [ServeHTTP] and [ServeTCP].
 type ServeOption func(*serveOptions)
 
 type serveOptions struct {
 	metrics *Metrics
+	idle    time.Duration
+}
+
+// WithIdleTimeout sets [ServeTCP]'s idle timeout (the default is
+// [DefaultTCPIdleTimeout]). [ServeHTTP] ignores it.
+func WithIdleTimeout(d time.Duration) ServeOption {
+	return func(o *serveOptions) { o.idle = d }
 }
 
 func newServeOptions(opts []ServeOption) serveOptions {

@@ -24,6 +24,7 @@ type flags struct {
 	rsaKeyExchange string
 	origin         string
 	tcpOrigin      string
+	tcpIdle        time.Duration
 	keyservers     string
 	keyserverName  string
 	keyserverCA    string
@@ -58,6 +59,7 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.rsaKeyExchange, "rsa-key-exchange", "", "comma-separated host names (or *.wildcards) for which TLS 1.2 RSA key exchange is enabled (default: none)")
 	fs.StringVar(&f.origin, "origin", "", "HTTP origin URL to reverse-proxy to, e.g. http://127.0.0.1:8080")
 	fs.StringVar(&f.tcpOrigin, "tcp-origin", "", "raw TCP origin host:port, instead of -origin, for non-HTTP protocols")
+	fs.DurationVar(&f.tcpIdle, "tcp-idle-timeout", tlscore.DefaultTCPIdleTimeout, "with -tcp-origin: close a connection on which nothing moved in either direction this long, or whose client or origin takes nothing for as long")
 	fs.StringVar(&f.keyservers, "keyserver", "", "comma-separated keyserver addresses host:port, or one dns:///host:port for every address the name resolves to (required)")
 	fs.StringVar(&f.keyserverName, "keyserver-name", "", "name the keyservers' certificates are verified against (default: the host of a single -keyserver)")
 	fs.StringVar(&f.keyserverCA, "keyserver-ca", "", "PEM CA certificates that issue the keyservers' certificates (required)")
@@ -110,6 +112,9 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	if f.tcpOrigin != "" {
 		if _, _, err := net.SplitHostPort(f.tcpOrigin); err != nil {
 			return nil, fmt.Errorf("-tcp-origin %q: want host:port: %w", f.tcpOrigin, err)
+		}
+		if f.tcpIdle <= 0 {
+			return nil, fmt.Errorf("-tcp-idle-timeout %v: must be positive", f.tcpIdle)
 		}
 	}
 	f.keyserverList = splitList(f.keyservers)

@@ -30,6 +30,7 @@ func TestParseBadSettings(t *testing.T) {
 		{with("-origin", "http://user:hunter2@o:bad"), "-origin"},
 		{with("-tcp-origin", "o:1"), "-tcp-origin"},
 		{append(validEdge[:len(validEdge)-2:len(validEdge)-2], "-tcp-origin", "o"), "-tcp-origin"},
+		{append(validEdge[:len(validEdge)-2:len(validEdge)-2], "-tcp-origin", "o:1", "-tcp-idle-timeout", "0s"), "-tcp-idle-timeout"},
 		{with("-keyserver", "a"), "-keyserver"},
 		{with("-keyserver", "a:1,b:2"), "-keyserver-name"},
 		{with("-call-timeout", "0s"), "-call-timeout"},

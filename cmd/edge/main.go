@@ -136,7 +136,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	if origin != nil {
 		return tlscore.ServeHTTP(ctx, ln, tlsConfig, tlscore.NewReverseProxy(origin, logger), f.grace, logger, tlscore.WithMetrics(metrics))
 	}
-	return tlscore.ServeTCP(ctx, ln, tlsConfig, f.tcpOrigin, f.grace, logger, tlscore.WithMetrics(metrics))
+	return tlscore.ServeTCP(ctx, ln, tlsConfig, f.tcpOrigin, f.grace, logger, tlscore.WithMetrics(metrics), tlscore.WithIdleTimeout(f.tcpIdle))
 }
 
 // ready reports whether the edge can serve: it has certificates and a
