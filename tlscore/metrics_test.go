@@ -66,6 +66,11 @@ func TestMetrics(t *testing.T) {
 	if err := store.Load(t.Context(), env.dir); err != nil {
 		t.Fatal(err)
 	}
+	// The connection that answered ListKeys may report READY a little
+	// after the answer arrives (health checks, a loaded machine).
+	for deadline := time.Now().Add(defaultTestTimeout); !client.Ready() && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
 	if store.Loaded() != len(envCerts) || !client.Ready() {
 		t.Errorf("Loaded() = %d, Ready() = %v after Load; want %d, true", store.Loaded(), client.Ready(), len(envCerts))
 	}
