@@ -440,6 +440,13 @@ func (cs *certSet) pick(hello *tls.ClientHelloInfo) *certEntry {
 	return cs.def
 }
 
+// holds reports whether a certificate of the store covers serverName (the
+// default certificate aside).
+func (s *CertStore) holds(serverName string) bool {
+	set := s.set.Load()
+	return set != nil && len(set.candidates(normalizeName(serverName))) > 0
+}
+
 // servingLeaves returns the SHA-256 digests of the leaf certificates that
 // may serve a handshake for serverName now.
 func (s *CertStore) servingLeaves(serverName string) [][sha256.Size]byte {

@@ -234,6 +234,34 @@ func TestResumptionNeedsNoKey(t *testing.T) {
 	}
 }
 
+// TestRSAKeyExchangeNeedsOwnCertificate: a name listed for RSA key exchange
+// but served by the default certificate does not get RSA key exchange with
+// that certificate's key, which was never opted in.
+func TestRSAKeyExchangeNeedsOwnCertificate(t *testing.T) {
+	env := newTestEnv(t, envOptions{})
+	sc, err := NewServerTLSConfig(ServerConfig{
+		Certificates:   env.newStore(t, CertStoreConfig{Default: "rsa.pem"}),
+		RSAKeyExchange: []string{"unheld.example.com", legacyName},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		serverName string
+		wantOK     bool
+	}{{legacyName, true}, {"unheld.example.com", false}} {
+		cc := env.clientConfig(tt.serverName, tls.VersionTLS12, tls.VersionTLS12)
+		cc.CipherSuites = []uint16{rsaKexSuite}
+		cc.InsecureSkipVerify = true // the default certificate does not cover unheld.example.com
+		_, decrypts0 := env.ks.ops.counts()
+		r := runHandshake(t, sc, cc, nil)
+		_, decrypts := env.ks.ops.counts()
+		if ok := r.clientErr == nil && r.serverErr == nil; ok != tt.wantOK || (decrypts-decrypts0 == 1) != tt.wantOK {
+			t.Errorf("%s: errors client %v, server %v, %d decryptions; want success %t", tt.serverName, r.clientErr, r.serverErr, decrypts-decrypts0, tt.wantOK)
+		}
+	}
+}
+
 // anyNameCache hands the last session to any server name, as a client that
 // tries a ticket across virtual hosts would.
 type anyNameCache struct {

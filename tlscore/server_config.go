@@ -40,7 +40,8 @@ type ServerConfig struct {
 	// RSAKeyExchange lists the host names, exact ("legacy.example.com") or
 	// wildcard ("*.example.com", one label), for which the TLS 1.2 RSA
 	// key-exchange suites TLS_RSA_WITH_AES_{128,256}_GCM are enabled, for
-	// clients that support nothing better. Matching is case-insensitive and
+	// clients that support nothing better, when the name has a certificate
+	// of its own (never for the default certificate's key). Matching is case-insensitive and
 	// ignores a trailing dot. Empty means RSA key exchange is off, which it
 	// should be unless old clients need it: it is not forward secret, and each
 	// such handshake costs a keyserver decryption. It has no effect under
@@ -129,7 +130,9 @@ func NewServerTLSConfig(cfg ServerConfig) (*tls.Config, error) {
 	}
 	base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 		name := normalizeName(hello.ServerName)
-		if !slices.ContainsFunc(patterns, func(p string) bool { return matchName(p, name) }) {
+		// Only for a certificate of the name itself: a name the store does
+		// not hold gets the default certificate, whose key was not opted in.
+		if !slices.ContainsFunc(patterns, func(p string) bool { return matchName(p, name) }) || !cfg.Certificates.holds(name) {
 			return nil, nil
 		}
 		if offersForwardSecrecy(hello) {
