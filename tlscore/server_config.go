@@ -3,6 +3,8 @@ package tlscore
 import (
 	"crypto/tls"
 	"errors"
+	"fmt"
+	"math"
 	"slices"
 
 	"github.com/hashicorp/go-hclog"
@@ -54,6 +56,18 @@ type ServerConfig struct {
 	// non-nil slice to turn ALPN off.
 	NextProtos []string
 
+	// HandshakesPerClient limits each client's full handshakes (resumptions
+	// are free) to this many per second, with bursts of HandshakeBurst; a
+	// handshake over it fails before any key operation. A client is an IPv4
+	// address or an IPv6 /56. Zero means no limit. Each full handshake
+	// costs a keyserver operation before the client has proved anything,
+	// so one client could otherwise spend the HSM's capacity; a limit too
+	// low refuses many users behind one NAT.
+	HandshakesPerClient float64
+	// HandshakeBurst is the burst of HandshakesPerClient; zero means the
+	// rate rounded up.
+	HandshakeBurst int
+
 	// Logger receives debug lines about refused session tickets. Nil means
 	// no logging.
 	Logger hclog.Logger
@@ -68,6 +82,12 @@ func (c *ServerConfig) Validate() error {
 		if err := checkPattern(p); err != nil {
 			return err
 		}
+	}
+	if c.HandshakesPerClient < 0 || math.IsNaN(c.HandshakesPerClient) || math.IsInf(c.HandshakesPerClient, 0) {
+		return fmt.Errorf("tlscore: ServerConfig.HandshakesPerClient is %v; it must be 0 (no limit) or more", c.HandshakesPerClient)
+	}
+	if c.HandshakeBurst < 0 {
+		return fmt.Errorf("tlscore: ServerConfig.HandshakeBurst is %d; it must be 0 (the rate) or more", c.HandshakeBurst)
 	}
 	return nil
 }
@@ -108,7 +128,7 @@ func NewServerTLSConfig(cfg ServerConfig) (*tls.Config, error) {
 		MinVersion:     tls.VersionTLS12,
 		CipherSuites:   slices.Clone(ecdheSuites),
 		NextProtos:     slices.Clone(nextProtos),
-		GetCertificate: getCertificate(cfg.Certificates),
+		GetCertificate: getCertificate(cfg.Certificates, cfg.handshakeLimiter()),
 	}
 	bindTickets(base, cfg.Certificates, logger.Named("tickets"))
 	if len(cfg.RSAKeyExchange) == 0 {
@@ -153,10 +173,26 @@ func offersForwardSecrecy(hello *tls.ClientHelloInfo) bool {
 	return slices.ContainsFunc(hello.CipherSuites, func(s uint16) bool { return slices.Contains(ecdheSuites, s) })
 }
 
-// getCertificate is certs.GetCertificate that also records the key type
-// of the certificate chosen on the connection, for [Metrics].
-func getCertificate(certs *CertStore) func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+// handshakeLimiter returns the limiter of HandshakesPerClient, or nil.
+func (c *ServerConfig) handshakeLimiter() *handshakeLimiter {
+	if c.HandshakesPerClient == 0 {
+		return nil
+	}
+	burst := c.HandshakeBurst
+	if burst == 0 {
+		burst = int(math.Ceil(c.HandshakesPerClient))
+	}
+	return newHandshakeLimiter(c.HandshakesPerClient, burst)
+}
+
+// getCertificate is certs.GetCertificate after limit's check (nil: none),
+// which also records the key type of the certificate chosen on the
+// connection, for [Metrics].
+func getCertificate(certs *CertStore, limit *handshakeLimiter) func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	return func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+		if limit != nil && hello.Conn != nil && !limit.allow(hello.Conn.RemoteAddr()) {
+			return nil, fmt.Errorf("tlscore: client %s is over its rate of full handshakes (%g per second); try again later", hello.Conn.RemoteAddr(), float64(limit.rate))
+		}
 		c, err := certs.GetCertificate(hello)
 		if err == nil {
 			recordKeyType(hello.Conn, c)

@@ -5,6 +5,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/url"
 	"strings"
@@ -25,6 +26,8 @@ type flags struct {
 	origin         string
 	tcpOrigin      string
 	tcpIdle        time.Duration
+	handshakeRate  float64
+	handshakeBurst int
 	keyservers     string
 	keyserverName  string
 	keyserverCA    string
@@ -60,6 +63,8 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.origin, "origin", "", "HTTP origin URL to reverse-proxy to, e.g. http://127.0.0.1:8080")
 	fs.StringVar(&f.tcpOrigin, "tcp-origin", "", "raw TCP origin host:port, instead of -origin, for non-HTTP protocols")
 	fs.DurationVar(&f.tcpIdle, "tcp-idle-timeout", tlscore.DefaultTCPIdleTimeout, "with -tcp-origin: close a connection on which nothing moved in either direction this long, or whose client or origin takes nothing for as long")
+	fs.Float64Var(&f.handshakeRate, "handshakes-per-client", 0, "full TLS handshakes (each a keyserver operation) one client, an IPv4 address or IPv6 /56, may make per second; more fail before any key operation (0: no limit)")
+	fs.IntVar(&f.handshakeBurst, "handshake-burst", 0, "burst above -handshakes-per-client (0: the rate, rounded up)")
 	fs.StringVar(&f.keyservers, "keyserver", "", "comma-separated keyserver addresses host:port, or one dns:///host:port for every address the name resolves to (required)")
 	fs.StringVar(&f.keyserverName, "keyserver-name", "", "name the keyservers' certificates are verified against (default: the host of a single -keyserver)")
 	fs.StringVar(&f.keyserverCA, "keyserver-ca", "", "PEM CA certificates that issue the keyservers' certificates (required)")
@@ -89,6 +94,12 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	}
 	if _, _, err := net.SplitHostPort(f.listen); err != nil {
 		return nil, fmt.Errorf("-listen %q: want host:port: %w", f.listen, err)
+	}
+	if f.handshakeRate < 0 || math.IsNaN(f.handshakeRate) || math.IsInf(f.handshakeRate, 0) {
+		return nil, fmt.Errorf("-handshakes-per-client %v: must be 0 (no limit) or more", f.handshakeRate)
+	}
+	if f.handshakeBurst < 0 {
+		return nil, fmt.Errorf("-handshake-burst %d: must be 0 (the rate) or more", f.handshakeBurst)
 	}
 	if (f.origin == "") == (f.tcpOrigin == "") {
 		return nil, errors.New("set exactly one of -origin (HTTP) and -tcp-origin (raw TCP)")

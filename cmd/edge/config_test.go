@@ -37,6 +37,8 @@ func TestParseBadSettings(t *testing.T) {
 		{with("-keepalive", "1s"), "-keepalive"},
 		{with("-reconnect-backoff", "0s"), "-reconnect-backoff"},
 		{with("-grace", "-1s"), "-grace"},
+		{with("-handshakes-per-client", "-1"), "-handshakes-per-client"},
+		{with("-handshake-burst", "-1"), "-handshake-burst"},
 		{with("-grace", "soon"), "-grace"},
 		{with("-log-level", "chatty"), "-log-level"},
 		{with("-metrics-listen", "9090"), "-metrics-listen"},

@@ -96,7 +96,8 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	if err := loadCertificates(ctx, certs, f.certs, logger); err != nil {
 		return err
 	}
-	serverCfg := tlscore.ServerConfig{Certificates: certs, RSAKeyExchange: splitList(f.rsaKeyExchange), Logger: logger}
+	serverCfg := tlscore.ServerConfig{Certificates: certs, RSAKeyExchange: splitList(f.rsaKeyExchange),
+		HandshakesPerClient: f.handshakeRate, HandshakeBurst: f.handshakeBurst, Logger: logger}
 	if f.tcpOrigin != "" {
 		serverCfg.NextProtos = []string{}
 	}
@@ -131,7 +132,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	summary = append(summary, "keyservers", strings.Join(keyservers, ","), "keyserver_name", name,
 		"certs", f.certs, "certificates", certs.Loaded(), "default_cert", f.defaultCert,
 		"rsa_key_exchange", f.rsaKeyExchange, "call_timeout", f.callTimeout, "keepalive", f.keepalive,
-		"reconnect_backoff", f.reconnect, "grace", f.grace, "metrics", metricsAddr)
+		"reconnect_backoff", f.reconnect, "grace", f.grace, "handshakes_per_client", f.handshakeRate, "metrics", metricsAddr)
 	logger.Info("edge ready", summary...)
 	if origin != nil {
 		return tlscore.ServeHTTP(ctx, ln, tlsConfig, tlscore.NewReverseProxy(origin, logger), f.grace, logger, tlscore.WithMetrics(metrics))
