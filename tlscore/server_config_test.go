@@ -70,7 +70,7 @@ func TestNewServerTLSConfig(t *testing.T) {
 		t.Errorf("NextProtos = %v with an empty list configured, want none", tcp.NextProtos)
 	}
 
-	cfg, err := NewServerTLSConfig(ServerConfig{Certificates: store, RSAKeyExchange: []string{"Legacy.Example.com.", "*.old.example.com"}})
+	cfg, err := NewServerTLSConfig(ServerConfig{Certificates: store, RSAKeyExchange: []string{"Legacy.Example.com.", "*.legacy-wild.example.com", "*.old.example.com"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -85,11 +85,13 @@ func TestNewServerTLSConfig(t *testing.T) {
 	}{
 		{"other-name", tls.ClientHelloInfo{ServerName: "rsa.example.com", CipherSuites: rsaOnly, SupportedVersions: tls12}, true, nil},
 		{"no-SNI", tls.ClientHelloInfo{CipherSuites: rsaOnly, SupportedVersions: tls12}, true, nil},
-		{"wildcard-too-deep", tls.ClientHelloInfo{ServerName: "a.b.old.example.com", CipherSuites: rsaOnly, SupportedVersions: tls12}, true, nil},
+		{"wildcard-too-deep", tls.ClientHelloInfo{ServerName: "a.b.legacy-wild.example.com", CipherSuites: rsaOnly, SupportedVersions: tls12}, true, nil},
+		// Listed, but the store holds no certificate of the name.
+		{"no-certificate", tls.ClientHelloInfo{ServerName: "a.old.example.com", CipherSuites: rsaOnly, SupportedVersions: tls12}, true, nil},
 		{"exact/modern-client", tls.ClientHelloInfo{ServerName: "legacy.example.com", CipherSuites: modern, SupportedVersions: tls12}, false, []string{"h2", "http/1.1"}},
 		{"exact/TLS13-client", tls.ClientHelloInfo{ServerName: "LEGACY.example.com", CipherSuites: rsaOnly, SupportedVersions: []uint16{tls.VersionTLS13, tls.VersionTLS12}}, false, []string{"h2", "http/1.1"}},
 		{"exact/RSA-only-client", tls.ClientHelloInfo{ServerName: "legacy.example.com", CipherSuites: rsaOnly, SupportedVersions: tls12}, false, []string{"http/1.1"}},
-		{"wildcard/RSA-only-client", tls.ClientHelloInfo{ServerName: "a.old.example.com", CipherSuites: rsaOnly, SupportedVersions: tls12}, false, []string{"http/1.1"}},
+		{"wildcard/RSA-only-client", tls.ClientHelloInfo{ServerName: "a.legacy-wild.example.com", CipherSuites: rsaOnly, SupportedVersions: tls12}, false, []string{"http/1.1"}},
 	}
 	seen := make(map[string]*tls.Config)
 	for _, tt := range tests {
