@@ -489,3 +489,56 @@ func TestHandshakeDeadKeyserver(t *testing.T) {
 		})
 	}
 }
+
+// TestSharedTicketKeys: two edges with the keys of one LoadTicketKeys file
+// resume each other's sessions; an edge with other keys does not. Bad files
+// are refused, naming the line.
+func TestSharedTicketKeys(t *testing.T) {
+	env := newTestEnv(t, envOptions{})
+	dir := t.TempDir()
+	write := func(name, content string, mode os.FileMode) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, []byte(content), mode); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	shared := write("shared", "# rotated weekly\n"+strings.Repeat("ab", 32)+"\n\n"+strings.Repeat("cd", 32)+"\n", 0o600)
+	keys, err := LoadTicketKeys(shared)
+	if err != nil || len(keys) != 2 || keys[0][0] != 0xab || keys[1][31] != 0xcd {
+		t.Fatalf("LoadTicketKeys() = %x, %v", keys, err)
+	}
+	edge := func(keys [][32]byte) *tls.Config {
+		sc := env.serverConfig(t)
+		sc.SetSessionTicketKeys(keys)
+		return sc
+	}
+	a, b, other := edge(keys), edge(keys), edge([][32]byte{{1}})
+	cc := env.clientConfig("p256.example.com", 0, 0)
+	cc.ClientSessionCache = tls.NewLRUClientSessionCache(1)
+	for i, s := range []struct {
+		sc          *tls.Config
+		wantResumed bool
+	}{{a, false}, {b, true}, {a, true}, {other, false}} {
+		r := runHandshake(t, s.sc, cc, nil)
+		if r.clientErr != nil || r.state.DidResume != s.wantResumed {
+			t.Fatalf("handshake %d: %v, resumed %t; want resumed %t", i, r.clientErr, r.state.DidResume, s.wantResumed)
+		}
+	}
+
+	for name, tt := range map[string]struct {
+		content string
+		mode    os.FileMode
+		want    string
+	}{
+		"short key":      {strings.Repeat("ab", 31) + "\n", 0o600, "line 1: want 64 hexadecimal digits"},
+		"long key":       {"# c\n" + strings.Repeat("ab", 33) + "\n", 0o600, "line 2: want 64 hexadecimal digits"},
+		"not hex":        {strings.Repeat("zz", 32) + "\n", 0o600, "line 1: encoding/hex"},
+		"empty":          {"# nothing\n", 0o600, "no key"},
+		"world-readable": {strings.Repeat("ab", 32) + "\n", 0o644, "chmod 600"},
+	} {
+		if _, err := LoadTicketKeys(write(name, tt.content, tt.mode)); err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%s: LoadTicketKeys() = %v, want an error containing %q", name, err, tt.want)
+		}
+	}
+}

@@ -4,7 +4,11 @@ import (
 	"bytes"
 	"crypto/sha256"
 	"crypto/tls"
+	"encoding/hex"
+	"fmt"
+	"os"
 	"slices"
+	"strings"
 
 	"github.com/hashicorp/go-hclog"
 )
@@ -68,4 +72,47 @@ func ticketServerNameEntry(serverName string) []byte {
 
 func ticketCertEntry(leafHash [sha256.Size]byte) []byte {
 	return append([]byte(ticketCertTag), leafHash[:]...)
+}
+
+// LoadTicketKeys reads session ticket keys for tls.Config.SetSessionTicketKeys
+// from a file: one key per line, 64 hexadecimal digits (32 random bytes,
+// such as `openssl rand -hex 32` prints), blank lines and lines starting
+// with '#' ignored. The first key seals new tickets; every key opens them.
+// Edges that share the file resume each other's sessions, each of which
+// saves a keyserver operation. Rotate by adding a new key first and
+// dropping the oldest once its tickets have expired (7 days at most).
+//
+// It fails, naming the line, for anything else, and for a file with no key
+// or one that group or others may read.
+func LoadTicketKeys(path string) ([][32]byte, error) {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("tlscore: session ticket keys: %w", err)
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
+		return nil, fmt.Errorf("tlscore: session ticket keys %s: mode %v lets group or others read it; chmod 600 it", path, fi.Mode().Perm())
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("tlscore: session ticket keys: %w", err)
+	}
+	var keys [][32]byte
+	for i, line := range strings.Split(string(data), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		var k [32]byte
+		if len(line) != hex.EncodedLen(len(k)) {
+			return nil, fmt.Errorf("tlscore: session ticket keys %s line %d: want 64 hexadecimal digits (32 bytes), got %d characters", path, i+1, len(line))
+		}
+		if _, err := hex.Decode(k[:], []byte(line)); err != nil {
+			return nil, fmt.Errorf("tlscore: session ticket keys %s line %d: %v", path, i+1, err)
+		}
+		keys = append(keys, k)
+	}
+	if len(keys) == 0 {
+		return nil, fmt.Errorf("tlscore: session ticket keys %s: no key", path)
+	}
+	return keys, nil
 }

@@ -27,6 +27,7 @@ type flags struct {
 	tcpOrigin      string
 	tcpIdle        time.Duration
 	handshakeRate  float64
+	ticketKeys     string
 	handshakeBurst int
 	keyservers     string
 	keyserverName  string
@@ -65,6 +66,7 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.DurationVar(&f.tcpIdle, "tcp-idle-timeout", tlscore.DefaultTCPIdleTimeout, "with -tcp-origin: close a connection on which nothing moved in either direction this long, or whose client or origin takes nothing for as long")
 	fs.Float64Var(&f.handshakeRate, "handshakes-per-client", 0, "full TLS handshakes (each a keyserver operation) one client, an IPv4 address or IPv6 /56, may make per second; more fail before any key operation (0: no limit)")
 	fs.IntVar(&f.handshakeBurst, "handshake-burst", 0, "burst above -handshakes-per-client (0: the rate, rounded up)")
+	fs.StringVar(&f.ticketKeys, "ticket-keys", "", "file of TLS session ticket keys, one per line as 64 hex digits, the first for new tickets (mode 0600); edges sharing it resume each other's sessions; reread on SIGHUP (default: keys of this process, rotated daily)")
 	fs.StringVar(&f.keyservers, "keyserver", "", "comma-separated keyserver addresses host:port, or one dns:///host:port for every address the name resolves to (required)")
 	fs.StringVar(&f.keyserverName, "keyserver-name", "", "name the keyservers' certificates are verified against (default: the host of a single -keyserver)")
 	fs.StringVar(&f.keyserverCA, "keyserver-ca", "", "PEM CA certificates that issue the keyservers' certificates (required)")

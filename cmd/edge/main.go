@@ -25,6 +25,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -60,7 +61,8 @@ func main() {
 // run is main without the process: it wires the keyserver client, the
 // certificate store and the TLS listener, then serves until ctx is done.
 // Each value received from reload (SIGHUP in main; nil means never) reloads
-// the certificates and the keyserver link's credentials.
+// the certificates, the keyserver link's credentials and the session ticket
+// keys.
 func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.Signal) error {
 	f, err := parse(args, stderr)
 	if err != nil {
@@ -105,13 +107,20 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	if err != nil {
 		return err
 	}
+	if f.ticketKeys != "" {
+		keys, err := tlscore.LoadTicketKeys(f.ticketKeys)
+		if err != nil {
+			return fmt.Errorf("-ticket-keys: %w", err)
+		}
+		tlsConfig.SetSessionTicketKeys(keys)
+	}
 	ln, err := net.Listen("tcp", f.listen)
 	if err != nil {
 		return err
 	}
 	reloadCtx, stopReload := context.WithCancel(ctx)
 	defer stopReload()
-	go reloadOn(reloadCtx, reload, func() { reloadConfig(reloadCtx, f.certs, certs, link, logger) })
+	go reloadOn(reloadCtx, reload, func() { reloadConfig(reloadCtx, f, certs, link, tlsConfig, logger) })
 
 	metricsAddr := "off"
 	if f.metricsListen != "" {
@@ -171,14 +180,23 @@ func reloadOn(ctx context.Context, signals <-chan os.Signal, do func()) {
 // reloadTimeout bounds a reload, which asks a keyserver for its keys.
 const reloadTimeout = 30 * time.Second
 
-// reloadConfig reloads the keyserver link's credentials and then the
-// certificates from dir. Each is replaced only if all its files are valid
-// (and, for the certificates, the keyservers hold their keys); otherwise
-// the error is logged and the previous one stays in force. Established
-// connections, to clients and to keyservers, are not disturbed.
-func reloadConfig(ctx context.Context, dir string, certs *tlscore.CertStore, link *tlscore.MTLSCredentials, logger hclog.Logger) {
-	logger.Info("reloading certificates and keyserver link credentials")
+// reloadConfig reloads the session ticket keys (with -ticket-keys), the
+// keyserver link's credentials and then the certificates from -certs. Each
+// is replaced only if all its files are valid (and, for the certificates,
+// the keyservers hold their keys); otherwise the error is logged and the
+// previous one stays in force. Established connections, to clients and to
+// keyservers, are not disturbed.
+func reloadConfig(ctx context.Context, f *flags, certs *tlscore.CertStore, link *tlscore.MTLSCredentials, tlsConfig *tls.Config, logger hclog.Logger) {
+	logger.Info("reloading certificates, keyserver link credentials and session ticket keys")
 	ok := true
+	if f.ticketKeys != "" {
+		if keys, err := tlscore.LoadTicketKeys(f.ticketKeys); err != nil {
+			ok = false
+			logger.Error("reload of the session ticket keys failed; the previous ones stay in force", "error", err)
+		} else {
+			tlsConfig.SetSessionTicketKeys(keys)
+		}
+	}
 	// The credentials first: the certificates are checked against the
 	// keyservers over the link.
 	if err := link.Reload(); err != nil {
@@ -187,7 +205,7 @@ func reloadConfig(ctx context.Context, dir string, certs *tlscore.CertStore, lin
 	}
 	lctx, cancel := context.WithTimeout(ctx, reloadTimeout)
 	defer cancel()
-	if err := certs.Load(lctx, dir); err != nil {
+	if err := certs.Load(lctx, f.certs); err != nil {
 		ok = false
 		logger.Error("reload of the certificates failed; the previous ones stay in force", "error", err)
 	}
