@@ -318,19 +318,7 @@ func (m *Module) loadKey(sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, c11 c11
 			return nil, err
 		}
 		base.schemes = rsaSchemes(km)
-		k := &rsaKey{keyBase: base, signer: signer, pub: pub, mechs: km}
-		if !km.rawDecrypt && !km.pkcsDecrypt {
-			return k, nil
-		}
-		if !km.pkcs1 && !km.rawDecrypt {
-			// No way to compute the implicit-rejection secret (see
-			// rejectionSecret): serving decryption would need
-			// random rejections, an oracle to a caller who asks twice.
-			m.logger.Warn("RSA premaster decryption disabled for a key: the token can neither sign with CKM_RSA_PKCS nor decrypt with CKM_RSA_X_509 with it, so its implicit rejection could not be deterministic",
-				"key", pi.describe())
-			return k, nil
-		}
-		return &rsaDecryptKey{rsaKey: k, rawDecrypt: km.rawDecrypt && !m.forcePKCSDecrypt, computing: make(chan struct{}, 1)}, nil
+		return m.withDecryption(&rsaKey{keyBase: base, signer: signer, pub: pub, mechs: km}, pi.describe()), nil
 	case *ecdsa.PublicKey:
 		if !curveOK(pub) {
 			return nil, skipf("ECDSA curve %s of private key (%s) is not supported", pub.Curve.Params().Name, pi.describe())
@@ -375,4 +363,22 @@ func c11Signer(c11 c11Context, pi *privateInfo, pub crypto.PublicKey) (crypto.Si
 		}
 	}
 	return nil, skipf("crypto11 finds no key pair for private key (%s) with its public key; is there a public key object with the same CKA_ID?", pi.describe())
+}
+
+// withDecryption returns k as an *rsaDecryptKey if the token lets it
+// decrypt premaster secrets and compute its implicit-rejection secret (see
+// rejectionSecret), else k itself, with a warning when only the secret is
+// missing: serving decryption would then need random rejections, an oracle
+// to a caller who asks twice.
+func (m *Module) withDecryption(k *rsaKey, describe string) crypto.Signer {
+	km := k.mechs
+	switch {
+	case !km.rawDecrypt && !km.pkcsDecrypt:
+		return k
+	case !km.pkcs1 && !km.rawDecrypt:
+		m.logger.Warn("RSA premaster decryption disabled for a key: the token can neither sign with CKM_RSA_PKCS nor decrypt with CKM_RSA_X_509 with it, so its implicit rejection could not be deterministic",
+			"key", describe)
+		return k
+	}
+	return &rsaDecryptKey{rsaKey: k, rawDecrypt: km.rawDecrypt && !m.forcePKCSDecrypt, computing: make(chan struct{}, 1)}
 }

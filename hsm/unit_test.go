@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"github.com/miekg/pkcs11"
 )
 
@@ -283,5 +284,42 @@ func TestBounded(t *testing.T) {
 	ran := false
 	if _, err := bounded(ctx, func() (int, error) { ran = true; return 0, nil }); !errors.Is(err, context.Canceled) || ran {
 		t.Errorf("bounded(cancelled) = %v, ran %t; want context.Canceled without running", err, ran)
+	}
+}
+
+// TestWithDecryption: an RSA key decrypts premaster secrets only if the
+// token lets it decrypt and compute its implicit-rejection secret; the one
+// that could decrypt but not compute the secret is logged.
+func TestWithDecryption(t *testing.T) {
+	for _, tt := range []struct {
+		name     string
+		mechs    keyMechanisms
+		force    bool
+		want     string // "sign only", "raw" or "fallback"
+		wantWarn bool
+	}{
+		{"no decryption", keyMechanisms{pkcs1: true, pss: true}, false, "sign only", false},
+		{"raw RSA", keyMechanisms{pss: true, rawDecrypt: true, pkcsDecrypt: true}, false, "raw", false},
+		{"CKM_RSA_PKCS both ways", keyMechanisms{pkcs1: true, pkcsDecrypt: true}, false, "fallback", false},
+		{"fallback forced", keyMechanisms{pkcs1: true, rawDecrypt: true, pkcsDecrypt: true}, true, "fallback", false},
+		{"decrypt but no secret", keyMechanisms{pss: true, pkcsDecrypt: true}, false, "sign only", true},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var logs logBuffer
+			m := &Module{logger: hclog.New(&hclog.LoggerOptions{Output: &logs}), forcePKCSDecrypt: tt.force}
+			got := "sign only"
+			if d, ok := m.withDecryption(&rsaKey{mechs: tt.mechs}, "label x").(*rsaDecryptKey); ok {
+				got = map[bool]string{true: "raw", false: "fallback"}[d.rawDecrypt]
+				if cap(d.computing) != 1 {
+					t.Error("the key has no semaphore for its secret")
+				}
+			}
+			if got != tt.want {
+				t.Errorf("withDecryption() = %s, want %s", got, tt.want)
+			}
+			if warned := strings.Contains(logs.String(), "decryption disabled"); warned != tt.wantWarn {
+				t.Errorf("warning logged: %t, want %t:\n%s", warned, tt.wantWarn, logs.String())
+			}
+		})
 	}
 }
