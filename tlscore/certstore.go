@@ -152,7 +152,8 @@ type certSet struct {
 // Every regular file named *.pem or *.crt (case-insensitively; names starting
 // with a dot are ignored) must hold a leaf certificate and then its issuers in
 // order, as PEM CERTIFICATE blocks; other block types are skipped, but a file
-// with any PRIVATE KEY block is refused: an edge must not hold private keys.
+// with any PRIVATE KEY block is refused, and so is any *.key file: an edge
+// must not hold private keys.
 // Each leaf's key is matched by key id with the keyserver's ListKeys answer.
 // A leaf is served for its DNS subject alternative names ("*.example.com"
 // stands for exactly one label); several certificates may cover one name (an
@@ -272,6 +273,9 @@ func certFiles(dir string) ([]string, error) {
 	for _, de := range des {
 		name := de.Name()
 		ext := strings.ToLower(filepath.Ext(name))
+		if ext == ".key" && !strings.HasPrefix(name, ".") {
+			return nil, fmt.Errorf("tlscore: %s: a private key file in the certificate directory; an edge must not hold private keys: remove it", filepath.Join(dir, name))
+		}
 		if strings.HasPrefix(name, ".") || (ext != ".pem" && ext != ".crt") {
 			continue
 		}

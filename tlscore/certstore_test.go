@@ -144,6 +144,8 @@ func TestCertStoreLoadErrors(t *testing.T) {
 			wantErr: []string{"bad.crt", "holds a private key", `"EC PRIVATE KEY"`}},
 		{name: "RSA-private-key-after-broken-cert", files: map[string][]byte{"bad.pem": append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte{1}}), pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: []byte{1}})...)},
 			wantErr: []string{"bad.pem", "holds a private key"}},
+		{name: "key-file", files: map[string][]byte{"good.key": keyPEM(t, unknownKey)},
+			wantErr: []string{"good.key", "a private key file in the certificate directory"}},
 		{name: "missing-key", files: map[string][]byte{"unknown.pem": certPEM(env.pki.ca.issue(t, unknownKey.Public(), leafOptions{names: []string{"unknown.example.com"}}))},
 			wantErr: []string{"holds no key for", "unknown.pem", signer.FormatKeyID(mustKeyID(t, unknownKey.Public()))}},
 		{name: "broken-certificate", files: map[string][]byte{"broken.pem": pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte("junk")})},

@@ -370,3 +370,19 @@ func isCertificateBlock(b *pem.Block) bool { return b.Type == "CERTIFICATE" }
 // isPrivateKeyBlock matches every PEM private key type: "PRIVATE KEY",
 // "RSA PRIVATE KEY", "EC PRIVATE KEY", "ENCRYPTED PRIVATE KEY" and so on.
 func isPrivateKeyBlock(b *pem.Block) bool { return strings.HasSuffix(b.Type, "PRIVATE KEY") }
+
+// CheckKeyFileMode returns an error if the private key file at path may be
+// read by its group or others (mode 0600 or stricter is expected): whoever
+// reads it can act as this edge or keyserver on the link. The commands log
+// it as a warning, as they do for a readable PIN file. A file that cannot
+// be read at all is left to LoadMTLSCredentials to report.
+func CheckKeyFileMode(path string) error {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return nil
+	}
+	if perm := fi.Mode().Perm(); perm&0o077 != 0 {
+		return fmt.Errorf("private key file %s has mode %v: group or others can read it; chmod 600 it", path, perm)
+	}
+	return nil
+}

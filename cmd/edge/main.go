@@ -73,6 +73,9 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	reg := opsserver.NewRegistry()
 	metrics := tlscore.NewMetrics(reg)
 	keyservers, name, origin := f.keyserverList, f.serverName, f.originURL
+	if err := tlscore.CheckKeyFileMode(f.tlsKey); err != nil {
+		logger.Warn("-tls-key is readable by others", "error", err)
+	}
 	link, err := tlscore.LoadMTLSCredentials(f.tlsCert, f.tlsKey, f.keyserverCA)
 	if err != nil {
 		return err

@@ -154,6 +154,9 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
+	if err := tlscore.CheckKeyFileMode(f.tlsKey); err != nil {
+		logger.Warn("-tls-key is readable by others", "error", err)
+	}
 	creds, err := tlscore.LoadMTLSCredentials(f.tlsCert, f.tlsKey, f.clientCA)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
