@@ -468,9 +468,9 @@ func (s *CertStore) servingLeaves(serverName string) [][sha256.Size]byte {
 // GetCertificate returns the certificate for a handshake, for use as
 // tls.Config.GetCertificate: by server name (exact names before wildcards,
 // case-insensitive, a trailing dot ignored), else the default certificate.
-// It fails if none applies, if nothing has been loaded, and for a server
-// name that is not a host name (see checkServerName), before any key
-// operation.
+// A server name that is not a host name (see checkServerName), such as an
+// IP address some clients send, is treated as none. It fails if no
+// certificate applies or nothing has been loaded.
 //
 // The result is a shallow copy whose PrivateKey is bound to
 // hello.Context(), so that the key operations end with the handshake, and
@@ -481,15 +481,20 @@ func (s *CertStore) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate
 	if set == nil {
 		return nil, errors.New("tlscore: no certificates loaded")
 	}
-	if err := checkServerName(hello.ServerName); err != nil {
-		return nil, err
+	serverName := hello.ServerName
+	if err := checkServerName(serverName); err != nil {
+		// As if the client had sent none (some send an IP address).
+		s.logger.Debug("server name ignored", "error", err)
+		h := *hello
+		h.ServerName = ""
+		hello, serverName = &h, ""
 	}
 	e := set.pick(hello)
 	if e == nil {
 		return nil, fmt.Errorf("tlscore: no certificate for server name %q and no default certificate", hello.ServerName)
 	}
 	rc := &keylessv1.RequestContext{
-		ServerName:   truncate(hello.ServerName, signer.MaxContextFieldLen),
+		ServerName:   truncate(serverName, signer.MaxContextFieldLen),
 		ConnectionId: s.connPrefix + "-" + strconv.FormatUint(s.connSeq.Add(1), 10),
 	}
 	if hello.Conn != nil {

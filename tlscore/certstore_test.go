@@ -55,13 +55,15 @@ func TestCertStoreSelection(t *testing.T) {
 		{"default-name/unknown", "name", "unknown.test", rsaLeaf},
 		{"default-wildcard-name", "wild-name", "", p256},
 		{"wildcard/underscore", "none", "under_score.wild.example.com", p256},
-		// Not host names: refused, even with a default certificate.
-		{"default-file/not-UTF-8", "file", "\xff.wild.example.com", nil},
-		{"default-file/Kelvin-sign", "file", "\u212a.wild.example.com", nil},
-		{"default-file/IPv6", "file", "::1", nil},
-		{"default-file/space", "file", "a b.example.com", nil},
-		{"default-file/254-bytes", "file", strings.Repeat("a", 250) + ".com", nil},
-		{"default-file/253-bytes", "file", strings.Repeat("a", 249) + ".com.", ed},
+		// Not host names: as no server name, so never a certificate of
+		// the name they resemble.
+		{"not-UTF-8", "none", "\xff.wild.example.com", nil},
+		{"Kelvin-sign", "none", "\u212a.wild.example.com", nil},
+		{"default-file/not-UTF-8", "file", "\xff.wild.example.com", ed},
+		{"default-file/Kelvin-sign", "file", "\u212a.wild.example.com", ed},
+		{"default-file/IPv6", "file", "::1", ed},
+		{"default-file/space", "file", "a b.example.com", ed},
+		{"254-bytes", "none", strings.Repeat("a", 250) + ".com", nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -533,7 +533,7 @@ func TestSharedTicketKeys(t *testing.T) {
 	}{
 		"short key":      {strings.Repeat("ab", 31) + "\n", 0o600, "line 1: want 64 hexadecimal digits"},
 		"long key":       {"# c\n" + strings.Repeat("ab", 33) + "\n", 0o600, "line 2: want 64 hexadecimal digits"},
-		"not hex":        {strings.Repeat("zz", 32) + "\n", 0o600, "line 1: encoding/hex"},
+		"not hex":        {strings.Repeat("zz", 32) + "\n", 0o600, "line 1: not 64 hexadecimal digits"},
 		"empty":          {"# nothing\n", 0o600, "no key"},
 		"world-readable": {strings.Repeat("ab", 32) + "\n", 0o644, "chmod 600"},
 	} {

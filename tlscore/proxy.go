@@ -15,8 +15,9 @@ import (
 // Headers the reverse proxy sets on requests to the origin. Values a client
 // sent under these names are removed first.
 const (
-	// HeaderServerName carries the server name (SNI) the client asked for;
-	// it is absent when the client sent none.
+	// HeaderServerName carries the server name (SNI) the client asked for,
+	// in lower case; it is absent when the client sent none, or one that is
+	// not a host name.
 	HeaderServerName = "X-Keyless-Server-Name"
 	// HeaderTLSVersion carries the TLS version of the client's connection,
 	// such as "TLS 1.3".
@@ -53,7 +54,7 @@ func NewReverseProxy(origin *url.URL, logger hclog.Logger) http.Handler {
 			dropProxyHeaders(pr.Out.Header)
 			pr.SetXForwarded()
 			if cs := pr.In.TLS; cs != nil {
-				if cs.ServerName != "" {
+				if cs.ServerName != "" && checkServerName(cs.ServerName) == nil {
 					pr.Out.Header.Set(HeaderServerName, normalizeName(cs.ServerName))
 				}
 				pr.Out.Header.Set(HeaderTLSVersion, tls.VersionName(cs.Version))

@@ -479,6 +479,34 @@ func TestServeTCPIdleTimeout(t *testing.T) {
 			t.Fatalf("read %q, %v; want the echo", got, err)
 		}
 	})
+	t.Run("busy the other way", func(t *testing.T) {
+		// An origin that talks to a silent client: the edge's reads of the
+		// client's tls.Conn time out and go on.
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			for range 25 {
+				if _, err := io.WriteString(c, "o"); err != nil {
+					return
+				}
+				time.Sleep(100 * time.Millisecond)
+			}
+		}()
+		addr, _ := startTCPEdge(t, env, ln.Addr().String(), time.Second, WithIdleTimeout(idle))
+		c := dialEdge(t, env, addr)
+		defer c.Close()
+		if got, err := io.ReadAll(c); err != nil || string(got) != strings.Repeat("o", 25) {
+			t.Fatalf("read %q, %v; want 25 bytes", got, err)
+		}
+	})
 }
 
 // TestServeTCPShutdown checks that connections open when the context ends

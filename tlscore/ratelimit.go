@@ -1,11 +1,15 @@
 package tlscore
 
 import (
+	"crypto"
+	"fmt"
+	"io"
 	"net"
 	"net/netip"
 	"sync"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"golang.org/x/time/rate"
 )
 
@@ -19,12 +23,14 @@ const maxRateLimitedClients = 1 << 16
 // IPv4 address or an IPv6 /56, the least a network usually hands a
 // customer. It is safe for concurrent use.
 type handshakeLimiter struct {
-	rate  rate.Limit
-	burst int
+	rate   rate.Limit
+	burst  int
+	logger hclog.Logger
 
-	mu        sync.Mutex
-	clients   map[netip.Prefix]*clientBucket
-	lastSweep time.Time
+	mu         sync.Mutex
+	clients    map[netip.Prefix]*clientBucket
+	lastSweep  time.Time
+	lastWarned time.Time // that the table was full
 }
 
 type clientBucket struct {
@@ -32,8 +38,11 @@ type clientBucket struct {
 	seen    time.Time
 }
 
-func newHandshakeLimiter(perSecond float64, burst int) *handshakeLimiter {
-	return &handshakeLimiter{rate: rate.Limit(perSecond), burst: burst, clients: make(map[netip.Prefix]*clientBucket)}
+func newHandshakeLimiter(perSecond float64, burst int, logger hclog.Logger) *handshakeLimiter {
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+	return &handshakeLimiter{rate: rate.Limit(perSecond), burst: burst, logger: logger, clients: make(map[netip.Prefix]*clientBucket)}
 }
 
 // allow reports whether the client at addr may make a full handshake now,
@@ -56,6 +65,11 @@ func (l *handshakeLimiter) allow(addr net.Addr) bool {
 	b := l.clients[client]
 	if b == nil {
 		if len(l.clients) >= maxRateLimitedClients {
+			if now.Sub(l.lastWarned) > time.Minute {
+				l.lastWarned = now
+				l.logger.Warn("the handshake limiter tracks as many clients as it may; new clients are not limited until some are forgotten",
+					"clients", len(l.clients), "forgotten_after", l.refill())
+			}
 			return true
 		}
 		b = &clientBucket{limiter: rate.NewLimiter(l.rate, l.burst)}
@@ -68,13 +82,61 @@ func (l *handshakeLimiter) allow(addr net.Addr) bool {
 // sweep forgets clients whose allowance has refilled: tracking them again
 // starts them full, as they are.
 func (l *handshakeLimiter) sweep(now time.Time) {
-	refill := time.Duration(float64(l.burst) / float64(l.rate) * float64(time.Second))
+	refill := l.refill()
 	for c, b := range l.clients {
 		if now.Sub(b.seen) > refill {
 			delete(l.clients, c)
 		}
 	}
 	l.lastSweep = now
+}
+
+// guard returns key, which must stay a crypto.Decrypter if it is one, with
+// each use first charged to the allowance of the client at addr: an
+// operation over it fails, naming the rate, without reaching the keyserver.
+func (l *handshakeLimiter) guard(key crypto.Signer, addr net.Addr) crypto.Signer {
+	g := guardedKey{Signer: key, l: l, addr: addr}
+	if d, ok := key.(crypto.Decrypter); ok {
+		return guardedDecrypter{g, d}
+	}
+	return g
+}
+
+type guardedKey struct {
+	crypto.Signer
+	l    *handshakeLimiter
+	addr net.Addr
+}
+
+func (g guardedKey) charge() error {
+	if !g.l.allow(g.addr) {
+		return fmt.Errorf("tlscore: client %s is over its rate of full handshakes (%g per second); try again later", g.addr, float64(g.l.rate))
+	}
+	return nil
+}
+
+func (g guardedKey) Sign(rand io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
+	if err := g.charge(); err != nil {
+		return nil, err
+	}
+	return g.Signer.Sign(rand, digest, opts)
+}
+
+type guardedDecrypter struct {
+	guardedKey
+	d crypto.Decrypter
+}
+
+func (g guardedDecrypter) Decrypt(rand io.Reader, msg []byte, opts crypto.DecrypterOpts) ([]byte, error) {
+	if err := g.charge(); err != nil {
+		return nil, err
+	}
+	return g.d.Decrypt(rand, msg, opts)
+}
+
+// refill is how long an empty allowance takes to fill up.
+func (l *handshakeLimiter) refill() time.Duration {
+	return time.Duration(float64(l.burst) / float64(l.rate) * float64(time.Second))
 }
 
 // clientOf returns the client an address belongs to: the IPv4 address, or

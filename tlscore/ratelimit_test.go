@@ -2,6 +2,7 @@ package tlscore
 
 import (
 	"crypto/tls"
+	"fmt"
 	"net"
 	"net/netip"
 	"strings"
@@ -11,43 +12,49 @@ import (
 
 // TestHandshakeRateLimit: a client gets HandshakeBurst full handshakes at
 // once and then HandshakesPerClient per second; one over fails before any
-// key operation, naming the rate; resumptions are free.
+// key operation, naming the rate; resumptions, TLS 1.2 ones included (whose
+// GetCertificate call comes first), are free.
 func TestHandshakeRateLimit(t *testing.T) {
-	env := newTestEnv(t, envOptions{})
-	sc, err := NewServerTLSConfig(ServerConfig{Certificates: env.newStore(t, CertStoreConfig{}), HandshakesPerClient: 0.5, HandshakeBurst: 2})
-	if err != nil {
-		t.Fatal(err)
-	}
-	cc := env.clientConfig("p256.example.com", 0, 0)
-	full := func(want bool) {
-		t.Helper()
-		signs0, _ := env.ks.ops.counts()
-		r := runHandshake(t, sc, cc, nil)
-		signs, _ := env.ks.ops.counts()
-		if ok := r.clientErr == nil && r.serverErr == nil; ok != want || (signs-signs0 == 1) != want {
-			t.Fatalf("full handshake: errors client %v, server %v, %d signatures; want success %t", r.clientErr, r.serverErr, signs-signs0, want)
-		}
-		if !want && !strings.Contains(r.serverErr.Error(), "over its rate of full handshakes") {
-			t.Errorf("server error %v; want the rate named", r.serverErr)
-		}
-	}
-	full(true)
-	full(true)
-	full(false)
-
-	// Resumption needs no key operation and is not counted.
-	cc.ClientSessionCache = tls.NewLRUClientSessionCache(1)
-	time.Sleep(2100 * time.Millisecond) // one handshake's allowance back
-	full(true)
-	for range 3 {
-		if r := runHandshake(t, sc, cc, nil); r.clientErr != nil || !r.state.DidResume {
-			t.Fatalf("resumption: %v, resumed %t", r.clientErr, r.state.DidResume)
-		}
+	for _, version := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
+		t.Run(tls.VersionName(version), func(t *testing.T) {
+			t.Parallel()
+			env := newTestEnv(t, envOptions{})
+			// One more handshake every 4 s: the steps below take far less.
+			sc, err := NewServerTLSConfig(ServerConfig{Certificates: env.newStore(t, CertStoreConfig{}), HandshakesPerClient: 0.25, HandshakeBurst: 2})
+			if err != nil {
+				t.Fatal(err)
+			}
+			fresh := env.clientConfig("p256.example.com", version, version)
+			resuming := env.clientConfig("p256.example.com", version, version)
+			resuming.ClientSessionCache = tls.NewLRUClientSessionCache(1)
+			step := func(what string, cc *tls.Config, wantOK, wantResumed bool) {
+				t.Helper()
+				signs0, _ := env.ks.ops.counts()
+				r := runHandshake(t, sc, cc, nil)
+				signs, _ := env.ks.ops.counts()
+				ok := r.clientErr == nil && r.serverErr == nil
+				if ok != wantOK || r.state.DidResume != wantResumed || (signs-signs0 == 1) != (wantOK && !wantResumed) {
+					t.Fatalf("%s: errors client %v, server %v, resumed %t, %d signatures; want success %t, resumed %t",
+						what, r.clientErr, r.serverErr, r.state.DidResume, signs-signs0, wantOK, wantResumed)
+				}
+				if !wantOK && !strings.Contains(r.serverErr.Error(), "over its rate of full handshakes") {
+					t.Errorf("%s: server error %v; want the rate named", what, r.serverErr)
+				}
+			}
+			step("first full handshake", resuming, true, false)
+			step("second full handshake", fresh, true, false)
+			for i := range 3 {
+				step(fmt.Sprintf("resumption %d", i), resuming, true, true)
+			}
+			step("third full handshake", fresh, false, false)
+			time.Sleep(4100 * time.Millisecond) // one handshake's allowance back
+			step("full handshake after the wait", fresh, true, false)
+		})
 	}
 }
 
 func TestHandshakeLimiterClients(t *testing.T) {
-	l := newHandshakeLimiter(1, 1)
+	l := newHandshakeLimiter(1, 1, nil)
 	addr := func(s string) net.Addr { return net.TCPAddrFromAddrPort(netipMustParse(t, s)) }
 	for _, tt := range []struct {
 		addr string

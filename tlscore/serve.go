@@ -35,8 +35,10 @@ const (
 	http2WriteTimeout = 30 * time.Second
 	// DefaultTCPIdleTimeout is how long ServeTCP keeps a connection on
 	// which no byte moved in either direction, and how long it waits for a
-	// peer to take bytes it has to send (see WithIdleTimeout).
-	DefaultTCPIdleTimeout = 10 * time.Minute
+	// peer to take bytes it has to send (see WithIdleTimeout). Protocols
+	// that stay quiet longer (IMAP IDLE waits up to 29 minutes; pooled
+	// database connections may idle for hours) need more, or none.
+	DefaultTCPIdleTimeout = time.Hour
 	// originDialTimeout bounds connecting to a TCP origin.
 	originDialTimeout = 10 * time.Second
 )
@@ -121,9 +123,9 @@ func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h ht
 // that half-close work. The handshake must finish within 10 seconds.
 //
 // A connection on which no byte moved in either direction for the idle
-// timeout ([DefaultTCPIdleTimeout], or [WithIdleTimeout]) is closed, both
-// sides, as is one whose client or origin takes nothing it is sent for as
-// long; so is a half-closed one whose other half goes quiet.
+// timeout ([DefaultTCPIdleTimeout], or [WithIdleTimeout]; zero for none) is
+// closed, both sides, as is one whose client or origin takes nothing it is
+// sent for as long; so is a half-closed one whose other half goes quiet.
 //
 // When ctx is done ServeTCP stops accepting (closing ln), waits up to grace
 // for the connections in progress to end, then closes them. It returns nil if
@@ -140,7 +142,7 @@ func ServeTCP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, origi
 		return errors.New("tlscore: ServeTCP needs a TLS config, an origin address and a grace period of zero or more")
 	}
 	o := newServeOptions(opts)
-	if o.idle <= 0 {
+	if !o.idleSet {
 		o.idle = DefaultTCPIdleTimeout
 	}
 	p := &tcpProxy{
@@ -293,7 +295,13 @@ func (a *activity) quiet() bool { return time.Since(time.Unix(0, a.last.Load()))
 // so it does when src has sent nothing while the whole connection was idle
 // for a's timeout, or dst has taken nothing for as long.
 func (a *activity) relay(dst, src net.Conn) int64 {
-	n, err := io.Copy(idleWriter{dst, a}, idleReader{src, a})
+	var n int64
+	var err error
+	if a.idle > 0 {
+		n, err = io.Copy(idleWriter{dst, a}, idleReader{src, a})
+	} else {
+		n, err = io.Copy(dst, src)
+	}
 	if err != nil {
 		dst.Close()
 		src.Close()
@@ -341,6 +349,9 @@ func (w idleWriter) Write(p []byte) (int, error) {
 	if n > 0 {
 		w.a.touch()
 	}
+	// Not left set: a tls.Conn also writes while it reads (a TLS 1.3
+	// KeyUpdate's answer), maybe long after this.
+	w.c.SetWriteDeadline(time.Time{})
 	return n, err
 }
 
@@ -350,12 +361,13 @@ type ServeOption func(*serveOptions)
 type serveOptions struct {
 	metrics *Metrics
 	idle    time.Duration
+	idleSet bool
 }
 
 // WithIdleTimeout sets [ServeTCP]'s idle timeout (the default is
-// [DefaultTCPIdleTimeout]). [ServeHTTP] ignores it.
+// [DefaultTCPIdleTimeout]); zero turns it off. [ServeHTTP] ignores it.
 func WithIdleTimeout(d time.Duration) ServeOption {
-	return func(o *serveOptions) { o.idle = d }
+	return func(o *serveOptions) { o.idle, o.idleSet = d, true }
 }
 
 func newServeOptions(opts []ServeOption) serveOptions {

@@ -1,6 +1,7 @@
 package tlscore
 
 import (
+	"crypto"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -57,8 +58,8 @@ type ServerConfig struct {
 	NextProtos []string
 
 	// HandshakesPerClient limits each client's full handshakes (resumptions
-	// are free) to this many per second, with bursts of HandshakeBurst; a
-	// handshake over it fails before any key operation. A client is an IPv4
+	// are free) to this many per second (0.001 to a million), with bursts of
+	// HandshakeBurst; a handshake over it fails before any key operation. A client is an IPv4
 	// address or an IPv6 /56. Zero means no limit. Each full handshake
 	// costs a keyserver operation before the client has proved anything,
 	// so one client could otherwise spend the HSM's capacity; a limit too
@@ -73,6 +74,15 @@ type ServerConfig struct {
 	Logger hclog.Logger
 }
 
+// Bounds of ServerConfig.HandshakesPerClient (and, for the upper one,
+// HandshakeBurst): a client that may make one full handshake in more than
+// 1000 s is not a client, and beyond a million a second the limit limits
+// nothing.
+const (
+	MinHandshakeRate = 0.001
+	MaxHandshakeRate = 1e6
+)
+
 // Validate reports whether the configuration is usable.
 func (c *ServerConfig) Validate() error {
 	if c.Certificates == nil {
@@ -83,11 +93,11 @@ func (c *ServerConfig) Validate() error {
 			return err
 		}
 	}
-	if c.HandshakesPerClient < 0 || math.IsNaN(c.HandshakesPerClient) || math.IsInf(c.HandshakesPerClient, 0) {
-		return fmt.Errorf("tlscore: ServerConfig.HandshakesPerClient is %v; it must be 0 (no limit) or more", c.HandshakesPerClient)
+	if r := c.HandshakesPerClient; r != 0 && !(r >= MinHandshakeRate && r <= MaxHandshakeRate) {
+		return fmt.Errorf("tlscore: ServerConfig.HandshakesPerClient is %v; it must be 0 (no limit) or from %v to %v", r, MinHandshakeRate, MaxHandshakeRate)
 	}
-	if c.HandshakeBurst < 0 {
-		return fmt.Errorf("tlscore: ServerConfig.HandshakeBurst is %d; it must be 0 (the rate) or more", c.HandshakeBurst)
+	if c.HandshakeBurst < 0 || c.HandshakeBurst > MaxHandshakeRate {
+		return fmt.Errorf("tlscore: ServerConfig.HandshakeBurst is %d; it must be from 0 (the rate) to %v", c.HandshakeBurst, MaxHandshakeRate)
 	}
 	return nil
 }
@@ -182,21 +192,24 @@ func (c *ServerConfig) handshakeLimiter() *handshakeLimiter {
 	if burst == 0 {
 		burst = int(math.Ceil(c.HandshakesPerClient))
 	}
-	return newHandshakeLimiter(c.HandshakesPerClient, burst)
+	return newHandshakeLimiter(c.HandshakesPerClient, burst, c.Logger)
 }
 
-// getCertificate is certs.GetCertificate after limit's check (nil: none),
-// which also records the key type of the certificate chosen on the
-// connection, for [Metrics].
+// getCertificate is certs.GetCertificate that also records the key type of
+// the certificate chosen on the connection, for [Metrics], and, with limit
+// (nil: none), charges the client's allowance when the handshake uses the
+// key. (crypto/tls calls GetCertificate before it looks at a TLS 1.2
+// session ticket, so a resumption would be charged here.)
 func getCertificate(certs *CertStore, limit *handshakeLimiter) func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	return func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-		if limit != nil && hello.Conn != nil && !limit.allow(hello.Conn.RemoteAddr()) {
-			return nil, fmt.Errorf("tlscore: client %s is over its rate of full handshakes (%g per second); try again later", hello.Conn.RemoteAddr(), float64(limit.rate))
-		}
 		c, err := certs.GetCertificate(hello)
-		if err == nil {
-			recordKeyType(hello.Conn, c)
+		if err != nil {
+			return nil, err
 		}
-		return c, err
+		recordKeyType(hello.Conn, c)
+		if limit != nil && hello.Conn != nil {
+			c.PrivateKey = limit.guard(c.PrivateKey.(crypto.Signer), hello.Conn.RemoteAddr())
+		}
+		return c, nil
 	}
 }

@@ -79,11 +79,14 @@ func ticketCertEntry(leafHash [sha256.Size]byte) []byte {
 // such as `openssl rand -hex 32` prints), blank lines and lines starting
 // with '#' ignored. The first key seals new tickets; every key opens them.
 // Edges that share the file resume each other's sessions, each of which
-// saves a keyserver operation. Rotate by adding a new key first and
-// dropping the oldest once its tickets have expired (7 days at most).
+// saves a keyserver operation. To rotate across a fleet, add the new key
+// as the second line and reload every edge, then move it to the top and
+// reload again (so that no edge seals tickets others cannot open yet), and
+// drop the oldest once its tickets have expired (7 days at most).
 //
 // It fails, naming the line, for anything else, and for a file with no key
-// or one that group or others may read.
+// or one that group or others may read (mount a Kubernetes Secret with
+// defaultMode 0400).
 func LoadTicketKeys(path string) ([][32]byte, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
@@ -107,7 +110,8 @@ func LoadTicketKeys(path string) ([][32]byte, error) {
 			return nil, fmt.Errorf("tlscore: session ticket keys %s line %d: want 64 hexadecimal digits (32 bytes), got %d characters", path, i+1, len(line))
 		}
 		if _, err := hex.Decode(k[:], []byte(line)); err != nil {
-			return nil, fmt.Errorf("tlscore: session ticket keys %s line %d: %v", path, i+1, err)
+			// Not err, which quotes a byte of the key.
+			return nil, fmt.Errorf("tlscore: session ticket keys %s line %d: not 64 hexadecimal digits", path, i+1)
 		}
 		keys = append(keys, k)
 	}

@@ -5,7 +5,6 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"math"
 	"net"
 	"net/url"
 	"strings"
@@ -63,7 +62,7 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.rsaKeyExchange, "rsa-key-exchange", "", "comma-separated host names (or *.wildcards) for which TLS 1.2 RSA key exchange is enabled (default: none)")
 	fs.StringVar(&f.origin, "origin", "", "HTTP origin URL to reverse-proxy to, e.g. http://127.0.0.1:8080")
 	fs.StringVar(&f.tcpOrigin, "tcp-origin", "", "raw TCP origin host:port, instead of -origin, for non-HTTP protocols")
-	fs.DurationVar(&f.tcpIdle, "tcp-idle-timeout", tlscore.DefaultTCPIdleTimeout, "with -tcp-origin: close a connection on which nothing moved in either direction this long, or whose client or origin takes nothing for as long")
+	fs.DurationVar(&f.tcpIdle, "tcp-idle-timeout", tlscore.DefaultTCPIdleTimeout, "with -tcp-origin: close a connection on which nothing moved in either direction this long, or whose client or origin takes nothing for as long (0: never); protocols quiet for longer need more")
 	fs.Float64Var(&f.handshakeRate, "handshakes-per-client", 0, "full TLS handshakes (each a keyserver operation) one client, an IPv4 address or IPv6 /56, may make per second; more fail before any key operation (0: no limit)")
 	fs.IntVar(&f.handshakeBurst, "handshake-burst", 0, "burst above -handshakes-per-client (0: the rate, rounded up)")
 	fs.StringVar(&f.ticketKeys, "ticket-keys", "", "file of TLS session ticket keys, one per line as 64 hex digits, the first for new tickets (mode 0600); edges sharing it resume each other's sessions; reread on SIGHUP (default: keys of this process, rotated daily)")
@@ -97,11 +96,11 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	if _, _, err := net.SplitHostPort(f.listen); err != nil {
 		return nil, fmt.Errorf("-listen %q: want host:port: %w", f.listen, err)
 	}
-	if f.handshakeRate < 0 || math.IsNaN(f.handshakeRate) || math.IsInf(f.handshakeRate, 0) {
-		return nil, fmt.Errorf("-handshakes-per-client %v: must be 0 (no limit) or more", f.handshakeRate)
+	if r := f.handshakeRate; r != 0 && !(r >= tlscore.MinHandshakeRate && r <= tlscore.MaxHandshakeRate) {
+		return nil, fmt.Errorf("-handshakes-per-client %v: must be 0 (no limit) or from %v to %v", r, tlscore.MinHandshakeRate, tlscore.MaxHandshakeRate)
 	}
-	if f.handshakeBurst < 0 {
-		return nil, fmt.Errorf("-handshake-burst %d: must be 0 (the rate) or more", f.handshakeBurst)
+	if f.handshakeBurst < 0 || f.handshakeBurst > tlscore.MaxHandshakeRate {
+		return nil, fmt.Errorf("-handshake-burst %d: must be from 0 (the rate) to %v", f.handshakeBurst, tlscore.MaxHandshakeRate)
 	}
 	if (f.origin == "") == (f.tcpOrigin == "") {
 		return nil, errors.New("set exactly one of -origin (HTTP) and -tcp-origin (raw TCP)")
@@ -126,8 +125,8 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 		if _, _, err := net.SplitHostPort(f.tcpOrigin); err != nil {
 			return nil, fmt.Errorf("-tcp-origin %q: want host:port: %w", f.tcpOrigin, err)
 		}
-		if f.tcpIdle <= 0 {
-			return nil, fmt.Errorf("-tcp-idle-timeout %v: must be positive", f.tcpIdle)
+		if f.tcpIdle < 0 {
+			return nil, fmt.Errorf("-tcp-idle-timeout %v: must be 0 (none) or more", f.tcpIdle)
 		}
 	}
 	f.keyserverList = splitList(f.keyservers)

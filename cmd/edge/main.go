@@ -16,11 +16,12 @@
 // connections, lets requests (or TCP connections) in progress finish for up
 // to -grace, and exits.
 //
-// SIGHUP reloads the certificate directory and the keyserver link's
-// credentials (-tls-cert, -tls-key, -keyserver-ca) without dropping any
-// connection: new handshakes use the new files. Each of the two is
-// replaced only if all its files are valid; otherwise the error is logged
-// and the previous configuration stays in force.
+// SIGHUP reloads the certificate directory, the keyserver link's
+// credentials (-tls-cert, -tls-key, -keyserver-ca) and the session ticket
+// keys (-ticket-keys) without dropping any connection: new handshakes use
+// the new files. Each of the three is replaced only if all its files are
+// valid; otherwise the error is logged and the previous configuration
+// stays in force.
 package main
 
 import (
@@ -99,6 +100,10 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		return err
 	}
 	if err := loadCertificates(ctx, certs, f.certs, logger); err != nil {
+		if ctx.Err() != nil {
+			logger.Info("stopped before a keyserver answered")
+			return nil
+		}
 		return err
 	}
 	serverCfg := tlscore.ServerConfig{Certificates: certs, RSAKeyExchange: splitList(f.rsaKeyExchange),
@@ -236,20 +241,28 @@ const (
 
 // loadCertificates loads dir into certs. While no keyserver answers
 // (Unavailable or DeadlineExceeded), it logs and tries again, waiting 1 s
-// and then twice as long each time up to 30 s, until ctx ends: an edge that
-// starts before its keyservers (after a datacenter restart, say) comes up
-// with them instead of exiting. Any other error is returned at once.
+// and then twice as long each time up to 30 s, until ctx ends (then it
+// returns ctx.Err()): an edge that starts before its keyservers (after a
+// datacenter restart, say) comes up with them instead of exiting. Any other
+// error is returned at once, and so is a failed mutual-TLS handshake with
+// a keyserver (a wrong -keyserver-ca, an expired or refused -tls-cert),
+// which waiting does not mend.
 func loadCertificates(ctx context.Context, certs *tlscore.CertStore, dir string, logger hclog.Logger) error {
 	for wait := firstLoadRetry; ; wait = min(2*wait, maxLoadRetry) {
 		err := certs.Load(ctx, dir)
-		if code := status.Code(err); err == nil || code != codes.Unavailable && code != codes.DeadlineExceeded || ctx.Err() != nil {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		st, _ := status.FromError(err)
+		if err == nil || st.Code() != codes.Unavailable && st.Code() != codes.DeadlineExceeded ||
+			strings.Contains(st.Message(), "authentication handshake failed") {
 			return err
 		}
 		logger.Warn("no keyserver answered; the edge starts once one does", "error", err, "next_attempt_in", wait)
 		select {
 		case <-time.After(wait):
 		case <-ctx.Done():
-			return err
+			return ctx.Err()
 		}
 	}
 }

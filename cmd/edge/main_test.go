@@ -18,8 +18,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 
 	"github.com/keyless-tls/keyless/tlscore"
 )
@@ -111,8 +109,8 @@ func TestLoadCertificatesWaitsForKeyservers(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 2500*time.Millisecond)
 	defer cancel()
 	err = loadCertificates(ctx, certs, t.TempDir(), logger)
-	if status.Code(err) != codes.Unavailable {
-		t.Fatalf("loadCertificates() = %v, want Unavailable once its context ended", err)
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("loadCertificates() = %v, want the context's error once it ended", err)
 	}
 	// Attempts at 0 s and 1 s, then a wait of 2 s that the context cuts.
 	if n := strings.Count(logs.String(), "no keyserver answered"); n < 2 {
@@ -124,5 +122,37 @@ func TestLoadCertificatesWaitsForKeyservers(t *testing.T) {
 	err = loadCertificates(t.Context(), certs, filepath.Join(t.TempDir(), "missing"), logger)
 	if err == nil || time.Since(start) > time.Second || logs.Len() != 0 {
 		t.Errorf("loadCertificates(missing directory) = %v after %v, log %q; want an error at once", err, time.Since(start), logs.String())
+	}
+
+	// A keyserver whose certificate the edge does not trust: waiting would
+	// not mend it.
+	tln, err := tls.Listen("tcp", "127.0.0.1:0", &tls.Config{Certificates: clientTLS.Certificates})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tln.Close()
+	go func() {
+		for {
+			c, err := tln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { c.(*tls.Conn).Handshake(); c.Close() }()
+		}
+	}()
+	untrusted, err := tlscore.Dial(tlscore.ClientConfig{Addresses: []string{tln.Addr().String()}, TLS: clientTLS})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer untrusted.Close()
+	certs, err = tlscore.NewCertStore(tlscore.CertStoreConfig{Client: untrusted})
+	if err != nil {
+		t.Fatal(err)
+	}
+	logs.Reset()
+	start = time.Now()
+	err = loadCertificates(t.Context(), certs, t.TempDir(), logger)
+	if err == nil || !strings.Contains(err.Error(), "certificate") || time.Since(start) > 5*time.Second || logs.Len() != 0 {
+		t.Errorf("loadCertificates(untrusted keyserver) = %v after %v, log %q; want the handshake error at once", err, time.Since(start), logs.String())
 	}
 }
