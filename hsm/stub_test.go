@@ -188,13 +188,16 @@ func TestRejectionSecretStub(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := t.Context()
+	var signs, decrypts atomic.Int32
+	// newKey returns a key of p without its secret, and zeroes the counts.
 	newKey := func(p *stubP11, pkcs1, raw bool) *rsaDecryptKey {
+		signs.Store(0)
+		decrypts.Store(0)
 		k := newStubRSAKey(newStubModule(p, 2), raw)
 		k.secret.Store(nil)
 		k.mechs.pkcs1 = pkcs1
 		return k
 	}
-	var signs, decrypts atomic.Int32
 	rawSign := func(msg []byte) ([]byte, error) {
 		signs.Add(1)
 		return rsa.SignPKCS1v15(nil, priv, 0, msg)
@@ -205,6 +208,13 @@ func TestRejectionSecretStub(t *testing.T) {
 			t.Errorf("C_Decrypt mechanism 0x%x; want CKM_RSA_X_509", mech)
 		}
 		return rawRSA(priv, in, true), nil // a token that strips leading zeros
+	}
+	// token returns a token that signs and decrypts as the key does, after
+	// failing with errs.
+	token := func(errs ...error) *stubP11 {
+		p := newStubP11()
+		p.errs, p.sign, p.decrypt = errs, rawSign, rawDecrypt
+		return p
 	}
 	check := func(t *testing.T, k *rsaDecryptKey, wantSigns, wantDecrypts int32) {
 		t.Helper()
@@ -218,8 +228,6 @@ func TestRejectionSecretStub(t *testing.T) {
 	}
 
 	t.Run("signed with CKM_RSA_PKCS, once for many callers", func(t *testing.T) {
-		signs.Store(0)
-		decrypts.Store(0)
 		p := newStubP11()
 		p.sign = func(msg []byte) ([]byte, error) {
 			if p.mech != pkcs11.CKM_RSA_PKCS || string(msg) != premaster.SecretMessage {
@@ -242,30 +250,15 @@ func TestRejectionSecretStub(t *testing.T) {
 	})
 
 	t.Run("raw decryption where the key cannot sign with CKM_RSA_PKCS", func(t *testing.T) {
-		signs.Store(0)
-		decrypts.Store(0)
-		p := newStubP11()
-		p.decrypt = rawDecrypt
-		check(t, newKey(p, false, true), 0, 1)
+		check(t, newKey(token(), false, true), 0, 1)
 	})
 
 	t.Run("raw decryption where the token refuses the signature", func(t *testing.T) {
-		signs.Store(0)
-		decrypts.Store(0)
-		p := newStubP11()
-		p.errs = []error{pkcs11.Error(pkcs11.CKR_FUNCTION_FAILED)}
-		p.sign = rawSign
-		p.decrypt = rawDecrypt
-		check(t, newKey(p, true, true), 0, 1)
+		check(t, newKey(token(pkcs11.Error(pkcs11.CKR_FUNCTION_FAILED)), true, true), 0, 1)
 	})
 
 	t.Run("a failure is an error, and the next call tries again", func(t *testing.T) {
-		signs.Store(0)
-		decrypts.Store(0)
-		p := newStubP11()
-		p.errs = []error{pkcs11.Error(pkcs11.CKR_FUNCTION_FAILED)}
-		p.sign = rawSign
-		k := newKey(p, true, false)
+		k := newKey(token(pkcs11.Error(pkcs11.CKR_FUNCTION_FAILED)), true, false)
 		if _, err := k.DecryptPremaster(ctx, make([]byte, priv.Size())); err == nil {
 			t.Fatal("DecryptPremaster() succeeded though the secret could not be computed")
 		}
