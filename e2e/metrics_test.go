@@ -1,16 +1,19 @@
 package e2e
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/pem"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -275,4 +278,48 @@ func readCertPEM(t *testing.T, file string) *x509.Certificate {
 		t.Fatal(err)
 	}
 	return c
+}
+
+// TestEdgeDrain stops an edge started with -drain-delay: for the delay its
+// /readyz answers 503 while it still completes handshakes and requests;
+// then it stops.
+func TestEdgeDrain(t *testing.T) {
+	const delay = 3 * time.Second
+	d := startDeploymentWith(t, nil, []string{"-metrics-listen", "127.0.0.1:0", "-drain-delay", delay.String()})
+	addr := d.edge.waitFor(t, readyEdgeMetrics)[1]
+	waitStatus(t, addr, "/readyz", http.StatusOK)
+
+	start := time.Now()
+	d.edge.cmd.Process.Signal(syscall.SIGTERM)
+	waitStatus(t, addr, "/readyz", http.StatusServiceUnavailable)
+	roots := readCertPool(t, d.caFile)
+	client := &http.Client{Transport: &http.Transport{
+		TLSClientConfig:   &tls.Config{RootCAs: roots},
+		DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, "tcp", d.edgeAddr)
+		},
+	}}
+	resp, err := client.Get(d.url("ecdsa.e2e.test"))
+	if err != nil {
+		t.Fatalf("a request while draining: %v", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Errorf("a request while draining: %s, want 200", resp.Status)
+	}
+	if time.Since(start) >= delay {
+		t.Fatalf("the checks took %v, longer than the drain delay; the test proves nothing", time.Since(start))
+	}
+	select {
+	case <-d.edge.done:
+	case <-time.After(delay + 15*time.Second):
+		t.Fatal("the edge did not stop after the drain delay")
+	}
+	if took := time.Since(start); took < delay {
+		t.Errorf("the edge stopped %v after SIGTERM, before the drain delay of %v", took, delay)
+	}
+	if !strings.Contains(d.edge.out.String(), "draining") {
+		t.Errorf("the edge did not log that it was draining:\n%s", d.edge.out.String())
+	}
 }

@@ -37,6 +37,7 @@ type flags struct {
 	keepalive      time.Duration
 	reconnect      time.Duration
 	grace          time.Duration
+	drainDelay     time.Duration
 	logLevel       string
 	logJSON        bool
 	metricsListen  string
@@ -75,6 +76,7 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.DurationVar(&f.keepalive, "keepalive", 15*time.Second, "ping a keyserver connection idle this long, and drop it when no answer comes within -call-timeout (at least 10s; 0 turns pings off)")
 	fs.DurationVar(&f.reconnect, "reconnect-backoff", tlscore.DefaultReconnectBackoff, "longest wait between attempts to reconnect to a keyserver that is down")
 	fs.DurationVar(&f.grace, "grace", 10*time.Second, "on shutdown, how long in-flight requests may take to finish")
+	fs.DurationVar(&f.drainDelay, "drain-delay", 0, "on shutdown, how long to keep accepting connections while /readyz reports not ready, before -grace starts (give a load balancer's health check time to notice)")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: trace, debug, info, warn or error")
 	fs.BoolVar(&f.logJSON, "log-json", false, "log as JSON lines")
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "address of the operations listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9444 (default: none, off)")
@@ -154,6 +156,9 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	}
 	if f.reconnect <= 0 {
 		return nil, fmt.Errorf("-reconnect-backoff %v: must be positive", f.reconnect)
+	}
+	if f.drainDelay < 0 {
+		return nil, fmt.Errorf("-drain-delay %v: must be zero or more", f.drainDelay)
 	}
 	if f.grace < 0 {
 		return nil, fmt.Errorf("-grace %v: must be zero or more", f.grace)

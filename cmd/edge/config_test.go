@@ -37,6 +37,7 @@ func TestParseBadSettings(t *testing.T) {
 		{with("-keepalive", "1s"), "-keepalive"},
 		{with("-reconnect-backoff", "0s"), "-reconnect-backoff"},
 		{with("-grace", "-1s"), "-grace"},
+		{with("-drain-delay", "-1s"), "-drain-delay"},
 		{with("-handshakes-per-client", "-1"), "-handshakes-per-client"},
 		{with("-handshakes-per-client", "1e19"), "-handshakes-per-client"},
 		{with("-handshakes-per-client", "NaN"), "-handshakes-per-client"},

@@ -12,7 +12,9 @@
 //
 // # Signals
 //
-// SIGTERM or SIGINT stops the edge gracefully: it stops accepting
+// SIGTERM or SIGINT stops the edge gracefully: with -drain-delay, it first
+// reports not ready on /readyz for that long while still serving, so that a
+// load balancer stops sending it clients; then it stops accepting
 // connections, lets requests (or TCP connections) in progress finish for up
 // to -grace, and exits.
 //
@@ -35,6 +37,7 @@ import (
 	"os"
 	"os/signal"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -126,7 +129,9 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	if err != nil {
 		return err
 	}
-	reloadCtx, stopReload := context.WithCancel(ctx)
+	// serveCtx ends what ctx ends, after the drain delay.
+	serveCtx, draining := drainAfter(ctx, f.drainDelay, logger)
+	reloadCtx, stopReload := context.WithCancel(serveCtx)
 	defer stopReload()
 	go reloadOn(reloadCtx, reload, func() { reloadConfig(reloadCtx, f, certs, link, tlsConfig, logger) })
 
@@ -138,7 +143,12 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 			return fmt.Errorf("-metrics-listen: %w", err)
 		}
 		metricsAddr = mln.Addr().String()
-		go opsserver.Serve(reloadCtx, mln, reg, func(context.Context) error { return ready(certs, client) }, logger.Named("metrics"))
+		go opsserver.Serve(reloadCtx, mln, reg, func(context.Context) error {
+			if draining.Load() {
+				return errors.New("draining: the edge is stopping")
+			}
+			return ready(certs, client)
+		}, logger.Named("metrics"))
 	}
 	summary := []any{"listen", ln.Addr().String()}
 	if origin != nil {
@@ -152,9 +162,29 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		"reconnect_backoff", f.reconnect, "grace", f.grace, "handshakes_per_client", f.handshakeRate, "metrics", metricsAddr)
 	logger.Info("edge ready", summary...)
 	if origin != nil {
-		return tlscore.ServeHTTP(ctx, ln, tlsConfig, tlscore.NewReverseProxy(origin, logger), f.grace, logger, tlscore.WithMetrics(metrics))
+		return tlscore.ServeHTTP(serveCtx, ln, tlsConfig, tlscore.NewReverseProxy(origin, logger), f.grace, logger, tlscore.WithMetrics(metrics))
 	}
-	return tlscore.ServeTCP(ctx, ln, tlsConfig, f.tcpOrigin, f.grace, logger, tlscore.WithMetrics(metrics), tlscore.WithIdleTimeout(f.tcpIdle))
+	return tlscore.ServeTCP(serveCtx, ln, tlsConfig, f.tcpOrigin, f.grace, logger, tlscore.WithMetrics(metrics), tlscore.WithIdleTimeout(f.tcpIdle))
+}
+
+// drainAfter returns a context that ends delay after ctx does, keeping
+// ctx's values, and a flag set for that delay: the edge then reports not
+// ready on /readyz while it still accepts connections, so that a load
+// balancer stops sending it clients before it stops taking them. A zero
+// delay ends it with ctx.
+func drainAfter(ctx context.Context, delay time.Duration, logger hclog.Logger) (context.Context, *atomic.Bool) {
+	serveCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	draining := new(atomic.Bool)
+	go func() {
+		<-ctx.Done()
+		if delay > 0 {
+			draining.Store(true)
+			logger.Info("draining: /readyz reports not ready; still accepting connections", "for", delay)
+			time.Sleep(delay)
+		}
+		stop()
+	}()
+	return serveCtx, draining
 }
 
 // ready reports whether the edge can serve: it has certificates and a
