@@ -130,7 +130,8 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		return err
 	}
 	// serveCtx ends what ctx ends, after the drain delay.
-	serveCtx, draining := drainAfter(ctx, f.drainDelay, logger)
+	serveCtx, draining, stopServing := drainAfter(ctx, f.drainDelay, logger)
+	defer stopServing()
 	reloadCtx, stopReload := context.WithCancel(serveCtx)
 	defer stopReload()
 	go reloadOn(reloadCtx, reload, func() { reloadConfig(reloadCtx, f, certs, link, tlsConfig, logger) })
@@ -171,20 +172,27 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 // ctx's values, and a flag set for that delay: the edge then reports not
 // ready on /readyz while it still accepts connections, so that a load
 // balancer stops sending it clients before it stops taking them. A zero
-// delay ends it with ctx.
-func drainAfter(ctx context.Context, delay time.Duration, logger hclog.Logger) (context.Context, *atomic.Bool) {
-	serveCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
-	draining := new(atomic.Bool)
+// delay ends it with ctx. stop ends it at once.
+func drainAfter(ctx context.Context, delay time.Duration, logger hclog.Logger) (serveCtx context.Context, draining *atomic.Bool, stop context.CancelFunc) {
+	serveCtx, stop = context.WithCancel(context.WithoutCancel(ctx))
+	draining = new(atomic.Bool)
 	go func() {
-		<-ctx.Done()
+		select {
+		case <-ctx.Done():
+		case <-serveCtx.Done():
+			return
+		}
 		if delay > 0 {
 			draining.Store(true)
 			logger.Info("draining: /readyz reports not ready; still accepting connections", "for", delay)
-			time.Sleep(delay)
+			select {
+			case <-time.After(delay):
+			case <-serveCtx.Done():
+			}
 		}
 		stop()
 	}()
-	return serveCtx, draining
+	return serveCtx, draining, stop
 }
 
 // ready reports whether the edge can serve: it has certificates and a
