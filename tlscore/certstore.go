@@ -158,7 +158,7 @@ type certSet struct {
 // A leaf is served for its DNS subject alternative names ("*.example.com"
 // stands for exactly one label); several certificates may cover one name (an
 // ECDSA and an RSA one, say), and the first in file-name order that the
-// client supports is chosen.
+// client supports is chosen, one valid now before any other.
 //
 // Load fails, keeping the previous certificates, if the keyserver cannot be
 // asked, if a file cannot be read or parsed or holds a private key, if a
@@ -427,15 +427,28 @@ func (cs *certSet) serving(serverName string) []*certEntry {
 }
 
 // pick chooses the certificate for a handshake: the first candidate the
-// client supports, else the first candidate (the handshake then fails with
-// crypto/tls's precise error), else the default.
+// client supports that is valid now (a renewed certificate added beside
+// the expired one it renews, say), else the first the client supports, else
+// the first candidate (the handshake then fails with crypto/tls's precise
+// error), else the default.
 func (cs *certSet) pick(hello *tls.ClientHelloInfo) *certEntry {
 	cands := cs.candidates(normalizeName(hello.ServerName))
 	if len(cands) > 1 {
+		now := time.Now()
+		var supported *certEntry
 		for _, e := range cands {
-			if hello.SupportsCertificate(&e.cert) == nil {
+			if hello.SupportsCertificate(&e.cert) != nil {
+				continue
+			}
+			if leaf := e.cert.Leaf; !now.Before(leaf.NotBefore) && !now.After(leaf.NotAfter) {
 				return e
 			}
+			if supported == nil {
+				supported = e
+			}
+		}
+		if supported != nil {
+			return supported
 		}
 	}
 	if len(cands) > 0 {

@@ -435,6 +435,24 @@ func TestHandshakeDualCertificates(t *testing.T) {
 	}
 }
 
+// TestHandshakePrefersValidCertificate: of two certificates of one name, the
+// one valid now is served, whatever the file order.
+func TestHandshakePrefersValidCertificate(t *testing.T) {
+	env := newTestEnv(t, envOptions{})
+	expired := env.pki.ca.issue(t, testP256Key().Public(), leafOptions{names: []string{"renewed.example.com"},
+		notBefore: time.Now().Add(-48 * time.Hour), notAfter: time.Now().Add(-24 * time.Hour)})
+	current := env.pki.ca.issue(t, testP384Key().Public(), leafOptions{names: []string{"renewed.example.com"}})
+	writeFile(t, env.dir, "renewed-a-old.pem", certPEM(expired))
+	writeFile(t, env.dir, "renewed-b-new.pem", certPEM(current))
+	r := runHandshake(t, env.serverConfig(t), env.clientConfig("renewed.example.com", 0, 0), nil)
+	if r.clientErr != nil || r.serverErr != nil {
+		t.Fatalf("handshake errors = client %v, server %v", r.clientErr, r.serverErr)
+	}
+	if !r.state.PeerCertificates[0].Equal(current) {
+		t.Errorf("served the certificate that expired on %v", r.state.PeerCertificates[0].NotAfter)
+	}
+}
+
 // TestHandshakeDeadKeyserver checks that a keyserver that never answers
 // fails the handshake within the call deadline, or sooner when the
 // handshake's own context ends.
