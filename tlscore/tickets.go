@@ -51,13 +51,16 @@ func bindTickets(cfg *tls.Config, certs *CertStore, logger hclog.Logger) {
 		if err != nil || ss == nil {
 			return nil, err
 		}
+		has := func(entry []byte) bool {
+			return slices.ContainsFunc(ss.Extra, func(e []byte) bool { return bytes.Equal(e, entry) })
+		}
 		// Not errors: the client falls back to a full handshake.
-		if !slices.ContainsFunc(ss.Extra, func(e []byte) bool { return bytes.Equal(e, ticketServerNameEntry(cs.ServerName)) }) {
+		if !has(ticketServerNameEntry(cs.ServerName)) {
 			logger.Debug("session ticket from another server name ignored", "server_name", cs.ServerName)
 			return nil, nil
 		}
 		for _, h := range certs.servingLeaves(cs.ServerName) {
-			if slices.ContainsFunc(ss.Extra, func(e []byte) bool { return bytes.Equal(e, ticketCertEntry(h)) }) {
+			if has(ticketCertEntry(h)) {
 				return ss, nil
 			}
 		}
