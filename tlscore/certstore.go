@@ -506,22 +506,21 @@ func (s *CertStore) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate
 	if e == nil {
 		return nil, fmt.Errorf("tlscore: no certificate for server name %q and no default certificate", hello.ServerName)
 	}
+	// serverName is a host name or empty; Client cuts any field the
+	// keyserver would refuse (see auditContext).
 	rc := &keylessv1.RequestContext{
-		ServerName:   truncate(serverName, signer.MaxContextFieldLen),
+		ServerName:   serverName,
 		ConnectionId: s.connPrefix + "-" + strconv.FormatUint(s.connSeq.Add(1), 10),
 	}
 	if hello.Conn != nil {
-		rc.ClientAddress = truncate(hello.Conn.RemoteAddr().String(), signer.MaxContextFieldLen)
+		rc.ClientAddress = hello.Conn.RemoteAddr().String()
 	}
 	c := e.cert
 	c.PrivateKey = e.key.WithContext(hello.Context(), rc)
 	return &c, nil
 }
 
-// truncate cuts s to at most n bytes of valid UTF-8, so that an odd value
-// cannot make the keyserver refuse a request for its audit fields, nor
-// protobuf refuse to encode it (and with it every operation of its
-// stream's message).
+// truncate cuts s to at most n bytes of valid UTF-8 (see auditContext).
 func truncate(s string, n int) string {
 	s = strings.ToValidUTF8(s, "\uFFFD")
 	if len(s) <= n {
@@ -534,8 +533,9 @@ func truncate(s string, n int) string {
 }
 
 // auditContext returns rc, or, if one of its fields would make the
-// keyserver refuse the request or protobuf refuse to encode it, a copy with
-// every field cut by truncate.
+// keyserver refuse the request for its audit fields or protobuf refuse to
+// encode it (and with it every operation of its stream's message), a copy
+// with every field cut by truncate.
 func auditContext(rc *keylessv1.RequestContext) *keylessv1.RequestContext {
 	fits := func(s string) bool { return len(s) <= signer.MaxContextFieldLen && utf8.ValidString(s) }
 	if rc == nil || fits(rc.GetServerName()) && fits(rc.GetClientAddress()) && fits(rc.GetConnectionId()) {
