@@ -18,6 +18,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
 	"github.com/keyless-tls/keyless/hsm"
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 	"github.com/keyless-tls/keyless/signer"
 	"github.com/keyless-tls/keyless/tlscore"
@@ -36,7 +37,7 @@ var keyOps = []string{OpECDSASign, OpRSASign, OpRSADecrypt}
 // keyOpInput is what one worker sends: a digest to sign or a ciphertext to
 // decrypt, made for the key's public key.
 type keyOpInput struct {
-	alg        signer.Algorithm
+	alg        link.Algorithm
 	digest     []byte
 	ciphertext []byte
 }
@@ -62,7 +63,7 @@ func newKeyOpInput(op string, pub crypto.PublicKey) (*keyOpInput, error) {
 		if !ok {
 			return nil, fmt.Errorf("bench: %s needs an RSA key, not %T", op, pub)
 		}
-		pms := make([]byte, signer.PremasterLen)
+		pms := make([]byte, link.PremasterLen)
 		if _, err := rand.Read(pms); err != nil {
 			return nil, err
 		}
@@ -75,7 +76,7 @@ func newKeyOpInput(op string, pub crypto.PublicKey) (*keyOpInput, error) {
 	default:
 		return nil, fmt.Errorf("bench: unknown key operation %q (want %s)", op, strings.Join(keyOps, ", "))
 	}
-	alg, ok := signer.AlgorithmFor(wire)
+	alg, ok := link.AlgorithmFor(wire)
 	if !ok {
 		return nil, fmt.Errorf("bench: no algorithm %v", wire)
 	}
@@ -125,16 +126,16 @@ func (f *keyFlags) register(fs *flag.FlagSet) {
 }
 
 // inputs returns the key id and one input per worker.
-func (f *keyFlags) inputs(n int) (signer.KeyID, []*keyOpInput, error) {
+func (f *keyFlags) inputs(n int) (link.KeyID, []*keyOpInput, error) {
 	data, err := os.ReadFile(f.pub)
 	if err != nil {
-		return signer.KeyID{}, nil, fmt.Errorf("bench: -pub: %w", err)
+		return link.KeyID{}, nil, fmt.Errorf("bench: -pub: %w", err)
 	}
 	pub, err := readPublicKey(data)
 	if err != nil {
-		return signer.KeyID{}, nil, err
+		return link.KeyID{}, nil, err
 	}
-	id, err := signer.KeyIDOf(pub)
+	id, err := link.KeyIDOf(pub)
 	if err != nil {
 		return id, nil, err
 	}
@@ -224,7 +225,7 @@ func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) err
 
 // clientKeyOp is the key operation through tlscore.Client, as the edge
 // performs it. Inputs are built once per worker.
-func clientKeyOp(c *tlscore.Client, name string, id signer.KeyID, ins []*keyOpInput) Op {
+func clientKeyOp(c *tlscore.Client, name string, id link.KeyID, ins []*keyOpInput) Op {
 	if name == OpRSADecrypt {
 		return func(ctx context.Context, w int) error {
 			_, err := c.Decrypt(ctx, id, ins[w].ciphertext, nil)
@@ -239,7 +240,7 @@ func clientKeyOp(c *tlscore.Client, name string, id signer.KeyID, ins []*keyOpIn
 
 // unaryKeyOp is the key operation as one unary call each. Requests are
 // built once per worker; gRPC only reads them.
-func unaryKeyOp(api keylessv1.KeylessServiceClient, name string, id signer.KeyID, ins []*keyOpInput) Op {
+func unaryKeyOp(api keylessv1.KeylessServiceClient, name string, id link.KeyID, ins []*keyOpInput) Op {
 	if name == OpRSADecrypt {
 		reqs := make([]*keylessv1.DecryptRequest, len(ins))
 		for i, in := range ins {
@@ -247,7 +248,7 @@ func unaryKeyOp(api keylessv1.KeylessServiceClient, name string, id signer.KeyID
 		}
 		return func(ctx context.Context, w int) error {
 			resp, err := api.Decrypt(ctx, reqs[w])
-			if err == nil && len(resp.GetPremaster()) != signer.PremasterLen {
+			if err == nil && len(resp.GetPremaster()) != link.PremasterLen {
 				err = fmt.Errorf("decrypt returned %d bytes", len(resp.GetPremaster()))
 			}
 			return err
@@ -298,7 +299,7 @@ func (f *linkFlags) register(fs *flag.FlagSet) {
 }
 
 func (f *linkFlags) tlsConfig() (*tls.Config, error) {
-	return tlscore.ClientMTLSConfig(f.cert, f.key, f.ca, f.serverName)
+	return link.ClientMTLSConfig(f.cert, f.key, f.ca, f.serverName)
 }
 
 // dial opens one gRPC connection to addr with the link's credentials and
@@ -309,7 +310,7 @@ func (f *linkFlags) dial(addr string) (*grpc.ClientConn, error) {
 	if err != nil {
 		return nil, err
 	}
-	conn, err := grpc.NewClient("passthrough:///"+addr, append(tlscore.LinkDialOptions(), grpc.WithTransportCredentials(credentials.NewTLS(cfg)))...)
+	conn, err := grpc.NewClient("passthrough:///"+addr, append(link.DialOptions(), grpc.WithTransportCredentials(credentials.NewTLS(cfg)))...)
 	if err != nil {
 		return nil, fmt.Errorf("bench: dial keyserver: %w", err)
 	}
@@ -373,14 +374,14 @@ func runInproc(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		return err
 	}
 	if key == nil {
-		return fmt.Errorf("bench: key %s is not on token %q", signer.FormatKeyID(id), hf.label)
+		return fmt.Errorf("bench: key %s is not on token %q", link.FormatKeyID(id), hf.label)
 	}
 	var op Op
 	switch kf.op {
 	case OpRSADecrypt:
 		d, ok := key.(signer.PremasterDecrypter)
 		if !ok {
-			return fmt.Errorf("bench: key %s cannot decrypt", signer.FormatKeyID(id))
+			return fmt.Errorf("bench: key %s cannot decrypt", link.FormatKeyID(id))
 		}
 		op = func(ctx context.Context, w int) error {
 			_, err := d.DecryptPremaster(ctx, ins[w].ciphertext)
@@ -389,7 +390,7 @@ func runInproc(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	default:
 		cs, ok := key.(signer.ContextSigner)
 		if !ok {
-			return fmt.Errorf("bench: key %s has no SignContext", signer.FormatKeyID(id))
+			return fmt.Errorf("bench: key %s has no SignContext", link.FormatKeyID(id))
 		}
 		op = func(ctx context.Context, w int) error {
 			_, err := cs.SignContext(ctx, ins[w].digest, ins[w].alg.SignerOpts())

@@ -21,25 +21,9 @@ import (
 	"strings"
 	"time"
 
+	"github.com/keyless-tls/keyless/link"
 	"github.com/keyless-tls/keyless/signer"
-)
-
-// Cipher suites of the bench's TLS servers: the edge's (tlscore's
-// ecdheSuites, then its RSA key-exchange suites), so that baseline servers
-// and edges negotiate the same things.
-var (
-	ecdheSuites = []uint16{
-		tls.TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
-		tls.TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
-		tls.TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
-		tls.TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
-		tls.TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256,
-		tls.TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305_SHA256,
-	}
-	rsaKexSuites = []uint16{
-		tls.TLS_RSA_WITH_AES_128_GCM_SHA256,
-		tls.TLS_RSA_WITH_AES_256_GCM_SHA384,
-	}
+	"github.com/keyless-tls/keyless/tlscore"
 )
 
 // Host names of the bench's web certificates.
@@ -85,13 +69,13 @@ func runTLSServer(ctx context.Context, args []string, stdin io.Reader, stdout, s
 		}
 		defer m.Close()
 		find = func(_ string, leaf *x509.Certificate) (crypto.Signer, []tls.SignatureScheme, error) {
-			id, err := signer.KeyIDOf(leaf.PublicKey)
+			id, err := link.KeyIDOf(leaf.PublicKey)
 			if err != nil {
 				return nil, nil, err
 			}
 			k, err := m.Key(ctx, id)
 			if err != nil || k == nil {
-				return nil, nil, fmt.Errorf("bench: no key %s on the token (%v)", signer.FormatKeyID(id), err)
+				return nil, nil, fmt.Errorf("bench: no key %s on the token (%v)", link.FormatKeyID(id), err)
 			}
 			return hsmTLSKey(k), tlsSchemes(signer.Schemes(k)), nil
 		}
@@ -117,7 +101,7 @@ func runTLSServer(ctx context.Context, args []string, stdin io.Reader, stdout, s
 	}
 	cfg := &tls.Config{
 		MinVersion:   tls.VersionTLS12,
-		CipherSuites: append(slices.Clone(ecdheSuites), rsaKexSuites...),
+		CipherSuites: tlscore.CipherSuites(true),
 		NextProtos:   []string{"h2", "http/1.1"},
 		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 			if c, ok := byName[strings.ToLower(hello.ServerName)]; ok {
@@ -212,7 +196,7 @@ type hsmDecrypter struct {
 // Decrypt implements crypto.Decrypter for TLS premaster decryption only.
 func (k *hsmDecrypter) Decrypt(_ io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
 	o, ok := opts.(*rsa.PKCS1v15DecryptOptions)
-	if !ok || o == nil || o.SessionKeyLen != signer.PremasterLen {
+	if !ok || o == nil || o.SessionKeyLen != link.PremasterLen {
 		return nil, fmt.Errorf("bench: only TLS premaster decryption is supported")
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

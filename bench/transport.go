@@ -11,12 +11,10 @@ import (
 	"net"
 	"sync"
 
+	"github.com/keyless-tls/keyless/link"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/encoding"
-
-	"github.com/keyless-tls/keyless/signer"
-	"github.com/keyless-tls/keyless/tlscore"
 )
 
 // The "transport" mode is an experiment, not part of "run": it measures
@@ -182,13 +180,13 @@ func runTransport(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	fs.SetOutput(stderr)
 	var (
 		lf     loadFlags
-		link   linkFlags
+		lnk    linkFlags
 		scert  = fs.String("server-cert", "", "PEM certificate of the experiment's server (required)")
 		skey   = fs.String("server-key", "", "PEM key of -server-cert (required)")
 		stream = fs.Bool("stream", false, "one bidirectional stream with batching instead of unary calls")
 	)
 	lf.register(fs)
-	link.register(fs)
+	lnk.register(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -196,12 +194,12 @@ func runTransport(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err != nil {
 		return err
 	}
-	clientTLS, err := link.tlsConfig()
+	clientTLS, err := lnk.tlsConfig()
 	if err != nil {
 		return err
 	}
 	srvTLS := &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAnyClientCert}
-	gs := grpc.NewServer(append(signer.ServerOptions(), grpc.Creds(credentials.NewTLS(srvTLS)), grpc.ForceServerCodec(rawCodec{}))...)
+	gs := grpc.NewServer(append(link.ServerOptions(), grpc.Creds(credentials.NewTLS(srvTLS)), grpc.ForceServerCodec(rawCodec{}))...)
 	gs.RegisterService(&expServiceDesc, nil)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -210,7 +208,7 @@ func runTransport(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	go gs.Serve(ln)
 	defer gs.Stop()
 	conn, err := grpc.NewClient("passthrough:///"+ln.Addr().String(),
-		append(tlscore.LinkDialOptions(), grpc.WithTransportCredentials(credentials.NewTLS(clientTLS)), grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})))...)
+		append(link.DialOptions(), grpc.WithTransportCredentials(credentials.NewTLS(clientTLS)), grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})))...)
 	if err != nil {
 		return err
 	}

@@ -26,6 +26,7 @@ import (
 
 	"github.com/keyless-tls/keyless/hsm"
 	"github.com/keyless-tls/keyless/hsm/hsmtest"
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 	"github.com/keyless-tls/keyless/signer"
 	"github.com/keyless-tls/keyless/tlscore"
@@ -135,11 +136,11 @@ func startChain(t *testing.T) (*chain, error) {
 	issue("ecdsa.pem", p256Pub, nameECDSA)
 	issue("p384.pem", p384Pub, nameP384, "*.wild.e2e.test")
 	issue("ed25519.pem", edPub, nameEd25519)
-	link := newLinkPKIIn(t, dir)
-	c.link = link
+	lp := newLinkPKIIn(t, dir)
+	c.link = lp
 
 	// The keyserver, as keyserver serve builds it.
-	creds, err := tlscore.LoadMTLSCredentials(link.serverCert, link.serverKey, link.caFile)
+	creds, err := link.LoadMTLSCredentials(lp.serverCert, lp.serverKey, lp.caFile)
 	if err != nil {
 		return nil, err
 	}
@@ -154,7 +155,7 @@ func startChain(t *testing.T) (*chain, error) {
 	if err != nil {
 		return nil, err
 	}
-	gs := grpc.NewServer(append(signer.ServerOptions(), grpc.Creds(creds.ServerCredentials(svc.CheckPeer, nil)),
+	gs := grpc.NewServer(append(link.ServerOptions(), grpc.Creds(creds.ServerCredentials(svc.CheckPeer, nil)),
 		grpc.StatsHandler(svc.StatsHandler()))...)
 	keylessv1.RegisterKeylessServiceServer(gs, svc)
 	hs := health.NewServer()
@@ -180,7 +181,7 @@ func startChain(t *testing.T) (*chain, error) {
 	c.ksAddr = ksLn.Addr().String()
 
 	// The edge.
-	clientTLS, err := tlscore.ClientMTLSConfig(link.edgeCert, link.edgeKey, link.caFile, link.serverName)
+	clientTLS, err := link.ClientMTLSConfig(lp.edgeCert, lp.edgeKey, lp.caFile, lp.serverName)
 	if err != nil {
 		return nil, err
 	}
@@ -236,7 +237,7 @@ type stallingStore struct {
 	c *chain
 }
 
-func (s stallingStore) Key(ctx context.Context, id signer.KeyID) (crypto.Signer, error) {
+func (s stallingStore) Key(ctx context.Context, id link.KeyID) (crypto.Signer, error) {
 	if s.c.stall.Load() {
 		<-ctx.Done()
 		return nil, ctx.Err()

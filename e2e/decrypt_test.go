@@ -12,9 +12,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
-	"github.com/keyless-tls/keyless/signer"
-	"github.com/keyless-tls/keyless/tlscore"
 )
 
 // TestDecryptThroughAPI sends premaster ciphertexts of every kind straight
@@ -27,7 +26,7 @@ import (
 // premaster.
 func TestDecryptThroughAPI(t *testing.T) {
 	c := sharedChain(t)
-	clientTLS, err := tlscore.ClientMTLSConfig(c.link.edgeCert, c.link.edgeKey, c.link.caFile, c.link.serverName)
+	clientTLS, err := link.ClientMTLSConfig(c.link.edgeCert, c.link.edgeKey, c.link.caFile, c.link.serverName)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -38,7 +37,7 @@ func TestDecryptThroughAPI(t *testing.T) {
 	defer conn.Close()
 	client := keylessv1.NewKeylessServiceClient(conn)
 	pub := c.rsaPub
-	id, _ := signer.KeyIDOf(pub)
+	id, _ := link.KeyIDOf(pub)
 
 	premaster := make([]byte, 48)
 	rand.Read(premaster)

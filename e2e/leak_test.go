@@ -15,8 +15,8 @@ import (
 
 	"google.golang.org/grpc/status"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
-	"github.com/keyless-tls/keyless/tlscore"
 )
 
 // TestNoSecretsLeak runs a whole deployment (keyserver, edge and origin as
@@ -49,7 +49,7 @@ func TestNoSecretsLeak(t *testing.T) {
 	}
 
 	// Requests with known secrets, straight to the keyserver, as the edge.
-	cfg, err := tlscore.ClientMTLSConfig(d.link.edgeCert, d.link.edgeKey, d.link.caFile, d.link.serverName)
+	cfg, err := link.ClientMTLSConfig(d.link.edgeCert, d.link.edgeKey, d.link.caFile, d.link.serverName)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -30,9 +30,9 @@ import (
 
 	"github.com/keyless-tls/keyless/hsm"
 	"github.com/keyless-tls/keyless/hsm/hsmtest"
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 	"github.com/keyless-tls/keyless/signer"
-	"github.com/keyless-tls/keyless/tlscore"
 )
 
 // Identities of the security tests' edges.
@@ -128,11 +128,11 @@ func startSecKeyserver(t testing.TB) *secKeyserver {
 	if err != nil {
 		t.Fatal(err)
 	}
-	creds, err := tlscore.LoadMTLSCredentials(ks.link.serverCert, ks.link.serverKey, ks.link.caFile)
+	creds, err := link.LoadMTLSCredentials(ks.link.serverCert, ks.link.serverKey, ks.link.caFile)
 	if err != nil {
 		t.Fatal(err)
 	}
-	gs := grpc.NewServer(append(signer.ServerOptions(),
+	gs := grpc.NewServer(append(link.ServerOptions(),
 		grpc.Creds(creds.ServerCredentials(ks.svc.CheckPeer, logger.Named("mtls"))),
 		grpc.StatsHandler(ks.svc.StatsHandler()),
 	)...)
@@ -193,13 +193,13 @@ type stallStore struct {
 }
 
 func (s stallStore) wrap(k crypto.Signer) crypto.Signer {
-	if k == nil || signer.KeyTypeOf(k.Public()) != keylessv1.KeyType_KEY_TYPE_ECDSA {
+	if k == nil || link.KeyTypeOf(k.Public()) != keylessv1.KeyType_KEY_TYPE_ECDSA {
 		return k
 	}
 	return stallKey{k.(hsmKey), s.stall}
 }
 
-func (s stallStore) Key(ctx context.Context, id signer.KeyID) (crypto.Signer, error) {
+func (s stallStore) Key(ctx context.Context, id link.KeyID) (crypto.Signer, error) {
 	k, err := s.Module.Key(ctx, id)
 	return s.wrap(k), err
 }
@@ -299,7 +299,7 @@ func (ks *secKeyserver) waitAudit(t testing.TB, n int) {
 
 func keyIDOf(t testing.TB, pub crypto.PublicKey) []byte {
 	t.Helper()
-	id, err := signer.KeyIDOf(pub)
+	id, err := link.KeyIDOf(pub)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -394,7 +394,7 @@ func TestSecurityMatrix(t *testing.T) {
 			codes.InvalidArgument, "not supported by this key on this keyserver", secEdgeLegacy, "sign", "legacy", rsaID},
 		{"decrypt not enabled", func() error { _, err := decrypt(b, rsaID, validCT); return err },
 			codes.PermissionDenied, `rule "b-rsa" does not allow decrypt`, secEdgeB, "decrypt", "b-rsa", rsaID},
-		{"oversize request", func() error { _, err := decrypt(a, rsaID, make([]byte, signer.MaxRequestSize+1)); return err },
+		{"oversize request", func() error { _, err := decrypt(a, rsaID, make([]byte, link.MaxRequestSize+1)); return err },
 			codes.ResourceExhausted, "larger than max", secEdgeA, "decrypt", "", nil},
 		{"malformed request", func() error { _, err := sign(a, rsaID, pss, digest[:20]); return err },
 			codes.InvalidArgument, "invalid digest", secEdgeA, "sign", "", rsaID},

@@ -7,14 +7,13 @@ import (
 	"crypto/ed25519"
 	"crypto/elliptic"
 	"crypto/rsa"
-	"crypto/sha256"
-	"crypto/x509"
 	"encoding/asn1"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"math/big"
 
+	"github.com/keyless-tls/keyless/link"
 	"github.com/miekg/pkcs11"
 )
 
@@ -268,16 +267,6 @@ func isEd25519Params(params []byte) bool {
 	return false
 }
 
-// keyIDOf returns the key id of a public key: the SHA-256 of its
-// SubjectPublicKeyInfo.
-func keyIDOf(pub crypto.PublicKey) ([32]byte, error) {
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return [32]byte{}, err
-	}
-	return sha256.Sum256(der), nil
-}
-
 // loadKey turns a private key object into one of the module's key types.
 // A *skipError means the key is not served, for the reason it gives.
 func (m *Module) loadKey(sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, c11 c11Context, gen uint64) (crypto.Signer, error) {
@@ -304,7 +293,7 @@ func (m *Module) loadKey(sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, c11 c11
 		}
 		return nil, err
 	}
-	keyID, err := keyIDOf(pub)
+	keyID, err := link.KeyIDOf(pub)
 	if err != nil {
 		return nil, skipf("public key of private key (%s): %v", pi.describe(), err)
 	}

@@ -25,6 +25,7 @@ import (
 	"github.com/miekg/pkcs11"
 
 	"github.com/keyless-tls/keyless/hsm"
+	"github.com/keyless-tls/keyless/link"
 	"github.com/keyless-tls/keyless/signer"
 )
 
@@ -219,7 +220,7 @@ func TestKeyTypes(t *testing.T) {
 			if _, ok := k.(signer.Describer); !ok {
 				t.Error("key is not a signer.Describer")
 			}
-			if signer.KeyTypeOf(k.Public()) == 0 {
+			if link.KeyTypeOf(k.Public()) == 0 {
 				t.Errorf("Public() is a %T", k.Public())
 			}
 		})
@@ -487,8 +488,8 @@ func TestKeyIDIsSPKIHash(t *testing.T) {
 	f := mustFixture(t)
 	k := f.key(t, labelP256)
 	id := keyIDOf(t, k.Public())
-	if got, err := signer.KeyIDOf(k.Public()); err != nil || got != id {
-		t.Errorf("signer.KeyIDOf = %x, %v; want %x", got, err, id)
+	if got, err := link.KeyIDOf(k.Public()); err != nil || got != id {
+		t.Errorf("link.KeyIDOf = %x, %v; want %x", got, err, id)
 	}
 	other, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if k, _ := f.m.Key(testContext(t), keyIDOf(t, other.Public())); k != nil {

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/status"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -43,7 +44,7 @@ type AuditRecord struct {
 	// Scheme is a Sign request's signature scheme, as a policy names it.
 	Scheme string `json:"scheme"`
 	// ServerName, ClientAddress and ConnectionID are the request's
-	// RequestContext, as the edge reported it (at most MaxContextFieldLen
+	// RequestContext, as the edge reported it (at most link.MaxContextFieldLen
 	// bytes each).
 	ServerName    string `json:"server_name"`
 	ClientAddress string `json:"client_address"`
@@ -391,9 +392,9 @@ func (s *Service) record(ctx context.Context, c *call, err error, end time.Time)
 		KeyID:         c.keyID,
 		Op:            c.op,
 		Scheme:        c.scheme,
-		ServerName:    truncate(c.ctx.GetServerName(), MaxContextFieldLen),
-		ClientAddress: truncate(c.ctx.GetClientAddress(), MaxContextFieldLen),
-		ConnectionID:  truncate(c.ctx.GetConnectionId(), MaxContextFieldLen),
+		ServerName:    link.ContextField(c.ctx.GetServerName()),
+		ClientAddress: link.ContextField(c.ctx.GetClientAddress()),
+		ConnectionID:  link.ContextField(c.ctx.GetConnectionId()),
 		EdgeAddress:   c.edgeAddress,
 		Outcome:       st.Code().String(),
 		Error:         st.Message(),
@@ -410,13 +411,6 @@ func (s *Service) record(ctx context.Context, c *call, err error, end time.Time)
 		s.logger.Info("audit trail writable again: key operations resume")
 	}
 	return nil
-}
-
-func truncate(s string, n int) string {
-	if len(s) > n {
-		return s[:n]
-	}
-	return s
 }
 
 // StatsHandler returns the gRPC stats handler that completes the audit

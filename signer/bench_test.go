@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/test/bufconn"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -50,7 +51,7 @@ func newBenchClient(b *testing.B, opts ...grpc.ServerOption) keylessv1.KeylessSe
 	b.Helper()
 	svc := newBenchService(b)
 	lis := bufconn.Listen(1 << 20)
-	opts = append(append(ServerOptions(), grpc.Creds(credentials.NewTLS(thePKI().serverTLS())),
+	opts = append(append(link.ServerOptions(), grpc.Creds(credentials.NewTLS(thePKI().serverTLS())),
 		grpc.StatsHandler(svc.StatsHandler())), opts...)
 	srv := grpc.NewServer(opts...)
 	keylessv1.RegisterKeylessServiceServer(srv, svc)

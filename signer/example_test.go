@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 	"github.com/keyless-tls/keyless/signer"
 )
@@ -63,7 +64,7 @@ rules:
 		log.Fatal(err)
 	}
 
-	srv := grpc.NewServer(append(signer.ServerOptions(), grpc.StatsHandler(svc.StatsHandler()))...)
+	srv := grpc.NewServer(append(link.ServerOptions(), grpc.StatsHandler(svc.StatsHandler()))...)
 	keylessv1.RegisterKeylessServiceServer(srv, svc)
 	hs := health.NewServer()
 	healthpb.RegisterHealthServer(srv, hs)

@@ -17,6 +17,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/keyless-tls/keyless/link"
 )
 
 // defaultTestTimeout bounds every call that could hang if the code under
@@ -116,9 +118,9 @@ func allTestKeys() []testKey {
 // mustKeyID returns the key id of pub as the bytes a request carries.
 func mustKeyID(tb testing.TB, pub crypto.PublicKey) []byte {
 	tb.Helper()
-	id, err := KeyIDOf(pub)
+	id, err := link.KeyIDOf(pub)
 	if err != nil {
-		tb.Fatalf("KeyIDOf(%T) = %v", pub, err)
+		tb.Fatalf("link.KeyIDOf(%T) = %v", pub, err)
 	}
 	return id[:]
 }
@@ -139,7 +141,7 @@ func newTestMemoryStore(tb testing.TB) *MemoryStore {
 
 // verifySignature checks sig the way a TLS client would, with the scheme's
 // exact parameters (for PSS, a salt as long as the hash).
-func verifySignature(pub crypto.PublicKey, alg Algorithm, digest, sig []byte) error {
+func verifySignature(pub crypto.PublicKey, alg link.Algorithm, digest, sig []byte) error {
 	switch pub := pub.(type) {
 	case *rsa.PublicKey:
 		if alg.PSS {
@@ -175,12 +177,12 @@ var (
 	_ Checker  = (*testStore)(nil)
 )
 
-func (s *testStore) Key(_ context.Context, id KeyID) (crypto.Signer, error) {
+func (s *testStore) Key(_ context.Context, id link.KeyID) (crypto.Signer, error) {
 	if s.err != nil {
 		return nil, s.err
 	}
 	for _, k := range s.keys {
-		if kid, err := KeyIDOf(k.Public()); err == nil && kid == id {
+		if kid, err := link.KeyIDOf(k.Public()); err == nil && kid == id {
 			return k, nil
 		}
 	}
@@ -205,7 +207,7 @@ func (s *testStore) Check(context.Context) error {
 // end and return its error, as a store waiting for a busy HSM does.
 type ctxStore struct{}
 
-func (ctxStore) Key(ctx context.Context, _ KeyID) (crypto.Signer, error) {
+func (ctxStore) Key(ctx context.Context, _ link.KeyID) (crypto.Signer, error) {
 	<-ctx.Done()
 	return nil, ctx.Err()
 }

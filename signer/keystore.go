@@ -3,43 +3,11 @@ package signer
 import (
 	"context"
 	"crypto"
-	"crypto/sha256"
 	"crypto/tls"
-	"crypto/x509"
-	"encoding/hex"
-	"fmt"
 
 	"github.com/keyless-tls/keyless/internal/premaster"
+	"github.com/keyless-tls/keyless/link"
 )
-
-// KeyID names a key: the SHA-256 digest of the DER encoding of its X.509
-// SubjectPublicKeyInfo. It is an alias so that key stores need not import
-// this package to satisfy [KeyStore].
-type KeyID = [sha256.Size]byte
-
-// KeyIDOf returns the key id of a public key.
-func KeyIDOf(pub crypto.PublicKey) (KeyID, error) {
-	der, err := x509.MarshalPKIXPublicKey(pub)
-	if err != nil {
-		return KeyID{}, fmt.Errorf("signer: key id: %w", err)
-	}
-	return sha256.Sum256(der), nil
-}
-
-// FormatKeyID returns the lower-case hex form of a key id, as logs and the
-// command line show it.
-func FormatKeyID(id KeyID) string { return hex.EncodeToString(id[:]) }
-
-// ParseKeyID parses the hex form of a key id.
-func ParseKeyID(s string) (KeyID, error) {
-	var id KeyID
-	b, err := hex.DecodeString(s)
-	if err != nil || len(b) != len(id) {
-		return id, fmt.Errorf("signer: key id %q is not %d hex-encoded bytes", s, len(id))
-	}
-	copy(id[:], b)
-	return id, nil
-}
 
 // KeyStore is where the keyserver finds its keys. Its keys are
 // [crypto.Signer] values that may also implement [ContextSigner],
@@ -55,7 +23,7 @@ func ParseKeyID(s string) (KeyID, error) {
 // Unavailable); an unknown key is not an error.
 type KeyStore interface {
 	// Key returns the key whose id is id, or (nil, nil) if there is none.
-	Key(ctx context.Context, id KeyID) (crypto.Signer, error)
+	Key(ctx context.Context, id link.KeyID) (crypto.Signer, error)
 	// Keys returns every key in the store.
 	Keys(ctx context.Context) ([]crypto.Signer, error)
 }
@@ -87,7 +55,7 @@ type PremasterDecrypter interface {
 
 // SchemeLister is a key that can perform only some of the schemes its type
 // allows, as an HSM that lacks a mechanism. Keys that are not SchemeListers
-// are taken to support [DefaultSchemes].
+// are taken to support [link.DefaultSchemes].
 type SchemeLister interface {
 	SignatureSchemes() []tls.SignatureScheme
 }
@@ -110,9 +78,6 @@ const PremasterRejectionMessage = premaster.SecretMessage
 func PremasterRejection(secret, ciphertext []byte) []byte {
 	return premaster.Rejection(secret, ciphertext)
 }
-
-// PremasterLen is the length of a TLS 1.2 premaster secret.
-const PremasterLen = premaster.Len
 
 // Checker is a key store that can tell whether it is usable, as an HSM
 // that may be unplugged. [WatchHealth] polls it.

@@ -9,12 +9,13 @@ import (
 	"fmt"
 
 	"github.com/keyless-tls/keyless/internal/premaster"
+	"github.com/keyless-tls/keyless/link"
 )
 
 // MemoryStore is a [KeyStore] of in-memory private keys, for tests and
 // examples. It is immutable after construction and safe for concurrent use.
 type MemoryStore struct {
-	keys map[KeyID]crypto.Signer
+	keys map[link.KeyID]crypto.Signer
 	list []crypto.Signer
 }
 
@@ -24,7 +25,7 @@ var _ KeyStore = (*MemoryStore)(nil)
 // *rsa.PrivateKey, *ecdsa.PrivateKey or ed25519.PrivateKey. RSA keys can
 // decrypt premaster secrets.
 func NewMemoryStore(keys ...crypto.Signer) (*MemoryStore, error) {
-	s := &MemoryStore{keys: make(map[KeyID]crypto.Signer)}
+	s := &MemoryStore{keys: make(map[link.KeyID]crypto.Signer)}
 	for _, k := range keys {
 		var key crypto.Signer
 		switch k := k.(type) {
@@ -39,7 +40,7 @@ func NewMemoryStore(keys ...crypto.Signer) (*MemoryStore, error) {
 		default:
 			return nil, fmt.Errorf("signer: memory store: unsupported key type %T", k)
 		}
-		id, err := KeyIDOf(k.Public())
+		id, err := link.KeyIDOf(k.Public())
 		if err != nil {
 			return nil, err
 		}
@@ -50,7 +51,7 @@ func NewMemoryStore(keys ...crypto.Signer) (*MemoryStore, error) {
 }
 
 // Key implements [KeyStore].
-func (s *MemoryStore) Key(_ context.Context, id KeyID) (crypto.Signer, error) {
+func (s *MemoryStore) Key(_ context.Context, id link.KeyID) (crypto.Signer, error) {
 	return s.keys[id], nil
 }
 

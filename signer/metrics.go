@@ -11,6 +11,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -115,11 +116,11 @@ func (m *Metrics) Audit(rec *AuditRecord) error {
 func (m *Metrics) SetKeys(keys []crypto.Signer) {
 	names := make(map[string]string, len(keys))
 	for _, k := range keys {
-		id, err := KeyIDOf(k.Public())
+		id, err := link.KeyIDOf(k.Public())
 		if err != nil {
 			continue
 		}
-		hexID := FormatKeyID(id)
+		hexID := link.FormatKeyID(id)
 		name := hexID
 		if d, ok := k.(Describer); ok && d.Label() != "" {
 			name = d.Label()

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/keyless-tls/keyless/link"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 )
@@ -29,15 +30,15 @@ rules:
 	if err != nil {
 		t.Fatal(err)
 	}
-	id, _ := KeyIDOf(key.Public())
+	id, _ := link.KeyIDOf(key.Public())
 	m.SetKeys([]crypto.Signer{key})
 	recs := []*AuditRecord{
-		{Identity: "spiffe://x/edge/1", KeyID: FormatKeyID(id), Op: OpSign, Scheme: "ecdsa_sha256", Outcome: "OK", LatencyUS: 900},
+		{Identity: "spiffe://x/edge/1", KeyID: link.FormatKeyID(id), Op: OpSign, Scheme: "ecdsa_sha256", Outcome: "OK", LatencyUS: 900},
 		{Identity: "spiffe://x/lonely", KeyID: strings.Repeat("ab", 32), Op: OpSign, Outcome: "NotFound"},
 		{Identity: "spiffe://x/intruder", Op: OpSign, Outcome: "PermissionDenied"},
 		// Schemes the API does not define share one series.
-		{Identity: "spiffe://x/edge/1", KeyID: FormatKeyID(id), Op: OpSign, Scheme: "77", Outcome: "InvalidArgument"},
-		{Identity: "spiffe://x/edge/1", KeyID: FormatKeyID(id), Op: OpSign, Scheme: "78", Outcome: "InvalidArgument"},
+		{Identity: "spiffe://x/edge/1", KeyID: link.FormatKeyID(id), Op: OpSign, Scheme: "77", Outcome: "InvalidArgument"},
+		{Identity: "spiffe://x/edge/1", KeyID: link.FormatKeyID(id), Op: OpSign, Scheme: "78", Outcome: "InvalidArgument"},
 	}
 	for _, r := range recs {
 		if err := m.Audit(r); err != nil {
@@ -45,7 +46,7 @@ rules:
 		}
 	}
 	for _, tt := range []struct{ key, outcome, group string }{
-		{FormatKeyID(id), "OK", "edges"},
+		{link.FormatKeyID(id), "OK", "edges"},
 		{"unknown", "NotFound", "none"},
 		{"unknown", "PermissionDenied", "unlisted"},
 	} {
@@ -57,7 +58,7 @@ rules:
 			t.Errorf("operations_total{key=%q,outcome=%q,identity_group=%q} = %v, want 1", tt.key, tt.outcome, tt.group, got)
 		}
 	}
-	if got := testutil.ToFloat64(m.ops.WithLabelValues(OpSign, FormatKeyID(id), "unknown", "InvalidArgument", "edges")); got != 2 {
+	if got := testutil.ToFloat64(m.ops.WithLabelValues(OpSign, link.FormatKeyID(id), "unknown", "InvalidArgument", "edges")); got != 2 {
 		t.Errorf("operations_total{scheme=\"unknown\"} = %v, want 2", got)
 	}
 	if got := testutil.ToFloat64(m.keysLoaded); got != 1 {

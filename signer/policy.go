@@ -19,6 +19,8 @@ import (
 
 	"go.yaml.in/yaml/v3"
 
+	"github.com/keyless-tls/keyless/internal/hostname"
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -52,7 +54,7 @@ type Policy struct {
 	identityGroups map[string]string
 	// certs maps key ids to the normalized DNS names of their certificates,
 	// for cert: patterns; see [Policy.WithCertificates].
-	certs map[KeyID][]string
+	certs map[link.KeyID][]string
 }
 
 type policyRule struct {
@@ -77,7 +79,7 @@ type policyQuota struct {
 type keyPattern struct {
 	text  string // as written, for messages
 	kind  string // "*", "id", "label" or "cert"
-	id    KeyID
+	id    link.KeyID
 	value string // the label, or the normalized certificate name pattern
 }
 
@@ -463,14 +465,12 @@ func parseIdentity(s string) (string, error) {
 	if strings.Contains(s, ":") || strings.Contains(s, "/") {
 		return "", fmt.Errorf("identity %q is neither a DNS name nor a URI (scheme://host/...); for a group write group:NAME", s)
 	}
-	n := normalizeDNSName(s)
+	n := hostname.Normalize(s)
 	if n == "" || strings.HasPrefix(n, ".") || strings.Contains(n, "..") {
 		return "", fmt.Errorf("identity %q is not a DNS name", s)
 	}
 	return n, nil
 }
-
-func normalizeDNSName(s string) string { return strings.ToLower(strings.TrimSuffix(s, ".")) }
 
 func parseKeyPattern(s string) (keyPattern, error) {
 	if s == "*" {
@@ -483,7 +483,7 @@ func parseKeyPattern(s string) (keyPattern, error) {
 	kp := keyPattern{text: s, kind: kind}
 	switch kind {
 	case "id":
-		id, err := ParseKeyID(strings.ToLower(v))
+		id, err := link.ParseKeyID(strings.ToLower(v))
 		if err != nil {
 			return kp, fmt.Errorf("%q: a key id is the 64 hex digits that \"keyserver keys list\" shows", s)
 		}
@@ -494,18 +494,10 @@ func parseKeyPattern(s string) (keyPattern, error) {
 		}
 		kp.value = v
 	case "cert":
-		n := normalizeDNSName(v)
-		rest, wild := strings.CutPrefix(strings.ToLower(v), "*.")
-		rest = strings.TrimSuffix(rest, ".")
-		switch {
-		case n == "":
-			return kp, fmt.Errorf("%q: the certificate name is empty", s)
-		case wild && rest == "":
-			return kp, fmt.Errorf("%q: nothing follows the wildcard", s)
-		case strings.Contains(rest, "*"):
-			return kp, fmt.Errorf("%q: a wildcard may only be the whole first label, as in cert:*.example.com", s)
+		if err := hostname.CheckPattern(v); err != nil {
+			return kp, fmt.Errorf("%q: certificate name: %w", s, err)
 		}
-		kp.value = n
+		kp.value = hostname.Normalize(v)
 	default:
 		return kp, fmt.Errorf("%q: unknown kind %q; want id:, label:, cert: or \"*\"", s, kind)
 	}
@@ -537,7 +529,7 @@ func parseSchemes(s string) ([]keylessv1.SignatureAlgorithm, error) {
 	name := strings.ToLower(s)
 	if name == "default" {
 		var out []keylessv1.SignatureAlgorithm
-		for _, a := range algorithms {
+		for _, a := range link.Algorithms() {
 			if !a.Legacy {
 				out = append(out, a.Wire)
 			}
@@ -547,7 +539,7 @@ func parseSchemes(s string) ([]keylessv1.SignatureAlgorithm, error) {
 	if alias, ok := schemeAliases[name]; ok {
 		name = alias
 	}
-	for _, a := range algorithms {
+	for _, a := range link.Algorithms() {
 		if SchemeName(a.Wire) == name {
 			return []keylessv1.SignatureAlgorithm{a.Wire}, nil
 		}
@@ -556,7 +548,7 @@ func parseSchemes(s string) ([]keylessv1.SignatureAlgorithm, error) {
 		return nil, fmt.Errorf("%q: MD5-SHA1 signatures exist only in TLS 1.0 and 1.1, which edges do not speak; the keyserver has no such operation", s)
 	}
 	var names []string
-	for _, a := range algorithms {
+	for _, a := range link.Algorithms() {
 		names = append(names, SchemeName(a.Wire))
 	}
 	return nil, fmt.Errorf("%q is not a signature scheme; want default or one of %s", s, strings.Join(names, ", "))
@@ -566,12 +558,12 @@ func parseSchemes(s string) ([]keylessv1.SignatureAlgorithm, error) {
 // the keys of the given certificates: names maps a key id to the DNS names
 // of the certificates that use the key. Without it, cert: patterns match
 // nothing. Names are compared case-insensitively, without a trailing dot.
-func (p *Policy) WithCertificates(names map[KeyID][]string) *Policy {
+func (p *Policy) WithCertificates(names map[link.KeyID][]string) *Policy {
 	q := *p
-	q.certs = make(map[KeyID][]string, len(names))
+	q.certs = make(map[link.KeyID][]string, len(names))
 	for id, list := range names {
 		for _, n := range list {
-			if n = normalizeDNSName(n); n != "" && !slices.Contains(q.certs[id], n) {
+			if n = hostname.Normalize(n); n != "" && !slices.Contains(q.certs[id], n) {
 				q.certs[id] = append(q.certs[id], n)
 			}
 		}
@@ -600,7 +592,7 @@ func CertificateNames(cert *x509.Certificate) []string {
 	}
 	for _, d := range cert.DNSNames {
 		if !strings.ContainsAny(d, ":/") {
-			names = append(names, normalizeDNSName(d))
+			names = append(names, hostname.Normalize(d))
 		}
 	}
 	return names
@@ -631,11 +623,11 @@ func (p *Policy) Identities() []string {
 
 // keyRef is what the policy knows of a key.
 type keyRef struct {
-	id    KeyID
+	id    link.KeyID
 	label string
 }
 
-func refOf(id KeyID, key crypto.Signer) keyRef {
+func refOf(id link.KeyID, key crypto.Signer) keyRef {
 	r := keyRef{id: id}
 	if d, ok := key.(Describer); ok {
 		r.label = d.Label()
@@ -653,28 +645,12 @@ func (p *Policy) matchKey(kp keyPattern, k keyRef) bool {
 		return k.label != "" && kp.value == k.label
 	case "cert":
 		for _, n := range p.certs[k.id] {
-			if matchCertName(kp.value, n) {
+			if hostname.Match(kp.value, n) {
 				return true
 			}
 		}
 	}
 	return false
-}
-
-// matchCertName reports whether a certificate name matches a pattern, both
-// normalized: "*.example.com" matches "a.example.com" and the wildcard
-// certificate name "*.example.com" itself, but neither "example.com" nor
-// "a.b.example.com"; any other pattern matches only the same name.
-func matchCertName(pattern, name string) bool {
-	if pattern == name {
-		return true
-	}
-	suffix, ok := strings.CutPrefix(pattern, "*.")
-	if !ok {
-		return false
-	}
-	label, rest, found := strings.Cut(name, ".")
-	return found && label != "" && label != "*" && rest == suffix
 }
 
 // rulesFor returns the rules that name identity and match key, in file
@@ -699,10 +675,10 @@ func (p *Policy) rulesFor(identity string, k keyRef) []*policyRule {
 // with key k. It returns the name of the rule that allows it, or a
 // *PermissionError naming the rule that applied (the first rule for this
 // identity and key), or saying that no rule covers the key.
-func (p *Policy) authorize(identity string, k keyRef, op string, alg Algorithm) (string, error) {
+func (p *Policy) authorize(identity string, k keyRef, op string, alg link.Algorithm) (string, error) {
 	rules := p.rulesFor(identity, k)
 	if len(rules) == 0 {
-		return "", &PermissionError{Identity: identity, Reason: fmt.Sprintf("no rule allows identity %q to use key %s", identity, FormatKeyID(k.id))}
+		return "", &PermissionError{Identity: identity, Reason: fmt.Sprintf("no rule allows identity %q to use key %s", identity, link.FormatKeyID(k.id))}
 	}
 	for _, r := range rules {
 		switch {
@@ -714,7 +690,7 @@ func (p *Policy) authorize(identity string, k keyRef, op string, alg Algorithm) 
 	}
 	if op == OpDecrypt {
 		return rules[0].name, &PermissionError{Identity: identity, Rule: rules[0].name,
-			Reason: fmt.Sprintf("%s not allow decrypt with key %s (premaster decryption must be named in operations)", ruleNames(rules), FormatKeyID(k.id))}
+			Reason: fmt.Sprintf("%s not allow decrypt with key %s (premaster decryption must be named in operations)", ruleNames(rules), link.FormatKeyID(k.id))}
 	}
 	var signers []*policyRule
 	for _, r := range rules {
@@ -724,9 +700,9 @@ func (p *Policy) authorize(identity string, k keyRef, op string, alg Algorithm) 
 	}
 	if len(signers) == 0 {
 		return rules[0].name, &PermissionError{Identity: identity, Rule: rules[0].name,
-			Reason: fmt.Sprintf("%s not allow sign with key %s", ruleNames(rules), FormatKeyID(k.id))}
+			Reason: fmt.Sprintf("%s not allow sign with key %s", ruleNames(rules), link.FormatKeyID(k.id))}
 	}
-	reason := fmt.Sprintf("%s not allow scheme %s with key %s", ruleNames(signers), SchemeName(alg.Wire), FormatKeyID(k.id))
+	reason := fmt.Sprintf("%s not allow scheme %s with key %s", ruleNames(signers), SchemeName(alg.Wire), link.FormatKeyID(k.id))
 	if alg.Legacy {
 		reason += " (SHA-1 schemes are allowed only where a rule names them)"
 	}
@@ -790,7 +766,7 @@ func (p *Policy) Lint(keys []crypto.Signer) []string {
 	var warnings []string
 	refs := make([]keyRef, 0, len(keys))
 	for _, k := range keys {
-		if id, err := KeyIDOf(k.Public()); err == nil {
+		if id, err := link.KeyIDOf(k.Public()); err == nil {
 			refs = append(refs, refOf(id, k))
 		}
 	}
@@ -834,8 +810,8 @@ func (p *Policy) String() string {
 // hexKeyID returns the hex form of a 32-byte key id, or "" for anything
 // else.
 func hexKeyID(b []byte) string {
-	var buf [2 * len(KeyID{})]byte
-	if len(b) != len(KeyID{}) {
+	var buf [2 * len(link.KeyID{})]byte
+	if len(b) != len(link.KeyID{}) {
 		return ""
 	}
 	hex.Encode(buf[:], b)

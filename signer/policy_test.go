@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -49,7 +50,7 @@ func TestParsePolicy(t *testing.T) {
 	if r.name != "eu-web" || r.line != 5 || !r.sign || !r.decrypt || len(r.keys) != 2 || len(r.identities) != 2 {
 		t.Errorf("rules[0] = %+v", r)
 	}
-	for _, a := range algorithms {
+	for _, a := range link.Algorithms() {
 		if r.schemes[a.Wire] == a.Legacy {
 			t.Errorf("schemes [default]: %v allowed = %t", a, r.schemes[a.Wire])
 		}
@@ -106,7 +107,7 @@ func TestParsePolicyErrors(t *testing.T) {
 		{"key id short", rule(strings.Replace(ok, `"*"`, "id:3f2a", 1)), []string{"keys[0]", "64 hex digits"}},
 		{"key id not hex", rule(strings.Replace(ok, `"*"`, "id:"+strings.Repeat("zz", 32), 1)), []string{"keys[0]", "64 hex digits"}},
 		{"key label empty", rule(strings.Replace(ok, `"*"`, "\"label:\"", 1)), []string{"keys[0]", "label is empty"}},
-		{"key cert empty", rule(strings.Replace(ok, `"*"`, "\"cert:\"", 1)), []string{"keys[0]", "certificate name is empty"}},
+		{"key cert empty", rule(strings.Replace(ok, `"*"`, "\"cert:\"", 1)), []string{"keys[0]", "the name is empty"}},
 		{"key cert bare wildcard", rule(strings.Replace(ok, `"*"`, "\"cert:*.\"", 1)), []string{"keys[0]", "nothing follows the wildcard"}},
 		{"key cert inner wildcard", rule(strings.Replace(ok, `"*"`, "\"cert:a.*.example.com\"", 1)), []string{"keys[0]", "whole first label"}},
 		{"no operations", rule("    identities: [a.example]\n    keys: [\"*\"]\n"), []string{`rule "r1": operations`, "want sign, decrypt"}},
@@ -171,7 +172,7 @@ func TestParseSchemes(t *testing.T) {
 		}
 	}
 	// Every scheme of the table has a name that parses back to it.
-	for _, a := range algorithms {
+	for _, a := range link.Algorithms() {
 		got, err := parseSchemes(SchemeName(a.Wire))
 		if err != nil || len(got) != 1 || got[0] != a.Wire {
 			t.Errorf("parseSchemes(SchemeName(%v)) = %v, %v", a, got, err)
@@ -179,28 +180,6 @@ func TestParseSchemes(t *testing.T) {
 	}
 	if got := SchemeName(9999); got != "9999" {
 		t.Errorf("SchemeName(9999) = %q", got)
-	}
-}
-
-func TestMatchCertName(t *testing.T) {
-	tests := []struct {
-		pattern, name string
-		want          bool
-	}{
-		{"www.example.com", "www.example.com", true},
-		{"www.example.com", "api.example.com", false},
-		{"*.example.com", "www.example.com", true},
-		{"*.example.com", "*.example.com", true}, // a wildcard certificate
-		{"*.example.com", "example.com", false},
-		{"*.example.com", "a.b.example.com", false}, // one label only
-		{"*.example.com", ".example.com", false},
-		{"*.example.com", "www.example.org", false},
-		{"www.example.com", "*.example.com", false}, // a name does not grant a wildcard certificate's key
-	}
-	for _, tt := range tests {
-		if got := matchCertName(tt.pattern, tt.name); got != tt.want {
-			t.Errorf("matchCertName(%q, %q) = %t, want %t", tt.pattern, tt.name, got, tt.want)
-		}
 	}
 }
 
@@ -214,10 +193,10 @@ func (k labeled) Label() string    { return k.label }
 func (k labeled) ObjectID() []byte { return nil }
 
 func TestPolicyAuthorize(t *testing.T) {
-	rsaID := KeyID(mustKeyID(t, testRSAKey().Public()))
-	p256ID := KeyID(mustKeyID(t, testP256Key().Public()))
-	p384ID := KeyID(mustKeyID(t, testP384Key().Public()))
-	edID := KeyID(mustKeyID(t, testEd25519Key().Public()))
+	rsaID := link.KeyID(mustKeyID(t, testRSAKey().Public()))
+	p256ID := link.KeyID(mustKeyID(t, testP256Key().Public()))
+	p384ID := link.KeyID(mustKeyID(t, testP384Key().Public()))
+	edID := link.KeyID(mustKeyID(t, testEd25519Key().Public()))
 	p := mustPolicy(t, fmt.Sprintf(`
 groups:
   web: [spiffe://example.com/edge/1, edge-2.example.com]
@@ -241,7 +220,7 @@ rules:
     keys: ["*"]
     operations: [sign]
     schemes: [ed25519]
-`, rsaID)).WithCertificates(map[KeyID][]string{
+`, rsaID)).WithCertificates(map[link.KeyID][]string{
 		p256ID: {"API.example.com."},
 		p384ID: {"www.example.org", "a.b.example.com"},
 	})
@@ -249,8 +228,8 @@ rules:
 	p256 := refOf(p256ID, testP256Key())
 	p384 := refOf(p384ID, testP384Key())
 	ed := refOf(edID, labeled{testEd25519Key(), "WWW.example.com"}) // labels are exact
-	alg := func(w keylessv1.SignatureAlgorithm) Algorithm {
-		a, ok := AlgorithmFor(w)
+	alg := func(w keylessv1.SignatureAlgorithm) link.Algorithm {
+		a, ok := link.AlgorithmFor(w)
 		if !ok {
 			t.Fatalf("no algorithm %v", w)
 		}
@@ -270,15 +249,15 @@ rules:
 		identity string
 		key      keyRef
 		op       string
-		alg      Algorithm
+		alg      link.Algorithm
 		wantRule string
 		wantErr  string // "" for allowed
 	}{
 		{"label sign", edge1, rsa, OpSign, pss, "web-sign", ""},
 		{"group member sign", edge2, rsa, OpSign, pss, "web-sign", ""},
 		{"cert wildcard sign", edge1, p256, OpSign, ecdsa256, "web-sign", ""},
-		{"decrypt named", edge1, rsa, OpDecrypt, Algorithm{}, "web-decrypt", ""},
-		{"decrypt not named", edge2, rsa, OpDecrypt, Algorithm{}, "web-sign", `rules "web-sign", "legacy" do not allow decrypt`},
+		{"decrypt named", edge1, rsa, OpDecrypt, link.Algorithm{}, "web-decrypt", ""},
+		{"decrypt not named", edge2, rsa, OpDecrypt, link.Algorithm{}, "web-sign", `rules "web-sign", "legacy" do not allow decrypt`},
 		{"SHA-1 not named", edge1, rsa, OpSign, sha1, "web-sign", `rule "web-sign" does not allow scheme rsa_pkcs1_sha1`},
 		{"SHA-1 named", edge2, rsa, OpSign, sha1, "legacy", ""},
 		{"cert pattern two labels", edge1, p384, OpSign, ecdsa256, "", "no rule allows identity \"spiffe://example.com/edge/1\" to use key"},
@@ -286,7 +265,7 @@ rules:
 		{"unknown identity", "stranger.example.com", rsa, OpSign, pss, "", "no rule allows identity \"stranger.example.com\""},
 		{"any key but scheme", ops, p256, OpSign, ecdsa256, "ops", `rule "ops" does not allow scheme ecdsa_sha256`},
 		{"any key", ops, ed, OpSign, ed25519, "ops", ""},
-		{"sign-only rule decrypt", ops, rsa, OpDecrypt, Algorithm{}, "ops", `rule "ops" does not allow decrypt`},
+		{"sign-only rule decrypt", ops, rsa, OpDecrypt, link.Algorithm{}, "ops", `rule "ops" does not allow decrypt`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -351,7 +330,7 @@ quotas:
 			t.Errorf("Lint() =\n%s\nwarns about %s, which is fine", got, unwanted)
 		}
 	}
-	withCerts := p.WithCertificates(map[KeyID][]string{KeyID(mustKeyID(t, testP384Key().Public())): {"www.example.com"}})
+	withCerts := p.WithCertificates(map[link.KeyID][]string{link.KeyID(mustKeyID(t, testP384Key().Public())): {"www.example.com"}})
 	if got := strings.Join(withCerts.Lint(keys), "\n"); !strings.Contains(got, "no certificate given to the keyserver has a matching DNS name") {
 		t.Errorf("Lint() with certificates of an absent key =\n%s", got)
 	}

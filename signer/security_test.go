@@ -16,6 +16,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -89,12 +90,12 @@ rules:
     operations: [sign]
     schemes: [default, rsa_pkcs1_sha1]
 `, rsaID, rsaID))
-	keys := []crypto.Signer{memoryKey(t, testRSAKey()), restrictedKey{Signer: testP256Key(), schemes: DefaultSchemes(testP256Key().Public()), label: "ecdsa-key"}, testP384Key()}
+	keys := []crypto.Signer{memoryKey(t, testRSAKey()), restrictedKey{Signer: testP256Key(), schemes: link.DefaultSchemes(testP256Key().Public()), label: "ecdsa-key"}, testP384Key()}
 	ts := newTestServer(t, Config{Keys: &testStore{keys: keys}, Policy: policy})
 	a, b, s := ts.dial(t, "other.example", edgeA), ts.dial(t, edgeB), ts.dial(t, stranger, "edge-b.test.example.com")
 	newRecords := newAuditCount(t, ts)
 	sign := func(c keylessv1.KeylessServiceClient, id []byte, wire keylessv1.SignatureAlgorithm) error {
-		alg, _ := AlgorithmFor(wire)
+		alg, _ := link.AlgorithmFor(wire)
 		digest := testDigest(alg.Hash, "policy")
 		resp, err := c.Sign(testContext(t, 0), &keylessv1.SignRequest{KeyId: id, Algorithm: wire, Digest: digest,
 			Context: &keylessv1.RequestContext{ServerName: "www.example.com", ClientAddress: "198.51.100.1:5555", ConnectionId: "c1"}})
@@ -106,9 +107,9 @@ rules:
 		return err
 	}
 	decrypt := func(c keylessv1.KeylessServiceClient, id []byte) error {
-		ct, _ := rsa.EncryptPKCS1v15(nil, &testRSAKey().PublicKey, testStream("pms", PremasterLen))
+		ct, _ := rsa.EncryptPKCS1v15(nil, &testRSAKey().PublicKey, testStream("pms", link.PremasterLen))
 		resp, err := c.Decrypt(testContext(t, 0), &keylessv1.DecryptRequest{KeyId: id, EncryptedPremaster: ct})
-		if err == nil && !bytes.Equal(resp.GetPremaster(), testStream("pms", PremasterLen)) {
+		if err == nil && !bytes.Equal(resp.GetPremaster(), testStream("pms", link.PremasterLen)) {
 			t.Error("Decrypt() returned the wrong premaster")
 		}
 		return err
@@ -133,7 +134,7 @@ rules:
 		{"A signs ECDSA by label", func() error { return sign(a, p256ID, ec256) }, codes.OK, "", edgeA, OpSign, "a-ecdsa"},
 		{"A scheme not in rule", func() error { return sign(a, rsaID, pss384) }, codes.PermissionDenied, `rule "a-rsa" does not allow scheme rsa_pss_rsae_sha384`, edgeA, OpSign, "a-rsa"},
 		{"A SHA-1", func() error { return sign(a, rsaID, sha1) }, codes.PermissionDenied, "SHA-1 schemes are allowed only where a rule names them", edgeA, OpSign, "a-rsa"},
-		{"A key not allowed", func() error { return sign(a, p384ID, ec256) }, codes.PermissionDenied, `no rule allows identity "spiffe://test.example/edge/a" to use key ` + FormatKeyID(KeyID(p384ID)), edgeA, OpSign, ""},
+		{"A key not allowed", func() error { return sign(a, p384ID, ec256) }, codes.PermissionDenied, `no rule allows identity "spiffe://test.example/edge/a" to use key ` + link.FormatKeyID(link.KeyID(p384ID)), edgeA, OpSign, ""},
 		{"B decrypt not enabled", func() error { return decrypt(b, rsaID) }, codes.PermissionDenied, `rule "b-rsa" does not allow decrypt`, edgeB, OpDecrypt, "b-rsa"},
 		{"B SHA-1 named but not possible", func() error { return sign(b, rsaID, sha1) }, codes.InvalidArgument, "not supported by this key", edgeB, OpSign, "b-rsa"},
 		{"B other key", func() error { return sign(b, p256ID, ec256) }, codes.PermissionDenied, "no rule allows", edgeB, OpSign, ""},
@@ -405,7 +406,7 @@ func TestServiceAuditTrail(t *testing.T) {
 
 	// An oversize request never reaches the handler; the stats handler
 	// records it all the same, once.
-	_, err = ts.client.Decrypt(testContext(t, 0), &keylessv1.DecryptRequest{KeyId: req.GetKeyId(), EncryptedPremaster: make([]byte, MaxRequestSize)})
+	_, err = ts.client.Decrypt(testContext(t, 0), &keylessv1.DecryptRequest{KeyId: req.GetKeyId(), EncryptedPremaster: make([]byte, link.MaxRequestSize)})
 	checkStatus(t, "oversize Decrypt()", err, codes.ResourceExhausted, "")
 	// The stats handler writes this record just after the answer.
 	waitUntil(t, "the oversize request's record", func() bool {

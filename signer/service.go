@@ -17,6 +17,7 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -87,12 +88,6 @@ func (c *Config) Validate() error {
 	}
 	return nil
 }
-
-// MaxRequestSize is the largest request message a keyserver should accept
-// (grpc.MaxRecvMsgSize). The largest legitimate request, a Decrypt for an
-// RSA-4096 key or an Ed25519 Sign, is under 1 KiB, so a StreamRequest of
-// MaxStreamOperations of them fits with room to spare.
-const MaxRequestSize = 96 << 10
 
 // defaultStreamWorkers is the number of workers of each Stream when
 // Config.MaxConcurrent sets no bound.
@@ -185,7 +180,7 @@ func (s *Service) Policy() *Policy { return s.policy.Load() }
 
 // CheckPeer reports whether a client certificate that chains to the
 // keyserver's CA presents an identity the policy lists. It is meant for the
-// TLS handshake (see tlscore.MTLSCredentials.ServerCredentials), so that
+// TLS handshake (see link.MTLSCredentials.ServerCredentials), so that
 // unlisted clients are refused before they can send a request; the handlers
 // check again at every request. The error is a *[PermissionError].
 func (s *Service) CheckPeer(leaf *x509.Certificate) error {
@@ -324,12 +319,12 @@ func (s *Service) decrypt(ctx context.Context, c *call, req *keylessv1.DecryptRe
 	if err != nil {
 		return nil, err
 	}
-	if c.rule, err = pol.authorize(identity, refOf(id, key), OpDecrypt, Algorithm{}); err != nil {
+	if c.rule, err = pol.authorize(identity, refOf(id, key), OpDecrypt, link.Algorithm{}); err != nil {
 		return nil, err
 	}
 	d, ok := key.(PremasterDecrypter)
 	if !ok {
-		return nil, &ValidationError{"key_id", fmt.Sprintf("key %s cannot decrypt premaster secrets (it is a %v key)", FormatKeyID(id), KeyTypeOf(key.Public()))}
+		return nil, &ValidationError{"key_id", fmt.Sprintf("key %s cannot decrypt premaster secrets (it is a %v key)", link.FormatKeyID(id), link.KeyTypeOf(key.Public()))}
 	}
 	if err := s.limit.acquire(ctx, c.streamed); err != nil {
 		return nil, err
@@ -339,7 +334,7 @@ func (s *Service) decrypt(ctx context.Context, c *call, req *keylessv1.DecryptRe
 	if err != nil {
 		return nil, err
 	}
-	if len(pms) != PremasterLen {
+	if len(pms) != link.PremasterLen {
 		return nil, fmt.Errorf("signer: key store returned a %d-byte premaster", len(pms))
 	}
 	return pms, nil
@@ -375,7 +370,7 @@ func (s *Service) listKeys(ctx context.Context, c *call) (*keylessv1.ListKeysRes
 			s.logger.Warn("key skipped", "error", err)
 			continue
 		}
-		id, _ := KeyIDOf(k.Public())
+		id, _ := link.KeyIDOf(k.Public())
 		g, ok := pol.grantsFor(identity, refOf(id, k))
 		if !ok {
 			continue
@@ -405,11 +400,11 @@ func Describe(k crypto.Signer) (*keylessv1.Key, error) {
 	if err != nil {
 		return nil, fmt.Errorf("signer: describe key: %w", err)
 	}
-	id, _ := KeyIDOf(pub)
+	id, _ := link.KeyIDOf(pub)
 	info := &keylessv1.Key{
 		KeyId:     id[:],
-		Type:      KeyTypeOf(pub),
-		Bits:      uint32(KeyBits(pub)),
+		Type:      link.KeyTypeOf(pub),
+		Bits:      uint32(link.KeyBits(pub)),
 		PublicKey: der,
 	}
 	for _, s := range Schemes(k) {
@@ -423,15 +418,15 @@ func Describe(k crypto.Signer) (*keylessv1.Key, error) {
 }
 
 // Schemes returns the schemes key can perform: its own list if it is a
-// [SchemeLister], else [DefaultSchemes].
+// [SchemeLister], else [link.DefaultSchemes].
 func Schemes(key crypto.Signer) []tls.SignatureScheme {
 	if l, ok := key.(SchemeLister); ok {
 		return l.SignatureSchemes()
 	}
-	return DefaultSchemes(key.Public())
+	return link.DefaultSchemes(key.Public())
 }
 
-func (s *Service) key(ctx context.Context, id KeyID) (crypto.Signer, error) {
+func (s *Service) key(ctx context.Context, id link.KeyID) (crypto.Signer, error) {
 	key, err := s.keys.Key(ctx, id)
 	switch {
 	case err != nil:
@@ -453,8 +448,8 @@ func storeError(ctx context.Context, err error) error {
 }
 
 // checkAlgorithm reports whether key can perform alg.
-func checkAlgorithm(key crypto.Signer, alg Algorithm) error {
-	if kt := KeyTypeOf(key.Public()); kt != alg.KeyType {
+func checkAlgorithm(key crypto.Signer, alg link.Algorithm) error {
+	if kt := link.KeyTypeOf(key.Public()); kt != alg.KeyType {
 		return &ValidationError{"algorithm", fmt.Sprintf("%v needs a %v key; this key is %v", alg, alg.KeyType, kt)}
 	}
 	if !slices.Contains(Schemes(key), alg.Scheme()) {

@@ -32,6 +32,7 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/keyless-tls/keyless/internal/premaster"
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -85,7 +86,7 @@ func newTestServer(t testing.TB, cfg Config) *testServer {
 	}
 	ts.svc = svc
 	ts.lis = bufconn.Listen(1 << 20)
-	srv := grpc.NewServer(append(ServerOptions(), grpc.Creds(credentials.NewTLS(thePKI().serverTLS())),
+	srv := grpc.NewServer(append(link.ServerOptions(), grpc.Creds(credentials.NewTLS(thePKI().serverTLS())),
 		grpc.StatsHandler(svc.StatsHandler()))...)
 	keylessv1.RegisterKeylessServiceServer(srv, svc)
 	go func() { _ = srv.Serve(ts.lis) }()
@@ -182,7 +183,7 @@ func TestServiceSign(t *testing.T) {
 			if err != nil {
 				t.Fatalf("Sign() = %v", err)
 			}
-			alg, _ := AlgorithmFor(tc.req.GetAlgorithm())
+			alg, _ := link.AlgorithmFor(tc.req.GetAlgorithm())
 			pub := testPublicKeyByID(tc.req.GetKeyId())
 			if err := verifySignature(pub, alg, tc.req.GetDigest(), resp.GetSignature()); err != nil {
 				t.Errorf("Sign(%v) signature: %v", alg, err)
@@ -258,7 +259,7 @@ func decryptCases(tb testing.TB) []decryptCase {
 	pub := &priv.PublicKey
 	k := pub.Size()
 	rsaID := mustKeyID(tb, pub)
-	pms := append([]byte{0x03, 0x03}, testStream("premaster", PremasterLen-2)...)
+	pms := append([]byte{0x03, 0x03}, testStream("premaster", link.PremasterLen-2)...)
 	encrypt := func(msg []byte) []byte {
 		c, err := rsa.EncryptPKCS1v15(rand.Reader, pub, msg)
 		if err != nil {
@@ -320,11 +321,11 @@ func decryptCases(tb testing.TB) []decryptCase {
 		{name: "unknown key_id", req: req(testStream("unknown key", 32), valid), wantCode: codes.NotFound},
 		{name: "context.connection_id oversize", req: &keylessv1.DecryptRequest{
 			KeyId: rsaID, EncryptedPremaster: valid,
-			Context: &keylessv1.RequestContext{ConnectionId: strings.Repeat("c", MaxContextFieldLen+1)},
+			Context: &keylessv1.RequestContext{ConnectionId: strings.Repeat("c", link.MaxContextFieldLen+1)},
 		}, wantCode: codes.InvalidArgument, wantField: "context.connection_id"},
 		{name: "context.server_name oversize", req: &keylessv1.DecryptRequest{
 			KeyId: rsaID, EncryptedPremaster: valid,
-			Context: &keylessv1.RequestContext{ServerName: strings.Repeat("s", MaxContextFieldLen+1)},
+			Context: &keylessv1.RequestContext{ServerName: strings.Repeat("s", link.MaxContextFieldLen+1)},
 		}, wantCode: codes.InvalidArgument, wantField: "context.server_name"},
 	}
 }
@@ -350,7 +351,7 @@ func TestServiceDecrypt(t *testing.T) {
 			}
 			// Implicit rejection: OK, 48 bytes that are not the payload,
 			// and the same bytes again, as for a valid ciphertext.
-			if len(got) != PremasterLen || bytes.Equal(got, pms) {
+			if len(got) != link.PremasterLen || bytes.Equal(got, pms) {
 				t.Fatalf("Decrypt() of an invalid ciphertext = %x, want 48 bytes other than the payload", got)
 			}
 			resp2, err := ts.client.Decrypt(testContext(t, 0), tc.req)
@@ -418,14 +419,14 @@ func TestServiceListKeys(t *testing.T) {
 			t.Errorf("ListKeys() lists %s twice", k.name)
 		}
 		seen[k.name] = true
-		if got, want := info.GetType(), KeyTypeOf(k.key.Public()); got != want {
+		if got, want := info.GetType(), link.KeyTypeOf(k.key.Public()); got != want {
 			t.Errorf("%s: type = %v, want %v", k.name, got, want)
 		}
 		if got := info.GetBits(); got != uint32(k.bits) {
 			t.Errorf("%s: bits = %d, want %d", k.name, got, k.bits)
 		}
 		var want []keylessv1.SignatureAlgorithm
-		for _, s := range DefaultSchemes(k.key.Public()) {
+		for _, s := range link.DefaultSchemes(k.key.Public()) {
 			want = append(want, keylessv1.SignatureAlgorithm(s))
 		}
 		if got := info.GetSignatureAlgorithms(); !slices.Equal(got, want) {
@@ -660,8 +661,8 @@ func TestServiceSchemeListerAndDescriber(t *testing.T) {
 		{ecID, tls.PSSWithSHA256, codes.InvalidArgument},
 	}
 	for _, tt := range tests {
-		t.Run(KeyTypeOf(testPublicKeyByID(tt.id)).String()+" "+tt.scheme.String(), func(t *testing.T) {
-			alg, _ := AlgorithmForScheme(tt.scheme)
+		t.Run(link.KeyTypeOf(testPublicKeyByID(tt.id)).String()+" "+tt.scheme.String(), func(t *testing.T) {
+			alg, _ := link.AlgorithmForScheme(tt.scheme)
 			digest := testDigest(alg.Hash, "restricted")
 			resp, err := ts.client.Sign(testContext(t, 0), &keylessv1.SignRequest{KeyId: tt.id, Algorithm: alg.Wire, Digest: digest})
 			checkStatus(t, "Sign()", err, tt.want, "algorithm")
@@ -767,7 +768,7 @@ func TestNewMemoryStore(t *testing.T) {
 	}
 	s = newTestMemoryStore(t)
 	for _, k := range allTestKeys() {
-		id, _ := KeyIDOf(k.key.Public())
+		id, _ := link.KeyIDOf(k.key.Public())
 		got, err := s.Key(t.Context(), id)
 		if err != nil || got == nil || !k.key.Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(got.Public()) {
 			t.Errorf("Key(%s) = %v, %v", k.name, got, err)
@@ -776,32 +777,32 @@ func TestNewMemoryStore(t *testing.T) {
 			t.Errorf("Key(%s) is a PremasterDecrypter: %t", k.name, ok)
 		}
 	}
-	if got, err := s.Key(t.Context(), KeyID{}); got != nil || err != nil {
+	if got, err := s.Key(t.Context(), link.KeyID{}); got != nil || err != nil {
 		t.Errorf("Key(zero id) = %v, %v, want nil, nil", got, err)
 	}
 }
 
 func TestKeyID(t *testing.T) {
 	pub := testP256Key().Public()
-	id, err := KeyIDOf(pub)
+	id, err := link.KeyIDOf(pub)
 	if err != nil {
 		t.Fatal(err)
 	}
 	der, _ := x509.MarshalPKIXPublicKey(pub)
 	if id != sha256.Sum256(der) {
-		t.Errorf("KeyIDOf() = %x, want sha256 of the SPKI", id)
+		t.Errorf("link.KeyIDOf() = %x, want sha256 of the SPKI", id)
 	}
-	s := FormatKeyID(id)
-	if got, err := ParseKeyID(s); err != nil || got != id || s != strings.ToLower(s) || len(s) != 64 {
-		t.Errorf("ParseKeyID(FormatKeyID(id)) = %x, %v; FormatKeyID = %q", got, err, s)
+	s := link.FormatKeyID(id)
+	if got, err := link.ParseKeyID(s); err != nil || got != id || s != strings.ToLower(s) || len(s) != 64 {
+		t.Errorf("link.ParseKeyID(link.FormatKeyID(id)) = %x, %v; link.FormatKeyID = %q", got, err, s)
 	}
 	for _, bad := range []string{"", "zz", s[:62], s + "00", s[:63]} {
-		if _, err := ParseKeyID(bad); err == nil {
-			t.Errorf("ParseKeyID(%q) = nil error", bad)
+		if _, err := link.ParseKeyID(bad); err == nil {
+			t.Errorf("link.ParseKeyID(%q) = nil error", bad)
 		}
 	}
-	if _, err := KeyIDOf(struct{}{}); err == nil {
-		t.Error("KeyIDOf(struct{}{}) = nil error")
+	if _, err := link.KeyIDOf(struct{}{}); err == nil {
+		t.Error("link.KeyIDOf(struct{}{}) = nil error")
 	}
 }
 

@@ -13,31 +13,15 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
 // Limits of the Stream RPC.
 const (
-	// MaxStreamOperations is the most operations one StreamRequest may
-	// carry; each operation of a message with more is answered
-	// InvalidArgument.
-	MaxStreamOperations = 64
-
-	// DefaultOperationTimeout bounds an operation whose timeout_ms is zero.
-	DefaultOperationTimeout = 2 * time.Second
-
-	// MaxOperationTimeout caps an operation's timeout_ms.
-	MaxOperationTimeout = 60 * time.Second
-
 	// maxResultDelay bounds how long a result waits in the keyserver for
 	// others to share its message (see opStream.hold).
 	maxResultDelay = 2 * time.Millisecond
-
-	// MaxStreamsPerConnection is what a keyserver should allow as HTTP/2
-	// concurrent streams per connection (grpc.MaxConcurrentStreams): an
-	// edge uses one Stream per connection, plus unary calls (ListKeys, and
-	// every operation for an edge that does not use Stream).
-	MaxStreamsPerConnection = 1024
 
 	// maxStreamInFlight bounds the operations of one stream received and
 	// not yet answered. Beyond it the service stops reading the stream, so
@@ -246,7 +230,7 @@ func (st *opStream) deliver(r *keylessv1.OperationResult) {
 func (st *opStream) hold() bool {
 	keyStoreSlots := st.s.streamWorkers / 2
 	return !st.closing &&
-		len(st.out) < MaxStreamOperations &&
+		len(st.out) < link.MaxStreamOperations &&
 		st.inFlight-len(st.out) > keyStoreSlots
 }
 
@@ -275,8 +259,8 @@ func (st *opStream) flushLocked() {
 		st.out = st.spare[:0]
 		st.mu.Unlock()
 		var err error
-		for i := 0; i < len(batch) && err == nil; i += MaxStreamOperations {
-			results := batch[i:min(i+MaxStreamOperations, len(batch))]
+		for i := 0; i < len(batch) && err == nil; i += link.MaxStreamOperations {
+			results := batch[i:min(i+link.MaxStreamOperations, len(batch))]
 			if err = st.stream.Send(&keylessv1.StreamResponse{Results: results}); err == nil {
 				st.s.traffic.sent.Add(1)
 				st.s.traffic.sentResults.Add(uint64(len(results)))
@@ -348,8 +332,8 @@ func (st *opStream) read() error {
 		st.s.traffic.received.Add(1)
 		st.s.traffic.receivedOps.Add(uint64(len(ops)))
 		var refused error
-		if len(ops) > MaxStreamOperations {
-			refused = &ValidationError{"operations", fmt.Sprintf("a StreamRequest carries at most %d operations; this one carried %d", MaxStreamOperations, len(ops))}
+		if len(ops) > link.MaxStreamOperations {
+			refused = &ValidationError{"operations", fmt.Sprintf("a StreamRequest carries at most %d operations; this one carried %d", link.MaxStreamOperations, len(ops))}
 		}
 		for _, op := range ops {
 			select {
@@ -388,9 +372,9 @@ func (st *opStream) work() {
 
 // perform answers one operation as the unary call would.
 func (st *opStream) perform(j streamJob) *keylessv1.OperationResult {
-	timeout := DefaultOperationTimeout
+	timeout := link.DefaultOperationTimeout
 	if ms := j.op.GetTimeoutMs(); ms > 0 {
-		timeout = min(time.Duration(ms)*time.Millisecond, MaxOperationTimeout)
+		timeout = min(time.Duration(ms)*time.Millisecond, link.MaxOperationTimeout)
 	}
 	ctx, cancel := context.WithDeadline(st.ctx, j.arrived.Add(timeout))
 	defer cancel()

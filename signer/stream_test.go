@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -118,7 +119,7 @@ func TestStreamMatchesUnary(t *testing.T) {
 	}
 	st := openStream(t, ts.client)
 	for rest := ops; len(rest) > 0; {
-		n := min(len(rest), MaxStreamOperations)
+		n := min(len(rest), link.MaxStreamOperations)
 		sendOps(t, st, rest[:n]...)
 		rest = rest[n:]
 	}
@@ -135,7 +136,7 @@ func TestStreamMatchesUnary(t *testing.T) {
 		if err != nil {
 			continue
 		}
-		alg, _ := AlgorithmFor(tc.req.GetAlgorithm())
+		alg, _ := link.AlgorithmFor(tc.req.GetAlgorithm())
 		if err := verifySignature(testPublicKeyByID(tc.req.GetKeyId()), alg, tc.req.GetDigest(), r.GetSign().GetSignature()); err != nil {
 			t.Errorf("stream sign %s: signature: %v", tc.name, err)
 		}
@@ -169,7 +170,7 @@ func TestStreamRefusals(t *testing.T) {
 	req := p256SignRequest(t)
 
 	var many []*keylessv1.Operation
-	for i := range MaxStreamOperations + 1 {
+	for i := range link.MaxStreamOperations + 1 {
 		many = append(many, signOp(uint64(i), req))
 	}
 	sendOps(t, st, many...)
@@ -362,7 +363,7 @@ func TestStreamConcurrent(t *testing.T) {
 	if sent != senders*perSender {
 		t.Fatalf("sent %d", sent)
 	}
-	alg, _ := AlgorithmFor(req.GetAlgorithm())
+	alg, _ := link.AlgorithmFor(req.GetAlgorithm())
 	for id, r := range got {
 		if err := resultErr(r); err != nil {
 			t.Fatalf("operation %d = %v", id, err)
@@ -409,7 +410,7 @@ func FuzzStreamRequestProto(f *testing.F) {
 	ts := newTestServer(f, Config{Keys: newTestMemoryStore(f), Audit: &lastRecord{}})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		req := &keylessv1.StreamRequest{}
-		if err := proto.Unmarshal(data, req); err != nil || proto.Size(req) > MaxRequestSize {
+		if err := proto.Unmarshal(data, req); err != nil || proto.Size(req) > link.MaxRequestSize {
 			return
 		}
 		ids := map[uint64]int{}
@@ -463,7 +464,7 @@ func checkFuzzSignature(t *testing.T, req *keylessv1.StreamRequest, id uint64, s
 		if op.GetId() != id || s == nil {
 			continue
 		}
-		alg, ok := AlgorithmFor(s.GetAlgorithm())
+		alg, ok := link.AlgorithmFor(s.GetAlgorithm())
 		pub := testPublicKeyByID(s.GetKeyId())
 		if ok && pub != nil && verifySignature(pub, alg, s.GetDigest(), sig) == nil {
 			return
@@ -507,13 +508,13 @@ func TestStreamWorkersOnDemand(t *testing.T) {
 }
 
 // TestMessagesLargerThanWindow: with the fixed flow-control windows of
-// ServerOptions, a request larger than WindowSize (but within
-// MaxRequestSize) still arrives whole, as a unary call and on a stream, and
+// link.ServerOptions, a request larger than link.WindowSize (but within
+// link.MaxRequestSize) still arrives whole, as a unary call and on a stream, and
 // is answered; the stream goes on.
 func TestMessagesLargerThanWindow(t *testing.T) {
 	ts := newTestServer(t, Config{Keys: newTestMemoryStore(t)})
 	big := p256SignRequest(t)
-	big.Digest = make([]byte, WindowSize+WindowSize/4)
+	big.Digest = make([]byte, link.WindowSize+link.WindowSize/4)
 	_, err := ts.client.Sign(testContext(t, 0), big)
 	checkStatus(t, "Sign() of a request larger than the window", err, codes.InvalidArgument, "digest")
 
@@ -651,7 +652,7 @@ func checkP256Result(t *testing.T, r *keylessv1.OperationResult) {
 		t.Fatalf("operation %d = %v", r.GetId(), err)
 	}
 	req := p256SignRequest(t)
-	alg, _ := AlgorithmFor(req.GetAlgorithm())
+	alg, _ := link.AlgorithmFor(req.GetAlgorithm())
 	if err := verifySignature(testP256Key().Public(), alg, req.GetDigest(), r.GetSign().GetSignature()); err != nil {
 		t.Errorf("operation %d: %v", r.GetId(), err)
 	}

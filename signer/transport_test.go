@@ -6,11 +6,12 @@ import (
 
 	"google.golang.org/grpc/metadata"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
 // TestHeaderListSizeBounded checks that the keyserver refuses a call whose
-// metadata exceeds MaxHeaderListSize, and takes one within it.
+// metadata exceeds link.MaxHeaderListSize, and takes one within it.
 func TestHeaderListSizeBounded(t *testing.T) {
 	ts := newTestServer(t, Config{Keys: newTestMemoryStore(t)})
 	call := func(n int) error {
@@ -18,12 +19,12 @@ func TestHeaderListSizeBounded(t *testing.T) {
 		_, err := ts.client.ListKeys(ctx, &keylessv1.ListKeysRequest{})
 		return err
 	}
-	if err := call(MaxHeaderListSize / 2); err != nil {
-		t.Fatalf("ListKeys() with %d bytes of metadata = %v, want OK", MaxHeaderListSize/2, err)
+	if err := call(link.MaxHeaderListSize / 2); err != nil {
+		t.Fatalf("ListKeys() with %d bytes of metadata = %v, want OK", link.MaxHeaderListSize/2, err)
 	}
-	err := call(2 * MaxHeaderListSize)
+	err := call(2 * link.MaxHeaderListSize)
 	if err == nil {
-		t.Fatalf("ListKeys() with %d bytes of metadata succeeded, want it refused", 2*MaxHeaderListSize)
+		t.Fatalf("ListKeys() with %d bytes of metadata succeeded, want it refused", 2*link.MaxHeaderListSize)
 	}
 	if err := call(16); err != nil {
 		t.Fatalf("ListKeys() after a refused call = %v, want OK", err)

@@ -5,19 +5,15 @@ import (
 	"crypto/sha256"
 	"fmt"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
-// Limits on request fields. They are far above what TLS needs and exist so
-// that a peer cannot make the keyserver hold or hash large inputs.
-const (
-	// MaxEd25519MessageLen bounds an Ed25519 message. A TLS 1.3
-	// CertificateVerify input is at most 162 bytes and a TLS 1.2
-	// ServerKeyExchange input at most 68+255 bytes.
-	MaxEd25519MessageLen = 512
-	// MaxContextFieldLen bounds each field of a RequestContext.
-	MaxContextFieldLen = 256
-)
+// MaxEd25519MessageLen bounds an Ed25519 message, far above what TLS needs,
+// so that a peer cannot make the keyserver hold or hash large inputs. A TLS
+// 1.3 CertificateVerify input is at most 162 bytes and a TLS 1.2
+// ServerKeyExchange input at most 68+255 bytes.
+const MaxEd25519MessageLen = 512
 
 // tls13ServerContext is the prefix of every TLS 1.3 server CertificateVerify
 // signature input (RFC 8446, section 4.4.3).
@@ -27,12 +23,12 @@ var tls13ServerContext = append(bytes.Repeat([]byte{0x20}, 64), "TLS 1.3, server
 // the key, and returns the key id and scheme it names. On success the digest
 // is exactly as long as the scheme's hash output, or, for Ed25519, is a TLS
 // server signature input. Errors are *[ValidationError].
-func ValidateSignRequest(req *keylessv1.SignRequest) (KeyID, Algorithm, error) {
+func ValidateSignRequest(req *keylessv1.SignRequest) (link.KeyID, link.Algorithm, error) {
 	id, err := validateKeyID(req.GetKeyId())
 	if err != nil {
-		return id, Algorithm{}, err
+		return id, link.Algorithm{}, err
 	}
-	alg, ok := AlgorithmFor(req.GetAlgorithm())
+	alg, ok := link.AlgorithmFor(req.GetAlgorithm())
 	if !ok {
 		return id, alg, &ValidationError{"algorithm", fmt.Sprintf("%v is not a supported signature algorithm", req.GetAlgorithm())}
 	}
@@ -50,7 +46,7 @@ func ValidateSignRequest(req *keylessv1.SignRequest) (KeyID, Algorithm, error) {
 // ValidateDecryptRequest checks a DecryptRequest and returns the key id it
 // names. The ciphertext is not checked: every defect of it is answered by
 // implicit rejection, not by an error. Errors are *[ValidationError].
-func ValidateDecryptRequest(req *keylessv1.DecryptRequest) (KeyID, error) {
+func ValidateDecryptRequest(req *keylessv1.DecryptRequest) (link.KeyID, error) {
 	id, err := validateKeyID(req.GetKeyId())
 	if err != nil {
 		return id, err
@@ -58,8 +54,8 @@ func ValidateDecryptRequest(req *keylessv1.DecryptRequest) (KeyID, error) {
 	return id, validateContext(req.GetContext())
 }
 
-func validateKeyID(b []byte) (KeyID, error) {
-	var id KeyID
+func validateKeyID(b []byte) (link.KeyID, error) {
+	var id link.KeyID
 	if len(b) != len(id) {
 		return id, &ValidationError{"key_id", fmt.Sprintf("is %d bytes; a key id is the %d-byte SHA-256 of the key's SubjectPublicKeyInfo", len(b), sha256.Size)}
 	}
@@ -97,8 +93,8 @@ func validateContext(c *keylessv1.RequestContext) error {
 		{"context.client_address", c.GetClientAddress()},
 		{"context.connection_id", c.GetConnectionId()},
 	} {
-		if len(f.value) > MaxContextFieldLen {
-			return &ValidationError{f.name, fmt.Sprintf("is %d bytes; at most %d are allowed", len(f.value), MaxContextFieldLen)}
+		if len(f.value) > link.MaxContextFieldLen {
+			return &ValidationError{f.name, fmt.Sprintf("is %d bytes; at most %d are allowed", len(f.value), link.MaxContextFieldLen)}
 		}
 	}
 	return nil

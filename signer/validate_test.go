@@ -17,6 +17,7 @@ import (
 	"google.golang.org/protobuf/proto"
 
 	"github.com/keyless-tls/keyless/internal/premaster"
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -113,14 +114,14 @@ func signCases(tb testing.TB) []signCase {
 		r.Context = c
 		return r
 	}
-	long := strings.Repeat("x", MaxContextFieldLen+1)
-	longest := strings.Repeat("x", MaxContextFieldLen)
+	long := strings.Repeat("x", link.MaxContextFieldLen+1)
+	longest := strings.Repeat("x", link.MaxContextFieldLen)
 
 	var cases []signCase
 	for _, k := range allTestKeys() {
 		id := mustKeyID(tb, k.key.Public())
-		for _, s := range DefaultSchemes(k.key.Public()) {
-			a, _ := AlgorithmForScheme(s)
+		for _, s := range link.DefaultSchemes(k.key.Public()) {
+			a, _ := link.AlgorithmForScheme(s)
 			if a.Hash == 0 {
 				continue // Ed25519 messages below
 			}
@@ -145,7 +146,7 @@ func signCases(tb testing.TB) []signCase {
 		bad("key_id empty", "key_id", req(nil, ecdsa256, d256)),
 		bad("key_id 31 bytes", "key_id", req(p256ID[:31], ecdsa256, d256)),
 		bad("key_id 33 bytes", "key_id", req(append(bytes.Clone(p256ID), 0), ecdsa256, d256)),
-		bad("key_id hex string", "key_id", req([]byte(FormatKeyID(KeyID(p256ID))), ecdsa256, d256)),
+		bad("key_id hex string", "key_id", req([]byte(link.FormatKeyID(link.KeyID(p256ID))), ecdsa256, d256)),
 		bad("key_id checked before the rest", "key_id", req(p256ID[:1], unspecified, nil)),
 		signCase{name: "unknown key_id", req: req(unknownID, ecdsa256, d256), valid: true, wantCode: codes.NotFound},
 
@@ -237,7 +238,7 @@ func TestValidationErrorMessage(t *testing.T) {
 }
 
 // checkValidation checks the invariants of ValidateSignRequest's result.
-func checkValidation(t *testing.T, req *keylessv1.SignRequest, id KeyID, alg Algorithm, err error) {
+func checkValidation(t *testing.T, req *keylessv1.SignRequest, id link.KeyID, alg link.Algorithm, err error) {
 	t.Helper()
 	if err != nil {
 		var verr *ValidationError
@@ -257,11 +258,11 @@ func checkValidation(t *testing.T, req *keylessv1.SignRequest, id KeyID, alg Alg
 	if alg.Wire != req.GetAlgorithm() {
 		t.Fatalf("ValidateSignRequest() algorithm = %v, want the request's %v", alg, req.GetAlgorithm())
 	}
-	if got, ok := AlgorithmFor(alg.Wire); !ok || got != alg {
-		t.Fatalf("AlgorithmFor(%v) = %v, %t, want %v", alg.Wire, got, ok, alg)
+	if got, ok := link.AlgorithmFor(alg.Wire); !ok || got != alg {
+		t.Fatalf("link.AlgorithmFor(%v) = %v, %t, want %v", alg.Wire, got, ok, alg)
 	}
-	if got, ok := AlgorithmForScheme(alg.Scheme()); !ok || got != alg {
-		t.Fatalf("AlgorithmForScheme(%v) = %v, %t, want %v", alg.Scheme(), got, ok, alg)
+	if got, ok := link.AlgorithmForScheme(alg.Scheme()); !ok || got != alg {
+		t.Fatalf("link.AlgorithmForScheme(%v) = %v, %t, want %v", alg.Scheme(), got, ok, alg)
 	}
 	d := req.GetDigest()
 	if alg.Hash != 0 {
@@ -276,7 +277,7 @@ func checkValidation(t *testing.T, req *keylessv1.SignRequest, id KeyID, alg Alg
 	}
 	c := req.GetContext()
 	for _, f := range []string{c.GetServerName(), c.GetClientAddress(), c.GetConnectionId()} {
-		if len(f) > MaxContextFieldLen {
+		if len(f) > link.MaxContextFieldLen {
 			t.Fatalf("ValidateSignRequest() accepted a %d-byte context field", len(f))
 		}
 	}
@@ -349,7 +350,7 @@ func newFuzzService(tb testing.TB) *fuzzService {
 // fuzzPolicyAllows is the fuzz policy written out independently: whether
 // it lets testIdentity perform op (with wire, for sign) with key pub.
 func fuzzPolicyAllows(pub crypto.PublicKey, op string, wire keylessv1.SignatureAlgorithm) bool {
-	kt := KeyTypeOf(pub)
+	kt := link.KeyTypeOf(pub)
 	p384 := testP384Key().Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(pub)
 	switch {
 	case op == OpDecrypt:
@@ -382,7 +383,7 @@ func checkRecord(t *testing.T, rec *AuditRecord, op string, keyID []byte, err er
 // id, or nil.
 func testPublicKeyByID(id []byte) crypto.PublicKey {
 	for _, k := range allTestKeys() {
-		if kid, err := KeyIDOf(k.key.Public()); err == nil && bytes.Equal(kid[:], id) {
+		if kid, err := link.KeyIDOf(k.key.Public()); err == nil && bytes.Equal(kid[:], id) {
 			return k.key.Public()
 		}
 	}
@@ -436,11 +437,11 @@ func FuzzSignRequestProto(f *testing.F) {
 			want = codes.NotFound
 		case !fuzzPolicyAllows(pub, OpSign, alg.Wire):
 			want = codes.PermissionDenied
-		case KeyTypeOf(pub) != alg.KeyType || alg.Legacy:
+		case link.KeyTypeOf(pub) != alg.KeyType || alg.Legacy:
 			want = codes.InvalidArgument
 		}
 		if got := status.Code(err); got != want {
-			t.Fatalf("Sign(%v with a %v key) = %v, want %v", alg, KeyTypeOf(pub), err, want)
+			t.Fatalf("Sign(%v with a %v key) = %v, want %v", alg, link.KeyTypeOf(pub), err, want)
 		}
 		if err != nil {
 			return
@@ -491,8 +492,8 @@ func FuzzDecryptRequestProto(f *testing.F) {
 			return
 		}
 		pms := resp.GetPremaster()
-		if len(pms) != PremasterLen {
-			t.Fatalf("Decrypt() = %d bytes, want %d", len(pms), PremasterLen)
+		if len(pms) != link.PremasterLen {
+			t.Fatalf("Decrypt() = %d bytes, want %d", len(pms), link.PremasterLen)
 		}
 		if !bytes.Equal(req.GetKeyId(), mustKeyID(t, priv.Public())) {
 			t.Fatalf("Decrypt() = OK with key %x, which is not the RSA key", req.GetKeyId())
@@ -503,7 +504,7 @@ func FuzzDecryptRequestProto(f *testing.F) {
 		// rejects, and so does the service.)
 		ct := req.GetEncryptedPremaster()
 		wantPMS := premaster.Rejection(fuzzRejectionSecret, ct)
-		if pt, err := rsa.DecryptPKCS1v15(nil, priv, ct); err == nil && len(pt) == PremasterLen && len(ct) == priv.Size() {
+		if pt, err := rsa.DecryptPKCS1v15(nil, priv, ct); err == nil && len(pt) == link.PremasterLen && len(ct) == priv.Size() {
 			wantPMS = pt
 		}
 		if !bytes.Equal(pms, wantPMS) {

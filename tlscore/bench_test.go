@@ -9,9 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyless-tls/keyless/link"
 	"golang.org/x/net/http2"
-
-	"github.com/keyless-tls/keyless/signer"
 )
 
 // BenchmarkClientSign measures an ECDSA P-256 signature with an in-memory
@@ -34,7 +33,7 @@ func BenchmarkClientSign(b *testing.B) {
 			stream := dialTestClient(b, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": streamKS})
 			unary := dialTestClient(b, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": unaryKS})
 			id := mustKeyID(b, testP256Key().Public())
-			alg, _ := signer.AlgorithmFor(algECDSA256)
+			alg, _ := link.AlgorithmFor(algECDSA256)
 			d := digest(crypto.SHA256)
 			sign := func(c *Client) []byte {
 				sig, err := c.Sign(b.Context(), id, alg, d, nil)

@@ -22,8 +22,9 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/keyless-tls/keyless/internal/hostname"
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
-	"github.com/keyless-tls/keyless/signer"
 )
 
 // CertStoreConfig configures a [CertStore]. It must not be modified after it
@@ -113,7 +114,7 @@ type MissingKeysError struct {
 	Files []string
 	// KeyIDs are the key ids of the files' leaf certificates, in the same
 	// order.
-	KeyIDs []signer.KeyID
+	KeyIDs []link.KeyID
 }
 
 // Error lists the files and their key ids.
@@ -124,7 +125,7 @@ func (e *MissingKeysError) Error() string {
 		if i > 0 {
 			b.WriteString(", ")
 		}
-		fmt.Fprintf(&b, "%s (key id %s)", f, signer.FormatKeyID(e.KeyIDs[i]))
+		fmt.Fprintf(&b, "%s (key id %s)", f, link.FormatKeyID(e.KeyIDs[i]))
 	}
 	return b.String()
 }
@@ -188,7 +189,7 @@ func (s *CertStore) load(ctx context.Context, dir string) (*certSet, error) {
 	if err != nil {
 		return nil, err
 	}
-	keys := make(map[signer.KeyID]*keylessv1.Key, len(infos))
+	keys := make(map[link.KeyID]*keylessv1.Key, len(infos))
 	for _, info := range infos {
 		if id, ok := keyIDFromBytes(info.GetKeyId()); ok {
 			keys[id] = info
@@ -207,7 +208,7 @@ func (s *CertStore) load(ctx context.Context, dir string) (*certSet, error) {
 			errs = append(errs, err)
 			continue
 		}
-		id, err := signer.KeyIDOf(chain[0].PublicKey)
+		id, err := link.KeyIDOf(chain[0].PublicKey)
 		if err != nil {
 			errs = append(errs, fmt.Errorf("tlscore: %s: %w", f, err))
 			continue
@@ -231,7 +232,7 @@ func (s *CertStore) load(ctx context.Context, dir string) (*certSet, error) {
 			errs = append(errs, &missing)
 		} else {
 			for i, f := range missing.Files {
-				s.logger.Warn("certificate skipped: the keyserver holds no key for it", "file", f, "key_id", signer.FormatKeyID(missing.KeyIDs[i]))
+				s.logger.Warn("certificate skipped: the keyserver holds no key for it", "file", f, "key_id", link.FormatKeyID(missing.KeyIDs[i]))
 			}
 		}
 	}
@@ -309,7 +310,7 @@ func readChainFile(path string) ([]*x509.Certificate, error) {
 			break
 		}
 		switch {
-		case isPrivateKeyBlock(b):
+		case link.IsPrivateKeyBlock(b):
 			return nil, fmt.Errorf("tlscore: %s holds a private key (PEM block %q): an edge must not hold private keys; remove the key from the file and keep it only on the keyserver", path, b.Type)
 		case b.Type == "CERTIFICATE":
 			c, err := x509.ParseCertificate(b.Bytes)
@@ -341,11 +342,11 @@ func (s *CertStore) newEntry(file string, chain []*x509.Certificate, info *keyle
 	}
 	schemes, tls13, err := certificateSchemes(leaf.PublicKey, info.GetSignatureAlgorithms())
 	if err != nil {
-		return nil, fmt.Errorf("tlscore: %s: key %s: %w", file, signer.FormatKeyID(key.KeyID()), err)
+		return nil, fmt.Errorf("tlscore: %s: key %s: %w", file, link.FormatKeyID(key.KeyID()), err)
 	}
 	if !tls13 {
 		s.logger.Warn("no TLS 1.3 signature scheme for this certificate's key: TLS 1.3 clients cannot use it",
-			"file", file, "key_id", signer.FormatKeyID(key.KeyID()), "schemes", fmt.Sprint(schemes))
+			"file", file, "key_id", link.FormatKeyID(key.KeyID()), "schemes", fmt.Sprint(schemes))
 	}
 	e := &certEntry{
 		file:     file,
@@ -361,7 +362,7 @@ func (s *CertStore) newEntry(file string, chain []*x509.Certificate, info *keyle
 		e.cert.Certificate = append(e.cert.Certificate, c.Raw)
 	}
 	for _, n := range leaf.DNSNames {
-		if n = normalizeName(n); n != "" && !slices.Contains(e.names, n) {
+		if n = hostname.Normalize(n); n != "" && !slices.Contains(e.names, n) {
 			e.names = append(e.names, n)
 		}
 	}
@@ -369,7 +370,7 @@ func (s *CertStore) newEntry(file string, chain []*x509.Certificate, info *keyle
 		s.logger.Warn("certificate has no DNS names: it can only be the default certificate", "file", file)
 	}
 	s.logger.Debug("certificate loaded", "file", file, "names", strings.Join(e.names, ","),
-		"key_id", signer.FormatKeyID(key.KeyID()), "not_after", leaf.NotAfter)
+		"key_id", link.FormatKeyID(key.KeyID()), "not_after", leaf.NotAfter)
 	return e, nil
 }
 
@@ -394,7 +395,7 @@ func (cs *certSet) findDefault(entries []*certEntry, name string) *certEntry {
 			return e
 		}
 	}
-	if c := cs.candidates(normalizeName(name)); len(c) > 0 {
+	if c := cs.candidates(hostname.Normalize(name)); len(c) > 0 {
 		return c[0]
 	}
 	return nil
@@ -407,7 +408,7 @@ func (cs *certSet) candidates(name string) []*certEntry {
 		return nil
 	}
 	exact := cs.exact[name]
-	parent, ok := parentOf(name)
+	parent, ok := hostname.Parent(name)
 	if !ok || len(cs.wildcard[parent]) == 0 {
 		return exact
 	}
@@ -417,7 +418,7 @@ func (cs *certSet) candidates(name string) []*certEntry {
 // serving returns the certificates that may serve a handshake for
 // serverName: its candidates, else the default.
 func (cs *certSet) serving(serverName string) []*certEntry {
-	if cands := cs.candidates(normalizeName(serverName)); len(cands) > 0 {
+	if cands := cs.candidates(hostname.Normalize(serverName)); len(cands) > 0 {
 		return cands
 	}
 	if cs.def != nil {
@@ -432,7 +433,7 @@ func (cs *certSet) serving(serverName string) []*certEntry {
 // the first candidate (the handshake then fails with crypto/tls's precise
 // error), else the default.
 func (cs *certSet) pick(hello *tls.ClientHelloInfo) *certEntry {
-	cands := cs.candidates(normalizeName(hello.ServerName))
+	cands := cs.candidates(hostname.Normalize(hello.ServerName))
 	if len(cands) > 1 {
 		now := time.Now()
 		var supported *certEntry
@@ -461,7 +462,7 @@ func (cs *certSet) pick(hello *tls.ClientHelloInfo) *certEntry {
 // default certificate aside).
 func (s *CertStore) holds(serverName string) bool {
 	set := s.set.Load()
-	return set != nil && len(set.candidates(normalizeName(serverName))) > 0
+	return set != nil && len(set.candidates(hostname.Normalize(serverName))) > 0
 }
 
 // servingLeaves returns the SHA-256 digests of the leaf certificates that
@@ -481,7 +482,7 @@ func (s *CertStore) servingLeaves(serverName string) [][sha256.Size]byte {
 // GetCertificate returns the certificate for a handshake, for use as
 // tls.Config.GetCertificate: by server name (exact names before wildcards,
 // case-insensitive, a trailing dot ignored), else the default certificate.
-// A server name that is not a host name (see checkServerName), such as an
+// A server name that is not a host name (see hostname.CheckServerName), such as an
 // IP address some clients send, is treated as none. It fails if no
 // certificate applies or nothing has been loaded.
 //
@@ -495,7 +496,7 @@ func (s *CertStore) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate
 		return nil, errors.New("tlscore: no certificates loaded")
 	}
 	serverName := hello.ServerName
-	if err := checkServerName(serverName); err != nil {
+	if err := hostname.CheckServerName(serverName); err != nil {
 		// As if the client had sent none (some send an IP address).
 		s.logger.Debug("server name ignored", "error", err)
 		h := *hello
@@ -520,36 +521,24 @@ func (s *CertStore) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate
 	return &c, nil
 }
 
-// truncate cuts s to at most n bytes of valid UTF-8 (see auditContext).
-func truncate(s string, n int) string {
-	s = strings.ToValidUTF8(s, "\uFFFD")
-	if len(s) <= n {
-		return s
-	}
-	for n > 0 && !utf8.RuneStart(s[n]) {
-		n--
-	}
-	return s[:n]
-}
-
 // auditContext returns rc, or, if one of its fields would make the
 // keyserver refuse the request for its audit fields or protobuf refuse to
 // encode it (and with it every operation of its stream's message), a copy
-// with every field cut by truncate.
+// with every field passed through link.ContextField.
 func auditContext(rc *keylessv1.RequestContext) *keylessv1.RequestContext {
-	fits := func(s string) bool { return len(s) <= signer.MaxContextFieldLen && utf8.ValidString(s) }
+	fits := func(s string) bool { return len(s) <= link.MaxContextFieldLen && utf8.ValidString(s) }
 	if rc == nil || fits(rc.GetServerName()) && fits(rc.GetClientAddress()) && fits(rc.GetConnectionId()) {
 		return rc
 	}
 	return &keylessv1.RequestContext{
-		ServerName:    truncate(rc.GetServerName(), signer.MaxContextFieldLen),
-		ClientAddress: truncate(rc.GetClientAddress(), signer.MaxContextFieldLen),
-		ConnectionId:  truncate(rc.GetConnectionId(), signer.MaxContextFieldLen),
+		ServerName:    link.ContextField(rc.GetServerName()),
+		ClientAddress: link.ContextField(rc.GetClientAddress()),
+		ConnectionId:  link.ContextField(rc.GetConnectionId()),
 	}
 }
 
-func keyIDFromBytes(b []byte) (signer.KeyID, bool) {
-	var id signer.KeyID
+func keyIDFromBytes(b []byte) (link.KeyID, bool) {
+	var id link.KeyID
 	if len(b) != len(id) {
 		return id, false
 	}

@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
-	"github.com/keyless-tls/keyless/signer"
 )
 
 // TestCertStoreSelection checks certificate selection by SNI.
@@ -149,7 +149,7 @@ func TestCertStoreLoadErrors(t *testing.T) {
 		{name: "key-file", files: map[string][]byte{"good.key": keyPEM(t, unknownKey)},
 			wantErr: []string{"good.key", "a private key file in the certificate directory"}},
 		{name: "missing-key", files: map[string][]byte{"unknown.pem": certPEM(env.pki.ca.issue(t, unknownKey.Public(), leafOptions{names: []string{"unknown.example.com"}}))},
-			wantErr: []string{"holds no key for", "unknown.pem", signer.FormatKeyID(mustKeyID(t, unknownKey.Public()))}},
+			wantErr: []string{"holds no key for", "unknown.pem", link.FormatKeyID(mustKeyID(t, unknownKey.Public()))}},
 		{name: "broken-certificate", files: map[string][]byte{"broken.pem": pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte("junk")})},
 			wantErr: []string{"broken.pem", "certificate 1"}},
 		{name: "no-certificate", files: map[string][]byte{"empty.pem": []byte("nothing here")},
@@ -214,7 +214,7 @@ func TestCertStoreMissingKeys(t *testing.T) {
 	if want := []string{filepath.Join(env.dir, "unknown.pem")}; !slices.Equal(missing.Files, want) {
 		t.Errorf("MissingKeysError.Files = %v, want %v", missing.Files, want)
 	}
-	if want := []signer.KeyID{mustKeyID(t, unknownKey.Public())}; !slices.Equal(missing.KeyIDs, want) {
+	if want := []link.KeyID{mustKeyID(t, unknownKey.Public())}; !slices.Equal(missing.KeyIDs, want) {
 		t.Errorf("MissingKeysError.KeyIDs = %x, want %x", missing.KeyIDs, want)
 	}
 
@@ -358,36 +358,5 @@ func TestCertificateSchemes(t *testing.T) {
 				t.Errorf("certificateSchemes() = %v, %t, %v; want %v, %t", got, tls13, err, tt.want, tt.wantTLS13)
 			}
 		})
-	}
-}
-
-func TestMatchName(t *testing.T) {
-	tests := []struct {
-		pattern, name string
-		want          bool
-	}{
-		{"example.com", "example.com", true},
-		{"*.example.com", "a.example.com", true},
-		{"*.example.com", "a.b.example.com", false},
-		{"*.example.com", "example.com", false},
-		{"*.example.com", ".example.com", false},
-		{"*.example.com", "aexample.com", false},
-		{"a.example.com", "b.example.com", false},
-		{"*.com", "example.com", true},
-	}
-	for _, tt := range tests {
-		if got := matchName(tt.pattern, tt.name); got != tt.want {
-			t.Errorf("matchName(%q, %q) = %t, want %t", tt.pattern, tt.name, got, tt.want)
-		}
-	}
-	for _, p := range []string{"", ".", "*.", "*", "a.*.example.com", "**.example.com", "*a.example.com", "*.*.example.com"} {
-		if err := checkPattern(p); err == nil {
-			t.Errorf("checkPattern(%q) = nil, want an error", p)
-		}
-	}
-	for _, p := range []string{"example.com", "Example.COM.", "*.example.com"} {
-		if err := checkPattern(p); err != nil {
-			t.Errorf("checkPattern(%q) = %v", p, err)
-		}
 	}
 }

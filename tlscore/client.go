@@ -23,8 +23,8 @@ import (
 	"google.golang.org/grpc/resolver/manual"
 	"google.golang.org/grpc/status"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
-	"github.com/keyless-tls/keyless/signer"
 )
 
 // DefaultCallTimeout is the deadline of a keyserver call when
@@ -53,7 +53,7 @@ type ClientConfig struct {
 	Addresses []string
 
 	// TLS is the client side of the mutual TLS 1.3 link, as built by
-	// [ClientMTLSConfig]. Required: it must present a client certificate and
+	// [link.ClientMTLSConfig]. Required: it must present a client certificate and
 	// have MinVersion TLS 1.3. Its ServerName is the name every keyserver's
 	// certificate is verified against; if it is empty, the host of the
 	// first address is used, which is allowed only with a single address.
@@ -191,18 +191,6 @@ var serviceConfig = fmt.Sprintf(`{
   }]
 }`, keylessv1.KeylessService_ServiceDesc.ServiceName)
 
-// LinkDialOptions returns the gRPC dial options that shape the edge's
-// side of its link to a keyserver as the keyserver shapes its own
-// ([signer.ServerOptions]): fixed flow-control windows of
-// [signer.WindowSize]. Dial uses them; so should a client that dials a
-// keyserver itself, for [NewClientConn].
-func LinkDialOptions() []grpc.DialOption {
-	return []grpc.DialOption{
-		grpc.WithStaticStreamWindowSize(signer.WindowSize),
-		grpc.WithStaticConnWindowSize(signer.WindowSize),
-	}
-}
-
 // Dial returns a Client for the keyservers in cfg. It does not wait for a
 // connection: the first call does. Errors are configuration errors.
 func Dial(cfg ClientConfig) (*Client, error) {
@@ -240,7 +228,7 @@ func Dial(cfg ClientConfig) (*Client, error) {
 	if maxBackoff == 0 {
 		maxBackoff = DefaultReconnectBackoff
 	}
-	opts := append(LinkDialOptions(),
+	opts := append(link.DialOptions(),
 		grpc.WithTransportCredentials(credentials.NewTLS(cfg.TLS)),
 		grpc.WithDefaultServiceConfig(serviceConfig),
 		grpc.WithConnectParams(grpc.ConnectParams{
@@ -390,7 +378,7 @@ func (c *Client) callContext(ctx context.Context) (context.Context, context.Canc
 // status.Code): DeadlineExceeded when no keyserver answered in time,
 // Unavailable when none could be reached, NotFound for an unknown key,
 // InvalidArgument for a request the keyserver refused.
-func (c *Client) Sign(ctx context.Context, keyID signer.KeyID, alg signer.Algorithm, digest []byte, rc *keylessv1.RequestContext) ([]byte, error) {
+func (c *Client) Sign(ctx context.Context, keyID link.KeyID, alg link.Algorithm, digest []byte, rc *keylessv1.RequestContext) ([]byte, error) {
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
 	start := time.Now()
@@ -413,11 +401,11 @@ func (c *Client) Sign(ctx context.Context, keyID signer.KeyID, alg signer.Algori
 
 // Decrypt asks a keyserver to decrypt a TLS 1.2 RSA-encrypted premaster
 // secret with the key keyID. The answer is always exactly
-// signer.PremasterLen (48) bytes: the keyserver applies implicit rejection,
+// [link.PremasterLen] (48) bytes: the keyserver applies implicit rejection,
 // so an invalid ciphertext yields bytes unpredictable without the key (the
 // same bytes each time), not an error. An answer of any other length is an
 // error. Errors are as for [Client.Sign].
-func (c *Client) Decrypt(ctx context.Context, keyID signer.KeyID, ciphertext []byte, rc *keylessv1.RequestContext) ([]byte, error) {
+func (c *Client) Decrypt(ctx context.Context, keyID link.KeyID, ciphertext []byte, rc *keylessv1.RequestContext) ([]byte, error) {
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
 	start := time.Now()
@@ -428,8 +416,8 @@ func (c *Client) Decrypt(ctx context.Context, keyID signer.KeyID, ciphertext []b
 	}
 	resp, err := perform(c, ctx, "Decrypt", start, &keylessv1.Operation{Request: &keylessv1.Operation_Decrypt{Decrypt: req}},
 		(*keylessv1.OperationResult).GetDecrypt, func() (*keylessv1.DecryptResponse, error) { return c.api.Decrypt(ctx, req) })
-	if err == nil && len(resp.GetPremaster()) != signer.PremasterLen {
-		err = fmt.Errorf("the keyserver returned a %d-byte premaster secret; want %d", len(resp.GetPremaster()), signer.PremasterLen)
+	if err == nil && len(resp.GetPremaster()) != link.PremasterLen {
+		err = fmt.Errorf("the keyserver returned a %d-byte premaster secret; want %d", len(resp.GetPremaster()), link.PremasterLen)
 	}
 	if err != nil {
 		return nil, c.failed("decrypt", keyID, rc, start, err)
@@ -446,7 +434,7 @@ func (c *Client) ListKeys(ctx context.Context) ([]*keylessv1.Key, error) {
 	start := time.Now()
 	resp, err := c.api.ListKeys(ctx, &keylessv1.ListKeysRequest{})
 	if err != nil {
-		return nil, c.failed("list_keys", signer.KeyID{}, nil, start, err)
+		return nil, c.failed("list_keys", link.KeyID{}, nil, start, err)
 	}
 	return resp.GetKeys(), nil
 }
@@ -485,10 +473,10 @@ func (c *Client) stream(ctx context.Context, method string, start time.Time, op 
 }
 
 // failed logs a failed call once and returns the error to hand back.
-func (c *Client) failed(op string, keyID signer.KeyID, rc *keylessv1.RequestContext, start time.Time, err error) error {
+func (c *Client) failed(op string, keyID link.KeyID, rc *keylessv1.RequestContext, start time.Time, err error) error {
 	args := []any{"op", op, "code", status.Code(err), "duration", time.Since(start), "error", err}
-	if keyID != (signer.KeyID{}) {
-		args = append(args, "key_id", signer.FormatKeyID(keyID))
+	if keyID != (link.KeyID{}) {
+		args = append(args, "key_id", link.FormatKeyID(keyID))
 	}
 	if rc != nil {
 		args = append(args, "server_name", rc.GetServerName(), "connection_id", rc.GetConnectionId())
@@ -497,5 +485,5 @@ func (c *Client) failed(op string, keyID signer.KeyID, rc *keylessv1.RequestCont
 	if op == "list_keys" {
 		return fmt.Errorf("tlscore: list keys: %w", err)
 	}
-	return fmt.Errorf("tlscore: %s with key %s: %w", op, signer.FormatKeyID(keyID), err)
+	return fmt.Errorf("tlscore: %s with key %s: %w", op, link.FormatKeyID(keyID), err)
 }

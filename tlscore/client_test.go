@@ -15,13 +15,13 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
-	"github.com/keyless-tls/keyless/signer"
 )
 
 func TestClientConfigValidate(t *testing.T) {
 	pki := newTestPKI(t)
-	good, err := ClientMTLSConfig(pki.clientCert, pki.clientKey, pki.caFile, keyserverName)
+	good, err := link.ClientMTLSConfig(pki.clientCert, pki.clientKey, pki.caFile, keyserverName)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -93,7 +93,7 @@ func unavailableService(next keylessv1.KeylessServiceServer, signs, decrypts *at
 func signOnce(t *testing.T, c *Client) error {
 	t.Helper()
 	id := mustKeyID(t, testP256Key().Public())
-	alg, _ := signer.AlgorithmFor(algECDSA256)
+	alg, _ := link.AlgorithmFor(algECDSA256)
 	_, err := c.Sign(t.Context(), id, alg, digest(crypto.SHA256), nil)
 	return err
 }
@@ -203,7 +203,7 @@ func TestClientDeadline(t *testing.T) {
 				ctx, cancel = context.WithTimeout(ctx, tt.ctxTimeout)
 				defer cancel()
 			}
-			alg, _ := signer.AlgorithmFor(algECDSA256)
+			alg, _ := link.AlgorithmFor(algECDSA256)
 			_, err := c.Sign(ctx, mustKeyID(t, testP256Key().Public()), alg, digest(crypto.SHA256), nil)
 			elapsed := time.Since(start)
 			if status.Code(err) != codes.DeadlineExceeded {
@@ -247,7 +247,7 @@ func TestClientOddRequestContext(t *testing.T) {
 	pki := newTestPKI(t)
 	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{testP256Key()}, nil))
 	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
-	alg, _ := signer.AlgorithmFor(algECDSA256)
+	alg, _ := link.AlgorithmFor(algECDSA256)
 	id := mustKeyID(t, testP256Key().Public())
 	odd := []*keylessv1.RequestContext{
 		{ServerName: "\xff.wild.example.com"},
@@ -313,7 +313,7 @@ func TestClientMutualTLS(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			ks := startKeyserver(t, tt.server, svc)
-			tlsCfg, err := ClientMTLSConfig(tt.client.clientCert, tt.client.clientKey, tt.client.caFile, tt.hostName)
+			tlsCfg, err := link.ClientMTLSConfig(tt.client.clientCert, tt.client.clientKey, tt.client.caFile, tt.hostName)
 			if err != nil {
 				t.Fatal(err)
 			}

@@ -3,12 +3,16 @@
 // performed by a keyserver over gRPC with mutual TLS 1.3.
 //
 // An edge is wired in five steps (see the example of [NewServerTLSConfig]):
-// [ClientMTLSConfig] reads the edge's credentials for the keyserver link,
+// [link.ClientMTLSConfig] reads the edge's credentials for the keyserver link,
 // [Dial] returns a [Client] for the keyservers, [CertStore.Load] reads the
 // certificates and matches them with the keyserver's keys,
 // [NewServerTLSConfig] builds the edge's tls.Config, and [ServeHTTP] (with
-// [NewReverseProxy]) or [ServeTCP] serves it. The keyserver uses
-// [ServerMTLSConfig] for its gRPC listener.
+// [NewReverseProxy]) or [ServeTCP] serves it.
+//
+// It shares nothing with the keyserver's code but package link, the wire's
+// vocabulary: key ids, the algorithm table (which TLS signature scheme
+// means which [crypto.SignerOpts]), the protocol's limits and the link's
+// mutual-TLS credentials.
 //
 // # Trust and guarantees
 //
@@ -24,12 +28,9 @@
 // the TLS 1.2 premaster secret and relies on the keyserver's implicit
 // rejection: a bad ciphertext yields 48 bytes unpredictable without the key,
 // the same each time, never an error, so neither the edge nor a client of it
-// gets a padding oracle. RSA signatures are verified on the edge
-// before crypto/tls sends them, because a faulty RSA-CRT signature reveals
-// the private key.
-//
-// The algorithm table (which TLS signature scheme means which
-// [crypto.SignerOpts]) is package signer's; this package keeps no copy.
+// gets a padding oracle. The keyserver verifies RSA signatures before they
+// leave it, because a faulty RSA-CRT signature reveals the private key; the
+// edge does not check them again.
 //
 // # Resumption
 //
@@ -42,7 +43,7 @@
 //
 // # Reload
 //
-// [CertStore.Load] and [MTLSCredentials.Reload] replace their state
+// [CertStore.Load] and [link.MTLSCredentials.Reload] replace their state
 // atomically: handshakes that have started finish with the old state, later
 // ones use the new. A failed reload keeps the previous state.
 package tlscore

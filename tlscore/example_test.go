@@ -12,6 +12,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 	"github.com/keyless-tls/keyless/signer"
 	"github.com/keyless-tls/keyless/tlscore"
@@ -24,7 +25,7 @@ func ExampleNewServerTLSConfig() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 
-	mtls, err := tlscore.ClientMTLSConfig("edge.pem", "edge.key", "keyserver-ca.pem", "keyserver.internal")
+	mtls, err := link.ClientMTLSConfig("edge.pem", "edge.key", "keyserver-ca.pem", "keyserver.internal")
 	if err != nil {
 		logger.Error("keyserver credentials", "error", err)
 		return
@@ -73,7 +74,7 @@ func ExampleNewServerTLSConfig() {
 
 // A keyserver's gRPC listener with mutual TLS 1.3.
 func ExampleServerMTLSConfig() {
-	cfg, err := tlscore.ServerMTLSConfig("keyserver.pem", "keyserver.key", "edge-ca.pem")
+	cfg, err := link.ServerMTLSConfig("keyserver.pem", "keyserver.key", "edge-ca.pem")
 	if err != nil {
 		panic(err)
 	}
@@ -90,13 +91,13 @@ func ExampleServerMTLSConfig() {
 // A keyserver's gRPC listener that also admits only the identities a
 // policy names, and logs every refused handshake once.
 func ExampleMTLSCredentials_ServerCredentials() {
-	creds, err := tlscore.LoadMTLSCredentials("keyserver.pem", "keyserver.key", "edge-ca.pem")
+	creds, err := link.LoadMTLSCredentials("keyserver.pem", "keyserver.key", "edge-ca.pem")
 	if err != nil {
 		panic(err)
 	}
 	var svc *signer.Service // signer.NewService(signer.Config{Keys: ..., Policy: ..., Audit: ...})
 	logger := hclog.Default()
-	srv := grpc.NewServer(append(signer.ServerOptions(),
+	srv := grpc.NewServer(append(link.ServerOptions(),
 		grpc.Creds(creds.ServerCredentials(svc.CheckPeer, logger.Named("mtls"))),
 		grpc.StatsHandler(svc.StatsHandler()),
 	)...)

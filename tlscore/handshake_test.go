@@ -15,8 +15,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
-	"github.com/keyless-tls/keyless/signer"
 )
 
 // Shorthands for the wire algorithms the handshakes should use.
@@ -135,7 +135,7 @@ func fmtType(v any) string {
 // 1.3, which has no PKCS #1 v1.5 signatures, must fail.
 func TestHandshakePKCS1v15(t *testing.T) {
 	pkcs1 := []tls.SignatureScheme{tls.PKCS1WithSHA256, tls.PKCS1WithSHA384, tls.PKCS1WithSHA512}
-	env := newTestEnv(t, envOptions{schemes: map[signer.KeyID][]tls.SignatureScheme{mustKeyID(t, testRSAKey().Public()): pkcs1}})
+	env := newTestEnv(t, envOptions{schemes: map[link.KeyID][]tls.SignatureScheme{mustKeyID(t, testRSAKey().Public()): pkcs1}})
 	sc := env.serverConfig(t)
 	tests := []struct {
 		name    string

@@ -32,6 +32,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 	"github.com/keyless-tls/keyless/signer"
 )
@@ -91,9 +92,9 @@ func mustECDSA(c elliptic.Curve) *ecdsa.PrivateKey {
 	return k
 }
 
-func mustKeyID(t testing.TB, pub crypto.PublicKey) signer.KeyID {
+func mustKeyID(t testing.TB, pub crypto.PublicKey) link.KeyID {
 	t.Helper()
-	id, err := signer.KeyIDOf(pub)
+	id, err := link.KeyIDOf(pub)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -305,7 +306,7 @@ func (r *opRecorder) lastSign() *keylessv1.SignRequest {
 }
 
 // testKeyserver is a gRPC keyserver on an in-memory listener, with mTLS
-// and the transport options of a real one ([signer.ServerOptions]).
+// and the transport options of a real one ([link.ServerOptions]).
 type testKeyserver struct {
 	lis    *bufconn.Listener
 	ops    *opRecorder
@@ -322,12 +323,12 @@ func startKeyserver(t testing.TB, pki *testPKI, svc keylessv1.KeylessServiceServ
 // st for the KeylessService.
 func startKeyserverWithHealth(t testing.TB, pki *testPKI, svc keylessv1.KeylessServiceServer, st healthpb.HealthCheckResponse_ServingStatus) *testKeyserver {
 	t.Helper()
-	cfg, err := ServerMTLSConfig(pki.serverCert, pki.serverKey, pki.caFile)
+	cfg, err := link.ServerMTLSConfig(pki.serverCert, pki.serverKey, pki.caFile)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ks := &testKeyserver{lis: bufconn.Listen(1 << 20), ops: &opRecorder{}, frames: &frameCounts{}}
-	srv := grpc.NewServer(append(signer.ServerOptions(), grpc.Creds(countingCreds{credentials.NewTLS(cfg), ks.frames}),
+	srv := grpc.NewServer(append(link.ServerOptions(), grpc.Creds(countingCreds{credentials.NewTLS(cfg), ks.frames}),
 		grpc.ChainUnaryInterceptor(ks.ops.intercept), grpc.ChainStreamInterceptor(ks.ops.interceptStream))...)
 	keylessv1.RegisterKeylessServiceServer(srv, svc)
 	hs := health.NewServer()
@@ -341,7 +342,7 @@ func startKeyserverWithHealth(t testing.TB, pki *testPKI, svc keylessv1.KeylessS
 
 // newSignerService returns the real keyserver service over in-memory keys.
 // Keys listed in schemes report only those schemes.
-func newSignerService(t testing.TB, keys []crypto.Signer, schemes map[signer.KeyID][]tls.SignatureScheme) *signer.Service {
+func newSignerService(t testing.TB, keys []crypto.Signer, schemes map[link.KeyID][]tls.SignatureScheme) *signer.Service {
 	t.Helper()
 	ms, err := signer.NewMemoryStore(keys...)
 	if err != nil {
@@ -358,7 +359,7 @@ func newSignerService(t testing.TB, keys []crypto.Signer, schemes map[signer.Key
 // lacks a mechanism would.
 type schemeStore struct {
 	signer.KeyStore
-	schemes map[signer.KeyID][]tls.SignatureScheme
+	schemes map[link.KeyID][]tls.SignatureScheme
 }
 
 type schemeKey struct {
@@ -374,7 +375,7 @@ type schemeDecrypterKey struct {
 }
 
 func (s schemeStore) wrap(k crypto.Signer) crypto.Signer {
-	id, _ := signer.KeyIDOf(k.Public())
+	id, _ := link.KeyIDOf(k.Public())
 	sc, ok := s.schemes[id]
 	if !ok || k == nil {
 		return k
@@ -385,7 +386,7 @@ func (s schemeStore) wrap(k crypto.Signer) crypto.Signer {
 	return schemeKey{k, sc}
 }
 
-func (s schemeStore) Key(ctx context.Context, id signer.KeyID) (crypto.Signer, error) {
+func (s schemeStore) Key(ctx context.Context, id link.KeyID) (crypto.Signer, error) {
 	k, err := s.KeyStore.Key(ctx, id)
 	if k == nil || err != nil {
 		return k, err
@@ -405,7 +406,7 @@ func (s schemeStore) Keys(ctx context.Context) ([]crypto.Signer, error) {
 // address the client is given for each.
 func dialTestClient(t testing.TB, pki *testPKI, cfg ClientConfig, servers map[string]*testKeyserver) *Client {
 	t.Helper()
-	tlsCfg, err := ClientMTLSConfig(pki.clientCert, pki.clientKey, pki.caFile, keyserverName)
+	tlsCfg, err := link.ClientMTLSConfig(pki.clientCert, pki.clientKey, pki.caFile, keyserverName)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -454,7 +455,7 @@ func (f *fakeService) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamReq
 		}
 		for _, op := range req.GetOperations() {
 			go func() {
-				timeout := signer.DefaultOperationTimeout
+				timeout := link.DefaultOperationTimeout
 				if ms := op.GetTimeoutMs(); ms > 0 {
 					timeout = time.Duration(ms) * time.Millisecond
 				}
@@ -532,7 +533,7 @@ type testEnv struct {
 }
 
 type envOptions struct {
-	schemes     map[signer.KeyID][]tls.SignatureScheme
+	schemes     map[link.KeyID][]tls.SignatureScheme
 	wrap        func(next keylessv1.KeylessServiceServer) keylessv1.KeylessServiceServer
 	callTimeout time.Duration
 }

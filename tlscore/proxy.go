@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/keyless-tls/keyless/internal/hostname"
 )
 
 // Headers the reverse proxy sets on requests to the origin. Values a client
@@ -54,8 +55,8 @@ func NewReverseProxy(origin *url.URL, logger hclog.Logger) http.Handler {
 			dropProxyHeaders(pr.Out.Header)
 			pr.SetXForwarded()
 			if cs := pr.In.TLS; cs != nil {
-				if cs.ServerName != "" && checkServerName(cs.ServerName) == nil {
-					pr.Out.Header.Set(HeaderServerName, normalizeName(cs.ServerName))
+				if cs.ServerName != "" && hostname.CheckServerName(cs.ServerName) == nil {
+					pr.Out.Header.Set(HeaderServerName, hostname.Normalize(cs.ServerName))
 				}
 				pr.Out.Header.Set(HeaderTLSVersion, tls.VersionName(cs.Version))
 			}

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/keyless-tls/keyless/link"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -26,7 +27,7 @@ import (
 // and every refused handshake is logged once with the names presented.
 func TestServerCredentials(t *testing.T) {
 	pki, other := newTestPKI(t), newTestPKI(t)
-	creds, err := LoadMTLSCredentials(pki.serverCert, pki.serverKey, pki.caFile)
+	creds, err := link.LoadMTLSCredentials(pki.serverCert, pki.serverKey, pki.caFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,7 +54,7 @@ func TestServerCredentials(t *testing.T) {
 	}
 	call := func(certFile, keyFile string) error {
 		t.Helper()
-		cfg, err := ClientMTLSConfig(certFile, keyFile, pki.caFile, keyserverName)
+		cfg, err := link.ClientMTLSConfig(certFile, keyFile, pki.caFile, keyserverName)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -141,7 +142,7 @@ func TestServerCredentials(t *testing.T) {
 // certificate is refused and logged with no names.
 func TestServerCredentialsNoCertificate(t *testing.T) {
 	pki := newTestPKI(t)
-	creds, err := LoadMTLSCredentials(pki.serverCert, pki.serverKey, pki.caFile)
+	creds, err := link.LoadMTLSCredentials(pki.serverCert, pki.serverKey, pki.caFile)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -12,8 +12,8 @@ import (
 	"io"
 	"slices"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
-	"github.com/keyless-tls/keyless/signer"
 )
 
 // RemoteKey is a private key held by a keyserver, usable as
@@ -28,7 +28,7 @@ import (
 type RemoteKey interface {
 	crypto.Signer
 	// KeyID returns the key's id: the SHA-256 of its SubjectPublicKeyInfo.
-	KeyID() signer.KeyID
+	KeyID() link.KeyID
 	// WithContext returns a copy of the key whose calls use ctx (plus the
 	// call timeout) and carry rc to the keyserver's audit trail. Bind a key
 	// to ClientHelloInfo.Context() so that a handshake's key operations end
@@ -52,21 +52,21 @@ func NewRemoteKey(c *Client, info *keylessv1.Key) (RemoteKey, error) {
 	if !bytes.Equal(sum[:], info.GetKeyId()) {
 		return nil, fmt.Errorf("tlscore: key %x: the key id is not the SHA-256 of the public key", info.GetKeyId())
 	}
-	id := signer.KeyID(sum)
+	id := link.KeyID(sum)
 	pub, err := x509.ParsePKIXPublicKey(info.GetPublicKey())
 	if err != nil {
-		return nil, fmt.Errorf("tlscore: key %s: parse public key: %w", signer.FormatKeyID(id), err)
+		return nil, fmt.Errorf("tlscore: key %s: parse public key: %w", link.FormatKeyID(id), err)
 	}
-	kt := signer.KeyTypeOf(pub)
+	kt := link.KeyTypeOf(pub)
 	switch {
 	case kt == keylessv1.KeyType_KEY_TYPE_UNSPECIFIED:
-		return nil, fmt.Errorf("tlscore: key %s: unsupported public key type %T", signer.FormatKeyID(id), pub)
+		return nil, fmt.Errorf("tlscore: key %s: unsupported public key type %T", link.FormatKeyID(id), pub)
 	case info.GetType() != keylessv1.KeyType_KEY_TYPE_UNSPECIFIED && info.GetType() != kt:
-		return nil, fmt.Errorf("tlscore: key %s: described as %v but the public key is %v", signer.FormatKeyID(id), info.GetType(), kt)
+		return nil, fmt.Errorf("tlscore: key %s: described as %v but the public key is %v", link.FormatKeyID(id), info.GetType(), kt)
 	}
 	k := remoteKey{client: c, id: id, pub: pub}
 	for _, w := range info.GetSignatureAlgorithms() {
-		if a, ok := signer.AlgorithmFor(w); ok && a.KeyType == kt && !slices.Contains(k.algs, w) {
+		if a, ok := link.AlgorithmFor(w); ok && a.KeyType == kt && !slices.Contains(k.algs, w) {
 			k.algs = append(k.algs, w)
 		}
 	}
@@ -80,7 +80,7 @@ func NewRemoteKey(c *Client, info *keylessv1.Key) (RemoteKey, error) {
 // cannot decrypt.
 type remoteKey struct {
 	client *Client
-	id     signer.KeyID
+	id     link.KeyID
 	pub    crypto.PublicKey
 	algs   []keylessv1.SignatureAlgorithm // what the keyserver offers for the key
 
@@ -101,7 +101,7 @@ var (
 func (k *remoteKey) Public() crypto.PublicKey { return k.pub }
 
 // KeyID returns the key's id.
-func (k *remoteKey) KeyID() signer.KeyID { return k.id }
+func (k *remoteKey) KeyID() link.KeyID { return k.id }
 
 // WithContext implements [RemoteKey].
 func (k *remoteKey) WithContext(ctx context.Context, rc *keylessv1.RequestContext) RemoteKey {
@@ -128,22 +128,20 @@ func (k *remoteKey) context() context.Context {
 // (PKCS #1 v1.5, or PSS when opts is *rsa.PSSOptions with a salt as long as
 // the hash) and ECDSA, the whole message with crypto.Hash(0) for Ed25519.
 // rand is ignored: the keyserver has its own. The scheme must be one the
-// keyserver offers for the key. RSA signatures are verified before they are
-// returned.
+// keyserver offers for the key. The keyserver verifies RSA signatures
+// before they leave it (a faulty RSA-CRT signature reveals the key), so the
+// edge does not check them again.
 func (k *remoteKey) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	alg, err := signer.AlgorithmForOpts(k.pub, opts)
+	alg, err := link.AlgorithmForOpts(k.pub, opts)
 	if err != nil {
-		return nil, fmt.Errorf("tlscore: key %s: %w", signer.FormatKeyID(k.id), err)
+		return nil, fmt.Errorf("tlscore: key %s: %w", link.FormatKeyID(k.id), err)
 	}
 	if !slices.Contains(k.algs, alg.Wire) {
-		return nil, fmt.Errorf("tlscore: key %s: the keyserver does not offer %v for this key", signer.FormatKeyID(k.id), alg)
+		return nil, fmt.Errorf("tlscore: key %s: the keyserver does not offer %v for this key", link.FormatKeyID(k.id), alg)
 	}
 	if alg.Hash != 0 && len(digest) != alg.Hash.Size() {
-		return nil, fmt.Errorf("tlscore: key %s: %d-byte digest for %v; want %d", signer.FormatKeyID(k.id), len(digest), alg, alg.Hash.Size())
+		return nil, fmt.Errorf("tlscore: key %s: %d-byte digest for %v; want %d", link.FormatKeyID(k.id), len(digest), alg, alg.Hash.Size())
 	}
-	// The keyserver verifies RSA signatures before they leave it (a faulty
-	// RSA-CRT signature reveals the key), so they are not checked again on
-	// the handshake path here.
 	return k.client.Sign(k.context(), k.id, alg, digest, k.rc)
 }
 
@@ -157,9 +155,9 @@ func (k *remoteKey) Sign(_ io.Reader, digest []byte, opts crypto.SignerOpts) ([]
 // the ciphertext was bad. rand is ignored.
 func (k *remoteRSAKey) Decrypt(_ io.Reader, ciphertext []byte, opts crypto.DecrypterOpts) ([]byte, error) {
 	o, ok := opts.(*rsa.PKCS1v15DecryptOptions)
-	if !ok || o == nil || o.SessionKeyLen != signer.PremasterLen {
+	if !ok || o == nil || o.SessionKeyLen != link.PremasterLen {
 		return nil, fmt.Errorf("tlscore: key %s: only TLS premaster decryption (*rsa.PKCS1v15DecryptOptions with SessionKeyLen %d) is supported, not %T",
-			signer.FormatKeyID(k.id), signer.PremasterLen, opts)
+			link.FormatKeyID(k.id), link.PremasterLen, opts)
 	}
 	return k.client.Decrypt(k.context(), k.id, ciphertext, k.rc)
 }

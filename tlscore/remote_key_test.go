@@ -18,18 +18,18 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
-	"github.com/keyless-tls/keyless/signer"
 )
 
 // remoteKeys returns env's keys as RemoteKeys, by key id.
-func remoteKeys(t *testing.T, env *testEnv) map[signer.KeyID]RemoteKey {
+func remoteKeys(t *testing.T, env *testEnv) map[link.KeyID]RemoteKey {
 	t.Helper()
 	infos, err := env.client.ListKeys(t.Context())
 	if err != nil {
 		t.Fatal(err)
 	}
-	keys := make(map[signer.KeyID]RemoteKey)
+	keys := make(map[link.KeyID]RemoteKey)
 	for _, info := range infos {
 		k, err := NewRemoteKey(env.client, info)
 		if err != nil {

@@ -8,8 +8,8 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
-	"github.com/keyless-tls/keyless/signer"
 )
 
 // certificateSchemes returns what to set as a certificate's
@@ -27,22 +27,22 @@ import (
 // An empty list is an error, never returned: crypto/tls reads an empty
 // SupportedSignatureAlgorithms as "no restriction".
 func certificateSchemes(pub crypto.PublicKey, offered []keylessv1.SignatureAlgorithm) (schemes []tls.SignatureScheme, tls13 bool, err error) {
-	kt := signer.KeyTypeOf(pub)
-	var tls13Scheme func(signer.Algorithm) bool
+	kt := link.KeyTypeOf(pub)
+	var tls13Scheme func(link.Algorithm) bool
 	switch pub := pub.(type) {
 	case *ecdsa.PublicKey:
 		want, ok := curveScheme(pub)
 		if !ok {
 			return nil, false, fmt.Errorf("tlscore: ECDSA curve %s is not usable in TLS", pub.Curve.Params().Name)
 		}
-		tls13Scheme = func(a signer.Algorithm) bool { return a.Wire == want }
+		tls13Scheme = func(a link.Algorithm) bool { return a.Wire == want }
 	case *rsa.PublicKey:
-		tls13Scheme = func(a signer.Algorithm) bool { return a.PSS }
+		tls13Scheme = func(a link.Algorithm) bool { return a.PSS }
 	default:
-		tls13Scheme = func(signer.Algorithm) bool { return true }
+		tls13Scheme = func(link.Algorithm) bool { return true }
 	}
 	for _, w := range offered {
-		a, ok := signer.AlgorithmFor(w)
+		a, ok := link.AlgorithmFor(w)
 		if !ok || a.KeyType != kt || a.Legacy {
 			continue
 		}

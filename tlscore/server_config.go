@@ -9,6 +9,7 @@ import (
 	"slices"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/keyless-tls/keyless/internal/hostname"
 )
 
 // defaultNextProtos are the ALPN protocols of an HTTPS edge, as ServeHTTP
@@ -32,6 +33,17 @@ var ecdheSuites = []uint16{
 var rsaKexSuites = []uint16{
 	tls.TLS_RSA_WITH_AES_128_GCM_SHA256,
 	tls.TLS_RSA_WITH_AES_256_GCM_SHA384,
+}
+
+// CipherSuites returns the TLS 1.2 cipher suites an edge offers, in its
+// order of preference: the ECDHE ones, then, with rsaKeyExchange, the RSA
+// key-exchange ones. The caller owns the returned slice. A server that
+// should negotiate as an edge does (a baseline in a benchmark, say) uses it.
+func CipherSuites(rsaKeyExchange bool) []uint16 {
+	if rsaKeyExchange {
+		return append(slices.Clone(ecdheSuites), rsaKexSuites...)
+	}
+	return slices.Clone(ecdheSuites)
 }
 
 // ServerConfig configures the edge's TLS server ([NewServerTLSConfig]). It
@@ -89,8 +101,8 @@ func (c *ServerConfig) Validate() error {
 		return errors.New("tlscore: ServerConfig.Certificates is nil")
 	}
 	for _, p := range c.RSAKeyExchange {
-		if err := checkPattern(p); err != nil {
-			return err
+		if err := hostname.CheckPattern(p); err != nil {
+			return fmt.Errorf("tlscore: ServerConfig.RSAKeyExchange: host name pattern %q: %w", p, err)
 		}
 	}
 	if r := c.HandshakesPerClient; r != 0 && !(r >= MinHandshakeRate && r <= MaxHandshakeRate) {
@@ -136,7 +148,7 @@ func NewServerTLSConfig(cfg ServerConfig) (*tls.Config, error) {
 	}
 	base := &tls.Config{
 		MinVersion:     tls.VersionTLS12,
-		CipherSuites:   slices.Clone(ecdheSuites),
+		CipherSuites:   CipherSuites(false),
 		NextProtos:     slices.Clone(nextProtos),
 		GetCertificate: getCertificate(cfg.Certificates, cfg.handshakeLimiter()),
 	}
@@ -147,22 +159,22 @@ func NewServerTLSConfig(cfg ServerConfig) (*tls.Config, error) {
 
 	patterns := make([]string, len(cfg.RSAKeyExchange))
 	for i, p := range cfg.RSAKeyExchange {
-		patterns[i] = normalizeName(p)
+		patterns[i] = hostname.Normalize(p)
 	}
 	// Cloned before GetConfigForClient is set, so the clones have none;
 	// WrapSession and UnwrapSession carry over and still use base's keys.
 	withRSA := base.Clone()
-	withRSA.CipherSuites = append(slices.Clone(ecdheSuites), rsaKexSuites...)
+	withRSA.CipherSuites = CipherSuites(true)
 	rsaOnly := withRSA
 	if slices.Contains(nextProtos, "h2") {
 		rsaOnly = withRSA.Clone()
 		rsaOnly.NextProtos = slices.DeleteFunc(slices.Clone(nextProtos), func(p string) bool { return p == "h2" })
 	}
 	base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
-		name := normalizeName(hello.ServerName)
+		name := hostname.Normalize(hello.ServerName)
 		// Only for a certificate of the name itself: a name the store does
 		// not hold gets the default certificate, whose key was not opted in.
-		if !slices.ContainsFunc(patterns, func(p string) bool { return matchName(p, name) }) || !cfg.Certificates.holds(name) {
+		if !slices.ContainsFunc(patterns, func(p string) bool { return hostname.Match(p, name) }) || !cfg.Certificates.holds(name) {
 			return nil, nil
 		}
 		if offersForwardSecrecy(hello) {

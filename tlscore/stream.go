@@ -15,8 +15,8 @@ import (
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
-	"github.com/keyless-tls/keyless/signer"
 )
 
 // The client sends Sign and Decrypt as operations on KeylessService.Stream:
@@ -289,7 +289,7 @@ func timeoutMs(ctx context.Context) uint32 {
 		return 0
 	}
 	ms := (time.Until(d) + time.Millisecond - 1) / time.Millisecond
-	return uint32(min(max(ms, 1), signer.MaxOperationTimeout/time.Millisecond))
+	return uint32(min(max(ms, 1), link.MaxOperationTimeout/time.Millisecond))
 }
 
 // forget drops an operation whose caller gave up.
@@ -311,11 +311,11 @@ func (st *opStream) endErr() error {
 }
 
 // send sends queued operations, as many per message as are queued (up to
-// signer.MaxStreamOperations), until the stream ends. An operation that
+// link.MaxStreamOperations), until the stream ends. An operation that
 // finds the sender idle does not wait for others beyond a yield of the
 // processor: at concurrency 1 each goes at once.
 func (st *opStream) send() {
-	batch := make([]*keylessv1.Operation, 0, signer.MaxStreamOperations)
+	batch := make([]*keylessv1.Operation, 0, link.MaxStreamOperations)
 	for {
 		select {
 		case op := <-st.queue:
@@ -325,7 +325,7 @@ func (st *opStream) send() {
 			// for this message too.
 			runtime.Gosched()
 		more:
-			for len(batch) < signer.MaxStreamOperations {
+			for len(batch) < link.MaxStreamOperations {
 				select {
 				case op := <-st.queue:
 					batch = append(batch, op)

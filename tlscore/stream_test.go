@@ -13,14 +13,14 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
-	"github.com/keyless-tls/keyless/signer"
 )
 
 // signVerified signs a fresh digest and verifies the signature.
 func signVerified(t *testing.T, c *Client, i int) error {
 	t.Helper()
-	alg, _ := signer.AlgorithmFor(algECDSA256)
+	alg, _ := link.AlgorithmFor(algECDSA256)
 	d := digest(crypto.SHA256)
 	d[0], d[1] = byte(i), byte(i>>8)
 	sig, err := c.Sign(t.Context(), mustKeyID(t, testP256Key().Public()), alg, d, nil)
@@ -77,7 +77,7 @@ func TestClientStreamUnaryFallback(t *testing.T) {
 		}
 	}
 	pms, err := c.Decrypt(t.Context(), mustKeyID(t, testRSAKey().Public()), make([]byte, 256), nil)
-	if err != nil || len(pms) != signer.PremasterLen {
+	if err != nil || len(pms) != link.PremasterLen {
 		t.Fatalf("Decrypt() = %d bytes, %v", len(pms), err)
 	}
 	if !c.streams.unary.Load() {
@@ -186,7 +186,7 @@ func (s *countingStreams) Stream(stream keylessv1.KeylessService_StreamServer) e
 // TestLinkWindowsAreStatic: operations sent one at a time cost one frame
 // each way and no flow-control chatter. With gRPC's default dynamic windows
 // nearly every message would also bring a bandwidth-delay PING, its ack and
-// a WINDOW_UPDATE (see signer.WindowSize).
+// a WINDOW_UPDATE (see link.WindowSize).
 func TestLinkWindowsAreStatic(t *testing.T) {
 	pki := newTestPKI(t)
 	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{testP256Key()}, nil))

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/keyless-tls/keyless/internal/hostname"
 )
 
 // Tags of the SessionState.Extra entries that bind a session ticket.
@@ -70,7 +71,7 @@ func bindTickets(cfg *tls.Config, certs *CertStore, logger hclog.Logger) {
 }
 
 func ticketServerNameEntry(serverName string) []byte {
-	return []byte(ticketServerNameTag + normalizeName(serverName))
+	return []byte(ticketServerNameTag + hostname.Normalize(serverName))
 }
 
 func ticketCertEntry(leafHash [sha256.Size]byte) []byte {

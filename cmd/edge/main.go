@@ -46,6 +46,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/keyless-tls/keyless/internal/opsserver"
+	"github.com/keyless-tls/keyless/link"
 	"github.com/keyless-tls/keyless/tlscore"
 )
 
@@ -77,10 +78,10 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	reg := opsserver.NewRegistry()
 	metrics := tlscore.NewMetrics(reg)
 	keyservers, name, origin := f.keyserverList, f.serverName, f.originURL
-	if err := tlscore.CheckKeyFileMode(f.tlsKey); err != nil {
+	if err := link.CheckKeyFileMode(f.tlsKey); err != nil {
 		logger.Warn("-tls-key is readable by others", "error", err)
 	}
-	link, err := tlscore.LoadMTLSCredentials(f.tlsCert, f.tlsKey, f.keyserverCA)
+	link, err := link.LoadMTLSCredentials(f.tlsCert, f.tlsKey, f.keyserverCA)
 	if err != nil {
 		return err
 	}
@@ -232,7 +233,7 @@ const reloadTimeout = 30 * time.Second
 // the keyservers hold their keys); otherwise the error is logged and the
 // previous one stays in force. Established connections, to clients and to
 // keyservers, are not disturbed.
-func reloadConfig(ctx context.Context, f *flags, certs *tlscore.CertStore, link *tlscore.MTLSCredentials, tlsConfig *tls.Config, logger hclog.Logger) {
+func reloadConfig(ctx context.Context, f *flags, certs *tlscore.CertStore, link *link.MTLSCredentials, tlsConfig *tls.Config, logger hclog.Logger) {
 	logger.Info("reloading certificates, keyserver link credentials and session ticket keys")
 	ok := true
 	if f.ticketKeys != "" {

@@ -8,7 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/keyless-tls/keyless/signer"
+	"github.com/keyless-tls/keyless/link"
 )
 
 // certificateNames reads the certificate files in dir (*.pem and *.crt; the
@@ -16,12 +16,12 @@ import (
 // to its DNS names, for the policy's cert: patterns. Files hold public
 // certificates only: a file with a private key is an error, as is one
 // without a certificate.
-func certificateNames(dir string) (map[signer.KeyID][]string, error) {
+func certificateNames(dir string) (map[link.KeyID][]string, error) {
 	des, err := os.ReadDir(dir)
 	if err != nil {
 		return nil, err
 	}
-	names := make(map[signer.KeyID][]string)
+	names := make(map[link.KeyID][]string)
 	for _, de := range des {
 		name := de.Name()
 		ext := strings.ToLower(filepath.Ext(name))
@@ -56,7 +56,7 @@ func certificateNames(dir string) (map[signer.KeyID][]string, error) {
 		if leaf == nil {
 			return nil, fmt.Errorf("%s: no CERTIFICATE PEM block", path)
 		}
-		id, err := signer.KeyIDOf(leaf.PublicKey)
+		id, err := link.KeyIDOf(leaf.PublicKey)
 		if err != nil {
 			return nil, fmt.Errorf("%s: %w", path, err)
 		}

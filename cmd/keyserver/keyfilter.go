@@ -5,6 +5,7 @@ import (
 	"crypto"
 
 	"github.com/keyless-tls/keyless/hsm"
+	"github.com/keyless-tls/keyless/link"
 	"github.com/keyless-tls/keyless/signer"
 )
 
@@ -38,7 +39,7 @@ func (s *uriKeys) match(k crypto.Signer) bool {
 }
 
 // Key returns the key whose id is id if the URI selects it, or (nil, nil).
-func (s *uriKeys) Key(ctx context.Context, id signer.KeyID) (crypto.Signer, error) {
+func (s *uriKeys) Key(ctx context.Context, id link.KeyID) (crypto.Signer, error) {
 	k, err := s.store.Key(ctx, id)
 	if err != nil || k == nil || !s.match(k) {
 		return nil, err

@@ -21,6 +21,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/keyless-tls/keyless/hsm"
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 	"github.com/keyless-tls/keyless/signer"
 )
@@ -243,7 +244,7 @@ func (c *keysCmd) find(ctx context.Context, m *hsm.Module) (crypto.Signer, error
 	if c.key == "" {
 		return nil, fmt.Errorf("-key is required (a key id, a label or a PKCS #11 URI)")
 	}
-	if id, err := signer.ParseKeyID(c.key); err == nil {
+	if id, err := link.ParseKeyID(c.key); err == nil {
 		key, err := m.Key(ctx, id)
 		if err != nil {
 			return nil, err
@@ -351,7 +352,7 @@ func keysSelfsign(ctx context.Context, c *keysCmd) error {
 			ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 			BasicConstraintsValid: true,
 		}
-		if signer.KeyTypeOf(key.Public()) == keylessv1.KeyType_KEY_TYPE_RSA {
+		if link.KeyTypeOf(key.Public()) == keylessv1.KeyType_KEY_TYPE_RSA {
 			tmpl.KeyUsage |= x509.KeyUsageKeyEncipherment
 		}
 		der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)

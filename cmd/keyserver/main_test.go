@@ -12,7 +12,7 @@ import (
 	"testing"
 
 	"github.com/keyless-tls/keyless/hsm/hsmtest"
-	"github.com/keyless-tls/keyless/signer"
+	"github.com/keyless-tls/keyless/link"
 )
 
 func TestMain(m *testing.M) { hsmtest.Main(m) }
@@ -106,11 +106,11 @@ func TestKeysLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	id, _ := signer.KeyIDOf(pub)
-	if !strings.Contains(list, signer.FormatKeyID(id)) {
-		t.Errorf("exported key's id %s is not in the list", signer.FormatKeyID(id))
+	id, _ := link.KeyIDOf(pub)
+	if !strings.Contains(list, link.FormatKeyID(id)) {
+		t.Errorf("exported key's id %s is not in the list", link.FormatKeyID(id))
 	}
-	if again := keys("export", "-key", signer.FormatKeyID(id)); again != string(pem.EncodeToMemory(block)) {
+	if again := keys("export", "-key", link.FormatKeyID(id)); again != string(pem.EncodeToMemory(block)) {
 		t.Errorf("export by key id differs from export by label")
 	}
 

@@ -24,9 +24,9 @@ import (
 
 	"github.com/keyless-tls/keyless/hsm"
 	"github.com/keyless-tls/keyless/internal/opsserver"
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 	"github.com/keyless-tls/keyless/signer"
-	"github.com/keyless-tls/keyless/tlscore"
 )
 
 type serveFlags struct {
@@ -71,7 +71,7 @@ func parseServe(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.IntVar(&f.maxConcurrent, "max-concurrent", 4, "key operations running in the HSM at once; more wait in a queue")
 	fs.IntVar(&f.maxQueued, "max-queued", 1024, "key operations waiting for the HSM before new ones are refused")
 	fs.IntVar(&f.maxInFlight, "max-inflight-per-identity", 256, "requests one edge identity may have in flight at once, unless a quota of the policy names it (0: no bound)")
-	fs.IntVar(&f.maxStreams, "max-streams-per-identity", signer.MaxStreamsPerConnection, "Stream calls one edge identity may have open at once over all its connections; an edge opens one to four (0: no bound)")
+	fs.IntVar(&f.maxStreams, "max-streams-per-identity", link.MaxStreamsPerConnection, "Stream calls one edge identity may have open at once over all its connections; an edge opens one to four (0: no bound)")
 	fs.Float64Var(&f.ratePerIdentity, "rate-per-identity", 0, "requests per second one edge identity may make, unless a quota of the policy names it (0: no bound)")
 	fs.IntVar(&f.burstPerIdentity, "burst-per-identity", 0, "burst above -rate-per-identity (0: the rate, rounded up)")
 	fs.BoolVar(&f.allowExtractable, "allow-extractable", false, "DANGEROUS: also serve private keys that are extractable or not sensitive, which the token would let anyone with the PIN copy out")
@@ -154,10 +154,10 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
-	if err := tlscore.CheckKeyFileMode(f.tlsKey); err != nil {
+	if err := link.CheckKeyFileMode(f.tlsKey); err != nil {
 		logger.Warn("-tls-key is readable by others", "error", err)
 	}
-	creds, err := tlscore.LoadMTLSCredentials(f.tlsCert, f.tlsKey, f.clientCA)
+	creds, err := link.LoadMTLSCredentials(f.tlsCert, f.tlsKey, f.clientCA)
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
@@ -204,7 +204,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
-	gs := grpc.NewServer(append(signer.ServerOptions(),
+	gs := grpc.NewServer(append(link.ServerOptions(),
 		grpc.Creds(creds.ServerCredentialsCounted(svc.CheckPeer, logger.Named("mtls"), metrics.HandshakeRefused)),
 		grpc.StatsHandler(svc.StatsHandler()),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
@@ -313,7 +313,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 // reload is SIGHUP: it reads the policy, the certificates and the mTLS
 // files again and reopens the audit log (for log rotation). Each part that
 // fails keeps its previous state, with an error in the log.
-func reload(ctx context.Context, logger hclog.Logger, f *serveFlags, svc *signer.Service, store signer.KeyStore, creds *tlscore.MTLSCredentials, audit *auditFile) {
+func reload(ctx context.Context, logger hclog.Logger, f *serveFlags, svc *signer.Service, store signer.KeyStore, creds *link.MTLSCredentials, audit *auditFile) {
 	logger.Info("SIGHUP: reloading the policy, certificates and mTLS credentials, and reopening the audit log")
 	if err := audit.Reopen(); err != nil {
 		logger.Error("SIGHUP: reopening the audit log failed", "error", err)

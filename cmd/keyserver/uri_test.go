@@ -11,6 +11,7 @@ import (
 
 	"github.com/keyless-tls/keyless/hsm"
 	"github.com/keyless-tls/keyless/hsm/hsmtest"
+	"github.com/keyless-tls/keyless/link"
 	"github.com/keyless-tls/keyless/signer"
 )
 
@@ -178,7 +179,7 @@ func TestTokenURIKeys(t *testing.T) {
 	}
 	all, _ := m.Keys(context.Background())
 	for _, k := range all {
-		id, _ := signer.KeyIDOf(k.Public())
+		id, _ := link.KeyIDOf(k.Public())
 		got, err := store.Key(context.Background(), id)
 		want := k.(signer.Describer).Label() == "a.uri.test"
 		if err != nil || (got != nil) != want {

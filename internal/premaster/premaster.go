@@ -34,10 +34,12 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+
+	"github.com/keyless-tls/keyless/link"
 )
 
 // Len is the length of a TLS 1.2 premaster secret, and of every answer.
-const Len = 48
+const Len = link.PremasterLen
 
 // SecretMessage is the message whose signature is a key's rejection secret.
 const SecretMessage = "keyless: TLS 1.2 RSA premaster implicit rejection secret, v1"

@@ -1,4 +1,4 @@
-package tlscore
+package link
 
 import (
 	"crypto/elliptic"

@@ -1,4 +1,4 @@
-package tlscore
+package link
 
 import (
 	"crypto/tls"
@@ -121,7 +121,7 @@ func presentedNames(cert *x509.Certificate) []string {
 }
 
 func (e *ClientRefusedError) Error() string {
-	return fmt.Sprintf("tlscore: client certificate (%s) refused: %v", strings.Join(e.Names, ", "), e.Err)
+	return fmt.Sprintf("link: client certificate (%s) refused: %v", strings.Join(e.Names, ", "), e.Err)
 }
 
 func (e *ClientRefusedError) Unwrap() error { return e.Err }
@@ -251,10 +251,10 @@ func (c *MTLSCredentials) ClientConfig(serverName string) *tls.Config {
 // verifyServer verifies a keyserver's certificate chain as crypto/tls would.
 func verifyServer(roots *x509.CertPool, serverName string, cs tls.ConnectionState) error {
 	if serverName == "" {
-		return errors.New("tlscore: no keyserver name to verify the certificate against")
+		return errors.New("link: no keyserver name to verify the certificate against")
 	}
 	if len(cs.PeerCertificates) == 0 {
-		return errors.New("tlscore: the keyserver sent no certificate")
+		return errors.New("link: the keyserver sent no certificate")
 	}
 	opts := x509.VerifyOptions{
 		Roots:         roots,
@@ -266,7 +266,7 @@ func verifyServer(roots *x509.CertPool, serverName string, cs tls.ConnectionStat
 		opts.Intermediates.AddCert(ic)
 	}
 	if _, err := cs.PeerCertificates[0].Verify(opts); err != nil {
-		return fmt.Errorf("tlscore: keyserver certificate: %w", err)
+		return fmt.Errorf("link: keyserver certificate: %w", err)
 	}
 	return nil
 }
@@ -289,7 +289,7 @@ func ServerMTLSConfig(certFile, keyFile, clientCAFile string) (*tls.Config, erro
 // presented, the keyserver verified against caFile. serverName is required.
 func ClientMTLSConfig(certFile, keyFile, caFile, serverName string) (*tls.Config, error) {
 	if serverName == "" {
-		return nil, errors.New("tlscore: ClientMTLSConfig: the keyserver's server name is empty")
+		return nil, errors.New("link: ClientMTLSConfig: the keyserver's server name is empty")
 	}
 	c, err := LoadMTLSCredentials(certFile, keyFile, caFile)
 	if err != nil {
@@ -303,16 +303,16 @@ func loadMTLSMaterial(certFile, keyFile, caFile string) (*mtlsMaterial, error) {
 	if err != nil {
 		return nil, err
 	}
-	keyPEM, err := readPEMFile(keyFile, "key", isPrivateKeyBlock)
+	keyPEM, err := readPEMFile(keyFile, "key", IsPrivateKeyBlock)
 	if err != nil {
 		return nil, err
 	}
 	cert, err := tls.X509KeyPair(certPEM, keyPEM)
 	if err != nil {
-		return nil, fmt.Errorf("tlscore: key file %q and certificate file %q: %w", keyFile, certFile, err)
+		return nil, fmt.Errorf("link: key file %q and certificate file %q: %w", keyFile, certFile, err)
 	}
 	if now := time.Now(); now.After(cert.Leaf.NotAfter) {
-		return nil, fmt.Errorf("tlscore: certificate file %q: the certificate expired on %s", certFile, cert.Leaf.NotAfter.UTC().Format(time.RFC3339))
+		return nil, fmt.Errorf("link: certificate file %q: the certificate expired on %s", certFile, cert.Leaf.NotAfter.UTC().Format(time.RFC3339))
 	}
 	caPEM, err := readPEMFile(caFile, "CA", isCertificateBlock)
 	if err != nil {
@@ -320,7 +320,7 @@ func loadMTLSMaterial(certFile, keyFile, caFile string) (*mtlsMaterial, error) {
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(caPEM) {
-		return nil, fmt.Errorf("tlscore: CA file %q: no certificate could be parsed", caFile)
+		return nil, fmt.Errorf("link: CA file %q: no certificate could be parsed", caFile)
 	}
 	return &mtlsMaterial{
 		cert: &cert,
@@ -340,17 +340,17 @@ func loadMTLSMaterial(certFile, keyFile, caFile string) (*mtlsMaterial, error) {
 // that want accepts. what names the file's role in errors.
 func readPEMFile(path, what string, want func(*pem.Block) bool) ([]byte, error) {
 	if path == "" {
-		return nil, fmt.Errorf("tlscore: no %s file given", what)
+		return nil, fmt.Errorf("link: no %s file given", what)
 	}
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("tlscore: %s file: %w", what, err)
+		return nil, fmt.Errorf("link: %s file: %w", what, err)
 	}
 	for rest := data; ; {
 		var b *pem.Block
 		b, rest = pem.Decode(rest)
 		if b == nil {
-			return nil, fmt.Errorf("tlscore: %s file %q: no %s PEM block found", what, path, blockKind(what))
+			return nil, fmt.Errorf("link: %s file %q: no %s PEM block found", what, path, blockKind(what))
 		}
 		if want(b) {
 			return data, nil
@@ -367,9 +367,11 @@ func blockKind(what string) string {
 
 func isCertificateBlock(b *pem.Block) bool { return b.Type == "CERTIFICATE" }
 
-// isPrivateKeyBlock matches every PEM private key type: "PRIVATE KEY",
-// "RSA PRIVATE KEY", "EC PRIVATE KEY", "ENCRYPTED PRIVATE KEY" and so on.
-func isPrivateKeyBlock(b *pem.Block) bool { return strings.HasSuffix(b.Type, "PRIVATE KEY") }
+// IsPrivateKeyBlock reports whether b holds a private key, whatever its PEM
+// type: "PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY", "ENCRYPTED
+// PRIVATE KEY" and so on. An edge uses it to refuse certificate files that
+// carry a key.
+func IsPrivateKeyBlock(b *pem.Block) bool { return strings.HasSuffix(b.Type, "PRIVATE KEY") }
 
 // CheckKeyFileMode returns an error if the private key file at path may be
 // read by its group or others (mode 0600 or stricter is expected): whoever

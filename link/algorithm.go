@@ -1,4 +1,4 @@
-package signer
+package link
 
 import (
 	"crypto"
@@ -90,17 +90,17 @@ func AlgorithmForScheme(s tls.SignatureScheme) (Algorithm, bool) {
 func AlgorithmForOpts(pub crypto.PublicKey, opts crypto.SignerOpts) (Algorithm, error) {
 	kt := KeyTypeOf(pub)
 	if kt == keylessv1.KeyType_KEY_TYPE_UNSPECIFIED {
-		return Algorithm{}, fmt.Errorf("signer: unsupported public key type %T", pub)
+		return Algorithm{}, fmt.Errorf("link: unsupported public key type %T", pub)
 	}
 	// A nil interface or a nil *rsa.PSSOptions would panic in HashFunc.
 	pss, isPSS := opts.(*rsa.PSSOptions)
 	if opts == nil || isPSS && pss == nil {
-		return Algorithm{}, errors.New("signer: nil signer options")
+		return Algorithm{}, errors.New("link: nil signer options")
 	}
 	// Ed25519ctx signs something other than the message alone: signing it
 	// as PureEdDSA would give a signature that does not verify.
 	if o, ok := opts.(*ed25519.Options); ok && o.Context != "" {
-		return Algorithm{}, errors.New("signer: Ed25519ctx is not a TLS signature scheme")
+		return Algorithm{}, errors.New("link: Ed25519ctx is not a TLS signature scheme")
 	}
 	h := opts.HashFunc()
 	for _, a := range algorithms {
@@ -110,11 +110,11 @@ func AlgorithmForOpts(pub crypto.PublicKey, opts crypto.SignerOpts) (Algorithm, 
 		// Compare the salt only once h is known to be a table hash:
 		// crypto.Hash.Size panics for 0 and unknown values.
 		if isPSS && pss.SaltLength != rsa.PSSSaltLengthEqualsHash && pss.SaltLength != h.Size() {
-			return Algorithm{}, fmt.Errorf("signer: unsupported RSA-PSS salt length %d (TLS uses the hash length)", pss.SaltLength)
+			return Algorithm{}, fmt.Errorf("link: unsupported RSA-PSS salt length %d (TLS uses the hash length)", pss.SaltLength)
 		}
 		return a, nil
 	}
-	return Algorithm{}, fmt.Errorf("signer: no TLS signature scheme for a %v key with hash %v (PSS %t)", kt, h, isPSS)
+	return Algorithm{}, fmt.Errorf("link: no TLS signature scheme for a %v key with hash %v (PSS %t)", kt, h, isPSS)
 }
 
 // KeyTypeOf returns the type of a public key, or KEY_TYPE_UNSPECIFIED if it

@@ -1,4 +1,4 @@
-package signer
+package link
 
 import (
 	"crypto"
@@ -6,6 +6,7 @@ import (
 	"crypto/ecdsa"
 	"crypto/ed25519"
 	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/rsa"
 	"crypto/tls"
 	"slices"
@@ -48,7 +49,7 @@ func testPublicKey(t *testing.T, kt keylessv1.KeyType) crypto.PublicKey {
 	case keylessv1.KeyType_KEY_TYPE_ECDSA:
 		return testP256Key().Public()
 	case keylessv1.KeyType_KEY_TYPE_ED25519:
-		return testEd25519Key().Public()
+		return testEdKey().Public()
 	}
 	t.Fatalf("no test key of type %v", kt)
 	return nil
@@ -140,8 +141,8 @@ func TestAlgorithmForOptsTLSShapes(t *testing.T) {
 		{"PKCS1", rsaPub, crypto.SHA256, tls.PKCS1WithSHA256},
 		{"P-384 with SHA-256 (TLS 1.2)", testP384Key().Public(), crypto.SHA256, tls.ECDSAWithP256AndSHA256},
 		{"P-521 with SHA-512", testP521Key().Public(), crypto.SHA512, tls.ECDSAWithP521AndSHA512},
-		{"Ed25519 Hash(0)", testEd25519Key().Public(), crypto.Hash(0), tls.Ed25519},
-		{"Ed25519 Options{}", testEd25519Key().Public(), &ed25519.Options{}, tls.Ed25519},
+		{"Ed25519 Hash(0)", testEdKey().Public(), crypto.Hash(0), tls.Ed25519},
+		{"Ed25519 Options{}", testEdKey().Public(), &ed25519.Options{}, tls.Ed25519},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -154,11 +155,11 @@ func TestAlgorithmForOptsTLSShapes(t *testing.T) {
 }
 
 func TestAlgorithmForOptsErrors(t *testing.T) {
-	ecdhKey, err := ecdh.X25519().NewPrivateKey(testStream("x25519", 32))
+	ecdhKey, err := ecdh.X25519().GenerateKey(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
-	rsaPub, ecPub, edPub := testRSAKey().Public(), testP256Key().Public(), testEd25519Key().Public()
+	rsaPub, ecPub, edPub := testRSAKey().Public(), testP256Key().Public(), testEdKey().Public()
 	tests := []struct {
 		name string
 		pub  crypto.PublicKey
@@ -215,7 +216,7 @@ func TestDefaultSchemes(t *testing.T) {
 		{"P-256", testP256Key().Public(), ecSchemes},
 		{"P-384", testP384Key().Public(), ecSchemes},
 		{"P-521", testP521Key().Public(), ecSchemes},
-		{"Ed25519", testEd25519Key().Public(), []tls.SignatureScheme{tls.Ed25519}},
+		{"Ed25519", testEdKey().Public(), []tls.SignatureScheme{tls.Ed25519}},
 		{"unknown", []byte("not a key"), nil},
 	}
 	for _, tt := range tests {
@@ -236,7 +237,7 @@ func TestKeyTypeOfAndKeyBits(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ecdhKey, err := ecdh.X25519().NewPrivateKey(testStream("x25519", 32))
+	ecdhKey, err := ecdh.X25519().GenerateKey(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -251,10 +252,10 @@ func TestKeyTypeOfAndKeyBits(t *testing.T) {
 		{"P-256", testP256Key().Public(), keylessv1.KeyType_KEY_TYPE_ECDSA, 256},
 		{"P-384", testP384Key().Public(), keylessv1.KeyType_KEY_TYPE_ECDSA, 384},
 		{"P-521", testP521Key().Public(), keylessv1.KeyType_KEY_TYPE_ECDSA, 521},
-		{"Ed25519", testEd25519Key().Public(), keylessv1.KeyType_KEY_TYPE_ED25519, 255},
+		{"Ed25519", testEdKey().Public(), keylessv1.KeyType_KEY_TYPE_ED25519, 255},
 		{"X25519", ecdhKey.Public(), keylessv1.KeyType_KEY_TYPE_UNSPECIFIED, 0},
 		{"private RSA key", testRSAKey(), keylessv1.KeyType_KEY_TYPE_UNSPECIFIED, 0},
-		{"private Ed25519 key", testEd25519Key(), keylessv1.KeyType_KEY_TYPE_UNSPECIFIED, 0},
+		{"private Ed25519 key", testEdKey(), keylessv1.KeyType_KEY_TYPE_UNSPECIFIED, 0},
 		{"nil", nil, keylessv1.KeyType_KEY_TYPE_UNSPECIFIED, 0},
 	}
 	for _, tt := range tests {
