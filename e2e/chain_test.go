@@ -155,7 +155,7 @@ func startChain(t *testing.T) (*chain, error) {
 	if err != nil {
 		return nil, err
 	}
-	gs := grpc.NewServer(append(link.ServerOptions(), grpc.Creds(creds.ServerCredentials(svc.CheckPeer, nil)),
+	gs := grpc.NewServer(append(link.ServerOptions(), grpc.Creds(creds.ServerCredentials(svc.CheckPeer, nil, link.HandshakeObserver{})),
 		grpc.StatsHandler(svc.StatsHandler()))...)
 	keylessv1.RegisterKeylessServiceServer(gs, svc)
 	hs := health.NewServer()

@@ -133,7 +133,7 @@ func startSecKeyserver(t testing.TB) *secKeyserver {
 		t.Fatal(err)
 	}
 	gs := grpc.NewServer(append(link.ServerOptions(),
-		grpc.Creds(creds.ServerCredentials(ks.svc.CheckPeer, logger.Named("mtls"))),
+		grpc.Creds(creds.ServerCredentials(ks.svc.CheckPeer, logger.Named("mtls"), link.HandshakeObserver{})),
 		grpc.StatsHandler(ks.svc.StatsHandler()),
 	)...)
 	keylessv1.RegisterKeylessServiceServer(gs, ks.svc)

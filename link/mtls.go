@@ -6,15 +6,12 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
-	"io"
-	"net"
 	"os"
+	"slices"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/hashicorp/go-hclog"
-	"google.golang.org/grpc/credentials"
 )
 
 // MTLSCredentials are one end's credentials for the edge–keyserver link: a
@@ -23,18 +20,26 @@ import (
 //
 // The configurations it returns read the credentials at each handshake, so
 // [MTLSCredentials.Reload] takes effect without rebuilding a gRPC server or
-// client: handshakes that start after Reload returns use the new files,
-// established connections are not disturbed. It is safe for concurrent use.
+// client: handshakes that start after Reload returns use the new files.
+// Established connections are not disturbed, except on a keyserver those
+// of a client certificate that a newly loaded CRL revokes (see
+// [MTLSCredentials.SetClientCRLs]). It is safe for concurrent use.
 type MTLSCredentials struct {
 	certFile, keyFile, caFile string
-	cur                       atomic.Pointer[mtlsMaterial]
+
+	reload   sync.Mutex // serializes loads
+	crlFiles []string   // guarded by reload
+	cur      atomic.Pointer[mtlsMaterial]
+	conns    *connRegistry // a keyserver's established connections
 }
 
 // mtlsMaterial is one loaded generation of credentials. It is immutable.
 type mtlsMaterial struct {
-	cert   *tls.Certificate
-	pool   *x509.CertPool
-	server *tls.Config // the keyserver's per-handshake config, built once per load
+	cert    *tls.Certificate
+	pool    *x509.CertPool
+	cas     []*x509.Certificate
+	server  *tls.Config // the keyserver's per-handshake config, built once per load
+	revoked *revocations
 }
 
 // LoadMTLSCredentials reads a certificate chain (certFile, leaf first), its
@@ -43,184 +48,54 @@ type mtlsMaterial struct {
 // that holds no PEM block of the expected type, a key that does not match
 // the certificate, or a certificate that has expired.
 func LoadMTLSCredentials(certFile, keyFile, caFile string) (*MTLSCredentials, error) {
-	c := &MTLSCredentials{certFile: certFile, keyFile: keyFile, caFile: caFile}
+	c := &MTLSCredentials{certFile: certFile, keyFile: keyFile, caFile: caFile, conns: newConnRegistry()}
 	if err := c.Reload(); err != nil {
 		return nil, err
 	}
 	return c, nil
 }
 
-// Reload reads the files again and, if they are all valid, replaces the
-// credentials. On error the previous credentials stay in use.
+// Reload reads the files again, the client CRLs included, and, if they are
+// all valid, replaces the credentials; then it closes the established
+// connections of every client certificate the CRLs now revoke. On error the
+// previous credentials stay in use.
 func (c *MTLSCredentials) Reload() error {
+	c.reload.Lock()
+	defer c.reload.Unlock()
+	return c.load(c.crlFiles)
+}
+
+// SetClientCRLs makes a keyserver refuse the client certificates that the
+// certificate revocation lists in files revoke: in the handshake, and by
+// closing the established connections that use them. Each file holds CRLs
+// in PEM ("X509 CRL" blocks) or one in DER, and each CRL must be signed by
+// a certificate of the CA file. [MTLSCredentials.Reload] reads them again.
+// On error (a file that cannot be read or parsed, a CRL of another issuer)
+// nothing changes. An expired CRL is used all the same: see
+// [MTLSCredentials.ExpiredClientCRLs].
+func (c *MTLSCredentials) SetClientCRLs(files ...string) error {
+	c.reload.Lock()
+	defer c.reload.Unlock()
+	if err := c.load(files); err != nil {
+		return err
+	}
+	c.crlFiles = files
+	return nil
+}
+
+// load loads the files and crlFiles, and on success swaps them in and
+// closes the connections they revoke. c.reload must be held.
+func (c *MTLSCredentials) load(crlFiles []string) error {
 	m, err := loadMTLSMaterial(c.certFile, c.keyFile, c.caFile)
 	if err != nil {
 		return err
 	}
+	if m.revoked, err = loadRevocations(crlFiles, m.cas); err != nil {
+		return err
+	}
 	c.cur.Store(m)
+	c.conns.closeIf(func(chain []*x509.Certificate) bool { return slices.ContainsFunc(chain, m.revoked.has) }, "revoked")
 	return nil
-}
-
-// ServerConfig returns a configuration for the keyserver's gRPC listener:
-// TLS 1.3 only, and every client must present a certificate issued by one of
-// the CA certificates. Pass it to credentials.NewTLS. A keyserver should use
-// [MTLSCredentials.ServerCredentials], which also checks the client's
-// identity and logs refused handshakes.
-func (c *MTLSCredentials) ServerConfig() *tls.Config { return c.serverConfig(nil) }
-
-// serverConfig is ServerConfig, with check applied to the verified leaf of
-// each client certificate when check is not nil.
-func (c *MTLSCredentials) serverConfig(check func(*x509.Certificate) error) *tls.Config {
-	return &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		ClientAuth: tls.RequireAndVerifyClientCert,
-		// The certificate and the client CAs are swapped together on
-		// Reload: each handshake takes the generation current when it
-		// starts.
-		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-			cfg := c.cur.Load().server
-			if check == nil {
-				return cfg, nil
-			}
-			cfg = cfg.Clone()
-			cfg.VerifyConnection = func(cs tls.ConnectionState) error {
-				// With RequireAndVerifyClientCert, crypto/tls calls this
-				// only after the chain verified, also on resumption.
-				if len(cs.VerifiedChains) == 0 || len(cs.VerifiedChains[0]) == 0 {
-					return &ClientRefusedError{Err: errors.New("the client certificate was not verified")}
-				}
-				leaf := cs.VerifiedChains[0][0]
-				if err := check(leaf); err != nil {
-					return &ClientRefusedError{Names: presentedNames(leaf), Err: err}
-				}
-				return nil
-			}
-			return cfg, nil
-		},
-	}
-}
-
-// ClientRefusedError is the handshake error of a client whose certificate
-// chains to the CA but whose identity the keyserver's check refused.
-type ClientRefusedError struct {
-	// Names are the names the certificate presents (see presentedNames).
-	Names []string
-	// Err is the check's error.
-	Err error
-}
-
-// presentedNames returns a certificate's URI and DNS SANs as written, for
-// the log of a refusal: unlike signer.CertificateNames, it keeps names that
-// cannot be identities, which may be why the client was refused.
-func presentedNames(cert *x509.Certificate) []string {
-	var names []string
-	for _, u := range cert.URIs {
-		names = append(names, u.String())
-	}
-	return append(names, cert.DNSNames...)
-}
-
-func (e *ClientRefusedError) Error() string {
-	return fmt.Sprintf("link: client certificate (%s) refused: %v", strings.Join(e.Names, ", "), e.Err)
-}
-
-func (e *ClientRefusedError) Unwrap() error { return e.Err }
-
-// ServerCredentials returns the gRPC transport credentials of a keyserver's
-// listener: those of [MTLSCredentials.ServerConfig] (TLS 1.3, a client
-// certificate that chains to the CA certificates) and, when check is not
-// nil, check must accept the verified leaf certificate, or the handshake
-// fails with a bad_certificate alert. signer.Service.CheckPeer is the
-// keyserver's check: the client's identity must be on the policy's
-// allow-list.
-//
-// Every refused handshake is logged once to logger, at warn level, with the
-// client's address, the names its certificate presents (also for an
-// unverified certificate, such as one from another CA) and the reason; a
-// connection closed before it sent anything (a port probe) is logged at
-// debug level. Reload applies to these credentials too.
-func (c *MTLSCredentials) ServerCredentials(check func(*x509.Certificate) error, logger hclog.Logger) credentials.TransportCredentials {
-	if logger == nil {
-		logger = hclog.NewNullLogger()
-	}
-	return &refusalLogger{TransportCredentials: credentials.NewTLS(c.serverConfig(check)), logger: logger}
-}
-
-// ServerCredentialsCounted is [MTLSCredentials.ServerCredentials] that
-// also calls refused with the reason of each refused handshake (see
-// [RefusalReason]), for a metric. refused must be safe for concurrent use.
-func (c *MTLSCredentials) ServerCredentialsCounted(check func(*x509.Certificate) error, logger hclog.Logger, refused func(reason string)) credentials.TransportCredentials {
-	r := c.ServerCredentials(check, logger).(*refusalLogger)
-	r.count = refused
-	return r
-}
-
-// RefusalReason classifies a failed server handshake for a metric label:
-// "identity_refused" (the certificate chains to the CA but the identity is
-// not allowed), "untrusted_certificate" (it does not verify),
-// "closed_early" (the peer sent nothing) or "handshake_error".
-func RefusalReason(err error) string {
-	var (
-		refused *ClientRefusedError
-		verr    *tls.CertificateVerificationError
-	)
-	switch {
-	case errors.As(err, &refused):
-		return "identity_refused"
-	case errors.As(err, &verr):
-		return "untrusted_certificate"
-	case errors.Is(err, io.EOF):
-		return "closed_early"
-	}
-	return "handshake_error"
-}
-
-// refusalLogger logs each failed server handshake of its credentials.
-type refusalLogger struct {
-	credentials.TransportCredentials
-	logger hclog.Logger
-	count  func(reason string) // nil: not counted
-}
-
-func (r *refusalLogger) ServerHandshake(conn net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	c, info, err := r.TransportCredentials.ServerHandshake(conn)
-	if err != nil {
-		r.logRefusal(conn.RemoteAddr(), err)
-		if r.count != nil {
-			r.count(RefusalReason(err))
-		}
-	}
-	return c, info, err
-}
-
-func (r *refusalLogger) Clone() credentials.TransportCredentials {
-	return &refusalLogger{TransportCredentials: r.TransportCredentials.Clone(), logger: r.logger, count: r.count}
-}
-
-func (r *refusalLogger) logRefusal(addr net.Addr, err error) {
-	remote := "unknown"
-	if addr != nil {
-		remote = addr.String()
-	}
-	var (
-		refused *ClientRefusedError
-		verr    *tls.CertificateVerificationError
-		names   []string
-	)
-	switch {
-	case errors.As(err, &refused):
-		names = refused.Names
-	case errors.As(err, &verr) && len(verr.UnverifiedCertificates) > 0:
-		names = presentedNames(verr.UnverifiedCertificates[0])
-	case errors.Is(err, io.EOF):
-		r.logger.Debug("connection closed before the TLS handshake", "remote_address", remote)
-		return
-	}
-	presented := strings.Join(names, ",")
-	if presented == "" {
-		presented = "(none)"
-	}
-	r.logger.Warn("client refused in the TLS handshake", "remote_address", remote, "presented_names", presented, "reason", err.Error())
 }
 
 // ClientConfig returns a configuration for the edge's gRPC connections to
@@ -319,12 +194,24 @@ func loadMTLSMaterial(certFile, keyFile, caFile string) (*mtlsMaterial, error) {
 		return nil, err
 	}
 	pool := x509.NewCertPool()
-	if !pool.AppendCertsFromPEM(caPEM) {
+	var cas []*x509.Certificate
+	for rest := caPEM; ; {
+		var b *pem.Block
+		if b, rest = pem.Decode(rest); b == nil {
+			break
+		}
+		if ca, err := x509.ParseCertificate(b.Bytes); b.Type == "CERTIFICATE" && err == nil {
+			pool.AddCert(ca)
+			cas = append(cas, ca)
+		}
+	}
+	if len(cas) == 0 {
 		return nil, fmt.Errorf("link: CA file %q: no certificate could be parsed", caFile)
 	}
 	return &mtlsMaterial{
 		cert: &cert,
 		pool: pool,
+		cas:  cas,
 		server: &tls.Config{
 			MinVersion:   tls.VersionTLS13,
 			ClientAuth:   tls.RequireAndVerifyClientCert,

@@ -35,6 +35,16 @@ var ErrOverloaded = errors.New("signer: too many operations waiting for the key 
 // record.
 var ErrAuditUnavailable = errors.New("signer: the audit trail cannot be written; key operations are refused until it can")
 
+// ErrCredentialExpired is returned for a request on a connection whose
+// client certificate, or a certificate of its chain, has expired since the
+// connection was opened.
+var ErrCredentialExpired = errors.New("signer: the client certificate of this connection has expired")
+
+// ErrCredentialRevoked is returned for a request on a connection whose
+// client certificate, or a certificate of its chain, has been revoked since
+// the connection was opened.
+var ErrCredentialRevoked = errors.New("signer: the client certificate of this connection has been revoked")
+
 // PermissionError reports an operation the caller may not perform.
 type PermissionError struct {
 	// Identity is the caller's identity, as authenticated; empty when the
@@ -82,6 +92,8 @@ func toStatus(err error) error {
 	switch {
 	case errors.As(err, &verr):
 		return status.Error(codes.InvalidArgument, verr.Error())
+	case errors.Is(err, ErrCredentialExpired), errors.Is(err, ErrCredentialRevoked):
+		return status.Error(codes.Unauthenticated, err.Error())
 	case errors.As(err, &perr):
 		return status.Error(codes.PermissionDenied, perr.Error())
 	case errors.As(err, &qerr):

@@ -25,7 +25,7 @@ import (
 // with a policy, an audit trail on standard error and a health service that
 // follows the store. A keyserver would use an HSM-backed store (package hsm)
 // and mTLS credentials that check the policy's allow-list in the handshake
-// (grpc.Creds(creds.ServerCredentials(svc.CheckPeer, logger)), package
+// (grpc.Creds(creds.ServerCredentials(svc.CheckPeer, logger, obs)), package
 // tlscore) instead.
 func ExampleNewService() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)

@@ -14,8 +14,10 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/peer"
 
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
@@ -61,6 +63,13 @@ type Config struct {
 	// operations) do not bound. An edge opens one to four. Zero means no
 	// bound.
 	MaxStreamsPerIdentity int
+
+	// Revoked reports whether a client certificate is revoked; the
+	// service refuses every request of a connection whose certificate it
+	// reports, with Unauthenticated. A keyserver passes
+	// [link.MTLSCredentials.Revoked], which also closes such connections.
+	// Nil means no certificate is revoked.
+	Revoked func(*x509.Certificate) bool
 
 	// Logger receives one line per failed operation. Nil means no logging.
 	Logger hclog.Logger
@@ -110,6 +119,8 @@ type Service struct {
 
 	// auditFailing is set while the last audit record could not be written.
 	auditFailing atomic.Bool
+	// revoked is Config.Revoked, or a func that reports nothing revoked.
+	revoked func(*x509.Certificate) bool
 
 	// streamWorkers is the number of workers of each Stream.
 	streamWorkers int
@@ -140,12 +151,13 @@ func NewService(cfg Config) (*Service, error) {
 		logger = hclog.NewNullLogger()
 	}
 	s := &Service{
-		keys:   cfg.Keys,
-		quota:  cfg.Quota,
-		quotas: newQuotas(),
-		limit:  newLimiter(cfg.MaxConcurrent, cfg.MaxQueued),
-		audit:  cfg.Audit,
-		logger: logger,
+		keys:    cfg.Keys,
+		quota:   cfg.Quota,
+		quotas:  newQuotas(),
+		limit:   newLimiter(cfg.MaxConcurrent, cfg.MaxQueued),
+		audit:   cfg.Audit,
+		logger:  logger,
+		revoked: cfg.Revoked,
 
 		streamWorkers: 2 * cfg.MaxConcurrent,
 		resultDelay:   cfg.resultDelay,
@@ -156,6 +168,9 @@ func NewService(cfg Config) (*Service, error) {
 	}
 	if s.streamWorkers == 0 {
 		s.streamWorkers = defaultStreamWorkers
+	}
+	if s.revoked == nil {
+		s.revoked = func(*x509.Certificate) bool { return false }
 	}
 	if s.resultDelay == 0 {
 		s.resultDelay = maxResultDelay
@@ -191,6 +206,30 @@ func (s *Service) CheckPeer(leaf *x509.Certificate) error {
 	return nil
 }
 
+// checkCredential returns ErrCredentialExpired or ErrCredentialRevoked if
+// the certificate chain the caller's connection was authenticated with has
+// expired or been revoked since the connection was opened: TLS checks it
+// only in the handshake, and a connection may outlive it.
+func (s *Service) checkCredential(ctx context.Context, now time.Time) error {
+	p, _ := peer.FromContext(ctx)
+	if p == nil {
+		return nil
+	}
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok || len(info.State.VerifiedChains) == 0 {
+		return nil
+	}
+	for _, c := range info.State.VerifiedChains[0] {
+		if now.After(c.NotAfter) {
+			return ErrCredentialExpired
+		}
+		if s.revoked(c) {
+			return ErrCredentialRevoked
+		}
+	}
+	return nil
+}
+
 // admit applies the caller's quota: the policy's quota for identity, or
 // the service's default. The caller must call release after a nil error.
 func (s *Service) admit(pol *Policy, identity string) (release func(), err error) {
@@ -206,6 +245,9 @@ func (s *Service) start(ctx context.Context, c *call) (pol *Policy, identity str
 	pol = s.policy.Load()
 	identity, err = identify(ctx, pol, c)
 	if err != nil {
+		return nil, "", nil, err
+	}
+	if err := s.checkCredential(ctx, time.Now()); err != nil {
 		return nil, "", nil, err
 	}
 	if s.auditFailing.Load() {

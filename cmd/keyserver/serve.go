@@ -205,7 +205,7 @@ func serve(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("serve: %w", err)
 	}
 	gs := grpc.NewServer(append(link.ServerOptions(),
-		grpc.Creds(creds.ServerCredentialsCounted(svc.CheckPeer, logger.Named("mtls"), metrics.HandshakeRefused)),
+		grpc.Creds(creds.ServerCredentials(svc.CheckPeer, logger.Named("mtls"), link.HandshakeObserver{Refused: metrics.HandshakeRefused})),
 		grpc.StatsHandler(svc.StatsHandler()),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		// Reuse a goroutine per CPU for requests instead of starting one

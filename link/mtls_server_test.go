@@ -1,4 +1,4 @@
-package tlscore
+package link
 
 import (
 	"context"
@@ -6,13 +6,14 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
+	"fmt"
 	"net"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"github.com/keyless-tls/keyless/link"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -27,7 +28,7 @@ import (
 // and every refused handshake is logged once with the names presented.
 func TestServerCredentials(t *testing.T) {
 	pki, other := newTestPKI(t), newTestPKI(t)
-	creds, err := link.LoadMTLSCredentials(pki.serverCert, pki.serverKey, pki.caFile)
+	creds, err := LoadMTLSCredentials(pki.serverCert, pki.serverKey, pki.caFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -42,7 +43,7 @@ func TestServerCredentials(t *testing.T) {
 		return errors.New("not on the allow-list")
 	}
 	lis := bufconn.Listen(1 << 20)
-	srv := grpc.NewServer(grpc.Creds(creds.ServerCredentials(check, logger)))
+	srv := grpc.NewServer(grpc.Creds(creds.ServerCredentials(check, logger, HandshakeObserver{})))
 	healthpb.RegisterHealthServer(srv, health.NewServer())
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)
@@ -54,7 +55,7 @@ func TestServerCredentials(t *testing.T) {
 	}
 	call := func(certFile, keyFile string) error {
 		t.Helper()
-		cfg, err := link.ClientMTLSConfig(certFile, keyFile, pki.caFile, keyserverName)
+		cfg, err := ClientMTLSConfig(certFile, keyFile, pki.caFile, keyserverName)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -142,12 +143,12 @@ func TestServerCredentials(t *testing.T) {
 // certificate is refused and logged with no names.
 func TestServerCredentialsNoCertificate(t *testing.T) {
 	pki := newTestPKI(t)
-	creds, err := link.LoadMTLSCredentials(pki.serverCert, pki.serverKey, pki.caFile)
+	creds, err := LoadMTLSCredentials(pki.serverCert, pki.serverKey, pki.caFile)
 	if err != nil {
 		t.Fatal(err)
 	}
 	logs := &syncBuffer{}
-	tc := creds.ServerCredentials(nil, hclog.New(&hclog.LoggerOptions{Output: logs}))
+	tc := creds.ServerCredentials(nil, hclog.New(&hclog.LoggerOptions{Output: logs}), HandshakeObserver{})
 	server, client := net.Pipe()
 	go func() {
 		cfg := &tls.Config{RootCAs: pki.ca.pool, ServerName: keyserverName, MinVersion: tls.VersionTLS13}
@@ -163,4 +164,68 @@ func TestServerCredentialsNoCertificate(t *testing.T) {
 	if tc.Clone() == nil || tc.Info().SecurityProtocol != "tls" {
 		t.Error("Clone() or Info() of the credentials is wrong")
 	}
+}
+
+// TestRefusalLogBounded checks that refused handshakes of certificates
+// with hundreds of names add little to the log: a few names, each cut, per
+// line, and lines limited in rate per source.
+func TestRefusalLogBounded(t *testing.T) {
+	pki := newTestPKI(t)
+	creds, err := LoadMTLSCredentials(pki.serverCert, pki.serverKey, pki.caFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for i := range 251 {
+		names = append(names, fmt.Sprintf("%s-%03d.refused.test", strings.Repeat("n", 180), i))
+	}
+	k := mustECDSA(elliptic.P256())
+	selfCA := newTestCA(t, "Self")
+	issued := pki.ca.issue(t, k.Public(), leafOptions{client: true, names: names})
+	self := selfCA.issue(t, k.Public(), leafOptions{client: true, names: names})
+	var refused, suppressed atomic.Int64
+	logs := &syncBuffer{}
+	tc := creds.ServerCredentials(func(leaf *x509.Certificate) error {
+		return fmt.Errorf("no name of the client certificate (%s) is an identity", strings.Join(leaf.DNSNames, ", "))
+	}, hclog.New(&hclog.LoggerOptions{Output: logs}), HandshakeObserver{
+		Refused:       func(string) { refused.Add(1) },
+		LogSuppressed: func() { suppressed.Add(1) },
+	})
+	const attempts = 200
+	for i := range 2 * attempts {
+		leaf := issued
+		if i%2 == 1 {
+			leaf = self
+		}
+		cert := tls.Certificate{Certificate: [][]byte{leaf.Raw}, PrivateKey: k}
+		server, client := net.Pipe()
+		go func() {
+			cfg := &tls.Config{RootCAs: pki.ca.pool, ServerName: keyserverName, MinVersion: tls.VersionTLS13,
+				GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }}
+			_, _, _ = credentials.NewTLS(cfg).ClientHandshake(t.Context(), keyserverName, client)
+			client.Close()
+		}()
+		if _, _, err := tc.ServerHandshake(server); err == nil {
+			t.Fatal("ServerHandshake() of a refused certificate succeeded")
+		}
+		server.Close()
+		if i == 1 {
+			// The first two lines: one of each kind, each bounded.
+			for _, line := range strings.Split(strings.TrimSpace(logs.String()), "\n") {
+				if len(line) > 1024 {
+					t.Errorf("a refusal's log line has %d bytes, want at most 1024: %s", len(line), line)
+				}
+				if !strings.Contains(line, "and 247 more") {
+					t.Errorf("log line does not say how many names it left out: %s", line)
+				}
+			}
+		}
+	}
+	if got := len(logs.String()); got > 200<<10/4 {
+		t.Errorf("%d refused handshakes logged %d bytes, want well under 200 KiB", 2*attempts, got)
+	}
+	if refused.Load() != 2*attempts || suppressed.Load() == 0 {
+		t.Errorf("observed %d refusals, %d suppressed lines; want %d and some", refused.Load(), suppressed.Load(), 2*attempts)
+	}
+	t.Logf("%d refused handshakes: %d bytes of log, %d lines suppressed", 2*attempts, len(logs.String()), suppressed.Load())
 }
