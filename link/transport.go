@@ -19,10 +19,13 @@ const WindowSize = 64 << 10
 
 // ServerOptions returns the gRPC server options that shape a keyserver's
 // transport: the request and header size limits, the streams allowed per
-// connection and the fixed flow-control windows. A keyserver adds its
-// credentials, stats handler and keepalive policy.
+// connection, the fixed flow-control windows and a handshake timeout of
+// [DefaultHandshakeTimeout]. A keyserver adds its credentials, stats
+// handler and keepalive policy (a later grpc.ConnectionTimeout replaces the
+// handshake timeout).
 func ServerOptions() []grpc.ServerOption {
 	return []grpc.ServerOption{
+		grpc.ConnectionTimeout(DefaultHandshakeTimeout),
 		grpc.MaxRecvMsgSize(MaxRequestSize),
 		grpc.MaxHeaderListSize(MaxHeaderListSize),
 		grpc.MaxConcurrentStreams(MaxStreamsPerConnection),
