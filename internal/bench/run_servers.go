@@ -1,0 +1,135 @@
+package bench
+
+import (
+	"path/filepath"
+	"regexp"
+	"slices"
+	"time"
+)
+
+var (
+	readyKeyserver = regexp.MustCompile(`keyserver ready: listen=(\S+)(?: metrics=(\S+))?`)
+	readyEdge      = regexp.MustCompile(`edge ready: listen=(\S+)`)
+	readySelf      = regexp.MustCompile(`(?m)^ready (\S+)`)
+	heldRE         = regexp.MustCompile(`(?m)^held (\d+)`)
+)
+
+// servers are the long-running processes of the scenarios.
+type servers struct {
+	keyserver, edge, hsmTLS, softTLS    *proc
+	ksAddr, edgeAddr, hsmAddr, softAddr string
+	ksMetrics                           string // the keyserver's metrics listener, if any
+}
+
+// stop stops every server.
+func (s *servers) stop() {
+	s.stopTLS()
+	if s.keyserver != nil {
+		s.keyserver.stop()
+	}
+}
+
+// stopTLS stops the TLS servers (the edge and the baselines), which only
+// the handshake and resumption scenarios use.
+func (s *servers) stopTLS() {
+	for _, p := range []*proc{s.edge, s.hsmTLS, s.softTLS} {
+		if p != nil {
+			p.stop()
+		}
+	}
+}
+
+// startServers starts the keyserver, and the TLS servers that the
+// handshake (hs) and resumption scenarios need.
+func (o *orchestrator) startServers(hs, resume bool) error {
+	s := &o.srv
+	var err error
+	o.logf("starting keyserver")
+	if s.keyserver, s.ksAddr, s.ksMetrics, err = o.startKeyserver(); err != nil {
+		return err
+	}
+	if hs || resume {
+		o.logf("starting edge and the baseline TLS servers")
+		if s.edge, s.edgeAddr, err = o.startEdge(s.ksAddr); err != nil {
+			return err
+		}
+		if s.softTLS, s.softAddr, err = o.startSelf("tls-server-soft", nil, "tls-server", "-keys", "soft",
+			"-certs", filepath.Join(o.dir, "certs", "soft")); err != nil {
+			return err
+		}
+	}
+	if hs {
+		if s.hsmTLS, s.hsmAddr, err = o.startSelf("tls-server-hsm", o.env, append([]string{"tls-server", "-keys", "hsm",
+			"-certs", filepath.Join(o.dir, "certs", "keyless")}, o.hsmArgs()...)...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// startKeyserver starts the keyserver and returns it, its address and its
+// metrics listener's ("" for none).
+func (o *orchestrator) startKeyserver() (p *proc, addr, metricsAddr string, err error) {
+	args := []string{"serve", "-listen", "127.0.0.1:0", "-tls-cert", o.link.serverCert, "-tls-key", o.link.serverKey,
+		"-client-ca", o.link.caFile}
+	if o.policy != "" {
+		args = append(args, "-policy", o.policy)
+	}
+	if o.audit != "" {
+		args = append(args, "-audit-log", o.audit)
+	}
+	if o.metrics {
+		// For the stream counters; see keyserverRun.
+		args = append(args, "-metrics-listen", "127.0.0.1:0")
+	}
+	args = append(append(args, o.token...), o.cfg.KeyserverFlags...)
+	p, err = startProc("keyserver", o.logDir, append(slices.Clone(o.env), o.cfg.KeyserverEnv...), filepath.Join(o.bin, "keyserver"), args...)
+	if err != nil {
+		return nil, "", "", err
+	}
+	m, err := p.waitFor(readyKeyserver, 30*time.Second)
+	if err != nil {
+		p.stop()
+		return nil, "", "", err
+	}
+	if m[2] != "off" {
+		metricsAddr = m[2]
+	}
+	return p, m[1], metricsAddr, nil
+}
+
+func (o *orchestrator) startEdge(ksAddr string) (*proc, string, error) {
+	args := []string{"-listen", "127.0.0.1:0", "-certs", filepath.Join(o.dir, "certs", "keyless"),
+		"-default-cert", nameECDSA, "-rsa-key-exchange", nameRSA,
+		// Never contacted: the load generator sends no request.
+		"-origin", "http://127.0.0.1:9",
+		"-keyserver", ksAddr, "-keyserver-name", o.link.serverName, "-keyserver-ca", o.link.caFile,
+		"-tls-cert", o.link.clientCert, "-tls-key", o.link.clientKey}
+	p, err := startProc("edge", o.logDir, o.cfg.EdgeEnv, filepath.Join(o.bin, "edge"), append(args, o.cfg.EdgeFlags...)...)
+	if err != nil {
+		return nil, "", err
+	}
+	m, err := p.waitFor(readyEdge, 30*time.Second)
+	if err != nil {
+		p.stop()
+		return nil, "", err
+	}
+	return p, m[1], nil
+}
+
+func (o *orchestrator) startSelf(name string, env []string, args ...string) (*proc, string, error) {
+	p, err := startProc(name, o.logDir, env, o.self, args...)
+	if err != nil {
+		return nil, "", err
+	}
+	m, err := p.waitFor(readySelf, 30*time.Second)
+	if err != nil {
+		p.stop()
+		return nil, "", err
+	}
+	return p, m[1], nil
+}
+
+func (o *orchestrator) hsmArgs() []string {
+	return []string{"-module", o.cfg.Module, "-token-label", benchToken, "-pin-file", o.pinFile}
+}
