@@ -26,48 +26,83 @@ func (o *orchestrator) edgememRun(ctx context.Context, proto, ksAddr string) err
 		return err
 	}
 	defer edge.stop()
-	hold := func(name string, n int) (*proc, error) {
-		args := []string{"hold", "-addr", addr, "-n", strconv.Itoa(n)}
-		if proto == "h2" {
-			args = append(args, "-h2")
-		}
-		p, err := startProc(name, o.logDir, nil, o.self, args...)
-		if err != nil {
-			return nil, err
-		}
-		if _, err := p.waitFor(heldRE, 3*time.Minute); err != nil {
-			p.stop()
-			return nil, err
-		}
-		return p, nil
-	}
-	snap := func(phase string) (MemSnapshot, error) {
-		before := strings.Count(edge.stdout.String(), "\n")
-		if _, err := fmt.Fprintf(edge.stdin, "snapshot %s\n", phase); err != nil {
-			return MemSnapshot{}, err
-		}
-		deadline := time.Now().Add(30 * time.Second)
-		for time.Now().Before(deadline) {
-			lines := strings.Split(strings.TrimSpace(edge.stdout.String()), "\n")
-			if len(lines) > before {
-				var s MemSnapshot
-				if err := json.Unmarshal([]byte(lines[len(lines)-1]), &s); err != nil {
-					return s, fmt.Errorf("bench: edgemem: %v", err)
-				}
-				return s, nil
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		return MemSnapshot{}, errors.New("bench: edgemem did not answer")
-	}
-	warm, err := hold("hold-warmup-"+proto, 200)
+	e := &memProbe{o: o, proto: proto, edge: edge, addr: addr}
+	warm, err := e.hold("hold-warmup-"+proto, 200)
 	if err != nil {
 		return err
 	}
 	warm.stop()
-	// Let the edge see the warm-up connections close.
+	if err := e.waitIdle(); err != nil {
+		return err
+	}
+	base, err := e.snapshot("base")
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	h, err := e.hold("hold-"+proto, o.cfg.MemConns)
+	if err != nil {
+		return err
+	}
+	defer h.stop()
+	took := time.Since(start)
+	loaded, err := e.snapshot("loaded")
+	if err != nil {
+		return err
+	}
+	o.results.addMem(proto, base, loaded)
+	m := o.results.mem[proto]
+	o.logf("edgemem   %s: %d connections (opened in %v): %.1f KiB heap in use per connection, %.1f KiB stack",
+		proto, m.Conns, took.Round(time.Millisecond), m.HeapKiBPerConn, m.StackKiBPerConn)
+	return nil
+}
+
+// memProbe is an "edgemem" child being measured with one protocol.
+type memProbe struct {
+	o     *orchestrator
+	proto string // "http1" or "h2"
+	edge  *proc
+	addr  string
+}
+
+// hold starts a "hold" child that opens n idle connections to the edge,
+// and returns it once they are open.
+func (e *memProbe) hold(name string, n int) (*proc, error) {
+	args := []string{"hold", "-addr", e.addr, "-n", strconv.Itoa(n)}
+	if e.proto == "h2" {
+		args = append(args, "-h2")
+	}
+	p, _, err := e.o.startReady(name, nil, heldRE, 3*time.Minute, e.o.self, args...)
+	return p, err
+}
+
+// snapshot asks the edge for a MemSnapshot and waits up to 30 s for it.
+func (e *memProbe) snapshot(phase string) (MemSnapshot, error) {
+	before := strings.Count(e.edge.stdout.String(), "\n")
+	if _, err := fmt.Fprintf(e.edge.stdin, "snapshot %s\n", phase); err != nil {
+		return MemSnapshot{}, err
+	}
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		lines := strings.Split(strings.TrimSpace(e.edge.stdout.String()), "\n")
+		if len(lines) > before {
+			var s MemSnapshot
+			if err := json.Unmarshal([]byte(lines[len(lines)-1]), &s); err != nil {
+				return s, fmt.Errorf("bench: edgemem: %v", err)
+			}
+			return s, nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return MemSnapshot{}, errors.New("bench: edgemem did not answer")
+}
+
+// waitIdle lets the edge see the warm-up connections close: it asks for a
+// snapshot up to 100 times, 50 ms apart, until the edge counts no open
+// connection.
+func (e *memProbe) waitIdle() error {
 	for i := 0; i < 100; i++ {
-		s, err := snap("wait")
+		s, err := e.snapshot("wait")
 		if err != nil {
 			return err
 		}
@@ -76,24 +111,5 @@ func (o *orchestrator) edgememRun(ctx context.Context, proto, ksAddr string) err
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
-	base, err := snap("base")
-	if err != nil {
-		return err
-	}
-	start := time.Now()
-	h, err := hold("hold-"+proto, o.cfg.MemConns)
-	if err != nil {
-		return err
-	}
-	defer h.stop()
-	took := time.Since(start)
-	loaded, err := snap("loaded")
-	if err != nil {
-		return err
-	}
-	o.results.addMem(proto, base, loaded)
-	m := o.results.mem[proto]
-	o.logf("edgemem   %s: %d connections (opened in %v): %.1f KiB heap in use per connection, %.1f KiB stack",
-		proto, m.Conns, took.Round(time.Millisecond), m.HeapKiBPerConn, m.StackKiBPerConn)
 	return nil
 }

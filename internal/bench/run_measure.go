@@ -86,7 +86,7 @@ func (o *orchestrator) keyopsRun(ctx context.Context, side, op string, n int, ks
 	}
 	env := o.env
 	if side != "keyless" {
-		args = append(args, o.hsmArgs()...)
+		args = append(args, o.token...)
 	} else {
 		env = nil
 		args = append(args, "-watch", watchArg("keyserver", o.srv.keyserver), "-addr", ksAddr, "-ca", o.link.caFile, "-cert", o.link.clientCert, "-key", o.link.clientKey,

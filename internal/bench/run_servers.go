@@ -60,7 +60,7 @@ func (o *orchestrator) startServers(hs, resume bool) error {
 	}
 	if hs {
 		if s.hsmTLS, s.hsmAddr, err = o.startSelf("tls-server-hsm", o.env, append([]string{"tls-server", "-keys", "hsm",
-			"-certs", filepath.Join(o.dir, "certs", "keyless")}, o.hsmArgs()...)...); err != nil {
+			"-certs", filepath.Join(o.dir, "certs", "keyless")}, o.token...)...); err != nil {
 			return err
 		}
 	}
@@ -83,13 +83,9 @@ func (o *orchestrator) startKeyserver() (p *proc, addr, metricsAddr string, err 
 		args = append(args, "-metrics-listen", "127.0.0.1:0")
 	}
 	args = append(append(args, o.token...), o.cfg.KeyserverFlags...)
-	p, err = startProc("keyserver", o.logDir, append(slices.Clone(o.env), o.cfg.KeyserverEnv...), filepath.Join(o.bin, "keyserver"), args...)
+	p, m, err := o.startReady("keyserver", append(slices.Clone(o.env), o.cfg.KeyserverEnv...), readyKeyserver, readyTimeout,
+		filepath.Join(o.bin, "keyserver"), args...)
 	if err != nil {
-		return nil, "", "", err
-	}
-	m, err := p.waitFor(readyKeyserver, 30*time.Second)
-	if err != nil {
-		p.stop()
 		return nil, "", "", err
 	}
 	if m[2] != "off" {
@@ -98,6 +94,8 @@ func (o *orchestrator) startKeyserver() (p *proc, addr, metricsAddr string, err 
 	return p, m[1], metricsAddr, nil
 }
 
+// startEdge starts the edge binary against the keyserver at ksAddr and
+// returns it and its address.
 func (o *orchestrator) startEdge(ksAddr string) (*proc, string, error) {
 	args := []string{"-listen", "127.0.0.1:0", "-certs", filepath.Join(o.dir, "certs", "keyless"),
 		"-default-cert", nameECDSA, "-rsa-key-exchange", nameRSA,
@@ -105,31 +103,38 @@ func (o *orchestrator) startEdge(ksAddr string) (*proc, string, error) {
 		"-origin", "http://127.0.0.1:9",
 		"-keyserver", ksAddr, "-keyserver-name", o.link.serverName, "-keyserver-ca", o.link.caFile,
 		"-tls-cert", o.link.clientCert, "-tls-key", o.link.clientKey}
-	p, err := startProc("edge", o.logDir, o.cfg.EdgeEnv, filepath.Join(o.bin, "edge"), append(args, o.cfg.EdgeFlags...)...)
+	p, m, err := o.startReady("edge", o.cfg.EdgeEnv, readyEdge, readyTimeout, filepath.Join(o.bin, "edge"), append(args, o.cfg.EdgeFlags...)...)
 	if err != nil {
-		return nil, "", err
-	}
-	m, err := p.waitFor(readyEdge, 30*time.Second)
-	if err != nil {
-		p.stop()
 		return nil, "", err
 	}
 	return p, m[1], nil
 }
 
+// startSelf starts this binary in a server mode, which prints "ready ADDR",
+// and returns it and ADDR.
 func (o *orchestrator) startSelf(name string, env []string, args ...string) (*proc, string, error) {
-	p, err := startProc(name, o.logDir, env, o.self, args...)
+	p, m, err := o.startReady(name, env, readySelf, readyTimeout, o.self, args...)
 	if err != nil {
-		return nil, "", err
-	}
-	m, err := p.waitFor(readySelf, 30*time.Second)
-	if err != nil {
-		p.stop()
 		return nil, "", err
 	}
 	return p, m[1], nil
 }
 
-func (o *orchestrator) hsmArgs() []string {
-	return []string{"-module", o.cfg.Module, "-token-label", benchToken, "-pin-file", o.pinFile}
+// readyTimeout bounds a server's start.
+const readyTimeout = 30 * time.Second
+
+// startReady starts path with args and the extra environment env, and
+// waits up to timeout for its output to match ready. It returns the
+// process and the submatches; on error the process has been stopped.
+func (o *orchestrator) startReady(name string, env []string, ready *regexp.Regexp, timeout time.Duration, path string, args ...string) (*proc, []string, error) {
+	p, err := startProc(name, o.logDir, env, path, args...)
+	if err != nil {
+		return nil, nil, err
+	}
+	m, err := p.waitFor(ready, timeout)
+	if err != nil {
+		p.stop()
+		return nil, nil, err
+	}
+	return p, m, nil
 }
