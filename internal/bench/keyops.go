@@ -103,15 +103,26 @@ func (f *loadFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.watch, "watch", "", "other processes whose CPU time to measure, as name=pid,name=pid")
 }
 
-// load returns the load; self names this process in Result.CPU.
-func (f *loadFlags) load(name, self string, op Op) (*Load, error) {
+// measure runs the load of op and returns what it measured; self names
+// this process in Result.CPU.
+func (f *loadFlags) measure(ctx context.Context, name, self string, op Op) (Result, error) {
 	watch, err := parseWatch(f.watch)
 	if err != nil {
-		return nil, err
+		return Result{}, err
 	}
 	watch[self] = os.Getpid()
-	return &Load{Name: name, Concurrency: f.concurrency, Warmup: f.warmup, Duration: f.duration, OpTimeout: f.timeout, Op: op,
-		Pause: f.pause, Watch: watch}, nil
+	load := &Load{Name: name, Concurrency: f.concurrency, Warmup: f.warmup, Duration: f.duration, OpTimeout: f.timeout, Op: op,
+		Pause: f.pause, Watch: watch}
+	return load.Run(ctx)
+}
+
+// run is measure, with the Result printed as JSON on stdout.
+func (f *loadFlags) run(ctx context.Context, stdout io.Writer, name, self string, op Op) error {
+	res, err := f.measure(ctx, name, self, op)
+	if err != nil {
+		return err
+	}
+	return writeJSON(stdout, res)
 }
 
 // keyFlags name a key operation and the key's public key.
@@ -153,8 +164,7 @@ func (f *keyFlags) inputs(n int) (link.KeyID, []*keyOpInput, error) {
 // then measures the empty call (grpc.health.v1 Check) on that same
 // connection.
 func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("keyless-bench keyops", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("keyops", stderr)
 	var (
 		lf    loadFlags
 		kf    keyFlags
@@ -197,11 +207,7 @@ func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		defer client.Close()
 		op = clientKeyOp(client, kf.op, id, ins)
 	}
-	load, err := lf.load("keyless/"+kf.op, "client", op)
-	if err != nil {
-		return err
-	}
-	res, err := load.Run(ctx)
+	res, err := lf.measure(ctx, "keyless/"+kf.op, "client", op)
 	if err != nil {
 		return err
 	}
@@ -303,16 +309,17 @@ func (f *linkFlags) tlsConfig() (*tls.Config, error) {
 }
 
 // dial opens one gRPC connection to addr with the link's credentials and
-// the edge's transport options: what the edge's client does, without its
-// balancing and retry service config.
-func (f *linkFlags) dial(addr string) (*grpc.ClientConn, error) {
+// the edge's transport options, then opts: what the edge's client does,
+// without its balancing and retry service config.
+func (f *linkFlags) dial(addr string, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
 	cfg, err := f.tlsConfig()
 	if err != nil {
 		return nil, err
 	}
-	conn, err := grpc.NewClient("passthrough:///"+addr, append(link.DialOptions(), grpc.WithTransportCredentials(credentials.NewTLS(cfg)))...)
+	opts = append(append(link.DialOptions(), grpc.WithTransportCredentials(credentials.NewTLS(cfg))), opts...)
+	conn, err := grpc.NewClient("passthrough:///"+addr, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("bench: dial keyserver: %w", err)
+		return nil, fmt.Errorf("bench: dial %s: %w", addr, err)
 	}
 	return conn, nil
 }
@@ -347,8 +354,7 @@ func (f *hsmFlags) open() (*hsm.Module, error) {
 // same SoftHSM key called in this process through package hsm, at the
 // given concurrency, with no bound but hsm's own session pool.
 func runInproc(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("keyless-bench inproc", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("inproc", stderr)
 	var (
 		lf loadFlags
 		kf keyFlags
@@ -397,13 +403,5 @@ func runInproc(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			return err
 		}
 	}
-	load, err := lf.load("inproc/"+kf.op, "inproc", op)
-	if err != nil {
-		return err
-	}
-	res, err := load.Run(ctx)
-	if err != nil {
-		return err
-	}
-	return writeJSON(stdout, res)
+	return lf.run(ctx, stdout, "inproc/"+kf.op, "inproc", op)
 }

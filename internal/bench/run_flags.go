@@ -2,7 +2,6 @@ package bench
 
 import (
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -52,8 +51,7 @@ type RunConfig struct {
 
 // parseRunFlags parses the flags of the "run" mode.
 func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
-	fs := flag.NewFlagSet("keyless-bench run", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("run", stderr)
 	defOut := os.Getenv("BENCH_OUT")
 	if defOut == "" {
 		defOut = "bench-results.json"

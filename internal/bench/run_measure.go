@@ -95,20 +95,12 @@ func (o *orchestrator) keyopsRun(ctx context.Context, side, op string, n int, ks
 			args = append(args, "-empty", "500ms")
 		}
 	}
-	run := o.runResult
-	if side == "keyless" {
-		run = o.keyserverRun
-	}
-	r, err := run(ctx, fmt.Sprintf("%s-%s-c%d", side, op, n), env, args...)
-	if err != nil {
-		return err
-	}
-	r.rep = o.rep
-	o.results.add(keyopsKey(side, op, n), r)
-	o.progress("keyops", op, side, r)
-	return nil
+	return o.record(ctx, keyopsKey(side, op, n), op, fmt.Sprintf("%s-%s-c%d", side, op, n), env, args...)
 }
 
+// handshakeRun measures handshake kind (full or resumed, by group) at
+// concurrency n against the TLS server at addr: the edge ("keyless"), or
+// crypto/tls with the token's key ("hsm") or a software key ("soft").
 func (o *orchestrator) handshakeRun(ctx context.Context, group, kind, server, addr string, n int) error {
 	var watch string
 	switch server {
@@ -120,17 +112,24 @@ func (o *orchestrator) handshakeRun(ctx context.Context, group, kind, server, ad
 		watch = watchArg("server", o.srv.softTLS)
 	}
 	args := append([]string{"loadgen", "-addr", addr, "-kind", kind, "-watch", watch}, o.loadArgs(n)...)
+	return o.record(ctx, handshakeKey(group, kind, server, n), kind, fmt.Sprintf("loadgen-%s-%s-c%d", kind, server, n), nil, args...)
+}
+
+// record runs a child that prints one Result (through keyserverRun when
+// the run goes through the keyserver), records the result as run k of the
+// current repetition, and logs it under what.
+func (o *orchestrator) record(ctx context.Context, k runKey, what, name string, env []string, args ...string) error {
 	run := o.runResult
-	if server == "keyless" {
+	if k.side == "keyless" {
 		run = o.keyserverRun
 	}
-	r, err := run(ctx, fmt.Sprintf("loadgen-%s-%s-c%d", kind, server, n), nil, args...)
+	r, err := run(ctx, name, env, args...)
 	if err != nil {
 		return err
 	}
 	r.rep = o.rep
-	o.results.add(handshakeKey(group, kind, server, n), r)
-	o.progress(group, kind, server, r)
+	o.results.add(k, r)
+	o.progress(k.group, what, k.side, r)
 	return nil
 }
 
