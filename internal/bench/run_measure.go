@@ -12,65 +12,6 @@ import (
 	"time"
 )
 
-func (o *orchestrator) loadArgs(n int) []string {
-	return []string{"-concurrency", strconv.Itoa(n), "-warmup", o.cfg.Warmup.String(), "-duration", o.cfg.Duration.String()}
-}
-
-func (o *orchestrator) childTimeout() time.Duration {
-	return o.cfg.Warmup + 2*o.cfg.Duration + 60*time.Second
-}
-
-// runResult runs a self child that prints one Result.
-func (o *orchestrator) runResult(ctx context.Context, name string, env []string, args ...string) (Result, error) {
-	o.seq++
-	out, err := runChild(ctx, fmt.Sprintf("%03d-%s", o.seq, name), o.logDir, env, o.self, o.childTimeout(), args...)
-	if err != nil {
-		return Result{}, err
-	}
-	var r Result
-	if err := json.Unmarshal([]byte(strings.TrimSpace(out)), &r); err != nil {
-		return Result{}, fmt.Errorf("bench: %s printed no result: %v\n%s", name, err, out)
-	}
-	return r, nil
-}
-
-// pausedBaselineRun measures the in-process baseline of op at concurrency
-// 1 with each operation following an idle gap as long as the empty call's
-// p50 of the keyless run just made. Through a keyserver, each operation at
-// concurrency 1 follows such a gap (its request's round trip), which on a
-// VM costs the operation itself time; the latency target's note quotes
-// this figure beside it, to tell that cost from keyless's own.
-func (o *orchestrator) pausedBaselineRun(ctx context.Context, op string) error {
-	reps := o.results.runs[keyopsKey("keyless", op, 1)]
-	if len(reps) == 0 || reps[len(reps)-1].EmptyP50us <= 0 {
-		return nil
-	}
-	pause := time.Duration(reps[len(reps)-1].EmptyP50us * float64(time.Microsecond)).Round(time.Microsecond)
-	return o.keyopsRun(ctx, "inproc-paused", op, 1, "", pause)
-}
-
-// keyserverRun is runResult for a run through the keyserver: it reads the
-// keyserver's stream counters before and after, and sets the result's
-// operations per message from them. Without a metrics listener, or when a
-// reading fails (logged), the result has no such figures; the run stands.
-func (o *orchestrator) keyserverRun(ctx context.Context, name string, env []string, args ...string) (Result, error) {
-	if o.srv.ksMetrics == "" {
-		return o.runResult(ctx, name, env, args...)
-	}
-	before, err1 := scrapeTraffic(ctx, o.srv.ksMetrics)
-	r, err := o.runResult(ctx, name, env, args...)
-	if err != nil {
-		return r, err
-	}
-	after, err2 := scrapeTraffic(ctx, o.srv.ksMetrics)
-	if err := errors.Join(err1, err2); err != nil {
-		o.logf("%s: operations per message not measured: %v", name, err)
-		return r, nil
-	}
-	r.sharing(before, after)
-	return r, nil
-}
-
 // keyopsRun measures key operation op at concurrency n on side "keyless"
 // (through the keyserver at ksAddr), "inproc" (the baseline) or
 // "inproc-paused" (the baseline with every operation following an idle gap
@@ -96,6 +37,21 @@ func (o *orchestrator) keyopsRun(ctx context.Context, side, op string, n int, ks
 		}
 	}
 	return o.record(ctx, keyopsKey(side, op, n), op, fmt.Sprintf("%s-%s-c%d", side, op, n), env, args...)
+}
+
+// pausedBaselineRun measures the in-process baseline of op at concurrency
+// 1 with each operation following an idle gap as long as the empty call's
+// p50 of the keyless run just made. Through a keyserver, each operation at
+// concurrency 1 follows such a gap (its request's round trip), which on a
+// VM costs the operation itself time; the latency target's note quotes
+// this figure beside it, to tell that cost from keyless's own.
+func (o *orchestrator) pausedBaselineRun(ctx context.Context, op string) error {
+	reps := o.results.runs[keyopsKey("keyless", op, 1)]
+	if len(reps) == 0 || reps[len(reps)-1].EmptyP50us <= 0 {
+		return nil
+	}
+	pause := time.Duration(reps[len(reps)-1].EmptyP50us * float64(time.Microsecond)).Round(time.Microsecond)
+	return o.keyopsRun(ctx, "inproc-paused", op, 1, "", pause)
 }
 
 // handshakeRun measures handshake kind (full or resumed, by group) at
@@ -133,6 +89,53 @@ func (o *orchestrator) record(ctx context.Context, k runKey, what, name string, 
 	return nil
 }
 
+// runResult runs a self child that prints one Result.
+func (o *orchestrator) runResult(ctx context.Context, name string, env []string, args ...string) (Result, error) {
+	o.seq++
+	out, err := runChild(ctx, fmt.Sprintf("%03d-%s", o.seq, name), o.logDir, env, o.self, o.childTimeout(), args...)
+	if err != nil {
+		return Result{}, err
+	}
+	var r Result
+	if err := json.Unmarshal([]byte(strings.TrimSpace(out)), &r); err != nil {
+		return Result{}, fmt.Errorf("bench: %s printed no result: %v\n%s", name, err, out)
+	}
+	return r, nil
+}
+
+// keyserverRun is runResult for a run through the keyserver: it reads the
+// keyserver's stream counters before and after, and sets the result's
+// operations per message from them. Without a metrics listener, or when a
+// reading fails (logged), the result has no such figures; the run stands.
+func (o *orchestrator) keyserverRun(ctx context.Context, name string, env []string, args ...string) (Result, error) {
+	if o.srv.ksMetrics == "" {
+		return o.runResult(ctx, name, env, args...)
+	}
+	before, err1 := scrapeTraffic(ctx, o.srv.ksMetrics)
+	r, err := o.runResult(ctx, name, env, args...)
+	if err != nil {
+		return r, err
+	}
+	after, err2 := scrapeTraffic(ctx, o.srv.ksMetrics)
+	if err := errors.Join(err1, err2); err != nil {
+		o.logf("%s: operations per message not measured: %v", name, err)
+		return r, nil
+	}
+	r.sharing(before, after)
+	return r, nil
+}
+
+// loadArgs are the flags of a load child at concurrency n.
+func (o *orchestrator) loadArgs(n int) []string {
+	return []string{"-concurrency", strconv.Itoa(n), "-warmup", o.cfg.Warmup.String(), "-duration", o.cfg.Duration.String()}
+}
+
+// childTimeout bounds a load child: its warm-up, twice its measured
+// time, and a minute more to start and report.
+func (o *orchestrator) childTimeout() time.Duration {
+	return o.cfg.Warmup + 2*o.cfg.Duration + 60*time.Second
+}
+
 // watchArg returns a -watch value for name, proc pairs.
 func watchArg(pairs ...any) string {
 	var items []string
@@ -144,6 +147,7 @@ func watchArg(pairs ...any) string {
 	return strings.Join(items, ",")
 }
 
+// progress logs one run's figures as it ends.
 func (o *orchestrator) progress(group, what, side string, r Result) {
 	extra := ""
 	if len(r.CPU) > 0 {
