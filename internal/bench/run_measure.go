@@ -55,17 +55,12 @@ func (o *orchestrator) pausedBaselineRun(ctx context.Context, op string) error {
 }
 
 // handshakeRun measures handshake kind (full or resumed, by group) at
-// concurrency n against the TLS server at addr: the edge ("keyless"), or
-// crypto/tls with the token's key ("hsm") or a software key ("soft").
-func (o *orchestrator) handshakeRun(ctx context.Context, group, kind, server, addr string, n int) error {
-	var watch string
-	switch server {
-	case "keyless":
-		watch = watchArg("edge", o.srv.edge, "keyserver", o.srv.keyserver)
-	case "hsm":
-		watch = watchArg("server", o.srv.hsmTLS)
-	case "soft":
-		watch = watchArg("server", o.srv.softTLS)
+// concurrency n against a TLS server: the edge ("keyless"), or crypto/tls
+// with the token's key ("hsm") or a software key ("soft").
+func (o *orchestrator) handshakeRun(ctx context.Context, group, kind, server string, n int) error {
+	addr, watch, err := o.srv.tls(server)
+	if err != nil {
+		return err
 	}
 	args := append([]string{"loadgen", "-addr", addr, "-kind", kind, "-watch", watch}, o.loadArgs(n)...)
 	return o.record(ctx, handshakeKey(group, kind, server, n), kind, fmt.Sprintf("loadgen-%s-%s-c%d", kind, server, n), nil, args...)

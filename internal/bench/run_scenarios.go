@@ -48,36 +48,25 @@ func (o *orchestrator) keyopsFamily() family {
 // to crypto/tls with the same SoftHSM key in-process and with a software
 // key.
 func (o *orchestrator) handshakeFamily() family {
-	return family{
-		items:         o.cfg.selectedOf("handshake", handshakeKinds),
-		concurrencies: o.cfg.HandshakeConcurrency,
-		sides: []sideRun{
-			o.tlsSide("handshake", "hsm", &o.srv.hsmAddr),
-			o.tlsSide("handshake", "soft", &o.srv.softAddr),
-			o.tlsSide("handshake", "keyless", &o.srv.edgeAddr),
-		},
-	}
+	return o.tlsFamily("handshake", handshakeKinds, "hsm", "soft", "keyless")
 }
 
 // resumeFamily is resumed handshakes through the edge, next to crypto/tls
 // with a software key: no private-key operation on either side.
 func (o *orchestrator) resumeFamily() family {
-	return family{
-		items:         o.cfg.selectedOf("resume", resumeKinds),
-		concurrencies: o.cfg.HandshakeConcurrency,
-		sides: []sideRun{
-			o.tlsSide("resume", "soft", &o.srv.softAddr),
-			o.tlsSide("resume", "keyless", &o.srv.edgeAddr),
-		},
-	}
+	return o.tlsFamily("resume", resumeKinds, "soft", "keyless")
 }
 
-// tlsSide is a handshake load against one TLS server, whose address is
-// read when the run starts (after the servers have started).
-func (o *orchestrator) tlsSide(group, server string, addr *string) sideRun {
-	return func(ctx context.Context, kind string, n int) error {
-		return o.handshakeRun(ctx, group, kind, server, *addr, n)
+// tlsFamily is handshakes of group with the given kinds against each of
+// the TLS servers named (see servers.tls), in that order.
+func (o *orchestrator) tlsFamily(group string, kinds []string, servers ...string) family {
+	f := family{items: o.cfg.selectedOf(group, kinds), concurrencies: o.cfg.HandshakeConcurrency}
+	for _, server := range servers {
+		f.sides = append(f.sides, func(ctx context.Context, kind string, n int) error {
+			return o.handshakeRun(ctx, group, kind, server, n)
+		})
 	}
+	return f
 }
 
 // measure runs family f and returns the errors of its runs, each logged

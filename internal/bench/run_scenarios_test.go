@@ -80,3 +80,22 @@ func TestSelectedOf(t *testing.T) {
 		t.Errorf("resumeFamily().items = %q", got)
 	}
 }
+
+func TestServersTLS(t *testing.T) {
+	s := &servers{edgeAddr: "127.0.0.1:1", hsmAddr: "127.0.0.1:2", softAddr: "127.0.0.1:3"}
+	for name, want := range map[string]string{"keyless": s.edgeAddr, "hsm": s.hsmAddr, "soft": s.softAddr} {
+		addr, watch, err := s.tls(name)
+		if err != nil || addr != want || watch != "" {
+			t.Errorf("tls(%q) = %q, %q, %v; want %q, no processes to watch", name, addr, watch, err, want)
+		}
+	}
+	if _, _, err := s.tls("origin"); err == nil {
+		t.Error(`tls("origin") = nil error, want one`)
+	}
+	if f := (&orchestrator{cfg: &RunConfig{}}).handshakeFamily(); len(f.sides) != 3 {
+		t.Errorf("handshakeFamily has %d sides, want 3 (hsm, soft, keyless)", len(f.sides))
+	}
+	if f := (&orchestrator{cfg: &RunConfig{}}).resumeFamily(); len(f.sides) != 2 {
+		t.Errorf("resumeFamily has %d sides, want 2 (soft, keyless)", len(f.sides))
+	}
+}

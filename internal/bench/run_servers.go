@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"fmt"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -37,6 +38,20 @@ func (s *servers) stopTLS() {
 			p.stop()
 		}
 	}
+}
+
+// tls returns the address of a TLS server by name, "keyless" (the edge),
+// "hsm" or "soft", and the -watch value of the processes serving it.
+func (s *servers) tls(name string) (addr, watch string, err error) {
+	switch name {
+	case "keyless":
+		return s.edgeAddr, watchArg("edge", s.edge, "keyserver", s.keyserver), nil
+	case "hsm":
+		return s.hsmAddr, watchArg("server", s.hsmTLS), nil
+	case "soft":
+		return s.softAddr, watchArg("server", s.softTLS), nil
+	}
+	return "", "", fmt.Errorf("bench: no TLS server %q", name)
 }
 
 // startServers starts the keyserver, and the TLS servers that the
