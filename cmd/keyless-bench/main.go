@@ -7,7 +7,7 @@
 //	keyless-bench run
 //
 // which prints a table and writes the figures as JSON to $BENCH_OUT
-// (default bench-results.json). See BENCHMARKS.md and package bench.
+// (default bench-results.json). See BENCHMARKS.md and package internal/bench.
 package main
 
 import (
@@ -19,7 +19,7 @@ import (
 	"os/signal"
 	"syscall"
 
-	"github.com/keyless-tls/keyless/bench"
+	"github.com/keyless-tls/keyless/internal/bench"
 )
 
 func main() {

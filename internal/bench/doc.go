@@ -1,8 +1,8 @@
 // Package bench is keyless's benchmark harness: it measures key operations
 // and TLS handshakes through the keyserver and the edge against the same
-// SoftHSM key used in-process, and checks the targets of issue #6. The
-// command cmd/keyless-bench is a thin main over [Main]; BENCHMARKS.md
-// describes the method and the latest results.
+// SoftHSM key used in-process, and checks the performance targets listed
+// in BENCHMARKS.md. The command cmd/keyless-bench is a thin main over
+// [Main]; BENCHMARKS.md describes the method and the latest results.
 //
 // # Processes
 //
@@ -23,7 +23,7 @@
 // rate is their number divided by the window, and the latencies are
 // nearest-rank percentiles ([Percentile]) of the successful ones.
 //
-// The package imports hsm for the in-process baselines; it is not imported
-// by anything but cmd/keyless-bench, and `go test ./...` runs only its unit
+// The package is internal: only cmd/keyless-bench imports it. It imports
+// hsm for the in-process baselines; `go test ./...` runs only its unit
 // tests, which need no SoftHSM.
 package bench

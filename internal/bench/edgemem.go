@@ -3,7 +3,6 @@ package bench
 import (
 	"bufio"
 	"context"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -77,8 +76,7 @@ func (c *countedConn) Close() error {
 // "ready ADDR", then, for each line "snapshot PHASE" on its standard input,
 // one MemSnapshot as a JSON line; it exits when standard input closes.
 func runEdgemem(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("keyless-bench edgemem", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("edgemem", stderr)
 	var (
 		link      linkFlags
 		keyserver = fs.String("keyserver", "", "keyserver address host:port (required)")

@@ -9,7 +9,6 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"log"
@@ -39,8 +38,7 @@ const (
 // tickets, ALPN h2 and http/1.1), prints "ready ADDR" and serves until its
 // standard input closes, it is signalled, or -lifetime passes.
 func runTLSServer(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("keyless-bench tls-server", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("tls-server", stderr)
 	var (
 		hf       hsmFlags
 		listen   = fs.String("listen", "127.0.0.1:0", "address to listen on")

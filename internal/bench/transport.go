@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"encoding/binary"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -176,8 +175,7 @@ func (b *batcher) call(ctx context.Context) error {
 
 // runTransport is the "transport" mode.
 func runTransport(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("keyless-bench transport", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("transport", stderr)
 	var (
 		lf     loadFlags
 		lnk    linkFlags
@@ -194,10 +192,6 @@ func runTransport(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	if err != nil {
 		return err
 	}
-	clientTLS, err := lnk.tlsConfig()
-	if err != nil {
-		return err
-	}
 	srvTLS := &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{cert}, ClientAuth: tls.RequireAnyClientCert}
 	gs := grpc.NewServer(append(link.ServerOptions(), grpc.Creds(credentials.NewTLS(srvTLS)), grpc.ForceServerCodec(rawCodec{}))...)
 	gs.RegisterService(&expServiceDesc, nil)
@@ -207,8 +201,7 @@ func runTransport(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	}
 	go gs.Serve(ln)
 	defer gs.Stop()
-	conn, err := grpc.NewClient("passthrough:///"+ln.Addr().String(),
-		append(link.DialOptions(), grpc.WithTransportCredentials(credentials.NewTLS(clientTLS)), grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})))...)
+	conn, err := lnk.dial(ln.Addr().String(), grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})))
 	if err != nil {
 		return err
 	}
@@ -231,13 +224,5 @@ func runTransport(ctx context.Context, args []string, stdout, stderr io.Writer) 
 			return conn.Invoke(ctx, "/keylessbench.Transport/Unary", &req, &resp)
 		}
 	}
-	load, err := lf.load(name, "process", op)
-	if err != nil {
-		return err
-	}
-	res, err := load.Run(ctx)
-	if err != nil {
-		return err
-	}
-	return writeJSON(stdout, res)
+	return lf.run(ctx, stdout, name, "process", op)
 }

@@ -5,7 +5,6 @@ import (
 	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/tls"
 	"flag"
 	"fmt"
 	"io"
@@ -14,13 +13,10 @@ import (
 	"time"
 
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
-	"github.com/keyless-tls/keyless/hsm"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
-	"github.com/keyless-tls/keyless/signer"
 	"github.com/keyless-tls/keyless/tlscore"
 )
 
@@ -84,36 +80,6 @@ func newKeyOpInput(op string, pub crypto.PublicKey) (*keyOpInput, error) {
 	return in, nil
 }
 
-// loadFlags are the flags of every mode that runs a load.
-type loadFlags struct {
-	concurrency int
-	warmup      time.Duration
-	duration    time.Duration
-	timeout     time.Duration
-	pause       time.Duration
-	watch       string
-}
-
-func (f *loadFlags) register(fs *flag.FlagSet) {
-	fs.IntVar(&f.concurrency, "concurrency", 1, "number of workers, each running one operation at a time")
-	fs.DurationVar(&f.warmup, "warmup", 500*time.Millisecond, "time to run before measuring")
-	fs.DurationVar(&f.duration, "duration", 2*time.Second, "time to measure")
-	fs.DurationVar(&f.timeout, "op-timeout", tlscore.DefaultCallTimeout, "deadline of each operation")
-	fs.DurationVar(&f.pause, "pause", 0, "idle time of each worker before each operation, not counted in its latency")
-	fs.StringVar(&f.watch, "watch", "", "other processes whose CPU time to measure, as name=pid,name=pid")
-}
-
-// load returns the load; self names this process in Result.CPU.
-func (f *loadFlags) load(name, self string, op Op) (*Load, error) {
-	watch, err := parseWatch(f.watch)
-	if err != nil {
-		return nil, err
-	}
-	watch[self] = os.Getpid()
-	return &Load{Name: name, Concurrency: f.concurrency, Warmup: f.warmup, Duration: f.duration, OpTimeout: f.timeout, Op: op,
-		Pause: f.pause, Watch: watch}, nil
-}
-
 // keyFlags name a key operation and the key's public key.
 type keyFlags struct {
 	op  string
@@ -153,8 +119,7 @@ func (f *keyFlags) inputs(n int) (link.KeyID, []*keyOpInput, error) {
 // then measures the empty call (grpc.health.v1 Check) on that same
 // connection.
 func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("keyless-bench keyops", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("keyops", stderr)
 	var (
 		lf    loadFlags
 		kf    keyFlags
@@ -197,11 +162,7 @@ func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		defer client.Close()
 		op = clientKeyOp(client, kf.op, id, ins)
 	}
-	load, err := lf.load("keyless/"+kf.op, "client", op)
-	if err != nil {
-		return err
-	}
-	res, err := load.Run(ctx)
+	res, err := lf.measure(ctx, "keyless/"+kf.op, "client", op)
 	if err != nil {
 		return err
 	}
@@ -284,126 +245,4 @@ func waitHealthy(ctx context.Context, health healthpb.HealthClient) error {
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
-}
-
-// linkFlags are the client side of the mutual-TLS link to a keyserver.
-type linkFlags struct {
-	serverName, ca, cert, key string
-}
-
-func (f *linkFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&f.serverName, "server-name", linkServerName, "name of the keyserver's certificate")
-	fs.StringVar(&f.ca, "ca", "", "PEM CA of the keyserver's certificate (required)")
-	fs.StringVar(&f.cert, "cert", "", "PEM client certificate (required)")
-	fs.StringVar(&f.key, "key", "", "PEM private key of -cert (required)")
-}
-
-func (f *linkFlags) tlsConfig() (*tls.Config, error) {
-	return link.ClientMTLSConfig(f.cert, f.key, f.ca, f.serverName)
-}
-
-// dial opens one gRPC connection to addr with the link's credentials and
-// the edge's transport options: what the edge's client does, without its
-// balancing and retry service config.
-func (f *linkFlags) dial(addr string) (*grpc.ClientConn, error) {
-	cfg, err := f.tlsConfig()
-	if err != nil {
-		return nil, err
-	}
-	conn, err := grpc.NewClient("passthrough:///"+addr, append(link.DialOptions(), grpc.WithTransportCredentials(credentials.NewTLS(cfg)))...)
-	if err != nil {
-		return nil, fmt.Errorf("bench: dial keyserver: %w", err)
-	}
-	return conn, nil
-}
-
-// hsmFlags open the token in-process.
-type hsmFlags struct {
-	module, label, pinFile string
-	maxSessions            int
-}
-
-func (f *hsmFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&f.module, "module", "/usr/lib/softhsm/libsofthsm2.so", "PKCS #11 module")
-	fs.StringVar(&f.label, "token-label", "", "token label (required)")
-	fs.StringVar(&f.pinFile, "pin-file", "", "file holding the user PIN (required)")
-	fs.IntVar(&f.maxSessions, "max-sessions", 0, "hsm.Config.MaxSessions (0: the package default)")
-}
-
-func (f *hsmFlags) open() (*hsm.Module, error) {
-	pin, err := os.ReadFile(f.pinFile)
-	if err != nil {
-		return nil, fmt.Errorf("bench: -pin-file: %w", err)
-	}
-	return hsm.Open(hsm.Config{
-		ModulePath:  f.module,
-		TokenLabel:  f.label,
-		PIN:         strings.TrimRight(string(pin), "\r\n"),
-		MaxSessions: f.maxSessions,
-	})
-}
-
-// runInproc is the "inproc" mode, the baseline of the key operations: the
-// same SoftHSM key called in this process through package hsm, at the
-// given concurrency, with no bound but hsm's own session pool.
-func runInproc(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("keyless-bench inproc", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	var (
-		lf loadFlags
-		kf keyFlags
-		hf hsmFlags
-	)
-	lf.register(fs)
-	kf.register(fs)
-	hf.register(fs)
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	id, ins, err := kf.inputs(lf.concurrency)
-	if err != nil {
-		return err
-	}
-	m, err := hf.open()
-	if err != nil {
-		return err
-	}
-	defer m.Close()
-	key, err := m.Key(ctx, id)
-	if err != nil {
-		return err
-	}
-	if key == nil {
-		return fmt.Errorf("bench: key %s is not on token %q", link.FormatKeyID(id), hf.label)
-	}
-	var op Op
-	switch kf.op {
-	case OpRSADecrypt:
-		d, ok := key.(signer.PremasterDecrypter)
-		if !ok {
-			return fmt.Errorf("bench: key %s cannot decrypt", link.FormatKeyID(id))
-		}
-		op = func(ctx context.Context, w int) error {
-			_, err := d.DecryptPremaster(ctx, ins[w].ciphertext)
-			return err
-		}
-	default:
-		cs, ok := key.(signer.ContextSigner)
-		if !ok {
-			return fmt.Errorf("bench: key %s has no SignContext", link.FormatKeyID(id))
-		}
-		op = func(ctx context.Context, w int) error {
-			_, err := cs.SignContext(ctx, ins[w].digest, ins[w].alg.SignerOpts())
-			return err
-		}
-	}
-	load, err := lf.load("inproc/"+kf.op, "inproc", op)
-	if err != nil {
-		return err
-	}
-	res, err := load.Run(ctx)
-	if err != nil {
-		return err
-	}
-	return writeJSON(stdout, res)
 }

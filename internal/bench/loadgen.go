@@ -3,7 +3,6 @@ package bench
 import (
 	"context"
 	"crypto/tls"
-	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -99,19 +98,30 @@ func (k handshakeKind) check(cs tls.ConnectionState) error {
 	return nil
 }
 
-// handshake opens a TCP connection to addr, performs one TLS handshake
-// with cfg, checks it, and closes the connection.
-func handshake(ctx context.Context, addr string, k handshakeKind, cfg *tls.Config) error {
+// dialTLS opens a TCP connection to addr and performs a TLS handshake on
+// it with cfg. The caller closes the connection.
+func dialTLS(ctx context.Context, addr string, cfg *tls.Config) (*tls.Conn, error) {
 	var d net.Dialer
 	raw, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	c := tls.Client(raw, cfg)
-	defer c.Close()
 	if err := c.HandshakeContext(ctx); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// handshake opens a TCP connection to addr, performs one TLS handshake
+// with cfg, checks it, and closes the connection.
+func handshake(ctx context.Context, addr string, k handshakeKind, cfg *tls.Config) error {
+	c, err := dialTLS(ctx, addr, cfg)
+	if err != nil {
 		return err
 	}
+	defer c.Close()
 	return k.check(c.ConnectionState())
 }
 
@@ -119,16 +129,11 @@ func handshake(ctx context.Context, addr string, k handshakeKind, cfg *tls.Confi
 // ticket, so that cfg's session cache holds a session to resume. A TLS 1.3
 // ticket arrives after the handshake and is only processed by a Read.
 func prime(ctx context.Context, addr string, cfg *tls.Config) error {
-	var d net.Dialer
-	raw, err := d.DialContext(ctx, "tcp", addr)
+	c, err := dialTLS(ctx, addr, cfg)
 	if err != nil {
 		return err
 	}
-	c := tls.Client(raw, cfg)
 	defer c.Close()
-	if err := c.HandshakeContext(ctx); err != nil {
-		return err
-	}
 	if c.ConnectionState().Version == tls.VersionTLS13 {
 		c.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
 		var b [1]byte
@@ -142,8 +147,7 @@ func prime(ctx context.Context, addr string, cfg *tls.Config) error {
 // after; for the resume kinds each worker first makes one full handshake
 // and then resumes its session every time (no private-key operation).
 func runLoadgen(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("keyless-bench loadgen", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("loadgen", stderr)
 	var (
 		lf   loadFlags
 		addr = fs.String("addr", "", "TLS server address host:port (required)")
@@ -185,17 +189,9 @@ func runLoadgen(ctx context.Context, args []string, stdout, stderr io.Writer) er
 			}
 		}
 	}
-	load, err := lf.load(*kind, "loadgen", func(ctx context.Context, w int) error {
+	return lf.run(ctx, stdout, *kind, "loadgen", func(ctx context.Context, w int) error {
 		return handshake(ctx, *addr, k, cfgs[w])
 	})
-	if err != nil {
-		return err
-	}
-	res, err := load.Run(ctx)
-	if err != nil {
-		return err
-	}
-	return writeJSON(stdout, res)
 }
 
 // runHold is the "hold" mode: it opens -n HTTPS connections (TLS 1.3, one
@@ -203,8 +199,7 @@ func runLoadgen(ctx context.Context, args []string, stdout, stderr io.Writer) er
 // "held N", and closes them when its standard input closes, it is
 // signalled, or -lifetime passes.
 func runHold(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) error {
-	fs := flag.NewFlagSet("keyless-bench hold", flag.ContinueOnError)
-	fs.SetOutput(stderr)
+	fs := newFlagSet("hold", stderr)
 	var (
 		addr     = fs.String("addr", "", "HTTPS server address host:port (required)")
 		n        = fs.Int("n", 5000, "connections to open")

@@ -62,6 +62,14 @@ func Main(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io
 	return fmt.Errorf("unknown mode %q", mode)
 }
 
+// newFlagSet returns the flag set of mode, which reports errors and usage
+// to stderr and leaves the exit to the caller.
+func newFlagSet(mode string, stderr io.Writer) *flag.FlagSet {
+	fs := flag.NewFlagSet("keyless-bench "+mode, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	return fs
+}
+
 // parseFlags parses args and refuses positional arguments.
 func parseFlags(fs *flag.FlagSet, args []string) error {
 	if err := fs.Parse(args); err != nil {

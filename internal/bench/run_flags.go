@@ -1,0 +1,159 @@
+package bench
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// RunConfig is the orchestrator's configuration, from the flags of the
+// "run" mode.
+type RunConfig struct {
+	// Bin is a directory holding keyserver and edge binaries; empty means
+	// build them from the module in the current directory.
+	Bin string
+	// Out is the JSON results file.
+	Out string
+	// WorkDir holds the token, PKI and logs; empty means a temporary
+	// directory, removed at the end unless Keep is set.
+	WorkDir string
+	Keep    bool
+	// Warmup and Duration bound every load run.
+	Warmup, Duration time.Duration
+	// KeyopsConcurrency and HandshakeConcurrency are the concurrencies of
+	// the key-operation and handshake scenarios. Both sides of a key
+	// operation run at each of them, so that each side's best is found
+	// among the same ones.
+	KeyopsConcurrency, HandshakeConcurrency []int
+	// Scenarios selects scenarios by name prefix ("keyops",
+	// "keyops/rsa2048-decrypt", "handshake/tls13", "resume", "edgemem");
+	// nil or "all" means every scenario.
+	Scenarios []string
+	// Repeat runs every figure and its baseline this many times,
+	// alternating, and keeps the median of each.
+	Repeat int
+	// MemConns is the number of idle connections of the edge memory
+	// scenario.
+	MemConns int
+	// Module is the SoftHSM PKCS #11 module.
+	Module string
+	// KeyserverFlags and EdgeFlags are added to the keyserver's and the
+	// edge's command lines, to try other settings.
+	KeyserverFlags, EdgeFlags []string
+	// KeyserverEnv and EdgeEnv are added to the keyserver's and the
+	// edge's environment (as "GOMAXPROCS=1").
+	KeyserverEnv, EdgeEnv []string
+}
+
+// parseRunFlags parses the flags of the "run" mode.
+func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
+	fs := newFlagSet("run", stderr)
+	defOut := os.Getenv("BENCH_OUT")
+	if defOut == "" {
+		defOut = "bench-results.json"
+	}
+	c := &RunConfig{}
+	var keyopsConc, hsConc, conc, scenarios, ksFlags, edgeFlags, ksEnv, edgeEnv string
+	fs.StringVar(&c.Bin, "bin", "", "directory with keyserver and edge binaries (default: go build them)")
+	fs.StringVar(&c.Out, "out", defOut, "JSON results file (default $BENCH_OUT, else bench-results.json)")
+	fs.StringVar(&c.WorkDir, "workdir", "", "directory for the token, PKI and logs (default: a temporary one)")
+	fs.BoolVar(&c.Keep, "keep", false, "keep the temporary work directory")
+	fs.DurationVar(&c.Warmup, "warmup", 300*time.Millisecond, "warm-up of each run, not measured")
+	fs.DurationVar(&c.Duration, "duration", 1500*time.Millisecond, "measured time of each run")
+	fs.StringVar(&keyopsConc, "keyops-concurrency", "1,2,4,8,64", "concurrencies of the key-operation scenarios, both sides (SoftHSM's best lies near 2–8)")
+	fs.StringVar(&hsConc, "handshake-concurrency", "1,8,32", "concurrencies of the handshake scenarios")
+	fs.StringVar(&conc, "concurrency", "", "concurrencies of every scenario (overrides the two above)")
+	fs.StringVar(&scenarios, "scenarios", "all", "comma-separated scenario name prefixes: keyops, handshake, resume, edgemem, or finer such as keyops/ecdsa, handshake/tls12")
+	fs.IntVar(&c.Repeat, "repeat", 1, "runs of each figure and its baseline, alternating; the median is kept (for noisy machines)")
+	fs.IntVar(&c.MemConns, "mem-conns", 5000, "idle connections of the edge memory scenario")
+	fs.StringVar(&c.Module, "module", "/usr/lib/softhsm/libsofthsm2.so", "SoftHSM PKCS #11 module")
+	fs.StringVar(&ksFlags, "keyserver-flags", "", "extra keyserver serve flags, space-separated")
+	fs.StringVar(&edgeFlags, "edge-flags", "", "extra edge flags, space-separated")
+	fs.StringVar(&ksEnv, "keyserver-env", "", "extra keyserver environment, space-separated NAME=VALUE")
+	fs.StringVar(&edgeEnv, "edge-env", "", "extra edge environment, space-separated NAME=VALUE")
+	if err := parseFlags(fs, args); err != nil {
+		return nil, err
+	}
+	var err error
+	if conc != "" {
+		keyopsConc, hsConc = conc, conc
+	}
+	if c.KeyopsConcurrency, err = parseInts(keyopsConc); err != nil {
+		return nil, fmt.Errorf("bench: -keyops-concurrency: %w", err)
+	}
+	if c.HandshakeConcurrency, err = parseInts(hsConc); err != nil {
+		return nil, fmt.Errorf("bench: -handshake-concurrency: %w", err)
+	}
+	for s := range strings.SplitSeq(scenarios, ",") {
+		if s = strings.TrimSpace(s); s != "" && s != "all" {
+			c.Scenarios = append(c.Scenarios, s)
+		}
+	}
+	c.KeyserverFlags, c.EdgeFlags = strings.Fields(ksFlags), strings.Fields(edgeFlags)
+	c.KeyserverEnv, c.EdgeEnv = strings.Fields(ksEnv), strings.Fields(edgeEnv)
+	switch {
+	case c.Warmup < 0 || c.Duration <= 0:
+		return nil, errors.New("bench: -warmup must be 0 or more and -duration more than 0")
+	case c.MemConns < 1:
+		return nil, errors.New("bench: -mem-conns must be at least 1")
+	case c.Repeat < 1:
+		return nil, errors.New("bench: -repeat must be at least 1")
+	case c.Out == "":
+		return nil, errors.New("bench: -out is empty")
+	}
+	return c, nil
+}
+
+// parseInts parses a comma-separated list of positive integers.
+func parseInts(s string) ([]int, error) {
+	var out []int
+	for f := range strings.SplitSeq(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		n, err := strconv.Atoi(f)
+		if err != nil || n < 1 {
+			return nil, fmt.Errorf("%q is not a positive integer", f)
+		}
+		out = append(out, n)
+	}
+	if len(out) == 0 {
+		return nil, errors.New("empty list")
+	}
+	return out, nil
+}
+
+// selected reports whether the scenario item (as "keyops/ecdsa-p256-sign")
+// is selected.
+func (c *RunConfig) selected(item string) bool {
+	if len(c.Scenarios) == 0 {
+		return true
+	}
+	for _, s := range c.Scenarios {
+		if strings.HasPrefix(item, s) {
+			return true
+		}
+	}
+	return false
+}
+
+// selectedOf returns the items of group that are selected, in order. A
+// resume kind is selected by its short name ("resume/tls13").
+func (c *RunConfig) selectedOf(group string, items []string) []string {
+	var out []string
+	for _, it := range items {
+		name := it
+		if group == "resume" {
+			name = resumeName(it)
+		}
+		if c.selected(group + "/" + name) {
+			out = append(out, it)
+		}
+	}
+	return out
+}

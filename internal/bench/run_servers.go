@@ -1,0 +1,155 @@
+package bench
+
+import (
+	"fmt"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"time"
+)
+
+var (
+	readyKeyserver = regexp.MustCompile(`keyserver ready: listen=(\S+)(?: metrics=(\S+))?`)
+	readyEdge      = regexp.MustCompile(`edge ready: listen=(\S+)`)
+	readySelf      = regexp.MustCompile(`(?m)^ready (\S+)`)
+	heldRE         = regexp.MustCompile(`(?m)^held (\d+)`)
+)
+
+// servers are the long-running processes of the scenarios.
+type servers struct {
+	keyserver, edge, hsmTLS, softTLS    *proc
+	ksAddr, edgeAddr, hsmAddr, softAddr string
+	ksMetrics                           string // the keyserver's metrics listener, if any
+}
+
+// stop stops every server.
+func (s *servers) stop() {
+	s.stopTLS()
+	if s.keyserver != nil {
+		s.keyserver.stop()
+	}
+}
+
+// stopTLS stops the TLS servers (the edge and the baselines), which only
+// the handshake and resumption scenarios use.
+func (s *servers) stopTLS() {
+	for _, p := range []*proc{s.edge, s.hsmTLS, s.softTLS} {
+		if p != nil {
+			p.stop()
+		}
+	}
+}
+
+// tls returns the address of a TLS server by name, "keyless" (the edge),
+// "hsm" or "soft", and the -watch value of the processes serving it.
+func (s *servers) tls(name string) (addr, watch string, err error) {
+	switch name {
+	case "keyless":
+		return s.edgeAddr, watchArg("edge", s.edge, "keyserver", s.keyserver), nil
+	case "hsm":
+		return s.hsmAddr, watchArg("server", s.hsmTLS), nil
+	case "soft":
+		return s.softAddr, watchArg("server", s.softTLS), nil
+	}
+	return "", "", fmt.Errorf("bench: no TLS server %q", name)
+}
+
+// startServers starts the keyserver, and the TLS servers that the
+// handshake (hs) and resumption scenarios need.
+func (o *orchestrator) startServers(hs, resume bool) error {
+	s := &o.srv
+	var err error
+	o.logf("starting keyserver")
+	if s.keyserver, s.ksAddr, s.ksMetrics, err = o.startKeyserver(); err != nil {
+		return err
+	}
+	if hs || resume {
+		o.logf("starting edge and the baseline TLS servers")
+		if s.edge, s.edgeAddr, err = o.startEdge(s.ksAddr); err != nil {
+			return err
+		}
+		if s.softTLS, s.softAddr, err = o.startSelf("tls-server-soft", nil, "tls-server", "-keys", "soft",
+			"-certs", filepath.Join(o.dir, "certs", "soft")); err != nil {
+			return err
+		}
+	}
+	if hs {
+		if s.hsmTLS, s.hsmAddr, err = o.startSelf("tls-server-hsm", o.env, append([]string{"tls-server", "-keys", "hsm",
+			"-certs", filepath.Join(o.dir, "certs", "keyless")}, o.token...)...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// startKeyserver starts the keyserver and returns it, its address and its
+// metrics listener's ("" for none).
+func (o *orchestrator) startKeyserver() (p *proc, addr, metricsAddr string, err error) {
+	args := []string{"serve", "-listen", "127.0.0.1:0", "-tls-cert", o.link.serverCert, "-tls-key", o.link.serverKey,
+		"-client-ca", o.link.caFile}
+	if o.policy != "" {
+		args = append(args, "-policy", o.policy)
+	}
+	if o.audit != "" {
+		args = append(args, "-audit-log", o.audit)
+	}
+	if o.metrics {
+		// For the stream counters; see keyserverRun.
+		args = append(args, "-metrics-listen", "127.0.0.1:0")
+	}
+	args = append(append(args, o.token...), o.cfg.KeyserverFlags...)
+	p, m, err := o.startReady("keyserver", append(slices.Clone(o.env), o.cfg.KeyserverEnv...), readyKeyserver, readyTimeout,
+		filepath.Join(o.bin, "keyserver"), args...)
+	if err != nil {
+		return nil, "", "", err
+	}
+	if m[2] != "off" {
+		metricsAddr = m[2]
+	}
+	return p, m[1], metricsAddr, nil
+}
+
+// startEdge starts the edge binary against the keyserver at ksAddr and
+// returns it and its address.
+func (o *orchestrator) startEdge(ksAddr string) (*proc, string, error) {
+	args := []string{"-listen", "127.0.0.1:0", "-certs", filepath.Join(o.dir, "certs", "keyless"),
+		"-default-cert", nameECDSA, "-rsa-key-exchange", nameRSA,
+		// Never contacted: the load generator sends no request.
+		"-origin", "http://127.0.0.1:9",
+		"-keyserver", ksAddr, "-keyserver-name", o.link.serverName, "-keyserver-ca", o.link.caFile,
+		"-tls-cert", o.link.clientCert, "-tls-key", o.link.clientKey}
+	p, m, err := o.startReady("edge", o.cfg.EdgeEnv, readyEdge, readyTimeout, filepath.Join(o.bin, "edge"), append(args, o.cfg.EdgeFlags...)...)
+	if err != nil {
+		return nil, "", err
+	}
+	return p, m[1], nil
+}
+
+// startSelf starts this binary in a server mode, which prints "ready ADDR",
+// and returns it and ADDR.
+func (o *orchestrator) startSelf(name string, env []string, args ...string) (*proc, string, error) {
+	p, m, err := o.startReady(name, env, readySelf, readyTimeout, o.self, args...)
+	if err != nil {
+		return nil, "", err
+	}
+	return p, m[1], nil
+}
+
+// readyTimeout bounds a server's start.
+const readyTimeout = 30 * time.Second
+
+// startReady starts path with args and the extra environment env, and
+// waits up to timeout for its output to match ready. It returns the
+// process and the submatches; on error the process has been stopped.
+func (o *orchestrator) startReady(name string, env []string, ready *regexp.Regexp, timeout time.Duration, path string, args ...string) (*proc, []string, error) {
+	p, err := startProc(name, o.logDir, env, path, args...)
+	if err != nil {
+		return nil, nil, err
+	}
+	m, err := p.waitFor(ready, timeout)
+	if err != nil {
+		p.stop()
+		return nil, nil, err
+	}
+	return p, m, nil
+}
