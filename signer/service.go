@@ -125,7 +125,7 @@ type Service struct {
 	// streamWorkers is the number of workers of each Stream.
 	streamWorkers int
 	// resultDelay bounds how long a Stream's result waits for others to
-	// share its message (see opStream.hold).
+	// share its message (see serverStream.hold).
 	resultDelay time.Duration
 	// traffic counts the messages of every Stream and what they carry.
 	traffic streamTraffic
@@ -134,7 +134,7 @@ type Service struct {
 	// streamsMu guards the open streams, their number per identity, and
 	// draining, set by Drain.
 	streamsMu sync.Mutex
-	streams   map[*opStream]struct{}
+	streams   map[*serverStream]struct{}
 	streamsOf map[string]int
 	draining  bool
 }
@@ -161,7 +161,7 @@ func NewService(cfg Config) (*Service, error) {
 
 		streamWorkers: 2 * cfg.MaxConcurrent,
 		resultDelay:   cfg.resultDelay,
-		streams:       make(map[*opStream]struct{}),
+		streams:       make(map[*serverStream]struct{}),
 		streamsOf:     make(map[string]int),
 
 		maxStreamsPerIdentity: cfg.MaxStreamsPerIdentity,

@@ -20,7 +20,7 @@ import (
 // Limits of the Stream RPC.
 const (
 	// maxResultDelay bounds how long a result waits in the keyserver for
-	// others to share its message (see opStream.hold).
+	// others to share its message (see serverStream.hold).
 	maxResultDelay = 2 * time.Millisecond
 
 	// maxStreamInFlight bounds the operations of one stream received and
@@ -70,10 +70,10 @@ func (s *Service) Drain() {
 // carrying every result ready at that moment; while more operations are
 // unfinished than the key store performs at once, a result waits up to
 // 2 ms for others, so that under load results share messages (see
-// opStream.hold). A Stream beyond Config.MaxStreamsPerIdentity of its
+// serverStream.hold). A Stream beyond Config.MaxStreamsPerIdentity of its
 // caller's ends at once with ResourceExhausted.
 func (s *Service) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest, keylessv1.StreamResponse]) error {
-	st := &opStream{
+	st := &serverStream{
 		s:      s,
 		stream: stream,
 		ctx:    stream.Context(),
@@ -125,8 +125,9 @@ type streamTraffic struct {
 	sent, sentResults     atomic.Uint64 // StreamResponse messages, results
 }
 
-// opStream is one Stream call.
-type opStream struct {
+// serverStream is the keyserver's side of one Stream call (the edge's side
+// is tlscore's clientStream).
+type serverStream struct {
 	s      *Service
 	stream grpc.BidiStreamingServer[keylessv1.StreamRequest, keylessv1.StreamResponse]
 	ctx    context.Context
@@ -157,7 +158,7 @@ type opStream struct {
 }
 
 // startedWorkers returns the number of workers started so far.
-func (st *opStream) startedWorkers() int {
+func (st *serverStream) startedWorkers() int {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	return st.started
@@ -174,7 +175,7 @@ type streamJob struct {
 // the workers perform and send (see deliver), until the client closes its
 // side (then nil, once everything received is answered), the stream
 // breaks, or the service drains.
-func (st *opStream) serve() error {
+func (st *serverStream) serve() error {
 	readDone := make(chan error, 1)
 	go func() { readDone <- st.read() }()
 	var (
@@ -213,7 +214,7 @@ func (st *opStream) serve() error {
 // result, as few messages as will hold them, unless another worker is
 // sending (its next message takes them) or the results should wait for
 // more (see hold).
-func (st *opStream) deliver(r *keylessv1.OperationResult) {
+func (st *serverStream) deliver(r *keylessv1.OperationResult) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.out = append(st.out, r)
@@ -227,7 +228,7 @@ func (st *opStream) deliver(r *keylessv1.OperationResult) {
 // message and a wake-up on both sides. Otherwise, when a message is full
 // and while draining, results go at once: an operation sent alone, or the
 // last of a burst, never waits. The caller holds st.mu.
-func (st *opStream) hold() bool {
+func (st *serverStream) hold() bool {
 	keyStoreSlots := st.s.streamWorkers / 2
 	return !st.closing &&
 		len(st.out) < link.MaxStreamOperations &&
@@ -237,7 +238,7 @@ func (st *opStream) hold() bool {
 // flushLocked sends the queued results unless a Send is in progress (its
 // worker sends them next) or they should wait (see hold) and the timer has
 // not said they waited long enough. The caller holds st.mu.
-func (st *opStream) flushLocked() {
+func (st *serverStream) flushLocked() {
 	if st.sending {
 		return
 	}
@@ -286,7 +287,7 @@ func (st *opStream) flushLocked() {
 // flushHeld runs on the stream's timer, the service's resultDelay after a
 // result began to wait: the results that wait go now or, if a worker is
 // sending, in its next message.
-func (st *opStream) flushHeld() {
+func (st *serverStream) flushHeld() {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.timerArmed = false
@@ -295,7 +296,7 @@ func (st *opStream) flushHeld() {
 }
 
 // signal wakes serve to check whether a Send failed or the stream drained.
-func (st *opStream) signal() {
+func (st *serverStream) signal() {
 	select {
 	case st.wake <- struct{}{}:
 	default:
@@ -303,7 +304,7 @@ func (st *opStream) signal() {
 }
 
 // failed returns the error of a Send that failed, if any.
-func (st *opStream) failed() error {
+func (st *serverStream) failed() error {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	return st.sendErr
@@ -311,7 +312,7 @@ func (st *opStream) failed() error {
 
 // drained reports whether the stream is draining and has nothing left in
 // flight.
-func (st *opStream) drained() bool {
+func (st *serverStream) drained() bool {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	return st.closing && st.inFlight == 0
@@ -320,7 +321,7 @@ func (st *opStream) drained() bool {
 // read receives operations and hands them to the workers until the stream
 // ends, waiting while maxStreamInFlight are in flight. It returns io.EOF
 // when the client closed its side.
-func (st *opStream) read() error {
+func (st *serverStream) read() error {
 	defer close(st.jobs)
 	for {
 		req, err := st.stream.Recv()
@@ -362,7 +363,7 @@ func (st *opStream) read() error {
 }
 
 // work performs operations until reading has ended.
-func (st *opStream) work() {
+func (st *serverStream) work() {
 	for j := range st.jobs {
 		st.busy.Add(1)
 		st.deliver(st.perform(j))
@@ -371,7 +372,7 @@ func (st *opStream) work() {
 }
 
 // perform answers one operation as the unary call would.
-func (st *opStream) perform(j streamJob) *keylessv1.OperationResult {
+func (st *serverStream) perform(j streamJob) *keylessv1.OperationResult {
 	timeout := link.DefaultOperationTimeout
 	if ms := j.op.GetTimeoutMs(); ms > 0 {
 		timeout = min(time.Duration(ms)*time.Millisecond, link.MaxOperationTimeout)

@@ -22,10 +22,10 @@ import (
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
-type opStreamClient = grpc.BidiStreamingClient[keylessv1.StreamRequest, keylessv1.StreamResponse]
+type streamClient = grpc.BidiStreamingClient[keylessv1.StreamRequest, keylessv1.StreamResponse]
 
 // openStream opens a Stream as client.
-func openStream(t *testing.T, client keylessv1.KeylessServiceClient) opStreamClient {
+func openStream(t *testing.T, client keylessv1.KeylessServiceClient) streamClient {
 	t.Helper()
 	st, err := client.Stream(testContext(t, 0))
 	if err != nil {
@@ -35,7 +35,7 @@ func openStream(t *testing.T, client keylessv1.KeylessServiceClient) opStreamCli
 }
 
 // sendOps sends ops in one message.
-func sendOps(t *testing.T, st opStreamClient, ops ...*keylessv1.Operation) {
+func sendOps(t *testing.T, st streamClient, ops ...*keylessv1.Operation) {
 	t.Helper()
 	if err := st.Send(&keylessv1.StreamRequest{Operations: ops}); err != nil {
 		t.Fatalf("Send() = %v", err)
@@ -44,7 +44,7 @@ func sendOps(t *testing.T, st opStreamClient, ops ...*keylessv1.Operation) {
 
 // receiveResults receives until n results have arrived, and returns them
 // by id; a second result for an id fails the test.
-func receiveResults(t *testing.T, st opStreamClient, n int) map[uint64]*keylessv1.OperationResult {
+func receiveResults(t *testing.T, st streamClient, n int) map[uint64]*keylessv1.OperationResult {
 	t.Helper()
 	got := make(map[uint64]*keylessv1.OperationResult)
 	for len(got) < n {
@@ -93,7 +93,7 @@ func p256SignOps(t *testing.T, n int) []*keylessv1.Operation {
 }
 
 // openStreamOf returns the service's one open stream, or nil.
-func openStreamOf(svc *Service) *opStream {
+func openStreamOf(svc *Service) *serverStream {
 	svc.streamsMu.Lock()
 	defer svc.streamsMu.Unlock()
 	for s := range svc.streams {
@@ -238,7 +238,7 @@ func TestStreamsPerIdentity(t *testing.T) {
 	req := p256SignRequest(t)
 	// open opens a stream and waits for a result, so that the keyserver
 	// has counted it.
-	open := func(client keylessv1.KeylessServiceClient) opStreamClient {
+	open := func(client keylessv1.KeylessServiceClient) streamClient {
 		t.Helper()
 		st := openStream(t, client)
 		sendOps(t, st, signOp(1, req))

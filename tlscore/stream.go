@@ -47,7 +47,7 @@ type opStreams struct {
 
 type streamSlot struct {
 	mu sync.Mutex
-	st *opStream
+	st *clientStream
 }
 
 // errUseUnary means the keyserver does not implement Stream.
@@ -68,7 +68,7 @@ func newOpStreams(c *Client, n int) *opStreams {
 // not implement Stream.
 func (p *opStreams) do(ctx context.Context, op *keylessv1.Operation) (*keylessv1.OperationResult, string, error) {
 	var (
-		tried   *opStream
+		tried   *clientStream
 		lastErr error
 		ks      = "none"
 	)
@@ -115,7 +115,7 @@ func (p *opStreams) do(ctx context.Context, op *keylessv1.Operation) (*keylessv1
 // (avoid set) it prefers a stream other than avoid; otherwise it takes the
 // next slot in turn, replacing its stream if that one no longer takes
 // operations.
-func (p *opStreams) pick(ctx context.Context, avoid *opStream) (*opStream, error) {
+func (p *opStreams) pick(ctx context.Context, avoid *clientStream) (*clientStream, error) {
 	n := len(p.slots)
 	i := int(p.next.Add(1) % uint32(n))
 	if avoid != nil {
@@ -155,10 +155,11 @@ func (p *opStreams) close() {
 	}
 }
 
-// opStream is one KeylessService.Stream call. A sender goroutine batches
+// clientStream is the edge's side of one KeylessService.Stream call (the
+// keyserver's side is signer's serverStream). A sender goroutine batches
 // queued operations into messages; a receiver goroutine hands each result
 // to the operation waiting for it.
-type opStream struct {
+type clientStream struct {
 	ctx    context.Context // the stream's; cancel ends it
 	cancel context.CancelFunc
 	born   time.Time
@@ -184,9 +185,9 @@ type pendingOp struct {
 }
 
 // openStream starts opening a stream; it is usable once ready is closed.
-func (c *Client) openStream() *opStream {
+func (c *Client) openStream() *clientStream {
 	ctx, cancel := context.WithCancel(c.streamsCtx)
-	st := &opStream{
+	st := &clientStream{
 		ctx:       ctx,
 		cancel:    cancel,
 		born:      time.Now(),
@@ -215,7 +216,7 @@ func (c *Client) openStream() *opStream {
 }
 
 // wait waits until st is open, or ctx ends.
-func (st *opStream) wait(ctx context.Context) (*opStream, error) {
+func (st *clientStream) wait(ctx context.Context) (*clientStream, error) {
 	select {
 	case <-st.ready:
 		if st.openErr != nil {
@@ -228,7 +229,7 @@ func (st *opStream) wait(ctx context.Context) (*opStream, error) {
 }
 
 // usable reports whether st takes new operations.
-func (st *opStream) usable() bool {
+func (st *clientStream) usable() bool {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	return st.err == nil && !st.retired && time.Since(st.born) < streamMaxAge
@@ -236,7 +237,7 @@ func (st *opStream) usable() bool {
 
 // retire makes st take no new operations; it closes once the pending ones
 // are answered.
-func (st *opStream) retire() {
+func (st *clientStream) retire() {
 	st.mu.Lock()
 	st.retired = true
 	idle := len(st.pending) == 0
@@ -249,7 +250,7 @@ func (st *opStream) retire() {
 // do sends op on st and waits for its result or ctx. The error is
 // errStreamClosed if st takes no new operations, the stream's error (as a
 // status) if it ended before the result came, or ctx's.
-func (st *opStream) do(ctx context.Context, op *keylessv1.Operation) (*keylessv1.OperationResult, error) {
+func (st *clientStream) do(ctx context.Context, op *keylessv1.Operation) (*keylessv1.OperationResult, error) {
 	p := &pendingOp{done: make(chan *keylessv1.OperationResult, 1)}
 	st.mu.Lock()
 	if st.err != nil || st.retired {
@@ -293,7 +294,7 @@ func timeoutMs(ctx context.Context) uint32 {
 }
 
 // forget drops an operation whose caller gave up.
-func (st *opStream) forget(id uint64) {
+func (st *clientStream) forget(id uint64) {
 	st.mu.Lock()
 	delete(st.pending, id)
 	idle := st.retired && len(st.pending) == 0
@@ -304,7 +305,7 @@ func (st *opStream) forget(id uint64) {
 }
 
 // endErr is the error of operations that were pending when st ended.
-func (st *opStream) endErr() error {
+func (st *clientStream) endErr() error {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	return st.err
@@ -314,7 +315,7 @@ func (st *opStream) endErr() error {
 // link.MaxStreamOperations), until the stream ends. An operation that
 // finds the sender idle does not wait for others beyond a yield of the
 // processor: at concurrency 1 each goes at once.
-func (st *opStream) send() {
+func (st *clientStream) send() {
 	batch := make([]*keylessv1.Operation, 0, link.MaxStreamOperations)
 	for {
 		select {
@@ -350,7 +351,7 @@ func (st *opStream) send() {
 }
 
 // receive hands results to their operations until the stream ends.
-func (st *opStream) receive() {
+func (st *clientStream) receive() {
 	for {
 		resp, err := st.stream.Recv()
 		if err != nil {
@@ -375,7 +376,7 @@ func (st *opStream) receive() {
 // fail ends st with err: every pending operation gets a nil result and
 // then st.err, a status error (UNAVAILABLE when the keyserver closed the
 // stream without one).
-func (st *opStream) fail(err error) {
+func (st *clientStream) fail(err error) {
 	if errors.Is(err, io.EOF) {
 		err = status.Error(codes.Unavailable, "the keyserver closed the stream")
 	} else if _, ok := status.FromError(err); !ok {
