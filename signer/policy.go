@@ -78,9 +78,36 @@ type policyQuota struct {
 // keyPattern is one entry of a rule's keys.
 type keyPattern struct {
 	text  string // as written, for messages
-	kind  string // "*", "id", "label" or "cert"
-	id    link.KeyID
-	value string // the label, or the normalized certificate name pattern
+	kind  keyPatternKind
+	id    link.KeyID // for keyByID
+	value string     // the label, or the normalized certificate name pattern
+}
+
+// keyPatternKind says what a key pattern matches keys by. The zero value
+// is no kind: parseKeyPattern never returns it.
+type keyPatternKind int
+
+const (
+	keyAny     keyPatternKind = iota + 1 // "*": every key
+	keyByID                              // id:<key id>
+	keyByLabel                           // label:<CKA_LABEL>
+	keyByCert                            // cert:<certificate name pattern>
+)
+
+// String returns the kind as a policy writes it: "*", or the prefix before
+// the colon ("id", "label", "cert").
+func (k keyPatternKind) String() string {
+	switch k {
+	case keyAny:
+		return "*"
+	case keyByID:
+		return "id"
+	case keyByLabel:
+		return "label"
+	case keyByCert:
+		return "cert"
+	}
+	return fmt.Sprintf("keyPatternKind(%d)", int(k))
 }
 
 // The YAML document. Field names are what operators write.
@@ -472,34 +499,36 @@ func parseIdentity(s string) (string, error) {
 	return n, nil
 }
 
+// parseKeyPattern parses one entry of a rule's keys: "*",
+// id:<64 hex digits>, label:<label> or cert:<name or *.name>.
 func parseKeyPattern(s string) (keyPattern, error) {
 	if s == "*" {
-		return keyPattern{text: s, kind: "*"}, nil
+		return keyPattern{text: s, kind: keyAny}, nil
 	}
-	kind, v, ok := strings.Cut(s, ":")
+	prefix, v, ok := strings.Cut(s, ":")
 	if !ok {
 		return keyPattern{}, fmt.Errorf("%q: want id:<key id>, label:<CKA_LABEL>, cert:<certificate name> or \"*\"", s)
 	}
-	kp := keyPattern{text: s, kind: kind}
-	switch kind {
+	kp := keyPattern{text: s}
+	switch prefix {
 	case "id":
 		id, err := link.ParseKeyID(strings.ToLower(v))
 		if err != nil {
-			return kp, fmt.Errorf("%q: a key id is the 64 hex digits that \"keyserver keys list\" shows", s)
+			return keyPattern{}, fmt.Errorf("%q: a key id is the 64 hex digits that \"keyserver keys list\" shows", s)
 		}
-		kp.id = id
+		kp.kind, kp.id = keyByID, id
 	case "label":
 		if v == "" {
-			return kp, fmt.Errorf("%q: the label is empty", s)
+			return keyPattern{}, fmt.Errorf("%q: the label is empty", s)
 		}
-		kp.value = v
+		kp.kind, kp.value = keyByLabel, v
 	case "cert":
 		if err := hostname.CheckPattern(v); err != nil {
-			return kp, fmt.Errorf("%q: certificate name: %w", s, err)
+			return keyPattern{}, fmt.Errorf("%q: certificate name: %w", s, err)
 		}
-		kp.value = hostname.Normalize(v)
+		kp.kind, kp.value = keyByCert, hostname.Normalize(v)
 	default:
-		return kp, fmt.Errorf("%q: unknown kind %q; want id:, label:, cert: or \"*\"", s, kind)
+		return keyPattern{}, fmt.Errorf("%q: unknown kind %q; want id:, label:, cert: or \"*\"", s, prefix)
 	}
 	return kp, nil
 }
@@ -637,13 +666,13 @@ func refOf(id link.KeyID, key crypto.Signer) keyRef {
 
 func (p *Policy) matchKey(kp keyPattern, k keyRef) bool {
 	switch kp.kind {
-	case "*":
+	case keyAny:
 		return true
-	case "id":
+	case keyByID:
 		return kp.id == k.id
-	case "label":
+	case keyByLabel:
 		return k.label != "" && kp.value == k.label
-	case "cert":
+	case keyByCert:
 		for _, n := range p.certs[k.id] {
 			if hostname.Match(kp.value, n) {
 				return true
@@ -772,14 +801,14 @@ func (p *Policy) Lint(keys []crypto.Signer) []string {
 	}
 	for _, r := range p.rules {
 		for _, kp := range r.keys {
-			if kp.kind == "*" {
+			if kp.kind == keyAny {
 				continue
 			}
 			if slices.ContainsFunc(refs, func(k keyRef) bool { return p.matchKey(kp, k) }) {
 				continue
 			}
 			msg := fmt.Sprintf("policy %s: line %d: rule %q: key pattern %q matches no key the keyserver holds", p.source, r.line, r.name, kp.text)
-			if kp.kind == "cert" {
+			if kp.kind == keyByCert {
 				if len(p.certs) == 0 {
 					msg += " (the keyserver was given no certificates, so cert: patterns match nothing; give it -certs DIR)"
 				} else {

@@ -154,6 +154,42 @@ func TestParsePolicyErrors(t *testing.T) {
 	}
 }
 
+func TestParseKeyPattern(t *testing.T) {
+	id := strings.Repeat("3f", 32)
+	tests := []struct {
+		in       string
+		kind     keyPatternKind
+		wantKind string
+		value    string
+	}{
+		{"*", keyAny, "*", ""},
+		{"id:" + id, keyByID, "id", ""},
+		{"id:" + strings.ToUpper(id), keyByID, "id", ""},
+		{"label:www", keyByLabel, "label", "www"},
+		{"cert:*.Example.COM.", keyByCert, "cert", "*.example.com"},
+	}
+	for _, tt := range tests {
+		kp, err := parseKeyPattern(tt.in)
+		if err != nil || kp.kind != tt.kind || kp.text != tt.in || kp.value != tt.value {
+			t.Errorf("parseKeyPattern(%q) = %+v, %v, want kind %v, value %q", tt.in, kp, err, tt.kind, tt.value)
+		}
+		if got := kp.kind.String(); got != tt.wantKind {
+			t.Errorf("parseKeyPattern(%q).kind.String() = %q, want %q", tt.in, got, tt.wantKind)
+		}
+		if tt.kind == keyByID && link.FormatKeyID(kp.id) != id {
+			t.Errorf("parseKeyPattern(%q).id = %s, want %s", tt.in, link.FormatKeyID(kp.id), id)
+		}
+	}
+	for _, bad := range []string{"", "**", "id:", "lable:www", "label:", "cert:"} {
+		if kp, err := parseKeyPattern(bad); err == nil {
+			t.Errorf("parseKeyPattern(%q) = %+v, nil, want an error", bad, kp)
+		}
+	}
+	if got := keyPatternKind(0).String(); got != "keyPatternKind(0)" {
+		t.Errorf("keyPatternKind(0).String() = %q", got)
+	}
+}
+
 func TestParseSchemes(t *testing.T) {
 	tests := []struct {
 		in   string
