@@ -184,207 +184,319 @@ func (e *PolicyError) Error() string {
 // that does not allow sign, and quotas out of range. A document without
 // rules is an error too: it would deny everything.
 func ParsePolicy(source string, data []byte) (*Policy, error) {
-	perr := func(line int, where, format string, args ...any) error {
-		return &PolicyError{Source: source, Line: line, Where: where, Reason: fmt.Sprintf(format, args...)}
+	ps := &policyParser{
+		source: source,
+		p:      &Policy{source: source, groups: make(map[string][]string), listed: make(map[string]bool)},
+		used:   make(map[string]bool),
 	}
+	f, err := ps.decode(data)
+	if err != nil {
+		return nil, err
+	}
+	if err := ps.parseGroups(f.Groups); err != nil {
+		return nil, err
+	}
+	if err := ps.parseRules(f.Rules); err != nil {
+		return nil, err
+	}
+	if err := ps.parseQuotas(f.Quotas); err != nil {
+		return nil, err
+	}
+	return ps.finish(), nil
+}
+
+// policyParser builds a Policy from one document, part by part, failing
+// at the first problem with a *PolicyError that names the source, the line
+// and the field.
+type policyParser struct {
+	source string
+	lines  policyLines
+	p      *Policy
+	// groupNames are the document's group names, sorted.
+	groupNames []string
+	// used holds the groups that some rule or quota names.
+	used map[string]bool
+}
+
+// errorf returns a *PolicyError for the part at line named where.
+func (ps *policyParser) errorf(line int, where, format string, args ...any) error {
+	return &PolicyError{Source: ps.source, Line: line, Where: where, Reason: fmt.Sprintf(format, args...)}
+}
+
+// decode decodes data strictly into a policyFile and finds the lines of
+// its parts.
+func (ps *policyParser) decode(data []byte) (*policyFile, error) {
 	if !utf8.Valid(data) {
-		return nil, perr(0, "", "not valid UTF-8")
+		return nil, ps.errorf(0, "", "not valid UTF-8")
 	}
 	var f policyFile
 	dec := yaml.NewDecoder(bytes.NewReader(data))
 	dec.KnownFields(true)
 	if err := dec.Decode(&f); err != nil {
 		if errors.Is(err, io.EOF) {
-			return nil, perr(0, "", "the document is empty; a policy needs at least one rule (everything else is denied)")
+			return nil, ps.errorf(0, "", "the document is empty; a policy needs at least one rule (everything else is denied)")
 		}
-		return nil, perr(0, "", "%s", yamlError(err))
+		return nil, ps.errorf(0, "", "%s", yamlError(err))
 	}
 	var extra yaml.Node
 	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
-		return nil, perr(extra.Line, "", "a policy is one YAML document; remove everything after the first \"---\" separator")
+		return nil, ps.errorf(extra.Line, "", "a policy is one YAML document; remove everything after the first \"---\" separator")
 	}
 	var root yaml.Node
 	if err := yaml.Unmarshal(data, &root); err != nil {
-		return nil, perr(0, "", "%s", yamlError(err))
+		return nil, ps.errorf(0, "", "%s", yamlError(err))
 	}
-	lines := sectionLines(&root)
+	ps.lines = sectionLines(&root)
+	return &f, nil
+}
 
-	p := &Policy{source: source, groups: make(map[string][]string), listed: make(map[string]bool)}
+// parseGroups checks the groups and their members, in name order.
+func (ps *policyParser) parseGroups(groups map[string][]string) error {
+	ps.groupNames = make([]string, 0, len(groups))
+	for name := range groups {
+		ps.groupNames = append(ps.groupNames, name)
+	}
+	sort.Strings(ps.groupNames)
+	for _, name := range ps.groupNames {
+		if err := ps.parseGroup(name, groups[name]); err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
-	// Groups.
-	groupNames := make([]string, 0, len(f.Groups))
-	for name := range f.Groups {
-		groupNames = append(groupNames, name)
+func (ps *policyParser) parseGroup(name string, members []string) error {
+	where := fmt.Sprintf("groups: %q", name)
+	line := ps.lines.group[name]
+	if !nameRE.MatchString(name) {
+		return ps.errorf(line, where, "a group name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
 	}
-	sort.Strings(groupNames)
-	for _, name := range groupNames {
-		where := fmt.Sprintf("groups: %q", name)
-		line := lines.group[name]
-		if !nameRE.MatchString(name) {
-			return nil, perr(line, where, "a group name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit")
-		}
-		members := f.Groups[name]
-		if len(members) == 0 {
-			return nil, perr(line, where, "the group is empty")
-		}
-		for i, m := range members {
-			if strings.HasPrefix(m, "group:") {
-				return nil, perr(line, fmt.Sprintf("%s[%d]", where, i), "%q: a group holds identities, not other groups", m)
-			}
-			id, err := parseIdentity(m)
-			if err != nil {
-				return nil, perr(line, fmt.Sprintf("%s[%d]", where, i), "%v", err)
-			}
-			p.groups[name] = append(p.groups[name], id)
-		}
+	if len(members) == 0 {
+		return ps.errorf(line, where, "the group is empty")
 	}
-	used := make(map[string]bool)
-	expand := func(line int, where string, list []string) (map[string]bool, error) {
-		if len(list) == 0 {
-			return nil, perr(line, where, "is empty or missing; name at least one identity or group:NAME")
+	for i, m := range members {
+		if strings.HasPrefix(m, "group:") {
+			return ps.errorf(line, fmt.Sprintf("%s[%d]", where, i), "%q: a group holds identities, not other groups", m)
 		}
-		out := make(map[string]bool)
-		for i, s := range list {
-			if g, ok := strings.CutPrefix(s, "group:"); ok {
-				members, ok := p.groups[g]
-				used[g] = true
-				if !ok {
-					return nil, perr(line, fmt.Sprintf("%s[%d]", where, i), "%q: no such group (groups: %s)", s, strings.Join(groupNames, ", "))
-				}
-				for _, m := range members {
-					out[m] = true
-				}
-				continue
-			}
-			id, err := parseIdentity(s)
-			if err != nil {
-				return nil, perr(line, fmt.Sprintf("%s[%d]", where, i), "%v", err)
-			}
-			out[id] = true
+		id, err := parseIdentity(m)
+		if err != nil {
+			return ps.errorf(line, fmt.Sprintf("%s[%d]", where, i), "%v", err)
 		}
-		return out, nil
+		ps.p.groups[name] = append(ps.p.groups[name], id)
 	}
+	return nil
+}
 
-	// Rules.
-	if len(f.Rules) == 0 {
-		return nil, perr(0, "rules", "there are no rules; everything would be denied")
+// parseIdentities resolves the identities of a rule or quota, literal or
+// group:NAME, into a set of normalized identities.
+func (ps *policyParser) parseIdentities(line int, where string, list []string) (map[string]bool, error) {
+	if len(list) == 0 {
+		return nil, ps.errorf(line, where, "is empty or missing; name at least one identity or group:NAME")
+	}
+	out := make(map[string]bool)
+	for i, s := range list {
+		if g, ok := strings.CutPrefix(s, "group:"); ok {
+			members, ok := ps.p.groups[g]
+			ps.used[g] = true
+			if !ok {
+				return nil, ps.errorf(line, fmt.Sprintf("%s[%d]", where, i), "%q: no such group (groups: %s)", s, strings.Join(ps.groupNames, ", "))
+			}
+			for _, m := range members {
+				out[m] = true
+			}
+			continue
+		}
+		id, err := parseIdentity(s)
+		if err != nil {
+			return nil, ps.errorf(line, fmt.Sprintf("%s[%d]", where, i), "%v", err)
+		}
+		out[id] = true
+	}
+	return out, nil
+}
+
+// parseName checks the name of entry i of the rules or quotas (kind "rule"
+// or "quota"; why says who reports the name) and returns how messages name
+// the entry from then on. seen maps the names so far to their index.
+func (ps *policyParser) parseName(kind string, i, line int, name, why string, seen map[string]int) (string, error) {
+	where := fmt.Sprintf("%ss[%d]", kind, i)
+	if name == "" {
+		return "", ps.errorf(line, where, "name is missing; every %s needs a name, which %s", kind, why)
+	}
+	if !nameRE.MatchString(name) {
+		return "", ps.errorf(line, where+": name", "%q: a %s name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit", name, kind)
+	}
+	where = fmt.Sprintf("%s %q", kind, name)
+	if prev, dup := seen[name]; dup {
+		return "", ps.errorf(line, where, "the name is also used by %ss[%d]; %s names must be unique", kind, prev, kind)
+	}
+	seen[name] = i
+	return where, nil
+}
+
+// parseRules checks the rules, in order; a policy needs at least one.
+func (ps *policyParser) parseRules(rules []ruleFile) error {
+	if len(rules) == 0 {
+		return ps.errorf(0, "rules", "there are no rules; everything would be denied")
 	}
 	seen := make(map[string]int)
-	for i, rf := range f.Rules {
-		line := lines.rule(i)
-		where := fmt.Sprintf("rules[%d]", i)
-		if rf.Name == "" {
-			return nil, perr(line, where, "name is missing; every rule needs a name, which denials and the audit trail report")
+	for i, rf := range rules {
+		r, err := ps.parseRule(i, rf, seen)
+		if err != nil {
+			return err
 		}
-		if !nameRE.MatchString(rf.Name) {
-			return nil, perr(line, where+": name", "%q: a rule name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit", rf.Name)
-		}
-		where = fmt.Sprintf("rule %q", rf.Name)
-		if prev, dup := seen[rf.Name]; dup {
-			return nil, perr(line, where, "the name is also used by rules[%d]; rule names must be unique", prev)
-		}
-		seen[rf.Name] = i
-		r := &policyRule{name: rf.Name, line: line}
-		var err error
-		if r.identities, err = expand(line, where+": identities", rf.Identities); err != nil {
-			return nil, err
-		}
-		for id := range r.identities {
-			p.listed[id] = true
-		}
-		if len(rf.Keys) == 0 {
-			return nil, perr(line, where+": keys", "is empty or missing; name keys as id:<key id>, label:<CKA_LABEL>, cert:<certificate name> or \"*\" for every key")
-		}
-		for j, k := range rf.Keys {
-			kp, err := parseKeyPattern(k)
-			if err != nil {
-				return nil, perr(line, fmt.Sprintf("%s: keys[%d]", where, j), "%v", err)
-			}
-			r.keys = append(r.keys, kp)
-		}
-		if len(rf.Operations) == 0 {
-			return nil, perr(line, where+": operations", "is empty or missing; want sign, decrypt or both")
-		}
-		for j, op := range rf.Operations {
-			switch op {
-			case OpSign:
-				r.sign = true
-			case OpDecrypt:
-				r.decrypt = true
-			default:
-				return nil, perr(line, fmt.Sprintf("%s: operations[%d]", where, j), "%q is not an operation; want sign or decrypt", op)
-			}
-		}
-		switch {
-		case r.sign && len(rf.Schemes) == 0:
-			return nil, perr(line, where+": schemes", "is empty or missing, but the rule allows sign; write [default] for every scheme but SHA-1, or name schemes")
-		case !r.sign && len(rf.Schemes) > 0:
-			return nil, perr(line, where+": schemes", "the rule does not allow sign, so schemes would mean nothing; remove them or add sign to operations")
-		}
-		if r.sign {
-			r.schemes = make(map[keylessv1.SignatureAlgorithm]bool)
-			for j, s := range rf.Schemes {
-				algs, err := parseSchemes(s)
-				if err != nil {
-					return nil, perr(line, fmt.Sprintf("%s: schemes[%d]", where, j), "%v", err)
-				}
-				for _, a := range algs {
-					r.schemes[a] = true
-				}
-			}
-		}
-		p.rules = append(p.rules, r)
+		ps.p.rules = append(ps.p.rules, r)
 	}
+	return nil
+}
 
-	// Quotas.
-	seen = make(map[string]int)
-	for i, qf := range f.Quotas {
-		line := lines.quota(i)
-		where := fmt.Sprintf("quotas[%d]", i)
-		if qf.Name == "" {
-			return nil, perr(line, where, "name is missing; every quota needs a name, which refusals report")
-		}
-		if !nameRE.MatchString(qf.Name) {
-			return nil, perr(line, where+": name", "%q: a quota name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter or digit", qf.Name)
-		}
-		where = fmt.Sprintf("quota %q", qf.Name)
-		if prev, dup := seen[qf.Name]; dup {
-			return nil, perr(line, where, "the name is also used by quotas[%d]; quota names must be unique", prev)
-		}
-		seen[qf.Name] = i
-		q := &policyQuota{name: qf.Name, desc: fmt.Sprintf("quota %q of the policy", qf.Name), line: line}
-		var err error
-		if q.identities, err = expand(line, where+": identities", qf.Identities); err != nil {
-			return nil, err
-		}
-		if qf.MaxInFlight == nil && qf.Rate == nil {
-			return nil, perr(line, where, "sets no limit; give max_inflight, rate or both")
-		}
-		if qf.MaxInFlight != nil {
-			if *qf.MaxInFlight < 1 {
-				return nil, perr(line, where+": max_inflight", "is %d; it must be at least 1", *qf.MaxInFlight)
-			}
-			q.quota.MaxInFlight = *qf.MaxInFlight
-		}
-		if qf.Rate != nil {
-			if r := *qf.Rate; !(r > 0) || math.IsInf(r, 0) {
-				return nil, perr(line, where+": rate", "is %v; it must be a positive number of operations per second", r)
-			}
-			q.quota.Rate = *qf.Rate
-		}
-		if qf.Burst != nil {
-			if qf.Rate == nil {
-				return nil, perr(line, where+": burst", "needs a rate; burst is how many operations may go at once above the rate")
-			}
-			if *qf.Burst < 1 {
-				return nil, perr(line, where+": burst", "is %d; it must be at least 1", *qf.Burst)
-			}
-			q.quota.Burst = *qf.Burst
-		}
-		p.quotas = append(p.quotas, q)
+func (ps *policyParser) parseRule(i int, rf ruleFile, seen map[string]int) (*policyRule, error) {
+	line := ps.lines.rule(i)
+	where, err := ps.parseName("rule", i, line, rf.Name, "denials and the audit trail report", seen)
+	if err != nil {
+		return nil, err
 	}
-	for _, g := range groupNames {
-		if !used[g] {
+	r := &policyRule{name: rf.Name, line: line}
+	if r.identities, err = ps.parseIdentities(line, where+": identities", rf.Identities); err != nil {
+		return nil, err
+	}
+	for id := range r.identities {
+		ps.p.listed[id] = true
+	}
+	if r.keys, err = ps.parseKeys(line, where, rf.Keys); err != nil {
+		return nil, err
+	}
+	if err := ps.parseOperations(line, where, rf.Operations, r); err != nil {
+		return nil, err
+	}
+	if r.schemes, err = ps.parseRuleSchemes(line, where, rf.Schemes, r.sign); err != nil {
+		return nil, err
+	}
+	return r, nil
+}
+
+func (ps *policyParser) parseKeys(line int, where string, keys []string) ([]keyPattern, error) {
+	if len(keys) == 0 {
+		return nil, ps.errorf(line, where+": keys", "is empty or missing; name keys as id:<key id>, label:<CKA_LABEL>, cert:<certificate name> or \"*\" for every key")
+	}
+	out := make([]keyPattern, 0, len(keys))
+	for j, k := range keys {
+		kp, err := parseKeyPattern(k)
+		if err != nil {
+			return nil, ps.errorf(line, fmt.Sprintf("%s: keys[%d]", where, j), "%v", err)
+		}
+		out = append(out, kp)
+	}
+	return out, nil
+}
+
+// parseOperations sets r.sign and r.decrypt from a rule's operations.
+func (ps *policyParser) parseOperations(line int, where string, ops []string, r *policyRule) error {
+	if len(ops) == 0 {
+		return ps.errorf(line, where+": operations", "is empty or missing; want sign, decrypt or both")
+	}
+	for j, op := range ops {
+		switch op {
+		case OpSign:
+			r.sign = true
+		case OpDecrypt:
+			r.decrypt = true
+		default:
+			return ps.errorf(line, fmt.Sprintf("%s: operations[%d]", where, j), "%q is not an operation; want sign or decrypt", op)
+		}
+	}
+	return nil
+}
+
+// parseRuleSchemes resolves a rule's schemes, which it must have if it
+// allows sign (sign) and must not have otherwise; nil without sign.
+func (ps *policyParser) parseRuleSchemes(line int, where string, schemes []string, sign bool) (map[keylessv1.SignatureAlgorithm]bool, error) {
+	switch {
+	case sign && len(schemes) == 0:
+		return nil, ps.errorf(line, where+": schemes", "is empty or missing, but the rule allows sign; write [default] for every scheme but SHA-1, or name schemes")
+	case !sign && len(schemes) > 0:
+		return nil, ps.errorf(line, where+": schemes", "the rule does not allow sign, so schemes would mean nothing; remove them or add sign to operations")
+	case !sign:
+		return nil, nil
+	}
+	out := make(map[keylessv1.SignatureAlgorithm]bool)
+	for j, s := range schemes {
+		algs, err := parseSchemes(s)
+		if err != nil {
+			return nil, ps.errorf(line, fmt.Sprintf("%s: schemes[%d]", where, j), "%v", err)
+		}
+		for _, a := range algs {
+			out[a] = true
+		}
+	}
+	return out, nil
+}
+
+// parseQuotas checks the quotas, in order.
+func (ps *policyParser) parseQuotas(quotas []quotaFile) error {
+	seen := make(map[string]int)
+	for i, qf := range quotas {
+		q, err := ps.parseQuota(i, qf, seen)
+		if err != nil {
+			return err
+		}
+		ps.p.quotas = append(ps.p.quotas, q)
+	}
+	return nil
+}
+
+func (ps *policyParser) parseQuota(i int, qf quotaFile, seen map[string]int) (*policyQuota, error) {
+	line := ps.lines.quota(i)
+	where, err := ps.parseName("quota", i, line, qf.Name, "refusals report", seen)
+	if err != nil {
+		return nil, err
+	}
+	q := &policyQuota{name: qf.Name, desc: fmt.Sprintf("quota %q of the policy", qf.Name), line: line}
+	if q.identities, err = ps.parseIdentities(line, where+": identities", qf.Identities); err != nil {
+		return nil, err
+	}
+	if q.quota, err = ps.parseLimits(line, where, qf); err != nil {
+		return nil, err
+	}
+	return q, nil
+}
+
+// parseLimits checks a quota's max_inflight, rate and burst; it needs at
+// least one of the first two.
+func (ps *policyParser) parseLimits(line int, where string, qf quotaFile) (Quota, error) {
+	var q Quota
+	if qf.MaxInFlight == nil && qf.Rate == nil {
+		return q, ps.errorf(line, where, "sets no limit; give max_inflight, rate or both")
+	}
+	if qf.MaxInFlight != nil {
+		if *qf.MaxInFlight < 1 {
+			return q, ps.errorf(line, where+": max_inflight", "is %d; it must be at least 1", *qf.MaxInFlight)
+		}
+		q.MaxInFlight = *qf.MaxInFlight
+	}
+	if qf.Rate != nil {
+		if r := *qf.Rate; !(r > 0) || math.IsInf(r, 0) {
+			return q, ps.errorf(line, where+": rate", "is %v; it must be a positive number of operations per second", r)
+		}
+		q.Rate = *qf.Rate
+	}
+	if qf.Burst != nil {
+		if qf.Rate == nil {
+			return q, ps.errorf(line, where+": burst", "needs a rate; burst is how many operations may go at once above the rate")
+		}
+		if *qf.Burst < 1 {
+			return q, ps.errorf(line, where+": burst", "is %d; it must be at least 1", *qf.Burst)
+		}
+		q.Burst = *qf.Burst
+	}
+	return q, nil
+}
+
+// finish computes what the policy derives from its parts and returns it.
+func (ps *policyParser) finish() *Policy {
+	p := ps.p
+	for _, g := range ps.groupNames {
+		if !ps.used[g] {
 			p.unusedGroups = append(p.unusedGroups, g)
 		}
 	}
@@ -392,7 +504,7 @@ func ParsePolicy(source string, data []byte) (*Policy, error) {
 	for id := range p.listed {
 		p.identityGroups[id] = p.identityGroup(id)
 	}
-	return p, nil
+	return p
 }
 
 // yamlError rewrites yaml's strict-decoding messages in the policy's own
