@@ -1,13 +1,11 @@
 package signer
 
 import (
-	"context"
 	"crypto"
 	"sort"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -253,34 +251,5 @@ func (s *Service) RegisterQueueMetrics(reg prometheus.Registerer) {
 				Help: "Operations carried by the messages of KeylessService.Stream calls, received (requests) and sent (results); divided by stream_messages_total, how many share a message.",
 			}, func() float64 { return float64(c.payloads.Load()) }),
 		)
-	}
-}
-
-// WatchHealthFunc checks the key store's [Checker] every interval until
-// ctx is done and calls report with each result (nil for a store that is
-// not a Checker, once). An interval of zero or less means
-// DefaultHealthInterval. [WatchHealth] is WatchHealthFunc setting a gRPC
-// health server.
-func WatchHealthFunc(ctx context.Context, keys KeyStore, interval time.Duration, report func(error)) {
-	if interval <= 0 {
-		interval = DefaultHealthInterval
-	}
-	c, ok := keys.(Checker)
-	if !ok {
-		report(nil)
-		return
-	}
-	t := time.NewTicker(interval)
-	defer t.Stop()
-	for {
-		cctx, cancel := context.WithTimeout(ctx, interval)
-		err := c.Check(cctx)
-		cancel()
-		report(err)
-		select {
-		case <-ctx.Done():
-			return
-		case <-t.C:
-		}
 	}
 }

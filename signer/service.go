@@ -15,8 +15,6 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc/credentials"
-	"google.golang.org/grpc/health"
-	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/peer"
 
 	"github.com/keyless-tls/keyless/link"
@@ -555,28 +553,4 @@ func (s *Service) logFailure(c *call, err error) {
 		id = fmt.Sprintf("(%d bytes)", c.keyIDLen)
 	}
 	s.logger.Log(level, "operation failed", "op", c.op, "identity", c.identity, "key_id", id, "rule", c.rule, "error", err)
-}
-
-// DefaultHealthInterval is how often [WatchHealth] checks the key store
-// when it is given no interval.
-const DefaultHealthInterval = 2 * time.Second
-
-// WatchHealth sets the serving status of the KeylessService (and of the
-// server as a whole, the "" service) in hs from the key store's [Checker],
-// every interval until ctx is done. A store that is not a Checker is always
-// SERVING. An interval of zero or less means DefaultHealthInterval.
-func WatchHealth(ctx context.Context, keys KeyStore, hs *health.Server, interval time.Duration) {
-	WatchHealthFunc(ctx, keys, interval, func(err error) { SetHealth(hs, err) })
-}
-
-// SetHealth sets the serving status of the KeylessService (and of the
-// server as a whole, the "" service) in hs: SERVING for a nil err (a
-// successful health check), NOT_SERVING otherwise.
-func SetHealth(hs *health.Server, err error) {
-	st := healthpb.HealthCheckResponse_SERVING
-	if err != nil {
-		st = healthpb.HealthCheckResponse_NOT_SERVING
-	}
-	hs.SetServingStatus("", st)
-	hs.SetServingStatus(keylessv1.KeylessService_ServiceDesc.ServiceName, st)
 }
