@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"crypto"
 	"crypto/x509"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -946,15 +945,4 @@ func (p *Policy) Lint(keys []crypto.Signer) []string {
 // String describes the policy for the startup log: its source and counts.
 func (p *Policy) String() string {
 	return fmt.Sprintf("policy %s: %d rules, %d identities, %d quotas", p.source, len(p.rules), len(p.listed), len(p.quotas))
-}
-
-// hexKeyID returns the hex form of a 32-byte key id, or "" for anything
-// else.
-func hexKeyID(b []byte) string {
-	var buf [2 * len(link.KeyID{})]byte
-	if len(b) != len(link.KeyID{}) {
-		return ""
-	}
-	hex.Encode(buf[:], b)
-	return string(buf[:]) // one allocation, where hex.EncodeToString makes two
 }

@@ -408,9 +408,3 @@ func (st *serverStream) perform(j streamJob) *keylessv1.OperationResult {
 	}
 	return res
 }
-
-// withCall returns ctx carrying a new call record for a stream operation
-// op, arrived at start.
-func withCall(ctx context.Context, op string, start time.Time) context.Context {
-	return context.WithValue(ctx, callKey{}, &call{op: op, start: start, streamed: true})
-}
