@@ -67,6 +67,23 @@ type Auditor interface {
 	Audit(rec *AuditRecord) error
 }
 
+// MultiAuditor returns an Auditor that passes each record to every one of
+// auditors, in order, and returns the first error (after calling them
+// all). Put the audit log first.
+func MultiAuditor(auditors ...Auditor) Auditor { return multiAuditor(auditors) }
+
+type multiAuditor []Auditor
+
+func (a multiAuditor) Audit(rec *AuditRecord) error {
+	var first error
+	for _, x := range a {
+		if err := x.Audit(rec); err != nil && first == nil {
+			first = err
+		}
+	}
+	return first
+}
+
 // AuditLog is an [Auditor] that writes each record as one line of JSON to
 // an io.Writer, such as an *os.File opened for appending. It is safe for
 // concurrent use, and it never calls the writer's Write concurrently.

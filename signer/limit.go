@@ -55,3 +55,19 @@ func (l *limiter) release() {
 		<-l.slots
 	}
 }
+
+// queueDepth returns the operations waiting for the key store.
+func (l *limiter) queueDepth() int64 {
+	if l == nil {
+		return 0
+	}
+	return l.waiting.Load()
+}
+
+// running returns the operations running in the key store.
+func (l *limiter) running() int {
+	if l == nil {
+		return 0
+	}
+	return len(l.slots)
+}

@@ -2,8 +2,6 @@ package signer
 
 import (
 	"crypto"
-	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
 
@@ -146,71 +144,6 @@ func (m *Metrics) SetHSMUp(err error) {
 // address or a name.
 func (m *Metrics) HandshakeRefused(reason string) {
 	m.refused.WithLabelValues(reason).Inc()
-}
-
-// MultiAuditor returns an Auditor that passes each record to every one of
-// auditors, in order, and returns the first error (after calling them
-// all). Put the audit log first.
-func MultiAuditor(auditors ...Auditor) Auditor { return multiAuditor(auditors) }
-
-type multiAuditor []Auditor
-
-func (a multiAuditor) Audit(rec *AuditRecord) error {
-	var first error
-	for _, x := range a {
-		if err := x.Audit(rec); err != nil && first == nil {
-			first = err
-		}
-	}
-	return first
-}
-
-// IdentityGroup returns the groups of the policy that list identity,
-// sorted and joined with ",": a bounded label for metrics. It is "none" for
-// an identity on the allow-list that no group names, and "unlisted" for
-// one that is not on the allow-list at all (or empty).
-func (p *Policy) IdentityGroup(identity string) string {
-	if identity == "" || !p.listed[identity] {
-		return "unlisted"
-	}
-	if g, ok := p.identityGroups[identity]; ok {
-		return g
-	}
-	return p.identityGroup(identity)
-}
-
-// identityGroup computes IdentityGroup for a listed identity.
-func (p *Policy) identityGroup(identity string) string {
-	var in []string
-	for name, members := range p.groups {
-		for _, m := range members {
-			if m == identity {
-				in = append(in, name)
-				break
-			}
-		}
-	}
-	if len(in) == 0 {
-		return "none"
-	}
-	sort.Strings(in)
-	return strings.Join(in, ",")
-}
-
-// queueDepth returns the operations waiting for the key store.
-func (l *limiter) queueDepth() int64 {
-	if l == nil {
-		return 0
-	}
-	return l.waiting.Load()
-}
-
-// running returns the operations running in the key store.
-func (l *limiter) running() int {
-	if l == nil {
-		return 0
-	}
-	return len(l.slots)
 }
 
 // RegisterQueueMetrics registers gauges of s's HSM queue with reg: the

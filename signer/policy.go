@@ -761,6 +761,38 @@ func (p *Policy) Identities() []string {
 	return out
 }
 
+// IdentityGroup returns the groups of the policy that list identity,
+// sorted and joined with ",": a bounded label for metrics. It is "none" for
+// an identity on the allow-list that no group names, and "unlisted" for
+// one that is not on the allow-list at all (or empty).
+func (p *Policy) IdentityGroup(identity string) string {
+	if identity == "" || !p.listed[identity] {
+		return "unlisted"
+	}
+	if g, ok := p.identityGroups[identity]; ok {
+		return g
+	}
+	return p.identityGroup(identity)
+}
+
+// identityGroup computes IdentityGroup for a listed identity.
+func (p *Policy) identityGroup(identity string) string {
+	var in []string
+	for name, members := range p.groups {
+		for _, m := range members {
+			if m == identity {
+				in = append(in, name)
+				break
+			}
+		}
+	}
+	if len(in) == 0 {
+		return "none"
+	}
+	sort.Strings(in)
+	return strings.Join(in, ",")
+}
+
 // keyRef is what the policy knows of a key.
 type keyRef struct {
 	id    link.KeyID
