@@ -25,14 +25,18 @@ type Quota struct {
 }
 
 // Validate reports whether the quota's values are in range.
-func (q Quota) Validate() error {
+func (q Quota) Validate() error { return q.validate("Quota") }
+
+// validate is Validate for a quota that errors call name, such as
+// "Config.Quota".
+func (q Quota) validate(name string) error {
 	switch {
 	case q.MaxInFlight < 0:
-		return fmt.Errorf("signer: Quota.MaxInFlight is %d; it must be 0 (no bound) or more", q.MaxInFlight)
+		return fmt.Errorf("signer: %s.MaxInFlight is %d; it must be 0 (no bound) or more", name, q.MaxInFlight)
 	case q.Rate < 0 || math.IsNaN(q.Rate) || math.IsInf(q.Rate, 0):
-		return fmt.Errorf("signer: Quota.Rate is %v; it must be 0 (no bound) or a positive number of requests per second", q.Rate)
+		return fmt.Errorf("signer: %s.Rate is %v; it must be 0 (no bound) or a positive number of requests per second", name, q.Rate)
 	case q.Burst < 0:
-		return fmt.Errorf("signer: Quota.Burst is %d; it must be 0 (the rate, rounded up) or more", q.Burst)
+		return fmt.Errorf("signer: %s.Burst is %d; it must be 0 (the rate, rounded up) or more", name, q.Burst)
 	}
 	return nil
 }

@@ -90,10 +90,7 @@ func (c *Config) Validate() error {
 	case c.MaxStreamsPerIdentity < 0:
 		return fmt.Errorf("signer: Config.MaxStreamsPerIdentity is %d; it must be 0 (no bound) or more", c.MaxStreamsPerIdentity)
 	}
-	if err := c.Quota.Validate(); err != nil {
-		return fmt.Errorf("signer: Config.Quota: %w", err)
-	}
-	return nil
+	return c.Quota.validate("Config.Quota")
 }
 
 // defaultStreamWorkers is the number of workers of each Stream when

@@ -12,6 +12,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"math"
 	"math/big"
 	"net"
@@ -726,10 +727,10 @@ func TestConfigValidate(t *testing.T) {
 		{"no policy", Config{Keys: store}, "Policy"},
 		{"negative MaxConcurrent", Config{Keys: store, Policy: policy, MaxConcurrent: -1}, "MaxConcurrent"},
 		{"negative MaxQueued", Config{Keys: store, Policy: policy, MaxConcurrent: 1, MaxQueued: -1}, "MaxQueued"},
-		{"negative Quota.MaxInFlight", Config{Keys: store, Policy: policy, Quota: Quota{MaxInFlight: -1}}, "Quota.MaxInFlight"},
-		{"negative Quota.Rate", Config{Keys: store, Policy: policy, Quota: Quota{Rate: -1}}, "Quota.Rate"},
-		{"NaN Quota.Rate", Config{Keys: store, Policy: policy, Quota: Quota{Rate: math.NaN()}}, "Quota.Rate"},
-		{"negative Quota.Burst", Config{Keys: store, Policy: policy, Quota: Quota{Rate: 1, Burst: -1}}, "Quota.Burst"},
+		{"negative Quota.MaxInFlight", Config{Keys: store, Policy: policy, Quota: Quota{MaxInFlight: -1}}, "Config.Quota.MaxInFlight"},
+		{"negative Quota.Rate", Config{Keys: store, Policy: policy, Quota: Quota{Rate: -1}}, "Config.Quota.Rate"},
+		{"NaN Quota.Rate", Config{Keys: store, Policy: policy, Quota: Quota{Rate: math.NaN()}}, "Config.Quota.Rate"},
+		{"negative Quota.Burst", Config{Keys: store, Policy: policy, Quota: Quota{Rate: 1, Burst: -1}}, "Config.Quota.Burst"},
 		{"minimal", Config{Keys: store, Policy: policy}, ""},
 		{"bounded", Config{Keys: store, Policy: policy, MaxConcurrent: 2, MaxQueued: 100, Quota: Quota{MaxInFlight: 3, Rate: 10}, Logger: hclog.NewNullLogger()}, ""},
 	}
@@ -745,13 +746,32 @@ func TestConfigValidate(t *testing.T) {
 				}
 				return
 			}
-			if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !strings.HasPrefix(err.Error(), "signer: ") {
-				t.Errorf("Validate() = %v, want a signer error naming %s", err, tt.wantErr)
+			if err == nil || !strings.Contains(err.Error(), tt.wantErr) || !strings.HasPrefix(err.Error(), "signer: ") || strings.Count(err.Error(), "signer:") != 1 {
+				t.Errorf("Validate() = %v, want a signer error naming %s, with one package prefix", err, tt.wantErr)
 			}
 			if svc, err := NewService(tt.cfg); err == nil || svc != nil {
 				t.Errorf("NewService() = %v, %v, want an error", svc, err)
 			}
 		})
+	}
+}
+
+func TestQuotaValidate(t *testing.T) {
+	tests := []struct {
+		q    Quota
+		want string
+	}{
+		{Quota{}, ""},
+		{Quota{MaxInFlight: 4, Rate: 2.5, Burst: 3}, ""},
+		{Quota{MaxInFlight: -1}, "signer: Quota.MaxInFlight is -1; it must be 0 (no bound) or more"},
+		{Quota{Rate: math.Inf(1)}, "signer: Quota.Rate is +Inf; it must be 0 (no bound) or a positive number of requests per second"},
+		{Quota{Rate: 1, Burst: -2}, "signer: Quota.Burst is -2; it must be 0 (the rate, rounded up) or more"},
+	}
+	for _, tt := range tests {
+		err := tt.q.Validate()
+		if got := fmt.Sprint(err); (tt.want == "" && err != nil) || (tt.want != "" && got != tt.want) {
+			t.Errorf("%+v.Validate() = %v, want %q", tt.q, err, tt.want)
+		}
 	}
 }
 
