@@ -6,9 +6,10 @@ import (
 )
 
 // limiter bounds the operations running in the key store and the
-// operations waiting for it. An HSM is fastest at a small concurrency (NOTES:
-// SoftHSM peaks near 2) and slows down when many callers hit it, so the
-// service queues the excess here rather than fanning out into the HSM.
+// operations waiting for it. An HSM is fastest at a small concurrency and
+// slows down when many callers hit it (SoftHSM locks the whole token for
+// each object access), so the service queues the excess here rather than
+// fanning out into the HSM.
 type limiter struct {
 	slots    chan struct{}
 	waiting  atomic.Int64

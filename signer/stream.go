@@ -223,8 +223,8 @@ func (st *serverStream) deliver(r *keylessv1.OperationResult) {
 
 // hold reports whether the queued results should wait for others. While
 // more of the stream's operations are unfinished (running or queued) than
-// the key store performs at once (Config.MaxConcurrent, or 4 without a
-// bound), more results come soon, and sending each alone would cost a
+// the key store performs at once (Config.MaxConcurrent, or half of
+// defaultStreamWorkers without a bound), more results come soon, and sending each alone would cost a
 // message and a wake-up on both sides. Otherwise, when a message is full
 // and while draining, results go at once: an operation sent alone, or the
 // last of a burst, never waits. The caller holds st.mu.
