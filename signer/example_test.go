@@ -26,7 +26,7 @@ import (
 // follows the store. A keyserver would use an HSM-backed store (package hsm)
 // and mTLS credentials that check the policy's allow-list in the handshake
 // (grpc.Creds(creds.ServerCredentials(svc.CheckPeer, logger, obs)), package
-// tlscore) instead.
+// link) instead.
 func ExampleNewService() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
