@@ -43,7 +43,11 @@ type Config struct {
 	Audit Auditor
 
 	// MaxConcurrent bounds the key operations running in the key store at
-	// once; more wait in a queue. Zero means no bound.
+	// once; more wait in a queue that is fair between identities: each
+	// identity waits in its own queue, and a slot that frees goes to the
+	// identities with operations waiting in turn, one operation each, so
+	// an identity that floods the keyserver delays mostly itself. Zero
+	// means no bound.
 	MaxConcurrent int
 
 	// MaxQueued bounds the unary calls waiting for the key store when
@@ -300,7 +304,7 @@ func (s *Service) sign(ctx context.Context, c *call, req *keylessv1.SignRequest)
 	if err := checkAlgorithm(key, alg); err != nil {
 		return nil, err
 	}
-	if err := s.limit.acquire(ctx, c.streamed); err != nil {
+	if err := s.limit.acquire(ctx, identity, c.streamed); err != nil {
 		return nil, err
 	}
 	return signContext(ctx, key, req.GetDigest(), alg.SignerOpts(), s.limit.release)
@@ -363,7 +367,7 @@ func (s *Service) decrypt(ctx context.Context, c *call, req *keylessv1.DecryptRe
 	if !ok {
 		return nil, &ValidationError{"key_id", fmt.Sprintf("key %s cannot decrypt premaster secrets (it is a %v key)", link.FormatKeyID(id), link.KeyTypeOf(key.Public()))}
 	}
-	if err := s.limit.acquire(ctx, c.streamed); err != nil {
+	if err := s.limit.acquire(ctx, identity, c.streamed); err != nil {
 		return nil, err
 	}
 	defer s.limit.release()
