@@ -13,15 +13,18 @@ import (
 // each object access), so the service queues the excess here rather than
 // fanning out into the HSM.
 //
-// The wait is fair between identities: each identity waits in a queue of
+// The wait is fair between identities. Each identity waits in a queue of
 // its own, first come first served, and a slot that frees goes to the
-// identities with operations waiting in turn (round robin), one operation
-// each. An identity that floods the keyserver therefore lengthens its own
-// queue, not the others': an operation of another identity waits for at
-// most one operation of each identity waiting before it, plus those
-// running, however many the flooding identity has queued. Turns are by
-// operation, not by cost: an identity whose operations are cheap (ECDSA)
-// gets fewer HSM seconds per turn than one whose operations are dear (RSA).
+// oldest operation of the identity with the fewest operations running
+// among those with operations waiting; between identities running as many,
+// in turn (round robin). So every identity that wants them gets an equal
+// share of the slots, and an identity that floods the keyserver lengthens
+// its own queue, not the others': an operation of an identity with nothing
+// running gets the next slot that frees unless another such identity's
+// turn comes first, however many operations the flooding identity has
+// queued. Shares are counted in operations, not in their cost: an
+// identity whose operations are cheap (ECDSA) gets fewer HSM seconds per
+// slot than one whose operations are dear (RSA).
 //
 // It is safe for concurrent use. A nil *limiter sets no bound.
 type limiter struct {
@@ -33,17 +36,19 @@ type limiter struct {
 
 	mu   sync.Mutex
 	busy int // slots taken
-	// turns holds the *identityQueue of every identity with operations
-	// waiting, in the order they are served; the front is next.
-	turns  list.List
-	queues map[string]*identityQueue
+	// turns holds the identities with operations waiting, in turn order:
+	// among those with the fewest running, the first is served next.
+	turns list.List // of *identitySlots
+	// ids holds the identities with operations running or waiting.
+	ids map[string]*identitySlots
 }
 
-// identityQueue holds the operations of one identity waiting for a slot.
-type identityQueue struct {
+// identitySlots is one identity's operations in the limiter.
+type identitySlots struct {
 	identity string
-	waiters  list.List // of *waiter, oldest first
-	turn     *list.Element
+	running  int
+	waiters  list.List     // of *waiter, oldest first
+	turn     *list.Element // in limiter.turns while waiters is not empty
 }
 
 // waiter is one operation waiting for a slot. ready receives a value when
@@ -52,7 +57,7 @@ type identityQueue struct {
 type waiter struct {
 	ready   chan struct{}
 	granted bool
-	q       *identityQueue
+	ids     *identitySlots
 	elem    *list.Element
 }
 
@@ -62,103 +67,134 @@ func newLimiter(running, queue int) *limiter {
 	if running <= 0 {
 		return nil
 	}
-	return &limiter{capacity: running, maxQueue: int64(queue), queues: make(map[string]*identityQueue)}
+	return &limiter{capacity: running, maxQueue: int64(queue), ids: make(map[string]*identitySlots)}
 }
+
+// noRelease is the release function of an operation that took no slot.
+func noRelease() {}
 
 // acquire waits for a slot for an operation of identity until ctx is done.
 // It returns ErrOverloaded at once when the queue is full, unless the
 // operation is a stream's (streamed): those queue in their stream, which
 // bounds them, and only its few workers wait here. It returns ctx's error
-// if ctx ends first. The caller must call release after a nil error.
-func (l *limiter) acquire(ctx context.Context, identity string, streamed bool) error {
+// if ctx ends first. After a nil error the caller must call release, once,
+// when the operation has left the key store.
+func (l *limiter) acquire(ctx context.Context, identity string, streamed bool) (release func(), err error) {
 	if l == nil {
-		return nil
+		return noRelease, nil
 	}
 	l.mu.Lock()
+	id := l.ids[identity]
+	if id == nil {
+		id = &identitySlots{identity: identity}
+		l.ids[identity] = id
+	}
 	if l.busy < l.capacity && l.turns.Len() == 0 {
 		l.busy++
+		id.running++
 		l.mu.Unlock()
-		return nil
+		return id.releaser(l), nil
 	}
 	if !streamed && l.waiting.Load() >= l.maxQueue {
+		l.forget(id)
 		l.mu.Unlock()
-		return ErrOverloaded
+		return nil, ErrOverloaded
 	}
 	if err := ctx.Err(); err != nil {
+		l.forget(id)
 		l.mu.Unlock()
-		return err
+		return nil, err
 	}
-	w := l.enqueue(identity)
+	w := &waiter{ready: make(chan struct{}, 1), ids: id}
+	w.elem = id.waiters.PushBack(w)
+	if id.turn == nil {
+		id.turn = l.turns.PushBack(id)
+	}
+	l.waiting.Add(1)
 	l.mu.Unlock()
 
 	select {
 	case <-w.ready:
-		return nil
+		return id.releaser(l), nil
 	case <-ctx.Done():
 	}
 	l.mu.Lock()
 	if w.granted {
 		// The slot came as ctx ended: pass it on.
 		l.mu.Unlock()
-		l.release()
-		return ctx.Err()
+		l.release(id)
+		return nil, ctx.Err()
 	}
-	l.remove(w)
+	l.dequeue(w)
+	l.forget(id)
 	l.mu.Unlock()
-	return ctx.Err()
+	return nil, ctx.Err()
 }
 
-// enqueue queues an operation of identity behind the others of that
-// identity; an identity that had none waiting takes the last turn. The
-// caller holds l.mu.
-func (l *limiter) enqueue(identity string) *waiter {
-	q := l.queues[identity]
-	if q == nil {
-		q = &identityQueue{identity: identity}
-		q.turn = l.turns.PushBack(q)
-		l.queues[identity] = q
-	}
-	w := &waiter{ready: make(chan struct{}, 1), q: q}
-	w.elem = q.waiters.PushBack(w)
-	l.waiting.Add(1)
-	return w
+// releaser returns the function that releases a slot of id.
+func (id *identitySlots) releaser(l *limiter) func() {
+	var once sync.Once
+	return func() { once.Do(func() { l.release(id) }) }
 }
 
-// remove takes w out of its queue, and its identity out of the turns if
-// it has nothing else waiting. The caller holds l.mu.
-func (l *limiter) remove(w *waiter) {
-	q := w.q
-	q.waiters.Remove(w.elem)
-	l.waiting.Add(-1)
-	if q.waiters.Len() == 0 {
-		l.turns.Remove(q.turn)
-		delete(l.queues, q.identity)
-	}
-}
-
-// release frees the slot of an operation that ended: it goes to the
-// oldest operation of the identity whose turn it is, which then takes the
-// last turn, or back to the pool if nothing waits.
-func (l *limiter) release() {
-	if l == nil {
-		return
-	}
+// release frees a slot of id's: it goes to the next operation waiting
+// (see limiter), or back to the pool if nothing waits.
+func (l *limiter) release(id *identitySlots) {
 	l.mu.Lock()
-	front := l.turns.Front()
-	if front == nil {
+	id.running--
+	l.forget(id)
+	next := l.next()
+	if next == nil {
 		l.busy--
 		l.mu.Unlock()
 		return
 	}
-	q := front.Value.(*identityQueue)
-	w := q.waiters.Front().Value.(*waiter)
-	l.remove(w)
-	if q.waiters.Len() > 0 {
-		l.turns.MoveToBack(q.turn)
-	}
+	w := next.waiters.Front().Value.(*waiter)
+	l.dequeue(w)
+	next.running++
 	w.granted = true
 	l.mu.Unlock()
 	w.ready <- struct{}{}
+}
+
+// next returns the identity whose operation gets the slot that frees: the
+// first in turn order among those with operations waiting that have the
+// fewest running, or nil if none waits. That identity then takes the last
+// turn. The caller holds l.mu.
+func (l *limiter) next() *identitySlots {
+	var best *identitySlots
+	for e := l.turns.Front(); e != nil; e = e.Next() {
+		if id := e.Value.(*identitySlots); best == nil || id.running < best.running {
+			best = id
+			if id.running == 0 {
+				break
+			}
+		}
+	}
+	if best != nil {
+		l.turns.MoveToBack(best.turn)
+	}
+	return best
+}
+
+// dequeue takes w out of its identity's queue, and the identity out of
+// the turns if it has nothing else waiting. The caller holds l.mu.
+func (l *limiter) dequeue(w *waiter) {
+	id := w.ids
+	id.waiters.Remove(w.elem)
+	l.waiting.Add(-1)
+	if id.waiters.Len() == 0 {
+		l.turns.Remove(id.turn)
+		id.turn = nil
+	}
+}
+
+// forget drops id if it has nothing running or waiting. The caller holds
+// l.mu.
+func (l *limiter) forget(id *identitySlots) {
+	if id.running == 0 && id.waiters.Len() == 0 {
+		delete(l.ids, id.identity)
+	}
 }
 
 // queueDepth returns the operations waiting for the key store.

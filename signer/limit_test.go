@@ -3,142 +3,201 @@ package signer
 import (
 	"context"
 	"errors"
-	"fmt"
 	"strings"
 	"testing"
+	"time"
 )
 
+// grant is an operation that got a slot of a limiter in a test.
+type grant struct {
+	name    string
+	release func()
+	err     error
+}
+
+// limiterTest drives a limiter from a test: operations queue one at a
+// time, in a known order, and report when they get a slot.
+type limiterTest struct {
+	t       *testing.T
+	l       *limiter
+	ctx     context.Context
+	granted chan grant
+}
+
+func newLimiterTest(t *testing.T, running, queue int) *limiterTest {
+	return &limiterTest{t: t, l: newLimiter(running, queue), ctx: testContext(t, 0), granted: make(chan grant, 64)}
+}
+
+// take acquires a free slot for identity at once.
+func (lt *limiterTest) take(identity string) func() {
+	lt.t.Helper()
+	release, err := lt.l.acquire(lt.ctx, identity, false)
+	if err != nil {
+		lt.t.Fatalf("acquire(%q) with a free slot = %v", identity, err)
+	}
+	return release
+}
+
+// queue starts an operation named name of identity and waits until it is
+// queued.
+func (lt *limiterTest) queue(name, identity string, streamed bool) {
+	lt.t.Helper()
+	want := lt.l.queueDepth() + 1
+	go func() {
+		release, err := lt.l.acquire(lt.ctx, identity, streamed)
+		lt.granted <- grant{name, release, err}
+	}()
+	waitUntil(lt.t, name+" to queue", func() bool { return lt.l.queueDepth() == want })
+}
+
+// next waits for the next operation to get a slot.
+func (lt *limiterTest) next() grant {
+	lt.t.Helper()
+	select {
+	case g := <-lt.granted:
+		if g.err != nil {
+			lt.t.Fatalf("queued acquire() of %s = %v", g.name, g.err)
+		}
+		return g
+	case <-time.After(defaultTestTimeout):
+		lt.t.Fatal("no queued operation got a slot")
+		return grant{}
+	}
+}
+
+// checkEmpty checks that the limiter holds nothing.
+func (lt *limiterTest) checkEmpty() {
+	lt.t.Helper()
+	l := lt.l
+	if l.running() != 0 || l.queueDepth() != 0 || len(l.ids) != 0 || l.turns.Len() != 0 {
+		lt.t.Errorf("after every operation ended: running %d, waiting %d, %d identities, %d turns; want all 0",
+			l.running(), l.queueDepth(), len(l.ids), l.turns.Len())
+	}
+}
+
 // TestLimiterRoundRobin checks the order in which queued operations get a
-// slot: one per identity with operations waiting, in turn, each identity's
-// oldest first, an identity that starts waiting taking the last turn.
+// slot when every identity has as many running (none, with one slot): in
+// turn, each identity's oldest first, an identity that starts waiting
+// taking the last turn.
 func TestLimiterRoundRobin(t *testing.T) {
-	l := newLimiter(1, 64)
-	ctx := testContext(t, 0)
-	if err := l.acquire(ctx, "a", false); err != nil {
-		t.Fatalf("acquire() with a free slot = %v", err)
-	}
-	granted := make(chan string, 16)
-	queue := func(name, identity string) {
-		t.Helper()
-		want := l.queueDepth() + 1
-		go func() {
-			if err := l.acquire(ctx, identity, false); err != nil {
-				granted <- fmt.Sprintf("%s: %v", name, err)
-				return
-			}
-			granted <- name
-		}()
-		waitUntil(t, name+" to queue", func() bool { return l.queueDepth() == want })
-	}
+	lt := newLimiterTest(t, 1, 64)
+	release := lt.take("a")
 	for _, op := range []struct{ name, identity string }{
 		{"a1", "a"}, {"a2", "a"}, {"a3", "a"}, {"b1", "b"}, {"c1", "c"}, {"c2", "c"},
 	} {
-		queue(op.name, op.identity)
+		lt.queue(op.name, op.identity, false)
 	}
 	var order []string
-	for range 6 {
-		l.release()
-		order = append(order, <-granted)
-		if order[len(order)-1] == "a2" {
-			// An identity that starts waiting now takes the last turn.
-			queue("d1", "d")
+	for range 7 {
+		release()
+		g := lt.next()
+		order = append(order, g.name)
+		release = g.release
+		if g.name == "a2" {
+			lt.queue("d1", "d", false)
 		}
 	}
-	l.release()
-	order = append(order, <-granted)
-	l.release()
+	release()
 	if got, want := strings.Join(order, " "), "a1 b1 c1 a2 c2 a3 d1"; got != want {
 		t.Errorf("slots went to %s, want %s", got, want)
 	}
-	if l.running() != 0 || l.queueDepth() != 0 || len(l.queues) != 0 || l.turns.Len() != 0 {
-		t.Errorf("after every operation ended: running %d, waiting %d, %d queues, %d turns; want all 0",
-			l.running(), l.queueDepth(), len(l.queues), l.turns.Len())
+	lt.checkEmpty()
+}
+
+// TestLimiterFewestRunningFirst checks that a slot that frees goes to the
+// identity with the fewest operations running, before one whose turn
+// comes first but has more running.
+func TestLimiterFewestRunningFirst(t *testing.T) {
+	lt := newLimiterTest(t, 3, 64)
+	a1, a2, b1 := lt.take("a"), lt.take("a"), lt.take("b")
+	lt.queue("a3", "a", false)
+	lt.queue("a4", "a", false)
+	lt.queue("b2", "b", false)
+	lt.queue("c1", "c", false)
+
+	// a has 1 running, b 1, c none: c first, though last in turn.
+	a1()
+	g1 := lt.next()
+	// a has 1, b 1, c none but nothing waiting: a's turn, then b's.
+	g1.release()
+	g2 := lt.next()
+	a2()
+	g3 := lt.next()
+	// Only a waits.
+	b1()
+	g4 := lt.next()
+	if got, want := strings.Join([]string{g1.name, g2.name, g3.name, g4.name}, " "), "c1 a3 b2 a4"; got != want {
+		t.Errorf("slots went to %s, want %s", got, want)
 	}
+	g2.release()
+	g3.release()
+	g4.release()
+	lt.checkEmpty()
 }
 
 // TestLimiterCancelledWait checks that an operation whose context ends
 // while it waits leaves the queue (and its identity the turns, if it was
 // its last) without taking or leaking a slot.
 func TestLimiterCancelledWait(t *testing.T) {
-	l := newLimiter(1, 64)
-	ctx := testContext(t, 0)
-	if err := l.acquire(ctx, "a", false); err != nil {
-		t.Fatalf("acquire() with a free slot = %v", err)
-	}
-	cctx, cancel := context.WithCancel(ctx)
+	lt := newLimiterTest(t, 1, 64)
+	release := lt.take("a")
+	cctx, cancel := context.WithCancel(lt.ctx)
 	cancelled := make(chan error, 1)
-	go func() { cancelled <- l.acquire(cctx, "b", false) }()
-	waitUntil(t, "b to queue", func() bool { return l.queueDepth() == 1 })
-	granted := make(chan error, 1)
-	go func() { granted <- l.acquire(ctx, "c", false) }()
-	waitUntil(t, "c to queue", func() bool { return l.queueDepth() == 2 })
+	go func() {
+		_, err := lt.l.acquire(cctx, "b", false)
+		cancelled <- err
+	}()
+	waitUntil(t, "b to queue", func() bool { return lt.l.queueDepth() == 1 })
+	lt.queue("c1", "c", false)
 
 	cancel()
 	if err := <-cancelled; !errors.Is(err, context.Canceled) {
 		t.Errorf("acquire() whose context was cancelled = %v, want context.Canceled", err)
 	}
-	if l.queueDepth() != 1 || len(l.queues) != 1 || l.turns.Len() != 1 {
-		t.Errorf("after the cancelled wait: waiting %d, %d queues, %d turns; want 1 each", l.queueDepth(), len(l.queues), l.turns.Len())
+	if lt.l.queueDepth() != 1 || lt.l.turns.Len() != 1 || lt.l.ids["b"] != nil {
+		t.Errorf("after the cancelled wait: waiting %d, %d turns, b's entry %v; want 1, 1, nil", lt.l.queueDepth(), lt.l.turns.Len(), lt.l.ids["b"])
 	}
-	l.release()
-	if err := <-granted; err != nil {
-		t.Errorf("acquire() of the operation after the cancelled one = %v", err)
-	}
-	l.release()
-	if l.running() != 0 || l.queueDepth() != 0 {
-		t.Errorf("after every operation ended: running %d, waiting %d; want 0 and 0", l.running(), l.queueDepth())
-	}
+	release()
+	lt.next().release()
+	lt.checkEmpty()
+
 	// A context that ended before the wait began does not queue.
-	if err := l.acquire(ctx, "a", false); err != nil {
-		t.Fatalf("acquire() with a free slot = %v", err)
-	}
-	if err := l.acquire(cctx, "b", false); !errors.Is(err, context.Canceled) {
+	release = lt.take("a")
+	if _, err := lt.l.acquire(cctx, "b", false); !errors.Is(err, context.Canceled) {
 		t.Errorf("acquire() with a cancelled context and no free slot = %v, want context.Canceled", err)
 	}
-	if l.queueDepth() != 0 {
-		t.Errorf("queueDepth() = %d after a cancelled acquire, want 0", l.queueDepth())
+	if lt.l.queueDepth() != 0 {
+		t.Errorf("queueDepth() = %d after a cancelled acquire, want 0", lt.l.queueDepth())
 	}
-	l.release()
+	release()
+	release() // a second call is ignored
+	lt.checkEmpty()
 }
 
 // TestLimiterQueueBound checks that the bound on waiting unary operations
 // is over all identities, counts a stream's waiting operations, and does
 // not refuse those: they are bounded in their stream.
 func TestLimiterQueueBound(t *testing.T) {
-	l := newLimiter(2, 2)
-	ctx := testContext(t, 0)
-	for range 2 {
-		if err := l.acquire(ctx, "a", false); err != nil {
-			t.Fatalf("acquire() with a free slot = %v", err)
-		}
-	}
-	granted := make(chan error, 8)
-	queue := func(identity string, streamed bool) {
-		t.Helper()
-		want := l.queueDepth() + 1
-		go func() { granted <- l.acquire(ctx, identity, streamed) }()
-		waitUntil(t, identity+" to queue", func() bool { return l.queueDepth() == want })
-	}
-	queue("a", true)
-	queue("b", false)
-	if err := l.acquire(ctx, "c", false); !errors.Is(err, ErrOverloaded) {
+	lt := newLimiterTest(t, 2, 2)
+	r1, r2 := lt.take("a"), lt.take("a")
+	lt.queue("a1", "a", true)
+	lt.queue("b1", "b", false)
+	if _, err := lt.l.acquire(lt.ctx, "c", false); !errors.Is(err, ErrOverloaded) {
 		t.Errorf("unary acquire() with the queue full = %v, want ErrOverloaded", err)
 	}
-	queue("c", true) // a stream's operation waits all the same
-	if err := l.acquire(ctx, "d", false); !errors.Is(err, ErrOverloaded) {
+	lt.queue("c1", "c", true) // a stream's operation waits all the same
+	if _, err := lt.l.acquire(lt.ctx, "d", false); !errors.Is(err, ErrOverloaded) {
 		t.Errorf("unary acquire() with the queue over full = %v, want ErrOverloaded", err)
 	}
-	for range 3 {
-		l.release()
-		if err := <-granted; err != nil {
-			t.Errorf("queued acquire() = %v", err)
-		}
-	}
-	l.release()
-	l.release()
-	if l.running() != 0 || l.queueDepth() != 0 {
-		t.Errorf("after every operation ended: running %d, waiting %d; want 0 and 0", l.running(), l.queueDepth())
-	}
+	r1()
+	g1 := lt.next()
+	r2()
+	g2 := lt.next()
+	g1.release()
+	g3 := lt.next()
+	g2.release()
+	g3.release()
+	lt.checkEmpty()
 }
 
 // TestLimiterNil checks that a nil limiter sets no bound.
@@ -148,11 +207,12 @@ func TestLimiterNil(t *testing.T) {
 		t.Fatalf("newLimiter(0, 0) = %v, want nil", l)
 	}
 	for range 3 {
-		if err := l.acquire(t.Context(), "a", false); err != nil {
-			t.Errorf("nil limiter: acquire() = %v", err)
+		release, err := l.acquire(t.Context(), "a", false)
+		if err != nil {
+			t.Fatalf("nil limiter: acquire() = %v", err)
 		}
+		release()
 	}
-	l.release()
 	if l.running() != 0 || l.queueDepth() != 0 {
 		t.Errorf("nil limiter: running %d, waiting %d; want 0 and 0", l.running(), l.queueDepth())
 	}

@@ -45,9 +45,9 @@ type Config struct {
 	// MaxConcurrent bounds the key operations running in the key store at
 	// once; more wait in a queue that is fair between identities: each
 	// identity waits in its own queue, and a slot that frees goes to the
-	// identities with operations waiting in turn, one operation each, so
-	// an identity that floods the keyserver delays mostly itself. Zero
-	// means no bound.
+	// identity with the fewest operations running among those waiting
+	// (in turn between equals), so an identity that floods the keyserver
+	// delays mostly itself. Zero means no bound.
 	MaxConcurrent int
 
 	// MaxQueued bounds the unary calls waiting for the key store when
@@ -304,10 +304,11 @@ func (s *Service) sign(ctx context.Context, c *call, req *keylessv1.SignRequest)
 	if err := checkAlgorithm(key, alg); err != nil {
 		return nil, err
 	}
-	if err := s.limit.acquire(ctx, identity, c.streamed); err != nil {
+	done, err := s.limit.acquire(ctx, identity, c.streamed)
+	if err != nil {
 		return nil, err
 	}
-	return signContext(ctx, key, req.GetDigest(), alg.SignerOpts(), s.limit.release)
+	return signContext(ctx, key, req.GetDigest(), alg.SignerOpts(), done)
 }
 
 // answer ends a request that returned err: it logs a failure, writes the
@@ -367,10 +368,11 @@ func (s *Service) decrypt(ctx context.Context, c *call, req *keylessv1.DecryptRe
 	if !ok {
 		return nil, &ValidationError{"key_id", fmt.Sprintf("key %s cannot decrypt premaster secrets (it is a %v key)", link.FormatKeyID(id), link.KeyTypeOf(key.Public()))}
 	}
-	if err := s.limit.acquire(ctx, identity, c.streamed); err != nil {
+	done, err := s.limit.acquire(ctx, identity, c.streamed)
+	if err != nil {
 		return nil, err
 	}
-	defer s.limit.release()
+	defer done()
 	pms, err := d.DecryptPremaster(ctx, req.GetEncryptedPremaster())
 	if err != nil {
 		return nil, err
