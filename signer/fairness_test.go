@@ -9,6 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -133,5 +136,87 @@ func TestServiceFairBetweenIdentities(t *testing.T) {
 	}
 	if n := ts.svc.limit.running(); n != 0 {
 		t.Errorf("limiter.running() = %d after every operation ended, want 0", n)
+	}
+}
+
+// TestServiceQueueFullFairBetweenIdentities checks that a flood cannot
+// fill the queue into the key store against another identity: with the
+// queue full of the flooding identity's operations, the quiet identity's
+// operation takes the place of the flooder's newest, which is refused
+// with ResourceExhausted, and is then performed.
+func TestServiceQueueFullFairBetweenIdentities(t *testing.T) {
+	entered := make(chan string, 16)
+	release := make(chan struct{})
+	floodKey := orderedKey{testP256Key(), "flood", entered, release}
+	quietKey := orderedKey{testP384Key(), "quiet", entered, release}
+	const maxQueued = 4
+	ts := newTestServer(t, Config{
+		Keys:          &testStore{keys: []crypto.Signer{floodKey, quietKey}},
+		Policy:        mustPolicy(t, fairnessPolicyYAML),
+		MaxConcurrent: 1,
+		MaxQueued:     maxQueued,
+	})
+	floodReq := p256SignRequest(t)
+	quietReq := &keylessv1.SignRequest{
+		KeyId:     mustKeyID(t, testP384Key().Public()),
+		Algorithm: keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ECDSA_SHA384,
+		Digest:    testDigest(crypto.SHA384, "quiet"),
+	}
+	type result struct {
+		who string
+		sig []byte
+		err error
+	}
+	results := make(chan result, 16)
+	sign := func(who, identity string, req *keylessv1.SignRequest) {
+		go func() {
+			resp, err := ts.svc.Sign(edgeContext(testContext(t, 0), identity), req)
+			results <- result{who, resp.GetSignature(), err}
+		}()
+	}
+	receiveResult := func() result {
+		t.Helper()
+		select {
+		case r := <-results:
+			return r
+		case <-time.After(defaultTestTimeout):
+			t.Fatal("no Sign call returned")
+			return result{}
+		}
+	}
+
+	sign("flood", floodIdentity, floodReq)
+	if who := <-entered; who != "flood" {
+		t.Fatalf("first operation in the key store = %s, want flood", who)
+	}
+	for i := range maxQueued {
+		sign("flood", floodIdentity, floodReq)
+		waitUntil(t, fmt.Sprintf("flood operation %d to queue", i+1), func() bool { return ts.svc.limit.waiting.Load() == int64(i+1) })
+	}
+	sign("quiet", quietIdentity, quietReq)
+	r := receiveResult()
+	if r.who != "flood" || status.Code(r.err) != codes.ResourceExhausted {
+		t.Fatalf("with the queue full of the flooder's operations, a Sign as %s returned %v first; want a flood Sign to return ResourceExhausted and the quiet one to queue", r.who, r.err)
+	}
+	waitUntil(t, "the quiet operation to queue", func() bool { return ts.svc.limit.waiting.Load() == maxQueued })
+
+	var quiet []byte
+	for range maxQueued + 1 {
+		release <- struct{}{}
+		r := receiveResult()
+		if r.err != nil {
+			t.Fatalf("Sign() as %s = %v", r.who, r.err)
+		}
+		if r.who == "quiet" {
+			quiet = r.sig
+		} else if !ecdsa.VerifyASN1(testP256Key().Public().(*ecdsa.PublicKey), floodReq.GetDigest(), r.sig) {
+			t.Error("a flood Sign() returned a signature that does not verify")
+		}
+		if len(entered) > 0 {
+			<-entered
+		}
+	}
+	if !ecdsa.VerifyASN1(testP384Key().Public().(*ecdsa.PublicKey), quietReq.GetDigest(), quiet) {
+		t.Error("the quiet Sign() returned no signature that verifies")
 	}
 }

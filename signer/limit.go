@@ -26,6 +26,13 @@ import (
 // identity whose operations are cheap (ECDSA) gets fewer HSM seconds per
 // slot than one whose operations are dear (RSA).
 //
+// The queue's bound is fair too: when it is full, a unary operation of an
+// identity takes the place of the newest unary operation of the identity
+// with the most waiting, if that one has at least two more waiting, and
+// the operation displaced fails with ErrOverloaded. So a flood cannot fill
+// the queue against the others: an identity is refused only while no
+// other has more than one more operation waiting than it has.
+//
 // It is safe for concurrent use. A nil *limiter sets no bound.
 type limiter struct {
 	capacity int
@@ -47,18 +54,22 @@ type limiter struct {
 type identitySlots struct {
 	identity string
 	running  int
+	unary    int           // waiters that are not a stream's
 	waiters  list.List     // of *waiter, oldest first
 	turn     *list.Element // in limiter.turns while waiters is not empty
 }
 
 // waiter is one operation waiting for a slot. ready receives a value when
-// the slot is handed to it; granted is set at the same time, under the
+// the slot is handed to it (granted) or its place is given to another
+// identity's operation (evicted); those are set before, under the
 // limiter's mu.
 type waiter struct {
-	ready   chan struct{}
-	granted bool
-	ids     *identitySlots
-	elem    *list.Element
+	ready    chan struct{}
+	streamed bool
+	granted  bool
+	evicted  bool
+	ids      *identitySlots
+	elem     *list.Element
 }
 
 // newLimiter returns a limiter for running concurrent operations with at
@@ -96,17 +107,24 @@ func (l *limiter) acquire(ctx context.Context, identity string, streamed bool) (
 		return id.releaser(l), nil
 	}
 	if !streamed && l.waiting.Load() >= l.maxQueue {
-		l.forget(id)
-		l.mu.Unlock()
-		return nil, ErrOverloaded
+		victim := l.mostWaiting()
+		if victim == nil || victim.unary < id.unary+2 {
+			l.forget(id)
+			l.mu.Unlock()
+			return nil, ErrOverloaded
+		}
+		l.evict(victim)
 	}
 	if err := ctx.Err(); err != nil {
 		l.forget(id)
 		l.mu.Unlock()
 		return nil, err
 	}
-	w := &waiter{ready: make(chan struct{}, 1), ids: id}
+	w := &waiter{ready: make(chan struct{}, 1), streamed: streamed, ids: id}
 	w.elem = id.waiters.PushBack(w)
+	if !streamed {
+		id.unary++
+	}
 	if id.turn == nil {
 		id.turn = l.turns.PushBack(id)
 	}
@@ -115,14 +133,21 @@ func (l *limiter) acquire(ctx context.Context, identity string, streamed bool) (
 
 	select {
 	case <-w.ready:
+		if w.evicted {
+			return nil, ErrOverloaded
+		}
 		return id.releaser(l), nil
 	case <-ctx.Done():
 	}
 	l.mu.Lock()
-	if w.granted {
+	switch {
+	case w.granted:
 		// The slot came as ctx ended: pass it on.
 		l.mu.Unlock()
 		l.release(id)
+		return nil, ctx.Err()
+	case w.evicted:
+		l.mu.Unlock()
 		return nil, ctx.Err()
 	}
 	l.dequeue(w)
@@ -177,11 +202,40 @@ func (l *limiter) next() *identitySlots {
 	return best
 }
 
+// mostWaiting returns the identity with the most unary operations
+// waiting, or nil if none waits. The caller holds l.mu.
+func (l *limiter) mostWaiting() *identitySlots {
+	var most *identitySlots
+	for e := l.turns.Front(); e != nil; e = e.Next() {
+		if id := e.Value.(*identitySlots); most == nil || id.unary > most.unary {
+			most = id
+		}
+	}
+	return most
+}
+
+// evict takes the newest unary operation of id out of the queue; its
+// acquire returns ErrOverloaded. id has one. The caller holds l.mu.
+func (l *limiter) evict(id *identitySlots) {
+	for e := id.waiters.Back(); e != nil; e = e.Prev() {
+		if w := e.Value.(*waiter); !w.streamed {
+			l.dequeue(w)
+			l.forget(id)
+			w.evicted = true
+			w.ready <- struct{}{}
+			return
+		}
+	}
+}
+
 // dequeue takes w out of its identity's queue, and the identity out of
 // the turns if it has nothing else waiting. The caller holds l.mu.
 func (l *limiter) dequeue(w *waiter) {
 	id := w.ids
 	id.waiters.Remove(w.elem)
+	if !w.streamed {
+		id.unary--
+	}
 	l.waiting.Add(-1)
 	if id.waiters.Len() == 0 {
 		l.turns.Remove(id.turn)

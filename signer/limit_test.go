@@ -200,6 +200,56 @@ func TestLimiterQueueBound(t *testing.T) {
 	lt.checkEmpty()
 }
 
+// TestLimiterQueueFullFair checks that, with the queue full, an identity
+// with fewer operations waiting takes the place of the newest one of the
+// identity with the most, if it has at least two more, and is refused
+// otherwise.
+func TestLimiterQueueFullFair(t *testing.T) {
+	lt := newLimiterTest(t, 1, 4)
+	release := lt.take("a")
+	lt.queue("a1", "a", false)
+	lt.queue("a2", "a", true) // a stream's: never displaced
+	lt.queue("a3", "a", false)
+	lt.queue("a4", "a", false)
+
+	// displace queues identity's operation and checks that it took the
+	// place of want's.
+	displace := func(identity, want string) {
+		t.Helper()
+		go func() {
+			release, err := lt.l.acquire(lt.ctx, identity, false)
+			lt.granted <- grant{identity, release, err}
+		}()
+		select {
+		case g := <-lt.granted:
+			if g.name != want || !errors.Is(g.err, ErrOverloaded) {
+				t.Fatalf("with the queue full, %s's acquire() ended %s's with %v; want %s's with ErrOverloaded", identity, g.name, g.err, want)
+			}
+		case <-time.After(defaultTestTimeout):
+			t.Fatalf("%s's acquire() displaced nothing; want %s", identity, want)
+		}
+		waitUntil(t, identity+" to queue", func() bool { return lt.l.queueDepth() == 4 })
+	}
+	refused := func(identity string) {
+		t.Helper()
+		if _, err := lt.l.acquire(lt.ctx, identity, false); !errors.Is(err, ErrOverloaded) {
+			t.Errorf("acquire(%q) with the queue full = %v, want ErrOverloaded", identity, err)
+		}
+	}
+	displace("b", "a4") // a has 3 unary waiting, b none
+	refused("b")        // a 2, b 1
+	displace("c", "a3") // a 2, c none
+	for _, identity := range []string{"a", "b", "c", "d"} {
+		refused(identity) // a 1, b 1, c 1
+	}
+	for range 4 {
+		release()
+		release = lt.next().release
+	}
+	release()
+	lt.checkEmpty()
+}
+
 // TestLimiterNil checks that a nil limiter sets no bound.
 func TestLimiterNil(t *testing.T) {
 	l := newLimiter(0, 0)

@@ -52,7 +52,11 @@ type Config struct {
 
 	// MaxQueued bounds the unary calls waiting for the key store when
 	// MaxConcurrent are running; beyond it they fail at once with
-	// ResourceExhausted. Operations of a Stream wait in their stream
+	// ResourceExhausted, unless another identity has at least two more
+	// calls waiting than the caller's: then the newest of those fails
+	// with ResourceExhausted instead and the call waits in its place, so
+	// that one identity cannot fill the queue against the others.
+	// Operations of a Stream wait in their stream
 	// instead (at most 256 per stream; beyond that the stream is not read,
 	// so HTTP/2 flow control holds the client back). Waits are bounded by
 	// each request's deadline.
