@@ -11,6 +11,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"fmt"
 	"io"
 	"math"
 	"math/big"
@@ -55,17 +56,17 @@ rules:
 `
 
 // Shape of BenchmarkFairness. The keyserver runs with its default
-// -max-concurrent, -max-queued and -max-inflight-per-identity; the flood
-// is the reported one (64 parallel signatures); A's fair share is as many
-// operations as the HSM takes at once.
+// -max-queued and -max-inflight-per-identity, and -max-concurrent 2 (as
+// many as SoftHSM runs at its best) or 4 (the default); the flood is the
+// reported one (64 parallel signatures); A's fair share is as many
+// operations as the HSM takes at once (-max-concurrent).
 const (
-	fairMaxConcurrent = 4
-	fairMaxQueued     = 1024
-	fairMaxInFlight   = 256
-	fairFlood         = 64
-	fairRounds        = 20 // rounds of the three phases, interleaved
-	fairSamples       = 50 // B's decryptions per phase and round
-	fairWarmup        = 3  // B's decryptions discarded at the start of a phase
+	fairMaxQueued   = 1024
+	fairMaxInFlight = 256
+	fairFlood       = 64
+	fairRounds      = 20 // rounds of the three phases, interleaved
+	fairSamples     = 50 // B's decryptions per phase and round
+	fairWarmup      = 3  // B's decryptions discarded at the start of a phase
 )
 
 // BenchmarkFairness measures how much one identity's flood of signatures
@@ -90,6 +91,14 @@ const (
 //	go test -run '^$' -bench Fairness ./hsm
 func BenchmarkFairness(b *testing.B) {
 	f := mustFixture(b)
+	for _, maxConcurrent := range []int{2, 4} {
+		b.Run(fmt.Sprintf("max-concurrent=%d", maxConcurrent), func(b *testing.B) {
+			benchmarkFairness(b, f, maxConcurrent)
+		})
+	}
+}
+
+func benchmarkFairness(b *testing.B, f *fixture, maxConcurrent int) {
 	rsaKey := f.key(b, labelRSA)
 	for _, bc := range []struct {
 		name   string
@@ -100,7 +109,7 @@ func BenchmarkFairness(b *testing.B) {
 		{"A=RSA-2048-PSS", labelRSA, tls.PSSWithSHA256},
 	} {
 		b.Run(bc.name, func(b *testing.B) {
-			fx := newFairnessFixture(b, f)
+			fx := newFairnessFixture(b, f, maxConcurrent)
 			aKey := f.key(b, bc.label)
 			input, _ := signInput(bc.scheme, tls13Message(32))
 			aReq := &keylessv1.SignRequest{
@@ -120,7 +129,7 @@ func BenchmarkFairness(b *testing.B) {
 			phases := []struct {
 				name string
 				a    int // A's operations in flight
-			}{{"unloaded", 0}, {"fair", fairMaxConcurrent}, {"flood", fairFlood}}
+			}{{"unloaded", 0}, {"fair", maxConcurrent}, {"flood", fairFlood}}
 			lat := make([][]time.Duration, len(phases))
 			inHSM := make([][]time.Duration, len(phases))
 			queued := make([]float64, len(phases))
@@ -203,7 +212,7 @@ func (fx *fairnessFixture) queueDepth(b *testing.B) float64 {
 	return 0
 }
 
-func newFairnessFixture(b *testing.B, f *fixture) *fairnessFixture {
+func newFairnessFixture(b *testing.B, f *fixture, maxConcurrent int) *fairnessFixture {
 	b.Helper()
 	policy, err := signer.ParsePolicy("fairness.yaml", []byte(fairnessPolicy))
 	if err != nil {
@@ -215,7 +224,7 @@ func newFairnessFixture(b *testing.B, f *fixture) *fairnessFixture {
 		Policy:        policy,
 		Quota:         signer.Quota{MaxInFlight: fairMaxInFlight},
 		Audit:         signer.NewAuditLog(io.Discard),
-		MaxConcurrent: fairMaxConcurrent,
+		MaxConcurrent: maxConcurrent,
 		MaxQueued:     fairMaxQueued,
 	})
 	if err != nil {
