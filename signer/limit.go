@@ -85,11 +85,13 @@ func newLimiter(running, queue int) *limiter {
 func noRelease() {}
 
 // acquire waits for a slot for an operation of identity until ctx is done.
-// It returns ErrOverloaded at once when the queue is full, unless the
-// operation is a stream's (streamed): those queue in their stream, which
-// bounds them, and only its few workers wait here. It returns ctx's error
-// if ctx ends first. After a nil error the caller must call release, once,
-// when the operation has left the key store.
+// It returns ErrOverloaded at once when the queue is full and it may not
+// take another identity's place, or later if another identity's operation
+// takes its place (see limiter), unless the operation is a stream's
+// (streamed): those queue in their stream, which bounds them, and only its
+// few workers wait here. It returns ctx's error if ctx ends first. After a
+// nil error the caller must call release when the operation has left the
+// key store; calls after the first do nothing.
 func (l *limiter) acquire(ctx context.Context, identity string, streamed bool) (release func(), err error) {
 	if l == nil {
 		return noRelease, nil
@@ -106,6 +108,11 @@ func (l *limiter) acquire(ctx context.Context, identity string, streamed bool) (
 		l.mu.Unlock()
 		return id.releaser(l), nil
 	}
+	if err := ctx.Err(); err != nil {
+		l.forget(id)
+		l.mu.Unlock()
+		return nil, err
+	}
 	if !streamed && l.waiting.Load() >= l.maxQueue {
 		victim := l.mostWaiting()
 		if victim == nil || victim.unary < id.unary+2 {
@@ -114,11 +121,6 @@ func (l *limiter) acquire(ctx context.Context, identity string, streamed bool) (
 			return nil, ErrOverloaded
 		}
 		l.evict(victim)
-	}
-	if err := ctx.Err(); err != nil {
-		l.forget(id)
-		l.mu.Unlock()
-		return nil, err
 	}
 	w := &waiter{ready: make(chan struct{}, 1), streamed: streamed, ids: id}
 	w.elem = id.waiters.PushBack(w)
