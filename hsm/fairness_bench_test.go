@@ -56,7 +56,7 @@ rules:
 `
 
 // Shape of BenchmarkFairness. The keyserver runs with its default
-// -max-queued and -max-inflight-per-identity, and -max-concurrent 2 (as
+// -max-queued and -max-inflight-per-identity, and -max-concurrent 1, 2 (as
 // many as SoftHSM runs at its best) or 4 (the default); the flood is the
 // reported one (64 parallel signatures); A's fair share is as many
 // operations as the HSM takes at once (-max-concurrent).
@@ -80,8 +80,10 @@ const (
 // machine affects them alike. Each b.N iteration is one whole measurement.
 //
 // It reports, per phase, B's p50 and p99 latency as the client sees it and
-// the time its decryption took in the HSM, A's operations waiting for the
-// HSM (sampled after each of B's decryptions) and A's rate; then the
+// its three parts: to-hsm (the request's way in and its wait for an HSM
+// slot), in-hsm (the decryption) and from-hsm (the answer's way out); A's
+// operations waiting for the HSM (sampled after each of B's decryptions)
+// and A's rate; then the
 // ratios of B's p99 under the flood to its p99 unloaded and at A's fair
 // share, and to the bound max(5 × unloaded, 2 × fair): at most 1 means
 // the flood delays B no more than that. A queue fair between identities
@@ -91,7 +93,7 @@ const (
 //	go test -run '^$' -bench Fairness ./hsm
 func BenchmarkFairness(b *testing.B) {
 	f := mustFixture(b)
-	for _, maxConcurrent := range []int{2, 4} {
+	for _, maxConcurrent := range []int{1, 2, 4} {
 		b.Run(fmt.Sprintf("max-concurrent=%d", maxConcurrent), func(b *testing.B) {
 			benchmarkFairness(b, f, maxConcurrent)
 		})
@@ -131,7 +133,12 @@ func benchmarkFairness(b *testing.B, f *fixture, maxConcurrent int) {
 				a    int // A's operations in flight
 			}{{"unloaded", 0}, {"fair", maxConcurrent}, {"flood", fairFlood}}
 			lat := make([][]time.Duration, len(phases))
+			// B's time before its decryption entered the HSM (the
+			// request's way in and the wait for a slot), in the HSM, and
+			// after (the answer's way out).
+			toHSM := make([][]time.Duration, len(phases))
 			inHSM := make([][]time.Duration, len(phases))
+			fromHSM := make([][]time.Duration, len(phases))
 			queued := make([]float64, len(phases))
 			aOps := make([]int64, len(phases))
 			aTime := make([]time.Duration, len(phases))
@@ -144,7 +151,8 @@ func benchmarkFairness(b *testing.B, f *fixture, maxConcurrent int) {
 							ctx, cancel := context.WithTimeout(b.Context(), 30*time.Second)
 							t0 := time.Now()
 							resp, err := fx.b.Decrypt(ctx, bReq)
-							d := time.Since(t0)
+							t1 := time.Now()
+							d := t1.Sub(t0)
 							cancel()
 							if err != nil {
 								b.Fatalf("B: Decrypt() = %v", err)
@@ -154,7 +162,10 @@ func benchmarkFairness(b *testing.B, f *fixture, maxConcurrent int) {
 							}
 							if j >= fairWarmup {
 								lat[i] = append(lat[i], d)
-								inHSM[i] = append(inHSM[i], time.Duration(fx.lastDecrypt.Load()))
+								in, out := fx.lastDecrypt()
+								toHSM[i] = append(toHSM[i], in.Sub(t0))
+								inHSM[i] = append(inHSM[i], out.Sub(in))
+								fromHSM[i] = append(fromHSM[i], t1.Sub(out))
 								queued[i] += fx.queueDepth(b)
 							}
 						}
@@ -170,9 +181,14 @@ func benchmarkFairness(b *testing.B, f *fixture, maxConcurrent int) {
 				b.ReportMetric(ms(percentile(lat[i], 0.50)), "B-p50-"+ph.name+"-ms")
 				p99[i] = ms(percentile(lat[i], 0.99))
 				b.ReportMetric(p99[i], "B-p99-"+ph.name+"-ms")
-				slices.Sort(inHSM[i])
-				b.ReportMetric(ms(percentile(inHSM[i], 0.50)), "B-hsm-p50-"+ph.name+"-ms")
-				b.ReportMetric(ms(percentile(inHSM[i], 0.99)), "B-hsm-p99-"+ph.name+"-ms")
+				for _, part := range []struct {
+					name string
+					d    []time.Duration
+				}{{"to-hsm", toHSM[i]}, {"in-hsm", inHSM[i]}, {"from-hsm", fromHSM[i]}} {
+					slices.Sort(part.d)
+					b.ReportMetric(ms(percentile(part.d, 0.50)), "B-"+part.name+"-p50-"+ph.name+"-ms")
+					b.ReportMetric(ms(percentile(part.d, 0.99)), "B-"+part.name+"-p99-"+ph.name+"-ms")
+				}
 				b.ReportMetric(queued[i]/float64(len(lat[i])), "queued-"+ph.name)
 				if ph.a > 0 {
 					b.ReportMetric(float64(aOps[i])/aTime[i].Seconds(), "A-ops/s-"+ph.name)
@@ -190,9 +206,9 @@ func benchmarkFairness(b *testing.B, f *fixture, maxConcurrent int) {
 // A and B.
 type fairnessFixture struct {
 	a, b keylessv1.KeylessServiceClient
-	// lastDecrypt is the time the last premaster decryption took in the
-	// HSM, in nanoseconds.
-	lastDecrypt atomic.Int64
+	// decrypts records when the last premaster decryption entered and
+	// left the HSM.
+	decrypts decryptTimes
 	// metrics holds the service's queue metrics.
 	metrics *prometheus.Registry
 }
@@ -220,7 +236,7 @@ func newFairnessFixture(b *testing.B, f *fixture, maxConcurrent int) *fairnessFi
 	}
 	fx := &fairnessFixture{}
 	svc, err := signer.NewService(signer.Config{
-		Keys:          timedStore{f.m, &fx.lastDecrypt},
+		Keys:          timedStore{f.m, &fx.decrypts},
 		Policy:        policy,
 		Quota:         signer.Quota{MaxInFlight: fairMaxInFlight},
 		Audit:         signer.NewAuditLog(io.Discard),
@@ -254,11 +270,26 @@ func newFairnessFixture(b *testing.B, f *fixture, maxConcurrent int) *fairnessFi
 	return fx
 }
 
+// lastDecrypt returns when the last premaster decryption entered and
+// left the HSM.
+func (fx *fairnessFixture) lastDecrypt() (in, out time.Time) {
+	fx.decrypts.mu.Lock()
+	defer fx.decrypts.mu.Unlock()
+	return fx.decrypts.in, fx.decrypts.out
+}
+
+// decryptTimes holds when the last premaster decryption entered and left
+// the HSM.
+type decryptTimes struct {
+	mu      sync.Mutex
+	in, out time.Time
+}
+
 // timedStore is the module as a key store, its RSA keys wrapped so that
-// each premaster decryption stores the time it took in last.
+// each premaster decryption records its times in last.
 type timedStore struct {
 	*hsm.Module
-	last *atomic.Int64
+	last *decryptTimes
 }
 
 func (s timedStore) Key(ctx context.Context, id link.KeyID) (crypto.Signer, error) {
@@ -280,13 +311,16 @@ type decryptKey interface {
 
 type timedKey struct {
 	decryptKey
-	last *atomic.Int64
+	last *decryptTimes
 }
 
 func (k timedKey) DecryptPremaster(ctx context.Context, ciphertext []byte) ([]byte, error) {
-	start := time.Now()
+	in := time.Now()
 	pms, err := k.decryptKey.DecryptPremaster(ctx, ciphertext)
-	k.last.Store(int64(time.Since(start)))
+	out := time.Now()
+	k.last.mu.Lock()
+	k.last.in, k.last.out = in, out
+	k.last.mu.Unlock()
 	return pms, err
 }
 
