@@ -23,6 +23,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 
 	"github.com/keyless-tls/keyless/hsm"
+	"github.com/keyless-tls/keyless/internal/config"
 	"github.com/keyless-tls/keyless/internal/opsserver"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
@@ -81,7 +82,7 @@ func parseServe(args []string, stderr io.Writer) (*serveFlags, error) {
 	fs.BoolVar(&f.logJSON, "log-json", false, "log as JSON lines")
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "address of the operations listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9443 (default: none, off)")
 	fs.BoolVar(&f.metricsRemote, "metrics-allow-remote", false, "let -metrics-listen be a non-loopback address")
-	if err := parseConfig(fs, args, "KEYSERVER"); err != nil {
+	if err := config.Parse(fs, args, "KEYSERVER"); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
