@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -197,4 +198,37 @@ func TestServeReload(t *testing.T) {
 	hup()
 	waitLog(t, logs, "policy reloaded: policy=")
 	waitLog(t, logs, "2 rules, 2 identities")
+}
+
+// TestServeAssembleFailureCloses checks that when assembling fails after
+// the HSM and the gRPC listener are open (here: -metrics-listen is taken),
+// serve reports the flag and leaves nothing open behind it.
+func TestServeAssembleFailureCloses(t *testing.T) {
+	tok := hsmtest.New(t)
+	dir := t.TempDir()
+	free, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	listen := free.Addr().String()
+	free.Close()
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	args := append(append([]string{"serve", "-listen", listen, "-metrics-listen", taken.Addr().String()}, tokenFlags(t, tok)...), serveTLSFlags(t)...)
+	args = append(args, "-policy", writeTestFile(t, dir, "policy.yaml", servePolicy), "-audit-log", filepath.Join(dir, "audit.log"))
+	if _, _, err := runCmd(t, args...); err == nil || !strings.Contains(err.Error(), "serve: -metrics-listen") {
+		t.Fatalf("serve with -metrics-listen taken = %v, want a -metrics-listen error", err)
+	}
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		t.Fatalf("the gRPC listener %s is still open after serve failed: %v", listen, err)
+	}
+	ln.Close()
+	// The module was closed: the token opens again in the same process.
+	if _, _, err := runCmd(t, append([]string{"keys", "list"}, tokenFlags(t, tok)...)...); err != nil {
+		t.Errorf("keys list after the failed serve: %v", err)
+	}
 }
