@@ -401,7 +401,7 @@ func (c *Client) Sign(ctx context.Context, keyID link.KeyID, alg link.Algorithm,
 		err = errors.New("the keyserver returned an empty signature")
 	}
 	if err != nil {
-		return nil, c.failed("sign", keyID, rc, start, err)
+		return nil, fmt.Errorf("tlscore: %w", c.failed("sign", keyID, rc, start, err))
 	}
 	return resp.GetSignature(), nil
 }
@@ -427,7 +427,7 @@ func (c *Client) Decrypt(ctx context.Context, keyID link.KeyID, ciphertext []byt
 		err = fmt.Errorf("the keyserver returned a %d-byte premaster secret; want %d", len(resp.GetPremaster()), link.PremasterLen)
 	}
 	if err != nil {
-		return nil, c.failed("decrypt", keyID, rc, start, err)
+		return nil, fmt.Errorf("tlscore: %w", c.failed("decrypt", keyID, rc, start, err))
 	}
 	return resp.GetPremaster(), nil
 }
@@ -436,6 +436,15 @@ func (c *Client) Decrypt(ctx context.Context, keyID link.KeyID, ciphertext []byt
 // keyserver: all keyservers behind one Client are expected to hold the
 // same keys. Errors are as for [Client.Sign].
 func (c *Client) ListKeys(ctx context.Context) ([]*keylessv1.Key, error) {
+	keys, err := c.listKeys(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("tlscore: %w", err)
+	}
+	return keys, nil
+}
+
+// listKeys is ListKeys, with errors that do not name the package.
+func (c *Client) listKeys(ctx context.Context) ([]*keylessv1.Key, error) {
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
 	start := time.Now()
@@ -479,8 +488,9 @@ func (c *Client) stream(ctx context.Context, method string, start time.Time, op 
 	return r, err
 }
 
-// failed logs a failed call once and returns the error to hand back: a
-// *LinkHandshakeError if the link's latest handshake explains it.
+// failed logs a failed call once and returns the error to hand back, which
+// names the operation but not the package: a *LinkHandshakeError if the
+// link's latest handshake explains it.
 func (c *Client) failed(op string, keyID link.KeyID, rc *keylessv1.RequestContext, start time.Time, err error) error {
 	err = c.handshakes.explain(err)
 	args := []any{"op", op, "code", status.Code(err), "duration", time.Since(start), "error", err}
@@ -492,7 +502,7 @@ func (c *Client) failed(op string, keyID link.KeyID, rc *keylessv1.RequestContex
 	}
 	c.logger.Warn("keyserver call failed", args...)
 	if op == "list_keys" {
-		return fmt.Errorf("tlscore: list keys: %w", err)
+		return fmt.Errorf("list keys: %w", err)
 	}
-	return fmt.Errorf("tlscore: %s with key %s: %w", op, link.FormatKeyID(keyID), err)
+	return fmt.Errorf("%s with key %s: %w", op, link.FormatKeyID(keyID), err)
 }
