@@ -79,9 +79,9 @@ func TestServeFlagErrors(t *testing.T) {
 		{append(tlsFlags, "-policy", bad), `line 5: unknown field "operation" in a rule`},
 		{append(tlsFlags, "-policy", good, "-certs", certs), "leaked.pem holds a private key"},
 		{append(tlsFlags, "-policy", good, "-certs", filepath.Join(dir, "nope")), "-certs: open"},
-		{append(tlsFlags, "-policy", good, "-max-inflight-per-identity", "-1"), "Quota.MaxInFlight is -1"},
+		{append(tlsFlags, "-policy", good, "-max-inflight-per-identity", "-1"), "-max-inflight-per-identity -1: must be 0 (no bound) or more"},
 		{append(tlsFlags, "-policy", good, "-max-streams-per-identity", "-1"), "-max-streams-per-identity -1"},
-		{append(tlsFlags, "-policy", good, "-rate-per-identity", "-2"), "Quota.Rate is -2"},
+		{append(tlsFlags, "-policy", good, "-rate-per-identity", "-2"), "-rate-per-identity -2: must be 0 (no bound) or a positive number"},
 		{append(serveTLSFlags(t), "-policy", good, "-audit-log", ""), `-audit-log: no file given; use "-" for standard error`},
 		{append(serveTLSFlags(t), "-policy", good, "-audit-log", filepath.Join(dir, "no", "such", "dir", "audit.log")), "-audit-log: open audit log"},
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -89,6 +90,16 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 // level: errors name the flag and the value's problem. The service's
 // settings are checked here, before anything is opened, under their flag
 // names; signer.NewService checks them again for its other callers.
+// limitFlags names the flag of each signer.Config limit that serve sets.
+var limitFlags = map[string]string{
+	"Config.MaxConcurrent":         "-max-concurrent",
+	"Config.MaxQueued":             "-max-queued",
+	"Config.MaxStreamsPerIdentity": "-max-streams-per-identity",
+	"Config.Quota.MaxInFlight":     "-max-inflight-per-identity",
+	"Config.Quota.Rate":            "-rate-per-identity",
+	"Config.Quota.Burst":           "-burst-per-identity",
+}
+
 func (c *serveConfig) check() error {
 	if c.logLevel = hclog.LevelFromString(c.logLevelName); c.logLevel == hclog.NoLevel {
 		return fmt.Errorf("-log-level %q: want trace, debug, info, warn or error", c.logLevelName)
@@ -111,20 +122,18 @@ func (c *serveConfig) check() error {
 			return fmt.Errorf("-metrics-listen %q: want host:port: %w", c.metricsListen, err)
 		}
 	}
-	switch s := &c.service; {
-	case s.MaxConcurrent < 0:
-		return fmt.Errorf("-max-concurrent %d: must be 0 (no bound) or more", s.MaxConcurrent)
-	case s.MaxQueued < 0:
-		return fmt.Errorf("-max-queued %d: must be 0 or more", s.MaxQueued)
-	case s.MaxStreamsPerIdentity < 0:
-		return fmt.Errorf("-max-streams-per-identity %d: must be 0 (no bound) or more", s.MaxStreamsPerIdentity)
+	switch {
 	case c.healthEvery <= 0:
 		return fmt.Errorf("-health-interval %v: must be positive", c.healthEvery)
 	case c.grace < 0:
 		return fmt.Errorf("-grace %v: must not be negative", c.grace)
 	}
-	if err := c.service.Quota.Validate(); err != nil {
-		return fmt.Errorf("-max-inflight-per-identity, -rate-per-identity, -burst-per-identity: %w", err)
+	if err := c.service.ValidateLimits(); err != nil {
+		var ce *signer.ConfigError
+		if errors.As(err, &ce) && limitFlags[ce.Field] != "" {
+			return fmt.Errorf("%s %v: must be %s", limitFlags[ce.Field], ce.Value, ce.Want)
+		}
+		return err
 	}
 	return c.hsm.validate()
 }
