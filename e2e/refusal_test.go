@@ -8,6 +8,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
+	"net"
 	"os"
 	"strings"
 	"testing"
@@ -64,4 +65,46 @@ func TestRefusalLogBoundedKeyserver(t *testing.T) {
 		t.Errorf("400 refused handshakes added %d bytes to the keyserver's log and audit trail, want < 200 KiB", added)
 	}
 	t.Logf("400 refused handshakes of 251-name certificates added %d bytes to the keyserver's log and audit trail", added)
+}
+
+// TestShutdownWithStalledConnections opens 300 connections to the
+// keyserver that never start their TLS handshake, with a handshake
+// timeout far longer than the drain's grace: SIGTERM still stops the
+// keyserver once the grace is over, closing them.
+func TestShutdownWithStalledConnections(t *testing.T) {
+	d := startDeploymentWith(t, []string{"-grace", "1s", "-handshake-timeout", "2m", "-max-connections-per-source", "0"}, nil)
+	for range 300 {
+		c, err := net.Dial("tcp", d.keyserverAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+	}
+	time.Sleep(100 * time.Millisecond) // accepted
+	start := time.Now()
+	d.edge.stop(t)
+	d.keyserver.stop(t) // fails the test if the keyserver takes over 10 s
+	t.Logf("keyserver stopped %v after SIGTERM with 300 stalled connections (-grace 1s, -handshake-timeout 2m)", time.Since(start).Round(time.Millisecond))
+}
+
+// TestConnectionsPerSourceBounded checks that the keyserver closes, at
+// accept, connections from one address beyond -max-connections-per-source.
+func TestConnectionsPerSourceBounded(t *testing.T) {
+	d := startDeploymentWith(t, []string{"-max-connections-per-source", "8"}, nil)
+	// The edge holds one connection.
+	closed := 0
+	for range 20 {
+		c, err := net.Dial("tcp", d.keyserverAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetReadDeadline(time.Now().Add(300 * time.Millisecond))
+		if _, err := c.Read(make([]byte, 1)); err != nil && !os.IsTimeout(err) {
+			closed++
+		}
+	}
+	if closed != 13 {
+		t.Errorf("%d of 20 connections closed at accept, want 13 (8 per source, the edge holding one)", closed)
+	}
 }

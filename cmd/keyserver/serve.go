@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"os/signal"
@@ -61,8 +62,10 @@ type keyserver struct {
 	reg     *prometheus.Registry
 	grpc    *grpc.Server
 	health  *health.Server
-	ln      net.Listener
+	ln      *link.Listener
 	opsLn   net.Listener // -metrics-listen; nil without it
+	// linkMetrics count what happens to the edges' connections.
+	linkMetrics *linkMetrics
 	// tokenLog describes the module and token for the startup line.
 	tokenLog []any
 	// keys is how many keys the store served at startup.
@@ -79,6 +82,7 @@ func assemble(ctx context.Context, c *serveConfig, stderr io.Writer) (_ *keyserv
 		logger: hclog.New(&hclog.LoggerOptions{Name: "keyserver", Level: c.logLevel, JSONFormat: c.logJSON, Output: stderr}),
 		reg:    opsserver.NewRegistry(),
 	}
+	ks.linkMetrics = newLinkMetrics(ks.reg, ks.expiredCRLs)
 	defer func() {
 		if err != nil {
 			ks.closeListeners()
@@ -94,6 +98,12 @@ func assemble(ctx context.Context, c *serveConfig, stderr io.Writer) (_ *keyserv
 	}
 	if ks.creds, err = link.LoadMTLSCredentials(c.tlsCert, c.tlsKey, c.clientCA); err != nil {
 		return nil, err
+	}
+	if len(c.clientCRLs) > 0 {
+		if err := ks.creds.SetClientCRLs(c.clientCRLs...); err != nil {
+			return nil, fmt.Errorf("-client-crl: %w", err)
+		}
+		ks.warnExpiredCRLs()
 	}
 	if ks.audit, err = openAuditLog(c.auditLog, stderr); err != nil {
 		return nil, fmt.Errorf("-audit-log: %w", err)
@@ -120,9 +130,11 @@ func assemble(ctx context.Context, c *serveConfig, stderr io.Writer) (_ *keyserv
 	if err := ks.newService(policy); err != nil {
 		return nil, err
 	}
-	if ks.ln, err = net.Listen("tcp", c.listen); err != nil {
+	ln, err := net.Listen("tcp", c.listen)
+	if err != nil {
 		return nil, err
 	}
+	ks.ln = link.LimitListener(ln, c.maxConns, c.maxConnsSource, ks.linkMetrics.connectionRefused)
 	if c.metricsListen != "" {
 		if ks.opsLn, err = opsserver.Listen(c.metricsListen, c.metricsRemote); err != nil {
 			return nil, fmt.Errorf("-metrics-listen: %w", err)
@@ -153,15 +165,22 @@ func (ks *keyserver) newService(policy *signer.Policy) error {
 	cfg.Policy = policy
 	cfg.Audit = signer.MultiAuditor(signer.NewAuditLog(ks.audit), ks.metrics)
 	cfg.Logger = ks.logger.Named("signer")
+	cfg.Revoked = ks.creds.Revoked
 	svc, err := signer.NewService(cfg)
 	if err != nil {
 		return err
 	}
 	ks.svc = svc
 	ks.grpc = grpc.NewServer(append(link.ServerOptions(),
-		grpc.Creds(ks.creds.ServerCredentials(svc.CheckPeer, ks.logger.Named("mtls"), link.HandshakeObserver{Refused: ks.metrics.HandshakeRefused})),
+		grpc.Creds(ks.creds.ServerCredentials(svc.CheckPeer, ks.logger.Named("mtls"), link.HandshakeObserver{
+			Refused:       ks.metrics.HandshakeRefused,
+			LogSuppressed: ks.linkMetrics.refusalLogSuppressed,
+			Closed:        ks.linkMetrics.connectionClosed,
+		})),
 		grpc.StatsHandler(svc.StatsHandler()),
+		grpc.ConnectionTimeout(ks.cfg.handshakeTimeout),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionAge: maxAge(ks.cfg.maxConnAge), MaxConnectionAgeGrace: ks.cfg.maxConnAgeGrace}),
 		// Reuse a goroutine per CPU for requests instead of starting one
 		// (and growing its stack) for each; when every worker is busy,
 		// gRPC starts a goroutine as it would without them.
@@ -177,10 +196,28 @@ func (ks *keyserver) newService(policy *signer.Policy) error {
 
 // closeListeners closes the listeners that run did not get to serve.
 func (ks *keyserver) closeListeners() {
-	for _, ln := range []net.Listener{ks.ln, ks.opsLn} {
-		if ln != nil {
-			ln.Close()
-		}
+	if ks.ln != nil {
+		ks.ln.Close()
+	}
+	if ks.opsLn != nil {
+		ks.opsLn.Close()
+	}
+}
+
+// expiredCRLs returns the -client-crl files whose next update is past.
+func (ks *keyserver) expiredCRLs() []string {
+	if ks.creds == nil {
+		return nil
+	}
+	return ks.creds.ExpiredClientCRLs(time.Now())
+}
+
+// warnExpiredCRLs logs, at error level, every -client-crl file whose next
+// update is past: it is still used, but certificates revoked since it was
+// issued are not refused.
+func (ks *keyserver) warnExpiredCRLs() {
+	for _, f := range ks.expiredCRLs() {
+		ks.logger.Error("client CRL expired: it is still used, but certificates revoked since it was issued are accepted; install a fresh one and send SIGHUP", "file", f)
 	}
 }
 
@@ -259,6 +296,9 @@ func (ks *keyserver) drain() {
 	case <-stopped:
 	case <-time.After(ks.cfg.grace):
 		ks.logger.Warn("grace period over: closing remaining connections")
+		// Also those still in their TLS handshake, which Stop would
+		// wait for.
+		ks.ln.CloseConnections()
 		ks.grpc.Stop()
 	}
 }
@@ -291,8 +331,9 @@ func (ks *keyserver) reload(ctx context.Context) {
 		logger.Error("SIGHUP: reopening the audit log failed", "error", err)
 	}
 	if err := ks.creds.Reload(); err != nil {
-		logger.Error("mTLS credentials not reloaded; the previous ones stay in use", "error", err)
+		logger.Error("mTLS credentials and client CRLs not reloaded; the previous ones stay in use", "error", err)
 	}
+	ks.warnExpiredCRLs()
 	defer func() {
 		if keys, err := ks.store.Keys(ctx); err == nil {
 			ks.metrics.SetKeys(keys)
@@ -375,4 +416,12 @@ func tokenURIForLog(uri *hsm.URI) string {
 		return ""
 	}
 	return uri.String()
+}
+
+// maxAge is -max-connection-age as gRPC takes it: 0 means forever.
+func maxAge(d time.Duration) time.Duration {
+	if d == 0 {
+		return time.Duration(math.MaxInt64)
+	}
+	return d
 }

@@ -83,6 +83,12 @@ func TestServeFlagErrors(t *testing.T) {
 		{append(tlsFlags, "-policy", good, "-max-streams-per-identity", "-1"), "-max-streams-per-identity -1"},
 		{append(tlsFlags, "-policy", good, "-rate-per-identity", "-2"), "-rate-per-identity -2: must be 0 (no bound) or a positive number"},
 		{append(serveTLSFlags(t), "-policy", good, "-audit-log", ""), `-audit-log: no file given; use "-" for standard error`},
+		{append(serveTLSFlags(t), "-policy", good, "-client-crl", good), `-client-crl: link: client CRL file "` + good + `": CRL 1: x509: malformed crl`},
+		{append(serveTLSFlags(t), "-policy", good, "-client-crl", filepath.Join(dir, "none.crl")), "-client-crl: link: client CRL file: open"},
+		{append(tlsFlags, "-policy", good, "-client-crl", "a,,b"), `-client-crl: empty file name in "a,,b"`},
+		{append(tlsFlags, "-policy", good, "-handshake-timeout", "0s"), "-handshake-timeout 0s: must be positive"},
+		{append(tlsFlags, "-policy", good, "-max-connections-per-source", "-1"), "-max-connections-per-source -1"},
+		{append(tlsFlags, "-policy", good, "-max-connection-age", "-1s"), "-max-connection-age -1s"},
 		{append(serveTLSFlags(t), "-policy", good, "-audit-log", filepath.Join(dir, "no", "such", "dir", "audit.log")), "-audit-log: open audit log"},
 	}
 	for _, tt := range tests {

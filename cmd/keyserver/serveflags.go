@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strings"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -29,6 +30,12 @@ type serveConfig struct {
 	tlsCert          string
 	tlsKey           string
 	clientCA         string
+	clientCRLs       fileList
+	handshakeTimeout time.Duration
+	maxConns         int
+	maxConnsSource   int
+	maxConnAge       time.Duration
+	maxConnAgeGrace  time.Duration
 	policy           string
 	certs            string
 	auditLog         string
@@ -55,6 +62,12 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "PEM certificate chain of the keyserver (required)")
 	fs.StringVar(&c.tlsKey, "tls-key", "", "PEM private key of the keyserver's TLS certificate (required)")
 	fs.StringVar(&c.clientCA, "client-ca", "", "PEM CA certificates that issue edge client certificates (required)")
+	fs.Var(&c.clientCRLs, "client-crl", "PEM or DER CRL of the -client-ca, whose revoked edge certificates are refused and their connections closed; repeat the flag or separate files with commas; re-read on SIGHUP (default: none)")
+	fs.DurationVar(&c.handshakeTimeout, "handshake-timeout", link.DefaultHandshakeTimeout, "how long a connection may take to complete its TLS handshake")
+	fs.IntVar(&c.maxConns, "max-connections", link.DefaultMaxConnections, "connections open at once, in all; more are closed at once (0: no bound)")
+	fs.IntVar(&c.maxConnsSource, "max-connections-per-source", link.DefaultMaxConnectionsPerSource, "connections open at once from one IP address; an edge opens one per keyserver (0: no bound)")
+	fs.DurationVar(&c.maxConnAge, "max-connection-age", time.Hour, "how long an edge's connection may live; the edge then reconnects, with the credentials and CRLs of the moment (0: forever)")
+	fs.DurationVar(&c.maxConnAgeGrace, "max-connection-age-grace", time.Minute, "how long a connection past -max-connection-age may finish its calls; edges move their streams within 30 s")
 	fs.StringVar(&c.policy, "policy", "", "YAML policy file: which edge identities may use which keys, operations and schemes; everything else is denied (required)")
 	fs.StringVar(&c.certs, "certs", "", "directory of PEM certificates (public, no keys) whose DNS names the policy's cert: patterns match against their keys (default: none, cert: patterns match nothing)")
 	fs.StringVar(&c.auditLog, "audit-log", "-", `file the audit trail is appended to, one JSON line per request; "-" is standard error`)
@@ -123,6 +136,16 @@ func (c *serveConfig) check() error {
 		}
 	}
 	switch {
+	case c.handshakeTimeout <= 0:
+		return fmt.Errorf("-handshake-timeout %v: must be positive", c.handshakeTimeout)
+	case c.maxConns < 0:
+		return fmt.Errorf("-max-connections %d: must be 0 (no bound) or more", c.maxConns)
+	case c.maxConnsSource < 0:
+		return fmt.Errorf("-max-connections-per-source %d: must be 0 (no bound) or more", c.maxConnsSource)
+	case c.maxConnAge < 0:
+		return fmt.Errorf("-max-connection-age %v: must be 0 (forever) or positive", c.maxConnAge)
+	case c.maxConnAgeGrace < 0:
+		return fmt.Errorf("-max-connection-age-grace %v: must not be negative", c.maxConnAgeGrace)
 	case c.healthEvery <= 0:
 		return fmt.Errorf("-health-interval %v: must be positive", c.healthEvery)
 	case c.grace < 0:
@@ -136,4 +159,20 @@ func (c *serveConfig) check() error {
 		return err
 	}
 	return c.hsm.validate()
+}
+
+// fileList is a flag of file names that may be repeated, each value a
+// comma-separated list.
+type fileList []string
+
+func (l *fileList) String() string { return strings.Join(*l, ",") }
+
+func (l *fileList) Set(v string) error {
+	for _, f := range strings.Split(v, ",") {
+		if f = strings.TrimSpace(f); f == "" {
+			return fmt.Errorf("empty file name in %q", v)
+		}
+		*l = append(*l, f)
+	}
+	return nil
 }
