@@ -22,7 +22,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/hashicorp/go-hclog"
 )
 
 // keyserverName and edgeIdentity are the names of the test PKI's keyserver
@@ -276,11 +275,6 @@ func readFile(t *testing.T, path string) []byte {
 	return b
 }
 
-// newTestLogger returns a logger whose output the test can read.
-func newTestLogger() (hclog.Logger, *syncBuffer) {
-	var buf syncBuffer
-	return hclog.New(&hclog.LoggerOptions{Output: &buf, Level: hclog.Debug}), &buf
-}
 
 type syncBuffer struct {
 	mu sync.Mutex
