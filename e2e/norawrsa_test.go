@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/rsa"
 	"encoding/json"
+	"fmt"
 	"math"
 	"math/big"
 	mrand "math/rand/v2"
@@ -91,6 +92,14 @@ var fallbackWarning = regexp.MustCompile(`CKM_RSA_X_509 is unavailable, so RSA p
 // through conf, checks that it warns of the fallback, and dials it.
 func startNoRawKeyserver(t testing.TB, conf string, token []string, link *linkPKI) *noRawKeyserver {
 	t.Helper()
+	return startDecryptKeyserver(t, conf, token, link, true)
+}
+
+// startDecryptKeyserver starts a keyserver process that sees the token
+// through conf, checks that it warns of the CKM_RSA_PKCS fallback if and
+// only if fallback is set, and dials it.
+func startDecryptKeyserver(t testing.TB, conf string, token []string, link *linkPKI, fallback bool) *noRawKeyserver {
+	t.Helper()
 	dir := t.TempDir()
 	policy := filepath.Join(dir, "policy.yaml")
 	if err := os.WriteFile(policy, []byte(noRawPolicy), 0o644); err != nil {
@@ -102,8 +111,9 @@ func startNoRawKeyserver(t testing.TB, conf string, token []string, link *linkPK
 		"-policy", policy, "-audit-log", ks.audit}, token...)
 	ks.proc = startProc(t, []string{"SOFTHSM2_CONF=" + conf}, "keyserver", args...)
 	addr := ks.proc.waitFor(t, readyKeyserver)[1]
-	if !fallbackWarning.MatchString(ks.proc.out.String()) {
-		t.Fatalf("the keyserver did not warn that it decrypts through the CKM_RSA_PKCS fallback:\n%s", ks.proc.out.String())
+	if fallbackWarning.MatchString(ks.proc.out.String()) != fallback {
+		t.Fatalf("the keyserver warned that it decrypts through the CKM_RSA_PKCS fallback: %t, want %t:\n%s",
+			!fallback, fallback, ks.proc.out.String())
 	}
 	clientTLS, err := tlscore.ClientMTLSConfig(link.edgeCert, link.edgeKey, link.caFile, link.serverName)
 	if err != nil {
@@ -262,34 +272,54 @@ func TestNoRawRSADecrypt(t *testing.T) {
 }
 
 // BenchmarkDecryptNoRawRSA compares the keyserver's time to answer valid
-// and invalid ciphertexts on a token without raw RSA, where the token's own
-// CKM_RSA_PKCS padding check runs for every ciphertext. Each iteration
-// decrypts one fresh valid ciphertext and one fresh invalid one (kinds in
-// turn: bad padding, a 47-byte payload, no separator, random below the
-// modulus), in random order, through gRPC with mutual TLS; it reports both
-// medians, their ratio, and the two-sample Kolmogorov-Smirnov statistic D
-// with its p-value (small p: the two distributions differ). Run it with at
-// least 2000 iterations:
+// and invalid ciphertexts on a token without raw RSA ("fallback", where the
+// token's own CKM_RSA_PKCS padding check runs for every ciphertext) and, as
+// the baseline in the same run, on the same token with raw RSA ("raw").
+// Each iteration decrypts one fresh valid ciphertext and one fresh invalid
+// one (kinds in turn: bad block type, a 47-byte payload, no separator,
+// random below the modulus), in random order, through gRPC with mutual
+// TLS. It reports both medians, their ratio, and the two-sample
+// Kolmogorov-Smirnov statistic D with its p-value (a small p: the two
+// distributions differ), and logs the median of each invalid kind. Run it
+// with at least 2000 iterations:
 //
 //	go test -run '^$' -bench BenchmarkDecryptNoRawRSA -benchtime 2000x ./e2e
 //
 // docs/SECURITY.md has a measured result.
 func BenchmarkDecryptNoRawRSA(b *testing.B) {
 	_, conf, pub, _, token := noRawSetup(b)
-	ks := startNoRawKeyserver(b, conf, token, newLinkPKI(b))
+	link := newLinkPKI(b)
+	for _, bc := range []struct {
+		name     string
+		conf     string
+		fallback bool
+	}{
+		{"raw", os.Getenv("SOFTHSM2_CONF"), false},
+		{"fallback", conf, true},
+	} {
+		ks := startDecryptKeyserver(b, bc.conf, token, link, bc.fallback)
+		b.Run(bc.name, func(b *testing.B) { benchValidVsInvalid(b, ks, pub) })
+	}
+}
+
+func benchValidVsInvalid(b *testing.B, ks *noRawKeyserver, pub *rsa.PublicKey) {
 	id, _ := signer.KeyIDOf(pub)
 	premaster := make([]byte, 48)
-	kinds := []func() []byte{
-		func() []byte { return rawRSAEncrypt(pub, pkcs1Block(pub, premaster, 1)) },
-		func() []byte { ct, _ := rsa.EncryptPKCS1v15(rand.Reader, pub, premaster[:47]); return ct },
-		func() []byte {
+	kinds := []struct {
+		name string
+		make func() []byte
+	}{
+		{"block type 1", func() []byte { return rawRSAEncrypt(pub, pkcs1Block(pub, premaster, 1)) }},
+		{"47-byte payload", func() []byte { ct, _ := rsa.EncryptPKCS1v15(rand.Reader, pub, premaster[:47]); return ct }},
+		{"no separator", func() []byte {
 			em := pkcs1Block(pub, premaster, 2)
 			em[pub.Size()-49] = 0xff
 			return rawRSAEncrypt(pub, em)
-		},
-		func() []byte { c := make([]byte, pub.Size()); rand.Read(c[1:]); return c },
+		}},
+		{"random", func() []byte { c := make([]byte, pub.Size()); rand.Read(c[1:]); return c }},
 	}
 	var tValid, tInvalid []float64
+	byKind := make([][]float64, len(kinds))
 	timed := func(ct []byte) float64 {
 		start := time.Now()
 		ks.decrypt(b, id, ct)
@@ -299,15 +329,17 @@ func BenchmarkDecryptNoRawRSA(b *testing.B) {
 		b.StopTimer()
 		rand.Read(premaster)
 		valid, _ := rsa.EncryptPKCS1v15(rand.Reader, pub, premaster)
-		invalid := kinds[i%len(kinds)]()
+		kind := i % len(kinds)
+		invalid := kinds[kind].make()
 		b.StartTimer()
+		var tv, ti float64
 		if mrand.IntN(2) == 0 {
-			tValid = append(tValid, timed(valid))
-			tInvalid = append(tInvalid, timed(invalid))
+			tv, ti = timed(valid), timed(invalid)
 		} else {
-			tInvalid = append(tInvalid, timed(invalid))
-			tValid = append(tValid, timed(valid))
+			ti, tv = timed(invalid), timed(valid)
 		}
+		tValid, tInvalid = append(tValid, tv), append(tInvalid, ti)
+		byKind[kind] = append(byKind[kind], ti)
 	}
 	if len(tValid) < 2000 {
 		b.Logf("only %d samples of each; run with -benchtime 2000x or more for the comparison", len(tValid))
@@ -319,8 +351,12 @@ func BenchmarkDecryptNoRawRSA(b *testing.B) {
 	b.ReportMetric(mi/mv, "invalid/valid")
 	b.ReportMetric(d, "KS-D")
 	b.ReportMetric(p, "KS-p")
-	b.Logf("%d valid, %d invalid: median %.0f µs vs %.0f µs (ratio %.3f), mean %.0f vs %.0f µs, KS D=%.4f p=%.3g",
-		len(tValid), len(tInvalid), mv, mi, mi/mv, mean(tValid), mean(tInvalid), d, p)
+	var perKind []string
+	for k, ts := range byKind {
+		perKind = append(perKind, fmt.Sprintf("%s %.0f", kinds[k].name, median(ts)))
+	}
+	b.Logf("%d valid, %d invalid: median %.0f µs vs %.0f µs (ratio %.3f), mean %.0f vs %.0f µs, KS D=%.4f p=%.3g; invalid medians by kind (µs): %s",
+		len(tValid), len(tInvalid), mv, mi, mi/mv, mean(tValid), mean(tInvalid), d, p, strings.Join(perKind, ", "))
 }
 
 func median(xs []float64) float64 {
