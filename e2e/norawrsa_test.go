@@ -185,7 +185,9 @@ func noRawCiphertexts(pub *rsa.PublicKey, premaster []byte) (valid []byte, inval
 		return rawRSAEncrypt(pub, em)
 	}
 	valid = encrypt(premaster)
-	nPlus := func(d int64) []byte { return new(big.Int).Add(pub.N, big.NewInt(d)).FillBytes(make([]byte, pub.Size())) }
+	nPlus := func(d int64) []byte {
+		return new(big.Int).Add(pub.N, big.NewInt(d)).FillBytes(make([]byte, pub.Size()))
+	}
 	k := pub.Size()
 	invalid = []struct {
 		name string
@@ -409,4 +411,3 @@ func ksTest(a, b []float64) (d, p float64) {
 	}
 	return d, min(max(p, 0), 1)
 }
-
