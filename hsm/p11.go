@@ -53,6 +53,7 @@ type p11API interface {
 	SignInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error
 	Sign(sh pkcs11.SessionHandle, message []byte) ([]byte, error)
 	GenerateKeyPair(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, public, private []*pkcs11.Attribute) (pkcs11.ObjectHandle, pkcs11.ObjectHandle, error)
+	DestroyObject(sh pkcs11.SessionHandle, o pkcs11.ObjectHandle) error
 }
 
 var _ p11API = (*pkcs11.Ctx)(nil)

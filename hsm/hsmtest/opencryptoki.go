@@ -100,20 +100,11 @@ func OpenCryptokiModulePath() (path, reason string) {
 }
 
 func setupOpenCryptoki() (tok *Token, reason string, err error) {
-	module, reason := OpenCryptokiModulePath()
-	if reason != "" {
+	if reason := openCryptokiMissing(); reason != "" {
 		return nil, reason, nil
 	}
-	slotd, err := exec.LookPath("pkcsslotd")
-	if err != nil {
-		if _, serr := os.Stat("/usr/sbin/pkcsslotd"); serr != nil {
-			return nil, "pkcsslotd not found (install opencryptoki)", nil
-		}
-		slotd = "/usr/sbin/pkcsslotd"
-	}
-	if os.Geteuid() != 0 {
-		return nil, "openCryptoki's software token needs root (pkcsslotd and its token directory)", nil
-	}
+	module, _ := OpenCryptokiModulePath()
+	slotd, _ := slotDaemonPath()
 	if err := lockOpenCryptoki(5 * time.Minute); err != nil {
 		return nil, "", err
 	}
@@ -127,12 +118,92 @@ func setupOpenCryptoki() (tok *Token, reason string, err error) {
 		PIN:   randomHex(4),
 		SOPIN: OpenCryptokiSOPIN,
 	}
-	mu.Lock()
-	defer mu.Unlock()
-	if tok.Serial, err = reinitToken(module, openCryptokiModel, tok.Label, tok.SOPIN, tok.PIN); err != nil {
+	if tok.Serial, err = reinitInChild(module, tok.Label, tok.SOPIN, tok.PIN); err != nil {
 		return nil, "", err
 	}
 	return tok, "", nil
+}
+
+// envReinit makes a test binary that imports this package re-initialise
+// openCryptoki's software token, before its tests or TestMain run, and
+// exit: see reinitInChild.
+const envReinit = "KEYLESS_HSMTEST_OPENCRYPTOKI_REINIT"
+
+// reinitInChild re-initialises the token in a child process: this test
+// binary again, with envReinit set, the PINs on its standard input (never
+// on a command line). A process must not load openCryptoki's library beside
+// SoftHSM's: C_Initialize of one after the other has been used has crashed
+// (SIGSEGV) in this machine's builds. So the test process itself never
+// loads it unless its tests open the token in-process.
+func reinitInChild(module, label, soPIN, pin string) (string, error) {
+	exe, err := os.Executable()
+	if err != nil {
+		return "", err
+	}
+	cmd := exec.Command(exe)
+	cmd.Env = append(os.Environ(), envReinit+"=1")
+	cmd.Stdin = strings.NewReader(strings.Join([]string{module, label, soPIN, pin}, "\n") + "\n")
+	var stderr strings.Builder
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		return "", fmt.Errorf("re-initialise the token: %v: %s", err, strings.TrimSpace(stderr.String()))
+	}
+	return strings.TrimSpace(string(out)), nil
+}
+
+// init is the child of reinitInChild.
+func init() {
+	if os.Getenv(envReinit) != "1" {
+		return
+	}
+	var module, label, soPIN, pin string
+	if _, err := fmt.Scanln(&module); err == nil {
+		fmt.Scanln(&label)
+		fmt.Scanln(&soPIN)
+		fmt.Scanln(&pin)
+	}
+	serial, err := reinitToken(module, openCryptokiModel, label, soPIN, pin)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	fmt.Println(serial)
+	os.Exit(0)
+}
+
+// CheckOpenCryptoki skips the test (or fails it with
+// KEYLESS_REQUIRE_SOFTHSM=1) if openCryptoki's software token cannot be
+// used here, without touching it.
+func CheckOpenCryptoki(t testing.TB) {
+	t.Helper()
+	if reason := openCryptokiMissing(); reason != "" {
+		skipOrFail(t, reason)
+	}
+}
+
+// openCryptokiMissing says why the token cannot be used here, or "".
+func openCryptokiMissing() string {
+	if _, reason := OpenCryptokiModulePath(); reason != "" {
+		return reason
+	}
+	if _, err := slotDaemonPath(); err != nil {
+		return err.Error()
+	}
+	if os.Geteuid() != 0 {
+		return "openCryptoki's software token needs root (pkcsslotd and its token directory)"
+	}
+	return ""
+}
+
+func slotDaemonPath() (string, error) {
+	if p, err := exec.LookPath("pkcsslotd"); err == nil {
+		return p, nil
+	}
+	if _, err := os.Stat("/usr/sbin/pkcsslotd"); err != nil {
+		return "", errors.New("pkcsslotd not found (install opencryptoki)")
+	}
+	return "/usr/sbin/pkcsslotd", nil
 }
 
 // lockOpenCryptoki takes the machine-wide lock on the software token,
