@@ -3,8 +3,10 @@ package e2e
 import (
 	"bufio"
 	"bytes"
+	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"math"
@@ -269,6 +271,26 @@ func TestNoRawRSADecrypt(t *testing.T) {
 	for i, rec := range records[1:] {
 		if rec != validRecord[0] {
 			t.Errorf("audit record %d (invalid ciphertext) = %s\nwant the valid ciphertext's %s", i+2, rec, validRecord[0])
+		}
+	}
+
+	// Signing is untouched by the missing mechanism.
+	digest := sha256.Sum256([]byte("no raw RSA"))
+	for _, alg := range []keylessv1.SignatureAlgorithm{
+		keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PSS_RSAE_SHA256,
+		keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256,
+	} {
+		resp, err := ks2.client.Sign(t.Context(), &keylessv1.SignRequest{KeyId: id[:], Algorithm: alg, Digest: digest[:]})
+		if err != nil {
+			t.Fatalf("Sign(%v) = %v", alg, err)
+		}
+		if alg == keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PKCS1_SHA256 {
+			err = rsa.VerifyPKCS1v15(pub, crypto.SHA256, digest[:], resp.GetSignature())
+		} else {
+			err = rsa.VerifyPSS(pub, crypto.SHA256, digest[:], resp.GetSignature(), &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash})
+		}
+		if err != nil {
+			t.Errorf("the %v signature does not verify: %v", alg, err)
 		}
 	}
 }

@@ -55,7 +55,8 @@ const (
 	// EnvModule overrides the path of the SoftHSM PKCS #11 module.
 	EnvModule = "KEYLESS_SOFTHSM_MODULE"
 	// EnvRequire set to "1" turns a missing SoftHSM (or pkcs11-tool, for
-	// [Token.PKCS11Tool]) from a skip into a failure.
+	// [Token.PKCS11Tool], or openCryptoki or root, for [OpenCryptoki])
+	// from a skip into a failure.
 	EnvRequire = "KEYLESS_REQUIRE_SOFTHSM"
 )
 
