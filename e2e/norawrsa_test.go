@@ -25,9 +25,9 @@ import (
 
 	"github.com/keyless-tls/keyless/hsm"
 	"github.com/keyless-tls/keyless/hsm/hsmtest"
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 	"github.com/keyless-tls/keyless/signer"
-	"github.com/keyless-tls/keyless/tlscore"
 )
 
 // The decrypt path on a token without raw RSA (CKM_RSA_X_509), as on
@@ -92,15 +92,15 @@ var fallbackWarning = regexp.MustCompile(`CKM_RSA_X_509 is unavailable, so RSA p
 
 // startNoRawKeyserver starts a keyserver process that sees the token
 // through conf, checks that it warns of the fallback, and dials it.
-func startNoRawKeyserver(t testing.TB, conf string, token []string, link *linkPKI) *noRawKeyserver {
+func startNoRawKeyserver(t testing.TB, conf string, token []string, pki *linkPKI) *noRawKeyserver {
 	t.Helper()
-	return startDecryptKeyserver(t, conf, token, link, true)
+	return startDecryptKeyserver(t, conf, token, pki, true)
 }
 
 // startDecryptKeyserver starts a keyserver process that sees the token
 // through conf, checks that it warns of the CKM_RSA_PKCS fallback if and
 // only if fallback is set, and dials it.
-func startDecryptKeyserver(t testing.TB, conf string, token []string, link *linkPKI, fallback bool) *noRawKeyserver {
+func startDecryptKeyserver(t testing.TB, conf string, token []string, pki *linkPKI, fallback bool) *noRawKeyserver {
 	t.Helper()
 	dir := t.TempDir()
 	policy := filepath.Join(dir, "policy.yaml")
@@ -109,7 +109,7 @@ func startDecryptKeyserver(t testing.TB, conf string, token []string, link *link
 	}
 	ks := &noRawKeyserver{audit: filepath.Join(dir, "audit.log")}
 	args := append([]string{"serve", "-listen", "127.0.0.1:0",
-		"-tls-cert", link.serverCert, "-tls-key", link.serverKey, "-client-ca", link.caFile,
+		"-tls-cert", pki.serverCert, "-tls-key", pki.serverKey, "-client-ca", pki.caFile,
 		"-policy", policy, "-audit-log", ks.audit}, token...)
 	ks.proc = startProc(t, []string{"SOFTHSM2_CONF=" + conf}, "keyserver", args...)
 	addr := ks.proc.waitFor(t, readyKeyserver)[1]
@@ -117,7 +117,7 @@ func startDecryptKeyserver(t testing.TB, conf string, token []string, link *link
 		t.Fatalf("the keyserver warned that it decrypts through the CKM_RSA_PKCS fallback: %t, want %t:\n%s",
 			!fallback, fallback, ks.proc.out.String())
 	}
-	clientTLS, err := tlscore.ClientMTLSConfig(link.edgeCert, link.edgeKey, link.caFile, link.serverName)
+	clientTLS, err := link.ClientMTLSConfig(pki.edgeCert, pki.edgeKey, pki.caFile, pki.serverName)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -131,7 +131,7 @@ func startDecryptKeyserver(t testing.TB, conf string, token []string, link *link
 }
 
 // decrypt asks ks to decrypt ct, which must answer OK with 48 bytes.
-func (ks *noRawKeyserver) decrypt(t testing.TB, id signer.KeyID, ct []byte) []byte {
+func (ks *noRawKeyserver) decrypt(t testing.TB, id link.KeyID, ct []byte) []byte {
 	t.Helper()
 	resp, err := ks.client.Decrypt(t.Context(), &keylessv1.DecryptRequest{KeyId: id[:], EncryptedPremaster: ct})
 	if err != nil {
@@ -227,10 +227,10 @@ func noRawCiphertexts(pub *rsa.PublicKey, premaster []byte) (valid []byte, inval
 // ciphertexts are identical but for time and latency.
 func TestNoRawRSADecrypt(t *testing.T) {
 	_, conf, pub, local, token := noRawSetup(t)
-	link := newLinkPKI(t)
-	ks1 := startNoRawKeyserver(t, conf, token, link)
-	ks2 := startNoRawKeyserver(t, conf, token, link)
-	id, _ := signer.KeyIDOf(pub)
+	pki := newLinkPKI(t)
+	ks1 := startNoRawKeyserver(t, conf, token, pki)
+	ks2 := startNoRawKeyserver(t, conf, token, pki)
+	id, _ := link.KeyIDOf(pub)
 
 	premaster := make([]byte, 48)
 	rand.Read(premaster)
@@ -312,7 +312,7 @@ func TestNoRawRSADecrypt(t *testing.T) {
 // docs/SECURITY.md has a measured result.
 func BenchmarkDecryptNoRawRSA(b *testing.B) {
 	_, conf, pub, _, token := noRawSetup(b)
-	link := newLinkPKI(b)
+	pki := newLinkPKI(b)
 	for _, bc := range []struct {
 		name     string
 		conf     string
@@ -321,13 +321,13 @@ func BenchmarkDecryptNoRawRSA(b *testing.B) {
 		{"raw", os.Getenv("SOFTHSM2_CONF"), false},
 		{"fallback", conf, true},
 	} {
-		ks := startDecryptKeyserver(b, bc.conf, token, link, bc.fallback)
+		ks := startDecryptKeyserver(b, bc.conf, token, pki, bc.fallback)
 		b.Run(bc.name, func(b *testing.B) { benchValidVsInvalid(b, ks, pub) })
 	}
 }
 
 func benchValidVsInvalid(b *testing.B, ks *noRawKeyserver, pub *rsa.PublicKey) {
-	id, _ := signer.KeyIDOf(pub)
+	id, _ := link.KeyIDOf(pub)
 	premaster := make([]byte, 48)
 	kinds := []struct {
 		name string
