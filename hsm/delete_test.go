@@ -121,6 +121,7 @@ func TestDelete(t *testing.T) {
 	for _, spec := range []hsm.KeySpec{
 		{Type: hsm.KeyTypeECDSA, Label: "gen-p256"},
 		{Type: hsm.KeyTypeEd25519, Label: "gen-ed25519"},
+		{Type: hsm.KeyTypeEd25519, Label: "gen-ed25519-2"},
 	} {
 		if _, err := m.Generate(ctx, spec); err != nil {
 			t.Fatal(err)
@@ -131,6 +132,7 @@ func TestDelete(t *testing.T) {
 	}
 	t.Run("generated ECDSA", func(t *testing.T) { testDelete(t, tok, m, "gen-p256", "tool-p256") })
 	t.Run("pkcs11-tool's ECDSA", func(t *testing.T) { testDelete(t, tok, m, "tool-p256", "gen-ed25519") })
+	t.Run("generated Ed25519", func(t *testing.T) { testDelete(t, tok, m, "gen-ed25519", "gen-ed25519-2") })
 }
 
 func testOpenCryptokiDelete(t *testing.T) {
