@@ -24,6 +24,9 @@ import (
 // the token.
 func TestOpenCryptokiDeployment(t *testing.T) {
 	tok := hsmtest.OpenCryptoki(t)
+	// The only user in this binary: hand the machine's token back to
+	// other test binaries when done (after the processes stop).
+	t.Cleanup(hsmtest.ReleaseOpenCryptoki)
 	dir := t.TempDir()
 	pin := filepath.Join(dir, "pin")
 	if err := os.WriteFile(pin, []byte(tok.PIN+"\n"), 0o600); err != nil {

@@ -2,6 +2,7 @@ package hsm_test
 
 import (
 	"bytes"
+	"context"
 	"crypto"
 	"crypto/rand"
 	"crypto/rsa"
@@ -13,6 +14,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/miekg/pkcs11"
 
@@ -35,6 +37,7 @@ const envOpenCryptokiChild = "KEYLESS_HSM_TEST_OPENCRYPTOKI"
 // openCryptoki after SoftHSM has been used crashed with SIGSEGV here).
 func TestOpenCryptoki(t *testing.T) {
 	if os.Getenv(envOpenCryptokiChild) == "1" {
+		t.Cleanup(hsmtest.ReleaseOpenCryptoki)
 		for _, tt := range []struct {
 			name string
 			f    func(*testing.T)
@@ -60,7 +63,9 @@ func TestOpenCryptoki(t *testing.T) {
 	if testing.Short() {
 		args = append(args, "-test.short")
 	}
-	ctx := testContext(t)
+	// Long enough to wait for another test binary that holds the token.
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Minute)
+	defer cancel()
 	cmd := exec.CommandContext(ctx, exe, args...)
 	cmd.Env = append(os.Environ(), envOpenCryptokiChild+"=1")
 	out, err := cmd.CombinedOutput()

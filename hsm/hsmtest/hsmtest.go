@@ -206,7 +206,7 @@ func Cleanup() {
 	if confDir != "" {
 		_ = os.RemoveAll(confDir)
 	}
-	cleanupOpenCryptoki()
+	ReleaseOpenCryptoki()
 }
 
 // initToken initialises SoftHSM's free slot as a token with the given

@@ -44,42 +44,64 @@ var openCryptokiPaths = []string{
 }
 
 // The software token is one per machine, so one test binary at a time may
-// use it: ock holds it for the whole binary, from the first call of
-// OpenCryptoki to Cleanup.
+// use it: ock holds it from the first call of OpenCryptoki to
+// ReleaseOpenCryptoki (or Cleanup). ock.mu guards the rest.
 var ock struct {
-	once    sync.Once
-	tok     *Token
-	reason  string // why the token cannot be used here ("" if it can)
-	err     error  // a failure where it should work
-	lock    *os.File
-	slotd   int // pid of the pkcsslotd this binary started, or 0
-	cleanup sync.Once
+	mu     sync.Mutex
+	set    bool   // setup ran; its results follow
+	tok    *Token // the token, once set up
+	reason string // why the token cannot be used here ("" if it can)
+	err    error  // a failure where it should work
+	lock   *os.File
+	slotd  int // pid of the pkcsslotd this binary started, or 0
 }
 
 // OpenCryptoki returns openCryptoki's software token ("IBM SoftTok"),
-// initialised afresh for this test binary with its own label and a random
-// user PIN: the same *Token for every call in the binary, so tests that use it
-// share its keys and must give theirs distinct labels.
+// initialised afresh with its own label and a random user PIN on first
+// use: the same *Token for every call until [ReleaseOpenCryptoki], so tests
+// that use it share its keys and must give theirs distinct labels.
 //
 // The token is machine-global, so the first call takes an exclusive lock
-// (flock on a file in the OS temporary directory) that the binary holds
-// until [Cleanup] or its exit: test binaries of different packages that
-// use the token run one after another. It starts the slot daemon pkcsslotd
-// if none is running, and Cleanup stops the one it started. Initialising
-// the token needs root and wipes every object on it.
+// (flock on a file in the OS temporary directory), held until
+// ReleaseOpenCryptoki, [Cleanup] or the binary's exit: test binaries of
+// different packages that use the token take turns. It starts the slot
+// daemon pkcsslotd if none is running; ReleaseOpenCryptoki stops the one it
+// started. Initialising the token needs root and wipes every object on it.
 //
 // It skips the test where the token cannot be used (not root, openCryptoki
 // not installed), or fails it with KEYLESS_REQUIRE_SOFTHSM=1.
 func OpenCryptoki(t testing.TB) *Token {
 	t.Helper()
-	ock.once.Do(func() { ock.tok, ock.reason, ock.err = setupOpenCryptoki() })
-	switch {
-	case ock.reason != "":
-		skipOrFail(t, ock.reason)
-	case ock.err != nil:
-		t.Fatalf("hsmtest: openCryptoki: %v", ock.err)
+	ock.mu.Lock()
+	if !ock.set {
+		ock.tok, ock.reason, ock.err = setupOpenCryptoki()
+		ock.set = true
 	}
-	return ock.tok
+	tok, reason, err := ock.tok, ock.reason, ock.err
+	ock.mu.Unlock()
+	switch {
+	case reason != "":
+		skipOrFail(t, reason)
+	case err != nil:
+		t.Fatalf("hsmtest: openCryptoki: %v", err)
+	}
+	return tok
+}
+
+// ReleaseOpenCryptoki hands the software token back: it stops the
+// pkcsslotd this binary started and releases the lock, so that other test
+// binaries can use the token. A later [OpenCryptoki] sets the token up
+// again, without the keys it had. Close every Module on the token first.
+// A test that is the binary's only user of the token can release it when
+// it ends: t.Cleanup(hsmtest.ReleaseOpenCryptoki).
+func ReleaseOpenCryptoki() {
+	ock.mu.Lock()
+	defer ock.mu.Unlock()
+	stopSlotDaemon()
+	if ock.lock != nil {
+		_ = ock.lock.Close() // releases the flock
+	}
+	ock.set, ock.tok, ock.reason, ock.err, ock.lock, ock.slotd = false, nil, "", nil, nil, 0
 }
 
 // OpenCryptokiModulePath returns openCryptoki's library, or "" and the
@@ -292,17 +314,6 @@ func stopSlotDaemon() {
 		}
 	}
 	_ = syscall.Kill(pid, syscall.SIGKILL)
-}
-
-// cleanupOpenCryptoki stops the slot daemon this binary started and
-// releases the token's lock.
-func cleanupOpenCryptoki() {
-	ock.cleanup.Do(func() {
-		stopSlotDaemon()
-		if ock.lock != nil {
-			_ = ock.lock.Close() // releases the flock
-		}
-	})
 }
 
 // reinitToken initialises, through PKCS #11 in this process, the token of
