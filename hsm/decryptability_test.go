@@ -1,48 +1,17 @@
 package hsm
 
 import (
-	"crypto/rsa"
 	"crypto/tls"
-	"math/big"
 	"slices"
 	"strings"
 	"testing"
 
-	"github.com/ThalesIgnite/crypto11"
 	"github.com/hashicorp/go-hclog"
 	"github.com/miekg/pkcs11"
 )
 
-// attrStub is a token holding one RSA private key object, whose attributes
-// C_GetAttributeValue reads.
-type attrStub struct {
-	*stubP11
-	attrs map[uint][]byte
-}
-
-func (s *attrStub) GetAttributeValue(_ pkcs11.SessionHandle, _ pkcs11.ObjectHandle, tmpl []*pkcs11.Attribute) ([]*pkcs11.Attribute, error) {
-	out := make([]*pkcs11.Attribute, len(tmpl))
-	for i, a := range tmpl {
-		out[i] = &pkcs11.Attribute{Type: a.Type, Value: s.attrs[a.Type]}
-	}
-	return out, nil
-}
-
-// c11Stub is crypto11 finding one key pair.
-type c11Stub struct {
-	c11Context
-	signer crypto11.Signer
-}
-
-func (c c11Stub) FindKeyPairs(id, label []byte) ([]crypto11.Signer, error) {
-	return []crypto11.Signer{c.signer}, nil
-}
-
-type deletableKey struct{ *rsa.PrivateKey }
-
-func (deletableKey) Delete() error { return nil }
-
-// TestDecryptionFromMechanisms loads an RSA key, as a scan does, from
+// TestDecryptionFromMechanisms makes an RSA key, as a scan does (the
+// token's mechanism info narrowed for the key, then withDecryption), on
 // tokens that report different mechanisms: a token whose CKM_RSA_PKCS
 // decrypts but does not sign, and that has no CKM_RSA_X_509, cannot make
 // the key's implicit-rejection secret, so the key is served for signing
@@ -77,26 +46,12 @@ func TestDecryptionFromMechanisms(t *testing.T) {
 		}, "sign only", false, []tls.SignatureScheme{tls.PKCS1WithSHA256, tls.PKCS1WithSHA384, tls.PKCS1WithSHA512}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			p := &attrStub{stubP11: newStubP11(), attrs: map[uint][]byte{
-				pkcs11.CKA_KEY_TYPE:        pkcs11.NewAttribute(pkcs11.CKA_KEY_TYPE, pkcs11.CKK_RSA).Value,
-				pkcs11.CKA_ID:              {0x0e},
-				pkcs11.CKA_LABEL:           []byte("web-rsa"),
-				pkcs11.CKA_SIGN:            {1},
-				pkcs11.CKA_DECRYPT:         {1},
-				pkcs11.CKA_SENSITIVE:       {1},
-				pkcs11.CKA_EXTRACTABLE:     {0},
-				pkcs11.CKA_MODULUS:         priv.N.Bytes(),
-				pkcs11.CKA_PUBLIC_EXPONENT: big.NewInt(int64(priv.E)).Bytes(),
-			}}
 			var logs logBuffer
-			m := newStubModule(p.stubP11, 2)
-			m.p11 = p
-			m.mechs = tt.mechs
-			m.logger = hclog.New(&hclog.LoggerOptions{Output: &logs})
-			k, err := m.loadKey(1, 7, c11Stub{signer: deletableKey{priv}}, 0)
-			if err != nil {
-				t.Fatalf("loadKey() = %v", err)
-			}
+			m := &Module{mechs: tt.mechs, logger: hclog.New(&hclog.LoggerOptions{Output: &logs})}
+			pi := &privateInfo{keyType: pkcs11.CKK_RSA, id: []byte{0x0e}, label: "web-rsa", sign: true, decrypt: true}
+			km := m.mechs.forKey(pi.keyType, priv.N.BitLen(), pi.sign, pi.decrypt, pi.allowed)
+			k := m.withDecryption(&rsaKey{keyBase: keyBase{m: m, label: pi.label, objID: pi.id, schemes: rsaSchemes(km)},
+				pub: &priv.PublicKey, mechs: km}, pi.describe())
 			got := "sign only"
 			if d, ok := k.(*rsaDecryptKey); ok {
 				got = map[bool]string{true: "raw", false: "fallback"}[d.rawDecrypt]
