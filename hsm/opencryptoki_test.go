@@ -244,8 +244,7 @@ func testOpenCryptokiGenerate(t *testing.T) {
 // testOpenCryptokiDiscovery: keys made by another tool are found, or
 // skipped with the reason logged. openCryptoki makes a private key
 // extractable unless the template says otherwise (SoftHSM does not), so
-// pkcs11-tool's key is served only with AllowExtractable; a key without
-// CKA_ID is skipped on every token, since crypto11 pairs keys by CKA_ID.
+// pkcs11-tool's key is served only with AllowExtractable.
 func testOpenCryptokiDiscovery(t *testing.T) {
 	tok := ockFixture(t)
 	ctx := testContext(t)
@@ -277,11 +276,22 @@ func testOpenCryptokiDiscovery(t *testing.T) {
 
 	var logs2 syncBuffer
 	m, byLabel := ockOpen(t, tok, &logs2)
-	if len(byLabel) != ockKeysTotal || byLabel[ockToolRSA] == nil {
-		t.Errorf("Keys() with AllowExtractable = %v; want %d keys including %q", byLabel, ockKeysTotal, ockToolRSA)
+	want := ockKeysTotal
+	// The key without CKA_ID is either served, paired with its public key
+	// by label, and then signs; or skipped with the reason logged. Never
+	// dropped silently.
+	if k := byLabel[ockToolNoID]; k != nil {
+		want++
+		input, opts := signInput(tls.PSSWithSHA256, tls13Message(32))
+		sig, err := k.(signer.ContextSigner).SignContext(ctx, input, opts)
+		if err != nil || verify(k.Public(), tls.PSSWithSHA256, input, sig) != nil {
+			t.Errorf("the key without CKA_ID is served but does not sign: %v", err)
+		}
+	} else if reason := ockToolNoID + `\", CKA_ID ) has no CKA_ID`; !strings.Contains(logs2.String(), reason) {
+		t.Errorf("the key without CKA_ID is not served, and the log does not say %q:\n%s", reason, logs2.String())
 	}
-	if want := ockToolNoID + `\", CKA_ID ) has no CKA_ID, which crypto11 needs`; !strings.Contains(logs2.String(), want) {
-		t.Errorf("the log does not say %q:\n%s", want, logs2.String())
+	if len(byLabel) != want || byLabel[ockToolRSA] == nil {
+		t.Errorf("Keys() with AllowExtractable = %v; want %d keys including %q", byLabel, want, ockToolRSA)
 	}
 	// A key's id is the SHA-256 of its SubjectPublicKeyInfo.
 	for label, k := range byLabel {
