@@ -235,7 +235,7 @@ func (m *Module) attach() (*pkcs11.SessionHandle, error) {
 			return fail(fmt.Errorf("hsm: PKCS #11 module %s was initialised outside package hsm; crypto11 cannot share it", m.path))
 		}
 	default:
-		return fail(fmt.Errorf("hsm: initialise PKCS #11 module %s: %w", m.path, err))
+		return fail(fmt.Errorf("hsm: initialise PKCS #11 module %s: %w%s", m.path, err, initHint(m.path, err)))
 	}
 	var (
 		sh   pkcs11.SessionHandle

@@ -174,9 +174,11 @@ func (k *rsaDecryptKey) decrypt(ctx context.Context, mech uint, in []byte) ([]by
 	return out, err
 }
 
-// decryptMasked decrypts with CKM_RSA_PKCS and turns every failure that
-// may depend on the ciphertext into an empty result, which the caller
-// rejects. Only faults of the session, login, key or token are errors.
+// decryptMasked decrypts with CKM_RSA_PKCS and turns every failure of
+// C_Decrypt into an empty result, which the caller rejects, except those
+// in decryptGoneCodes (the token, session, login or key is gone), which
+// are errors. A failure of C_DecryptInit, which has not seen the
+// ciphertext, is an error too.
 func (k *rsaDecryptKey) decryptMasked(ctx context.Context, in []byte) ([]byte, error) {
 	var out []byte
 	err := k.m.raw.do(ctx, func(sh pkcs11.SessionHandle) error {
@@ -188,7 +190,7 @@ func (k *rsaDecryptKey) decryptMasked(ctx context.Context, in []byte) ([]byte, e
 		switch {
 		case err == nil:
 			out = pt
-		case tokenFault(err):
+		case decryptGone(err):
 			return err
 		default:
 			out = nil
