@@ -22,9 +22,9 @@ const (
 )
 
 // Policy decides who may use the keyserver: which client identities are
-// admitted at all (the allow-list: every identity a rule names), and, for
-// each of them, which keys, operations and signature schemes it may use.
-// Anything a rule does not allow is denied.
+// admitted at all (the allow-list: every identity a rule names, less those
+// of the deny list), and, for each of them, which keys, operations and
+// signature schemes it may use. Anything a rule does not allow is denied.
 //
 // A Policy is parsed from YAML by [ParsePolicy]; the format is described
 // in the README's security section and in docs/SECURITY.md. It is immutable
@@ -38,6 +38,11 @@ type Policy struct {
 	unusedGroups []string
 	// listed holds every identity that some rule names, in normalized form.
 	listed map[string]bool
+	// deny holds the identities of the deny list, normalized; denyAll is
+	// set by its "*", and denyLine is its line, for messages.
+	deny     map[string]bool
+	denyAll  bool
+	denyLine int
 	// identityGroups holds IdentityGroup's answer for each listed
 	// identity, computed once because the metrics ask at every request.
 	identityGroups map[string]string
@@ -156,22 +161,57 @@ func CertificateNames(cert *x509.Certificate) []string {
 
 // Identify returns the first of names (as [CertificateNames] orders them)
 // that the policy names in a rule: the caller's identity. It returns false
-// if none is on this allow-list.
+// if none is on this allow-list, or if the deny list names any of them or
+// is "*".
 func (p *Policy) Identify(names []string) (string, bool) {
-	for _, n := range names {
-		if p.listed[n] {
-			return n, true
-		}
+	if id, ok, _ := p.admit(names); ok {
+		return id, true
 	}
 	return "", false
 }
 
-// Identities returns the allow-list: every identity some rule names,
-// sorted.
+// admit is Identify, with the name to record and the reason for a refusal:
+// the deny list comes first, and names a certificate by any of its names
+// (an edge cut off by one name must not get in by another); then the
+// first listed name is the identity. When refused, id is the denied name,
+// or the first name, or "".
+func (p *Policy) admit(names []string) (id string, ok bool, reason string) {
+	if p.denyAll {
+		if len(names) > 0 {
+			id = names[0]
+		}
+		return id, false, fmt.Sprintf("the deny list of policy %s (line %d) denies every identity (\"*\")", p.source, p.denyLine)
+	}
+	for _, n := range names {
+		if p.deny[n] {
+			return n, false, fmt.Sprintf("identity %q is on the deny list of policy %s (line %d)", n, p.source, p.denyLine)
+		}
+	}
+	for _, n := range names {
+		if p.listed[n] {
+			return n, true, ""
+		}
+	}
+	if len(names) > 0 {
+		id = names[0]
+	}
+	if len(p.rules) == 0 {
+		return id, false, fmt.Sprintf("policy %s has no rules, so it denies every identity", p.source)
+	}
+	return id, false, notListed(names)
+}
+
+// Identities returns the allow-list: every identity some rule names and
+// the deny list does not, sorted.
 func (p *Policy) Identities() []string {
 	out := make([]string, 0, len(p.listed))
+	if p.denyAll {
+		return out
+	}
 	for id := range p.listed {
-		out = append(out, id)
+		if !p.deny[id] {
+			out = append(out, id)
+		}
 	}
 	sort.Strings(out)
 	return out
@@ -387,10 +427,30 @@ func (p *Policy) Lint(keys []crypto.Signer) []string {
 	for _, g := range p.unusedGroups {
 		warnings = append(warnings, fmt.Sprintf("policy %s: group %q is used by no rule or quota", p.source, g))
 	}
+	switch {
+	case len(p.rules) == 0:
+		warnings = append(warnings, fmt.Sprintf("policy %s: rules is empty: every identity is denied", p.source))
+	case p.denyAll:
+		warnings = append(warnings, fmt.Sprintf("policy %s: line %d: deny: \"*\": every identity is denied", p.source, p.denyLine))
+	case len(p.deny) > 0:
+		denied := make([]string, 0, len(p.deny))
+		for id := range p.deny {
+			denied = append(denied, id)
+		}
+		sort.Strings(denied)
+		warnings = append(warnings, fmt.Sprintf("policy %s: line %d: deny: these identities are denied whatever the rules say: %s", p.source, p.denyLine, strings.Join(denied, ", ")))
+	}
 	return warnings
 }
 
 // String describes the policy for the startup log: its source and counts.
 func (p *Policy) String() string {
-	return fmt.Sprintf("policy %s: %d rules, %d identities, %d quotas", p.source, len(p.rules), len(p.listed), len(p.quotas))
+	s := fmt.Sprintf("policy %s: %d rules, %d identities, %d quotas", p.source, len(p.rules), len(p.listed), len(p.quotas))
+	switch {
+	case p.denyAll:
+		s += ", deny: every identity"
+	case len(p.deny) > 0:
+		s += fmt.Sprintf(", deny: %d identities", len(p.deny))
+	}
+	return s
 }

@@ -384,6 +384,8 @@ func FuzzParsePolicy(f *testing.F) {
 	f.Add([]byte(testPolicyYAML))
 	f.Add([]byte(fuzzPolicyYAML))
 	f.Add([]byte("rules: [{name: a, identities: [x.example], keys: [\"*\"], operations: [decrypt]}]"))
+	f.Add([]byte("deny: [x.example, \"*\"]\nrules: [{name: a, identities: [x.example, y.example], keys: [\"*\"], operations: [decrypt]}]"))
+	f.Add([]byte("rules: []"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		p, err := ParsePolicy("fuzz.yaml", data)
 		if err != nil {
@@ -393,18 +395,25 @@ func FuzzParsePolicy(f *testing.F) {
 			}
 			return
 		}
-		if len(p.rules) == 0 || len(p.listed) == 0 {
-			t.Fatalf("ParsePolicy() accepted a policy without rules or identities: %v", p)
+		if len(p.rules) == 0 && len(p.listed) != 0 {
+			t.Fatalf("ParsePolicy() accepted a policy with identities but no rules: %v", p)
 		}
 		for _, r := range p.rules {
 			if r.name == "" || len(r.identities) == 0 || len(r.keys) == 0 || (!r.sign && !r.decrypt) || (r.sign && len(r.schemes) == 0) {
 				t.Fatalf("ParsePolicy() accepted an incomplete rule %+v", r)
 			}
 		}
-		// Identify admits exactly the listed identities.
+		// Identify admits exactly the listed identities the deny list
+		// does not name.
 		for id := range p.listed {
-			if got, ok := p.Identify([]string{"unlisted.invalid", id}); !ok || got != id {
-				t.Fatalf("Identify(%q) = %q, %t", id, got, ok)
+			got, ok := p.Identify([]string{"unlisted.invalid", id})
+			if denied := p.denyAll || p.deny[id]; ok == denied || (ok && got != id) {
+				t.Fatalf("Identify(%q) = %q, %t; deny list %v, all %t", id, got, ok, p.deny, p.denyAll)
+			}
+		}
+		for id := range p.deny {
+			if got, ok := p.Identify([]string{id}); ok {
+				t.Fatalf("Identify(%q) = %q, true, but the deny list names it", id, got)
 			}
 		}
 		_ = p.Lint(nil)

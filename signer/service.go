@@ -189,14 +189,14 @@ func (s *Service) SetPolicy(p *Policy) error {
 func (s *Service) Policy() *Policy { return s.policy.Load() }
 
 // CheckPeer reports whether a client certificate that chains to the
-// keyserver's CA presents an identity the policy lists. It is meant for the
+// keyserver's CA presents an identity the policy lists, and none that its
+// deny list names. It is meant for the
 // TLS handshake (see link.MTLSCredentials.ServerCredentials), so that
 // unlisted clients are refused before they can send a request; the handlers
 // check again at every request. The error is a *[PermissionError].
 func (s *Service) CheckPeer(leaf *x509.Certificate) error {
-	names := CertificateNames(leaf)
-	if _, ok := s.policy.Load().Identify(names); !ok {
-		return &PermissionError{Reason: notListed(names)}
+	if _, ok, reason := s.policy.Load().admit(CertificateNames(leaf)); !ok {
+		return &PermissionError{Reason: reason}
 	}
 	return nil
 }
