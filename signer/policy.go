@@ -302,11 +302,13 @@ func (p *Policy) rulesFor(identity string, k keyRef) []*policyRule {
 // authorize decides whether identity may perform op (with alg, for sign)
 // with key k. It returns the name of the rule that allows it, or a
 // *PermissionError naming the rule that applied (the first rule for this
-// identity and key), or saying that no rule covers the key.
+// identity and key). When no rule covers the key, the key does not exist
+// for identity: the error is then a *KeyNotFoundError.
 func (p *Policy) authorize(identity string, k keyRef, op string, alg link.Algorithm) (string, error) {
 	rules := p.rulesFor(identity, k)
 	if len(rules) == 0 {
-		return "", &PermissionError{Identity: identity, Reason: fmt.Sprintf("no rule allows identity %q to use key %s", identity, link.FormatKeyID(k.id))}
+		return "", &KeyNotFoundError{Identity: identity, ByPolicy: true,
+			Reason: fmt.Sprintf("not allowed by policy: no rule allows identity %q to use key %s", identity, link.FormatKeyID(k.id))}
 	}
 	for _, r := range rules {
 		switch {

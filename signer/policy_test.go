@@ -315,6 +315,16 @@ rules:
 				}
 				return
 			}
+			if tt.wantRule == "" {
+				// No rule covers the key: it does not exist for the
+				// identity.
+				var nferr *KeyNotFoundError
+				if !errors.As(err, &nferr) || !nferr.ByPolicy || !strings.HasPrefix(nferr.Reason, "not allowed by policy: ") ||
+					!strings.Contains(err.Error(), tt.wantErr) || nferr.Identity != tt.identity || !errors.Is(err, ErrKeyNotFound) {
+					t.Errorf("authorize() = %#v, want a KeyNotFoundError by policy containing %q", err, tt.wantErr)
+				}
+				return
+			}
 			var perr *PermissionError
 			if !errors.As(err, &perr) || !strings.Contains(err.Error(), tt.wantErr) || perr.Rule != tt.wantRule || perr.Identity != tt.identity {
 				t.Errorf("authorize() = %#v, want a PermissionError containing %q", err, tt.wantErr)

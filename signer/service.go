@@ -290,7 +290,7 @@ func (s *Service) sign(ctx context.Context, c *call, req *keylessv1.SignRequest)
 	if err != nil {
 		return nil, err
 	}
-	key, err := s.key(ctx, id)
+	key, err := s.key(ctx, identity, id)
 	if err != nil {
 		return nil, err
 	}
@@ -312,6 +312,10 @@ func (s *Service) sign(ctx context.Context, c *call, req *keylessv1.SignRequest)
 func (s *Service) answer(c *call, finish func(error) error, err error) error {
 	if err != nil {
 		s.logFailure(c, err)
+		var nferr *KeyNotFoundError
+		if errors.As(err, &nferr) {
+			c.detail = nferr.Reason
+		}
 		st := toStatus(err)
 		_ = finish(st)
 		return st
@@ -352,7 +356,7 @@ func (s *Service) decrypt(ctx context.Context, c *call, req *keylessv1.DecryptRe
 	if err != nil {
 		return nil, err
 	}
-	key, err := s.key(ctx, id)
+	key, err := s.key(ctx, identity, id)
 	if err != nil {
 		return nil, err
 	}
@@ -463,13 +467,14 @@ func Schemes(key crypto.Signer) []tls.SignatureScheme {
 	return link.DefaultSchemes(key.Public())
 }
 
-func (s *Service) key(ctx context.Context, id link.KeyID) (crypto.Signer, error) {
+// key returns the key with id, or a *KeyNotFoundError for identity.
+func (s *Service) key(ctx context.Context, identity string, id link.KeyID) (crypto.Signer, error) {
 	key, err := s.keys.Key(ctx, id)
 	switch {
 	case err != nil:
 		return nil, storeError(ctx, err)
 	case key == nil:
-		return nil, ErrKeyNotFound
+		return nil, &KeyNotFoundError{Identity: identity, Reason: "no such key"}
 	}
 	return key, nil
 }
@@ -532,12 +537,15 @@ func signContext(ctx context.Context, key crypto.Signer, digest []byte, opts cry
 // load at warn level; it never logs a digest, ciphertext or signature.
 func (s *Service) logFailure(c *call, err error) {
 	var (
-		verr *ValidationError
-		perr *PermissionError
-		qerr *QuotaError
+		verr  *ValidationError
+		perr  *PermissionError
+		qerr  *QuotaError
+		nferr *KeyNotFoundError
 	)
 	level := hclog.Error
 	switch {
+	case errors.As(err, &nferr) && nferr.ByPolicy:
+		level = hclog.Warn
 	case errors.As(err, &verr), errors.Is(err, ErrKeyNotFound):
 		level = hclog.Debug
 	case errors.As(err, &perr), errors.As(err, &qerr), errors.Is(err, context.Canceled),

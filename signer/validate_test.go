@@ -385,6 +385,13 @@ func newFuzzService(tb testing.TB) *fuzzService {
 
 // fuzzPolicyAllows is the fuzz policy written out independently: whether
 // it lets testIdentity perform op (with wire, for sign) with key pub.
+// fuzzPolicyCovers reports whether a rule of the fuzz policy names the key:
+// every test key but the P-384 one. A key it does not cover does not exist
+// for the caller (NotFound).
+func fuzzPolicyCovers(pub crypto.PublicKey) bool {
+	return !testP384Key().Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(pub)
+}
+
 func fuzzPolicyAllows(pub crypto.PublicKey, op string, wire keylessv1.SignatureAlgorithm) bool {
 	kt := link.KeyTypeOf(pub)
 	p384 := testP384Key().Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(pub)
@@ -469,7 +476,7 @@ func FuzzSignRequestProto(f *testing.F) {
 		switch {
 		case verr != nil:
 			want = codes.InvalidArgument
-		case pub == nil:
+		case pub == nil, !fuzzPolicyCovers(pub):
 			want = codes.NotFound
 		case !fuzzPolicyAllows(pub, OpSign, alg.Wire):
 			want = codes.PermissionDenied
@@ -516,7 +523,7 @@ func FuzzDecryptRequestProto(f *testing.F) {
 		switch {
 		case verr != nil:
 			want = codes.InvalidArgument
-		case pub == nil:
+		case pub == nil, !fuzzPolicyCovers(pub):
 			want = codes.NotFound
 		case !fuzzPolicyAllows(pub, OpDecrypt, 0):
 			want = codes.PermissionDenied
