@@ -4,6 +4,7 @@ import (
 	"crypto"
 	"crypto/x509"
 	"fmt"
+	"net/url"
 	"slices"
 	"sort"
 	"strings"
@@ -134,8 +135,9 @@ func (p *Policy) WithCertificates(names map[link.KeyID][]string) *Policy {
 
 // CertificateNames returns the names a client certificate presents as its
 // identity, in the order a policy considers them: its URI SANs (such as a
-// SPIFFE id) as written, then its DNS SANs in lower case without a
-// trailing dot. The subject common name is not used.
+// SPIFFE id) with scheme and host in lower case and the rest as written
+// (no other normalization), then its DNS SANs in lower case without a trailing
+// dot. The subject common name is not used.
 //
 // Names that no policy identity of their type can be are left out: a URI
 // SAN without a scheme and a host, and a DNS SAN with ':' or '/' (x509
@@ -148,7 +150,7 @@ func CertificateNames(cert *x509.Certificate) []string {
 	var names []string
 	for _, u := range cert.URIs {
 		if u.Scheme != "" && u.Host != "" {
-			names = append(names, u.String())
+			names = append(names, normalizeURI(u))
 		}
 	}
 	for _, d := range cert.DNSNames {
@@ -157,6 +159,20 @@ func CertificateNames(cert *x509.Certificate) []string {
 		}
 	}
 	return names
+}
+
+// normalizeURI returns the form in which URI identities are compared, in a
+// policy and in a certificate alike: the URI as it prints (url.URL.String),
+// with its scheme and host in lower case, which RFC 3986 (section 6.2.2.1)
+// makes case-insensitive and SPIFFE requires in lower case. Everything
+// else, user info, port, path, query and fragment, is compared exactly:
+// no case folding, no percent-decoding ("/%61" is not "/a"), no removal of
+// dot segments or default ports.
+func normalizeURI(u *url.URL) string {
+	v := *u
+	v.Scheme = strings.ToLower(v.Scheme)
+	v.Host = strings.ToLower(v.Host)
+	return v.String()
 }
 
 // Identify returns the first of names (as [CertificateNames] orders them)

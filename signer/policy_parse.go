@@ -535,8 +535,8 @@ func sectionLines(root *yaml.Node) policyLines {
 }
 
 // parseIdentity checks a literal identity and returns its normalized form:
-// a URI (such as a SPIFFE id) exactly as written, or a DNS name in lower
-// case without a trailing dot.
+// a URI (such as a SPIFFE id) as normalizeURI makes it, or a DNS name in
+// lower case without a trailing dot.
 func parseIdentity(s string) (string, error) {
 	switch {
 	case s == "":
@@ -553,7 +553,7 @@ func parseIdentity(s string) (string, error) {
 		if err != nil || u.Scheme == "" || u.Host == "" {
 			return "", fmt.Errorf("identity %q is not a URI with a scheme and a host, such as spiffe://example.com/edge/1", s)
 		}
-		return s, nil
+		return normalizeURI(u), nil
 	}
 	if strings.Contains(s, ":") || strings.Contains(s, "/") {
 		return "", fmt.Errorf("identity %q is neither a DNS name nor a URI (scheme://host/...); for a group write group:NAME", s)
