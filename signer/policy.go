@@ -8,6 +8,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/keyless-tls/keyless/internal/hostname"
 	"github.com/keyless-tls/keyless/link"
@@ -50,6 +51,20 @@ type Policy struct {
 	// certs maps key ids to the normalized DNS names of their certificates,
 	// for cert: patterns; see [Policy.WithCertificates].
 	certs map[link.KeyID][]string
+	// certFiles are the files certs came from, for Lint; see
+	// [Policy.WithCertificateFiles].
+	certFiles []CertificateFile
+}
+
+// CertificateFile is a certificate file given to the keyserver for the
+// policy's cert: patterns (keyserver serve -certs DIR).
+type CertificateFile struct {
+	// Path names the file in warnings.
+	Path string
+	// Leaf is the file's certificate; nil when it could not be used.
+	Leaf *x509.Certificate
+	// Err says why the file could not be used, when Leaf is nil.
+	Err error
 }
 
 type policyRule struct {
@@ -122,6 +137,7 @@ func SchemeName(wire keylessv1.SignatureAlgorithm) string {
 // nothing. Names are compared case-insensitively, without a trailing dot.
 func (p *Policy) WithCertificates(names map[link.KeyID][]string) *Policy {
 	q := *p
+	q.certFiles = nil
 	q.certs = make(map[link.KeyID][]string, len(names))
 	for id, list := range names {
 		for _, n := range list {
@@ -131,6 +147,27 @@ func (p *Policy) WithCertificates(names map[link.KeyID][]string) *Policy {
 		}
 	}
 	return &q
+}
+
+// WithCertificateFiles is [Policy.WithCertificates] for the leaf
+// certificates of files: their DNS names map to their keys. The files are
+// kept for [Policy.Lint], which warns, naming the file, about one that
+// could not be used, one that has expired or is not valid yet (its names
+// still count: the edge serving it is what is wrong), and one whose key
+// the keyserver does not hold.
+func (p *Policy) WithCertificateFiles(files []CertificateFile) *Policy {
+	names := make(map[link.KeyID][]string)
+	for _, f := range files {
+		if f.Leaf == nil {
+			continue
+		}
+		if id, err := link.KeyIDOf(f.Leaf.PublicKey); err == nil {
+			names[id] = append(names[id], f.Leaf.DNSNames...)
+		}
+	}
+	q := p.WithCertificates(names)
+	q.certFiles = slices.Clone(files)
+	return q
 }
 
 // CertificateNames returns the names a client certificate presents as its
@@ -406,8 +443,12 @@ func (p *Policy) quotaFor(identity string) (*policyQuota, bool) {
 // do what its author meant, given the keys the keyserver holds: a cert:
 // pattern that no certificate name matches (the keyserver was given no
 // certificates, or none with that name), id: and label: patterns that match
-// no key, identities named only by quotas, and unused groups. The keyserver
-// logs them at startup.
+// no key, a label: pattern that matches several keys (it would also cover
+// any key added later with that label), the certificate files of
+// [Policy.WithCertificateFiles] that are unusable, expired, not yet valid
+// or for a key the keyserver does not hold, identities named only by
+// quotas, unused groups, and a deny list or rules that deny everyone. The
+// keyserver logs them at startup and at each reload.
 func (p *Policy) Lint(keys []crypto.Signer) []string {
 	var warnings []string
 	refs := make([]keyRef, 0, len(keys))
@@ -421,7 +462,18 @@ func (p *Policy) Lint(keys []crypto.Signer) []string {
 			if kp.kind == keyAny {
 				continue
 			}
-			if slices.ContainsFunc(refs, func(k keyRef) bool { return p.matchKey(kp, k) }) {
+			var matched []string
+			for _, k := range refs {
+				if p.matchKey(kp, k) {
+					matched = append(matched, link.FormatKeyID(k.id))
+				}
+			}
+			if kp.kind == keyByLabel && len(matched) > 1 {
+				slices.Sort(matched)
+				warnings = append(warnings, fmt.Sprintf("policy %s: line %d: rule %q: key pattern %q matches %d keys (%s), and would match any key added to the token with that label; name each key with id: instead",
+					p.source, r.line, r.name, kp.text, len(matched), strings.Join(matched, ", ")))
+			}
+			if len(matched) > 0 {
 				continue
 			}
 			msg := fmt.Sprintf("policy %s: line %d: rule %q: key pattern %q matches no key the keyserver holds", p.source, r.line, r.name, kp.text)
@@ -435,6 +487,7 @@ func (p *Policy) Lint(keys []crypto.Signer) []string {
 			warnings = append(warnings, msg)
 		}
 	}
+	warnings = append(warnings, p.lintCertificateFiles(refs, time.Now())...)
 	for _, q := range p.quotas {
 		for id := range q.identities {
 			if !p.listed[id] {
@@ -457,6 +510,33 @@ func (p *Policy) Lint(keys []crypto.Signer) []string {
 		}
 		sort.Strings(denied)
 		warnings = append(warnings, fmt.Sprintf("policy %s: line %d: deny: these identities are denied whatever the rules say: %s", p.source, p.denyLine, strings.Join(denied, ", ")))
+	}
+	return warnings
+}
+
+// lintCertificateFiles checks the certificate files at now against the
+// keys the keyserver holds.
+func (p *Policy) lintCertificateFiles(refs []keyRef, now time.Time) []string {
+	var warnings []string
+	for _, f := range p.certFiles {
+		if f.Leaf == nil {
+			warnings = append(warnings, fmt.Sprintf("certificate file %s is not used for cert: patterns: %v", f.Path, f.Err))
+			continue
+		}
+		switch {
+		case now.After(f.Leaf.NotAfter):
+			warnings = append(warnings, fmt.Sprintf("certificate file %s expired on %s; cert: patterns still match its names (%s): replace or remove it", f.Path, f.Leaf.NotAfter.UTC().Format(time.RFC3339), strings.Join(f.Leaf.DNSNames, ", ")))
+		case now.Before(f.Leaf.NotBefore):
+			warnings = append(warnings, fmt.Sprintf("certificate file %s is not valid before %s; cert: patterns already match its names (%s)", f.Path, f.Leaf.NotBefore.UTC().Format(time.RFC3339), strings.Join(f.Leaf.DNSNames, ", ")))
+		}
+		id, err := link.KeyIDOf(f.Leaf.PublicKey)
+		if err != nil {
+			warnings = append(warnings, fmt.Sprintf("certificate file %s has a key of no type the keyserver serves: %v", f.Path, err))
+			continue
+		}
+		if !slices.ContainsFunc(refs, func(k keyRef) bool { return k.id == id }) {
+			warnings = append(warnings, fmt.Sprintf("certificate file %s is for key %s, which the keyserver does not hold (not on the token, or not selected)", f.Path, link.FormatKeyID(id)))
+		}
 	}
 	return warnings
 }
