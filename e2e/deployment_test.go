@@ -15,7 +15,7 @@ import (
 // separate processes, built from this repository, with keys in a fresh
 // SoftHSM token that the keyserver command created.
 type deployment struct {
-	edgeAddr                string
+	edgeAddr, originAddr    string
 	caFile                  string // the web CA that issued the edge's certificates
 	keyserverAddr           string
 	link                    *linkPKI // the mTLS files of the edge-keyserver link
@@ -91,6 +91,13 @@ func startDeployment(t testing.TB, edgeArgs ...string) *deployment {
 // keyserver and the edge.
 func startDeploymentWith(t testing.TB, keyserverArgs, edgeArgs []string) *deployment {
 	t.Helper()
+	return startDeploymentOf(t, newLinkPKI(t), deploymentPolicy, keyserverArgs, edgeArgs)
+}
+
+// startDeploymentOf starts a deployment on the given link PKI, with the
+// given keyserver policy.
+func startDeploymentOf(t testing.TB, link *linkPKI, policy string, keyserverArgs, edgeArgs []string) *deployment {
+	t.Helper()
 	env, token := procToken(t)
 	dir := t.TempDir()
 	certs := filepath.Join(dir, "certs")
@@ -118,10 +125,9 @@ func startDeploymentWith(t testing.TB, keyserverArgs, edgeArgs []string) *deploy
 		}
 		writeCert(t, certs, n.name+".pem", web.issue(t, csr.PublicKey, x509.ExtKeyUsageServerAuth, csr.DNSNames))
 	}
-	link := newLinkPKI(t)
 	d := &deployment{caFile: writeCert(t, dir, "web-ca.pem", web.cert), link: link, certsDir: certs,
 		policyFile: filepath.Join(dir, "policy.yaml"), auditFile: filepath.Join(dir, "audit.log")}
-	if err := os.WriteFile(d.policyFile, []byte(deploymentPolicy), 0o644); err != nil {
+	if err := os.WriteFile(d.policyFile, []byte(policy), 0o644); err != nil {
 		t.Fatal(err)
 	}
 
@@ -133,15 +139,22 @@ func startDeploymentWith(t testing.TB, keyserverArgs, edgeArgs []string) *deploy
 	d.keyserverAddr = ksAddr
 
 	d.origin = startProc(t, nil, "demo-origin", "-listen", "127.0.0.1:0")
-	originAddr := d.origin.waitFor(t, readyOrigin)[1]
+	d.originAddr = d.origin.waitFor(t, readyOrigin)[1]
 
-	args = []string{"-listen", "127.0.0.1:0", "-certs", certs, "-default-cert", "ecdsa.e2e.test",
-		"-rsa-key-exchange", "rsa.e2e.test", "-origin", "http://" + originAddr,
-		"-keyserver", ksAddr, "-keyserver-name", link.serverName, "-keyserver-ca", link.caFile,
-		"-tls-cert", link.edgeCert, "-tls-key", link.edgeKey}
-	d.edge = startProc(t, nil, "edge", append(args, edgeArgs...)...)
-	d.edgeAddr = d.edge.waitFor(t, readyEdge)[1]
+	d.edge, d.edgeAddr = d.startEdge(t, link.edgeCert, link.edgeKey, edgeArgs...)
 	return d
+}
+
+// startEdge starts an edge of the deployment with the given client
+// certificate for the keyserver link, and returns it and its address.
+func (d *deployment) startEdge(t testing.TB, certFile, keyFile string, extra ...string) (*proc, string) {
+	t.Helper()
+	args := []string{"-listen", "127.0.0.1:0", "-certs", d.certsDir, "-default-cert", "ecdsa.e2e.test",
+		"-rsa-key-exchange", "rsa.e2e.test", "-origin", "http://" + d.originAddr,
+		"-keyserver", d.keyserverAddr, "-keyserver-name", d.link.serverName, "-keyserver-ca", d.link.caFile,
+		"-tls-cert", certFile, "-tls-key", keyFile}
+	edge := startProc(t, nil, "edge", append(args, extra...)...)
+	return edge, edge.waitFor(t, readyEdge)[1]
 }
 
 // url returns the https URL of name on the edge.

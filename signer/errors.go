@@ -20,6 +20,21 @@ func (e *ValidationError) Error() string {
 	return fmt.Sprintf("signer: invalid %s: %s", e.Field, e.Reason)
 }
 
+// ConfigError reports a field of a [Config] or [Quota] whose value is out
+// of range.
+type ConfigError struct {
+	// Field is the field's path, such as "Config.Quota.Rate".
+	Field string
+	// Value is the value found.
+	Value any
+	// Want says what the value must be.
+	Want string
+}
+
+func (e *ConfigError) Error() string {
+	return fmt.Sprintf("signer: %s is %v; it must be %s", e.Field, e.Value, e.Want)
+}
+
 // ErrKeyNotFound is what a caller is told of a key it cannot use, whether
 // the key store does not hold it or the policy does not let the caller use
 // it: what the policy does not allow does not exist for the caller, so it

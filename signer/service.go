@@ -76,19 +76,29 @@ type Config struct {
 	resultDelay time.Duration
 }
 
-// Validate reports whether the configuration is usable.
+// Validate reports whether the configuration is usable. A value out of
+// range is a *[ConfigError].
 func (c *Config) Validate() error {
 	switch {
 	case c.Keys == nil:
 		return errors.New("signer: Config.Keys is nil")
 	case c.Policy == nil:
 		return errors.New("signer: Config.Policy is nil; the service denies everything a policy does not allow, so it needs one")
+	}
+	return c.ValidateLimits()
+}
+
+// ValidateLimits reports whether the configuration's limits and quota are
+// in range, which a caller can check before it has a key store or a
+// policy. Errors are *[ConfigError].
+func (c *Config) ValidateLimits() error {
+	switch {
 	case c.MaxConcurrent < 0:
-		return fmt.Errorf("signer: Config.MaxConcurrent is %d; it must be 0 (no bound) or more", c.MaxConcurrent)
+		return &ConfigError{Field: "Config.MaxConcurrent", Value: c.MaxConcurrent, Want: "0 (no bound) or more"}
 	case c.MaxQueued < 0:
-		return fmt.Errorf("signer: Config.MaxQueued is %d; it must be 0 or more", c.MaxQueued)
+		return &ConfigError{Field: "Config.MaxQueued", Value: c.MaxQueued, Want: "0 or more"}
 	case c.MaxStreamsPerIdentity < 0:
-		return fmt.Errorf("signer: Config.MaxStreamsPerIdentity is %d; it must be 0 (no bound) or more", c.MaxStreamsPerIdentity)
+		return &ConfigError{Field: "Config.MaxStreamsPerIdentity", Value: c.MaxStreamsPerIdentity, Want: "0 (no bound) or more"}
 	}
 	return c.Quota.validate("Config.Quota")
 }

@@ -284,17 +284,18 @@ const (
 // returns ctx.Err()): an edge that starts before its keyservers (after a
 // datacenter restart, say) comes up with them instead of exiting. Any other
 // error is returned at once, and so is a failed mutual-TLS handshake with
-// a keyserver (a wrong -keyserver-ca, an expired or refused -tls-cert),
-// which waiting does not mend.
+// a keyserver (a *tlscore.LinkHandshakeError: the keyserver's certificate
+// does not verify against -keyserver-ca, say), which waiting does not
+// mend.
 func loadCertificates(ctx context.Context, certs *tlscore.CertStore, dir string, logger hclog.Logger) error {
 	for wait := firstLoadRetry; ; wait = min(2*wait, maxLoadRetry) {
 		err := certs.Load(ctx, dir)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		st, _ := status.FromError(err)
-		if err == nil || st.Code() != codes.Unavailable && st.Code() != codes.DeadlineExceeded ||
-			strings.Contains(st.Message(), "authentication handshake failed") {
+		var handshake *tlscore.LinkHandshakeError
+		if code := status.Code(err); err == nil || code != codes.Unavailable && code != codes.DeadlineExceeded ||
+			errors.As(err, &handshake) {
 			return err
 		}
 		logger.Warn("no keyserver answered; the edge starts once one does", "error", err, "next_attempt_in", wait)
