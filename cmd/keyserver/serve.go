@@ -368,11 +368,11 @@ func loadPolicy(path, certsDir string) (*signer.Policy, error) {
 	if certsDir == "" {
 		return policy, nil
 	}
-	names, err := certificateNames(certsDir)
+	files, err := certificateFiles(certsDir)
 	if err != nil {
 		return nil, fmt.Errorf("-certs: %w", err)
 	}
-	return policy.WithCertificates(names), nil
+	return policy.WithCertificateFiles(files), nil
 }
 
 func lintPolicy(logger hclog.Logger, policy *signer.Policy, keys []crypto.Signer) {
