@@ -260,6 +260,8 @@ type rsaDecryptKey struct {
 	// constant-time padding check, false for the masked CKM_RSA_PKCS
 	// fallback.
 	rawDecrypt bool
+	// pace evens out the time of the fallback's answers.
+	pace pace
 
 	// secret is the key's implicit-rejection secret, computed in the
 	// token on first use (see rejectionSecret), the one field of a key

@@ -21,7 +21,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
 )
 
 // keyserverName and edgeIdentity are the names of the test PKI's keyserver
@@ -274,7 +273,6 @@ func readFile(t *testing.T, path string) []byte {
 	}
 	return b
 }
-
 
 type syncBuffer struct {
 	mu sync.Mutex
