@@ -86,7 +86,10 @@ type ServerConfig struct {
 	// address or an IPv6 /56. Zero means no limit. Each full handshake
 	// costs a keyserver operation before the client has proved anything,
 	// so one client could otherwise spend the HSM's capacity; a limit too
-	// low refuses many users behind one NAT.
+	// low refuses many users behind one NAT. [DefaultHandshakesPerClient]
+	// and [DefaultHandshakeBurst] suit an edge that sees its clients'
+	// addresses; behind a proxy or load balancer that hides them, every
+	// client shares the proxy's address, and the limit belongs there.
 	HandshakesPerClient float64
 	// HandshakeBurst is the burst of HandshakesPerClient; zero means the
 	// rate rounded up.
@@ -122,6 +125,19 @@ const MaxKeyOperationsLimit = 1 << 24
 // complete, and matches what one keyserver stream queues (more would only
 // wait in the client for their deadline).
 const DefaultMaxKeyOperations = streamQueue
+
+// DefaultHandshakesPerClient and DefaultHandshakeBurst are the limits the
+// edge command applies per client by default. Resumptions are not
+// counted, so a client address stays under them unless it opens new
+// sessions faster than this: a browser makes a few full handshakes when it
+// first visits a site and resumes afterwards, so a NAT reaches the rate
+// only with over a thousand users each starting a new session with this
+// edge every minute. A larger NAT (a carrier's, say) sees some of its new
+// sessions refused at the peaks until its allowance refills.
+const (
+	DefaultHandshakesPerClient = 20
+	DefaultHandshakeBurst      = 40
+)
 
 // Validate reports whether the configuration is usable.
 func (c *ServerConfig) Validate() error {

@@ -2,7 +2,9 @@ package tlscore
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/hex"
 	"net"
 	"strings"
 	"sync"
@@ -180,6 +182,89 @@ func TestKeyOperationBound(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestHandshakeFloodOneClient: 1000 full handshakes from one address, each
+// with a new random server name, at the edge command's default limits,
+// cost at most the client's burst plus its rate over the flood's duration
+// in keyserver operations; every other handshake is refused, naming the
+// rate, and counted as shed. Without a limit each would cost one.
+func TestHandshakeFloodOneClient(t *testing.T) {
+	const (
+		handshakes = 1000
+		workers    = 8
+	)
+	env := newTestEnv(t, envOptions{})
+	reg := prometheus.NewRegistry()
+	sc, err := NewServerTLSConfig(ServerConfig{Certificates: env.newStore(t, CertStoreConfig{}),
+		HandshakesPerClient: DefaultHandshakesPerClient, HandshakeBurst: DefaultHandshakeBurst, Metrics: NewMetrics(reg)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := startHandshakeServer(t, sc)
+
+	start := time.Now()
+	jobs := make(chan struct{}, handshakes)
+	for range handshakes {
+		jobs <- struct{}{}
+	}
+	close(jobs)
+	var (
+		mu       sync.Mutex
+		clientOK int
+		wg       sync.WaitGroup
+	)
+	for range workers {
+		wg.Go(func() {
+			for range jobs {
+				// A wildcard name of the store, new each time: no session
+				// to resume, and nothing shared between handshakes.
+				cc := env.clientConfig(randomLabel()+".wild.example.com", tls.VersionTLS13, tls.VersionTLS13)
+				cc.CurvePreferences = []tls.CurveID{tls.X25519}
+				if srv.handshake(cc) == nil {
+					mu.Lock()
+					clientOK++
+					mu.Unlock()
+				}
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+
+	var serverOK, refused int
+	for range handshakes {
+		switch err := srv.serverErr(t); {
+		case err == nil:
+			serverOK++
+		case strings.Contains(err.Error(), "over its rate of full handshakes"):
+			refused++
+		default:
+			t.Errorf("handshake failed for another reason: %v", err)
+		}
+	}
+	signs, _ := env.ks.ops.counts()
+	allowed := DefaultHandshakeBurst + int(elapsed.Seconds()*DefaultHandshakesPerClient) + 1
+	t.Logf("%d handshakes in %v: %d succeeded, %d refused, %d keyserver operations (at most %d allowed)", handshakes, elapsed, serverOK, refused, signs, allowed)
+	if signs > allowed {
+		t.Errorf("%d keyserver operations for %d handshakes from one client in %v; want at most %d", signs, handshakes, elapsed, allowed)
+	}
+	if signs != serverOK || clientOK != serverOK || serverOK+refused != handshakes {
+		t.Errorf("%d keyserver operations, %d handshakes succeeded on the server and %d on the client, %d refused; want one operation per success, and every other handshake refused",
+			signs, serverOK, clientOK, refused)
+	}
+	if serverOK < DefaultHandshakeBurst {
+		t.Errorf("%d handshakes succeeded; want at least the burst, %d", serverOK, DefaultHandshakeBurst)
+	}
+	if v, _ := metricValue(t, reg, "keyless_edge_handshakes_shed_total", map[string]string{"reason": "client_rate"}); int(v) != refused {
+		t.Errorf("keyless_edge_handshakes_shed_total{reason=client_rate} = %v, want %d", v, refused)
+	}
+}
+
+func randomLabel() string {
+	b := make([]byte, 8)
+	rand.Read(b)
+	return hex.EncodeToString(b)
 }
 
 func TestServerConfigMaxKeyOperations(t *testing.T) {

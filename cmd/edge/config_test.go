@@ -92,7 +92,7 @@ func TestParseSources(t *testing.T) {
 		{"keyserver-ca", "/etc/keyless/ca.pem"}, {"tls-cert", "/etc/keyless/edge.pem"}, {"tls-key", "/etc/keyless/edge.key"},
 		{"call-timeout", "3s"}, {"keepalive", "20s"}, {"reconnect-backoff", "1s"}, {"grace", "5s"},
 		{"log-level", "debug"}, {"log-json", "true"}, {"metrics-listen", "127.0.0.1:9444"},
-		{"max-key-operations", "512"},
+		{"max-key-operations", "512"}, {"handshakes-per-client", "50"}, {"handshake-burst", "120"},
 	}
 	var args []string
 	var yml strings.Builder
@@ -123,7 +123,7 @@ func TestParseSources(t *testing.T) {
 	if !reflect.DeepEqual(fromFlags, fromEnv) {
 		t.Errorf("environment gives\n%+v\nflags give\n%+v", fromEnv, fromFlags)
 	}
-	if fromFlags.callTimeout != 3*time.Second || len(fromFlags.keyserverList) != 2 || !fromFlags.logJSON || fromFlags.maxKeyOps != 512 {
+	if fromFlags.callTimeout != 3*time.Second || len(fromFlags.keyserverList) != 2 || !fromFlags.logJSON || fromFlags.maxKeyOps != 512 || fromFlags.handshakeRate != 50 || fromFlags.handshakeBurst != 120 {
 		t.Errorf("parsed %+v", fromFlags)
 	}
 	// Flags win over the environment, which wins over the file.
@@ -149,15 +149,18 @@ func TestHelpDocumentsSources(t *testing.T) {
 }
 
 // TestServerConfigBounds: by default the edge bounds its key operations in
-// flight; -max-key-operations sets the bound, and 0 removes it.
+// flight and each client's full handshakes; the flags set the bounds, and
+// 0 removes them.
 func TestServerConfigBounds(t *testing.T) {
 	tests := []struct {
 		args          []string
 		wantMaxKeyOps int // as tlscore.ServerConfig takes it
+		wantRate      float64
+		wantBurst     int
 	}{
-		{nil, tlscore.DefaultMaxKeyOperations},
-		{[]string{"-max-key-operations", "64"}, 64},
-		{[]string{"-max-key-operations", "0"}, -1},
+		{nil, tlscore.DefaultMaxKeyOperations, tlscore.DefaultHandshakesPerClient, tlscore.DefaultHandshakeBurst},
+		{[]string{"-max-key-operations", "64", "-handshakes-per-client", "100", "-handshake-burst", "300"}, 64, 100, 300},
+		{[]string{"-max-key-operations", "0", "-handshakes-per-client", "0"}, -1, 0, tlscore.DefaultHandshakeBurst},
 	}
 	for _, tt := range tests {
 		f, err := parse(append(append([]string{}, validEdge...), tt.args...), io.Discard)
@@ -165,8 +168,9 @@ func TestServerConfigBounds(t *testing.T) {
 			t.Fatalf("parse(%q) = %v", tt.args, err)
 		}
 		cfg := f.serverConfig(nil, nil, nil)
-		if cfg.MaxKeyOperations != tt.wantMaxKeyOps {
-			t.Errorf("with %q: MaxKeyOperations = %d, want %d", tt.args, cfg.MaxKeyOperations, tt.wantMaxKeyOps)
+		if cfg.MaxKeyOperations != tt.wantMaxKeyOps || cfg.HandshakesPerClient != tt.wantRate || cfg.HandshakeBurst != tt.wantBurst {
+			t.Errorf("with %q: MaxKeyOperations %d, HandshakesPerClient %v, HandshakeBurst %d; want %d, %v, %d", tt.args,
+				cfg.MaxKeyOperations, cfg.HandshakesPerClient, cfg.HandshakeBurst, tt.wantMaxKeyOps, tt.wantRate, tt.wantBurst)
 		}
 	}
 }
