@@ -100,8 +100,10 @@ type ServerConfig struct {
 	// (see [Metrics]).
 	Metrics *Metrics
 
-	// Logger receives debug lines about refused session tickets. Nil means
-	// no logging.
+	// Logger receives debug lines about refused session tickets and, at
+	// most once a minute for each bound, a warning that handshakes are
+	// being refused by MaxKeyOperations or HandshakesPerClient, with how
+	// many (never a client's address). Nil means no logging.
 	Logger hclog.Logger
 }
 
@@ -245,7 +247,11 @@ func offersForwardSecrecy(hello *tls.ClientHelloInfo) bool {
 // keyGuard returns the guard of MaxKeyOperations and HandshakesPerClient,
 // or nil if neither applies.
 func (c *ServerConfig) keyGuard() *keyGuard {
-	g := &keyGuard{metrics: c.Metrics}
+	logger := c.Logger
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+	g := &keyGuard{metrics: c.Metrics, logger: logger}
 	switch n := c.MaxKeyOperations; {
 	case n == 0:
 		g.slots = &keyOpSlots{max: DefaultMaxKeyOperations, metrics: c.Metrics}

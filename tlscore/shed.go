@@ -6,6 +6,9 @@ import (
 	"io"
 	"net"
 	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
 )
 
 // Reasons a handshake is shed, as the reason label of
@@ -52,6 +55,33 @@ type keyGuard struct {
 	slots   *keyOpSlots
 	limit   *handshakeLimiter
 	metrics *Metrics
+	logger  hclog.Logger
+
+	// Refusals since each reason was last logged.
+	slotsShed, rateShed shedLog
+}
+
+// shedLogInterval is the least time between two log lines about refusals
+// for one reason: a flood must not turn into a flood of log lines.
+const shedLogInterval = time.Minute
+
+// shedLog counts refusals for one reason between log lines.
+type shedLog struct {
+	last  atomic.Int64 // when the last line was logged, in Unix nanoseconds
+	count atomic.Int64 // refusals not logged yet
+}
+
+// shed counts one refusal for reason, and logs a warning with what it
+// counted if none was logged for that reason within shedLogInterval.
+func (g *keyGuard) shed(reason string, l *shedLog, msg string, args ...any) {
+	g.metrics.observeShed(reason)
+	l.count.Add(1)
+	now := time.Now().UnixNano()
+	last := l.last.Load()
+	if last != 0 && now-last < int64(shedLogInterval) || !l.last.CompareAndSwap(last, now) {
+		return
+	}
+	g.logger.Warn(msg, append(args, "reason", reason, "refused", l.count.Swap(0), "next_report_after", shedLogInterval)...)
 }
 
 // admit reports whether the client at addr may make a key operation now;
@@ -59,14 +89,16 @@ type keyGuard struct {
 // The error says which bound refused it.
 func (g *keyGuard) admit(addr net.Addr) error {
 	if g.slots != nil && !g.slots.acquire() {
-		g.metrics.observeShed(shedKeyOperations)
+		g.shed(shedKeyOperations, &g.slotsShed, "refusing new handshakes: the edge has as many key operations in flight as it allows",
+			"max_key_operations", g.slots.max)
 		return fmt.Errorf("tlscore: the edge has %d key operations in flight, the most it allows; handshake refused", g.slots.max)
 	}
 	if g.limit != nil && !g.limit.allow(addr) {
 		if g.slots != nil {
 			g.slots.release()
 		}
-		g.metrics.observeShed(shedClientRate)
+		g.shed(shedClientRate, &g.rateShed, "refusing new handshakes of clients over their rate of full handshakes",
+			"handshakes_per_client", float64(g.limit.rate), "handshake_burst", g.limit.burst)
 		return fmt.Errorf("tlscore: client %s is over its rate of full handshakes (%g per second); try again later", addr, float64(g.limit.rate))
 	}
 	return nil

@@ -124,8 +124,9 @@ func TestKeyOperationBound(t *testing.T) {
 			}})
 			reg := prometheus.NewRegistry()
 			m := NewMetrics(reg)
+			logger, logs := newTestLogger()
 			sc, err := NewServerTLSConfig(ServerConfig{Certificates: env.newStore(t, CertStoreConfig{}), RSAKeyExchange: []string{"legacy.example.com"},
-				MaxKeyOperations: bound, Metrics: m})
+				MaxKeyOperations: bound, Metrics: m, Logger: logger})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -162,6 +163,10 @@ func TestKeyOperationBound(t *testing.T) {
 				t.Errorf("keyless_edge_handshakes_shed_total{reason=key_operations} = %v, want 1", v)
 			}
 
+			if n := strings.Count(logs.String(), "[WARN]  refusing new handshakes: the edge has as many key operations in flight as it allows: max_key_operations=3 reason=key_operations refused=1"); n != 1 {
+				t.Errorf("%d warnings about the refusal, want 1:\n%s", n, logs.String())
+			}
+
 			unblock()
 			for range bound {
 				if err := <-waiting; err != nil {
@@ -196,8 +201,9 @@ func TestHandshakeFloodOneClient(t *testing.T) {
 	)
 	env := newTestEnv(t, envOptions{})
 	reg := prometheus.NewRegistry()
+	logger, logs := newTestLogger()
 	sc, err := NewServerTLSConfig(ServerConfig{Certificates: env.newStore(t, CertStoreConfig{}),
-		HandshakesPerClient: DefaultHandshakesPerClient, HandshakeBurst: DefaultHandshakeBurst, Metrics: NewMetrics(reg)})
+		HandshakesPerClient: DefaultHandshakesPerClient, HandshakeBurst: DefaultHandshakeBurst, Metrics: NewMetrics(reg), Logger: logger})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -258,6 +264,13 @@ func TestHandshakeFloodOneClient(t *testing.T) {
 	}
 	if v, _ := metricValue(t, reg, "keyless_edge_handshakes_shed_total", map[string]string{"reason": "client_rate"}); int(v) != refused {
 		t.Errorf("keyless_edge_handshakes_shed_total{reason=client_rate} = %v, want %d", v, refused)
+	}
+	// Refusals are reported once a minute, not once each.
+	if n := strings.Count(logs.String(), "refusing new handshakes of clients over their rate"); refused > 0 && n != 1 {
+		t.Errorf("%d warnings for %d refusals, want 1:\n%s", n, refused, logs.String())
+	}
+	if strings.Contains(logs.String(), "127.0.0.1") {
+		t.Errorf("the log names a client's address:\n%s", logs.String())
 	}
 }
 
