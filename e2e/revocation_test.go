@@ -64,12 +64,15 @@ func TestStolenEdgeDrill(t *testing.T) {
 	lp := newLinkPKI(t)
 	crl := filepath.Join(t.TempDir(), "link-ca.crl")
 	writeCRL(t, lp.ca, crl)
-	d := startDeploymentOf(t, lp, twoEdgePolicy, []string{"-client-crl", crl}, nil)
+	// The load on each edge comes from one address, far above the edge's
+	// default per-client limit of full handshakes: turn that off.
+	unlimited := []string{"-handshakes-per-client", "0"}
+	d := startDeploymentOf(t, lp, twoEdgePolicy, []string{"-client-crl", crl}, unlimited)
 
 	bKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	dir := t.TempDir()
 	bCert := writeCert(t, dir, "edge-b.pem", lp.ca.issue(t, bKey.Public(), x509.ExtKeyUsageClientAuth, []string{"edge-b.e2e.internal"}, "spiffe://e2e.internal/edge/2"))
-	_, bAddr := d.startEdge(t, bCert, writeKey(t, dir, "edge-b.key", bKey))
+	_, bAddr := d.startEdge(t, bCert, writeKey(t, dir, "edge-b.key", bKey), unlimited...)
 
 	web := &tls.Config{ServerName: "ecdsa.e2e.test", RootCAs: x509.NewCertPool()}
 	web.RootCAs.AddCert(readCert(t, d.caFile))

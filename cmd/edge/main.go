@@ -110,12 +110,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		}
 		return err
 	}
-	serverCfg := tlscore.ServerConfig{Certificates: certs, RSAKeyExchange: splitList(f.rsaKeyExchange),
-		HandshakesPerClient: f.handshakeRate, HandshakeBurst: f.handshakeBurst, Logger: logger}
-	if f.tcpOrigin != "" {
-		serverCfg.NextProtos = []string{}
-	}
-	tlsConfig, err := tlscore.NewServerTLSConfig(serverCfg)
+	tlsConfig, err := tlscore.NewServerTLSConfig(f.serverConfig(certs, metrics, logger))
 	if err != nil {
 		return err
 	}
@@ -161,12 +156,33 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	summary = append(summary, "keyservers", strings.Join(keyservers, ","), "keyserver_name", name,
 		"certs", f.certs, "certificates", certs.Loaded(), "default_cert", f.defaultCert,
 		"rsa_key_exchange", f.rsaKeyExchange, "call_timeout", f.callTimeout, "keepalive", f.keepalive,
-		"reconnect_backoff", f.reconnect, "grace", f.grace, "handshakes_per_client", f.handshakeRate, "metrics", metricsAddr)
+		"reconnect_backoff", f.reconnect, "grace", f.grace, "handshakes_per_client", f.handshakeRate, "handshake_burst", f.handshakeBurst,
+		"max_key_operations", f.maxKeyOps, "metrics", metricsAddr)
 	logger.Info("edge ready", summary...)
 	if origin != nil {
 		return tlscore.ServeHTTP(serveCtx, ln, tlsConfig, tlscore.NewReverseProxy(origin, logger), f.grace, logger, tlscore.WithMetrics(metrics))
 	}
 	return tlscore.ServeTCP(serveCtx, ln, tlsConfig, f.tcpOrigin, f.grace, logger, tlscore.WithMetrics(metrics), tlscore.WithIdleTimeout(f.tcpIdle))
+}
+
+// serverConfig returns the configuration of the edge's TLS server.
+func (f *flags) serverConfig(certs *tlscore.CertStore, metrics *tlscore.Metrics, logger hclog.Logger) tlscore.ServerConfig {
+	cfg := tlscore.ServerConfig{
+		Certificates:        certs,
+		RSAKeyExchange:      splitList(f.rsaKeyExchange),
+		MaxKeyOperations:    f.maxKeyOps,
+		HandshakesPerClient: f.handshakeRate,
+		HandshakeBurst:      f.handshakeBurst,
+		Metrics:             metrics,
+		Logger:              logger,
+	}
+	if f.maxKeyOps == 0 {
+		cfg.MaxKeyOperations = -1 // the flag's "no bound"
+	}
+	if f.tcpOrigin != "" {
+		cfg.NextProtos = []string{}
+	}
+	return cfg
 }
 
 // drainAfter returns a context that ends delay after ctx does, keeping
