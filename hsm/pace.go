@@ -2,45 +2,69 @@ package hsm
 
 import (
 	"context"
+	"runtime"
+	"slices"
 	"sync"
 	"time"
 )
 
-// paceDecay is how much of its high-water mark a pace keeps at each
-// sample: after a slow spell, the mark comes down by half in about 140
-// decryptions.
-const paceDecay = 0.995
+// paceWindow is how many of a key's recent fallback decryptions set the
+// time of the next answer, and paceRank which of them, counted from the
+// longest: the fourth longest of 256, so that a single stall (a garbage
+// collection, a busy CPU) does not slow the answers that follow.
+const (
+	paceWindow = 256
+	paceRank   = 4
+)
 
 // pace makes the fallback decryptions of one key (CKM_RSA_PKCS, whose
 // padding check is the token's, and may take longer for one kind of
 // ciphertext than for another) answer after the same time whatever the
-// ciphertext: each waits until its start plus an eighth more than a
-// decaying high-water mark of the durations of the key's recent
-// decryptions, valid and invalid alike. So the time of an answer depends on
-// the key's history and load, not on the ciphertext, unless a decryption
-// takes longer than all its recent ones and the margin. It is safe for
-// concurrent use.
+// ciphertext: each waits until its start plus a quarter more than the
+// paceRank-th longest of the key's last paceWindow decryptions, valid and
+// invalid alike. So the time of an answer depends on the key's history and
+// load, not on the ciphertext, unless a decryption takes longer than nearly
+// all its recent ones and the margin. It is safe for concurrent use.
 type pace struct {
-	mu   sync.Mutex
-	high time.Duration
+	mu     sync.Mutex
+	recent [paceWindow]time.Duration // a ring of durations
+	next   int
 }
+
+// paceSpin is how long before an answer is due its wait stops sleeping and
+// spins: a timer may fire a millisecond or more late (with the kernel's
+// timer slack, or a coarse poller timeout), and its lateness can depend on
+// how long it was set for, which depends on the decryption's own time.
+const paceSpin = 3 * time.Millisecond
 
 // wait records a decryption that began at start and has just ended, and
 // waits until its answer is due, or ctx ends.
 func (p *pace) wait(ctx context.Context, start time.Time) {
-	t := time.NewTimer(time.Until(start.Add(p.due(time.Since(start)))))
-	defer t.Stop()
-	select {
-	case <-t.C:
-	case <-ctx.Done():
+	due := start.Add(p.due(time.Since(start)))
+	if d := time.Until(due) - paceSpin; d > 0 {
+		t := time.NewTimer(d)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return
+		}
+	}
+	for time.Now().Before(due) && ctx.Err() == nil {
+		runtime.Gosched()
 	}
 }
 
-// due records a decryption that took d and returns when, after its start,
-// its answer is due.
+// due returns when, after its start, the answer of a decryption that took
+// d is due: a time set by the decryptions before it, not by d (unless d is
+// longer). Then it records d for those that follow.
 func (p *pace) due(d time.Duration) time.Duration {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.high = max(d, time.Duration(float64(p.high)*paceDecay))
-	return p.high + p.high/8
+	sorted := p.recent
+	slices.Sort(sorted[:])
+	high := sorted[paceWindow-paceRank]
+	p.recent[p.next] = d
+	p.next = (p.next + 1) % paceWindow
+	return max(d, high+high/4)
 }
