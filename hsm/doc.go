@@ -64,10 +64,12 @@
 // padding in constant time; tokens without raw RSA fall back to
 // CKM_RSA_PKCS, where every return value of C_Decrypt counts as a padding
 // failure except the few that mean the token, session, login or key is
-// gone (an *[UnavailableError] for every ciphertext alike); Open warns
-// that the token's own padding check then decides timing. The only other decryption is of a fixed value, once per
-// key, for its rejection secret, and raw RSA results never leave the
-// package.
+// gone (an *[UnavailableError] for every ciphertext alike), and every
+// answer is held until a time set by the key's recent decryptions, so
+// that the token's padding check, which may take longer for some
+// ciphertexts, does not set it; Open warns of the fallback. The only other
+// decryption is of a fixed value, once per key, for its rejection secret,
+// and raw RSA results never leave the package.
 //
 // Every key operation is bounded by its context. PKCS #11 calls cannot be
 // interrupted, so they run in a goroutine; when the context ends first the
