@@ -15,12 +15,13 @@ import (
 // separate processes, built from this repository, with keys in a fresh
 // SoftHSM token that the keyserver command created.
 type deployment struct {
-	edgeAddr                string
+	edgeAddr, originAddr    string
 	caFile                  string // the web CA that issued the edge's certificates
 	keyserverAddr           string
 	link                    *linkPKI // the mTLS files of the edge-keyserver link
 	policyFile, auditFile   string
 	certsDir                string
+	defaultCert             string // the edges' -default-cert
 	keyserver, edge, origin *proc
 }
 
@@ -40,11 +41,14 @@ rules:
     operations: [decrypt]
 `
 
-// webNames maps each test hostname to the key that serves it.
-var webNames = []struct {
+// webName is a test hostname and the key that serves it.
+type webName struct {
 	name string
 	gen  []string // keyserver keys generate flags
-}{
+}
+
+// webNames maps each test hostname to the key that serves it.
+var webNames = []webName{
 	{"rsa.e2e.test", []string{"-type", "rsa", "-bits", "2048"}},
 	{"ecdsa.e2e.test", []string{"-type", "ecdsa", "-curve", "P-256"}},
 	{"p384.e2e.test", []string{"-type", "ecdsa", "-curve", "P-384"}},
@@ -91,12 +95,40 @@ func startDeployment(t testing.TB, edgeArgs ...string) *deployment {
 // keyserver and the edge.
 func startDeploymentWith(t testing.TB, keyserverArgs, edgeArgs []string) *deployment {
 	t.Helper()
+	return startDeploymentOf(t, newLinkPKI(t), deploymentPolicy, keyserverArgs, edgeArgs)
+}
+
+// startDeploymentOf starts a deployment on the given link PKI, with the
+// given keyserver policy.
+func startDeploymentOf(t testing.TB, link *linkPKI, policy string, keyserverArgs, edgeArgs []string) *deployment {
+	t.Helper()
 	env, token := procToken(t)
+	return startDeploymentOn(t, deploymentSpec{env: env, token: token, names: webNames, defaultCert: "ecdsa.e2e.test",
+		link: link, policy: policy, keyserverArgs: keyserverArgs, edgeArgs: edgeArgs})
+}
+
+// deploymentSpec says what startDeploymentOn starts.
+type deploymentSpec struct {
+	env, token    []string  // the keyserver's environment and the flags that open its token
+	names         []webName // the keys to generate, one certificate each
+	defaultCert   string    // the edge's -default-cert
+	link          *linkPKI
+	policy        string // the keyserver's policy
+	keyserverArgs []string
+	edgeArgs      []string
+}
+
+// startDeploymentOn starts a deployment on a token that exists already,
+// generating its keys with the keyserver command.
+func startDeploymentOn(t testing.TB, spec deploymentSpec) *deployment {
+	t.Helper()
+	env, token, link, policy := spec.env, spec.token, spec.link, spec.policy
+	keyserverArgs, edgeArgs := spec.keyserverArgs, spec.edgeArgs
 	dir := t.TempDir()
 	certs := filepath.Join(dir, "certs")
 	os.Mkdir(certs, 0o755)
 	web := newTestCA(t, "e2e web CA")
-	for _, n := range webNames {
+	for _, n := range spec.names {
 		args := append([]string{"keys", "generate", "-label", n.name}, n.gen...)
 		if out, err := run(t, env, "keyserver", append(args, token...)...); err != nil {
 			t.Fatalf("keyserver %s: %v\n%s", strings.Join(args, " "), err, out)
@@ -118,10 +150,9 @@ func startDeploymentWith(t testing.TB, keyserverArgs, edgeArgs []string) *deploy
 		}
 		writeCert(t, certs, n.name+".pem", web.issue(t, csr.PublicKey, x509.ExtKeyUsageServerAuth, csr.DNSNames))
 	}
-	link := newLinkPKI(t)
-	d := &deployment{caFile: writeCert(t, dir, "web-ca.pem", web.cert), link: link, certsDir: certs,
+	d := &deployment{caFile: writeCert(t, dir, "web-ca.pem", web.cert), link: link, certsDir: certs, defaultCert: spec.defaultCert,
 		policyFile: filepath.Join(dir, "policy.yaml"), auditFile: filepath.Join(dir, "audit.log")}
-	if err := os.WriteFile(d.policyFile, []byte(deploymentPolicy), 0o644); err != nil {
+	if err := os.WriteFile(d.policyFile, []byte(policy), 0o644); err != nil {
 		t.Fatal(err)
 	}
 
@@ -133,15 +164,22 @@ func startDeploymentWith(t testing.TB, keyserverArgs, edgeArgs []string) *deploy
 	d.keyserverAddr = ksAddr
 
 	d.origin = startProc(t, nil, "demo-origin", "-listen", "127.0.0.1:0")
-	originAddr := d.origin.waitFor(t, readyOrigin)[1]
+	d.originAddr = d.origin.waitFor(t, readyOrigin)[1]
 
-	args = []string{"-listen", "127.0.0.1:0", "-certs", certs, "-default-cert", "ecdsa.e2e.test",
-		"-rsa-key-exchange", "rsa.e2e.test", "-origin", "http://" + originAddr,
-		"-keyserver", ksAddr, "-keyserver-name", link.serverName, "-keyserver-ca", link.caFile,
-		"-tls-cert", link.edgeCert, "-tls-key", link.edgeKey}
-	d.edge = startProc(t, nil, "edge", append(args, edgeArgs...)...)
-	d.edgeAddr = d.edge.waitFor(t, readyEdge)[1]
+	d.edge, d.edgeAddr = d.startEdge(t, link.edgeCert, link.edgeKey, edgeArgs...)
 	return d
+}
+
+// startEdge starts an edge of the deployment with the given client
+// certificate for the keyserver link, and returns it and its address.
+func (d *deployment) startEdge(t testing.TB, certFile, keyFile string, extra ...string) (*proc, string) {
+	t.Helper()
+	args := []string{"-listen", "127.0.0.1:0", "-certs", d.certsDir, "-default-cert", d.defaultCert,
+		"-rsa-key-exchange", "rsa.e2e.test", "-origin", "http://" + d.originAddr,
+		"-keyserver", d.keyserverAddr, "-keyserver-name", d.link.serverName, "-keyserver-ca", d.link.caFile,
+		"-tls-cert", certFile, "-tls-key", keyFile}
+	edge := startProc(t, nil, "edge", append(args, extra...)...)
+	return edge, edge.waitFor(t, readyEdge)[1]
 }
 
 // url returns the https URL of name on the edge.

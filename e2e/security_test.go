@@ -384,10 +384,12 @@ func TestSecurityMatrix(t *testing.T) {
 			}
 			return err
 		}, codes.OK, "", secEdgeA, "decrypt", "a-kex", rsaID},
+		// A key the policy does not let the caller use does not exist for
+		// it: the same answer as an unknown key.
 		{"key not allowed", func() error { _, err := sign(a, otherID, ec256, digest[:]); return err },
-			codes.PermissionDenied, fmt.Sprintf(`no rule allows identity %q to use key %x`, secEdgeA, otherID), secEdgeA, "sign", "", otherID},
+			codes.NotFound, signer.ErrKeyNotFound.Error(), secEdgeA, "sign", "", otherID},
 		{"key of another rule", func() error { _, err := sign(b, ecID, ec256, digest[:]); return err },
-			codes.PermissionDenied, "no rule allows", secEdgeB, "sign", "", ecID},
+			codes.NotFound, signer.ErrKeyNotFound.Error(), secEdgeB, "sign", "", ecID},
 		{"forbidden scheme: SHA-1 not named", func() error { _, err := sign(a, rsaID, sha1, sha1Digest); return err },
 			codes.PermissionDenied, `rule "a-web" does not allow scheme rsa_pkcs1_sha1`, secEdgeA, "sign", "a-web", rsaID},
 		{"SHA-1 named, but the HSM cannot", func() error { _, err := sign(legacy, rsaID, sha1, sha1Digest); return err },
@@ -399,7 +401,14 @@ func TestSecurityMatrix(t *testing.T) {
 		{"malformed request", func() error { _, err := sign(a, rsaID, pss, digest[:20]); return err },
 			codes.InvalidArgument, "invalid digest", secEdgeA, "sign", "", rsaID},
 		{"unknown key", func() error { _, err := sign(a, make([]byte, 32), pss, digest[:]); return err },
-			codes.NotFound, "", secEdgeA, "sign", "", make([]byte, 32)},
+			codes.NotFound, signer.ErrKeyNotFound.Error(), secEdgeA, "sign", "", make([]byte, 32)},
+	}
+	// The caller gets one message for an unknown key and a key it may not
+	// use; the audit record says which.
+	wantAuditError := map[string]string{
+		"key not allowed":     fmt.Sprintf(`%s (not allowed by policy: no rule allows identity %q to use key %x)`, signer.ErrKeyNotFound, secEdgeA, otherID),
+		"key of another rule": fmt.Sprintf(`%s (not allowed by policy: no rule allows identity %q to use key %x)`, signer.ErrKeyNotFound, secEdgeB, ecID),
+		"unknown key":         signer.ErrKeyNotFound.Error() + " (no such key)",
 	}
 	var decryptRecords []signer.AuditRecord
 	for _, tt := range tests {
@@ -407,6 +416,9 @@ func TestSecurityMatrix(t *testing.T) {
 			err := tt.call()
 			if status.Code(err) != tt.want || !strings.Contains(status.Convert(err).Message(), tt.wantMsg) {
 				t.Fatalf("got %v, want %v with %q", err, tt.want, tt.wantMsg)
+			}
+			if tt.want == codes.NotFound && status.Convert(err).Message() != signer.ErrKeyNotFound.Error() {
+				t.Errorf("got %v, want exactly %q", err, signer.ErrKeyNotFound)
 			}
 			// Records are written before the answer, except for requests
 			// gRPC refuses before the handler (oversize): the stats handler
@@ -423,6 +435,9 @@ func TestSecurityMatrix(t *testing.T) {
 			}
 			if r.Identity != tt.identity || r.Op != tt.op || r.Outcome != tt.want.String() || r.Rule != tt.rule || r.KeyID != wantKey {
 				t.Errorf("audit record = %+v; want identity %s, op %s, outcome %v, rule %q, key %s", r, tt.identity, tt.op, tt.want, tt.rule, wantKey)
+			}
+			if want, ok := wantAuditError[tt.name]; ok && r.Error != want {
+				t.Errorf("audit record error = %q, want %q", r.Error, want)
 			}
 			if tt.op == "decrypt" && tt.want == codes.OK {
 				decryptRecords = append(decryptRecords, r)

@@ -297,7 +297,8 @@ func (m *Module) loadKey(sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, c11 c11
 	if err != nil {
 		return nil, skipf("public key of private key (%s): %v", pi.describe(), err)
 	}
-	base := keyBase{m: m, gen: gen, handle: h, label: pi.label, objID: pi.id, keyID: keyID}
+	base := keyBase{m: m, gen: gen, handle: h, label: pi.label, objID: pi.id, keyID: keyID,
+		attrs: KeyAttributes{Sensitive: pi.sensitive, Extractable: pi.extractable, AllowedMechanisms: mechanismList(pi.allowed)}}
 
 	switch pub := pub.(type) {
 	case *rsa.PublicKey:

@@ -22,12 +22,16 @@
 //
 //	SignContext(ctx context.Context, digest []byte, opts crypto.SignerOpts) ([]byte, error)
 //	SignatureSchemes() []tls.SignatureScheme
-//	Label() string     // CKA_LABEL
-//	ObjectID() []byte  // CKA_ID
+//	Label() string              // CKA_LABEL
+//	ObjectID() []byte           // CKA_ID
+//	Attributes() KeyAttributes  // CKA_SENSITIVE, CKA_EXTRACTABLE, CKA_ALLOWED_MECHANISMS
 //
 // and RSA keys whose token and attributes allow decryption also have
 //
 //	DecryptPremaster(ctx context.Context, ciphertext []byte) ([]byte, error)
+//	DecryptMechanism() string   // "CKM_RSA_X_509" or "CKM_RSA_PKCS"
+//
+// [Module.Delete] destroys a key in the token.
 //
 // ECDSA and Ed25519 keys are of other types, without a Decrypt method,
 // because crypto/tls refuses a decrypting key whose public key is not RSA.
@@ -58,10 +62,14 @@
 // would tell a caller who asks twice which ciphertexts were valid.
 // It decrypts with raw RSA (CKM_RSA_X_509) and checks the PKCS #1 v1.5
 // padding in constant time; tokens without raw RSA fall back to
-// CKM_RSA_PKCS with every ciphertext-dependent error masked, which Open
-// warns about. The only other decryption is of a fixed value, once per
-// key, for its rejection secret, and raw RSA results never leave the
-// package.
+// CKM_RSA_PKCS, where every return value of C_Decrypt counts as a padding
+// failure except the few that mean the token, session, login or key is
+// gone (an *[UnavailableError] for every ciphertext alike), and every
+// answer is held until a time set by the key's recent decryptions, so
+// that the token's padding check, which may take longer for some
+// ciphertexts, does not set it; Open warns of the fallback. The only other
+// decryption is of a fixed value, once per key, for its rejection secret,
+// and raw RSA results never leave the package.
 //
 // Every key operation is bounded by its context. PKCS #11 calls cannot be
 // interrupted, so they run in a goroutine; when the context ends first the

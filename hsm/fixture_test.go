@@ -11,6 +11,7 @@ import (
 	"crypto/sha512"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"hash"
 	"os"
@@ -128,13 +129,23 @@ func (f *fixture) key(t testing.TB, label string) crypto.Signer {
 	if !ok {
 		t.Fatalf("fixture has no key labelled %q", label)
 	}
-	// Look the key up again: a fault test may have made the module
-	// reconnect, which replaces its key objects.
-	fresh, err := f.m.Key(testContext(t), keyIDOf(t, k.Public()))
-	if err != nil || fresh == nil {
-		t.Fatalf("fixture key %q: Key() = %v, %v", label, fresh, err)
+	// Look the key up again: a fault test, or another Module's
+	// initialisation of the library, may have made the module reconnect,
+	// which replaces its key objects. Wait for the reconnection if one is
+	// under way.
+	ctx := testContext(t)
+	for {
+		fresh, err := f.m.Key(ctx, keyIDOf(t, k.Public()))
+		var unavailable *hsm.UnavailableError
+		if errors.As(err, &unavailable) && ctx.Err() == nil {
+			time.Sleep(10 * time.Millisecond)
+			continue
+		}
+		if err != nil || fresh == nil {
+			t.Fatalf("fixture key %q: Key() = %v, %v", label, fresh, err)
+		}
+		return fresh
 	}
-	return fresh
 }
 
 func testContext(t testing.TB) context.Context {

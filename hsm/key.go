@@ -32,6 +32,28 @@ type keyBase struct {
 	objID   []byte              // CKA_ID
 	keyID   [32]byte            // SHA-256 of the SubjectPublicKeyInfo
 	schemes []tls.SignatureScheme
+	attrs   KeyAttributes
+}
+
+// KeyAttributes is what the token reports of a private key object's
+// protection and permitted use.
+type KeyAttributes struct {
+	// Sensitive and Extractable are CKA_SENSITIVE and CKA_EXTRACTABLE. A
+	// key is served only if it is sensitive and not extractable, unless
+	// [Config.AllowExtractable] is set.
+	Sensitive, Extractable bool
+	// AllowedMechanisms names the mechanisms of the key's
+	// CKA_ALLOWED_MECHANISMS ("CKM_0x..." for those the module does not
+	// use), or is nil when the key has none: any mechanism is allowed.
+	AllowedMechanisms []string
+}
+
+// Attributes returns what the token reported of the key when it was
+// loaded. The caller may modify the result.
+func (k *keyBase) Attributes() KeyAttributes {
+	a := k.attrs
+	a.AllowedMechanisms = slices.Clone(a.AllowedMechanisms)
+	return a
 }
 
 // signWith runs one C_Sign of msg with mechanism mech, through miekg/pkcs11
@@ -238,6 +260,8 @@ type rsaDecryptKey struct {
 	// constant-time padding check, false for the masked CKM_RSA_PKCS
 	// fallback.
 	rawDecrypt bool
+	// pace evens out the time of the fallback's answers.
+	pace pace
 
 	// secret is the key's implicit-rejection secret, computed in the
 	// token on first use (see rejectionSecret), the one field of a key
@@ -245,6 +269,17 @@ type rsaDecryptKey struct {
 	// caller compute it at a time.
 	secret    atomic.Pointer[[]byte]
 	computing chan struct{}
+}
+
+// DecryptMechanism names how the key decrypts premaster secrets:
+// "CKM_RSA_X_509" (raw RSA and a constant-time padding check in the
+// keyserver) or "CKM_RSA_PKCS" (the token's padding check, its errors
+// masked).
+func (k *rsaDecryptKey) DecryptMechanism() string {
+	if k.rawDecrypt {
+		return "CKM_RSA_X_509"
+	}
+	return "CKM_RSA_PKCS"
 }
 
 // ecdsaKey is an ECDSA private key in the token. It signs through crypto11

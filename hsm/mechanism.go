@@ -2,6 +2,7 @@ package hsm
 
 import (
 	"crypto/tls"
+	"fmt"
 	"slices"
 
 	"github.com/miekg/pkcs11"
@@ -17,6 +18,23 @@ var mechanismNames = map[uint]string{
 	pkcs11.CKM_RSA_PKCS_KEY_PAIR_GEN: "CKM_RSA_PKCS_KEY_PAIR_GEN",
 	pkcs11.CKM_EC_KEY_PAIR_GEN:       "CKM_EC_KEY_PAIR_GEN",
 	ckmECEdwardsKeyPairGen:           "CKM_EC_EDWARDS_KEY_PAIR_GEN",
+}
+
+// mechanismList names mechanisms, as mechanismNames does or as
+// "CKM_0x<hex>"; nil stays nil.
+func mechanismList(ms []uint) []string {
+	if ms == nil {
+		return nil
+	}
+	out := make([]string, 0, len(ms))
+	for _, m := range ms {
+		name, ok := mechanismNames[m]
+		if !ok {
+			name = fmt.Sprintf("CKM_0x%X", m)
+		}
+		out = append(out, name)
+	}
+	return out
 }
 
 // mechanisms is what the token reports (C_GetMechanismInfo) for the

@@ -235,7 +235,7 @@ func (m *Module) attach() (*pkcs11.SessionHandle, error) {
 			return fail(fmt.Errorf("hsm: PKCS #11 module %s was initialised outside package hsm; crypto11 cannot share it", m.path))
 		}
 	default:
-		return fail(fmt.Errorf("hsm: initialise PKCS #11 module %s: %w", m.path, err))
+		return fail(fmt.Errorf("hsm: initialise PKCS #11 module %s: %w%s", m.path, err, initHint(m.path, err)))
 	}
 	var (
 		sh   pkcs11.SessionHandle
@@ -659,7 +659,7 @@ func (m *Module) logSummary() {
 		"keys", len(m.list), "rsa_keys", counts["rsa"], "ecdsa_keys", counts["ecdsa"], "ed25519_keys", counts["ed25519"])
 	if _, ok := m.mechs[pkcs11.CKM_RSA_X_509]; !ok || fallback > 0 {
 		m.logger.Warn("CKM_RSA_X_509 is unavailable, so RSA premaster decryption falls back to CKM_RSA_PKCS with masked errors; "+
-			"its resistance to padding-oracle (Bleichenbacher) attacks then depends on the token's own constant-time padding check",
+			"answers are paced to hide the token's padding-check timing (about 0.8 ms more per decryption), but prefer a token with CKM_RSA_X_509 or a documented constant-time CKM_RSA_PKCS for RSA key exchange",
 			"keys_affected", fallback, "token_has_rsa_x_509", ok)
 	}
 	if _, ok := m.mechs[pkcs11.CKM_RSA_PKCS_PSS]; !ok && counts["rsa"] > 0 {

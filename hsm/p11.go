@@ -4,6 +4,7 @@ import (
 	"crypto/elliptic"
 	"encoding/binary"
 	"errors"
+	"slices"
 
 	"github.com/ThalesIgnite/crypto11"
 	"github.com/miekg/pkcs11"
@@ -52,6 +53,7 @@ type p11API interface {
 	SignInit(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, o pkcs11.ObjectHandle) error
 	Sign(sh pkcs11.SessionHandle, message []byte) ([]byte, error)
 	GenerateKeyPair(sh pkcs11.SessionHandle, m []*pkcs11.Mechanism, public, private []*pkcs11.Attribute) (pkcs11.ObjectHandle, pkcs11.ObjectHandle, error)
+	DestroyObject(sh pkcs11.SessionHandle, o pkcs11.ObjectHandle) error
 }
 
 var _ p11API = (*pkcs11.Ctx)(nil)
@@ -77,27 +79,41 @@ func sessionBroken(err error) bool {
 	return false
 }
 
-// tokenFault reports whether a failed C_Decrypt failed for a reason that
-// cannot depend on the ciphertext: the session, the token, the login or
-// the key is unusable. Only such errors may be reported by the masked
-// CKM_RSA_PKCS fallback; every other error is answered by implicit
-// rejection, because tokens signal bad padding with a variety of codes
-// (SoftHSM: CKR_GENERAL_ERROR).
-func tokenFault(err error) bool {
+// decryptGoneCodes are the return values of C_Decrypt that the masked
+// CKM_RSA_PKCS fallback reports as errors: each means that the token, the
+// library, the session, the login or the key object is gone, a state that
+// no ciphertext can bring about, so reporting it tells nothing about the
+// ciphertext. They are token faults (isTokenFault), so the caller gets an
+// *UnavailableError, for valid and invalid ciphertexts alike, and the
+// module reconnects.
+//
+// Every other return value counts as a padding failure and is answered by
+// implicit rejection, because tokens signal bad padding with a variety of
+// codes (SoftHSM CKR_GENERAL_ERROR; openCryptoki CKR_ENCRYPTED_DATA_INVALID,
+// CKR_ENCRYPTED_DATA_LEN_RANGE or CKR_FUNCTION_FAILED). That includes codes
+// that usually mean something else but that a token could return after it
+// has looked at the plaintext: CKR_HOST_MEMORY and CKR_DEVICE_MEMORY (an
+// allocation that depends on the plaintext's length) and
+// CKR_OPERATION_NOT_INITIALIZED (a token that ends the operation when the
+// length query meets bad padding). This list is kept apart from
+// isTokenFault on purpose: adding a code there must not open an oracle here.
+var decryptGoneCodes = []uint{
+	pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED, // the library was finalised
+	pkcs11.CKR_DEVICE_REMOVED,
+	pkcs11.CKR_TOKEN_NOT_PRESENT,
+	pkcs11.CKR_DEVICE_ERROR,
+	pkcs11.CKR_SESSION_HANDLE_INVALID,
+	pkcs11.CKR_SESSION_CLOSED,
+	pkcs11.CKR_USER_NOT_LOGGED_IN, // the login was lost
+	pkcs11.CKR_KEY_HANDLE_INVALID, // the key's handle died with the sessions
+	pkcs11.CKR_OBJECT_HANDLE_INVALID,
+}
+
+// decryptGone reports whether a failed C_Decrypt returned one of
+// decryptGoneCodes.
+func decryptGone(err error) bool {
 	var e pkcs11.Error
-	if !errors.As(err, &e) {
-		return false
-	}
-	switch uint(e) {
-	case pkcs11.CKR_SESSION_HANDLE_INVALID, pkcs11.CKR_SESSION_CLOSED,
-		pkcs11.CKR_DEVICE_REMOVED, pkcs11.CKR_TOKEN_NOT_PRESENT, pkcs11.CKR_DEVICE_ERROR,
-		pkcs11.CKR_DEVICE_MEMORY, pkcs11.CKR_HOST_MEMORY,
-		pkcs11.CKR_USER_NOT_LOGGED_IN, pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED,
-		pkcs11.CKR_KEY_HANDLE_INVALID, pkcs11.CKR_OBJECT_HANDLE_INVALID,
-		pkcs11.CKR_OPERATION_NOT_INITIALIZED, pkcs11.CKR_OPERATION_ACTIVE:
-		return true
-	}
-	return false
+	return errors.As(err, &e) && slices.Contains(decryptGoneCodes, uint(e))
 }
 
 // ulongSize is sizeof(CK_ULONG) for this platform, as miekg/pkcs11 encodes

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"math/big"
+	"time"
 
 	"github.com/miekg/pkcs11"
 
@@ -37,8 +38,10 @@ import (
 // The key decrypts with CKM_RSA_X_509 (raw RSA) where the token offers it.
 // Otherwise it falls back to CKM_RSA_PKCS, treating every failure that can
 // depend on the ciphertext as a padding failure; the token's own padding
-// check then decides timing, which the startup log warns about. No raw
-// RSA result ever leaves this method.
+// check may then take longer for some ciphertexts, so every fallback
+// answer is held until a time set by the key's recent decryptions (see
+// pace), not by this ciphertext. No raw RSA result ever leaves this
+// method.
 func (k *rsaDecryptKey) DecryptPremaster(ctx context.Context, ciphertext []byte) ([]byte, error) {
 	secret, err := k.rejectionSecret(ctx)
 	if err != nil {
@@ -63,10 +66,14 @@ func (k *rsaDecryptKey) DecryptPremaster(ctx context.Context, ciphertext []byte)
 		checkPremaster(out, em, valid)
 		return out, nil
 	}
+	start := time.Now()
 	pt, err := call(ctx, &k.keyBase, "C_Decrypt", func() ([]byte, error) { return k.decryptMasked(ctx, in) })
 	if err != nil {
 		return nil, fmt.Errorf("hsm: decrypt premaster with key %q: %w", k.label, err)
 	}
+	// The token's padding check may take longer for some ciphertexts than
+	// for others: answer after a time that does not depend on it.
+	k.pace.wait(ctx, start)
 	valid &= subtle.ConstantTimeEq(int32(len(pt)), premaster.Len)
 	buf := make([]byte, premaster.Len)
 	copy(buf, pt)
@@ -174,9 +181,11 @@ func (k *rsaDecryptKey) decrypt(ctx context.Context, mech uint, in []byte) ([]by
 	return out, err
 }
 
-// decryptMasked decrypts with CKM_RSA_PKCS and turns every failure that
-// may depend on the ciphertext into an empty result, which the caller
-// rejects. Only faults of the session, login, key or token are errors.
+// decryptMasked decrypts with CKM_RSA_PKCS and turns every failure of
+// C_Decrypt into an empty result, which the caller rejects, except those
+// in decryptGoneCodes (the token, session, login or key is gone), which
+// are errors. A failure of C_DecryptInit, which has not seen the
+// ciphertext, is an error too.
 func (k *rsaDecryptKey) decryptMasked(ctx context.Context, in []byte) ([]byte, error) {
 	var out []byte
 	err := k.m.raw.do(ctx, func(sh pkcs11.SessionHandle) error {
@@ -188,7 +197,7 @@ func (k *rsaDecryptKey) decryptMasked(ctx context.Context, in []byte) ([]byte, e
 		switch {
 		case err == nil:
 			out = pt
-		case tokenFault(err):
+		case decryptGone(err):
 			return err
 		default:
 			out = nil

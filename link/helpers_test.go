@@ -21,8 +21,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/hashicorp/go-hclog"
 )
 
 // keyserverName and edgeIdentity are the names of the test PKI's keyserver
@@ -274,12 +272,6 @@ func readFile(t *testing.T, path string) []byte {
 		t.Fatal(err)
 	}
 	return b
-}
-
-// newTestLogger returns a logger whose output the test can read.
-func newTestLogger() (hclog.Logger, *syncBuffer) {
-	var buf syncBuffer
-	return hclog.New(&hclog.LoggerOptions{Output: &buf, Level: hclog.Debug}), &buf
 }
 
 type syncBuffer struct {

@@ -140,7 +140,11 @@ func TestClientCRL(t *testing.T) {
 	if err := check(t, connB); err != nil {
 		t.Errorf("Check() of the other edge = %v", err)
 	}
-	waitFor(t, "the refusal to be logged", func() bool { return strings.Contains(s.logs.String(), ErrRevoked.Error()) })
+	// The client reconnects after a backoff; its handshake is refused.
+	waitFor(t, "the refusal to be logged", func() bool {
+		check(t, connA)
+		return strings.Contains(s.logs.String(), ErrRevoked.Error())
+	})
 
 	// Broken CRLs are refused and the previous one stays.
 	other := newTestCA(t, "Other CA")

@@ -33,6 +33,11 @@ module_ok() {
   return 1
 }
 module_ok || missing+=(softhsm2)
+# openCryptoki's software token, a second PKCS #11 implementation for the
+# tests (they need root to use it, and skip without).
+if [ "$want" = tests ] && [ "$(id -u)" = 0 ] && ! [ -x /usr/sbin/pkcsslotd ]; then
+  missing+=(opencryptoki)
+fi
 
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)

@@ -47,7 +47,10 @@ type AuditRecord struct {
 	// Outcome is the name of the gRPC status code of the answer: "OK",
 	// "PermissionDenied", "ResourceExhausted" and so on.
 	Outcome string `json:"outcome"`
-	// Error is the status message the caller got; empty for OK.
+	// Error is the status message the caller got; empty for OK. For
+	// NotFound, it goes on, in parentheses, with what the caller is not
+	// told: "no such key", or "not allowed by policy: …" for a key the
+	// caller's policy does not let it use (see KeyNotFoundError).
 	Error string `json:"error"`
 	// Rule is the policy rule that allowed the request or, for a denial,
 	// the rule that applied; empty when no rule covers the identity and key.

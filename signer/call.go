@@ -34,6 +34,9 @@ type call struct {
 	ctx        *keylessv1.RequestContext
 	// edgeAddress is the peer's address, once identify has run.
 	edgeAddress string
+	// detail, when set, is added to the record's error for the operator
+	// only: why a key was answered NOT_FOUND (see KeyNotFoundError).
+	detail string
 	// recorded is set once the record is written.
 	recorded bool
 	// streamed is set for an operation of a Stream.
@@ -116,7 +119,7 @@ func (s *Service) record(ctx context.Context, c *call, err error, end time.Time)
 		ConnectionID:  link.ContextField(c.ctx.GetConnectionId()),
 		EdgeAddress:   c.edgeAddress,
 		Outcome:       st.Code().String(),
-		Error:         st.Message(),
+		Error:         auditError(st.Message(), c.detail),
 		Rule:          c.rule,
 		LatencyUS:     end.Sub(c.start).Microseconds(),
 	}
@@ -130,6 +133,15 @@ func (s *Service) record(ctx context.Context, c *call, err error, end time.Time)
 		s.logger.Info("audit trail writable again: key operations resume")
 	}
 	return nil
+}
+
+// auditError is the error field of a record: the status message the caller
+// got, then, in parentheses, what the operator alone is told.
+func auditError(msg, detail string) string {
+	if detail == "" {
+		return msg
+	}
+	return msg + " (" + detail + ")"
 }
 
 // StatsHandler returns the gRPC stats handler that completes the audit

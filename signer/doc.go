@@ -47,8 +47,9 @@
 // # Errors
 //
 // Handlers return gRPC status errors, mapped in one place: malformed requests
-// get InvalidArgument with a message naming the field, unknown keys NotFound,
-// denials PermissionDenied naming the rule, a caller over its quota or a
+// get InvalidArgument with a message naming the field, unknown keys and keys
+// the caller's policy does not name NotFound (one message for both),
+// other denials PermissionDenied naming the rule, a caller over its quota or a
 // full queue ResourceExhausted, a store (or audit trail) that cannot be used
 // Unavailable and an expired deadline DeadlineExceeded. Other failures are
 // Internal with a generic message; their details go only to the log.

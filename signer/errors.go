@@ -20,8 +20,47 @@ func (e *ValidationError) Error() string {
 	return fmt.Sprintf("signer: invalid %s: %s", e.Field, e.Reason)
 }
 
-// ErrKeyNotFound is returned for a key id the key store does not hold.
-var ErrKeyNotFound = errors.New("signer: no key with that key id")
+// ConfigError reports a field of a [Config] or [Quota] whose value is out
+// of range.
+type ConfigError struct {
+	// Field is the field's path, such as "Config.Quota.Rate".
+	Field string
+	// Value is the value found.
+	Value any
+	// Want says what the value must be.
+	Want string
+}
+
+func (e *ConfigError) Error() string {
+	return fmt.Sprintf("signer: %s is %v; it must be %s", e.Field, e.Value, e.Want)
+}
+
+// ErrKeyNotFound is what a caller is told of a key it cannot use, whether
+// the key store does not hold it or the policy does not let the caller use
+// it: what the policy does not allow does not exist for the caller, so it
+// cannot probe which keys a keyserver holds. The service returns it as a
+// *[KeyNotFoundError], which says which for the operator.
+var ErrKeyNotFound = errors.New("signer: no key with that key id that this identity may use")
+
+// KeyNotFoundError reports a request for a key that the caller may not use
+// at all: the key store does not hold it, or no rule of the policy names
+// both the caller and the key. The caller gets NOT_FOUND with
+// [ErrKeyNotFound]'s message for both; Reason, in the audit record and the
+// log, tells the operator which.
+type KeyNotFoundError struct {
+	// Identity is the caller's identity.
+	Identity string
+	// ByPolicy is set when the key exists but the policy does not let the
+	// caller use it.
+	ByPolicy bool
+	// Reason is "no such key" or "not allowed by policy: …".
+	Reason string
+}
+
+func (e *KeyNotFoundError) Error() string { return ErrKeyNotFound.Error() + " (" + e.Reason + ")" }
+
+// Unwrap returns ErrKeyNotFound.
+func (e *KeyNotFoundError) Unwrap() error { return ErrKeyNotFound }
 
 // ErrUnavailable is returned while the key store cannot be used.
 var ErrUnavailable = errors.New("signer: key store unavailable")

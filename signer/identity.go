@@ -34,8 +34,9 @@ type identityResult struct {
 	leaf *x509.Certificate
 	pol  *Policy
 	addr string // the peer's network address
-	// identity is the listed identity when ok; otherwise the first name
-	// of the certificate (or ""), and reason says why it is refused.
+	// identity is the listed identity when ok; otherwise the denied name,
+	// or the first name of the certificate (or ""), and reason says why it
+	// is refused.
 	identity string
 	ok       bool
 	reason   string
@@ -67,15 +68,7 @@ func lookupIdentity(p *peer.Peer, leaf *x509.Certificate, pol *Policy) *identity
 		r.reason = "the connection has no verified client certificate"
 		return r
 	}
-	names := CertificateNames(leaf)
-	if id, ok := pol.Identify(names); ok {
-		r.identity, r.ok = id, true
-		return r
-	}
-	if len(names) > 0 {
-		r.identity = names[0]
-	}
-	r.reason = notListed(names)
+	r.identity, r.ok, r.reason = pol.admit(CertificateNames(leaf))
 	return r
 }
 

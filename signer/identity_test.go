@@ -20,6 +20,8 @@ import (
 
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/peer"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
 // testIdentity is the identity of the edge that tests use by default; the
@@ -179,6 +181,12 @@ func TestCertificateNames(t *testing.T) {
 	if got, want := strings.Join(CertificateNames(leaf), " "), "edge-2.example.com"; got != want {
 		t.Errorf("CertificateNames() = %q, want %q", got, want)
 	}
+	// URIs: scheme and host in lower case (RFC 3986 makes them
+	// case-insensitive), the rest exactly as written.
+	leaf = thePKI().issue(x509.ExtKeyUsageClientAuth, "spiffe://Example.COM/Edge/1", "https://User@EDGE.example:8443/A%2Fb?Q=1#F").Leaf
+	if got, want := strings.Join(CertificateNames(leaf), " "), "spiffe://example.com/Edge/1 https://User@edge.example:8443/A%2Fb?Q=1#F"; got != want {
+		t.Errorf("CertificateNames() = %q, want %q", got, want)
+	}
 	if CertificateNames(nil) != nil {
 		t.Error("CertificateNames(nil) is not nil")
 	}
@@ -190,7 +198,7 @@ groups:
   eu: [edge-eu-2.example.com, spiffe://example.com/edge/eu-1]
 rules:
   - name: eu
-    identities: [group:eu]
+    identities: [group:eu, SPIFFE://Example.COM/edge/Mixed]
     keys: ["*"]
     operations: [sign]
     schemes: [default]
@@ -201,7 +209,11 @@ rules:
 	}{
 		{[]string{"spiffe://example.com/edge/eu-1", "edge-eu-2.example.com"}, "spiffe://example.com/edge/eu-1"},
 		{[]string{"spiffe://example.com/edge/other", "edge-eu-2.example.com"}, "edge-eu-2.example.com"},
-		{[]string{"spiffe://example.com/edge/EU-1"}, ""}, // URIs are exact
+		{[]string{"spiffe://example.com/edge/EU-1"}, ""},   // a URI's path is exact
+		{[]string{"spiffe://example.com/edge/eu-1/"}, ""},  // no normalization of the path
+		{[]string{"spiffe://example.com/edge/%65u-1"}, ""}, // nor percent-decoding
+		{[]string{"spiffe://example.com:443/edge/eu-1"}, ""},
+		{[]string{"spiffe://example.com/edge/Mixed"}, "spiffe://example.com/edge/Mixed"},
 		{[]string{"edge-eu-3.example.com"}, ""},
 		{nil, ""},
 	}
@@ -211,7 +223,7 @@ rules:
 			t.Errorf("Identify(%q) = %q, %t, want %q", tt.names, got, ok, tt.want)
 		}
 	}
-	if got := strings.Join(p.Identities(), " "); got != "edge-eu-2.example.com spiffe://example.com/edge/eu-1" {
+	if got := strings.Join(p.Identities(), " "); got != "edge-eu-2.example.com spiffe://example.com/edge/Mixed spiffe://example.com/edge/eu-1" {
 		t.Errorf("Identities() = %q", got)
 	}
 }
@@ -231,6 +243,40 @@ func TestCheckPeer(t *testing.T) {
 	}
 	if err := svc.CheckPeer(pki.issue(x509.ExtKeyUsageClientAuth).Leaf); err == nil || !strings.Contains(err.Error(), "no DNS or URI name") {
 		t.Errorf("CheckPeer(no names) = %v", err)
+	}
+}
+
+// TestURIIdentityCase: a URI identity's scheme and host match in any case,
+// written in the policy or in the certificate, and its path only exactly:
+// what CheckPeer admits in the handshake, the handlers admit too.
+func TestURIIdentityCase(t *testing.T) {
+	ts := newTestServer(t, Config{Keys: newTestMemoryStore(t), Policy: mustPolicy(t, strings.Replace(testPolicyYAML,
+		"["+testIdentity+"]", "[SPIFFE://Test.EXAMPLE/edge/1, spiffe://test.example/edge/Upper]", 1))})
+	tests := []struct {
+		name string
+		want bool
+	}{
+		{"spiffe://test.example/edge/1", true},
+		{"spiffe://TEST.example/edge/1", true},
+		{"spiffe://test.example/edge/Upper", true},
+		{"spiffe://test.example/edge/upper", false},
+		{"spiffe://test.example/Edge/1", false},
+		{"spiffe://test.example/edge/%31", false},
+	}
+	for _, tt := range tests {
+		leaf := thePKI().issue(x509.ExtKeyUsageClientAuth, tt.name).Leaf
+		if err := ts.svc.CheckPeer(leaf); (err == nil) != tt.want {
+			t.Errorf("CheckPeer(%s) = %v, want allowed %t", tt.name, err, tt.want)
+		}
+		if !tt.want {
+			continue
+		}
+		resp, err := ts.dial(t, tt.name).Sign(testContext(t, 0), p256SignRequest(t))
+		if err != nil {
+			t.Errorf("Sign() as %s = %v", tt.name, err)
+			continue
+		}
+		checkP256Result(t, &keylessv1.OperationResult{Result: &keylessv1.OperationResult_Sign{Sign: resp}})
 	}
 }
 

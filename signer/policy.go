@@ -4,9 +4,11 @@ import (
 	"crypto"
 	"crypto/x509"
 	"fmt"
+	"net/url"
 	"slices"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/keyless-tls/keyless/internal/hostname"
 	"github.com/keyless-tls/keyless/link"
@@ -22,9 +24,9 @@ const (
 )
 
 // Policy decides who may use the keyserver: which client identities are
-// admitted at all (the allow-list: every identity a rule names), and, for
-// each of them, which keys, operations and signature schemes it may use.
-// Anything a rule does not allow is denied.
+// admitted at all (the allow-list: every identity a rule names, less those
+// of the deny list), and, for each of them, which keys, operations and
+// signature schemes it may use. Anything a rule does not allow is denied.
 //
 // A Policy is parsed from YAML by [ParsePolicy]; the format is described
 // in the README's security section and in docs/SECURITY.md. It is immutable
@@ -38,12 +40,31 @@ type Policy struct {
 	unusedGroups []string
 	// listed holds every identity that some rule names, in normalized form.
 	listed map[string]bool
+	// deny holds the identities of the deny list, normalized; denyAll is
+	// set by its "*", and denyLine is its line, for messages.
+	deny     map[string]bool
+	denyAll  bool
+	denyLine int
 	// identityGroups holds IdentityGroup's answer for each listed
 	// identity, computed once because the metrics ask at every request.
 	identityGroups map[string]string
 	// certs maps key ids to the normalized DNS names of their certificates,
 	// for cert: patterns; see [Policy.WithCertificates].
 	certs map[link.KeyID][]string
+	// certFiles are the files certs came from, for Lint; see
+	// [Policy.WithCertificateFiles].
+	certFiles []CertificateFile
+}
+
+// CertificateFile is a certificate file given to the keyserver for the
+// policy's cert: patterns (keyserver serve -certs DIR).
+type CertificateFile struct {
+	// Path names the file in warnings.
+	Path string
+	// Leaf is the file's certificate; nil when it could not be used.
+	Leaf *x509.Certificate
+	// Err says why the file could not be used, when Leaf is nil.
+	Err error
 }
 
 type policyRule struct {
@@ -116,6 +137,7 @@ func SchemeName(wire keylessv1.SignatureAlgorithm) string {
 // nothing. Names are compared case-insensitively, without a trailing dot.
 func (p *Policy) WithCertificates(names map[link.KeyID][]string) *Policy {
 	q := *p
+	q.certFiles = nil
 	q.certs = make(map[link.KeyID][]string, len(names))
 	for id, list := range names {
 		for _, n := range list {
@@ -127,10 +149,32 @@ func (p *Policy) WithCertificates(names map[link.KeyID][]string) *Policy {
 	return &q
 }
 
+// WithCertificateFiles is [Policy.WithCertificates] for the leaf
+// certificates of files: their DNS names map to their keys. The files are
+// kept for [Policy.Lint], which warns, naming the file, about one that
+// could not be used, one that has expired or is not valid yet (its names
+// still count: the edge serving it is what is wrong), and one whose key
+// the keyserver does not hold.
+func (p *Policy) WithCertificateFiles(files []CertificateFile) *Policy {
+	names := make(map[link.KeyID][]string)
+	for _, f := range files {
+		if f.Leaf == nil {
+			continue
+		}
+		if id, err := link.KeyIDOf(f.Leaf.PublicKey); err == nil {
+			names[id] = append(names[id], f.Leaf.DNSNames...)
+		}
+	}
+	q := p.WithCertificates(names)
+	q.certFiles = slices.Clone(files)
+	return q
+}
+
 // CertificateNames returns the names a client certificate presents as its
 // identity, in the order a policy considers them: its URI SANs (such as a
-// SPIFFE id) as written, then its DNS SANs in lower case without a
-// trailing dot. The subject common name is not used.
+// SPIFFE id) with scheme and host in lower case and the rest as written
+// (no other normalization), then its DNS SANs in lower case without a trailing
+// dot. The subject common name is not used.
 //
 // Names that no policy identity of their type can be are left out: a URI
 // SAN without a scheme and a host, and a DNS SAN with ':' or '/' (x509
@@ -143,7 +187,7 @@ func CertificateNames(cert *x509.Certificate) []string {
 	var names []string
 	for _, u := range cert.URIs {
 		if u.Scheme != "" && u.Host != "" {
-			names = append(names, u.String())
+			names = append(names, normalizeURI(u))
 		}
 	}
 	for _, d := range cert.DNSNames {
@@ -154,24 +198,73 @@ func CertificateNames(cert *x509.Certificate) []string {
 	return names
 }
 
+// normalizeURI returns the form in which URI identities are compared, in a
+// policy and in a certificate alike: the URI as it prints (url.URL.String),
+// with its scheme and host in lower case, which RFC 3986 (section 6.2.2.1)
+// makes case-insensitive and SPIFFE requires in lower case. Everything
+// else, user info, port, path, query and fragment, is compared exactly:
+// no case folding, no percent-decoding ("/%61" is not "/a"), no removal of
+// dot segments or default ports.
+func normalizeURI(u *url.URL) string {
+	v := *u
+	v.Scheme = strings.ToLower(v.Scheme)
+	v.Host = strings.ToLower(v.Host)
+	return v.String()
+}
+
 // Identify returns the first of names (as [CertificateNames] orders them)
 // that the policy names in a rule: the caller's identity. It returns false
-// if none is on this allow-list.
+// if none is on this allow-list, or if the deny list names any of them or
+// is "*".
 func (p *Policy) Identify(names []string) (string, bool) {
-	for _, n := range names {
-		if p.listed[n] {
-			return n, true
-		}
+	if id, ok, _ := p.admit(names); ok {
+		return id, true
 	}
 	return "", false
 }
 
-// Identities returns the allow-list: every identity some rule names,
-// sorted.
+// admit is Identify, with the name to record and the reason for a refusal:
+// the deny list comes first, and names a certificate by any of its names
+// (an edge cut off by one name must not get in by another); then the
+// first listed name is the identity. When refused, id is the denied name,
+// or the first name, or "".
+func (p *Policy) admit(names []string) (id string, ok bool, reason string) {
+	if p.denyAll {
+		if len(names) > 0 {
+			id = names[0]
+		}
+		return id, false, fmt.Sprintf("the deny list of policy %s (line %d) denies every identity (\"*\")", p.source, p.denyLine)
+	}
+	for _, n := range names {
+		if p.deny[n] {
+			return n, false, fmt.Sprintf("identity %q is on the deny list of policy %s (line %d)", n, p.source, p.denyLine)
+		}
+	}
+	for _, n := range names {
+		if p.listed[n] {
+			return n, true, ""
+		}
+	}
+	if len(names) > 0 {
+		id = names[0]
+	}
+	if len(p.rules) == 0 {
+		return id, false, fmt.Sprintf("policy %s has no rules, so it denies every identity", p.source)
+	}
+	return id, false, notListed(names)
+}
+
+// Identities returns the allow-list: every identity some rule names and
+// the deny list does not, sorted.
 func (p *Policy) Identities() []string {
 	out := make([]string, 0, len(p.listed))
+	if p.denyAll {
+		return out
+	}
 	for id := range p.listed {
-		out = append(out, id)
+		if !p.deny[id] {
+			out = append(out, id)
+		}
 	}
 	sort.Strings(out)
 	return out
@@ -262,11 +355,13 @@ func (p *Policy) rulesFor(identity string, k keyRef) []*policyRule {
 // authorize decides whether identity may perform op (with alg, for sign)
 // with key k. It returns the name of the rule that allows it, or a
 // *PermissionError naming the rule that applied (the first rule for this
-// identity and key), or saying that no rule covers the key.
+// identity and key). When no rule covers the key, the key does not exist
+// for identity: the error is then a *KeyNotFoundError.
 func (p *Policy) authorize(identity string, k keyRef, op string, alg link.Algorithm) (string, error) {
 	rules := p.rulesFor(identity, k)
 	if len(rules) == 0 {
-		return "", &PermissionError{Identity: identity, Reason: fmt.Sprintf("no rule allows identity %q to use key %s", identity, link.FormatKeyID(k.id))}
+		return "", &KeyNotFoundError{Identity: identity, ByPolicy: true,
+			Reason: fmt.Sprintf("not allowed by policy: no rule allows identity %q to use key %s", identity, link.FormatKeyID(k.id))}
 	}
 	for _, r := range rules {
 		switch {
@@ -348,8 +443,12 @@ func (p *Policy) quotaFor(identity string) (*policyQuota, bool) {
 // do what its author meant, given the keys the keyserver holds: a cert:
 // pattern that no certificate name matches (the keyserver was given no
 // certificates, or none with that name), id: and label: patterns that match
-// no key, identities named only by quotas, and unused groups. The keyserver
-// logs them at startup.
+// no key, a label: pattern that matches several keys (it would also cover
+// any key added later with that label), the certificate files of
+// [Policy.WithCertificateFiles] that are unusable, expired, not yet valid
+// or for a key the keyserver does not hold, identities named only by
+// quotas, unused groups, and a deny list or rules that deny everyone. The
+// keyserver logs them at startup and at each reload.
 func (p *Policy) Lint(keys []crypto.Signer) []string {
 	var warnings []string
 	refs := make([]keyRef, 0, len(keys))
@@ -363,7 +462,18 @@ func (p *Policy) Lint(keys []crypto.Signer) []string {
 			if kp.kind == keyAny {
 				continue
 			}
-			if slices.ContainsFunc(refs, func(k keyRef) bool { return p.matchKey(kp, k) }) {
+			var matched []string
+			for _, k := range refs {
+				if p.matchKey(kp, k) {
+					matched = append(matched, link.FormatKeyID(k.id))
+				}
+			}
+			if kp.kind == keyByLabel && len(matched) > 1 {
+				slices.Sort(matched)
+				warnings = append(warnings, fmt.Sprintf("policy %s: line %d: rule %q: key pattern %q matches %d keys (%s), and would match any key added to the token with that label; name each key with id: instead",
+					p.source, r.line, r.name, kp.text, len(matched), strings.Join(matched, ", ")))
+			}
+			if len(matched) > 0 {
 				continue
 			}
 			msg := fmt.Sprintf("policy %s: line %d: rule %q: key pattern %q matches no key the keyserver holds", p.source, r.line, r.name, kp.text)
@@ -377,6 +487,7 @@ func (p *Policy) Lint(keys []crypto.Signer) []string {
 			warnings = append(warnings, msg)
 		}
 	}
+	warnings = append(warnings, p.lintCertificateFiles(refs, time.Now())...)
 	for _, q := range p.quotas {
 		for id := range q.identities {
 			if !p.listed[id] {
@@ -387,10 +498,57 @@ func (p *Policy) Lint(keys []crypto.Signer) []string {
 	for _, g := range p.unusedGroups {
 		warnings = append(warnings, fmt.Sprintf("policy %s: group %q is used by no rule or quota", p.source, g))
 	}
+	switch {
+	case len(p.rules) == 0:
+		warnings = append(warnings, fmt.Sprintf("policy %s: rules is empty: every identity is denied", p.source))
+	case p.denyAll:
+		warnings = append(warnings, fmt.Sprintf("policy %s: line %d: deny: \"*\": every identity is denied", p.source, p.denyLine))
+	case len(p.deny) > 0:
+		denied := make([]string, 0, len(p.deny))
+		for id := range p.deny {
+			denied = append(denied, id)
+		}
+		sort.Strings(denied)
+		warnings = append(warnings, fmt.Sprintf("policy %s: line %d: deny: these identities are denied whatever the rules say: %s", p.source, p.denyLine, strings.Join(denied, ", ")))
+	}
+	return warnings
+}
+
+// lintCertificateFiles checks the certificate files at now against the
+// keys the keyserver holds.
+func (p *Policy) lintCertificateFiles(refs []keyRef, now time.Time) []string {
+	var warnings []string
+	for _, f := range p.certFiles {
+		if f.Leaf == nil {
+			warnings = append(warnings, fmt.Sprintf("certificate file %s is not used for cert: patterns: %v", f.Path, f.Err))
+			continue
+		}
+		switch {
+		case now.After(f.Leaf.NotAfter):
+			warnings = append(warnings, fmt.Sprintf("certificate file %s expired on %s; cert: patterns still match its names (%s): replace or remove it", f.Path, f.Leaf.NotAfter.UTC().Format(time.RFC3339), strings.Join(f.Leaf.DNSNames, ", ")))
+		case now.Before(f.Leaf.NotBefore):
+			warnings = append(warnings, fmt.Sprintf("certificate file %s is not valid before %s; cert: patterns already match its names (%s)", f.Path, f.Leaf.NotBefore.UTC().Format(time.RFC3339), strings.Join(f.Leaf.DNSNames, ", ")))
+		}
+		id, err := link.KeyIDOf(f.Leaf.PublicKey)
+		if err != nil {
+			warnings = append(warnings, fmt.Sprintf("certificate file %s has a key of no type the keyserver serves: %v", f.Path, err))
+			continue
+		}
+		if !slices.ContainsFunc(refs, func(k keyRef) bool { return k.id == id }) {
+			warnings = append(warnings, fmt.Sprintf("certificate file %s is for key %s, which the keyserver does not hold (not on the token, or not selected)", f.Path, link.FormatKeyID(id)))
+		}
+	}
 	return warnings
 }
 
 // String describes the policy for the startup log: its source and counts.
 func (p *Policy) String() string {
-	return fmt.Sprintf("policy %s: %d rules, %d identities, %d quotas", p.source, len(p.rules), len(p.listed), len(p.quotas))
+	s := fmt.Sprintf("policy %s: %d rules, %d identities, %d quotas", p.source, len(p.rules), len(p.listed), len(p.quotas))
+	switch {
+	case p.denyAll:
+		s += ", deny: every identity"
+	case len(p.deny) > 0:
+		s += fmt.Sprintf(", deny: %d identities", len(p.deny))
+	}
+	return s
 }

@@ -22,6 +22,7 @@ import (
 
 // The YAML document. Field names are what operators write.
 type policyFile struct {
+	Deny   []string            `yaml:"deny"`
 	Groups map[string][]string `yaml:"groups"`
 	Rules  []ruleFile          `yaml:"rules"`
 	Quotas []quotaFile         `yaml:"quotas"`
@@ -46,7 +47,7 @@ type quotaFile struct {
 // yamlTypes names the document's parts in yaml's strict-decoding errors,
 // with the fields each may have.
 var yamlTypes = map[string]string{
-	"signer.policyFile": "the policy (want groups, rules, quotas)",
+	"signer.policyFile": "the policy (want deny, groups, rules, quotas)",
 	"signer.ruleFile":   "a rule (want name, identities, keys, operations, schemes)",
 	"signer.quotaFile":  "a quota (want name, identities, max_inflight, rate, burst)",
 }
@@ -91,12 +92,16 @@ func (e *PolicyError) Error() string {
 // name, an identity that is neither a DNS name nor a URI, an unknown group,
 // a key pattern that is not "*", id:<64 hex digits>, label:<label> or
 // cert:<name or *.name>, an unknown operation or scheme, schemes on a rule
-// that does not allow sign, and quotas out of range. A document without
-// rules is an error too: it would deny everything.
+// that does not allow sign, and quotas out of range.
+//
+// The deny list (deny: identities, group:NAME or "*" for everyone) is
+// checked before every rule: see [Policy.Identify]. A document without a
+// rules field is an error, but an explicit empty list, rules: [], is a
+// policy that denies everyone, which [Policy.Lint] warns about.
 func ParsePolicy(source string, data []byte) (*Policy, error) {
 	ps := &policyParser{
 		source: source,
-		p:      &Policy{source: source, groups: make(map[string][]string), listed: make(map[string]bool)},
+		p:      &Policy{source: source, groups: make(map[string][]string), listed: make(map[string]bool), deny: make(map[string]bool)},
 		used:   make(map[string]bool),
 	}
 	f, err := ps.decode(data)
@@ -104,6 +109,9 @@ func ParsePolicy(source string, data []byte) (*Policy, error) {
 		return nil, err
 	}
 	if err := ps.parseGroups(f.Groups); err != nil {
+		return nil, err
+	}
+	if err := ps.parseDeny(f.Deny); err != nil {
 		return nil, err
 	}
 	if err := ps.parseRules(f.Rules); err != nil {
@@ -205,24 +213,33 @@ func (ps *policyParser) parseIdentities(line int, where string, list []string) (
 	}
 	out := make(map[string]bool)
 	for i, s := range list {
-		if g, ok := strings.CutPrefix(s, "group:"); ok {
-			members, ok := ps.p.groups[g]
-			ps.used[g] = true
-			if !ok {
-				return nil, ps.errorf(line, fmt.Sprintf("%s[%d]", where, i), "%q: no such group (groups: %s)", s, strings.Join(ps.groupNames, ", "))
-			}
-			for _, m := range members {
-				out[m] = true
-			}
-			continue
-		}
-		id, err := parseIdentity(s)
+		ids, err := ps.resolveIdentity(line, fmt.Sprintf("%s[%d]", where, i), s)
 		if err != nil {
-			return nil, ps.errorf(line, fmt.Sprintf("%s[%d]", where, i), "%v", err)
+			return nil, err
 		}
-		out[id] = true
+		for _, id := range ids {
+			out[id] = true
+		}
 	}
 	return out, nil
+}
+
+// resolveIdentity resolves one entry of a list of identities, named where:
+// a literal identity, normalized, or the members of group:NAME.
+func (ps *policyParser) resolveIdentity(line int, where, s string) ([]string, error) {
+	if g, ok := strings.CutPrefix(s, "group:"); ok {
+		members, ok := ps.p.groups[g]
+		ps.used[g] = true
+		if !ok {
+			return nil, ps.errorf(line, where, "%q: no such group (groups: %s)", s, strings.Join(ps.groupNames, ", "))
+		}
+		return members, nil
+	}
+	id, err := parseIdentity(s)
+	if err != nil {
+		return nil, ps.errorf(line, where, "%v", err)
+	}
+	return []string{id}, nil
 }
 
 // parseName checks the name of entry i of the rules or quotas (kind "rule"
@@ -244,10 +261,30 @@ func (ps *policyParser) parseName(kind string, i, line int, name, why string, se
 	return where, nil
 }
 
-// parseRules checks the rules, in order; a policy needs at least one.
+// parseDeny resolves the deny list: identities, group:NAME or "*".
+func (ps *policyParser) parseDeny(list []string) error {
+	ps.p.denyLine = ps.lines.deny
+	for i, s := range list {
+		if s == "*" {
+			ps.p.denyAll = true
+			continue
+		}
+		ids, err := ps.resolveIdentity(ps.lines.deny, fmt.Sprintf("deny[%d]", i), s)
+		if err != nil {
+			return err
+		}
+		for _, id := range ids {
+			ps.p.deny[id] = true
+		}
+	}
+	return nil
+}
+
+// parseRules checks the rules, in order. A policy needs a rules field;
+// an explicit empty list denies everyone.
 func (ps *policyParser) parseRules(rules []ruleFile) error {
-	if len(rules) == 0 {
-		return ps.errorf(0, "rules", "there are no rules; everything would be denied")
+	if len(rules) == 0 && !ps.lines.rulesList {
+		return ps.errorf(0, "rules", "there are no rules; everything would be denied (write rules: [] to deny every identity on purpose)")
 	}
 	seen := make(map[string]int)
 	for i, rf := range rules {
@@ -441,7 +478,11 @@ func yamlError(err error) string {
 // policyLines are the lines of the document's parts, for messages.
 type policyLines struct {
 	group         map[string]int
+	deny          int
 	rules, quotas []int
+	// rulesList is set when the document's rules field is a list, even
+	// an empty one.
+	rulesList bool
 }
 
 func (l policyLines) rule(i int) int {
@@ -473,7 +514,10 @@ func sectionLines(root *yaml.Node) policyLines {
 					l.group[v.Content[j].Value] = v.Content[j].Line
 				}
 			}
+		case "deny":
+			l.deny = k.Line
 		case "rules", "quotas":
+			l.rulesList = l.rulesList || (k.Value == "rules" && v.Kind == yaml.SequenceNode)
 			var lines []int
 			if v.Kind == yaml.SequenceNode {
 				for _, item := range v.Content {
@@ -491,8 +535,8 @@ func sectionLines(root *yaml.Node) policyLines {
 }
 
 // parseIdentity checks a literal identity and returns its normalized form:
-// a URI (such as a SPIFFE id) exactly as written, or a DNS name in lower
-// case without a trailing dot.
+// a URI (such as a SPIFFE id) as normalizeURI makes it, or a DNS name in
+// lower case without a trailing dot.
 func parseIdentity(s string) (string, error) {
 	switch {
 	case s == "":
@@ -509,7 +553,7 @@ func parseIdentity(s string) (string, error) {
 		if err != nil || u.Scheme == "" || u.Host == "" {
 			return "", fmt.Errorf("identity %q is not a URI with a scheme and a host, such as spiffe://example.com/edge/1", s)
 		}
-		return s, nil
+		return normalizeURI(u), nil
 	}
 	if strings.Contains(s, ":") || strings.Contains(s, "/") {
 		return "", fmt.Errorf("identity %q is neither a DNS name nor a URI (scheme://host/...); for a group write group:NAME", s)

@@ -315,6 +315,16 @@ rules:
 				}
 				return
 			}
+			if tt.wantRule == "" {
+				// No rule covers the key: it does not exist for the
+				// identity.
+				var nferr *KeyNotFoundError
+				if !errors.As(err, &nferr) || !nferr.ByPolicy || !strings.HasPrefix(nferr.Reason, "not allowed by policy: ") ||
+					!strings.Contains(err.Error(), tt.wantErr) || nferr.Identity != tt.identity || !errors.Is(err, ErrKeyNotFound) {
+					t.Errorf("authorize() = %#v, want a KeyNotFoundError by policy containing %q", err, tt.wantErr)
+				}
+				return
+			}
 			var perr *PermissionError
 			if !errors.As(err, &perr) || !strings.Contains(err.Error(), tt.wantErr) || perr.Rule != tt.wantRule || perr.Identity != tt.identity {
 				t.Errorf("authorize() = %#v, want a PermissionError containing %q", err, tt.wantErr)
@@ -384,6 +394,8 @@ func FuzzParsePolicy(f *testing.F) {
 	f.Add([]byte(testPolicyYAML))
 	f.Add([]byte(fuzzPolicyYAML))
 	f.Add([]byte("rules: [{name: a, identities: [x.example], keys: [\"*\"], operations: [decrypt]}]"))
+	f.Add([]byte("deny: [x.example, \"*\"]\nrules: [{name: a, identities: [x.example, y.example], keys: [\"*\"], operations: [decrypt]}]"))
+	f.Add([]byte("rules: []"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		p, err := ParsePolicy("fuzz.yaml", data)
 		if err != nil {
@@ -393,18 +405,25 @@ func FuzzParsePolicy(f *testing.F) {
 			}
 			return
 		}
-		if len(p.rules) == 0 || len(p.listed) == 0 {
-			t.Fatalf("ParsePolicy() accepted a policy without rules or identities: %v", p)
+		if len(p.rules) == 0 && len(p.listed) != 0 {
+			t.Fatalf("ParsePolicy() accepted a policy with identities but no rules: %v", p)
 		}
 		for _, r := range p.rules {
 			if r.name == "" || len(r.identities) == 0 || len(r.keys) == 0 || (!r.sign && !r.decrypt) || (r.sign && len(r.schemes) == 0) {
 				t.Fatalf("ParsePolicy() accepted an incomplete rule %+v", r)
 			}
 		}
-		// Identify admits exactly the listed identities.
+		// Identify admits exactly the listed identities the deny list
+		// does not name.
 		for id := range p.listed {
-			if got, ok := p.Identify([]string{"unlisted.invalid", id}); !ok || got != id {
-				t.Fatalf("Identify(%q) = %q, %t", id, got, ok)
+			got, ok := p.Identify([]string{"unlisted.invalid", id})
+			if denied := p.denyAll || p.deny[id]; ok == denied || (ok && got != id) {
+				t.Fatalf("Identify(%q) = %q, %t; deny list %v, all %t", id, got, ok, p.deny, p.denyAll)
+			}
+		}
+		for id := range p.deny {
+			if got, ok := p.Identify([]string{id}); ok {
+				t.Fatalf("Identify(%q) = %q, true, but the deny list names it", id, got)
 			}
 		}
 		_ = p.Lint(nil)

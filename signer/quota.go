@@ -28,15 +28,15 @@ type Quota struct {
 func (q Quota) Validate() error { return q.validate("Quota") }
 
 // validate is Validate for a quota that errors call name, such as
-// "Config.Quota".
+// "Config.Quota". Errors are *[ConfigError].
 func (q Quota) validate(name string) error {
 	switch {
 	case q.MaxInFlight < 0:
-		return fmt.Errorf("signer: %s.MaxInFlight is %d; it must be 0 (no bound) or more", name, q.MaxInFlight)
+		return &ConfigError{Field: name + ".MaxInFlight", Value: q.MaxInFlight, Want: "0 (no bound) or more"}
 	case q.Rate < 0 || math.IsNaN(q.Rate) || math.IsInf(q.Rate, 0):
-		return fmt.Errorf("signer: %s.Rate is %v; it must be 0 (no bound) or a positive number of requests per second", name, q.Rate)
+		return &ConfigError{Field: name + ".Rate", Value: q.Rate, Want: "0 (no bound) or a positive number of requests per second"}
 	case q.Burst < 0:
-		return fmt.Errorf("signer: %s.Burst is %d; it must be 0 (the rate, rounded up) or more", name, q.Burst)
+		return &ConfigError{Field: name + ".Burst", Value: q.Burst, Want: "0 (the rate, rounded up) or more"}
 	}
 	return nil
 }

@@ -134,12 +134,24 @@ rules:
 		{"A signs ECDSA by label", func() error { return sign(a, p256ID, ec256) }, codes.OK, "", edgeA, OpSign, "a-ecdsa"},
 		{"A scheme not in rule", func() error { return sign(a, rsaID, pss384) }, codes.PermissionDenied, `rule "a-rsa" does not allow scheme rsa_pss_rsae_sha384`, edgeA, OpSign, "a-rsa"},
 		{"A SHA-1", func() error { return sign(a, rsaID, sha1) }, codes.PermissionDenied, "SHA-1 schemes are allowed only where a rule names them", edgeA, OpSign, "a-rsa"},
-		{"A key not allowed", func() error { return sign(a, p384ID, ec256) }, codes.PermissionDenied, `no rule allows identity "spiffe://test.example/edge/a" to use key ` + link.FormatKeyID(link.KeyID(p384ID)), edgeA, OpSign, ""},
+		{"A key not allowed", func() error { return sign(a, p384ID, ec256) }, codes.NotFound, ErrKeyNotFound.Error(), edgeA, OpSign, ""},
 		{"B decrypt not enabled", func() error { return decrypt(b, rsaID) }, codes.PermissionDenied, `rule "b-rsa" does not allow decrypt`, edgeB, OpDecrypt, "b-rsa"},
 		{"B SHA-1 named but not possible", func() error { return sign(b, rsaID, sha1) }, codes.InvalidArgument, "not supported by this key", edgeB, OpSign, "b-rsa"},
-		{"B other key", func() error { return sign(b, p256ID, ec256) }, codes.PermissionDenied, "no rule allows", edgeB, OpSign, ""},
+		{"B other key", func() error { return sign(b, p256ID, ec256) }, codes.NotFound, ErrKeyNotFound.Error(), edgeB, OpSign, ""},
+		{"B decrypts a key not allowed", func() error { return decrypt(b, p384ID) }, codes.NotFound, ErrKeyNotFound.Error(), edgeB, OpDecrypt, ""},
 		{"unlisted identity", func() error { return sign(s, rsaID, pss) }, codes.PermissionDenied, "(spiffe://test.example/edge/stranger, edge-b.test.example.com) is an identity of the policy", stranger, OpSign, ""},
-		{"unknown key", func() error { return sign(a, testStream("nokey", 32), pss) }, codes.NotFound, "", edgeA, OpSign, ""},
+		{"unknown key", func() error { return sign(a, testStream("nokey", 32), pss) }, codes.NotFound, ErrKeyNotFound.Error(), edgeA, OpSign, ""},
+		{"unknown key, decrypt", func() error { return decrypt(b, testStream("nokey", 32)) }, codes.NotFound, ErrKeyNotFound.Error(), edgeB, OpDecrypt, ""},
+	}
+	// What the caller is told of a key the store does not hold and of one
+	// its policy does not let it use is the same, to the byte; the audit
+	// record tells the operator which.
+	wantDetail := map[string]string{
+		"A key not allowed":            ` (not allowed by policy: no rule allows identity "spiffe://test.example/edge/a" to use key ` + link.FormatKeyID(link.KeyID(p384ID)) + ")",
+		"B other key":                  ` (not allowed by policy: no rule allows identity "edge-b.test.example" to use key ` + link.FormatKeyID(link.KeyID(p256ID)) + ")",
+		"B decrypts a key not allowed": ` (not allowed by policy: no rule allows identity "edge-b.test.example" to use key ` + link.FormatKeyID(link.KeyID(p384ID)) + ")",
+		"unknown key":                  " (no such key)",
+		"unknown key, decrypt":         " (no such key)",
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -147,12 +159,15 @@ rules:
 			if status.Code(err) != tt.want || !strings.Contains(status.Convert(err).Message(), tt.wantMsg) {
 				t.Fatalf("call = %v, want %v with %q", err, tt.want, tt.wantMsg)
 			}
+			if tt.want == codes.NotFound && status.Convert(err).Message() != ErrKeyNotFound.Error() {
+				t.Errorf("call = %v, want exactly %q", err, ErrKeyNotFound)
+			}
 			recs := newRecords()
 			if len(recs) != 1 {
 				t.Fatalf("%d audit records, want 1: %+v", len(recs), recs)
 			}
 			r := recs[0]
-			if r.Identity != tt.identity || r.Op != tt.op || r.Outcome != tt.want.String() || r.Rule != tt.rule || r.Error != status.Convert(err).Message() {
+			if r.Identity != tt.identity || r.Op != tt.op || r.Outcome != tt.want.String() || r.Rule != tt.rule || r.Error != status.Convert(err).Message()+wantDetail[tt.name] {
 				t.Errorf("audit record = %+v, want identity %q, op %q, outcome %v, rule %q", r, tt.identity, tt.op, tt.want, tt.rule)
 			}
 		})

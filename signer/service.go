@@ -84,19 +84,29 @@ type Config struct {
 	resultDelay time.Duration
 }
 
-// Validate reports whether the configuration is usable.
+// Validate reports whether the configuration is usable. A value out of
+// range is a *[ConfigError].
 func (c *Config) Validate() error {
 	switch {
 	case c.Keys == nil:
 		return errors.New("signer: Config.Keys is nil")
 	case c.Policy == nil:
 		return errors.New("signer: Config.Policy is nil; the service denies everything a policy does not allow, so it needs one")
+	}
+	return c.ValidateLimits()
+}
+
+// ValidateLimits reports whether the configuration's limits and quota are
+// in range, which a caller can check before it has a key store or a
+// policy. Errors are *[ConfigError].
+func (c *Config) ValidateLimits() error {
+	switch {
 	case c.MaxConcurrent < 0:
-		return fmt.Errorf("signer: Config.MaxConcurrent is %d; it must be 0 (no bound) or more", c.MaxConcurrent)
+		return &ConfigError{Field: "Config.MaxConcurrent", Value: c.MaxConcurrent, Want: "0 (no bound) or more"}
 	case c.MaxQueued < 0:
-		return fmt.Errorf("signer: Config.MaxQueued is %d; it must be 0 or more", c.MaxQueued)
+		return &ConfigError{Field: "Config.MaxQueued", Value: c.MaxQueued, Want: "0 or more"}
 	case c.MaxStreamsPerIdentity < 0:
-		return fmt.Errorf("signer: Config.MaxStreamsPerIdentity is %d; it must be 0 (no bound) or more", c.MaxStreamsPerIdentity)
+		return &ConfigError{Field: "Config.MaxStreamsPerIdentity", Value: c.MaxStreamsPerIdentity, Want: "0 (no bound) or more"}
 	}
 	return c.Quota.validate("Config.Quota")
 }
@@ -197,14 +207,14 @@ func (s *Service) SetPolicy(p *Policy) error {
 func (s *Service) Policy() *Policy { return s.policy.Load() }
 
 // CheckPeer reports whether a client certificate that chains to the
-// keyserver's CA presents an identity the policy lists. It is meant for the
+// keyserver's CA presents an identity the policy lists, and none that its
+// deny list names. It is meant for the
 // TLS handshake (see link.MTLSCredentials.ServerCredentials), so that
 // unlisted clients are refused before they can send a request; the handlers
 // check again at every request. The error is a *[PermissionError].
 func (s *Service) CheckPeer(leaf *x509.Certificate) error {
-	names := CertificateNames(leaf)
-	if _, ok := s.policy.Load().Identify(names); !ok {
-		return &PermissionError{Reason: notListed(names)}
+	if _, ok, reason := s.policy.Load().admit(CertificateNames(leaf)); !ok {
+		return &PermissionError{Reason: reason}
 	}
 	return nil
 }
@@ -298,7 +308,7 @@ func (s *Service) sign(ctx context.Context, c *call, req *keylessv1.SignRequest)
 	if err != nil {
 		return nil, err
 	}
-	key, err := s.key(ctx, id)
+	key, err := s.key(ctx, identity, id)
 	if err != nil {
 		return nil, err
 	}
@@ -321,6 +331,10 @@ func (s *Service) sign(ctx context.Context, c *call, req *keylessv1.SignRequest)
 func (s *Service) answer(c *call, finish func(error) error, err error) error {
 	if err != nil {
 		s.logFailure(c, err)
+		var nferr *KeyNotFoundError
+		if errors.As(err, &nferr) {
+			c.detail = nferr.Reason
+		}
 		st := toStatus(err)
 		_ = finish(st)
 		return st
@@ -361,7 +375,7 @@ func (s *Service) decrypt(ctx context.Context, c *call, req *keylessv1.DecryptRe
 	if err != nil {
 		return nil, err
 	}
-	key, err := s.key(ctx, id)
+	key, err := s.key(ctx, identity, id)
 	if err != nil {
 		return nil, err
 	}
@@ -473,13 +487,14 @@ func Schemes(key crypto.Signer) []tls.SignatureScheme {
 	return link.DefaultSchemes(key.Public())
 }
 
-func (s *Service) key(ctx context.Context, id link.KeyID) (crypto.Signer, error) {
+// key returns the key with id, or a *KeyNotFoundError for identity.
+func (s *Service) key(ctx context.Context, identity string, id link.KeyID) (crypto.Signer, error) {
 	key, err := s.keys.Key(ctx, id)
 	switch {
 	case err != nil:
 		return nil, storeError(ctx, err)
 	case key == nil:
-		return nil, ErrKeyNotFound
+		return nil, &KeyNotFoundError{Identity: identity, Reason: "no such key"}
 	}
 	return key, nil
 }
@@ -542,12 +557,15 @@ func signContext(ctx context.Context, key crypto.Signer, digest []byte, opts cry
 // load at warn level; it never logs a digest, ciphertext or signature.
 func (s *Service) logFailure(c *call, err error) {
 	var (
-		verr *ValidationError
-		perr *PermissionError
-		qerr *QuotaError
+		verr  *ValidationError
+		perr  *PermissionError
+		qerr  *QuotaError
+		nferr *KeyNotFoundError
 	)
 	level := hclog.Error
 	switch {
+	case errors.As(err, &nferr) && nferr.ByPolicy:
+		level = hclog.Warn
 	case errors.As(err, &verr), errors.Is(err, ErrKeyNotFound):
 		level = hclog.Debug
 	case errors.As(err, &perr), errors.As(err, &qerr), errors.Is(err, context.Canceled),

@@ -12,8 +12,19 @@ import (
 // MaxEd25519MessageLen bounds an Ed25519 message, far above what TLS needs,
 // so that a peer cannot make the keyserver hold or hash large inputs. A TLS
 // 1.3 CertificateVerify input is at most 162 bytes and a TLS 1.2
-// ServerKeyExchange input at most 68+255 bytes.
+// ServerKeyExchange input at most 68+133 bytes (a P-521 point).
 const MaxEd25519MessageLen = 512
+
+// tls12PointLen maps the named groups an edge can negotiate for TLS 1.2
+// ECDHE (RFC 8422, RFC 7748) to the length of their public point: 32 bytes
+// for X25519, and an uncompressed point (0x04, x, y) for the NIST curves,
+// the only form crypto/tls sends. X25519MLKEM768 is TLS 1.3 only.
+var tls12PointLen = map[uint16]int{
+	23: 65,  // secp256r1
+	24: 97,  // secp384r1
+	25: 133, // secp521r1
+	29: 32,  // x25519
+}
 
 // tls13ServerContext is the prefix of every TLS 1.3 server CertificateVerify
 // signature input (RFC 8446, section 4.4.3).
@@ -78,13 +89,29 @@ func validateEd25519Message(m []byte) error {
 			return nil
 		}
 		return &ValidationError{"digest", "is a TLS 1.3 CertificateVerify input with a transcript hash of the wrong length"}
-	case len(m) > 68 && m[64] == 3 && int(m[67]) == len(m)-68:
+	case len(m) > 68 && m[64] == 3:
 		// client_random, server_random, then ECParameters with
 		// curve_type named_curve (3), the curve, and the length-prefixed
 		// public point (RFC 8422, section 5.4).
-		return nil
+		return validateTLS12Params(m[65:])
 	}
 	return &ValidationError{"digest", "is not a TLS server signature input (TLS 1.3 CertificateVerify or TLS 1.2 ServerKeyExchange)"}
+}
+
+// validateTLS12Params checks the ServerKeyExchange parameters after
+// curve_type: a named group the edge can negotiate and exactly its point.
+func validateTLS12Params(p []byte) error {
+	group := uint16(p[0])<<8 | uint16(p[1])
+	want, ok := tls12PointLen[group]
+	switch {
+	case !ok:
+		return &ValidationError{"digest", fmt.Sprintf("is a TLS 1.2 ServerKeyExchange input for named group %d; an edge negotiates only x25519 (29), secp256r1 (23), secp384r1 (24) and secp521r1 (25)", group)}
+	case int(p[2]) != want || len(p)-3 != want:
+		return &ValidationError{"digest", fmt.Sprintf("is a TLS 1.2 ServerKeyExchange input whose point is not the %d bytes of named group %d", want, group)}
+	case group != 29 && p[3] != 4:
+		return &ValidationError{"digest", fmt.Sprintf("is a TLS 1.2 ServerKeyExchange input whose point for named group %d is not uncompressed", group)}
+	}
+	return nil
 }
 
 func validateContext(c *keylessv1.RequestContext) error {

@@ -35,9 +35,21 @@ func tls13Message(hashLen int) []byte {
 // client_random, server_random, curve_type named_curve, x25519, and a 32-byte
 // point with its length (RFC 8422, section 5.4).
 func tls12Message() []byte {
+	return tls12GroupMessage(0x1d, testStream("x25519 point", 32))
+}
+
+// tls12GroupMessage returns TLS 1.2 ServerKeyExchange signed params for
+// the named group with the given point.
+func tls12GroupMessage(group uint16, point []byte) []byte {
 	m := testStream("randoms", 64)
-	m = append(m, 0x03, 0x00, 0x1d, 0x20)
-	return append(m, testStream("x25519 point", 32)...)
+	m = append(m, 0x03, byte(group>>8), byte(group), byte(len(point)))
+	return append(m, point...)
+}
+
+// uncompressedPoint returns n bytes shaped like an uncompressed NIST curve
+// point: 0x04, then x and y.
+func uncompressedPoint(n int) []byte {
+	return append([]byte{4}, testStream("nist point", n-1)...)
 }
 
 // testDigest returns a digest-sized value for h, distinct for each label.
@@ -55,7 +67,20 @@ func isTLSServerSignatureInput(m []byte) bool {
 		return false
 	}
 	params := m[64:]
-	return params[0] == 3 && int(params[3]) == len(params)-4
+	if params[0] != 3 || int(params[3]) != len(params)-4 {
+		return false
+	}
+	switch group, point := int(params[1])<<8|int(params[2]), params[4:]; group {
+	case 0x001d:
+		return len(point) == 32
+	case 0x0017:
+		return len(point) == 1+2*32 && point[0] == 4
+	case 0x0018:
+		return len(point) == 1+2*48 && point[0] == 4
+	case 0x0019:
+		return len(point) == 1+2*66 && point[0] == 4
+	}
+	return false
 }
 
 // signCase is a SignRequest and what the package makes of it.
@@ -136,6 +161,9 @@ func signCases(tb testing.TB) []signCase {
 		ok("Ed25519 TLS 1.3 CertificateVerify SHA-384", req(edID, ed25519Alg, tls13Message(48))),
 		ok("Ed25519 TLS 1.3 CertificateVerify SHA-512", req(edID, ed25519Alg, tls13Message(64))),
 		ok("Ed25519 TLS 1.2 ServerKeyExchange", req(edID, ed25519Alg, tls12Message())),
+		ok("Ed25519 TLS 1.2 ServerKeyExchange secp256r1", req(edID, ed25519Alg, tls12GroupMessage(23, uncompressedPoint(65)))),
+		ok("Ed25519 TLS 1.2 ServerKeyExchange secp384r1", req(edID, ed25519Alg, tls12GroupMessage(24, uncompressedPoint(97)))),
+		ok("Ed25519 TLS 1.2 ServerKeyExchange secp521r1", req(edID, ed25519Alg, tls12GroupMessage(25, uncompressedPoint(133)))),
 		ok("context at the limits", withContext(req(p256ID, ecdsa256, d256), &keylessv1.RequestContext{
 			ServerName: longest, ClientAddress: longest, ConnectionId: longest,
 		})),
@@ -194,6 +222,14 @@ func signCases(tb testing.TB) []signCase {
 			return m
 		}())),
 		bad("Ed25519 TLS 1.2 no point", "digest", req(edID, ed25519Alg, tls12Message()[:68])),
+		bad("Ed25519 TLS 1.2 unknown group", "digest", req(edID, ed25519Alg, tls12GroupMessage(0xffff, testStream("chosen", 200)))),
+		bad("Ed25519 TLS 1.2 unknown group, 32 bytes", "digest", req(edID, ed25519Alg, tls12GroupMessage(0xffff, testStream("chosen", 32)))),
+		bad("Ed25519 TLS 1.2 X25519MLKEM768 (TLS 1.3 only)", "digest", req(edID, ed25519Alg, tls12GroupMessage(0x11ec, testStream("hybrid", 65)))),
+		bad("Ed25519 TLS 1.2 x25519 with 65 bytes", "digest", req(edID, ed25519Alg, tls12GroupMessage(29, uncompressedPoint(65)))),
+		bad("Ed25519 TLS 1.2 secp256r1 with 32 bytes", "digest", req(edID, ed25519Alg, tls12GroupMessage(23, testStream("short", 32)))),
+		bad("Ed25519 TLS 1.2 secp384r1 with a P-256 point", "digest", req(edID, ed25519Alg, tls12GroupMessage(24, uncompressedPoint(65)))),
+		bad("Ed25519 TLS 1.2 secp521r1 compressed", "digest", req(edID, ed25519Alg, tls12GroupMessage(25, append([]byte{2}, testStream("x", 132)...)))),
+		bad("Ed25519 TLS 1.2 secp256r1 compressed length", "digest", req(edID, ed25519Alg, tls12GroupMessage(23, append([]byte{3}, testStream("x", 32)...)))),
 
 		bad("context.server_name oversize", "context.server_name", withContext(req(p256ID, ecdsa256, d256), &keylessv1.RequestContext{ServerName: long})),
 		bad("context.client_address oversize", "context.client_address", withContext(req(p256ID, ecdsa256, d256), &keylessv1.RequestContext{ClientAddress: long})),
@@ -349,6 +385,13 @@ func newFuzzService(tb testing.TB) *fuzzService {
 
 // fuzzPolicyAllows is the fuzz policy written out independently: whether
 // it lets testIdentity perform op (with wire, for sign) with key pub.
+// fuzzPolicyCovers reports whether a rule of the fuzz policy names the key:
+// every test key but the P-384 one. A key it does not cover does not exist
+// for the caller (NotFound).
+func fuzzPolicyCovers(pub crypto.PublicKey) bool {
+	return !testP384Key().Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(pub)
+}
+
 func fuzzPolicyAllows(pub crypto.PublicKey, op string, wire keylessv1.SignatureAlgorithm) bool {
 	kt := link.KeyTypeOf(pub)
 	p384 := testP384Key().Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(pub)
@@ -433,7 +476,7 @@ func FuzzSignRequestProto(f *testing.F) {
 		switch {
 		case verr != nil:
 			want = codes.InvalidArgument
-		case pub == nil:
+		case pub == nil, !fuzzPolicyCovers(pub):
 			want = codes.NotFound
 		case !fuzzPolicyAllows(pub, OpSign, alg.Wire):
 			want = codes.PermissionDenied
@@ -480,7 +523,7 @@ func FuzzDecryptRequestProto(f *testing.F) {
 		switch {
 		case verr != nil:
 			want = codes.InvalidArgument
-		case pub == nil:
+		case pub == nil, !fuzzPolicyCovers(pub):
 			want = codes.NotFound
 		case !fuzzPolicyAllows(pub, OpDecrypt, 0):
 			want = codes.PermissionDenied

@@ -108,7 +108,8 @@ func NewCertStore(cfg CertStoreConfig) (*CertStore, error) {
 }
 
 // MissingKeysError reports certificates whose private key the keyserver
-// does not hold (or does not let this edge use).
+// does not hold (or does not let this edge use). [CertStore.Load] returns
+// it wrapped in an error that names the package and the directory.
 type MissingKeysError struct {
 	// Files are the certificate files, in the order they were read.
 	Files []string
@@ -120,7 +121,7 @@ type MissingKeysError struct {
 // Error lists the files and their key ids.
 func (e *MissingKeysError) Error() string {
 	var b strings.Builder
-	b.WriteString("tlscore: the keyserver holds no key for ")
+	b.WriteString("the keyserver holds no key for ")
 	for i, f := range e.Files {
 		if i > 0 {
 			b.WriteString(", ")
@@ -185,7 +186,7 @@ func (s *CertStore) load(ctx context.Context, dir string) (*certSet, error) {
 	if err != nil {
 		return nil, err
 	}
-	infos, err := s.client.ListKeys(ctx)
+	infos, err := s.client.listKeys(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -210,7 +211,7 @@ func (s *CertStore) load(ctx context.Context, dir string) (*certSet, error) {
 		}
 		id, err := link.KeyIDOf(chain[0].PublicKey)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("tlscore: %s: %w", f, err))
+			errs = append(errs, fmt.Errorf("%s: %w", f, err))
 			continue
 		}
 		info, ok := keys[id]
@@ -240,7 +241,7 @@ func (s *CertStore) load(ctx context.Context, dir string) (*certSet, error) {
 		return nil, errors.Join(errs...)
 	}
 	if len(entries) == 0 {
-		return nil, errors.New("tlscore: no certificate to serve (certificate files are *.pem or *.crt)")
+		return nil, errors.New("no certificate to serve (certificate files are *.pem or *.crt)")
 	}
 
 	set := &certSet{exact: make(map[string][]*certEntry), wildcard: make(map[string][]*certEntry), all: entries}
@@ -256,7 +257,7 @@ func (s *CertStore) load(ctx context.Context, dir string) (*certSet, error) {
 	if s.defaultName != "" {
 		set.def = set.findDefault(entries, s.defaultName)
 		if set.def == nil {
-			return nil, fmt.Errorf("tlscore: default certificate %q: no certificate file has that name and no certificate covers it", s.defaultName)
+			return nil, fmt.Errorf("default certificate %q: no certificate file has that name and no certificate covers it", s.defaultName)
 		}
 	}
 	s.logger.Info("certificates loaded", "dir", dir, "certificates", len(entries),
@@ -268,14 +269,14 @@ func (s *CertStore) load(ctx context.Context, dir string) (*certSet, error) {
 func certFiles(dir string) ([]string, error) {
 	des, err := os.ReadDir(dir)
 	if err != nil {
-		return nil, fmt.Errorf("tlscore: certificate directory: %w", err)
+		return nil, fmt.Errorf("certificate directory: %w", err)
 	}
 	var files []string
 	for _, de := range des {
 		name := de.Name()
 		ext := strings.ToLower(filepath.Ext(name))
 		if ext == ".key" && !strings.HasPrefix(name, ".") {
-			return nil, fmt.Errorf("tlscore: %s: a private key file in the certificate directory; an edge must not hold private keys: remove it", filepath.Join(dir, name))
+			return nil, fmt.Errorf("%s: a private key file in the certificate directory; an edge must not hold private keys: remove it", filepath.Join(dir, name))
 		}
 		if strings.HasPrefix(name, ".") || (ext != ".pem" && ext != ".crt") {
 			continue
@@ -284,7 +285,7 @@ func certFiles(dir string) ([]string, error) {
 		// Stat, not de.Type: a symbolic link to a file counts (as in a
 		// Kubernetes secret volume).
 		if fi, err := os.Stat(path); err != nil {
-			return nil, fmt.Errorf("tlscore: certificate file: %w", err)
+			return nil, fmt.Errorf("certificate file: %w", err)
 		} else if !fi.Mode().IsRegular() {
 			continue
 		}
@@ -298,7 +299,7 @@ func certFiles(dir string) ([]string, error) {
 func readChainFile(path string) ([]*x509.Certificate, error) {
 	data, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("tlscore: certificate file: %w", err)
+		return nil, fmt.Errorf("certificate file: %w", err)
 	}
 	var (
 		chain    []*x509.Certificate
@@ -311,11 +312,11 @@ func readChainFile(path string) ([]*x509.Certificate, error) {
 		}
 		switch {
 		case link.IsPrivateKeyBlock(b):
-			return nil, fmt.Errorf("tlscore: %s holds a private key (PEM block %q): an edge must not hold private keys; remove the key from the file and keep it only on the keyserver", path, b.Type)
+			return nil, fmt.Errorf("%s holds a private key (PEM block %q): an edge must not hold private keys; remove the key from the file and keep it only on the keyserver", path, b.Type)
 		case b.Type == "CERTIFICATE":
 			c, err := x509.ParseCertificate(b.Bytes)
 			if err != nil && parseErr == nil {
-				parseErr = fmt.Errorf("tlscore: %s: certificate %d: %w", path, len(chain)+1, err)
+				parseErr = fmt.Errorf("%s: certificate %d: %w", path, len(chain)+1, err)
 			}
 			chain = append(chain, c)
 		}
@@ -324,11 +325,11 @@ func readChainFile(path string) ([]*x509.Certificate, error) {
 	case parseErr != nil:
 		return nil, parseErr
 	case len(chain) == 0:
-		return nil, fmt.Errorf("tlscore: %s: no CERTIFICATE PEM block", path)
+		return nil, fmt.Errorf("%s: no CERTIFICATE PEM block", path)
 	}
 	for i := 0; i+1 < len(chain); i++ {
 		if err := chain[i].CheckSignatureFrom(chain[i+1]); err != nil {
-			return nil, fmt.Errorf("tlscore: %s: certificate %d was not issued by certificate %d; the file must hold the leaf first, then each issuer in order: %w", path, i+1, i+2, err)
+			return nil, fmt.Errorf("%s: certificate %d was not issued by certificate %d; the file must hold the leaf first, then each issuer in order: %w", path, i+1, i+2, err)
 		}
 	}
 	return chain, nil
@@ -336,13 +337,13 @@ func readChainFile(path string) ([]*x509.Certificate, error) {
 
 func (s *CertStore) newEntry(file string, chain []*x509.Certificate, info *keylessv1.Key) (*certEntry, error) {
 	leaf := chain[0]
-	key, err := NewRemoteKey(s.client, info)
+	key, err := newRemoteKey(s.client, info)
 	if err != nil {
-		return nil, fmt.Errorf("tlscore: %s: %w", file, err)
+		return nil, fmt.Errorf("%s: %w", file, err)
 	}
 	schemes, tls13, err := certificateSchemes(leaf.PublicKey, info.GetSignatureAlgorithms())
 	if err != nil {
-		return nil, fmt.Errorf("tlscore: %s: key %s: %w", file, link.FormatKeyID(key.KeyID()), err)
+		return nil, fmt.Errorf("%s: key %s: %w", file, link.FormatKeyID(key.KeyID()), err)
 	}
 	if !tls13 {
 		s.logger.Warn("no TLS 1.3 signature scheme for this certificate's key: TLS 1.3 clients cannot use it",

@@ -188,6 +188,9 @@ func TestCertStoreLoadErrors(t *testing.T) {
 					t.Errorf("Load() = %v, want it to contain %q", err, w)
 				}
 			}
+			if n := strings.Count(err.Error(), "tlscore:"); n != 1 {
+				t.Errorf("Load() = %v, names the package %d times, want once", err, n)
+			}
 			if _, err := s.GetCertificate(&tls.ClientHelloInfo{ServerName: "p256.example.com"}); err == nil {
 				t.Error("GetCertificate() succeeded after a failed first Load")
 			}

@@ -144,6 +144,9 @@ type Client struct {
 	logger  hclog.Logger
 	metrics *Metrics
 	ownConn bool // Close closes conn
+	// handshakes records the link's handshakes, to explain failed calls;
+	// nil for a Client over a caller's connection.
+	handshakes *handshakeState
 
 	// streams carry Sign and Decrypt (see stream.go); streamsCtx ends them
 	// at Close.
@@ -228,8 +231,9 @@ func Dial(cfg ClientConfig) (*Client, error) {
 	if maxBackoff == 0 {
 		maxBackoff = DefaultReconnectBackoff
 	}
+	handshakes := &handshakeState{}
 	opts := append(link.DialOptions(),
-		grpc.WithTransportCredentials(credentials.NewTLS(cfg.TLS)),
+		grpc.WithTransportCredentials(&linkCredentials{TransportCredentials: credentials.NewTLS(cfg.TLS), state: handshakes}),
 		grpc.WithDefaultServiceConfig(serviceConfig),
 		grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff: backoff.Config{
@@ -285,6 +289,7 @@ func Dial(cfg ClientConfig) (*Client, error) {
 	c := newClient(conn, timeout, logger.Named("keyserver_client"), n)
 	c.metrics = cfg.Metrics
 	c.ownConn = true
+	c.handshakes = handshakes
 	return c, nil
 }
 
@@ -377,7 +382,9 @@ func (c *Client) callContext(ctx context.Context) (context.Context, context.Canc
 // are cut to what the keyserver takes. Errors wrap the gRPC status (use
 // status.Code): DeadlineExceeded when no keyserver answered in time,
 // Unavailable when none could be reached, NotFound for an unknown key,
-// InvalidArgument for a request the keyserver refused.
+// InvalidArgument for a request the keyserver refused. When none could be
+// reached and the link's latest handshake failed, the error is also a
+// *[LinkHandshakeError].
 func (c *Client) Sign(ctx context.Context, keyID link.KeyID, alg link.Algorithm, digest []byte, rc *keylessv1.RequestContext) ([]byte, error) {
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
@@ -394,7 +401,7 @@ func (c *Client) Sign(ctx context.Context, keyID link.KeyID, alg link.Algorithm,
 		err = errors.New("the keyserver returned an empty signature")
 	}
 	if err != nil {
-		return nil, c.failed("sign", keyID, rc, start, err)
+		return nil, fmt.Errorf("tlscore: %w", c.failed("sign", keyID, rc, start, err))
 	}
 	return resp.GetSignature(), nil
 }
@@ -420,15 +427,24 @@ func (c *Client) Decrypt(ctx context.Context, keyID link.KeyID, ciphertext []byt
 		err = fmt.Errorf("the keyserver returned a %d-byte premaster secret; want %d", len(resp.GetPremaster()), link.PremasterLen)
 	}
 	if err != nil {
-		return nil, c.failed("decrypt", keyID, rc, start, err)
+		return nil, fmt.Errorf("tlscore: %w", c.failed("decrypt", keyID, rc, start, err))
 	}
 	return resp.GetPremaster(), nil
 }
 
 // ListKeys returns the keys the keyservers let this edge use. It asks one
 // keyserver: all keyservers behind one Client are expected to hold the
-// same keys.
+// same keys. Errors are as for [Client.Sign].
 func (c *Client) ListKeys(ctx context.Context) ([]*keylessv1.Key, error) {
+	keys, err := c.listKeys(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("tlscore: %w", err)
+	}
+	return keys, nil
+}
+
+// listKeys is ListKeys, with errors that do not name the package.
+func (c *Client) listKeys(ctx context.Context) ([]*keylessv1.Key, error) {
 	ctx, cancel := c.callContext(ctx)
 	defer cancel()
 	start := time.Now()
@@ -472,8 +488,11 @@ func (c *Client) stream(ctx context.Context, method string, start time.Time, op 
 	return r, err
 }
 
-// failed logs a failed call once and returns the error to hand back.
+// failed logs a failed call once and returns the error to hand back, which
+// names the operation but not the package: a *LinkHandshakeError if the
+// link's latest handshake explains it.
 func (c *Client) failed(op string, keyID link.KeyID, rc *keylessv1.RequestContext, start time.Time, err error) error {
+	err = c.handshakes.explain(err)
 	args := []any{"op", op, "code", status.Code(err), "duration", time.Since(start), "error", err}
 	if keyID != (link.KeyID{}) {
 		args = append(args, "key_id", link.FormatKeyID(keyID))
@@ -483,7 +502,7 @@ func (c *Client) failed(op string, keyID link.KeyID, rc *keylessv1.RequestContex
 	}
 	c.logger.Warn("keyserver call failed", args...)
 	if op == "list_keys" {
-		return fmt.Errorf("tlscore: list keys: %w", err)
+		return fmt.Errorf("list keys: %w", err)
 	}
-	return fmt.Errorf("tlscore: %s with key %s: %w", op, link.FormatKeyID(keyID), err)
+	return fmt.Errorf("%s with key %s: %w", op, link.FormatKeyID(keyID), err)
 }

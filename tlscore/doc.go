@@ -32,6 +32,12 @@
 // leave it, because a faulty RSA-CRT signature reveals the private key; the
 // edge does not check them again.
 //
+// Each full handshake costs a keyserver operation before the client has
+// proved anything. [ServerConfig.MaxKeyOperations] bounds the operations in
+// flight (by default) and [ServerConfig.HandshakesPerClient] each client
+// address's full handshakes; a handshake over either is refused at once,
+// before its operation reaches a keyserver.
+//
 // # Resumption
 //
 // Session tickets are on: a resumed handshake needs no key operation. Every

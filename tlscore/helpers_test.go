@@ -320,16 +320,16 @@ func startKeyserver(t testing.TB, pki *testPKI, svc keylessv1.KeylessServiceServ
 }
 
 // startKeyserverWithHealth starts a keyserver whose health service reports
-// st for the KeylessService.
-func startKeyserverWithHealth(t testing.TB, pki *testPKI, svc keylessv1.KeylessServiceServer, st healthpb.HealthCheckResponse_ServingStatus) *testKeyserver {
+// st for the KeylessService, with extra server options.
+func startKeyserverWithHealth(t testing.TB, pki *testPKI, svc keylessv1.KeylessServiceServer, st healthpb.HealthCheckResponse_ServingStatus, opts ...grpc.ServerOption) *testKeyserver {
 	t.Helper()
 	cfg, err := link.ServerMTLSConfig(pki.serverCert, pki.serverKey, pki.caFile)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ks := &testKeyserver{lis: bufconn.Listen(1 << 20), ops: &opRecorder{}, frames: &frameCounts{}}
-	srv := grpc.NewServer(append(link.ServerOptions(), grpc.Creds(countingCreds{credentials.NewTLS(cfg), ks.frames}),
-		grpc.ChainUnaryInterceptor(ks.ops.intercept), grpc.ChainStreamInterceptor(ks.ops.interceptStream))...)
+	srv := grpc.NewServer(append(append(link.ServerOptions(), grpc.Creds(countingCreds{credentials.NewTLS(cfg), ks.frames}),
+		grpc.ChainUnaryInterceptor(ks.ops.intercept), grpc.ChainStreamInterceptor(ks.ops.interceptStream)), opts...)...)
 	keylessv1.RegisterKeylessServiceServer(srv, svc)
 	hs := health.NewServer()
 	hs.SetServingStatus(keylessv1.KeylessService_ServiceDesc.ServiceName, st)

@@ -21,7 +21,8 @@ import (
 )
 
 // Metrics are the edge's Prometheus metrics: TLS handshakes (see
-// [WithMetrics]), keyserver calls ([ClientConfig.Metrics]) and loaded
+// [WithMetrics]), handshakes shed and key operations in flight
+// ([ServerConfig.Metrics]), keyserver calls ([ClientConfig.Metrics]) and loaded
 // certificates ([CertStoreConfig.Metrics]). A nil *Metrics records
 // nothing. It is safe for concurrent use.
 //
@@ -30,6 +31,8 @@ import (
 // client's address or server name.
 type Metrics struct {
 	handshakes   *prometheus.CounterVec
+	shed         *prometheus.CounterVec
+	keyOps       prometheus.Gauge
 	callLatency  *prometheus.HistogramVec
 	callErrors   *prometheus.CounterVec
 	certsLoaded  prometheus.Gauge
@@ -47,6 +50,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Namespace: "keyless", Subsystem: "edge", Name: "handshakes_total",
 			Help: "TLS handshakes with clients, by TLS version (1.2, 1.3, unknown), key type of the certificate chosen (none if no certificate was chosen: a TLS 1.3 resumption, or a failure before the choice; crypto/tls chooses one before resuming in TLS 1.2), resumption and outcome (ok, timeout, client_closed, error).",
 		}, []string{"version", "key_type", "resumed", "outcome"}),
+		shed: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "keyless", Subsystem: "edge", Name: "handshakes_shed_total",
+			Help: "Handshakes refused at their key operation, before it reached a keyserver, by reason: key_operations (the edge had as many key operations in flight as it allows) or client_rate (the client was over its rate of full handshakes). Each is also counted in keyless_edge_handshakes_total with outcome error.",
+		}, []string{"reason"}),
+		keyOps: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: "keyless", Subsystem: "edge", Name: "key_operations_in_flight",
+			Help: "Key operations of handshakes in flight, counted against the edge's bound on them.",
+		}),
 		callLatency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Namespace: "keyless", Subsystem: "edge", Name: "keyserver_call_duration_seconds",
 			Help:    "Duration of keyserver calls, retries included, by method and keyserver (configured address; none if no keyserver was reached).",
@@ -66,7 +77,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}, []string{"name"}),
 		expiryLabels: map[string]bool{},
 	}
-	reg.MustRegister(m.handshakes, m.callLatency, m.callErrors, m.certsLoaded, m.certsExpiry)
+	for _, reason := range []string{shedKeyOperations, shedClientRate} {
+		m.shed.WithLabelValues(reason)
+	}
+	reg.MustRegister(m.handshakes, m.shed, m.keyOps, m.callLatency, m.callErrors, m.certsLoaded, m.certsExpiry)
 	return m
 }
 
@@ -92,6 +106,28 @@ func (m *Metrics) observeHandshake(c *tls.Conn, keyType string, err error) {
 		resumed = "true"
 	}
 	m.handshakes.WithLabelValues(version, keyType, resumed, handshakeOutcome(err)).Inc()
+}
+
+// observeShed counts one handshake refused for reason.
+func (m *Metrics) observeShed(reason string) {
+	if m == nil {
+		return
+	}
+	m.shed.WithLabelValues(reason).Inc()
+}
+
+// keyOperationStarted and keyOperationEnded track the key operations in
+// flight.
+func (m *Metrics) keyOperationStarted() {
+	if m != nil {
+		m.keyOps.Inc()
+	}
+}
+
+func (m *Metrics) keyOperationEnded() {
+	if m != nil {
+		m.keyOps.Dec()
+	}
 }
 
 // handshakeOutcome classifies a handshake error into a few fixed words.

@@ -1,9 +1,6 @@
 package tlscore
 
 import (
-	"crypto"
-	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"sync"
@@ -89,49 +86,6 @@ func (l *handshakeLimiter) sweep(now time.Time) {
 		}
 	}
 	l.lastSweep = now
-}
-
-// guard returns key, which must stay a crypto.Decrypter if it is one, with
-// each use first charged to the allowance of the client at addr: an
-// operation over it fails, naming the rate, without reaching the keyserver.
-func (l *handshakeLimiter) guard(key crypto.Signer, addr net.Addr) crypto.Signer {
-	g := guardedKey{Signer: key, l: l, addr: addr}
-	if d, ok := key.(crypto.Decrypter); ok {
-		return guardedDecrypter{g, d}
-	}
-	return g
-}
-
-type guardedKey struct {
-	crypto.Signer
-	l    *handshakeLimiter
-	addr net.Addr
-}
-
-func (g guardedKey) charge() error {
-	if !g.l.allow(g.addr) {
-		return fmt.Errorf("tlscore: client %s is over its rate of full handshakes (%g per second); try again later", g.addr, float64(g.l.rate))
-	}
-	return nil
-}
-
-func (g guardedKey) Sign(rand io.Reader, digest []byte, opts crypto.SignerOpts) ([]byte, error) {
-	if err := g.charge(); err != nil {
-		return nil, err
-	}
-	return g.Signer.Sign(rand, digest, opts)
-}
-
-type guardedDecrypter struct {
-	guardedKey
-	d crypto.Decrypter
-}
-
-func (g guardedDecrypter) Decrypt(rand io.Reader, msg []byte, opts crypto.DecrypterOpts) ([]byte, error) {
-	if err := g.charge(); err != nil {
-		return nil, err
-	}
-	return g.d.Decrypt(rand, msg, opts)
 }
 
 // refill is how long an empty allowance takes to fill up.

@@ -42,27 +42,36 @@ type RemoteKey interface {
 // key performs only the signature schemes info lists, and decrypts only if
 // it is an RSA key with info.DecryptPremaster set.
 func NewRemoteKey(c *Client, info *keylessv1.Key) (RemoteKey, error) {
+	k, err := newRemoteKey(c, info)
+	if err != nil {
+		return nil, fmt.Errorf("%w", err)
+	}
+	return k, nil
+}
+
+// newRemoteKey is NewRemoteKey, with errors that do not name the package.
+func newRemoteKey(c *Client, info *keylessv1.Key) (RemoteKey, error) {
 	if c == nil {
-		return nil, errors.New("tlscore: NewRemoteKey: nil client")
+		return nil, errors.New("NewRemoteKey: nil client")
 	}
 	if info == nil {
-		return nil, errors.New("tlscore: NewRemoteKey: nil key description")
+		return nil, errors.New("NewRemoteKey: nil key description")
 	}
 	sum := sha256.Sum256(info.GetPublicKey())
 	if !bytes.Equal(sum[:], info.GetKeyId()) {
-		return nil, fmt.Errorf("tlscore: key %x: the key id is not the SHA-256 of the public key", info.GetKeyId())
+		return nil, fmt.Errorf("key %x: the key id is not the SHA-256 of the public key", info.GetKeyId())
 	}
 	id := link.KeyID(sum)
 	pub, err := x509.ParsePKIXPublicKey(info.GetPublicKey())
 	if err != nil {
-		return nil, fmt.Errorf("tlscore: key %s: parse public key: %w", link.FormatKeyID(id), err)
+		return nil, fmt.Errorf("key %s: parse public key: %w", link.FormatKeyID(id), err)
 	}
 	kt := link.KeyTypeOf(pub)
 	switch {
 	case kt == keylessv1.KeyType_KEY_TYPE_UNSPECIFIED:
-		return nil, fmt.Errorf("tlscore: key %s: unsupported public key type %T", link.FormatKeyID(id), pub)
+		return nil, fmt.Errorf("key %s: unsupported public key type %T", link.FormatKeyID(id), pub)
 	case info.GetType() != keylessv1.KeyType_KEY_TYPE_UNSPECIFIED && info.GetType() != kt:
-		return nil, fmt.Errorf("tlscore: key %s: described as %v but the public key is %v", link.FormatKeyID(id), info.GetType(), kt)
+		return nil, fmt.Errorf("key %s: described as %v but the public key is %v", link.FormatKeyID(id), info.GetType(), kt)
 	}
 	k := remoteKey{client: c, id: id, pub: pub}
 	for _, w := range info.GetSignatureAlgorithms() {

@@ -33,7 +33,7 @@ func certificateSchemes(pub crypto.PublicKey, offered []keylessv1.SignatureAlgor
 	case *ecdsa.PublicKey:
 		want, ok := curveScheme(pub)
 		if !ok {
-			return nil, false, fmt.Errorf("tlscore: ECDSA curve %s is not usable in TLS", pub.Curve.Params().Name)
+			return nil, false, fmt.Errorf("ECDSA curve %s is not usable in TLS", pub.Curve.Params().Name)
 		}
 		tls13Scheme = func(a link.Algorithm) bool { return a.Wire == want }
 	case *rsa.PublicKey:
@@ -50,7 +50,7 @@ func certificateSchemes(pub crypto.PublicKey, offered []keylessv1.SignatureAlgor
 		tls13 = tls13 || tls13Scheme(a)
 	}
 	if len(schemes) == 0 {
-		return nil, false, errors.New("tlscore: the keyserver offers no TLS signature scheme (other than SHA-1) for this key")
+		return nil, false, errors.New("the keyserver offers no TLS signature scheme (other than SHA-1) for this key")
 	}
 	return schemes, tls13, nil
 }

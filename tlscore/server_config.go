@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"net"
 	"slices"
 
 	"github.com/hashicorp/go-hclog"
@@ -69,20 +70,40 @@ type ServerConfig struct {
 	// non-nil slice to turn ALPN off.
 	NextProtos []string
 
+	// MaxKeyOperations bounds the key operations (signatures and RSA
+	// decryptions) that handshakes have in flight at once, across every
+	// handshake this configuration serves. A handshake whose key operation
+	// finds the bound reached fails at once, without reaching the keyserver
+	// and without waiting for a slot: under a flood the edge refuses work
+	// it could only queue, instead of holding handshakes open until their
+	// deadline. Zero means [DefaultMaxKeyOperations]; a negative value
+	// means no bound.
+	MaxKeyOperations int
+
 	// HandshakesPerClient limits each client's full handshakes (resumptions
 	// are free) to this many per second (0.001 to a million), with bursts of
 	// HandshakeBurst; a handshake over it fails before any key operation. A client is an IPv4
 	// address or an IPv6 /56. Zero means no limit. Each full handshake
 	// costs a keyserver operation before the client has proved anything,
 	// so one client could otherwise spend the HSM's capacity; a limit too
-	// low refuses many users behind one NAT.
+	// low refuses many users behind one NAT. [DefaultHandshakesPerClient]
+	// and [DefaultHandshakeBurst] suit an edge that sees its clients'
+	// addresses; behind a proxy or load balancer that hides them, every
+	// client shares the proxy's address, and the limit belongs there.
 	HandshakesPerClient float64
 	// HandshakeBurst is the burst of HandshakesPerClient; zero means the
 	// rate rounded up.
 	HandshakeBurst int
 
-	// Logger receives debug lines about refused session tickets. Nil means
-	// no logging.
+	// Metrics, if set, counts the handshakes refused by MaxKeyOperations
+	// and HandshakesPerClient, and tracks the key operations in flight
+	// (see [Metrics]).
+	Metrics *Metrics
+
+	// Logger receives debug lines about refused session tickets and, at
+	// most once a minute for each bound, a warning that handshakes are
+	// being refused by MaxKeyOperations or HandshakesPerClient, with how
+	// many (never a client's address). Nil means no logging.
 	Logger hclog.Logger
 }
 
@@ -93,6 +114,31 @@ type ServerConfig struct {
 const (
 	MinHandshakeRate = 0.001
 	MaxHandshakeRate = 1e6
+)
+
+// MaxKeyOperationsLimit bounds ServerConfig.MaxKeyOperations: far more
+// than a keyserver link carries, so a larger value is a mistake.
+const MaxKeyOperationsLimit = 1 << 24
+
+// DefaultMaxKeyOperations is ServerConfig.MaxKeyOperations when it is zero.
+// By Little's law an edge needs as many operations in flight as its rate of
+// full handshakes times the keyserver's latency: this many carries ten
+// thousand handshakes a second at 100 ms, more than an edge's processors
+// complete, and matches what one keyserver stream queues (more would only
+// wait in the client for their deadline).
+const DefaultMaxKeyOperations = streamQueue
+
+// DefaultHandshakesPerClient and DefaultHandshakeBurst are the limits the
+// edge command applies per client by default. Resumptions are not
+// counted, so a client address stays under them unless it opens new
+// sessions faster than this: a browser makes a few full handshakes when it
+// first visits a site and resumes afterwards, so a NAT reaches the rate
+// only with over a thousand users each starting a new session with this
+// edge every minute. A larger NAT (a carrier's, say) sees some of its new
+// sessions refused at the peaks until its allowance refills.
+const (
+	DefaultHandshakesPerClient = 20
+	DefaultHandshakeBurst      = 40
 )
 
 // Validate reports whether the configuration is usable.
@@ -107,6 +153,9 @@ func (c *ServerConfig) Validate() error {
 	}
 	if r := c.HandshakesPerClient; r != 0 && !(r >= MinHandshakeRate && r <= MaxHandshakeRate) {
 		return fmt.Errorf("tlscore: ServerConfig.HandshakesPerClient is %v; it must be 0 (no limit) or from %v to %v", r, MinHandshakeRate, MaxHandshakeRate)
+	}
+	if c.MaxKeyOperations > MaxKeyOperationsLimit {
+		return fmt.Errorf("tlscore: ServerConfig.MaxKeyOperations is %d; it must be at most %d, or zero for the default, or negative for no bound", c.MaxKeyOperations, MaxKeyOperationsLimit)
 	}
 	if c.HandshakeBurst < 0 || c.HandshakeBurst > MaxHandshakeRate {
 		return fmt.Errorf("tlscore: ServerConfig.HandshakeBurst is %d; it must be from 0 (the rate) to %v", c.HandshakeBurst, MaxHandshakeRate)
@@ -150,7 +199,7 @@ func NewServerTLSConfig(cfg ServerConfig) (*tls.Config, error) {
 		MinVersion:     tls.VersionTLS12,
 		CipherSuites:   CipherSuites(false),
 		NextProtos:     slices.Clone(nextProtos),
-		GetCertificate: getCertificate(cfg.Certificates, cfg.handshakeLimiter()),
+		GetCertificate: getCertificate(cfg.Certificates, cfg.keyGuard()),
 	}
 	bindTickets(base, cfg.Certificates, logger.Named("tickets"))
 	if len(cfg.RSAKeyExchange) == 0 {
@@ -195,32 +244,52 @@ func offersForwardSecrecy(hello *tls.ClientHelloInfo) bool {
 	return slices.ContainsFunc(hello.CipherSuites, func(s uint16) bool { return slices.Contains(ecdheSuites, s) })
 }
 
-// handshakeLimiter returns the limiter of HandshakesPerClient, or nil.
-func (c *ServerConfig) handshakeLimiter() *handshakeLimiter {
-	if c.HandshakesPerClient == 0 {
+// keyGuard returns the guard of MaxKeyOperations and HandshakesPerClient,
+// or nil if neither applies.
+func (c *ServerConfig) keyGuard() *keyGuard {
+	logger := c.Logger
+	if logger == nil {
+		logger = hclog.NewNullLogger()
+	}
+	g := &keyGuard{metrics: c.Metrics, logger: logger}
+	switch n := c.MaxKeyOperations; {
+	case n == 0:
+		g.slots = &keyOpSlots{max: DefaultMaxKeyOperations, metrics: c.Metrics}
+	case n > 0:
+		g.slots = &keyOpSlots{max: int64(n), metrics: c.Metrics}
+	}
+	if c.HandshakesPerClient != 0 {
+		burst := c.HandshakeBurst
+		if burst == 0 {
+			burst = int(math.Ceil(c.HandshakesPerClient))
+		}
+		g.limit = newHandshakeLimiter(c.HandshakesPerClient, burst, c.Logger)
+	}
+	if g.slots == nil && g.limit == nil {
 		return nil
 	}
-	burst := c.HandshakeBurst
-	if burst == 0 {
-		burst = int(math.Ceil(c.HandshakesPerClient))
-	}
-	return newHandshakeLimiter(c.HandshakesPerClient, burst, c.Logger)
+	return g
 }
 
 // getCertificate is certs.GetCertificate that also records the key type of
-// the certificate chosen on the connection, for [Metrics], and, with limit
-// (nil: none), charges the client's allowance when the handshake uses the
-// key. (crypto/tls calls GetCertificate before it looks at a TLS 1.2
-// session ticket, so a resumption would be charged here.)
-func getCertificate(certs *CertStore, limit *handshakeLimiter) func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+// the certificate chosen on the connection, for [Metrics], and, with guard
+// (nil: none), admits each key operation the handshake makes (see
+// keyGuard): only then, and not here, because crypto/tls calls
+// GetCertificate before it looks at a TLS 1.2 session ticket, and a
+// resumption makes no key operation.
+func getCertificate(certs *CertStore, guard *keyGuard) func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	return func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 		c, err := certs.GetCertificate(hello)
 		if err != nil {
 			return nil, err
 		}
 		recordKeyType(hello.Conn, c)
-		if limit != nil && hello.Conn != nil {
-			c.PrivateKey = limit.guard(c.PrivateKey.(crypto.Signer), hello.Conn.RemoteAddr())
+		if guard != nil {
+			var addr net.Addr
+			if hello.Conn != nil {
+				addr = hello.Conn.RemoteAddr()
+			}
+			c.PrivateKey = guard.guard(c.PrivateKey.(crypto.Signer), addr)
 		}
 		return c, nil
 	}

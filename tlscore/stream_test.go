@@ -10,7 +10,11 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/status"
 
 	"github.com/keyless-tls/keyless/link"
@@ -209,5 +213,56 @@ func TestLinkWindowsAreStatic(t *testing.T) {
 	}
 	if dataIn < ops || dataOut < ops {
 		t.Errorf("the keyserver read %d and wrote %d DATA frames for %d operations sent one at a time; the count is wrong", dataIn, dataOut, ops)
+	}
+}
+
+// TestClientSurvivesMaxConnectionAge: a keyserver that ends every
+// connection after a short age (gRPC's MaxConnectionAge: a GOAWAY, then a
+// grace) makes the client reconnect, and no operation fails: streams move
+// to the new connection as they age, and an operation whose stream ends
+// with its connection is sent again.
+func TestClientSurvivesMaxConnectionAge(t *testing.T) {
+	old := streamMaxAge
+	streamMaxAge = 100 * time.Millisecond
+	t.Cleanup(func() { streamMaxAge = old })
+	pki := newTestPKI(t)
+	conns := &connCounter{}
+	ks := startKeyserverWithHealth(t, pki, newSignerService(t, []crypto.Signer{testP256Key()}, nil), healthpb.HealthCheckResponse_SERVING,
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionAge: 300 * time.Millisecond, MaxConnectionAgeGrace: time.Second}),
+		grpc.StatsHandler(conns))
+	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	for w := range 4 {
+		wg.Go(func() {
+			for i := 0; conns.n.Load() < 4 && i < 100000; i++ {
+				if err := signVerified(t, c, w*100000+i); err != nil {
+					if failed.Add(1) == 1 {
+						t.Errorf("Sign() = %v", err)
+					}
+				}
+				time.Sleep(time.Millisecond)
+			}
+		})
+	}
+	wg.Wait()
+	if n := conns.n.Load(); n < 4 {
+		t.Errorf("the client opened %d connections; want a new one after each 300 ms", n)
+	}
+	if n := failed.Load(); n != 0 {
+		t.Errorf("%d operations failed across connection ages", n)
+	}
+}
+
+// connCounter is a stats handler that counts the connections a server
+// accepted.
+type connCounter struct{ n atomic.Int64 }
+
+func (c *connCounter) TagRPC(ctx context.Context, _ *stats.RPCTagInfo) context.Context   { return ctx }
+func (c *connCounter) HandleRPC(context.Context, stats.RPCStats)                         {}
+func (c *connCounter) TagConn(ctx context.Context, _ *stats.ConnTagInfo) context.Context { return ctx }
+func (c *connCounter) HandleConn(_ context.Context, s stats.ConnStats) {
+	if _, ok := s.(*stats.ConnBegin); ok {
+		c.n.Add(1)
 	}
 }

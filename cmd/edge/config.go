@@ -28,6 +28,7 @@ type flags struct {
 	handshakeRate  float64
 	ticketKeys     string
 	handshakeBurst int
+	maxKeyOps      int
 	keyservers     string
 	keyserverName  string
 	keyserverCA    string
@@ -64,8 +65,9 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.origin, "origin", "", "HTTP origin URL to reverse-proxy to, e.g. http://127.0.0.1:8080")
 	fs.StringVar(&f.tcpOrigin, "tcp-origin", "", "raw TCP origin host:port, instead of -origin, for non-HTTP protocols")
 	fs.DurationVar(&f.tcpIdle, "tcp-idle-timeout", tlscore.DefaultTCPIdleTimeout, "with -tcp-origin: close a connection on which nothing moved in either direction this long, or whose client or origin takes nothing for as long (0: never); protocols quiet for longer need more")
-	fs.Float64Var(&f.handshakeRate, "handshakes-per-client", 0, "full TLS handshakes (each a keyserver operation) one client, an IPv4 address or IPv6 /56, may make per second; more fail before any key operation (0: no limit)")
-	fs.IntVar(&f.handshakeBurst, "handshake-burst", 0, "burst above -handshakes-per-client (0: the rate, rounded up)")
+	fs.Float64Var(&f.handshakeRate, "handshakes-per-client", tlscore.DefaultHandshakesPerClient, "full TLS handshakes (each a keyserver operation; resumptions are free) one client, an IPv4 address or IPv6 /56, may make per second; more are refused before any key operation (0: no limit, for an edge behind a proxy that hides client addresses)")
+	fs.IntVar(&f.handshakeBurst, "handshake-burst", tlscore.DefaultHandshakeBurst, "burst above -handshakes-per-client (0: the rate, rounded up)")
+	fs.IntVar(&f.maxKeyOps, "max-key-operations", tlscore.DefaultMaxKeyOperations, "key operations (one per full handshake) in flight at once; a handshake beyond them is refused at once, without queueing (0: no bound)")
 	fs.StringVar(&f.ticketKeys, "ticket-keys", "", "file of TLS session ticket keys, one per line as 64 hex digits, the first for new tickets (mode 0600); edges sharing it resume each other's sessions; reread on SIGHUP (default: keys of this process, rotated daily)")
 	fs.StringVar(&f.keyservers, "keyserver", "", "comma-separated keyserver addresses host:port, or one dns:///host:port for every address the name resolves to (required)")
 	fs.StringVar(&f.keyserverName, "keyserver-name", "", "name the keyservers' certificates are verified against (default: the host of a single -keyserver)")
@@ -103,6 +105,9 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	}
 	if f.handshakeBurst < 0 || f.handshakeBurst > tlscore.MaxHandshakeRate {
 		return nil, fmt.Errorf("-handshake-burst %d: must be from 0 (the rate) to %v", f.handshakeBurst, tlscore.MaxHandshakeRate)
+	}
+	if f.maxKeyOps < 0 || f.maxKeyOps > tlscore.MaxKeyOperationsLimit {
+		return nil, fmt.Errorf("-max-key-operations %d: must be 0 (no bound) or from 1 to %d", f.maxKeyOps, tlscore.MaxKeyOperationsLimit)
 	}
 	if (f.origin == "") == (f.tcpOrigin == "") {
 		return nil, errors.New("set exactly one of -origin (HTTP) and -tcp-origin (raw TCP)")

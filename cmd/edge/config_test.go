@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/keyless-tls/keyless/tlscore"
 )
 
 // validEdge is a complete set of edge flags; parse reads no file.
@@ -42,6 +44,9 @@ func TestParseBadSettings(t *testing.T) {
 		{with("-handshakes-per-client", "1e19"), "-handshakes-per-client"},
 		{with("-handshakes-per-client", "NaN"), "-handshakes-per-client"},
 		{with("-handshake-burst", "-1"), "-handshake-burst"},
+		{with("-max-key-operations", "-1"), "-max-key-operations"},
+		{with("-max-key-operations", "16777217"), "-max-key-operations"},
+		{with("-max-key-operations", "many"), "-max-key-operations"},
 		{with("-grace", "soon"), "-grace"},
 		{with("-log-level", "chatty"), "-log-level"},
 		{with("-metrics-listen", "9090"), "-metrics-listen"},
@@ -87,6 +92,7 @@ func TestParseSources(t *testing.T) {
 		{"keyserver-ca", "/etc/keyless/ca.pem"}, {"tls-cert", "/etc/keyless/edge.pem"}, {"tls-key", "/etc/keyless/edge.key"},
 		{"call-timeout", "3s"}, {"keepalive", "20s"}, {"reconnect-backoff", "1s"}, {"grace", "5s"},
 		{"log-level", "debug"}, {"log-json", "true"}, {"metrics-listen", "127.0.0.1:9444"},
+		{"max-key-operations", "512"}, {"handshakes-per-client", "50"}, {"handshake-burst", "120"},
 	}
 	var args []string
 	var yml strings.Builder
@@ -117,7 +123,7 @@ func TestParseSources(t *testing.T) {
 	if !reflect.DeepEqual(fromFlags, fromEnv) {
 		t.Errorf("environment gives\n%+v\nflags give\n%+v", fromEnv, fromFlags)
 	}
-	if fromFlags.callTimeout != 3*time.Second || len(fromFlags.keyserverList) != 2 || !fromFlags.logJSON {
+	if fromFlags.callTimeout != 3*time.Second || len(fromFlags.keyserverList) != 2 || !fromFlags.logJSON || fromFlags.maxKeyOps != 512 || fromFlags.handshakeRate != 50 || fromFlags.handshakeBurst != 120 {
 		t.Errorf("parsed %+v", fromFlags)
 	}
 	// Flags win over the environment, which wins over the file.
@@ -138,6 +144,33 @@ func TestHelpDocumentsSources(t *testing.T) {
 	for _, want := range []string{"EDGE_<NAME>", "-config", "-metrics-listen", "-metrics-allow-remote", `(default "127.0.0.1:8443")`, "(default 2s)"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("edge -h does not mention %q:\n%s", want, out.String())
+		}
+	}
+}
+
+// TestServerConfigBounds: by default the edge bounds its key operations in
+// flight and each client's full handshakes; the flags set the bounds, and
+// 0 removes them.
+func TestServerConfigBounds(t *testing.T) {
+	tests := []struct {
+		args          []string
+		wantMaxKeyOps int // as tlscore.ServerConfig takes it
+		wantRate      float64
+		wantBurst     int
+	}{
+		{nil, tlscore.DefaultMaxKeyOperations, tlscore.DefaultHandshakesPerClient, tlscore.DefaultHandshakeBurst},
+		{[]string{"-max-key-operations", "64", "-handshakes-per-client", "100", "-handshake-burst", "300"}, 64, 100, 300},
+		{[]string{"-max-key-operations", "0", "-handshakes-per-client", "0"}, -1, 0, tlscore.DefaultHandshakeBurst},
+	}
+	for _, tt := range tests {
+		f, err := parse(append(append([]string{}, validEdge...), tt.args...), io.Discard)
+		if err != nil {
+			t.Fatalf("parse(%q) = %v", tt.args, err)
+		}
+		cfg := f.serverConfig(nil, nil, nil)
+		if cfg.MaxKeyOperations != tt.wantMaxKeyOps || cfg.HandshakesPerClient != tt.wantRate || cfg.HandshakeBurst != tt.wantBurst {
+			t.Errorf("with %q: MaxKeyOperations %d, HandshakesPerClient %v, HandshakeBurst %d; want %d, %v, %d", tt.args,
+				cfg.MaxKeyOperations, cfg.HandshakesPerClient, cfg.HandshakeBurst, tt.wantMaxKeyOps, tt.wantRate, tt.wantBurst)
 		}
 	}
 }

@@ -110,12 +110,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		}
 		return err
 	}
-	serverCfg := tlscore.ServerConfig{Certificates: certs, RSAKeyExchange: splitList(f.rsaKeyExchange),
-		HandshakesPerClient: f.handshakeRate, HandshakeBurst: f.handshakeBurst, Logger: logger}
-	if f.tcpOrigin != "" {
-		serverCfg.NextProtos = []string{}
-	}
-	tlsConfig, err := tlscore.NewServerTLSConfig(serverCfg)
+	tlsConfig, err := tlscore.NewServerTLSConfig(f.serverConfig(certs, metrics, logger))
 	if err != nil {
 		return err
 	}
@@ -161,12 +156,33 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	summary = append(summary, "keyservers", strings.Join(keyservers, ","), "keyserver_name", name,
 		"certs", f.certs, "certificates", certs.Loaded(), "default_cert", f.defaultCert,
 		"rsa_key_exchange", f.rsaKeyExchange, "call_timeout", f.callTimeout, "keepalive", f.keepalive,
-		"reconnect_backoff", f.reconnect, "grace", f.grace, "handshakes_per_client", f.handshakeRate, "metrics", metricsAddr)
+		"reconnect_backoff", f.reconnect, "grace", f.grace, "handshakes_per_client", f.handshakeRate, "handshake_burst", f.handshakeBurst,
+		"max_key_operations", f.maxKeyOps, "metrics", metricsAddr)
 	logger.Info("edge ready", summary...)
 	if origin != nil {
 		return tlscore.ServeHTTP(serveCtx, ln, tlsConfig, tlscore.NewReverseProxy(origin, logger), f.grace, logger, tlscore.WithMetrics(metrics))
 	}
 	return tlscore.ServeTCP(serveCtx, ln, tlsConfig, f.tcpOrigin, f.grace, logger, tlscore.WithMetrics(metrics), tlscore.WithIdleTimeout(f.tcpIdle))
+}
+
+// serverConfig returns the configuration of the edge's TLS server.
+func (f *flags) serverConfig(certs *tlscore.CertStore, metrics *tlscore.Metrics, logger hclog.Logger) tlscore.ServerConfig {
+	cfg := tlscore.ServerConfig{
+		Certificates:        certs,
+		RSAKeyExchange:      splitList(f.rsaKeyExchange),
+		MaxKeyOperations:    f.maxKeyOps,
+		HandshakesPerClient: f.handshakeRate,
+		HandshakeBurst:      f.handshakeBurst,
+		Metrics:             metrics,
+		Logger:              logger,
+	}
+	if f.maxKeyOps == 0 {
+		cfg.MaxKeyOperations = -1 // the flag's "no bound"
+	}
+	if f.tcpOrigin != "" {
+		cfg.NextProtos = []string{}
+	}
+	return cfg
 }
 
 // drainAfter returns a context that ends delay after ctx does, keeping
@@ -284,17 +300,18 @@ const (
 // returns ctx.Err()): an edge that starts before its keyservers (after a
 // datacenter restart, say) comes up with them instead of exiting. Any other
 // error is returned at once, and so is a failed mutual-TLS handshake with
-// a keyserver (a wrong -keyserver-ca, an expired or refused -tls-cert),
-// which waiting does not mend.
+// a keyserver (a *tlscore.LinkHandshakeError: the keyserver's certificate
+// does not verify against -keyserver-ca, say), which waiting does not
+// mend.
 func loadCertificates(ctx context.Context, certs *tlscore.CertStore, dir string, logger hclog.Logger) error {
 	for wait := firstLoadRetry; ; wait = min(2*wait, maxLoadRetry) {
 		err := certs.Load(ctx, dir)
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
-		st, _ := status.FromError(err)
-		if err == nil || st.Code() != codes.Unavailable && st.Code() != codes.DeadlineExceeded ||
-			strings.Contains(st.Message(), "authentication handshake failed") {
+		var handshake *tlscore.LinkHandshakeError
+		if code := status.Code(err); err == nil || code != codes.Unavailable && code != codes.DeadlineExceeded ||
+			errors.As(err, &handshake) {
 			return err
 		}
 		logger.Warn("no keyserver answered; the edge starts once one does", "error", err, "next_attempt_in", wait)

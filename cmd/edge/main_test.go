@@ -155,4 +155,7 @@ func TestLoadCertificatesWaitsForKeyservers(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "certificate") || time.Since(start) > 5*time.Second || logs.Len() != 0 {
 		t.Errorf("loadCertificates(untrusted keyserver) = %v after %v, log %q; want the handshake error at once", err, time.Since(start), logs.String())
 	}
+	if hs := (*tlscore.LinkHandshakeError)(nil); !errors.As(err, &hs) {
+		t.Errorf("loadCertificates(untrusted keyserver) = %v, want a *tlscore.LinkHandshakeError", err)
+	}
 }

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"flag"
 	"fmt"
-	"io"
 	"os"
 	"strings"
 	"time"
@@ -105,15 +104,6 @@ func readPIN(file, env string, logger hclog.Logger) (string, error) {
 	// (The kernel's copy, /proc/<pid>/environ, stays: hence -pin-file.)
 	os.Unsetenv(env)
 	return pin, nil
-}
-
-// newLogger returns the process's logger.
-func newLogger(name, level string, json bool, w io.Writer) (hclog.Logger, error) {
-	lvl := hclog.LevelFromString(level)
-	if lvl == hclog.NoLevel {
-		return nil, fmt.Errorf("-log-level %q: want trace, debug, info, warn or error", level)
-	}
-	return hclog.New(&hclog.LoggerOptions{Name: name, Level: lvl, JSONFormat: json, Output: w}), nil
 }
 
 // validate checks the flags without reading the PIN: errors name the

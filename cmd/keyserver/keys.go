@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"crypto"
 	"crypto/rand"
@@ -30,11 +31,12 @@ import (
 func keys(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
 		fmt.Fprint(stderr, usage)
-		return fmt.Errorf("keys: no command given (generate, list, export, csr, selfsign)")
+		return fmt.Errorf("keys: no command given (generate, list, delete, export, csr, selfsign)")
 	}
 	cmds := map[string]func(context.Context, *keysCmd) error{
 		"generate": keysGenerate,
 		"list":     keysList,
+		"delete":   keysDelete,
 		"export":   keysExport,
 		"csr":      keysCSR,
 		"selfsign": keysSelfsign,
@@ -68,14 +70,19 @@ type keysCmd struct {
 	label   string
 	id      string
 
-	// export, csr, selfsign
+	// export, csr, selfsign, delete
 	key     string
 	keyURI  *hsm.URI // -key as a PKCS #11 URI, or nil
 	out     string
 	subject string
 	dns     string
 	days    int
+	yes     bool // delete without asking
 }
+
+// confirmInput is where "keys delete" reads its confirmation; tests
+// replace it.
+var confirmInput io.Reader = os.Stdin
 
 func (c *keysCmd) parse(args []string) error {
 	fs := flag.NewFlagSet("keyserver keys "+c.name, flag.ContinueOnError)
@@ -88,8 +95,12 @@ func (c *keysCmd) parse(args []string) error {
 		fs.StringVar(&c.curve, "curve", "", "ECDSA curve: P-256 (if unset) or P-384")
 		fs.StringVar(&c.label, "label", "", "CKA_LABEL of the new key (required)")
 		fs.StringVar(&c.id, "id", "", "CKA_ID of the new key, in hex (default: random)")
-	case "export", "csr", "selfsign":
+	case "export", "csr", "selfsign", "delete":
 		fs.StringVar(&c.key, "key", "", "the key: its key id (hex), its label, or a PKCS #11 URI such as 'pkcs11:object=www.example.com;id=%01%02' (which may also name the token, module and pin-source); required unless -token-uri selects one key")
+		if c.name == "delete" {
+			fs.BoolVar(&c.yes, "yes", false, "delete without asking for confirmation")
+			break
+		}
 		fs.StringVar(&c.out, "out", "", "output file (default: standard output)")
 		if c.name != "export" {
 			fs.StringVar(&c.subject, "cn", "", "subject common name (default: the first -dns name)")
@@ -139,13 +150,16 @@ func (c *keysCmd) parseKeyURI() error {
 }
 
 // open opens the HSM named by the flags. Log lines go to stderr, at warn
-// level, so that stdout holds only the command's output.
-func (c *keysCmd) open() (*hsm.Module, error) {
+// level, so that stdout holds only the command's output. With all set the
+// module also has the keys that serve would skip as extractable or not
+// sensitive, so that list shows them and delete can remove them.
+func (c *keysCmd) open(all bool) (*hsm.Module, error) {
 	logger := hclog.New(&hclog.LoggerOptions{Name: "keyserver", Level: hclog.Warn, Output: c.stderr})
 	cfg, err := c.hsm.config(logger)
 	if err != nil {
 		return nil, err
 	}
+	cfg.AllowExtractable = all
 	return hsm.Open(cfg)
 }
 
@@ -174,7 +188,7 @@ func keysGenerate(ctx context.Context, c *keysCmd) error {
 	if err := spec.Validate(); err != nil {
 		return err
 	}
-	m, err := c.open()
+	m, err := c.open(false)
 	if err != nil {
 		return err
 	}
@@ -187,7 +201,7 @@ func keysGenerate(ctx context.Context, c *keysCmd) error {
 }
 
 func keysList(ctx context.Context, c *keysCmd) error {
-	m, err := c.open()
+	m, err := c.open(true)
 	if err != nil {
 		return err
 	}
@@ -201,10 +215,15 @@ func keysList(ctx context.Context, c *keysCmd) error {
 }
 
 // printKeys writes one line per key: key id, type and size, label, CKA_ID,
-// whether it decrypts premasters, and its signature schemes.
+// what the token says of it (CKA_SENSITIVE, CKA_EXTRACTABLE,
+// CKA_ALLOWED_MECHANISMS), and what the keyserver does with it: whether
+// serve serves it (extractable or not sensitive keys only with
+// -allow-extractable), how it decrypts premaster secrets, and the
+// signature schemes it signs with, by the names a policy uses.
 func printKeys(w io.Writer, keys []crypto.Signer) error {
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "KEY ID\tTYPE\tLABEL\tCKA_ID\tDECRYPT\tSCHEMES")
+	fmt.Fprintln(tw, "KEY ID\tTYPE\tLABEL\tCKA_ID\tSENSITIVE\tEXTRACTABLE\tALLOWED MECHANISMS\tSERVED\tDECRYPT\tSIGN")
+	yesNo := map[bool]string{true: "yes", false: "no"}
 	for _, k := range keys {
 		d, err := signer.Describe(k)
 		if err != nil {
@@ -212,13 +231,65 @@ func printKeys(w io.Writer, keys []crypto.Signer) error {
 		}
 		var schemes []string
 		for _, s := range signer.Schemes(k) {
-			schemes = append(schemes, s.String())
+			schemes = append(schemes, signer.SchemeName(keylessv1.SignatureAlgorithm(s)))
+		}
+		sign := strings.Join(schemes, ",")
+		if sign == "" {
+			sign = "none"
+		}
+		decrypt := "no"
+		if dm, ok := k.(interface{ DecryptMechanism() string }); ok {
+			decrypt = dm.DecryptMechanism()
+		}
+		sensitive, extractable, allowed := "?", "?", "?"
+		served := "yes"
+		if a, ok := k.(interface{ Attributes() hsm.KeyAttributes }); ok {
+			attrs := a.Attributes()
+			sensitive, extractable = yesNo[attrs.Sensitive], yesNo[attrs.Extractable]
+			allowed = "any"
+			if attrs.AllowedMechanisms != nil {
+				allowed = strings.Join(attrs.AllowedMechanisms, ",")
+			}
+			if attrs.Extractable || !attrs.Sensitive {
+				served = "only with -allow-extractable"
+			}
 		}
 		typ := strings.TrimPrefix(d.GetType().String(), "KEY_TYPE_")
-		fmt.Fprintf(tw, "%x\t%s-%d\t%s\t%x\t%t\t%s\n", d.GetKeyId(), typ, d.GetBits(),
-			d.GetLabel(), d.GetObjectId(), d.GetDecryptPremaster(), strings.Join(schemes, ","))
+		fmt.Fprintf(tw, "%x\t%s-%d\t%s\t%x\t%s\t%s\t%s\t%s\t%s\t%s\n", d.GetKeyId(), typ, d.GetBits(),
+			d.GetLabel(), d.GetObjectId(), sensitive, extractable, allowed, served, decrypt, sign)
 	}
 	return tw.Flush()
+}
+
+// keysDelete destroys the key named by -key in the token, after asking
+// for confirmation on the standard input unless -yes is set.
+func keysDelete(ctx context.Context, c *keysCmd) error {
+	m, err := c.open(true)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	key, err := c.find(ctx, m)
+	if err != nil {
+		return err
+	}
+	d, err := signer.Describe(key)
+	if err != nil {
+		return err
+	}
+	what := fmt.Sprintf("key %x (label %q, CKA_ID %x)", d.GetKeyId(), d.GetLabel(), d.GetObjectId())
+	if !c.yes {
+		fmt.Fprintf(c.stderr, "Delete %s from the token? This destroys the private key and cannot be undone.\nType yes to delete it: ", what)
+		answer, _ := bufio.NewReader(confirmInput).ReadString('\n')
+		if strings.TrimSpace(answer) != "yes" {
+			return fmt.Errorf("%s was not deleted: not confirmed (type yes, or use -yes)", what)
+		}
+	}
+	if err := m.Delete(ctx, key); err != nil {
+		return err
+	}
+	fmt.Fprintf(c.stdout, "deleted %s\n", what)
+	return nil
 }
 
 // find returns the key named by -key: a key id in hex, a label or a
@@ -285,7 +356,7 @@ func keysExport(ctx context.Context, c *keysCmd) error {
 // withKey opens the HSM, finds the key named by -key, calls fn with it and
 // closes the HSM.
 func (c *keysCmd) withKey(ctx context.Context, fn func(crypto.Signer) error) error {
-	m, err := c.open()
+	m, err := c.open(false)
 	if err != nil {
 		return err
 	}

@@ -5,7 +5,7 @@
 // Usage:
 //
 //	keyserver serve [flags]      serve the KeylessService over gRPC with mutual TLS
-//	keyserver keys <command>     generate, list and export keys; make CSRs and certificates
+//	keyserver keys <command>     generate, list, delete and export keys; make CSRs and certificates
 //	keyserver token init         initialise a token, with PINs from files or the environment
 //
 // Run "keyserver <command> -h" for the flags of each command. The token PIN is
@@ -40,7 +40,8 @@ commands:
   token init           initialise a free token with PINs read from files
   serve                serve the KeylessService over gRPC with mutual TLS
   keys generate        generate a key pair inside the token
-  keys list            list the token's keys with their key ids
+  keys list            list the token's keys: key ids, attributes, what the keyserver does with each
+  keys delete          destroy a key in the token (asks first, unless -yes)
   keys export          print a key's public key (PEM)
   keys csr             create a certificate signing request signed by a token key
   keys selfsign        create a self-signed certificate signed by a token key

@@ -4,9 +4,9 @@ import (
 	"context"
 	"crypto"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"os"
 	"os/signal"
@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -29,308 +30,325 @@ import (
 	"github.com/keyless-tls/keyless/signer"
 )
 
-type serveFlags struct {
-	hsm              hsmFlags
-	listen           string
-	tlsCert          string
-	tlsKey           string
-	clientCA         string
-	policy           string
-	certs            string
-	auditLog         string
-	maxConcurrent    int
-	maxQueued        int
-	maxInFlight      int
-	maxStreams       int
-	ratePerIdentity  float64
-	burstPerIdentity int
-	allowExtractable bool
-	healthEvery      time.Duration
-	grace            time.Duration
-	logLevel         string
-	logJSON          bool
-	metricsListen    string
-	metricsRemote    bool
+// serve runs keyserver serve: it parses the settings, assembles the
+// keyserver from them and runs it until ctx is done.
+func serve(ctx context.Context, args []string, stderr io.Writer) error {
+	c, err := parseServe(args, stderr)
+	if err != nil {
+		return err
+	}
+	ks, err := assemble(ctx, c, stderr)
+	if err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	defer ks.close()
+	if err := ks.run(ctx); err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	return nil
 }
 
-// parseServe parses the flags, environment variables (KEYSERVER_*) and
-// config file (-config) of keyserver serve, and validates them: the
-// effective configuration. Errors name the flag and the problem.
-func parseServe(args []string, stderr io.Writer) (*serveFlags, error) {
-	var f serveFlags
-	fs := flag.NewFlagSet("keyserver serve", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	f.hsm.register(fs)
-	fs.StringVar(&f.listen, "listen", "127.0.0.1:7443", "address of the gRPC listener")
-	fs.StringVar(&f.tlsCert, "tls-cert", "", "PEM certificate chain of the keyserver (required)")
-	fs.StringVar(&f.tlsKey, "tls-key", "", "PEM private key of the keyserver's TLS certificate (required)")
-	fs.StringVar(&f.clientCA, "client-ca", "", "PEM CA certificates that issue edge client certificates (required)")
-	fs.StringVar(&f.policy, "policy", "", "YAML policy file: which edge identities may use which keys, operations and schemes; everything else is denied (required)")
-	fs.StringVar(&f.certs, "certs", "", "directory of PEM certificates (public, no keys) whose DNS names the policy's cert: patterns match against their keys (default: none, cert: patterns match nothing)")
-	fs.StringVar(&f.auditLog, "audit-log", "-", `file the audit trail is appended to, one JSON line per request; "-" is standard error`)
-	fs.IntVar(&f.maxConcurrent, "max-concurrent", 4, "key operations running in the HSM at once; more wait in a queue")
-	fs.IntVar(&f.maxQueued, "max-queued", 1024, "key operations waiting for the HSM before new ones are refused")
-	fs.IntVar(&f.maxInFlight, "max-inflight-per-identity", 256, "requests one edge identity may have in flight at once, unless a quota of the policy names it (0: no bound)")
-	fs.IntVar(&f.maxStreams, "max-streams-per-identity", link.MaxStreamsPerConnection, "Stream calls one edge identity may have open at once over all its connections; an edge opens one to four (0: no bound)")
-	fs.Float64Var(&f.ratePerIdentity, "rate-per-identity", 0, "requests per second one edge identity may make, unless a quota of the policy names it (0: no bound)")
-	fs.IntVar(&f.burstPerIdentity, "burst-per-identity", 0, "burst above -rate-per-identity (0: the rate, rounded up)")
-	fs.BoolVar(&f.allowExtractable, "allow-extractable", false, "DANGEROUS: also serve private keys that are extractable or not sensitive, which the token would let anyone with the PIN copy out")
-	fs.DurationVar(&f.healthEvery, "health-interval", 2*time.Second, "how often the HSM's health is checked")
-	fs.DurationVar(&f.grace, "grace", 10*time.Second, "on shutdown, how long in-flight operations may take to finish")
-	fs.StringVar(&f.logLevel, "log-level", "info", "log level: trace, debug, info, warn or error")
-	fs.BoolVar(&f.logJSON, "log-json", false, "log as JSON lines")
-	fs.StringVar(&f.metricsListen, "metrics-listen", "", "address of the operations listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9443 (default: none, off)")
-	fs.BoolVar(&f.metricsRemote, "metrics-allow-remote", false, "let -metrics-listen be a non-loopback address")
-	if err := parseConfig(fs, args, "KEYSERVER"); err != nil {
+// keyserver is every part of a keyserver, built by assemble from a
+// serveConfig, with its listeners open: ready to run.
+type keyserver struct {
+	cfg     *serveConfig
+	logger  hclog.Logger
+	audit   *auditFile
+	creds   *link.MTLSCredentials
+	module  *hsm.Module
+	store   signer.KeyStore // the module's keys, as -token-uri selects them
+	svc     *signer.Service
+	metrics *signer.Metrics
+	reg     *prometheus.Registry
+	grpc    *grpc.Server
+	health  *health.Server
+	ln      *link.Listener
+	opsLn   net.Listener // -metrics-listen; nil without it
+	// linkMetrics count what happens to the edges' connections.
+	linkMetrics *linkMetrics
+	// tokenLog describes the module and token for the startup line.
+	tokenLog []any
+	// keys is how many keys the store served at startup.
+	keys int
+}
+
+// assemble builds the keyserver c describes and opens its listeners. It
+// reads every file that can be wrong (policy, certificates, mTLS
+// credentials, audit log, PIN) before it opens the HSM. On error, whatever
+// it opened is closed again.
+func assemble(ctx context.Context, c *serveConfig, stderr io.Writer) (_ *keyserver, err error) {
+	ks := &keyserver{
+		cfg:    c,
+		logger: hclog.New(&hclog.LoggerOptions{Name: "keyserver", Level: c.logLevel, JSONFormat: c.logJSON, Output: stderr}),
+		reg:    opsserver.NewRegistry(),
+	}
+	ks.linkMetrics = newLinkMetrics(ks.reg, ks.expiredCRLs)
+	defer func() {
+		if err != nil {
+			ks.closeListeners()
+			ks.close()
+		}
+	}()
+	policy, err := loadPolicy(c.policy, c.certs)
+	if err != nil {
 		return nil, err
 	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("serve: unexpected arguments %q", fs.Args())
+	if err := link.CheckKeyFileMode(c.tlsKey); err != nil {
+		ks.logger.Warn("-tls-key is readable by others", "error", err)
 	}
-	if err := f.hsm.resolveURI(fs); err != nil {
-		return nil, fmt.Errorf("serve: %w", err)
+	if ks.creds, err = link.LoadMTLSCredentials(c.tlsCert, c.tlsKey, c.clientCA); err != nil {
+		return nil, err
 	}
-	if err := f.validate(); err != nil {
-		return nil, fmt.Errorf("serve: %w", err)
-	}
-	return &f, nil
-}
-
-// validate checks the flags that need no file or HSM: errors name the
-// flag and the value's problem.
-func (f *serveFlags) validate() error {
-	if hclog.LevelFromString(f.logLevel) == hclog.NoLevel {
-		return fmt.Errorf("-log-level %q: want trace, debug, info, warn or error", f.logLevel)
-	}
-	for _, req := range []struct{ name, value, why string }{
-		{"-tls-cert", f.tlsCert, ""},
-		{"-tls-key", f.tlsKey, ""},
-		{"-client-ca", f.clientCA, ""},
-		{"-policy", f.policy, ": the keyserver denies everything a policy does not allow, so without one it would refuse every request"},
-	} {
-		if req.value == "" {
-			return fmt.Errorf("%s is required%s", req.name, req.why)
+	if len(c.clientCRLs) > 0 {
+		if err := ks.creds.SetClientCRLs(c.clientCRLs...); err != nil {
+			return nil, fmt.Errorf("-client-crl: %w", err)
 		}
+		ks.warnExpiredCRLs()
 	}
-	if _, _, err := net.SplitHostPort(f.listen); err != nil {
-		return fmt.Errorf("-listen %q: want host:port: %w", f.listen, err)
+	if ks.audit, err = openAuditLog(c.auditLog, stderr); err != nil {
+		return nil, fmt.Errorf("-audit-log: %w", err)
 	}
-	if f.metricsListen != "" {
-		if _, _, err := net.SplitHostPort(f.metricsListen); err != nil {
-			return fmt.Errorf("-metrics-listen %q: want host:port: %w", f.metricsListen, err)
-		}
-	}
-	switch {
-	case f.maxConcurrent < 0:
-		return fmt.Errorf("-max-concurrent %d: must be 0 (no bound) or more", f.maxConcurrent)
-	case f.maxQueued < 0:
-		return fmt.Errorf("-max-queued %d: must be 0 or more", f.maxQueued)
-	case f.maxStreams < 0:
-		return fmt.Errorf("-max-streams-per-identity %d: must be 0 (no bound) or more", f.maxStreams)
-	case f.healthEvery <= 0:
-		return fmt.Errorf("-health-interval %v: must be positive", f.healthEvery)
-	case f.grace < 0:
-		return fmt.Errorf("-grace %v: must not be negative", f.grace)
-	}
-	quota := signer.Quota{MaxInFlight: f.maxInFlight, Rate: f.ratePerIdentity, Burst: f.burstPerIdentity}
-	if err := quota.Validate(); err != nil {
-		return fmt.Errorf("-max-inflight-per-identity, -rate-per-identity, -burst-per-identity: %w", err)
-	}
-	return f.hsm.validate()
-}
 
-func serve(ctx context.Context, args []string, stderr io.Writer) error {
-	f, err := parseServe(args, stderr)
+	hcfg, err := c.hsm.config(ks.logger)
 	if err != nil {
-		return err
+		return nil, err
 	}
-	logger, err := newLogger("keyserver", f.logLevel, f.logJSON, stderr)
-	if err != nil {
-		return err
-	}
-	quota := signer.Quota{MaxInFlight: f.maxInFlight, Rate: f.ratePerIdentity, Burst: f.burstPerIdentity}
-	// Read everything that can be wrong before opening the HSM.
-	policy, err := loadPolicy(f.policy, f.certs)
-	if err != nil {
-		return fmt.Errorf("serve: %w", err)
-	}
-	if err := link.CheckKeyFileMode(f.tlsKey); err != nil {
-		logger.Warn("-tls-key is readable by others", "error", err)
-	}
-	creds, err := link.LoadMTLSCredentials(f.tlsCert, f.tlsKey, f.clientCA)
-	if err != nil {
-		return fmt.Errorf("serve: %w", err)
-	}
-	audit, err := openAuditLog(f.auditLog, stderr)
-	if err != nil {
-		return fmt.Errorf("serve: -audit-log: %w", err)
-	}
-	defer audit.Close()
-
-	hcfg, err := f.hsm.config(logger)
-	if err != nil {
-		return fmt.Errorf("serve: %w", err)
-	}
-	if f.allowExtractable {
+	if c.allowExtractable {
 		hcfg.AllowExtractable = true
-		logger.Warn("*** -allow-extractable is set: the keyserver serves private keys that are extractable or not sensitive. " +
+		ks.logger.Warn("*** -allow-extractable is set: the keyserver serves private keys that are extractable or not sensitive. " +
 			"Anyone with the token's PIN can copy such keys out of the HSM, so they are not protected by it. " +
 			"Use this only to migrate: generate new keys inside the token (keyserver keys generate) and remove the flag. ***")
 	}
-	module, err := hsm.Open(hcfg)
-	if err != nil {
-		return fmt.Errorf("serve: %w", err)
+	ks.tokenLog = []any{"module", hcfg.ModulePath, "token_label", hcfg.TokenLabel, "token_serial", hcfg.TokenSerial,
+		"token_uri", tokenURIForLog(c.hsm.uri)}
+	if ks.module, err = hsm.Open(hcfg); err != nil {
+		return nil, err
 	}
-	defer module.Close()
 	// With -token-uri naming keys (object=, id=), only those are served.
-	store := newKeyStore(module, f.hsm.uri)
+	ks.store = newKeyStore(ks.module, c.hsm.uri)
 
+	if err := ks.newService(policy); err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", c.listen)
+	if err != nil {
+		return nil, err
+	}
+	ks.ln = link.LimitListener(ln, c.maxConns, c.maxConnsSource, ks.linkMetrics.connectionRefused)
+	if c.metricsListen != "" {
+		if ks.opsLn, err = opsserver.Listen(c.metricsListen, c.metricsRemote); err != nil {
+			return nil, fmt.Errorf("-metrics-listen: %w", err)
+		}
+	}
+	keys, err := ks.store.Keys(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if c.hsm.uri != nil && c.hsm.uri.SelectsKeys() {
+		logServedKeys(ks.logger, c.hsm.uri, keys)
+	}
+	lintPolicy(ks.logger, policy, keys)
+	ks.metrics.SetKeys(keys)
+	ks.keys = len(keys)
+	return ks, nil
+}
+
+// newService builds the signer.Service over ks.store with policy, its
+// metrics and audit trail, and the gRPC server that serves it.
+func (ks *keyserver) newService(policy *signer.Policy) error {
 	// The metrics see every request through the auditor, after the audit
 	// log; they need the policy in force, so they reach the service
-	// through svc, set below.
-	reg := opsserver.NewRegistry()
-	var svc *signer.Service
-	metrics := signer.NewMetrics(reg, func() *signer.Policy { return svc.Policy() })
-	svc, err = signer.NewService(signer.Config{
-		Keys:                  store,
-		Policy:                policy,
-		Quota:                 quota,
-		Audit:                 signer.MultiAuditor(signer.NewAuditLog(audit), metrics),
-		MaxConcurrent:         f.maxConcurrent,
-		MaxQueued:             f.maxQueued,
-		MaxStreamsPerIdentity: f.maxStreams,
-		Logger:                logger.Named("signer"),
-	})
+	// through ks.svc, set below.
+	ks.metrics = signer.NewMetrics(ks.reg, func() *signer.Policy { return ks.svc.Policy() })
+	cfg := ks.cfg.service
+	cfg.Keys = ks.store
+	cfg.Policy = policy
+	cfg.Audit = signer.MultiAuditor(signer.NewAuditLog(ks.audit), ks.metrics)
+	cfg.Logger = ks.logger.Named("signer")
+	cfg.Revoked = ks.creds.Revoked
+	svc, err := signer.NewService(cfg)
 	if err != nil {
-		return fmt.Errorf("serve: %w", err)
+		return err
 	}
-	gs := grpc.NewServer(append(link.ServerOptions(),
-		grpc.Creds(creds.ServerCredentials(svc.CheckPeer, logger.Named("mtls"), link.HandshakeObserver{Refused: metrics.HandshakeRefused})),
+	ks.svc = svc
+	ks.grpc = grpc.NewServer(append(link.ServerOptions(),
+		grpc.Creds(ks.creds.ServerCredentials(svc.CheckPeer, ks.logger.Named("mtls"), link.HandshakeObserver{
+			Refused:       ks.metrics.HandshakeRefused,
+			LogSuppressed: ks.linkMetrics.refusalLogSuppressed,
+			Closed:        ks.linkMetrics.connectionClosed,
+		})),
 		grpc.StatsHandler(svc.StatsHandler()),
+		grpc.ConnectionTimeout(ks.cfg.handshakeTimeout),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionAge: maxAge(ks.cfg.maxConnAge), MaxConnectionAgeGrace: ks.cfg.maxConnAgeGrace}),
 		// Reuse a goroutine per CPU for requests instead of starting one
-		// (and growing its stack) for each: -12 % CPU per Sign at
-		// concurrency 1 in signer's BenchmarkServiceSign, the same at 4
-		// (when every worker is busy, gRPC starts a goroutine as before).
+		// (and growing its stack) for each; when every worker is busy,
+		// gRPC starts a goroutine as it would without them.
 		grpc.NumStreamWorkers(uint32(runtime.GOMAXPROCS(0))),
 	)...)
-	svc.RegisterQueueMetrics(reg)
-	registerSessionMetrics(reg, module)
-	keylessv1.RegisterKeylessServiceServer(gs, svc)
-	hs := health.NewServer()
-	healthpb.RegisterHealthServer(gs, hs)
+	svc.RegisterQueueMetrics(ks.reg)
+	registerSessionMetrics(ks.reg, ks.module)
+	keylessv1.RegisterKeylessServiceServer(ks.grpc, svc)
+	ks.health = health.NewServer()
+	healthpb.RegisterHealthServer(ks.grpc, ks.health)
+	return nil
+}
 
-	ln, err := net.Listen("tcp", f.listen)
-	if err != nil {
-		return fmt.Errorf("serve: %w", err)
+// closeListeners closes the listeners that run did not get to serve.
+func (ks *keyserver) closeListeners() {
+	if ks.ln != nil {
+		ks.ln.Close()
 	}
-	keys, err := store.Keys(ctx)
-	if err != nil {
-		return fmt.Errorf("serve: %w", err)
+	if ks.opsLn != nil {
+		ks.opsLn.Close()
 	}
-	if f.hsm.uri != nil && f.hsm.uri.SelectsKeys() {
-		logServedKeys(logger, f.hsm.uri, keys)
+}
+
+// expiredCRLs returns the -client-crl files whose next update is past.
+func (ks *keyserver) expiredCRLs() []string {
+	if ks.creds == nil {
+		return nil
 	}
-	lintPolicy(logger, policy, keys)
-	metrics.SetKeys(keys)
+	return ks.creds.ExpiredClientCRLs(time.Now())
+}
+
+// warnExpiredCRLs logs, at error level, every -client-crl file whose next
+// update is past: it is still used, but certificates revoked since it was
+// issued are not refused.
+func (ks *keyserver) warnExpiredCRLs() {
+	for _, f := range ks.expiredCRLs() {
+		ks.logger.Error("client CRL expired: it is still used, but certificates revoked since it was issued are accepted; install a fresh one and send SIGHUP", "file", f)
+	}
+}
+
+// close closes the HSM module and the audit log, the parts that outlive
+// run.
+func (ks *keyserver) close() {
+	if ks.module != nil {
+		ks.module.Close()
+	}
+	if ks.audit != nil {
+		ks.audit.Close()
+	}
+}
+
+// run serves until ctx is done, then stops gracefully: health checks of
+// the HSM and the operations listener run alongside, and SIGHUP reloads
+// (see reload). It returns when the gRPC server has stopped.
+func (ks *keyserver) run(ctx context.Context) error {
+	c, logger := ks.cfg, ks.logger
 	watchCtx, stopWatch := context.WithCancel(ctx)
 	defer stopWatch()
 	hsmHealth := &healthState{}
 	hsmHealth.set(errors.New("not checked yet"))
-	go signer.WatchHealthFunc(watchCtx, store, f.healthEvery, func(err error) {
-		signer.SetHealth(hs, err)
-		metrics.SetHSMUp(err)
+	go signer.WatchHealthFunc(watchCtx, ks.store, c.healthEvery, func(err error) {
+		signer.SetHealth(ks.health, err)
+		ks.metrics.SetHSMUp(err)
 		hsmHealth.set(err)
 	})
 	metricsAddr := "off"
-	if f.metricsListen != "" {
-		mln, err := opsserver.Listen(f.metricsListen, f.metricsRemote)
-		if err != nil {
-			return fmt.Errorf("serve: -metrics-listen: %w", err)
-		}
-		metricsAddr = mln.Addr().String()
-		ready := func(ctx context.Context) error {
-			if err := hsmHealth.get(); err != nil {
-				return fmt.Errorf("HSM: %w", err)
-			}
-			keys, err := store.Keys(ctx)
-			if err != nil {
-				return fmt.Errorf("keys: %w", err)
-			}
-			if len(keys) == 0 {
-				return errors.New("no keys loaded")
-			}
-			return nil
-		}
-		go opsserver.Serve(watchCtx, mln, reg, ready, logger.Named("metrics"))
+	if ks.opsLn != nil {
+		metricsAddr = ks.opsLn.Addr().String()
+		go opsserver.Serve(watchCtx, ks.opsLn, ks.reg, ks.ready(hsmHealth), logger.Named("metrics"))
 	}
 
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
 
-	logger.Info("keyserver ready", "listen", ln.Addr().String(), "metrics", metricsAddr, "module", hcfg.ModulePath,
-		"token_label", hcfg.TokenLabel, "token_serial", hcfg.TokenSerial, "token_uri", tokenURIForLog(f.hsm.uri), "health_interval", f.healthEvery,
-		"keys", len(keys), "policy", policy.String(), "audit_log", f.auditLog,
-		"max_concurrent", f.maxConcurrent, "max_queued", f.maxQueued, "max_inflight_per_identity", f.maxInFlight, "max_streams_per_identity", f.maxStreams,
-		"allow_extractable", f.allowExtractable)
+	logger.Info("keyserver ready", append(append([]any{"listen", ks.ln.Addr().String(), "metrics", metricsAddr}, ks.tokenLog...),
+		"health_interval", c.healthEvery, "keys", ks.keys, "policy", ks.svc.Policy().String(), "audit_log", c.auditLog,
+		"max_concurrent", c.service.MaxConcurrent, "max_queued", c.service.MaxQueued,
+		"max_inflight_per_identity", c.service.Quota.MaxInFlight, "max_streams_per_identity", c.service.MaxStreamsPerIdentity,
+		"allow_extractable", c.allowExtractable)...)
 	errc := make(chan error, 1)
-	go func() { errc <- gs.Serve(ln) }()
+	go func() { errc <- ks.grpc.Serve(ks.ln) }()
 	for done := false; !done; {
 		select {
 		case err := <-errc:
-			return fmt.Errorf("serve: %w", err)
+			return err
 		case <-ctx.Done():
 			done = true
 		case <-hup:
-			reload(ctx, logger, f, svc, store, creds, audit)
-			if keys, err := store.Keys(ctx); err == nil {
-				metrics.SetKeys(keys)
-			}
+			ks.reload(ctx)
 		}
 	}
-	logger.Info("shutting down: finishing in-flight operations", "grace", f.grace)
-	hs.Shutdown()
-	// Streams are long-lived: ask them to end once their started
-	// operations are answered, so that GracefulStop does not wait for the
-	// grace period, and edges send the rest to another keyserver.
-	svc.Drain()
-	stopped := make(chan struct{})
-	go func() { gs.GracefulStop(); close(stopped) }()
-	select {
-	case <-stopped:
-	case <-time.After(f.grace):
-		logger.Warn("grace period over: closing remaining connections")
-		gs.Stop()
-	}
+	ks.drain()
 	if err := <-errc; err != nil && !errors.Is(err, grpc.ErrServerStopped) {
-		return fmt.Errorf("serve: %w", err)
+		return err
 	}
 	logger.Info("stopped")
 	return nil
 }
 
+// drain stops the gRPC server: in-flight operations may finish for up to
+// -grace, then the remaining connections are closed.
+func (ks *keyserver) drain() {
+	ks.logger.Info("shutting down: finishing in-flight operations", "grace", ks.cfg.grace)
+	ks.health.Shutdown()
+	// Streams are long-lived: ask them to end once their started
+	// operations are answered, so that GracefulStop does not wait for the
+	// grace period, and edges send the rest to another keyserver.
+	ks.svc.Drain()
+	stopped := make(chan struct{})
+	go func() { ks.grpc.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(ks.cfg.grace):
+		ks.logger.Warn("grace period over: closing remaining connections")
+		// Also those still in their TLS handshake, which Stop would
+		// wait for.
+		ks.ln.CloseConnections()
+		ks.grpc.Stop()
+	}
+}
+
+// ready is /readyz: the last health check of the HSM passed and the store
+// serves at least one key.
+func (ks *keyserver) ready(hsmHealth *healthState) func(context.Context) error {
+	return func(ctx context.Context) error {
+		if err := hsmHealth.get(); err != nil {
+			return fmt.Errorf("HSM: %w", err)
+		}
+		keys, err := ks.store.Keys(ctx)
+		if err != nil {
+			return fmt.Errorf("keys: %w", err)
+		}
+		if len(keys) == 0 {
+			return errors.New("no keys loaded")
+		}
+		return nil
+	}
+}
+
 // reload is SIGHUP: it reads the policy, the certificates and the mTLS
 // files again and reopens the audit log (for log rotation). Each part that
 // fails keeps its previous state, with an error in the log.
-func reload(ctx context.Context, logger hclog.Logger, f *serveFlags, svc *signer.Service, store signer.KeyStore, creds *link.MTLSCredentials, audit *auditFile) {
+func (ks *keyserver) reload(ctx context.Context) {
+	logger := ks.logger
 	logger.Info("SIGHUP: reloading the policy, certificates and mTLS credentials, and reopening the audit log")
-	if err := audit.Reopen(); err != nil {
+	if err := ks.audit.Reopen(); err != nil {
 		logger.Error("SIGHUP: reopening the audit log failed", "error", err)
 	}
-	if err := creds.Reload(); err != nil {
-		logger.Error("mTLS credentials not reloaded; the previous ones stay in use", "error", err)
+	if err := ks.creds.Reload(); err != nil {
+		logger.Error("mTLS credentials and client CRLs not reloaded; the previous ones stay in use", "error", err)
 	}
-	policy, err := loadPolicy(f.policy, f.certs)
+	ks.warnExpiredCRLs()
+	defer func() {
+		if keys, err := ks.store.Keys(ctx); err == nil {
+			ks.metrics.SetKeys(keys)
+		}
+	}()
+	policy, err := loadPolicy(ks.cfg.policy, ks.cfg.certs)
 	if err != nil {
 		logger.Error("policy not reloaded; the previous one stays in force", "error", err)
 		return
 	}
-	if err := svc.SetPolicy(policy); err != nil {
+	if err := ks.svc.SetPolicy(policy); err != nil {
 		logger.Error("policy not reloaded", "error", err)
 		return
 	}
-	if keys, err := store.Keys(ctx); err == nil {
+	if keys, err := ks.store.Keys(ctx); err == nil {
 		lintPolicy(logger, policy, keys)
 	}
 	logger.Info("policy reloaded", "policy", policy.String())
@@ -350,11 +368,11 @@ func loadPolicy(path, certsDir string) (*signer.Policy, error) {
 	if certsDir == "" {
 		return policy, nil
 	}
-	names, err := certificateNames(certsDir)
+	files, err := certificateFiles(certsDir)
 	if err != nil {
 		return nil, fmt.Errorf("-certs: %w", err)
 	}
-	return policy.WithCertificates(names), nil
+	return policy.WithCertificateFiles(files), nil
 }
 
 func lintPolicy(logger hclog.Logger, policy *signer.Policy, keys []crypto.Signer) {
@@ -398,4 +416,12 @@ func tokenURIForLog(uri *hsm.URI) string {
 		return ""
 	}
 	return uri.String()
+}
+
+// maxAge is -max-connection-age as gRPC takes it: 0 means forever.
+func maxAge(d time.Duration) time.Duration {
+	if d == 0 {
+		return time.Duration(math.MaxInt64)
+	}
+	return d
 }

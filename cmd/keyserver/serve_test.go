@@ -10,6 +10,7 @@ import (
 	"crypto/x509/pkix"
 	"encoding/pem"
 	"math/big"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -78,10 +79,16 @@ func TestServeFlagErrors(t *testing.T) {
 		{append(tlsFlags, "-policy", bad), `line 5: unknown field "operation" in a rule`},
 		{append(tlsFlags, "-policy", good, "-certs", certs), "leaked.pem holds a private key"},
 		{append(tlsFlags, "-policy", good, "-certs", filepath.Join(dir, "nope")), "-certs: open"},
-		{append(tlsFlags, "-policy", good, "-max-inflight-per-identity", "-1"), "Quota.MaxInFlight is -1"},
+		{append(tlsFlags, "-policy", good, "-max-inflight-per-identity", "-1"), "-max-inflight-per-identity -1: must be 0 (no bound) or more"},
 		{append(tlsFlags, "-policy", good, "-max-streams-per-identity", "-1"), "-max-streams-per-identity -1"},
-		{append(tlsFlags, "-policy", good, "-rate-per-identity", "-2"), "Quota.Rate is -2"},
+		{append(tlsFlags, "-policy", good, "-rate-per-identity", "-2"), "-rate-per-identity -2: must be 0 (no bound) or a positive number"},
 		{append(serveTLSFlags(t), "-policy", good, "-audit-log", ""), `-audit-log: no file given; use "-" for standard error`},
+		{append(serveTLSFlags(t), "-policy", good, "-client-crl", good), `-client-crl: link: client CRL file "` + good + `": CRL 1: x509: malformed crl`},
+		{append(serveTLSFlags(t), "-policy", good, "-client-crl", filepath.Join(dir, "none.crl")), "-client-crl: link: client CRL file: open"},
+		{append(tlsFlags, "-policy", good, "-client-crl", "a,,b"), `-client-crl: empty file name in "a,,b"`},
+		{append(tlsFlags, "-policy", good, "-handshake-timeout", "0s"), "-handshake-timeout 0s: must be positive"},
+		{append(tlsFlags, "-policy", good, "-max-connections-per-source", "-1"), "-max-connections-per-source -1"},
+		{append(tlsFlags, "-policy", good, "-max-connection-age", "-1s"), "-max-connection-age -1s"},
 		{append(serveTLSFlags(t), "-policy", good, "-audit-log", filepath.Join(dir, "no", "such", "dir", "audit.log")), "-audit-log: open audit log"},
 	}
 	for _, tt := range tests {
@@ -197,4 +204,37 @@ func TestServeReload(t *testing.T) {
 	hup()
 	waitLog(t, logs, "policy reloaded: policy=")
 	waitLog(t, logs, "2 rules, 2 identities")
+}
+
+// TestServeAssembleFailureCloses checks that when assembling fails after
+// the HSM and the gRPC listener are open (here: -metrics-listen is taken),
+// serve reports the flag and leaves nothing open behind it.
+func TestServeAssembleFailureCloses(t *testing.T) {
+	tok := hsmtest.New(t)
+	dir := t.TempDir()
+	free, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	listen := free.Addr().String()
+	free.Close()
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	args := append(append([]string{"serve", "-listen", listen, "-metrics-listen", taken.Addr().String()}, tokenFlags(t, tok)...), serveTLSFlags(t)...)
+	args = append(args, "-policy", writeTestFile(t, dir, "policy.yaml", servePolicy), "-audit-log", filepath.Join(dir, "audit.log"))
+	if _, _, err := runCmd(t, args...); err == nil || !strings.Contains(err.Error(), "serve: -metrics-listen") {
+		t.Fatalf("serve with -metrics-listen taken = %v, want a -metrics-listen error", err)
+	}
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		t.Fatalf("the gRPC listener %s is still open after serve failed: %v", listen, err)
+	}
+	ln.Close()
+	// The module was closed: the token opens again in the same process.
+	if _, _, err := runCmd(t, append([]string{"keys", "list"}, tokenFlags(t, tok)...)...); err != nil {
+		t.Errorf("keys list after the failed serve: %v", err)
+	}
 }

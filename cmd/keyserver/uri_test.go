@@ -60,7 +60,7 @@ func TestParseServeTokenURIConflicts(t *testing.T) {
 
 func TestParseServeTokenURISources(t *testing.T) {
 	const uri = "pkcs11:slot-id=3;id=%0a%0b?module-path=/opt/hsm/lib.so&pin-source=/etc/keyless/pin"
-	check := func(t *testing.T, f *serveFlags) {
+	check := func(t *testing.T, f *serveConfig) {
 		t.Helper()
 		h := f.hsm
 		if h.uri == nil || h.module != "/opt/hsm/lib.so" || h.slot != 3 || h.pinFile != "/etc/keyless/pin" || h.tokenLabel != "" {

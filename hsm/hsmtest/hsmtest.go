@@ -16,6 +16,12 @@
 // missing the test is skipped, unless KEYLESS_REQUIRE_SOFTHSM is "1", in
 // which case it fails: set that in CI.
 //
+// # openCryptoki
+//
+// [OpenCryptoki] returns openCryptoki's software token, a second PKCS #11
+// implementation independent of SoftHSM, initialised afresh for the test
+// binary. It is one per machine and needs root: see its documentation.
+//
 // # How tokens are made
 //
 // New initialises the token through PKCS #11 in the test process itself
@@ -49,7 +55,8 @@ const (
 	// EnvModule overrides the path of the SoftHSM PKCS #11 module.
 	EnvModule = "KEYLESS_SOFTHSM_MODULE"
 	// EnvRequire set to "1" turns a missing SoftHSM (or pkcs11-tool, for
-	// [Token.PKCS11Tool]) from a skip into a failure.
+	// [Token.PKCS11Tool], or openCryptoki or root, for [OpenCryptoki])
+	// from a skip into a failure.
 	EnvRequire = "KEYLESS_REQUIRE_SOFTHSM"
 )
 
@@ -192,12 +199,14 @@ func Main(m *testing.M) {
 }
 
 // Cleanup removes the SoftHSM directory with every token of the test
-// binary. Call it at the end of TestMain, after closing any Module still
-// open; no token can be used afterwards.
+// binary and, if [OpenCryptoki] was used, stops the pkcsslotd it started
+// and releases the software token's lock. Call it at the end of TestMain,
+// after closing any Module still open; no token can be used afterwards.
 func Cleanup() {
 	if confDir != "" {
 		_ = os.RemoveAll(confDir)
 	}
+	ReleaseOpenCryptoki()
 }
 
 // initToken initialises SoftHSM's free slot as a token with the given

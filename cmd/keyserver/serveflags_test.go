@@ -108,12 +108,12 @@ func TestParseServeSources(t *testing.T) {
 	if !reflect.DeepEqual(fromFlags, fromEnv) {
 		t.Errorf("environment gives\n%+v\nflags give\n%+v", fromEnv, fromFlags)
 	}
-	if fromFlags.maxQueued != 64 || fromFlags.healthEvery != 5*time.Second || !fromFlags.logJSON {
+	if fromFlags.service.MaxQueued != 64 || fromFlags.healthEvery != 5*time.Second || !fromFlags.logJSON {
 		t.Errorf("parsed %+v", fromFlags)
 	}
 	// Flags win over the environment, which wins over the file.
 	got, err := parseServe([]string{"-config", file, "-max-queued", "7"}, io.Discard)
-	if err != nil || got.maxQueued != 7 {
+	if err != nil || got.service.MaxQueued != 7 {
 		t.Errorf("flag over env and file: max-queued = %v (%v), want 7", got, err)
 	}
 }
