@@ -101,7 +101,7 @@ func (c *keysCmd) parse(args []string) error {
 			fs.BoolVar(&c.yes, "yes", false, "delete without asking for confirmation")
 			break
 		}
-		fs.StringVar(&c.out, "out", "", "output file (default: standard output)")
+		fs.StringVar(&c.out, "out", "", `output file; "-" or none is standard output`)
 		if c.name != "export" {
 			fs.StringVar(&c.subject, "cn", "", "subject common name (default: the first -dns name)")
 			fs.StringVar(&c.dns, "dns", "", "comma-separated DNS names for the subjectAltName (required)")
@@ -434,10 +434,11 @@ func keysSelfsign(ctx context.Context, c *keysCmd) error {
 	})
 }
 
-// writePEM writes one PEM block to -out, or to stdout.
+// writePEM writes one PEM block to -out, or to stdout when -out is "" or
+// "-".
 func (c *keysCmd) writePEM(typ string, der []byte) error {
 	b := pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})
-	if c.out == "" {
+	if c.out == "" || c.out == "-" {
 		_, err := c.stdout.Write(b)
 		return err
 	}

@@ -113,6 +113,9 @@ func TestKeysLifecycle(t *testing.T) {
 	if again := keys("export", "-key", link.FormatKeyID(id)); again != string(pem.EncodeToMemory(block)) {
 		t.Errorf("export by key id differs from export by label")
 	}
+	if dash := keys("export", "-key", "web-ec", "-out", "-"); dash != string(pem.EncodeToMemory(block)) {
+		t.Errorf("export -out - printed %q, want the key on standard output", dash)
+	}
 
 	// A CSR and a self-signed certificate signed inside the token.
 	for _, label := range []string{"web-rsa", "web-ec", "web-ed"} {

@@ -22,7 +22,7 @@ import (
 // flag names: "max-queued: 64"). A key the flag set does not define is an
 // error. fs's usage text is extended to say all this.
 func Parse(fs *flag.FlagSet, args []string, prefix string) error {
-	fs.String("config", "", "YAML file of settings, one key per flag name (e.g. max-queued: 64); command-line flags, then "+prefix+"_* environment variables, take precedence")
+	fs.String("config", "", "YAML file of settings, one key per flag name (e.g. \"log-level: debug\"); command-line flags, then "+prefix+"_* environment variables, take precedence")
 	usage := fs.Usage
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "Every flag can also be set by the environment variable %s_<NAME> (upper case, '-' as '_'),\nor as a key of the -config YAML file. Flags win over variables, variables over the file.\n\n", prefix)
