@@ -328,3 +328,58 @@ func TestRescan(t *testing.T) {
 	}
 	useAll(ctx, t, m)
 }
+
+// TestPINRefusedStopsLogins changes the token's user PIN under an open
+// module and makes it reconnect: the token refuses the old PIN once, and
+// the module then stops logging in (on a real HSM each attempt counts
+// toward locking the user) and stays unavailable until SetPIN gives it the
+// new one.
+func TestPINRefusedStopsLogins(t *testing.T) {
+	mustFixture(t) // another Module stays open, so the library stays initialised
+	tok := hsmtest.New(t)
+	tok.PKCS11Tool(t, "--keypairgen", "--key-type", "EC:prime256v1", "--label", "ec", "--id", "e1")
+	var logs syncBuffer
+	cfg := tok.Config()
+	cfg.Logger = testLogger(&logs)
+	m := tok.OpenConfig(t, cfg)
+	ctx := testContext(t)
+	useAll(ctx, t, m)
+
+	const newPIN = "a-new-user-pin"
+	// Change it in this process, which SoftHSM's state is per process, then
+	// end every session so that the module must log in again.
+	p := pkcs11.New(tok.ModulePath)
+	defer p.Destroy()
+	_ = p.Initialize() // already initialised by the modules
+	slot := uint(tok.Slot(t))
+	sh, err := p.OpenSession(slot, pkcs11.CKF_SERIAL_SESSION|pkcs11.CKF_RW_SESSION)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Login(sh, pkcs11.CKU_USER, tok.PIN); err != nil && err != pkcs11.Error(pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
+		t.Fatal(err)
+	}
+	if err := p.SetPIN(sh, tok.PIN, newPIN); err != nil {
+		t.Fatal(err)
+	}
+	if err := p.CloseAllSessions(slot); err != nil {
+		t.Fatal(err)
+	}
+	_ = m.Check(ctx) // finds the fault
+	const refused = "the token refused the PIN: not trying again"
+	for deadline := time.Now().Add(20 * time.Second); !strings.Contains(logs.String(), refused); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the module did not stop at the refused PIN:\n%s", logs.String())
+		}
+	}
+	attempts := strings.Count(logs.String(), "CKR_PIN_INCORRECT")
+	time.Sleep(1500 * time.Millisecond) // several backoffs, were it still retrying
+	if got := strings.Count(logs.String(), "CKR_PIN_INCORRECT"); got != attempts {
+		t.Errorf("the module tried the refused PIN again: %d mentions of CKR_PIN_INCORRECT, then %d:\n%s", attempts, got, logs.String())
+	}
+	wantUnavailable(t, "Check() with the PIN refused", m.Check(ctx))
+
+	m.SetPIN(newPIN)
+	waitHealthy(ctx, t, m)
+	useAll(ctx, t, m)
+}

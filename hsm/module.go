@@ -77,7 +77,10 @@ type Module struct {
 	fault         atomic.Pointer[faultState]
 	lastReconnect atomic.Pointer[reconnectState] // the last failed attempt since fault
 	tokenGone     atomic.Bool                    // the last attempt found no token
-	bg            sync.WaitGroup                 // closing of replaced crypto11 contexts
+	// pinRefused is set when the token refused the PIN while reconnecting:
+	// reconnection waits for SetPIN (see supervise).
+	pinRefused atomic.Bool
+	bg         sync.WaitGroup // closing of replaced crypto11 contexts
 
 	calls *callTracker // the PKCS #11 calls of key operations
 
@@ -281,7 +284,7 @@ func (m *Module) configure(slot uint) (c11Context, error) {
 	c11, err := m.deps.configure(&crypto11.Config{
 		Path:            m.path,
 		SlotNumber:      &slotNumber,
-		Pin:             m.cfg.PIN,
+		Pin:             m.pin(),
 		MaxSessions:     m.cfg.maxSessions(),
 		PoolWaitTimeout: m.cfg.poolWaitTimeout(),
 	})
@@ -342,6 +345,13 @@ func (m *Module) wantToken() string {
 	return fmt.Sprintf("slot number %d", *m.cfg.SlotNumber)
 }
 
+// pin returns the user PIN, which SetPIN may replace.
+func (m *Module) pin() string {
+	m.mu.RLock()
+	defer m.mu.RUnlock()
+	return m.cfg.PIN
+}
+
 // checkLogin opens a session on slot and logs in, so that a wrong PIN
 // fails here rather than in crypto11.Configure.
 func (m *Module) checkLogin(slot uint) (pkcs11.SessionHandle, error) {
@@ -350,7 +360,7 @@ func (m *Module) checkLogin(slot uint) (pkcs11.SessionHandle, error) {
 	if err != nil {
 		return 0, fmt.Errorf("hsm: open session on token %q: %w", m.token.Label, err)
 	}
-	if err := p.Login(sh, pkcs11.CKU_USER, m.cfg.PIN); err != nil && !isCode(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
+	if err := p.Login(sh, pkcs11.CKU_USER, m.pin()); err != nil && !isCode(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
 		_ = p.CloseSession(sh)
 		return 0, fmt.Errorf("hsm: log in to token %q: %w", m.token.Label, err)
 	}

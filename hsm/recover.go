@@ -22,6 +22,9 @@ type faultState struct {
 // slot and finds no objects without an error.
 var errTokenGone = errors.New("hsm: the token does not answer")
 
+// errPINLocked is the fault of a token whose user PIN is locked.
+var errPINLocked = errors.New("the user PIN is locked")
+
 // errLibraryReset is the fault of a Module whose sessions and handles
 // predate a new initialisation of its PKCS #11 library by another Module
 // of the process: they are dead, and their numbers may have been given to
@@ -175,7 +178,7 @@ func (m *Module) probe(ctx context.Context) error {
 		return fmt.Errorf("hsm: check token %q: %w", m.token.Label, err)
 	}
 	if ti.Flags&pkcs11.CKF_USER_PIN_LOCKED != 0 {
-		return fmt.Errorf("hsm: check token %q: the user PIN is locked", m.token.Label)
+		return fmt.Errorf("hsm: check token %q: %w", m.token.Label, errPINLocked)
 	}
 	m.mu.RLock()
 	c11, list := m.c11, m.list

@@ -33,8 +33,11 @@ type sessionPool struct {
 	p11   p11API
 	slot  atomic.Uint64  // changes when the library is initialised again
 	epoch *atomic.Uint64 // the library's epoch; nil for none (tests)
-	pin   string
 	wait  time.Duration
+
+	pinMu      sync.Mutex
+	pin        string
+	pinRefused bool // the token refused pin: do not try it again
 
 	// slots holds one token per session in use; its capacity is the cap.
 	slots chan struct{}
@@ -148,11 +151,26 @@ func (p *sessionPool) open() (session, error) {
 	return s, nil
 }
 
+// login logs sh in, unless the token has refused the pool's PIN before:
+// each attempt with a wrong PIN counts toward locking the user.
 func (p *sessionPool) login(sh pkcs11.SessionHandle) error {
+	p.pinMu.Lock()
+	defer p.pinMu.Unlock()
+	if p.pinRefused {
+		return fmt.Errorf("hsm: log in: %w", pkcs11.Error(pkcs11.CKR_PIN_INCORRECT))
+	}
 	if err := p.p11.Login(sh, pkcs11.CKU_USER, p.pin); err != nil && !isCode(err, pkcs11.CKR_USER_ALREADY_LOGGED_IN) {
+		p.pinRefused = isPINError(err)
 		return fmt.Errorf("hsm: log in: %w", err)
 	}
 	return nil
+}
+
+// setPIN replaces the PIN new sessions log in with.
+func (p *sessionPool) setPIN(pin string) {
+	p.pinMu.Lock()
+	defer p.pinMu.Unlock()
+	p.pin, p.pinRefused = pin, false
 }
 
 // closeSession closes s unless the library has been initialised again

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"sync"
 	"time"
+
+	"github.com/miekg/pkcs11"
 )
 
 // UnavailableError is the error of an operation that the token cannot
@@ -320,7 +322,7 @@ func (m *Module) supervise() {
 		case <-m.stop:
 			return
 		case <-m.wake:
-			if !retrying && m.fault.Load() != nil {
+			if !retrying && m.fault.Load() != nil && !m.pinRefused.Load() {
 				retrying, attempt, backoff = true, 0, 0
 				retry.Reset(0)
 			}
@@ -336,8 +338,17 @@ func (m *Module) supervise() {
 				retrying = false
 				continue
 			}
-			backoff = min(max(2*backoff, minReconnectBackoff), m.cfg.maxReconnectBackoff())
 			m.lastReconnect.Store(&reconnectState{attempt: attempt, err: err})
+			if isPINError(err) {
+				// Another attempt with the same PIN could lock the user
+				// out of a real HSM: wait for a new PIN.
+				m.pinRefused.Store(true)
+				retrying = false
+				m.logger.Error("the token refused the PIN: not trying again, so as not to lock the user; the keyserver stays unavailable until the PIN is fixed (-pin-file, then SIGHUP) or it is restarted",
+					"token", m.token.Label, "attempt", attempt, "error", err)
+				continue
+			}
+			backoff = min(max(2*backoff, minReconnectBackoff), m.cfg.maxReconnectBackoff())
 			m.logger.Warn("reconnecting to the token failed; retrying", "token", m.token.Label, "attempt", attempt, "retry_in", backoff, "error", err)
 			retry.Reset(backoff)
 		case <-rescan:
@@ -369,5 +380,40 @@ func (m *Module) kick() {
 	select {
 	case m.wake <- struct{}{}:
 	default:
+	}
+}
+
+// isPINError reports whether err is the token's refusal of a PIN, or a
+// token whose user PIN is locked: logging in again with the same PIN can
+// only make it worse.
+func isPINError(err error) bool {
+	if errors.Is(err, errPINLocked) {
+		return true
+	}
+	var e pkcs11.Error
+	if !errors.As(err, &e) {
+		return false
+	}
+	switch uint(e) {
+	case pkcs11.CKR_PIN_INCORRECT, pkcs11.CKR_PIN_LOCKED, pkcs11.CKR_PIN_EXPIRED,
+		pkcs11.CKR_PIN_INVALID, pkcs11.CKR_PIN_LEN_RANGE:
+		return true
+	}
+	return false
+}
+
+// SetPIN replaces the user PIN the module logs in with when it reconnects,
+// and, if the token refused the previous one, tries to reconnect at once.
+// A keyserver calls it on SIGHUP with the PIN read again from its file.
+// Reconnection stops after the token refuses a PIN (see [Module.Check]),
+// because each further attempt with a wrong PIN counts toward locking the
+// user on a real HSM.
+func (m *Module) SetPIN(pin string) {
+	m.mu.Lock()
+	m.cfg.PIN = pin
+	m.mu.Unlock()
+	m.raw.setPIN(pin)
+	if m.pinRefused.Swap(false) {
+		m.kick()
 	}
 }

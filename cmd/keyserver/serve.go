@@ -321,8 +321,8 @@ func (ks *keyserver) ready(hsmHealth *healthState) func(context.Context) error {
 	}
 }
 
-// reload is SIGHUP: it reads the policy, the certificates and the mTLS
-// files again and reopens the audit log (for log rotation). Each part that
+// reload is SIGHUP: it reads the policy, the certificates, the mTLS files
+// and the PIN file again and reopens the audit log (for log rotation). Each part that
 // fails keeps its previous state, with an error in the log.
 func (ks *keyserver) reload(ctx context.Context) {
 	logger := ks.logger
@@ -332,6 +332,15 @@ func (ks *keyserver) reload(ctx context.Context) {
 	}
 	if err := ks.creds.Reload(); err != nil {
 		logger.Error("mTLS credentials and client CRLs not reloaded; the previous ones stay in use", "error", err)
+	}
+	if f := ks.cfg.hsm.pinFile; f != "" {
+		// A token that refused the PIN is not logged in to again until
+		// the PIN changes (hsm.Module.SetPIN).
+		if pin, err := readPIN(f, "", logger); err != nil {
+			logger.Error("PIN not reread", "error", err)
+		} else {
+			ks.module.SetPIN(pin)
+		}
 	}
 	ks.warnExpiredCRLs()
 	defer func() {
