@@ -39,6 +39,7 @@ type Metrics struct {
 	certsExpiry  *prometheus.GaugeVec
 	expiryMu     sync.Mutex
 	expiryLabels map[string]bool
+	originErrors *prometheus.CounterVec
 }
 
 // NewMetrics registers the edge's metrics with reg and returns them. It
@@ -76,11 +77,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "NotAfter of each loaded certificate, in Unix seconds, by name (first DNS name, else file name; the earliest if several certificates share it).",
 		}, []string{"name"}),
 		expiryLabels: map[string]bool{},
+		originErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "keyless", Subsystem: "edge", Name: "origin_errors_total",
+			Help: "Requests (HTTP) and connections (TCP mode) whose origin failed, by route name (as configured; tcp in TCP mode; none for no_route) and reason: unreachable (502, connecting failed), timeout (504, connecting or the response headers took too long), failed (502, any other failure) or no_route (421, no route for the host name).",
+		}, []string{"route", "reason"}),
 	}
 	for _, reason := range []string{shedKeyOperations, shedClientRate} {
 		m.shed.WithLabelValues(reason)
 	}
-	reg.MustRegister(m.handshakes, m.shed, m.keyOps, m.callLatency, m.callErrors, m.certsLoaded, m.certsExpiry)
+	reg.MustRegister(m.handshakes, m.shed, m.keyOps, m.callLatency, m.callErrors, m.certsLoaded, m.certsExpiry, m.originErrors)
 	return m
 }
 
@@ -245,3 +250,11 @@ type namedConn struct {
 }
 
 func (c *namedConn) RemoteAddr() net.Addr { return c.addr }
+
+// observeOriginError counts one request whose origin failed (or that had
+// no route), by route name and reason.
+func (m *Metrics) observeOriginError(route, reason string) {
+	if m != nil {
+		m.originErrors.WithLabelValues(route, reason).Inc()
+	}
+}

@@ -164,8 +164,8 @@ func TestReverseProxy(t *testing.T) {
 					}
 				}
 			}
-			if seen.Path != "/base/hello" || seen.Host != origin.Host {
-				t.Errorf("origin saw Host %q path %q, want %q %q", seen.Host, seen.Path, origin.Host, "/base/hello")
+			if seen.Path != "/base/hello" || seen.Host != tt.host {
+				t.Errorf("origin saw Host %q path %q, want %q %q", seen.Host, seen.Path, tt.host, "/base/hello")
 			}
 		})
 	}
