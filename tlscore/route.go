@@ -153,10 +153,14 @@ func requestHost(host, serverName string) string {
 	} else if strings.HasPrefix(host, "[") {
 		return "" // an IPv6 literal
 	}
-	if host == "" || hostname.CheckServerName(host) != nil {
+	if hostname.CheckServerName(host) != nil {
 		return ""
 	}
-	return hostname.Normalize(host)
+	host = hostname.Normalize(host)
+	if host == "" || strings.HasPrefix(host, ".") || strings.HasSuffix(host, ".") || strings.Contains(host, "..") {
+		return "" // an empty label
+	}
+	return host
 }
 
 // validHostHeader reports whether h may be sent as a Host header: a host
