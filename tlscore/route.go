@@ -32,7 +32,8 @@ type Route struct {
 }
 
 // ParseOrigin parses an origin URL: scheme http or https and a host, without
-// credentials. Its error quotes s unless s may hold a password.
+// credentials. Its error starts with s, quoted, unless s may hold a
+// password; the caller adds what s is.
 func ParseOrigin(s string) (*url.URL, error) {
 	u, err := url.Parse(s)
 	switch {
@@ -41,11 +42,11 @@ func ParseOrigin(s string) (*url.URL, error) {
 		if strings.Contains(s, "@") {
 			shown = "(not shown: it may hold a password)"
 		}
-		return nil, fmt.Errorf("origin %s: want an http:// or https:// URL with a host", shown)
+		return nil, fmt.Errorf("%s: want an http:// or https:// URL with a host", shown)
 	case u.User != nil:
 		// The proxy would not send them, and argv is readable by every
 		// user of the machine.
-		return nil, fmt.Errorf("origin %q: a URL with credentials (user@ or user:password@) is not supported; the edge does not authenticate to the origin", u.Redacted())
+		return nil, fmt.Errorf("%q: a URL with credentials (user@ or user:password@) is not supported; the edge does not authenticate to the origin", u.Redacted())
 	}
 	return u, nil
 }
@@ -75,7 +76,7 @@ func newRouteTable(routes []Route) (*routeTable, error) {
 			return nil, fmt.Errorf("route %d: no origin", n)
 		}
 		if _, err := ParseOrigin(r.Origin.String()); err != nil {
-			return nil, fmt.Errorf("route %d: %w", n, err)
+			return nil, fmt.Errorf("route %d: origin %w", n, err)
 		}
 		if r.HostHeader != "" && !validHostHeader(r.HostHeader) {
 			return nil, fmt.Errorf("route %d: host header %q: want a host name or address, with an optional :port", n, r.HostHeader)

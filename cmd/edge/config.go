@@ -113,18 +113,9 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 		return nil, errors.New("set exactly one of -origin (HTTP) and -tcp-origin (raw TCP)")
 	}
 	if f.origin != "" {
-		u, err := url.Parse(f.origin)
-		switch {
-		case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "":
-			shown := fmt.Sprintf("%q", f.origin)
-			if strings.Contains(f.origin, "@") {
-				shown = "(not shown: it may hold a password)"
-			}
-			return nil, fmt.Errorf("-origin %s: want an http:// or https:// URL with a host", shown)
-		case u.User != nil:
-			// The proxy would not send them, and argv is readable by
-			// every user of the machine.
-			return nil, fmt.Errorf("-origin %q: a URL with credentials (user@ or user:password@) is not supported; the edge does not authenticate to the origin", u.Redacted())
+		u, err := tlscore.ParseOrigin(f.origin)
+		if err != nil {
+			return nil, fmt.Errorf("-origin %w", err)
 		}
 		f.originURL = u
 	}
