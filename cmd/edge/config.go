@@ -43,6 +43,7 @@ type flags struct {
 	logJSON        bool
 	metricsListen  string
 	metricsRemote  bool
+	proxy          proxyFlags // routes.go
 
 	// Derived from the above by parse.
 	level         hclog.Level
@@ -83,7 +84,8 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.BoolVar(&f.logJSON, "log-json", false, "log as JSON lines")
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "address of the operations listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9444 (default: none, off)")
 	fs.BoolVar(&f.metricsRemote, "metrics-allow-remote", false, "let -metrics-listen be a non-loopback address")
-	if err := config.Parse(fs, args, "EDGE"); err != nil {
+	f.proxy.define(fs)
+	if err := config.Parse(fs, args, "EDGE", routesSection); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
@@ -109,8 +111,11 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	if f.maxKeyOps < 0 || f.maxKeyOps > tlscore.MaxKeyOperationsLimit {
 		return nil, fmt.Errorf("-max-key-operations %d: must be 0 (no bound) or from 1 to %d", f.maxKeyOps, tlscore.MaxKeyOperationsLimit)
 	}
-	if (f.origin == "") == (f.tcpOrigin == "") {
-		return nil, errors.New("set exactly one of -origin (HTTP) and -tcp-origin (raw TCP)")
+	if err := f.proxy.check(fs, f.tcpOrigin != ""); err != nil {
+		return nil, err
+	}
+	if http := f.origin != "" || len(f.proxy.routes) > 0; http == (f.tcpOrigin != "") {
+		return nil, errors.New("set exactly one of -origin or routes in -config (HTTP), and -tcp-origin (raw TCP)")
 	}
 	if f.origin != "" {
 		u, err := tlscore.ParseOrigin(f.origin)
