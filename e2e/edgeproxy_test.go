@@ -313,8 +313,7 @@ func TestEdgeTCPOriginProxyProtocol(t *testing.T) {
 		}
 	}()
 	d := startDeployment(t)
-	edge, addr := d.startEdge(t, d.link.edgeCert, d.link.edgeKey, "-tcp-origin", ln.Addr().String(), "-origin-proxy-protocol", "2")
-	_ = edge
+	_, addr := d.startEdge(t, d.link.edgeCert, d.link.edgeKey, "-tcp-origin", ln.Addr().String(), "-origin-proxy-protocol", "2")
 	cmd := exec.Command("openssl", "s_client", "-quiet", "-connect", addr, "-servername", "ecdsa.e2e.test",
 		"-CAfile", d.caFile, "-verify_return_error")
 	cmd.Stdin = strings.NewReader("hello origin\n")

@@ -19,11 +19,11 @@
 // to -grace, and exits.
 //
 // SIGHUP reloads the certificate directory, the keyserver link's
-// credentials (-tls-cert, -tls-key, -keyserver-ca) and the session ticket
-// keys (-ticket-keys) without dropping any connection: new handshakes use
-// the new files. Each of the three is replaced only if all its files are
-// valid; otherwise the error is logged and the previous configuration
-// stays in force.
+// credentials (-tls-cert, -tls-key, -keyserver-ca), the session ticket
+// keys (-ticket-keys) and the routes of the -config file without dropping
+// any connection: new handshakes and requests use the new files. Each is
+// replaced only if all its files are valid; otherwise the error is logged
+// and the previous configuration stays in force.
 package main
 
 import (
