@@ -22,13 +22,14 @@ import (
 
 // Metrics are the edge's Prometheus metrics: TLS handshakes (see
 // [WithMetrics]), handshakes shed and key operations in flight
-// ([ServerConfig.Metrics]), keyserver calls ([ClientConfig.Metrics]) and loaded
-// certificates ([CertStoreConfig.Metrics]). A nil *Metrics records
+// ([ServerConfig.Metrics]), keyserver calls ([ClientConfig.Metrics]), loaded
+// certificates ([CertStoreConfig.Metrics]) and failed origin requests
+// ([ProxyConfig.Metrics], [WithMetrics] for [ServeTCP]). A nil *Metrics records
 // nothing. It is safe for concurrent use.
 //
 // Labels are bounded: a keyserver is named by its configured address, a
-// certificate by its first DNS name (or file name), and no label carries a
-// client's address or server name.
+// certificate by its first DNS name (or file name), a route by its
+// configured name, and no label carries a client's address or server name.
 type Metrics struct {
 	handshakes   *prometheus.CounterVec
 	shed         *prometheus.CounterVec

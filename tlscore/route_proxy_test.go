@@ -9,8 +9,10 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -364,4 +366,40 @@ func fmtVersion(v byte) string { return "v" + string('0'+rune(v)) }
 
 func fmtHeader(h *proxyproto.Header) string {
 	return fmtVersion(h.Version) + " " + h.SourceAddr.String() + "->" + h.DestinationAddr.String()
+}
+
+// TestProxyPoolsOriginConnections: sequential requests reuse one origin
+// connection; with MaxIdleConns -1 each opens its own.
+func TestProxyPoolsOriginConnections(t *testing.T) {
+	env := newTestEnv(t, envOptions{})
+	sc := env.serverConfig(t)
+	for _, tt := range []struct {
+		maxIdle, wantConns int
+	}{{0, 1}, {-1, 5}} {
+		var mu sync.Mutex
+		conns := 0
+		srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, `{"Path":"ok"}`) }))
+		srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+			if s == http.StateNew {
+				mu.Lock()
+				conns++
+				mu.Unlock()
+			}
+		}
+		srv.Start()
+		t.Cleanup(srv.Close)
+		p := mustProxy(t, ProxyConfig{Routes: []Route{{Origin: mustURL(t, srv.URL)}}, MaxIdleConns: tt.maxIdle})
+		addr, _ := startHTTPEdge(t, sc, p, time.Second)
+		client := httpClient(t, env, addr, true, 0)
+		for range 5 {
+			if status, body, seen := getSeen(t, client, "https://p256.example.com/", nil); status != 200 || seen.Path != "ok" {
+				t.Fatalf("GET = %d %q, want 200 from the origin", status, body)
+			}
+		}
+		mu.Lock()
+		if conns != tt.wantConns {
+			t.Errorf("MaxIdleConns %d: origin saw %d connections for 5 sequential requests, want %d", tt.maxIdle, conns, tt.wantConns)
+		}
+		mu.Unlock()
+	}
 }

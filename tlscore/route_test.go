@@ -191,3 +191,46 @@ func TestForwardedElement(t *testing.T) {
 		}
 	}
 }
+
+// FuzzForwardedValue: any value of visible ASCII and spaces comes out of
+// forwardedValue as a token equal to it or as a quoted-string that unquotes
+// to it.
+func FuzzForwardedValue(f *testing.F) {
+	for _, s := range []string{"example.com", "example.com:8443", `a"b\c`, "", " ", "[::1]:1", "a;b,c=d"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, v string) {
+		for i := range len(v) {
+			if v[i] < ' ' || v[i] > '~' {
+				return
+			}
+		}
+		got := forwardedValue(v)
+		if !strings.HasPrefix(got, `"`) {
+			if got != v || v == "" || strings.IndexFunc(v, func(r rune) bool { return !isTokenChar(r) }) >= 0 {
+				t.Fatalf("forwardedValue(%q) = %q, not a token equal to it", v, got)
+			}
+			return
+		}
+		if len(got) < 2 || !strings.HasSuffix(got, `"`) {
+			t.Fatalf("forwardedValue(%q) = %q, not a quoted-string", v, got)
+		}
+		var b strings.Builder
+		inner := got[1 : len(got)-1]
+		for i := 0; i < len(inner); i++ {
+			c := inner[i]
+			switch {
+			case c == '\\' && i+1 < len(inner):
+				i++
+				b.WriteByte(inner[i])
+			case c == '"' || c == '\\':
+				t.Fatalf("forwardedValue(%q) = %q: unescaped %q", v, got, c)
+			default:
+				b.WriteByte(c)
+			}
+		}
+		if b.String() != v {
+			t.Fatalf("forwardedValue(%q) = %q, which unquotes to %q", v, got, b.String())
+		}
+	})
+}

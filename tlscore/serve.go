@@ -132,7 +132,9 @@ func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h ht
 // they all ended in time, else an error; and an error if accepting fails for
 // a reason other than ctx.
 //
-// With [WithMetrics], each handshake is counted (see [Metrics]).
+// With [WithMetrics], each handshake is counted, and each origin that
+// cannot be reached (see [Metrics]). With [WithOriginProxyProtocol], each
+// origin connection begins with a PROXY protocol header naming the client.
 func ServeTCP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, originAddr string, grace time.Duration, logger hclog.Logger, opts ...ServeOption) error {
 	if logger == nil {
 		logger = hclog.NewNullLogger()

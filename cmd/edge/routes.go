@@ -63,6 +63,9 @@ func (p *proxyFlags) check(fs *flag.FlagSet, tcp bool) error {
 	if p.originProxy != 0 && !tcp {
 		return errors.New("-origin-proxy-protocol works with -tcp-origin only")
 	}
+	if p.forwarded && tcp {
+		return errors.New("-forwarded works with HTTP origins only, not -tcp-origin (see -origin-proxy-protocol)")
+	}
 	for _, d := range []struct {
 		name string
 		v    time.Duration

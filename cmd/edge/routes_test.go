@@ -84,6 +84,7 @@ func TestParseProxyErrors(t *testing.T) {
 		{"bad trusted proxies", "", []string{"-origin", "http://o", "-trusted-proxies", "10.0.0.1/8"}, "-trusted-proxies: \"10.0.0.1/8\" has host bits set"},
 		{"proxy protocol untrusted", "", []string{"-origin", "http://o", "-proxy-protocol"}, "-proxy-protocol needs -trusted-proxies"},
 		{"origin proxy protocol over http", "", []string{"-origin", "http://o", "-origin-proxy-protocol", "2"}, "-origin-proxy-protocol works with -tcp-origin only"},
+		{"forwarded over tcp", "", []string{"-tcp-origin", "o:1", "-forwarded"}, "-forwarded works with HTTP origins only"},
 		{"origin proxy protocol version", "", []string{"-tcp-origin", "o:1", "-origin-proxy-protocol", "3"}, "-origin-proxy-protocol 3"},
 		{"zero response timeout", "", []string{"-origin", "http://o", "-origin-response-timeout", "0s"}, "-origin-response-timeout 0s"},
 		{"negative idle conns", "", []string{"-origin", "http://o", "-origin-max-idle-conns", "-1"}, "-origin-max-idle-conns -1"},
