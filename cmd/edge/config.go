@@ -63,7 +63,7 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.certs, "certs", "", "directory of PEM certificate chains, one per file (required)")
 	fs.StringVar(&f.defaultCert, "default-cert", "", "certificate for clients without a known server name: a file name in -certs or a host name (default: none, such handshakes fail)")
 	fs.StringVar(&f.rsaKeyExchange, "rsa-key-exchange", "", "comma-separated host names (or *.wildcards) for which TLS 1.2 RSA key exchange is enabled (default: none)")
-	fs.StringVar(&f.origin, "origin", "", "HTTP origin URL to reverse-proxy to, e.g. http://127.0.0.1:8080")
+	fs.StringVar(&f.origin, "origin", "", "HTTP origin URL to reverse-proxy to, e.g. http://127.0.0.1:8080; with routes in -config, the origin of host names they do not name")
 	fs.StringVar(&f.tcpOrigin, "tcp-origin", "", "raw TCP origin host:port, instead of -origin, for non-HTTP protocols")
 	fs.DurationVar(&f.tcpIdle, "tcp-idle-timeout", tlscore.DefaultTCPIdleTimeout, "with -tcp-origin: close a connection on which nothing moved in either direction this long, or whose client or origin takes nothing for as long (0: never); protocols quiet for longer need more")
 	fs.Float64Var(&f.handshakeRate, "handshakes-per-client", tlscore.DefaultHandshakesPerClient, "full TLS handshakes (each a keyserver operation; resumptions are free) one client, an IPv4 address or IPv6 /56, may make per second; more are refused before any key operation (0: no limit, for an edge behind a proxy that hides client addresses)")
