@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"net/netip"
-	"net/url"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -164,17 +163,6 @@ func NewProxy(cfg ProxyConfig) (*Proxy, error) {
 		ErrorHandler:  p.originFailed,
 	}
 	return p, nil
-}
-
-// NewReverseProxy returns a [Proxy] that sends every request to origin, with
-// the defaults of [ProxyConfig], or panics if origin is not a valid origin
-// URL (see [ParseOrigin]).
-func NewReverseProxy(origin *url.URL, logger hclog.Logger) *Proxy {
-	p, err := NewProxy(ProxyConfig{Routes: []Route{{Origin: origin}}, Logger: logger})
-	if err != nil {
-		panic("tlscore: NewReverseProxy: " + err.Error())
-	}
-	return p
 }
 
 // SetRoutes replaces p's routes. Requests in progress finish on their old
