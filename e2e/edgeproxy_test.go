@@ -71,12 +71,27 @@ func wantLines(t *testing.T, what, out string, want ...string) {
 // TestEdgeRoutes: routes from the -config file send each host name to its
 // origin (exact, wildcard, and -origin as the default), over HTTP/1.1
 // (curl) and HTTP/2 (nghttp), with the client's Host or the route's; a
-// SIGHUP puts a changed list in force; a dead origin gets a 502 that is
-// counted.
+// SIGHUP puts a changed list in force; an origin that does not answer in
+// time gets a 504, and a dead one a 502, each counted and logged.
 func TestEdgeRoutes(t *testing.T) {
 	needTool(t, "curl")
 	needTool(t, "nghttp")
 	a, b := startNamedOrigin(t, "a"), startNamedOrigin(t, "b")
+	// An origin that takes requests and never answers.
+	silent, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { silent.Close() })
+	go func() {
+		for {
+			c, err := silent.Accept()
+			if err != nil {
+				return
+			}
+			go func() { io.Copy(io.Discard, c); c.Close() }()
+		}
+	}()
 	config := filepath.Join(t.TempDir(), "edge.yaml")
 	writeRoutes(t, config, fmt.Sprintf(`  - hosts: [ecdsa.e2e.test]
     origin: %s/a
@@ -84,9 +99,13 @@ func TestEdgeRoutes(t *testing.T) {
     hosts: ["*.e2e.test"]
     origin: %s/b
     host: backend.internal
-`, a.URL, b.URL))
+  - name: silent
+    hosts: [ed25519.e2e.test]
+    origin: http://%s
+`, a.URL, b.URL, silent.Addr()))
 	// The default route is the deployment's demo origin (-origin).
-	d := startDeployment(t, "-config", config, "-trusted-proxies", "192.0.2.0/24", "-forwarded", "-metrics-listen", "127.0.0.1:0")
+	d := startDeployment(t, "-config", config, "-trusted-proxies", "192.0.2.0/24", "-forwarded", "-metrics-listen", "127.0.0.1:0",
+		"-origin-response-timeout", "500ms")
 	metrics := d.edge.waitFor(t, readyEdgeMetrics)[1]
 	_, port, _ := net.SplitHostPort(d.edgeAddr)
 
@@ -98,7 +117,15 @@ func TestEdgeRoutes(t *testing.T) {
 
 	// nghttp over HTTP/2 with no SNI (an IP address): the route follows
 	// :authority.
-	out, err := run(t, nil, "nghttp", "-v", "-H", ":authority: p384.e2e.test", "https://"+d.edgeAddr+"/n")
+	// An origin that does not answer in time: 504, counted.
+	out = curlEdge(t, d, "ed25519.e2e.test")
+	wantLines(t, "curl", out, "504 Gateway Timeout: the origin server did not answer in time", "status=504")
+	if v, _ := metricValue(scrape(t, metrics), `keyless_edge_origin_errors_total{reason="timeout",route="silent"}`); v != 1 {
+		t.Errorf("keyless_edge_origin_errors_total{timeout, silent} = %v, want 1", v)
+	}
+	d.edge.waitFor(t, regexp.MustCompile(`origin request failed: route=silent .*reason=timeout client_address=127.0.0.1:`))
+
+	out, err = run(t, nil, "nghttp", "-v", "-H", ":authority: p384.e2e.test", "https://"+d.edgeAddr+"/n")
 	if err != nil {
 		t.Fatalf("nghttp: %v\n%s", err, out)
 	}

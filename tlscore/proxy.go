@@ -280,7 +280,8 @@ func (p *Proxy) originFailed(w http.ResponseWriter, r *http.Request, err error) 
 		reason, msg = originUnreachable, "the origin server could not be reached"
 	}
 	p.metrics.observeOriginError(name, reason)
-	p.logger.Warn("origin request failed", "route", name, "origin", origin, "reason", reason, "method", r.Method, "host", r.Host, "path", r.URL.Path, "error", err)
+	p.logger.Warn("origin request failed", "route", name, "origin", origin, "reason", reason, "client_address", r.RemoteAddr,
+		"method", r.Method, "host", r.Host, "path", r.URL.Path, "error", err)
 	writeProxyError(w, status, msg)
 }
 
