@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -171,13 +172,17 @@ func startDeploymentOn(t testing.TB, spec deploymentSpec) *deployment {
 }
 
 // startEdge starts an edge of the deployment with the given client
-// certificate for the keyserver link, and returns it and its address.
+// certificate for the keyserver link, and returns it and its address. Its
+// origin is the deployment's, unless extra has a -tcp-origin.
 func (d *deployment) startEdge(t testing.TB, certFile, keyFile string, extra ...string) (*proc, string) {
 	t.Helper()
 	args := []string{"-listen", "127.0.0.1:0", "-certs", d.certsDir, "-default-cert", d.defaultCert,
-		"-rsa-key-exchange", "rsa.e2e.test", "-origin", "http://" + d.originAddr,
+		"-rsa-key-exchange", "rsa.e2e.test",
 		"-keyserver", d.keyserverAddr, "-keyserver-name", d.link.serverName, "-keyserver-ca", d.link.caFile,
 		"-tls-cert", certFile, "-tls-key", keyFile}
+	if !slices.Contains(extra, "-tcp-origin") {
+		args = append(args, "-origin", "http://"+d.originAddr)
+	}
 	edge := startProc(t, nil, "edge", append(args, extra...)...)
 	return edge, edge.waitFor(t, readyEdge)[1]
 }

@@ -13,7 +13,7 @@ func needTool(t *testing.T, name string) {
 	t.Helper()
 	if _, err := exec.LookPath(name); err != nil {
 		t.Fatalf("%s is not installed (make test installs it; on Debian: apt-get install %s)", name, map[string]string{
-			"openssl": "openssl", "curl": "curl", "nghttp": "nghttp2-client",
+			"openssl": "openssl", "curl": "curl", "nghttp": "nghttp2-client", "haproxy": "haproxy",
 		}[name])
 	}
 }

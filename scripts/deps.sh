@@ -19,6 +19,7 @@ declare -A pkg=(
 )
 if [ "$want" = tests ]; then
   pkg[nghttp]=nghttp2-client
+  pkg[haproxy]=haproxy # a real PROXY protocol sender in front of the edge
 fi
 
 missing=()

@@ -6,8 +6,8 @@
 // [link.ClientMTLSConfig] reads the edge's credentials for the keyserver link,
 // [Dial] returns a [Client] for the keyservers, [CertStore.Load] reads the
 // certificates and matches them with the keyserver's keys,
-// [NewServerTLSConfig] builds the edge's tls.Config, and [ServeHTTP] (with
-// [NewReverseProxy]) or [ServeTCP] serves it.
+// [NewServerTLSConfig] builds the edge's tls.Config, and [ServeHTTP] (with a
+// [Proxy] of routes to origins) or [ServeTCP] serves it.
 //
 // It shares nothing with the keyserver's code but package link, the wire's
 // vocabulary: key ids, the algorithm table (which TLS signature scheme

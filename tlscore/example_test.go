@@ -3,7 +3,6 @@ package tlscore_test
 import (
 	"context"
 	"net"
-	"net/url"
 	"os"
 	"os/signal"
 	"time"
@@ -59,13 +58,25 @@ func ExampleNewServerTLSConfig() {
 		return
 	}
 
-	origin, _ := url.Parse("http://127.0.0.1:8080")
+	www, _ := tlscore.ParseOrigin("http://127.0.0.1:8080")
+	api, _ := tlscore.ParseOrigin("http://127.0.0.1:9090/v1")
+	proxy, err := tlscore.NewProxy(tlscore.ProxyConfig{
+		Routes: []tlscore.Route{
+			{Hosts: []string{"api.example.com"}, Origin: api, HostHeader: "api.internal"},
+			{Origin: www}, // every other host name
+		},
+		Logger: logger,
+	})
+	if err != nil {
+		logger.Error("routes", "error", err)
+		return
+	}
 	ln, err := net.Listen("tcp", ":443")
 	if err != nil {
 		logger.Error("listen", "error", err)
 		return
 	}
-	if err := tlscore.ServeHTTP(ctx, ln, tlsConfig, tlscore.NewReverseProxy(origin, logger), 30*time.Second, logger); err != nil {
+	if err := tlscore.ServeHTTP(ctx, ln, tlsConfig, proxy, 30*time.Second, logger); err != nil {
 		logger.Error("serve", "error", err)
 	}
 }

@@ -22,13 +22,14 @@ import (
 
 // Metrics are the edge's Prometheus metrics: TLS handshakes (see
 // [WithMetrics]), handshakes shed and key operations in flight
-// ([ServerConfig.Metrics]), keyserver calls ([ClientConfig.Metrics]) and loaded
-// certificates ([CertStoreConfig.Metrics]). A nil *Metrics records
+// ([ServerConfig.Metrics]), keyserver calls ([ClientConfig.Metrics]), loaded
+// certificates ([CertStoreConfig.Metrics]) and failed origin requests
+// ([ProxyConfig.Metrics], [WithMetrics] for [ServeTCP]). A nil *Metrics records
 // nothing. It is safe for concurrent use.
 //
 // Labels are bounded: a keyserver is named by its configured address, a
-// certificate by its first DNS name (or file name), and no label carries a
-// client's address or server name.
+// certificate by its first DNS name (or file name), a route by its
+// configured name, and no label carries a client's address or server name.
 type Metrics struct {
 	handshakes   *prometheus.CounterVec
 	shed         *prometheus.CounterVec
@@ -39,6 +40,7 @@ type Metrics struct {
 	certsExpiry  *prometheus.GaugeVec
 	expiryMu     sync.Mutex
 	expiryLabels map[string]bool
+	originErrors *prometheus.CounterVec
 }
 
 // NewMetrics registers the edge's metrics with reg and returns them. It
@@ -76,11 +78,15 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "NotAfter of each loaded certificate, in Unix seconds, by name (first DNS name, else file name; the earliest if several certificates share it).",
 		}, []string{"name"}),
 		expiryLabels: map[string]bool{},
+		originErrors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "keyless", Subsystem: "edge", Name: "origin_errors_total",
+			Help: "Requests (HTTP) and connections (TCP mode) whose origin failed, by route name (as configured; tcp in TCP mode; none for no_route) and reason: unreachable (502, connecting failed), timeout (504, connecting or the response headers took too long), failed (502, any other failure) or no_route (421, no route for the host name).",
+		}, []string{"route", "reason"}),
 	}
 	for _, reason := range []string{shedKeyOperations, shedClientRate} {
 		m.shed.WithLabelValues(reason)
 	}
-	reg.MustRegister(m.handshakes, m.shed, m.keyOps, m.callLatency, m.callErrors, m.certsLoaded, m.certsExpiry)
+	reg.MustRegister(m.handshakes, m.shed, m.keyOps, m.callLatency, m.callErrors, m.certsLoaded, m.certsExpiry, m.originErrors)
 	return m
 }
 
@@ -245,3 +251,11 @@ type namedConn struct {
 }
 
 func (c *namedConn) RemoteAddr() net.Addr { return c.addr }
+
+// observeOriginError counts one request whose origin failed (or that had
+// no route), by route name and reason.
+func (m *Metrics) observeOriginError(route, reason string) {
+	if m != nil {
+		m.originErrors.WithLabelValues(route, reason).Inc()
+	}
+}

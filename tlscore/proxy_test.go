@@ -95,7 +95,7 @@ func TestReverseProxy(t *testing.T) {
 	sc := env.serverConfig(t, legacyName)
 	origin := newEchoOrigin(t)
 	origin.Path = "/base"
-	addr, _ := startHTTPEdge(t, sc, NewReverseProxy(origin, nil), time.Second)
+	addr, _ := startHTTPEdge(t, sc, mustProxy(t, ProxyConfig{Routes: []Route{{Origin: origin}}, Logger: nil}), time.Second)
 
 	tests := []struct {
 		name        string
@@ -164,8 +164,8 @@ func TestReverseProxy(t *testing.T) {
 					}
 				}
 			}
-			if seen.Path != "/base/hello" || seen.Host != origin.Host {
-				t.Errorf("origin saw Host %q path %q, want %q %q", seen.Host, seen.Path, origin.Host, "/base/hello")
+			if seen.Path != "/base/hello" || seen.Host != tt.host {
+				t.Errorf("origin saw Host %q path %q, want %q %q", seen.Host, seen.Path, tt.host, "/base/hello")
 			}
 		})
 	}
@@ -214,7 +214,7 @@ func TestReverseProxyStreaming(t *testing.T) {
 	}))
 	t.Cleanup(origin.Close)
 	u, _ := url.Parse(origin.URL)
-	addr, _ := startHTTPEdge(t, env.serverConfig(t), NewReverseProxy(u, nil), time.Second)
+	addr, _ := startHTTPEdge(t, env.serverConfig(t), mustProxy(t, ProxyConfig{Routes: []Route{{Origin: u}}, Logger: nil}), time.Second)
 	for _, h2 := range []bool{false, true} {
 		t.Run(map[bool]string{false: "HTTP1", true: "HTTP2"}[h2], func(t *testing.T) {
 			resp, err := httpClient(t, env, addr, h2, 0).Get("https://p256.example.com/stream")
@@ -243,7 +243,7 @@ func TestReverseProxyOriginDown(t *testing.T) {
 	}
 	down := &url.URL{Scheme: "http", Host: ln.Addr().String()}
 	logger, logs := newTestLogger()
-	addr, _ := startHTTPEdge(t, env.serverConfig(t), NewReverseProxy(down, logger), time.Second)
+	addr, _ := startHTTPEdge(t, env.serverConfig(t), mustProxy(t, ProxyConfig{Routes: []Route{{Origin: down}}, Logger: logger}), time.Second)
 	ln.Close() // only now, so that the edge cannot have been given its port
 	for _, h2 := range []bool{false, true} {
 		resp, err := httpClient(t, env, addr, h2, 0).Get("https://p256.example.com/")

@@ -132,7 +132,9 @@ func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h ht
 // they all ended in time, else an error; and an error if accepting fails for
 // a reason other than ctx.
 //
-// With [WithMetrics], each handshake is counted (see [Metrics]).
+// With [WithMetrics], each handshake is counted, and each origin that
+// cannot be reached (see [Metrics]). With [WithOriginProxyProtocol], each
+// origin connection begins with a PROXY protocol header naming the client.
 func ServeTCP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, originAddr string, grace time.Duration, logger hclog.Logger, opts ...ServeOption) error {
 	if logger == nil {
 		logger = hclog.NewNullLogger()
@@ -146,13 +148,14 @@ func ServeTCP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, origi
 		o.idle = DefaultTCPIdleTimeout
 	}
 	p := &tcpProxy{
-		tlsConfig: tlsConfig,
-		origin:    originAddr,
-		logger:    logger.Named("tcp"),
-		conns:     make(map[net.Conn]bool),
-		base:      context.WithoutCancel(ctx),
-		metrics:   o.metrics,
-		idle:      o.idle,
+		tlsConfig:  tlsConfig,
+		origin:     originAddr,
+		logger:     logger.Named("tcp"),
+		conns:      make(map[net.Conn]bool),
+		base:       context.WithoutCancel(ctx),
+		metrics:    o.metrics,
+		idle:       o.idle,
+		proxyProto: o.proxyProtocol,
 	}
 	stop := context.AfterFunc(ctx, func() { ln.Close() })
 	defer stop()
@@ -202,13 +205,14 @@ func ServeTCP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, origi
 
 // tcpProxy is the state of one ServeTCP.
 type tcpProxy struct {
-	tlsConfig *tls.Config
-	origin    string
-	logger    hclog.Logger
-	base      context.Context // ServeTCP's ctx without its cancellation
-	metrics   *Metrics
-	idle      time.Duration // see WithIdleTimeout
-	wg        sync.WaitGroup
+	tlsConfig  *tls.Config
+	origin     string
+	logger     hclog.Logger
+	base       context.Context // ServeTCP's ctx without its cancellation
+	metrics    *Metrics
+	idle       time.Duration // see WithIdleTimeout
+	proxyProto byte          // see WithOriginProxyProtocol
+	wg         sync.WaitGroup
 
 	mu    sync.Mutex
 	conns map[net.Conn]bool // every open connection: true for a client's, false for an origin's
@@ -256,11 +260,23 @@ func (p *tcpProxy) serve(raw net.Conn) {
 	origin, err := d.DialContext(dctx, "tcp", p.origin)
 	cancel()
 	if err != nil {
+		reason := originUnreachable
+		if ne := net.Error(nil); errors.As(err, &ne) && ne.Timeout() {
+			reason = originTimeout
+		}
+		p.metrics.observeOriginError("tcp", reason)
 		p.logger.Warn("origin unreachable", "origin", p.origin, "server_name", cs.ServerName, "error", err)
 		return
 	}
 	p.track(origin, false)
 	defer p.close(origin)
+	if p.proxyProto != 0 {
+		if err := writeProxyHeader(origin, p.proxyProto, raw); err != nil {
+			p.metrics.observeOriginError("tcp", originFailed)
+			p.logger.Warn("origin failed", "origin", p.origin, "error", err)
+			return
+		}
+	}
 
 	start := time.Now()
 	var up int64
@@ -359,9 +375,10 @@ func (w idleWriter) Write(p []byte) (int, error) {
 type ServeOption func(*serveOptions)
 
 type serveOptions struct {
-	metrics *Metrics
-	idle    time.Duration
-	idleSet bool
+	metrics       *Metrics
+	idle          time.Duration
+	idleSet       bool
+	proxyProtocol byte // see WithOriginProxyProtocol
 }
 
 // WithIdleTimeout sets [ServeTCP]'s idle timeout (the default is

@@ -43,6 +43,7 @@ type flags struct {
 	logJSON        bool
 	metricsListen  string
 	metricsRemote  bool
+	proxy          proxyFlags // routes.go
 
 	// Derived from the above by parse.
 	level         hclog.Level
@@ -62,7 +63,7 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.certs, "certs", "", "directory of PEM certificate chains, one per file (required)")
 	fs.StringVar(&f.defaultCert, "default-cert", "", "certificate for clients without a known server name: a file name in -certs or a host name (default: none, such handshakes fail)")
 	fs.StringVar(&f.rsaKeyExchange, "rsa-key-exchange", "", "comma-separated host names (or *.wildcards) for which TLS 1.2 RSA key exchange is enabled (default: none)")
-	fs.StringVar(&f.origin, "origin", "", "HTTP origin URL to reverse-proxy to, e.g. http://127.0.0.1:8080")
+	fs.StringVar(&f.origin, "origin", "", "HTTP origin URL to reverse-proxy to, e.g. http://127.0.0.1:8080; with routes in -config, the origin of host names they do not name")
 	fs.StringVar(&f.tcpOrigin, "tcp-origin", "", "raw TCP origin host:port, instead of -origin, for non-HTTP protocols")
 	fs.DurationVar(&f.tcpIdle, "tcp-idle-timeout", tlscore.DefaultTCPIdleTimeout, "with -tcp-origin: close a connection on which nothing moved in either direction this long, or whose client or origin takes nothing for as long (0: never); protocols quiet for longer need more")
 	fs.Float64Var(&f.handshakeRate, "handshakes-per-client", tlscore.DefaultHandshakesPerClient, "full TLS handshakes (each a keyserver operation; resumptions are free) one client, an IPv4 address or IPv6 /56, may make per second; more are refused before any key operation (0: no limit, for an edge behind a proxy that hides client addresses)")
@@ -83,7 +84,8 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.BoolVar(&f.logJSON, "log-json", false, "log as JSON lines")
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "address of the operations listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9444 (default: none, off)")
 	fs.BoolVar(&f.metricsRemote, "metrics-allow-remote", false, "let -metrics-listen be a non-loopback address")
-	if err := config.Parse(fs, args, "EDGE"); err != nil {
+	f.proxy.define(fs)
+	if err := config.Parse(fs, args, "EDGE", routesSection); err != nil {
 		return nil, err
 	}
 	if fs.NArg() > 0 {
@@ -109,22 +111,16 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	if f.maxKeyOps < 0 || f.maxKeyOps > tlscore.MaxKeyOperationsLimit {
 		return nil, fmt.Errorf("-max-key-operations %d: must be 0 (no bound) or from 1 to %d", f.maxKeyOps, tlscore.MaxKeyOperationsLimit)
 	}
-	if (f.origin == "") == (f.tcpOrigin == "") {
-		return nil, errors.New("set exactly one of -origin (HTTP) and -tcp-origin (raw TCP)")
+	if err := f.proxy.check(fs, f.tcpOrigin != ""); err != nil {
+		return nil, err
+	}
+	if http := f.origin != "" || len(f.proxy.routes) > 0; http == (f.tcpOrigin != "") {
+		return nil, errors.New("set exactly one of -origin or routes in -config (HTTP), and -tcp-origin (raw TCP)")
 	}
 	if f.origin != "" {
-		u, err := url.Parse(f.origin)
-		switch {
-		case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "":
-			shown := fmt.Sprintf("%q", f.origin)
-			if strings.Contains(f.origin, "@") {
-				shown = "(not shown: it may hold a password)"
-			}
-			return nil, fmt.Errorf("-origin %s: want an http:// or https:// URL with a host", shown)
-		case u.User != nil:
-			// The proxy would not send them, and argv is readable by
-			// every user of the machine.
-			return nil, fmt.Errorf("-origin %q: a URL with credentials (user@ or user:password@) is not supported; the edge does not authenticate to the origin", u.Redacted())
+		u, err := tlscore.ParseOrigin(f.origin)
+		if err != nil {
+			return nil, fmt.Errorf("-origin %w", err)
 		}
 		f.originURL = u
 	}

@@ -93,6 +93,8 @@ func TestParseSources(t *testing.T) {
 		{"call-timeout", "3s"}, {"keepalive", "20s"}, {"reconnect-backoff", "1s"}, {"grace", "5s"},
 		{"log-level", "debug"}, {"log-json", "true"}, {"metrics-listen", "127.0.0.1:9444"},
 		{"max-key-operations", "512"}, {"handshakes-per-client", "50"}, {"handshake-burst", "120"},
+		{"trusted-proxies", "10.0.0.0/8,192.0.2.7"}, {"proxy-protocol", "true"}, {"forwarded", "true"},
+		{"origin-response-timeout", "30s"}, {"origin-max-idle-conns", "8"},
 	}
 	var args []string
 	var yml strings.Builder
@@ -110,6 +112,7 @@ func TestParseSources(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	fromFile.proxy.configPath = "" // kept to read the routes again
 	if !reflect.DeepEqual(fromFlags, fromFile) {
 		t.Errorf("config file gives\n%+v\nflags give\n%+v", fromFile, fromFlags)
 	}

@@ -19,11 +19,11 @@
 // to -grace, and exits.
 //
 // SIGHUP reloads the certificate directory, the keyserver link's
-// credentials (-tls-cert, -tls-key, -keyserver-ca) and the session ticket
-// keys (-ticket-keys) without dropping any connection: new handshakes use
-// the new files. Each of the three is replaced only if all its files are
-// valid; otherwise the error is logged and the previous configuration
-// stays in force.
+// credentials (-tls-cert, -tls-key, -keyserver-ca), the session ticket
+// keys (-ticket-keys) and the routes of the -config file without dropping
+// any connection: new handshakes and requests use the new files. Each is
+// replaced only if all its files are valid; otherwise the error is logged
+// and the previous configuration stays in force.
 package main
 
 import (
@@ -77,7 +77,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 
 	reg := opsserver.NewRegistry()
 	metrics := tlscore.NewMetrics(reg)
-	keyservers, name, origin := f.keyserverList, f.serverName, f.originURL
+	keyservers, name := f.keyserverList, f.serverName
 	if err := link.CheckKeyFileMode(f.tlsKey); err != nil {
 		logger.Warn("-tls-key is readable by others", "error", err)
 	}
@@ -125,12 +125,33 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	if err != nil {
 		return err
 	}
+	if f.proxy.proxyProtocol {
+		if ln, err = tlscore.ProxyProtocolListener(ln, f.proxy.trusted); err != nil {
+			return err
+		}
+	}
+	var proxy *tlscore.Proxy
+	if f.tcpOrigin == "" {
+		pc, err := f.proxyConfig(metrics, logger)
+		if err == nil {
+			proxy, err = tlscore.NewProxy(pc)
+		}
+		if err != nil {
+			ln.Close()
+			return err
+		}
+	}
 	// serveCtx ends what ctx ends, after the drain delay.
 	serveCtx, draining, stopServing := drainAfter(ctx, f.drainDelay, logger)
 	defer stopServing()
 	reloadCtx, stopReload := context.WithCancel(serveCtx)
 	defer stopReload()
-	go reloadOn(reloadCtx, reload, func() { reloadConfig(reloadCtx, f, certs, link, tlsConfig, logger) })
+	go reloadOn(reloadCtx, reload, func() {
+		reloadConfig(reloadCtx, f, certs, link, tlsConfig, logger)
+		if proxy != nil {
+			reloadRoutes(f, proxy, logger)
+		}
+	})
 
 	metricsAddr := "off"
 	if f.metricsListen != "" {
@@ -148,8 +169,8 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		}, logger.Named("metrics"))
 	}
 	summary := []any{"listen", ln.Addr().String()}
-	if origin != nil {
-		summary = append(summary, "origin", origin.String())
+	if proxy != nil {
+		summary = append(summary, "routes", len(proxy.Routes()), "trusted_proxies", f.proxy.trusted.String(), "proxy_protocol", f.proxy.proxyProtocol)
 	} else {
 		summary = append(summary, "tcp_origin", f.tcpOrigin)
 	}
@@ -159,10 +180,11 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		"reconnect_backoff", f.reconnect, "grace", f.grace, "handshakes_per_client", f.handshakeRate, "handshake_burst", f.handshakeBurst,
 		"max_key_operations", f.maxKeyOps, "metrics", metricsAddr)
 	logger.Info("edge ready", summary...)
-	if origin != nil {
-		return tlscore.ServeHTTP(serveCtx, ln, tlsConfig, tlscore.NewReverseProxy(origin, logger), f.grace, logger, tlscore.WithMetrics(metrics))
+	if proxy != nil {
+		return tlscore.ServeHTTP(serveCtx, ln, tlsConfig, proxy, f.grace, logger, tlscore.WithMetrics(metrics))
 	}
-	return tlscore.ServeTCP(serveCtx, ln, tlsConfig, f.tcpOrigin, f.grace, logger, tlscore.WithMetrics(metrics), tlscore.WithIdleTimeout(f.tcpIdle))
+	return tlscore.ServeTCP(serveCtx, ln, tlsConfig, f.tcpOrigin, f.grace, logger, tlscore.WithMetrics(metrics), tlscore.WithIdleTimeout(f.tcpIdle),
+		tlscore.WithOriginProxyProtocol(byte(f.proxy.originProxy)))
 }
 
 // serverConfig returns the configuration of the edge's TLS server.

@@ -9,6 +9,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"os"
+	"slices"
 	"strings"
 
 	"github.com/peterbourgon/ff/v3"
@@ -20,8 +22,10 @@ import (
 // (the flag's name in upper case, '-' as '_': -max-queued is
 // KEYSERVER_MAX_QUEUED), then from the YAML file named by -config (keys are
 // flag names: "max-queued: 64"). A key the flag set does not define is an
-// error. fs's usage text is extended to say all this.
-func Parse(fs *flag.FlagSet, args []string, prefix string) error {
+// error, except the names of sections: keys whose values are lists or
+// mappings, which the program reads itself with [Section]. fs's usage text is
+// extended to say all this.
+func Parse(fs *flag.FlagSet, args []string, prefix string, sections ...string) error {
 	fs.String("config", "", "YAML file of settings, one key per flag name (e.g. \"log-level: debug\"); command-line flags, then "+prefix+"_* environment variables, take precedence")
 	usage := fs.Usage
 	fs.Usage = func() {
@@ -35,35 +39,74 @@ func Parse(fs *flag.FlagSet, args []string, prefix string) error {
 	return ff.Parse(fs, args,
 		ff.WithEnvVarPrefix(prefix),
 		ff.WithConfigFileFlag("config"),
-		ff.WithConfigFileParser(YAML),
+		ff.WithConfigFileParser(yamlParser(sections)),
 	)
+}
+
+// Section returns the node of key name in the YAML file at path, or nil if
+// the file has no such key. Errors name the file.
+func Section(path, name string) (*yaml.Node, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("config file: %w", err)
+	}
+	defer f.Close()
+	m, err := readMapping(f)
+	if err != nil || m == nil {
+		return nil, err
+	}
+	for i := 0; i+1 < len(m.Content); i += 2 {
+		if m.Content[i].Value == name {
+			return m.Content[i+1], nil
+		}
+	}
+	return nil, nil
+}
+
+// readMapping reads a YAML document that is a mapping; nil if it is empty.
+func readMapping(r io.Reader) (*yaml.Node, error) {
+	var doc yaml.Node
+	if err := yaml.NewDecoder(r).Decode(&doc); err != nil {
+		if err == io.EOF {
+			return nil, nil
+		}
+		return nil, fmt.Errorf("config file: %w", err)
+	}
+	if len(doc.Content) == 0 {
+		return nil, nil
+	}
+	m := doc.Content[0]
+	if m.Kind != yaml.MappingNode {
+		return nil, fmt.Errorf("config file: line %d: want a mapping of flag names to values", m.Line)
+	}
+	return m, nil
 }
 
 // YAML is an ff.ConfigFileParser for a YAML mapping of flag names to
 // scalar values.
 func YAML(r io.Reader, set func(name, value string) error) error {
-	var doc yaml.Node
-	if err := yaml.NewDecoder(r).Decode(&doc); err != nil {
-		if err == io.EOF {
-			return nil
+	return yamlParser(nil)(r, set)
+}
+
+// yamlParser returns YAML, skipping the keys named in sections.
+func yamlParser(sections []string) ff.ConfigFileParser {
+	return func(r io.Reader, set func(name, value string) error) error {
+		m, err := readMapping(r)
+		if err != nil || m == nil {
+			return err
 		}
-		return fmt.Errorf("config file: %w", err)
-	}
-	if len(doc.Content) == 0 {
+		for i := 0; i+1 < len(m.Content); i += 2 {
+			k, v := m.Content[i], m.Content[i+1]
+			if slices.Contains(sections, k.Value) {
+				continue
+			}
+			if v.Kind != yaml.ScalarNode {
+				return fmt.Errorf("config file: line %d: %s: want a single value", v.Line, k.Value)
+			}
+			if err := set(strings.TrimPrefix(k.Value, "-"), v.Value); err != nil {
+				return fmt.Errorf("config file: line %d: %s: %w", k.Line, k.Value, err)
+			}
+		}
 		return nil
 	}
-	m := doc.Content[0]
-	if m.Kind != yaml.MappingNode {
-		return fmt.Errorf("config file: line %d: want a mapping of flag names to values", m.Line)
-	}
-	for i := 0; i+1 < len(m.Content); i += 2 {
-		k, v := m.Content[i], m.Content[i+1]
-		if v.Kind != yaml.ScalarNode {
-			return fmt.Errorf("config file: line %d: %s: want a single value", v.Line, k.Value)
-		}
-		if err := set(strings.TrimPrefix(k.Value, "-"), v.Value); err != nil {
-			return fmt.Errorf("config file: line %d: %s: %w", k.Line, k.Value, err)
-		}
-	}
-	return nil
 }

@@ -64,3 +64,28 @@ func TestParseErrors(t *testing.T) {
 		t.Errorf("bad environment value: Parse() = %v, want an error naming grace", err)
 	}
 }
+
+// TestSection: a section's list is skipped by Parse, which still sets the
+// flags around it, and read by Section; without the section named, Parse
+// refuses the list.
+func TestSection(t *testing.T) {
+	path := writeFile(t, "max-queued: 7\nroutes:\n  - hosts: [a.example]\n    origin: http://a\n")
+	fs, _, _, n := newFlags()
+	if err := Parse(fs, []string{"-config", path}, "T", "routes"); err != nil || *n != 7 {
+		t.Fatalf("Parse with section routes = %v, max-queued %d; want nil, 7", err, *n)
+	}
+	fs, _, _, _ = newFlags()
+	if err := Parse(fs, []string{"-config", path}, "T"); err == nil || !strings.Contains(err.Error(), "line 3: routes: want a single value") {
+		t.Errorf("Parse without section routes = %v, want a single-value error", err)
+	}
+	node, err := Section(path, "routes")
+	if err != nil || node == nil || len(node.Content) != 1 || node.Line != 3 {
+		t.Fatalf("Section(routes) = %+v, %v; want a list of 1 at line 3", node, err)
+	}
+	if node, err := Section(path, "other"); node != nil || err != nil {
+		t.Errorf("Section(other) = %v, %v; want nil, nil", node, err)
+	}
+	if _, err := Section(filepath.Join(t.TempDir(), "missing.yaml"), "routes"); err == nil {
+		t.Error("Section of a missing file succeeded")
+	}
+}
