@@ -41,27 +41,38 @@ type CertStoreConfig struct {
 	// Empty means no default: such handshakes fail.
 	Default string
 
-	// AllowMissingKeys makes Load skip, with a warning, each certificate
-	// whose key the keyserver does not hold. By default Load fails with a
-	// *MissingKeysError listing them, which suits startup: a missing key is
-	// a deployment error that would otherwise surface as failed handshakes.
-	AllowMissingKeys bool
+	// RequireAll makes Load fail, keeping the previous certificates, when
+	// any certificate file cannot be served: its file cannot be read or
+	// parsed, its chain is out of order, or the keyserver holds no key for
+	// it (a *MissingKeysError). By default Load skips each such file with an
+	// error in the log naming it, counts it in
+	// keyless_edge_certificates_not_served, and serves the rest, so that one
+	// bad file does not block a start or a reload for every other name.
+	RequireAll bool
 
-	// Logger receives warnings about certificates (expired, not yet valid,
-	// unusable in TLS 1.3, missing keys) and one line per Load. Nil means
-	// no logging.
+	// Logger receives errors about certificates skipped, warnings about
+	// certificates (expired, not yet valid, unusable in TLS 1.3) and one
+	// line per Load. Nil means no logging.
 	Logger hclog.Logger
 
 	// Metrics, if set, is told the certificates of each successful Load
-	// (keyless_edge_certificates_loaded and
+	// (keyless_edge_certificates_loaded,
+	// keyless_edge_certificates_not_served and
 	// keyless_edge_certificate_expiry_timestamp_seconds).
 	Metrics *Metrics
+
+	// OCSP turns on OCSP stapling (see [OCSPConfig] and
+	// [CertStore.RunOCSP]). Nil means no stapling.
+	OCSP *OCSPConfig
 }
 
 // Validate reports whether the configuration is usable.
 func (c *CertStoreConfig) Validate() error {
 	if c.Client == nil {
 		return errors.New("tlscore: CertStoreConfig.Client is nil")
+	}
+	if c.OCSP != nil {
+		return c.OCSP.Validate()
 	}
 	return nil
 }
@@ -75,9 +86,10 @@ func (c *CertStoreConfig) Validate() error {
 type CertStore struct {
 	client       *Client
 	defaultName  string
-	allowMissing bool
+	requireAll   bool
 	logger       hclog.Logger
 	metrics      *Metrics
+	ocsp         *ocspStapler // nil: no stapling
 
 	loadMu sync.Mutex // serializes Load
 	set    atomic.Pointer[certSet]
@@ -97,14 +109,18 @@ func NewCertStore(cfg CertStoreConfig) (*CertStore, error) {
 	}
 	var p [4]byte
 	_, _ = rand.Read(p[:]) // crypto/rand.Read never fails
-	return &CertStore{
+	s := &CertStore{
 		client:       cfg.Client,
 		defaultName:  cfg.Default,
-		allowMissing: cfg.AllowMissingKeys,
+		requireAll:   cfg.RequireAll,
 		logger:       logger.Named("certstore"),
 		metrics:      cfg.Metrics,
 		connPrefix:   hex.EncodeToString(p[:]),
-	}, nil
+	}
+	if cfg.OCSP != nil {
+		s.ocsp = newOCSPStapler(cfg.OCSP, logger, cfg.Metrics)
+	}
+	return s, nil
 }
 
 // MissingKeysError reports certificates whose private key the keyserver
@@ -138,6 +154,7 @@ type certEntry struct {
 	cert     tls.Certificate // PrivateKey is the unbound RemoteKey
 	key      RemoteKey
 	leafHash [sha256.Size]byte // of the leaf's DER, for session tickets
+	ocsp     *ocspSlot         // nil: no OCSP stapling; set by Load before the entry is served
 }
 
 // certSet is one generation of certificates. It is immutable.
@@ -148,8 +165,8 @@ type certSet struct {
 	all      []*certEntry            // every certificate, in file-name order
 }
 
-// Load reads the certificate chains in dir and, if all is well, replaces the
-// store's certificates with them.
+// Load reads the certificate chains in dir and replaces the store's
+// certificates with those it can serve.
 //
 // Every regular file named *.pem or *.crt (case-insensitively; names starting
 // with a dot are ignored) must hold a leaf certificate and then its issuers in
@@ -162,33 +179,57 @@ type certSet struct {
 // ECDSA and an RSA one, say), and the first in file-name order that the
 // client supports is chosen, one valid now before any other.
 //
+// A certificate file that cannot be read or parsed, whose chain is out of
+// order, or whose key the keyserver does not hold is skipped, with an error
+// logged that names it, unless RequireAll is set; if the default
+// certificate is among them, handshakes that would have used it fail until
+// it is fixed.
+//
 // Load fails, keeping the previous certificates, if the keyserver cannot be
-// asked, if a file cannot be read or parsed or holds a private key, if a
-// chain is out of order, if a certificate's key is missing (a
-// *MissingKeysError, unless AllowMissingKeys is set), if the default
-// certificate is not found, or if no certificate is left. All problems are
-// reported at once. Expired and not yet valid certificates are loaded with a
-// warning. Concurrent calls are serialized.
+// asked, if the directory cannot be read, if a file holds a private key, if
+// the default certificate names no file and no name, if no certificate is
+// left to serve, or, with RequireAll, if any file was skipped (missing keys
+// are then reported as a *MissingKeysError). All problems are reported at
+// once. Expired and not yet valid certificates are loaded with a warning.
+// Concurrent calls are serialized.
 func (s *CertStore) Load(ctx context.Context, dir string) error {
 	s.loadMu.Lock()
 	defer s.loadMu.Unlock()
-	set, err := s.load(ctx, dir)
+	set, skipped, err := s.load(ctx, dir)
 	if err != nil {
 		return fmt.Errorf("tlscore: load certificates from %s: %w", dir, err)
 	}
+	if s.ocsp != nil {
+		s.ocsp.attach(set)
+	}
 	s.set.Store(set)
 	s.metrics.setCertificates(set.all)
+	s.metrics.setNotServed(skipped)
 	return nil
 }
 
-func (s *CertStore) load(ctx context.Context, dir string) (*certSet, error) {
+// Reasons a certificate file is not served, the values of the reason label
+// of keyless_edge_certificates_not_served.
+const (
+	notServedMissingKey = "missing_key" // the keyserver holds no key for it
+	notServedInvalid    = "invalid"     // unreadable, unparsable or out of order
+)
+
+// skippedCert is a certificate file that Load did not serve.
+type skippedCert struct {
+	file   string
+	reason string // notServedMissingKey or notServedInvalid
+	err    error
+}
+
+func (s *CertStore) load(ctx context.Context, dir string) (*certSet, []skippedCert, error) {
 	files, err := certFiles(dir)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	infos, err := s.client.listKeys(ctx)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	keys := make(map[link.KeyID]*keylessv1.Key, len(infos))
 	for _, info := range infos {
@@ -198,50 +239,67 @@ func (s *CertStore) load(ctx context.Context, dir string) (*certSet, error) {
 	}
 
 	var (
-		errs    []error
+		errs    []error // fatal whatever RequireAll says
+		skipped []skippedCert
 		missing MissingKeysError
 		entries []*certEntry
 		now     = time.Now()
 	)
+	skip := func(file, reason string, err error) {
+		skipped = append(skipped, skippedCert{file: file, reason: reason, err: err})
+	}
 	for _, f := range files {
 		chain, err := readChainFile(f)
 		if err != nil {
-			errs = append(errs, err)
+			if errors.Is(err, errPrivateKeyInFile) {
+				errs = append(errs, err)
+			} else {
+				skip(f, notServedInvalid, err)
+			}
 			continue
 		}
 		id, err := link.KeyIDOf(chain[0].PublicKey)
 		if err != nil {
-			errs = append(errs, fmt.Errorf("%s: %w", f, err))
+			skip(f, notServedInvalid, fmt.Errorf("%s: %w", f, err))
 			continue
 		}
 		info, ok := keys[id]
 		if !ok {
 			missing.Files = append(missing.Files, f)
 			missing.KeyIDs = append(missing.KeyIDs, id)
+			skip(f, notServedMissingKey, fmt.Errorf("%s: the keyserver holds no key for it (key id %s)", f, link.FormatKeyID(id)))
 			continue
 		}
 		e, err := s.newEntry(f, chain, info)
 		if err != nil {
-			errs = append(errs, err)
+			skip(f, notServedInvalid, err)
 			continue
 		}
 		s.checkValidity(e, now)
 		entries = append(entries, e)
 	}
-	if len(missing.Files) > 0 {
-		if !s.allowMissing {
-			errs = append(errs, &missing)
-		} else {
-			for i, f := range missing.Files {
-				s.logger.Warn("certificate skipped: the keyserver holds no key for it", "file", f, "key_id", link.FormatKeyID(missing.KeyIDs[i]))
+	if s.requireAll {
+		for _, sk := range skipped {
+			if sk.reason != notServedMissingKey {
+				errs = append(errs, sk.err)
 			}
+		}
+		if len(missing.Files) > 0 {
+			errs = append(errs, &missing)
 		}
 	}
 	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
+		return nil, nil, errors.Join(errs...)
 	}
 	if len(entries) == 0 {
-		return nil, errors.New("no certificate to serve (certificate files are *.pem or *.crt)")
+		if len(skipped) > 0 {
+			errs := []error{errors.New("no certificate to serve: every certificate file was skipped")}
+			for _, sk := range skipped {
+				errs = append(errs, sk.err)
+			}
+			return nil, nil, errors.Join(errs...)
+		}
+		return nil, nil, errors.New("no certificate to serve (certificate files are *.pem or *.crt)")
 	}
 
 	set := &certSet{exact: make(map[string][]*certEntry), wildcard: make(map[string][]*certEntry), all: entries}
@@ -256,13 +314,36 @@ func (s *CertStore) load(ctx context.Context, dir string) (*certSet, error) {
 	}
 	if s.defaultName != "" {
 		set.def = set.findDefault(entries, s.defaultName)
-		if set.def == nil {
-			return nil, fmt.Errorf("default certificate %q: no certificate file has that name and no certificate covers it", s.defaultName)
+		if set.def == nil && !s.defaultSkipped(skipped) {
+			return nil, nil, fmt.Errorf("default certificate %q: no certificate file has that name and no certificate covers it", s.defaultName)
 		}
 	}
+	for _, sk := range skipped {
+		s.logger.Error("certificate not served: fix or remove the file, then reload", "file", sk.file, "reason", sk.reason, "error", sk.err)
+	}
+	if s.defaultName != "" && set.def == nil {
+		s.logger.Error("the default certificate is not served: handshakes without a known server name fail", "default_cert", s.defaultName)
+	}
 	s.logger.Info("certificates loaded", "dir", dir, "certificates", len(entries),
-		"names", len(set.exact)+len(set.wildcard), "skipped", len(missing.Files))
-	return set, nil
+		"names", len(set.exact)+len(set.wildcard), "skipped", len(skipped))
+	return set, skipped, nil
+}
+
+// defaultSkipped reports whether the default certificate may be among the
+// skipped files: one has its base name, or one could not be read far
+// enough to know which names it covers, or covers it.
+func (s *CertStore) defaultSkipped(skipped []skippedCert) bool {
+	for _, sk := range skipped {
+		if filepath.Base(sk.file) == s.defaultName || sk.reason == notServedInvalid {
+			return true
+		}
+		if sk.reason == notServedMissingKey {
+			if chain, err := readChainFile(sk.file); err == nil && chain[0].VerifyHostname(s.defaultName) == nil {
+				return true
+			}
+		}
+	}
+	return false
 }
 
 // certFiles lists the certificate files in dir, sorted by name.
@@ -294,6 +375,11 @@ func certFiles(dir string) ([]string, error) {
 	return files, nil
 }
 
+// errPrivateKeyInFile is wrapped by the error of readChainFile for a file
+// that holds a private key. Load refuses such a directory whatever
+// RequireAll says: the key must be removed from the edge, not skipped.
+var errPrivateKeyInFile = errors.New("an edge must not hold private keys")
+
 // readChainFile reads a PEM file holding a leaf certificate and then its
 // issuers, and checks that each certificate was issued by the next.
 func readChainFile(path string) ([]*x509.Certificate, error) {
@@ -312,7 +398,7 @@ func readChainFile(path string) ([]*x509.Certificate, error) {
 		}
 		switch {
 		case link.IsPrivateKeyBlock(b):
-			return nil, fmt.Errorf("%s holds a private key (PEM block %q): an edge must not hold private keys; remove the key from the file and keep it only on the keyserver", path, b.Type)
+			return nil, fmt.Errorf("%s holds a private key (PEM block %q): %w; remove the key from the file and keep it only on the keyserver", path, b.Type, errPrivateKeyInFile)
 		case b.Type == "CERTIFICATE":
 			c, err := x509.ParseCertificate(b.Bytes)
 			if err != nil && parseErr == nil {
@@ -484,8 +570,9 @@ func (s *CertStore) servingLeaves(serverName string) [][sha256.Size]byte {
 // tls.Config.GetCertificate: by server name (exact names before wildcards,
 // case-insensitive, a trailing dot ignored), else the default certificate.
 // A server name that is not a host name (see hostname.CheckServerName), such as an
-// IP address some clients send, is treated as none. It fails if no
-// certificate applies or nothing has been loaded.
+// IP address some clients send, is treated as none. It fails if nothing has
+// been loaded, and with an *UnrecognizedNameError if no certificate
+// applies.
 //
 // The result is a shallow copy whose PrivateKey is bound to
 // hello.Context(), so that the key operations end with the handshake, and
@@ -506,7 +593,7 @@ func (s *CertStore) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate
 	}
 	e := set.pick(hello)
 	if e == nil {
-		return nil, fmt.Errorf("tlscore: no certificate for server name %q and no default certificate", hello.ServerName)
+		return nil, &UnrecognizedNameError{ServerName: hello.ServerName}
 	}
 	// serverName is a host name or empty; Client cuts any field the
 	// keyserver would refuse (see auditContext).
@@ -519,7 +606,24 @@ func (s *CertStore) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate
 	}
 	c := e.cert
 	c.PrivateKey = e.key.WithContext(hello.Context(), rc)
+	c.OCSPStaple = e.ocsp.current(time.Now())
 	return &c, nil
+}
+
+// UnrecognizedNameError is the error of [CertStore.GetCertificate] when no
+// certificate covers the server name and there is no default certificate.
+// The TLS configuration of [NewServerTLSConfig] answers such a handshake
+// with the unrecognized_name alert (RFC 6066), as the client should be
+// told, rather than internal_error.
+type UnrecognizedNameError struct {
+	ServerName string // as the client sent it; empty if it sent none
+}
+
+func (e *UnrecognizedNameError) Error() string {
+	if e.ServerName == "" {
+		return "tlscore: the client sent no server name and there is no default certificate"
+	}
+	return fmt.Sprintf("tlscore: no certificate for server name %q and no default certificate", e.ServerName)
 }
 
 // auditContext returns rc, or, if one of its fields would make the

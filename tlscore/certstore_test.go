@@ -120,6 +120,8 @@ func TestCertStoreCertificate(t *testing.T) {
 	}
 }
 
+// TestCertStoreLoadErrors checks the errors of Load with RequireAll: every
+// problem of every file is reported, and nothing is served.
 func TestCertStoreLoadErrors(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
 	unknownKey := mustECDSA(elliptic.P256())
@@ -169,7 +171,7 @@ func TestCertStoreLoadErrors(t *testing.T) {
 			for name, data := range tt.files {
 				writeFile(t, dir, name, data)
 			}
-			s, err := NewCertStore(CertStoreConfig{Client: env.client, Default: tt.dflt})
+			s, err := NewCertStore(CertStoreConfig{Client: env.client, Default: tt.dflt, RequireAll: true})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -199,20 +201,21 @@ func TestCertStoreLoadErrors(t *testing.T) {
 }
 
 // TestCertStoreMissingKeys checks both ways of handling a certificate whose
-// key the keyserver does not hold.
+// key the keyserver does not hold: skipped by default, an error with
+// RequireAll.
 func TestCertStoreMissingKeys(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
 	unknownKey := mustECDSA(elliptic.P256())
 	writeFile(t, env.dir, "unknown.pem", certPEM(env.pki.ca.issue(t, unknownKey.Public(), leafOptions{names: []string{"unknown.example.com"}})))
 
-	s, err := NewCertStore(CertStoreConfig{Client: env.client})
+	s, err := NewCertStore(CertStoreConfig{Client: env.client, RequireAll: true})
 	if err != nil {
 		t.Fatal(err)
 	}
 	err = s.Load(t.Context(), env.dir)
 	var missing *MissingKeysError
 	if !errors.As(err, &missing) {
-		t.Fatalf("Load() = %v, want a *MissingKeysError", err)
+		t.Fatalf("Load() with RequireAll = %v, want a *MissingKeysError", err)
 	}
 	if want := []string{filepath.Join(env.dir, "unknown.pem")}; !slices.Equal(missing.Files, want) {
 		t.Errorf("MissingKeysError.Files = %v, want %v", missing.Files, want)
@@ -222,15 +225,15 @@ func TestCertStoreMissingKeys(t *testing.T) {
 	}
 
 	logger, logs := newTestLogger()
-	s, err = NewCertStore(CertStoreConfig{Client: env.client, AllowMissingKeys: true, Logger: logger})
+	s, err = NewCertStore(CertStoreConfig{Client: env.client, Logger: logger})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if err := s.Load(t.Context(), env.dir); err != nil {
-		t.Fatalf("Load() with AllowMissingKeys = %v", err)
+		t.Fatalf("Load() = %v, want the missing key skipped", err)
 	}
 	if !strings.Contains(logs.String(), "unknown.pem") {
-		t.Errorf("no warning names the skipped file; log:\n%s", logs)
+		t.Errorf("no error names the skipped file; log:\n%s", logs)
 	}
 	if _, err := s.GetCertificate(&tls.ClientHelloInfo{ServerName: "unknown.example.com"}); err == nil {
 		t.Error("GetCertificate() served a certificate whose key is missing")
@@ -259,12 +262,13 @@ func TestCertStoreReload(t *testing.T) {
 	if err := get("new.example.com"); err != nil {
 		t.Errorf("after Load: %v", err)
 	}
-	writeFile(t, env.dir, "zz-bad.pem", []byte("junk"))
+	// A failure that is not one file's: a private key in the directory.
+	writeFile(t, env.dir, "zz-bad.pem", readFile(t, filepath.Join(env.dir, "rsa.pem")), keyPEM(t, mustECDSA(elliptic.P256())))
 	if os.Remove(filepath.Join(env.dir, "p384.pem")) != nil {
 		t.Fatal("remove")
 	}
 	if err := s.Load(t.Context(), env.dir); err == nil {
-		t.Fatal("Load() of a directory with a broken file succeeded")
+		t.Fatal("Load() of a directory with a private key succeeded")
 	}
 	for _, name := range []string{"new.example.com", "p384.example.com"} {
 		if err := get(name); err != nil {

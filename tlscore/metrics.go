@@ -41,6 +41,8 @@ type Metrics struct {
 	expiryMu     sync.Mutex
 	expiryLabels map[string]bool
 	originErrors *prometheus.CounterVec
+
+	certs *certMetrics // certificates not served and OCSP stapling
 }
 
 // NewMetrics registers the edge's metrics with reg and returns them. It
@@ -87,6 +89,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		m.shed.WithLabelValues(reason)
 	}
 	reg.MustRegister(m.handshakes, m.shed, m.keyOps, m.callLatency, m.callErrors, m.certsLoaded, m.certsExpiry, m.originErrors)
+	m.certs = newCertMetrics(reg)
 	return m
 }
 

@@ -93,6 +93,8 @@ type ProxyConfig struct {
 //   - Forwarded (with [ProxyConfig.Forwarded]): for, host and proto, in
 //     the same way appended only for a trusted peer.
 //   - [HeaderServerName] (in lower case) and [HeaderTLSVersion].
+//   - [HeaderClientSubject], when a client certificate was verified (see
+//     [ClientAuthPolicy]).
 //
 // What a client sent under these names (X-Forwarded-For and Forwarded from
 // a trusted proxy aside), under X-Real-Ip or any X-Forwarded-* or
@@ -222,6 +224,9 @@ func (p *Proxy) rewrite(pr *httputil.ProxyRequest) {
 			pr.Out.Header.Set(HeaderServerName, hostname.Normalize(cs.ServerName))
 		}
 		pr.Out.Header.Set(HeaderTLSVersion, tls.VersionName(cs.Version))
+		if sub := clientSubject(cs); sub != "" {
+			pr.Out.Header.Set(HeaderClientSubject, sub)
+		}
 	}
 }
 

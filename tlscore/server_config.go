@@ -100,6 +100,14 @@ type ServerConfig struct {
 	// (see [Metrics]).
 	Metrics *Metrics
 
+	// ClientAuth asks for client certificates for the server names its
+	// policies cover: the first policy whose pattern matches the server
+	// name the client sends applies. Names no policy covers, and clients
+	// that send no server name, are not asked. An HTTP edge should wrap its
+	// handler in [ClientAuthHandler], so that a request cannot reach a host
+	// through a connection made for another name.
+	ClientAuth []ClientAuthPolicy
+
 	// Logger receives debug lines about refused session tickets and, at
 	// most once a minute for each bound, a warning that handshakes are
 	// being refused by MaxKeyOperations or HandshakesPerClient, with how
@@ -145,6 +153,14 @@ const (
 func (c *ServerConfig) Validate() error {
 	if c.Certificates == nil {
 		return errors.New("tlscore: ServerConfig.Certificates is nil")
+	}
+	for i, p := range c.ClientAuth {
+		if err := hostname.CheckPattern(p.Pattern); err != nil {
+			return fmt.Errorf("tlscore: ServerConfig.ClientAuth[%d]: host name pattern %q: %w", i, p.Pattern, err)
+		}
+		if p.CAs == nil {
+			return fmt.Errorf("tlscore: ServerConfig.ClientAuth[%d] (%s): CAs is nil", i, p.Pattern)
+		}
 	}
 	for _, p := range c.RSAKeyExchange {
 		if err := hostname.CheckPattern(p); err != nil {
@@ -202,7 +218,7 @@ func NewServerTLSConfig(cfg ServerConfig) (*tls.Config, error) {
 		GetCertificate: getCertificate(cfg.Certificates, cfg.keyGuard()),
 	}
 	bindTickets(base, cfg.Certificates, logger.Named("tickets"))
-	if len(cfg.RSAKeyExchange) == 0 {
+	if len(cfg.RSAKeyExchange) == 0 && len(cfg.ClientAuth) == 0 {
 		return base, nil
 	}
 
@@ -210,26 +226,49 @@ func NewServerTLSConfig(cfg ServerConfig) (*tls.Config, error) {
 	for i, p := range cfg.RSAKeyExchange {
 		patterns[i] = hostname.Normalize(p)
 	}
-	// Cloned before GetConfigForClient is set, so the clones have none;
-	// WrapSession and UnwrapSession carry over and still use base's keys.
-	withRSA := base.Clone()
-	withRSA.CipherSuites = CipherSuites(true)
-	rsaOnly := withRSA
-	if slices.Contains(nextProtos, "h2") {
-		rsaOnly = withRSA.Clone()
-		rsaOnly.NextProtos = slices.DeleteFunc(slices.Clone(nextProtos), func(p string) bool { return p == "h2" })
+	policies := make([]ClientAuthPolicy, len(cfg.ClientAuth))
+	for i, p := range cfg.ClientAuth {
+		p.Pattern = hostname.Normalize(p.Pattern)
+		policies[i] = p
+	}
+	// Every configuration a handshake may get, cloned before
+	// GetConfigForClient is set, so the clones have none; WrapSession and
+	// UnwrapSession carry over and still use base's keys. configs[0] is
+	// without client certificates, configs[i+1] under policies[i]; each
+	// holds the plain, RSA key-exchange and RSA-only variants.
+	variants := func(c *tls.Config) [3]*tls.Config {
+		withRSA := c.Clone()
+		withRSA.CipherSuites = CipherSuites(true)
+		rsaOnly := withRSA
+		if slices.Contains(nextProtos, "h2") {
+			rsaOnly = withRSA.Clone()
+			rsaOnly.NextProtos = slices.DeleteFunc(slices.Clone(nextProtos), func(p string) bool { return p == "h2" })
+		}
+		return [3]*tls.Config{c, withRSA, rsaOnly}
+	}
+	configs := [][3]*tls.Config{variants(base)}
+	for _, p := range policies {
+		configs = append(configs, variants(p.apply(base)))
 	}
 	base.GetConfigForClient = func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
 		name := hostname.Normalize(hello.ServerName)
+		if hostname.CheckServerName(hello.ServerName) != nil {
+			name = ""
+		}
+		variant := 0
 		// Only for a certificate of the name itself: a name the store does
 		// not hold gets the default certificate, whose key was not opted in.
-		if !slices.ContainsFunc(patterns, func(p string) bool { return hostname.Match(p, name) }) || !cfg.Certificates.holds(name) {
+		if slices.ContainsFunc(patterns, func(p string) bool { return hostname.Match(p, name) }) && cfg.Certificates.holds(name) {
+			variant = 2
+			if offersForwardSecrecy(hello) {
+				variant = 1
+			}
+		}
+		policy := clientAuthIndex(policies, name)
+		if policy < 0 && variant == 0 {
 			return nil, nil
 		}
-		if offersForwardSecrecy(hello) {
-			return withRSA, nil
-		}
-		return rsaOnly, nil
+		return configs[policy+1][variant], nil
 	}
 	return base, nil
 }
@@ -280,6 +319,12 @@ func (c *ServerConfig) keyGuard() *keyGuard {
 func getCertificate(certs *CertStore, guard *keyGuard) func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	return func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 		c, err := certs.GetCertificate(hello)
+		if unknown := (*UnrecognizedNameError)(nil); errors.As(err, &unknown) {
+			// crypto/tls sends unrecognized_name only when neither
+			// GetCertificate nor Config.Certificates yields a certificate;
+			// any error makes it internal_error.
+			return nil, nil
+		}
 		if err != nil {
 			return nil, err
 		}

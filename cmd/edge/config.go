@@ -45,6 +45,11 @@ type flags struct {
 	metricsRemote  bool
 	proxy          proxyFlags // routes.go
 
+	// Certificates as production serves them (docs/DEPLOY.md).
+	requireAllCerts bool
+	ocspStapling    bool
+	clientAuth      string
+
 	// Derived from the above by parse.
 	level         hclog.Level
 	originURL     *url.URL
@@ -85,6 +90,9 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "address of the operations listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9444 (default: none, off)")
 	fs.BoolVar(&f.metricsRemote, "metrics-allow-remote", false, "let -metrics-listen be a non-loopback address")
 	f.proxy.define(fs)
+	fs.BoolVar(&f.requireAllCerts, "require-all-certs", false, "refuse to start, or to reload, if any certificate file cannot be served (broken, or its key missing from the keyserver); by default such a file is skipped with an error naming it")
+	fs.BoolVar(&f.ocspStapling, "ocsp-stapling", true, "staple verified OCSP responses: fetched from each certificate's OCSP responder (its file must hold the issuer) and read from NAME.ocsp beside NAME.pem")
+	fs.StringVar(&f.clientAuth, "client-auth", "", "client certificates per server name, comma-separated NAME=MODE:CAFILE items, NAME a host name or *.wildcard, MODE request or require, CAFILE the PEM CAs that issue them; the verified subject goes to the origin in "+tlscore.HeaderClientSubject)
 	if err := config.Parse(fs, args, "EDGE", routesSection); err != nil {
 		return nil, err
 	}

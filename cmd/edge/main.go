@@ -99,7 +99,12 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	}
 	defer client.Close()
 
-	certs, err := tlscore.NewCertStore(tlscore.CertStoreConfig{Client: client, Default: f.defaultCert, Logger: logger, Metrics: metrics})
+	certCfg := tlscore.CertStoreConfig{Client: client, Default: f.defaultCert, Logger: logger, Metrics: metrics}
+	clientAuth, err := f.certOptions(&certCfg)
+	if err != nil {
+		return err
+	}
+	certs, err := tlscore.NewCertStore(certCfg)
 	if err != nil {
 		return err
 	}
@@ -110,7 +115,9 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		}
 		return err
 	}
-	tlsConfig, err := tlscore.NewServerTLSConfig(f.serverConfig(certs, metrics, logger))
+	serverCfg := f.serverConfig(certs, metrics, logger)
+	serverCfg.ClientAuth = clientAuth
+	tlsConfig, err := tlscore.NewServerTLSConfig(serverCfg)
 	if err != nil {
 		return err
 	}
@@ -152,6 +159,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 			reloadRoutes(f, proxy, logger)
 		}
 	})
+	go certs.RunOCSP(reloadCtx)
 
 	metricsAddr := "off"
 	if f.metricsListen != "" {
@@ -178,10 +186,11 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		"certs", f.certs, "certificates", certs.Loaded(), "default_cert", f.defaultCert,
 		"rsa_key_exchange", f.rsaKeyExchange, "call_timeout", f.callTimeout, "keepalive", f.keepalive,
 		"reconnect_backoff", f.reconnect, "grace", f.grace, "handshakes_per_client", f.handshakeRate, "handshake_burst", f.handshakeBurst,
-		"max_key_operations", f.maxKeyOps, "metrics", metricsAddr)
+		"max_key_operations", f.maxKeyOps, "metrics", metricsAddr,
+		"require_all_certs", f.requireAllCerts, "ocsp_stapling", f.ocspStapling, "client_auth_names", len(clientAuth))
 	logger.Info("edge ready", summary...)
 	if proxy != nil {
-		return tlscore.ServeHTTP(serveCtx, ln, tlsConfig, proxy, f.grace, logger, tlscore.WithMetrics(metrics))
+		return tlscore.ServeHTTP(serveCtx, ln, tlsConfig, tlscore.ClientAuthHandler(clientAuth, proxy), f.grace, logger, tlscore.WithMetrics(metrics))
 	}
 	return tlscore.ServeTCP(serveCtx, ln, tlsConfig, f.tcpOrigin, f.grace, logger, tlscore.WithMetrics(metrics), tlscore.WithIdleTimeout(f.tcpIdle),
 		tlscore.WithOriginProxyProtocol(byte(f.proxy.originProxy)))
