@@ -84,12 +84,12 @@ func (c *CertStoreConfig) Validate() error {
 // atomically; until the first successful Load, every handshake fails. A
 // CertStore is safe for concurrent use.
 type CertStore struct {
-	client       *Client
-	defaultName  string
-	requireAll   bool
-	logger       hclog.Logger
-	metrics      *Metrics
-	ocsp         *ocspStapler // nil: no stapling
+	client      *Client
+	defaultName string
+	requireAll  bool
+	logger      hclog.Logger
+	metrics     *Metrics
+	ocsp        *ocspStapler // nil: no stapling
 
 	loadMu sync.Mutex // serializes Load
 	set    atomic.Pointer[certSet]
@@ -110,12 +110,12 @@ func NewCertStore(cfg CertStoreConfig) (*CertStore, error) {
 	var p [4]byte
 	_, _ = rand.Read(p[:]) // crypto/rand.Read never fails
 	s := &CertStore{
-		client:       cfg.Client,
-		defaultName:  cfg.Default,
-		requireAll:   cfg.RequireAll,
-		logger:       logger.Named("certstore"),
-		metrics:      cfg.Metrics,
-		connPrefix:   hex.EncodeToString(p[:]),
+		client:      cfg.Client,
+		defaultName: cfg.Default,
+		requireAll:  cfg.RequireAll,
+		logger:      logger.Named("certstore"),
+		metrics:     cfg.Metrics,
+		connPrefix:  hex.EncodeToString(p[:]),
 	}
 	if cfg.OCSP != nil {
 		s.ocsp = newOCSPStapler(cfg.OCSP, logger, cfg.Metrics)

@@ -6,8 +6,8 @@ import (
 	"encoding/pem"
 	"errors"
 	"net"
-	"reflect"
 	"path/filepath"
+	"reflect"
 	"strings"
 	"testing"
 

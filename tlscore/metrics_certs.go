@@ -14,8 +14,8 @@ type certMetrics struct {
 	ocspFetches *prometheus.CounterVec
 	ocspAge     *prometheus.Desc
 
-	mu       sync.Mutex
-	stapled  func() map[string]time.Time // by name: ThisUpdate of the response stapled
+	mu      sync.Mutex
+	stapled func() map[string]time.Time // by name: ThisUpdate of the response stapled
 }
 
 // Results of an OCSP fetch, the values of the result label of

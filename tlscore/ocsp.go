@@ -62,15 +62,15 @@ const (
 
 // ocspStapler keeps the OCSP responses of a CertStore's certificates.
 type ocspStapler struct {
-	client                *http.Client
-	retry, maxRetry       time.Duration
-	logger                hclog.Logger
-	metrics               *Metrics
-	wake                  chan struct{} // Load → RunOCSP: new slots
-	mu                    sync.Mutex    // guards slots
-	slots                 map[[sha256.Size]byte]*ocspSlot
-	running               atomic.Bool
-	now                   func() time.Time
+	client          *http.Client
+	retry, maxRetry time.Duration
+	logger          hclog.Logger
+	metrics         *Metrics
+	wake            chan struct{} // Load → RunOCSP: new slots
+	mu              sync.Mutex    // guards slots
+	slots           map[[sha256.Size]byte]*ocspSlot
+	running         atomic.Bool
+	now             func() time.Time
 }
 
 // ocspSlot is the OCSP state of one leaf certificate, kept across reloads
