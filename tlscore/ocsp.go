@@ -71,6 +71,7 @@ type ocspStapler struct {
 	slots           map[[sha256.Size]byte]*ocspSlot
 	running         atomic.Bool
 	now             func() time.Time
+	minRefresh      time.Duration // ocspMinRefresh; shorter in tests
 }
 
 // ocspSlot is the OCSP state of one leaf certificate, kept across reloads
@@ -113,6 +114,7 @@ func newOCSPStapler(cfg *OCSPConfig, logger hclog.Logger, metrics *Metrics) *ocs
 		slots:    map[[sha256.Size]byte]*ocspSlot{},
 		now:      time.Now,
 	}
+	st.minRefresh = ocspMinRefresh
 	if st.client == nil {
 		t := http.DefaultTransport.(*http.Transport).Clone()
 		st.client = &http.Client{Timeout: ocspFetchTimeout, Transport: t}
@@ -314,7 +316,7 @@ func (s *CertStore) RunOCSP(ctx context.Context) {
 				wait = min(wait, cur.nextUpdate.Sub(now)+time.Second)
 			}
 		}
-		t := time.NewTimer(max(wait, time.Second))
+		t := time.NewTimer(max(wait, 10*time.Millisecond))
 		select {
 		case <-ctx.Done():
 			t.Stop()
@@ -378,7 +380,7 @@ func (st *ocspStapler) refresh(ctx context.Context, sl *ocspSlot) time.Time {
 		}
 		sl.failures = 0
 		half := resp.ThisUpdate.Add(resp.NextUpdate.Sub(resp.ThisUpdate) / 2)
-		return maxTime(half, st.now().Add(ocspMinRefresh))
+		return maxTime(half, st.now().Add(st.minRefresh))
 	}
 	next := st.retryAt(sl)
 	args := []any{"file", sl.file, "name", sl.name, "error", errors.Join(errs...), "next_attempt", next}
