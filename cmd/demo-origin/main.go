@@ -61,6 +61,9 @@ func answer(w http.ResponseWriter, r *http.Request) {
 	fmt.Fprintf(w, "tls version: %s\n", orNone(r.Header.Get("X-Keyless-TLS-Version")))
 	fmt.Fprintf(w, "client:      %s\n", orNone(r.Header.Get("X-Forwarded-For")))
 	fmt.Fprintf(w, "request:     %s %s %s\n", r.Method, r.URL.RequestURI(), r.Proto)
+	if s := r.Header.Get("X-Keyless-Client-Subject"); s != "" {
+		fmt.Fprintf(w, "client cert: %s\n", s)
+	}
 }
 
 func orNone(s string) string {
