@@ -300,3 +300,30 @@ func newClientCert(t *testing.T, ca *testCA, cn string) (*x509.Certificate, cryp
 	}
 	return cert, other.key
 }
+
+// checkDemoCertificates checks what `make demo` serves: its leaf
+// certificates last 90 days or more, and the edge staples a good OCSP
+// response, as openssl s_client -status shows.
+func checkDemoCertificates(t *testing.T, dir, addr string) {
+	t.Helper()
+	for _, name := range []string{"rsa.localhost", "ecdsa.localhost"} {
+		data, err := os.ReadFile(filepath.Join(dir, "certs", name+".pem"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := pem.Decode(data)
+		leaf, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d := leaf.NotAfter.Sub(leaf.NotBefore); d < 90*24*time.Hour {
+			t.Errorf("the demo certificate for %s lasts %v, want 90 days or more", name, d)
+		}
+		out := sClient(t, addr, name, "-status", "-CAfile", filepath.Join(dir, "ca.pem"))
+		for _, w := range []string{"OCSP Response Status: successful", "Cert Status: good"} {
+			if !strings.Contains(out, w) {
+				t.Errorf("openssl s_client -status for the demo's %s lacks %q:\n%s", name, w, out)
+			}
+		}
+	}
+}

@@ -71,6 +71,7 @@ func TestDemo(t *testing.T) {
 	if !fileExists(filepath.Join(dir, "ca.pem")) {
 		t.Errorf("the demo CA is not at $KEYLESS_DEMO_DIR/ca.pem")
 	}
+	checkDemoCertificates(t, dir, addr)
 
 	syscall.Kill(-cmd.Process.Pid, syscall.SIGINT)
 	select {

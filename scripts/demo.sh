@@ -3,7 +3,8 @@
 #
 # It makes a fresh SoftHSM token with an RSA-2048 and an ECDSA P-256 key in
 # it, a demo web CA with certificates for rsa.localhost and ecdsa.localhost
-# (signed over CSRs that the token's keys signed), the mutual-TLS PKI of the
+# (signed over CSRs that the token's keys signed, valid for a year) and an
+# OCSP response for each, which the edge staples, the mutual-TLS PKI of the
 # edge-keyserver link, a keyserver policy that lets the demo edge use the two
 # keys (and nothing else), and then runs a keyserver, an edge and a small origin
 # in the foreground until interrupted, when it stops all three.
@@ -59,14 +60,14 @@ say "creating SoftHSM token keyless-demo and its keys"
 pki=$dir/pki
 ossl() { openssl "$@" 2> "$dir/logs/openssl.log" || { cat "$dir/logs/openssl.log" >&2; exit 1; }; }
 ca() { # name, subject: a CA key and self-signed certificate
-  ossl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+  ossl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 3650 \
     -subj "/CN=$2" -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
     -keyout "$pki/$1.key" -out "$pki/$1.pem"
   chmod 600 "$pki/$1.key"
 }
-issue() { # ca, csr, out, extensions: sign a CSR
+issue() { # ca, csr, out, extensions: sign a CSR (a year: testssl.sh flags under 90 days)
   printf '%s\n' "$4" > "$pki/ext.cnf"
-  ossl x509 -req -in "$2" -CA "$pki/$1.pem" -CAkey "$pki/$1.key" -CAcreateserial -days 30 \
+  ossl x509 -req -in "$2" -CA "$pki/$1.pem" -CAkey "$pki/$1.key" -CAcreateserial -days 365 \
     -extfile "$pki/ext.cnf" -out "$3"
 }
 
@@ -79,9 +80,27 @@ for name in rsa.localhost ecdsa.localhost; do
     "subjectAltName=DNS:$name
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth"
-  cat "$pki/$name.leaf.pem" > "$dir/certs/$name.pem"
+  # The issuer after the leaf: the edge verifies OCSP responses with it.
+  cat "$pki/$name.leaf.pem" "$pki/web-ca.pem" > "$dir/certs/$name.pem"
 done
 cp "$pki/web-ca.pem" "$dir/ca.pem"
+
+# The web CA's OCSP responder is openssl ocsp over its index: run once per
+# certificate, it writes NAME.ocsp beside NAME.pem, which the edge verifies
+# and staples (a response file, as a cron job fetching them would leave).
+say "writing the OCSP responses of the demo web certificates"
+: > "$pki/index.txt"
+for name in rsa.localhost ecdsa.localhost; do
+  leaf=$pki/$name.leaf.pem
+  serial=$(openssl x509 -noout -serial -in "$leaf"); serial=${serial#serial=}
+  end=$(openssl x509 -noout -enddate -in "$leaf"); end=$(date -u -d "${end#notAfter=}" +%y%m%d%H%M%SZ)
+  printf 'V\t%s\t\t%s\tunknown\t/CN=%s\n' "$end" "$serial" "$name" >> "$pki/index.txt"
+done
+for name in rsa.localhost ecdsa.localhost; do
+  ossl ocsp -issuer "$pki/web-ca.pem" -cert "$pki/$name.leaf.pem" -no_nonce -reqout "$pki/$name.ocsp-req"
+  ossl ocsp -index "$pki/index.txt" -CA "$pki/web-ca.pem" -rsigner "$pki/web-ca.pem" -rkey "$pki/web-ca.key" \
+    -ndays 7 -reqin "$pki/$name.ocsp-req" -respout "$dir/certs/$name.ocsp"
+done
 
 say "issuing the mutual-TLS certificates of the edge-keyserver link"
 ca link-ca "keyless demo link CA"
@@ -171,7 +190,7 @@ Try:
   curl --cacert $dir/ca.pem --resolve ecdsa.localhost:$port:${addr%:*} https://ecdsa.localhost:$port/
   curl --cacert $dir/ca.pem --resolve rsa.localhost:$port:${addr%:*} --tlsv1.2 --tls-max 1.2 \\
        --ciphers AES128-GCM-SHA256 https://rsa.localhost:$port/     # TLS 1.2 RSA key exchange
-  openssl s_client -connect $addr -servername ecdsa.localhost -CAfile $dir/ca.pem
+  openssl s_client -connect $addr -servername ecdsa.localhost -CAfile $dir/ca.pem -status   # OCSP stapled
 
 Policy: $dir/policy.yaml (kill -HUP the keyserver to reload it).
 Audit trail: $dir/logs/audit.log. Logs: $dir/logs. Press Ctrl-C to stop.
