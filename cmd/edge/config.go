@@ -51,6 +51,7 @@ type flags struct {
 	clientAuth      string
 
 	// Derived from the above by parse.
+	clientAuthPolicies []tlscore.ClientAuthPolicy // of -client-auth, CA files read
 	level         hclog.Level
 	originURL     *url.URL
 	keyserverList []string
@@ -175,6 +176,11 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	if f.level = hclog.LevelFromString(f.logLevel); f.level == hclog.NoLevel {
 		return nil, fmt.Errorf("-log-level %q: want trace, debug, info, warn or error", f.logLevel)
 	}
+	policies, err := tlscore.ParseClientAuth(f.clientAuth)
+	if err != nil {
+		return nil, fmt.Errorf("-client-auth %w", err)
+	}
+	f.clientAuthPolicies = policies
 	if f.metricsListen != "" {
 		if _, _, err := net.SplitHostPort(f.metricsListen); err != nil {
 			return nil, fmt.Errorf("-metrics-listen %q: want host:port: %w", f.metricsListen, err)

@@ -100,10 +100,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	defer client.Close()
 
 	certCfg := tlscore.CertStoreConfig{Client: client, Default: f.defaultCert, Logger: logger, Metrics: metrics}
-	clientAuth, err := f.certOptions(&certCfg)
-	if err != nil {
-		return err
-	}
+	clientAuth := f.certOptions(&certCfg)
 	certs, err := tlscore.NewCertStore(certCfg)
 	if err != nil {
 		return err

@@ -46,6 +46,8 @@ func TestRunFlagErrors(t *testing.T) {
 		{"dns name without port", append(with("-origin", "http://o"), "-keyserver", "dns:///ks"), `-keyserver "dns:///ks"`},
 		{"keyserver without port", append(with("-origin", "http://o"), "-keyserver", "a"), `-keyserver "a"`},
 		{"unknown flag", []string{"-frobnicate"}, "frobnicate"},
+		{"bad client-auth mode", with("-origin", "http://o", "-client-auth", "a.example=maybe:ca.pem"), `-client-auth "a.example=maybe:ca.pem": mode "maybe"`},
+		{"client-auth CA missing", with("-origin", "http://o", "-client-auth", "a.example=require:/nonexistent/ca.pem"), "-client-auth \"a.example=require:/nonexistent/ca.pem\": CA file"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
