@@ -49,13 +49,14 @@ type flags struct {
 	requireAllCerts bool
 	ocspStapling    bool
 	clientAuth      string
+	// Derived by parse: the policies of -client-auth, CA files read.
+	clientAuthPolicies []tlscore.ClientAuthPolicy
 
 	// Derived from the above by parse.
-	clientAuthPolicies []tlscore.ClientAuthPolicy // of -client-auth, CA files read
-	level              hclog.Level
-	originURL          *url.URL
-	keyserverList      []string
-	serverName         string // of the keyservers' certificates
+	level         hclog.Level
+	originURL     *url.URL
+	keyserverList []string
+	serverName    string // of the keyservers' certificates
 }
 
 // parse reads the edge's settings from args, EDGE_* environment variables
