@@ -7,7 +7,9 @@
 // [Dial] returns a [Client] for the keyservers, [CertStore.Load] reads the
 // certificates and matches them with the keyserver's keys,
 // [NewServerTLSConfig] builds the edge's tls.Config, and [ServeHTTP] (with a
-// [Proxy] of routes to origins) or [ServeTCP] serves it.
+// [Proxy] of routes to origins) or [ServeTCP] serves it. With
+// [CertStoreConfig.OCSP], [CertStore.RunOCSP] keeps verified OCSP responses
+// stapled.
 //
 // It shares nothing with the keyserver's code but package link, the wire's
 // vocabulary: key ids, the algorithm table (which TLS signature scheme
