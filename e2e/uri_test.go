@@ -97,8 +97,9 @@ func TestTokenURIServesSelectedKey(t *testing.T) {
 		t.Errorf("handshake complete %t, body %q", st.HandshakeComplete, body)
 	}
 
-	// An edge that also has b.uri.test's certificate must not start.
-	bad := startProc(t, nil, "edge", edgeArgs(both)...)
+	// An edge that also has b.uri.test's certificate must not start when
+	// it requires every certificate (by default it skips that one).
+	bad := startProc(t, nil, "edge", append(edgeArgs(both), "-require-all-certs")...)
 	select {
 	case <-bad.done:
 	case <-time.After(20 * time.Second):
