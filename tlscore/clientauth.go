@@ -123,6 +123,9 @@ func ClientAuthHandler(policies []ClientAuthPolicy, next http.Handler) http.Hand
 			if hostname.CheckServerName(r.TLS.ServerName) == nil {
 				sni = hostname.Normalize(r.TLS.ServerName)
 			}
+			if host == "" { // routed by the server name, as Proxy does
+				host = sni
+			}
 			if clientAuthIndex(policies, hostname.Normalize(host)) != clientAuthIndex(policies, sni) {
 				w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 				w.WriteHeader(http.StatusMisdirectedRequest)

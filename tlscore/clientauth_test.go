@@ -45,7 +45,7 @@ func TestClientAuth(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr, _ := startHTTPEdge(t, sc, ClientAuthHandler(policies, NewReverseProxy(newEchoOrigin(t), nil)), time.Second)
+	addr, _ := startHTTPEdge(t, sc, ClientAuthHandler(policies, mustProxy(t, ProxyConfig{Routes: []Route{{Origin: newEchoOrigin(t)}}})), time.Second)
 	alice := clientCert(t, clientCA, pkix.Name{CommonName: "alice", Organization: []string{"Example"}})
 	mallory := clientCert(t, newTestCA(t, "Other CA"), pkix.Name{CommonName: "mallory"})
 
