@@ -79,6 +79,11 @@ func TestDemo(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatalf("make demo did not stop within 30 s of SIGINT:\n%s", out.String())
 	}
+	// make itself dies of the SIGINT it got, whatever the recipe did; the
+	// script must stop cleanly.
+	if got := out.String(); strings.Contains(got, "exited unexpectedly") || !strings.Contains(got, "stopped; logs are in") {
+		t.Errorf("the demo did not stop cleanly on SIGINT:\n%s", got)
+	}
 	for _, a := range []string{addr, ksAddr, originAddr} {
 		ln, err := net.Listen("tcp", a)
 		if err != nil {

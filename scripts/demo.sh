@@ -145,9 +145,13 @@ stop() {
   for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
   say "stopped; logs are in $dir/logs"
 }
+# Ctrl-C (SIGINT to the terminal's process group) or SIGTERM: stop everything
+# and end with success. The programs run in sessions of their own, so that
+# they do not get the terminal's SIGINT and exit before the script notices:
+# the script stops them itself.
+interrupted=
 trap stop EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'interrupted=1; exit 0' INT TERM
 
 wait_for() { # name, log file, pattern
   for _ in $(seq 1 100); do
@@ -160,18 +164,18 @@ wait_for() { # name, log file, pattern
   say "$1 did not start in 10 s:"; tail -20 "$2" >&2; exit 1
 }
 
-"$bin/keyserver" serve "${token[@]}" -listen "$ks_addr" \
+setsid "$bin/keyserver" serve "${token[@]}" -listen "$ks_addr" \
   -tls-cert "$pki/keyserver.pem" -tls-key "$pki/keyserver.key" -client-ca "$pki/link-ca.pem" \
   -policy "$dir/policy.yaml" -certs "$dir/certs" -audit-log "$dir/logs/audit.log" \
   > "$dir/logs/keyserver.log" 2>&1 &
 pids+=($!)
 wait_for keyserver "$dir/logs/keyserver.log" "keyserver ready"
 
-"$bin/demo-origin" -listen "$origin_addr" > "$dir/logs/origin.log" 2>&1 &
+setsid "$bin/demo-origin" -listen "$origin_addr" > "$dir/logs/origin.log" 2>&1 &
 pids+=($!)
 wait_for origin "$dir/logs/origin.log" "listening"
 
-"$bin/edge" -listen "$addr" -origin "http://$origin_addr" -certs "$dir/certs" \
+setsid "$bin/edge" -listen "$addr" -origin "http://$origin_addr" -certs "$dir/certs" \
   -default-cert ecdsa.localhost -rsa-key-exchange rsa.localhost \
   -keyserver "$ks_addr" -keyserver-name keyserver.keyless.internal -keyserver-ca "$pki/link-ca.pem" \
   -tls-cert "$pki/edge.pem" -tls-key "$pki/edge.key" \
@@ -198,5 +202,6 @@ TXT
 
 # Run until interrupted or until one of the processes exits.
 wait -n "${pids[@]}" || true
+[ -n "$interrupted" ] && exit 0
 say "a demo process exited unexpectedly; see $dir/logs"
 exit 1
