@@ -250,42 +250,59 @@ type KeySpec struct {
 	ID []byte
 }
 
+// SpecError reports a field of a [KeySpec] that the module cannot
+// generate.
+type SpecError struct {
+	// Field is the KeySpec field: "Type", "Bits", "Curve", "Label" or "ID".
+	Field string
+	// Reason says what is wrong with it, starting with its value.
+	Reason string
+}
+
+func (e *SpecError) Error() string { return "hsm: KeySpec." + e.Field + " " + e.Reason }
+
 // Validate reports whether the spec describes a key pair the module can
-// generate. Errors name the offending field.
+// generate. Errors are *[SpecError], naming the offending field.
 func (s KeySpec) Validate() error {
+	bad := func(field, format string, args ...any) error {
+		return &SpecError{Field: field, Reason: fmt.Sprintf(format, args...)}
+	}
 	switch s.Type {
 	case KeyTypeRSA:
 		if s.Bits != 0 && (s.Bits < MinRSABits || s.Bits > MaxRSABits || s.Bits%8 != 0) {
-			return fmt.Errorf("hsm: KeySpec.Bits is %d; an RSA key has a multiple of 8 from %d to %d bits", s.Bits, MinRSABits, MaxRSABits)
+			return bad("Bits", "is %d; an RSA key has a multiple of 8 from %d to %d bits", s.Bits, MinRSABits, MaxRSABits)
 		}
 		if s.Curve != "" {
-			return fmt.Errorf("hsm: KeySpec.Curve is %q; an RSA key has no curve", s.Curve)
+			return bad("Curve", "is %q; an RSA key has no curve", s.Curve)
 		}
 	case KeyTypeECDSA:
 		if _, err := specCurve(s.Curve); err != nil {
 			return err
 		}
 		if s.Bits != 0 {
-			return fmt.Errorf("hsm: KeySpec.Bits is %d; the curve sets the size of an ECDSA key", s.Bits)
+			return bad("Bits", "is %d; the curve sets the size of an ECDSA key", s.Bits)
 		}
 	case KeyTypeEd25519:
-		if s.Bits != 0 || s.Curve != "" {
-			return errors.New("hsm: KeySpec.Bits and KeySpec.Curve must be unset for an Ed25519 key")
+		if s.Bits != 0 {
+			return bad("Bits", "is %d; an Ed25519 key has no size to choose", s.Bits)
+		}
+		if s.Curve != "" {
+			return bad("Curve", "is %q; an Ed25519 key has no curve to choose", s.Curve)
 		}
 	default:
-		return fmt.Errorf("hsm: KeySpec.Type is %q; want %q, %q or %q", s.Type, KeyTypeRSA, KeyTypeECDSA, KeyTypeEd25519)
+		return bad("Type", "is %q; want %q, %q or %q", s.Type, KeyTypeRSA, KeyTypeECDSA, KeyTypeEd25519)
 	}
 	switch {
 	case s.Label == "":
-		return errors.New("hsm: KeySpec.Label is empty")
+		return bad("Label", "is empty")
 	case len(s.Label) > maxKeyLabelLen:
-		return fmt.Errorf("hsm: KeySpec.Label is %d bytes; at most %d are allowed", len(s.Label), maxKeyLabelLen)
+		return bad("Label", "is %d bytes; at most %d are allowed", len(s.Label), maxKeyLabelLen)
 	case !utf8.ValidString(s.Label):
-		return errors.New("hsm: KeySpec.Label is not valid UTF-8")
+		return bad("Label", "is not valid UTF-8")
 	case s.ID != nil && len(s.ID) == 0:
-		return errors.New("hsm: KeySpec.ID is empty; use nil for a random ID")
+		return bad("ID", "is empty; use nil for a random ID")
 	case len(s.ID) > maxObjectIDLen:
-		return fmt.Errorf("hsm: KeySpec.ID is %d bytes; at most %d are allowed", len(s.ID), maxObjectIDLen)
+		return bad("ID", "is %d bytes; at most %d are allowed", len(s.ID), maxObjectIDLen)
 	}
 	return nil
 }
@@ -297,7 +314,7 @@ func specCurve(name string) (elliptic.Curve, error) {
 	case "P-384":
 		return elliptic.P384(), nil
 	}
-	return nil, fmt.Errorf("hsm: KeySpec.Curve is %q; want %q or %q", name, "P-256", "P-384")
+	return nil, &SpecError{Field: "Curve", Reason: fmt.Sprintf("is %q; want %q or %q", name, "P-256", "P-384")}
 }
 
 // curveOK reports whether an ECDSA public key is on a curve the module

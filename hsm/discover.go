@@ -280,7 +280,7 @@ func (m *Module) loadKey(sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, c11 c11
 		return nil, skipf("key type %s of private key (%s) is not supported", keyTypeName(pi.keyType), pi.describe())
 	}
 	if (pi.extractable || !pi.sensitive) && !m.cfg.AllowExtractable {
-		return nil, skipf("private key (%s) is extractable or not sensitive; set AllowExtractable to serve it", pi.describe())
+		return nil, skipf("private key (%s) is extractable or not sensitive, so anyone with the PIN could copy it out of the token; it is served only with keyserver serve -allow-extractable (hsm.Config.AllowExtractable)", pi.describe())
 	}
 	if !pi.sign {
 		return nil, skipf("private key (%s) has CKA_SIGN false", pi.describe())

@@ -109,7 +109,7 @@ func TestKeySpecValidate(t *testing.T) {
 		{KeySpec{Type: "ecdsa", Curve: "P-521", Label: "k"}, "KeySpec.Curve"},
 		{KeySpec{Type: "ecdsa", Curve: "secp256k1", Label: "k"}, "KeySpec.Curve"},
 		{KeySpec{Type: "ecdsa", Bits: 256, Label: "k"}, "KeySpec.Bits"},
-		{KeySpec{Type: "ed25519", Curve: "P-256", Label: "k"}, "KeySpec.Bits and KeySpec.Curve"},
+		{KeySpec{Type: "ed25519", Curve: "P-256", Label: "k"}, "KeySpec.Curve is \"P-256\"; an Ed25519 key has no curve"},
 		{KeySpec{Type: "ecdsa"}, "KeySpec.Label is empty"},
 		{KeySpec{Type: "ecdsa", Label: strings.Repeat("l", 129)}, "KeySpec.Label is 129 bytes"},
 		{KeySpec{Type: "ecdsa", Label: "\xff"}, "UTF-8"},

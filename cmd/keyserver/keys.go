@@ -163,6 +163,9 @@ func (c *keysCmd) open(all bool) (*hsm.Module, error) {
 	return hsm.Open(cfg)
 }
 
+// specFlags names the flag of each hsm.KeySpec field.
+var specFlags = map[string]string{"Type": "-type", "Bits": "-bits", "Curve": "-curve", "Label": "-label", "ID": "-id"}
+
 func keysGenerate(ctx context.Context, c *keysCmd) error {
 	spec := hsm.KeySpec{Type: c.keyType, Bits: c.bits, Curve: c.curve, Label: c.label}
 	// -token-uri's object= and id= are the defaults of -label and -id.
@@ -186,6 +189,10 @@ func keysGenerate(ctx context.Context, c *keysCmd) error {
 		spec.ID = id
 	}
 	if err := spec.Validate(); err != nil {
+		var se *hsm.SpecError
+		if errors.As(err, &se) {
+			return fmt.Errorf("%s %s", specFlags[se.Field], se.Reason)
+		}
 		return err
 	}
 	m, err := c.open(false)

@@ -41,8 +41,10 @@ func TestRunCommands(t *testing.T) {
 		{[]string{"serve", "extra"}, "unexpected arguments"},
 		{[]string{"keys", "list", "extra"}, "unexpected arguments"},
 		{[]string{"keys", "generate", "-id", "xyz", "-label", "a"}, `-id "xyz" is not hex`},
-		{[]string{"keys", "generate", "-type", "dsa", "-label", "a"}, "dsa"},
-		{[]string{"keys", "generate", "-type", "rsa", "-bits", "1024", "-label", "a"}, "1024"},
+		{[]string{"keys", "generate", "-type", "dsa", "-label", "a"}, `-type is "dsa"; want "rsa", "ecdsa" or "ed25519"`},
+		{[]string{"keys", "generate", "-type", "rsa", "-bits", "1024", "-label", "a"}, "-bits is 1024; an RSA key"},
+		{[]string{"keys", "generate", "-type", "ecdsa", "-curve", "P-521", "-label", "a"}, `-curve is "P-521"; want "P-256" or "P-384"`},
+		{[]string{"keys", "generate", "-type", "ecdsa"}, "-label is empty"},
 		{[]string{"keys", "csr", "-key", "a"}, "-dns is required"},
 		{[]string{"keys", "selfsign", "-key", "a", "-dns", "x", "-days", "0"}, "-days is 0"},
 	}
