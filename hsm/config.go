@@ -39,6 +39,11 @@ const (
 // reconnect; it doubles with each further failure.
 const minReconnectBackoff = 100 * time.Millisecond
 
+// tokenPollInterval caps the wait between attempts to reconnect while the
+// token is absent (the library lists no such token or does not answer),
+// which cost the token nothing.
+const tokenPollInterval = 250 * time.Millisecond
+
 // maxTokenLabelLen is the size of CK_TOKEN_INFO.label.
 const maxTokenLabelLen = 32
 

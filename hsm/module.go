@@ -93,7 +93,17 @@ type Module struct {
 	// when the token has CKM_RSA_X_509 (tests only).
 	forcePKCSDecrypt bool
 
-	epoch *atomic.Uint64 // the library's epoch (see libraries)
+	epoch *atomic.Uint64 // the library's epoch (see libraries), or the module's own instance's
+
+	// perInstance is set for a library whose every C_GetFunctionList
+	// returns a separate instance with its own initialisation state and
+	// connection (p11-kit's client module): see attach.
+	perInstance bool
+
+	// changed is closed, and replaced, whenever the module becomes faulty
+	// or healthy again (see Changed).
+	changedMu sync.Mutex
+	changed   chan struct{}
 
 	scanMu   sync.Mutex // serialises Refresh, Generate and reconnection
 	mu       sync.RWMutex
@@ -150,7 +160,7 @@ func open(cfg Config, d deps) (*Module, error) {
 	if logger == nil {
 		logger = hclog.NewNullLogger()
 	}
-	m := &Module{cfg: cfg, deps: d, logger: logger.Named("hsm"), keys: make(map[[32]byte]crypto.Signer)}
+	m := &Module{cfg: cfg, deps: d, logger: logger.Named("hsm"), keys: make(map[[32]byte]crypto.Signer), changed: make(chan struct{})}
 
 	path, err := canonicalPath(cfg.ModulePath)
 	if err != nil {
@@ -211,6 +221,14 @@ func canonicalPath(p string) (string, error) {
 // When no Module has the library open, the checks initialise it themselves
 // and finalise it again, so that crypto11 (which must be the one to
 // initialise it) can take over.
+//
+// A library that gives each C_GetFunctionList a separate instance, with its
+// own C_Initialize state (p11-kit's client module, whose instances each
+// have a connection to the server), is told apart here: a second, fresh
+// instance answers C_GetSlotList with CKR_CRYPTOKI_NOT_INITIALIZED while
+// the module's is initialised. Then the module keeps its own instance
+// initialised until Close, and each crypto11 context gets its own instance
+// too (see configure), none of them counted in libraries.
 func (m *Module) attach() (*pkcs11.SessionHandle, error) {
 	libraries.Lock()
 	defer libraries.Unlock()
@@ -226,11 +244,16 @@ func (m *Module) attach() (*pkcs11.SessionHandle, error) {
 	}
 	m.epoch = libraryEpoch(m.path)
 	err := p.Initialize()
+	if err == nil && m.separateInstances() {
+		m.perInstance = true
+		m.epoch = new(atomic.Uint64)
+		m.logger.Debug("the PKCS #11 module gives each caller an instance of its own; the module and each crypto11 context initialise their own", "module", m.path)
+	}
 	// A library initialised here while other Modules have it open was left
 	// uninitialised by a failed reconnection (recover.go): it stays
 	// initialised, because crypto11 counts it open and will not initialise
 	// it itself.
-	owned := err == nil && libraries.open[m.path] == 0
+	owned := err == nil && libraries.open[m.path] == 0 && !m.perInstance
 	switch {
 	case err == nil:
 	case isCode(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED):
@@ -256,17 +279,21 @@ func (m *Module) attach() (*pkcs11.SessionHandle, error) {
 		}
 		_ = p.Finalize()
 	}
-	if err != nil {
+	fail = func(err error) (*pkcs11.SessionHandle, error) {
 		if sh != 0 {
 			_ = p.CloseSession(sh)
 		}
+		if m.perInstance {
+			_ = p.Finalize()
+		}
+		p.Destroy()
+		return nil, err
+	}
+	if err != nil {
 		return fail(err)
 	}
 	c11, err := m.configure(slot)
 	if err != nil {
-		if sh != 0 {
-			_ = p.CloseSession(sh)
-		}
 		return fail(err)
 	}
 	m.c11, m.c11Epoch = c11, m.epoch.Load()
@@ -279,20 +306,75 @@ func (m *Module) attach() (*pkcs11.SessionHandle, error) {
 // configure creates a crypto11 context for the token; the caller holds the
 // library lock and has checked the token and the PIN, because a failing
 // crypto11.Configure finalises the library under every other Module.
+//
+// For a per-instance library (see attach), crypto11 is given a path of its
+// own for each context, a symbolic link to the library in a private
+// temporary directory: crypto11 counts contexts by path string, so it
+// initialises the context's own instance and finalises it when the context
+// closes, which is what such a library needs. The dynamic loader maps the
+// library once whatever the path.
 func (m *Module) configure(slot uint) (c11Context, error) {
 	slotNumber := int(slot)
+	path, dir := m.path, ""
+	if m.perInstance {
+		var err error
+		if dir, err = os.MkdirTemp("", "keyless-pkcs11-"); err != nil {
+			return nil, fmt.Errorf("hsm: crypto11: open token %q: a path of its own for the library: %w", m.token.Label, err)
+		}
+		path = filepath.Join(dir, filepath.Base(m.path))
+		if err := os.Symlink(m.path, path); err != nil {
+			_ = os.RemoveAll(dir)
+			return nil, fmt.Errorf("hsm: crypto11: open token %q: a path of its own for the library: %w", m.token.Label, err)
+		}
+	}
 	c11, err := m.deps.configure(&crypto11.Config{
-		Path:            m.path,
+		Path:            path,
 		SlotNumber:      &slotNumber,
 		Pin:             m.pin(),
 		MaxSessions:     m.cfg.maxSessions(),
 		PoolWaitTimeout: m.cfg.poolWaitTimeout(),
 	})
 	if err != nil {
+		if dir != "" {
+			_ = os.RemoveAll(dir)
+		}
 		return nil, fmt.Errorf("hsm: crypto11: open token %q: %w", m.token.Label, err)
+	}
+	if m.perInstance {
+		return &ownContext{c11Context: c11, dir: dir}, nil
 	}
 	libraries.open[m.path]++
 	return c11, nil
+}
+
+// ownContext is a crypto11 context with an instance of a per-instance
+// library of its own, reached through a path of its own in dir (see
+// configure).
+type ownContext struct {
+	c11Context
+	dir string
+}
+
+// Close closes the context, which finalises its instance, and removes its
+// path.
+func (c *ownContext) Close() error {
+	err := c.c11Context.Close()
+	_ = os.RemoveAll(c.dir)
+	return err
+}
+
+// separateInstances reports whether a fresh instance of the module's
+// library is uninitialised while m.p11 is initialised: the library gives
+// each C_GetFunctionList an instance of its own. The caller holds the
+// library lock and has initialised m.p11.
+func (m *Module) separateInstances() bool {
+	q := m.deps.newP11(m.path)
+	if q == nil {
+		return false
+	}
+	defer q.Destroy()
+	_, err := q.GetSlotList(true)
+	return isCode(err, pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED)
 }
 
 // findToken finds the slot of the configured token among the slots with a
@@ -411,6 +493,10 @@ func (m *Module) Close() error {
 		libraries.Lock()
 		defer libraries.Unlock()
 		if m.p11 != nil {
+			if m.perInstance {
+				// The module's own instance: no crypto11 context uses it.
+				_ = m.p11.Finalize()
+			}
 			m.p11.Destroy()
 		}
 		if m.c11 != nil {
@@ -426,11 +512,17 @@ func (m *Module) Close() error {
 // unless the library has been initialised again since (see libraries).
 // The caller holds the libraries lock.
 func (m *Module) closeContext(c11 c11Context, epoch uint64) error {
-	if m.epoch != nil && epoch != m.epoch.Load() {
+	var err error
+	switch {
+	case m.perInstance:
+		// Its own instance, whatever became of the module's.
+		err = c11.Close()
+	case m.epoch != nil && epoch != m.epoch.Load():
 		return nil
+	default:
+		libraries.open[m.path]--
+		err = c11.Close()
 	}
-	libraries.open[m.path]--
-	err := c11.Close()
 	// A library left uninitialised by a failed reconnection cannot be
 	// finalised; that is not an error of Close.
 	if isCode(err, pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED) {

@@ -68,8 +68,30 @@ func (m *Module) noteFault(err error) {
 func (m *Module) markFaulty(err error) {
 	if m.fault.CompareAndSwap(nil, &faultState{err: err, when: time.Now()}) {
 		m.logger.Warn("token fault: key operations fail until the module has reconnected", "token", m.token.Label, "error", err)
+		m.notifyChanged()
 	}
 	m.kick()
+}
+
+// Changed returns a channel that is closed when the module next becomes
+// faulty or has reconnected after a fault, so that a health reporter can
+// follow the module at once rather than at its next poll. Call Changed
+// again after each close, and [Module.Check] for the state itself. It is
+// safe for concurrent use.
+func (m *Module) Changed() <-chan struct{} {
+	m.changedMu.Lock()
+	defer m.changedMu.Unlock()
+	return m.changed
+}
+
+func (m *Module) notifyChanged() {
+	m.changedMu.Lock()
+	defer m.changedMu.Unlock()
+	if m.changed == nil {
+		return
+	}
+	close(m.changed)
+	m.changed = make(chan struct{})
 }
 
 func (m *Module) crypto11() c11Context {
@@ -226,6 +248,13 @@ const libraryResetEvery = time.Second
 // until the library is initialised again. That breaks the sessions of every
 // other Module of the process on the same library too; they reconnect in
 // turn, without finalising the library again.
+//
+// A module with an instance of its own of a per-instance library (p11-kit's
+// client; see attach) finalises and initialises its instance at every
+// attempt, which affects no other Module: the instance's connection may
+// have broken (p11-kit's client does not reconnect by itself). Its old
+// crypto11 context, another instance, is closed once its calls have
+// returned, and the new one initialises an instance of its own.
 func (m *Module) reconnect(ctx context.Context, f *faultState, attempt int) error {
 	m.scanMu.Lock()
 	defer m.scanMu.Unlock()
@@ -249,7 +278,12 @@ func (m *Module) reconnect(ctx context.Context, f *faultState, attempt int) erro
 	c11, err := func() (c11Context, error) {
 		libraries.Lock()
 		defer libraries.Unlock()
-		if m.tokenGone.Load() && time.Since(libraries.reset[m.path]) > libraryResetEvery {
+		switch {
+		case m.perInstance:
+			_ = m.p11.Finalize()
+			m.epoch.Add(1)
+			reset = true
+		case m.tokenGone.Load() && time.Since(libraries.reset[m.path]) > libraryResetEvery:
 			// The library stays counted as open by crypto11 (the old
 			// context is still open), so crypto11 will not initialise it:
 			// this module does, here or at its next attempt.
@@ -311,6 +345,7 @@ func (m *Module) reconnect(ctx context.Context, f *faultState, attempt int) erro
 	m.fault.CompareAndSwap(f, nil)
 	m.lastReconnect.Store(nil)
 	m.tokenGone.Store(false)
+	m.notifyChanged()
 	m.logger.Info("reconnected to token", "token", m.token.Label, "keys", len(loaded), "attempts", attempt,
 		"unavailable_for", time.Since(f.when).Round(time.Millisecond), "library_initialised_again", reset, "fault", f.err)
 	return nil

@@ -287,7 +287,8 @@ func call[T any](ctx context.Context, k *keyBase, op string, f func() (T, error)
 }
 
 // supervise runs from Open to Close. It reconnects after token faults,
-// with exponential backoff, scans the token for added and removed keys
+// with exponential backoff (but looks for a token that has gone every
+// tokenPollInterval), scans the token for added and removed keys
 // every Config.RescanInterval while the token is healthy, and logs calls
 // that are stuck.
 func (m *Module) supervise() {
@@ -349,7 +350,16 @@ func (m *Module) supervise() {
 				continue
 			}
 			backoff = min(max(2*backoff, minReconnectBackoff), m.cfg.maxReconnectBackoff())
-			m.logger.Warn("reconnecting to the token failed; retrying", "token", m.token.Label, "attempt", attempt, "retry_in", backoff, "error", err)
+			if errors.Is(err, errTokenGone) {
+				// Finding no token costs a C_Initialize and a
+				// C_GetSlotList or C_GetTokenInfo, and nothing of the
+				// token's: look often, so that a token is back in service
+				// soon after it returns, however long it was away.
+				backoff = min(backoff, tokenPollInterval)
+			}
+			if attempt&(attempt-1) == 0 {
+				m.logger.Warn("reconnecting to the token failed; retrying", "token", m.token.Label, "attempt", attempt, "retry_in", backoff, "error", err)
+			}
 			retry.Reset(backoff)
 		case <-rescan:
 			if m.fault.Load() == nil {

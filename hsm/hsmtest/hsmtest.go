@@ -16,6 +16,15 @@
 // missing the test is skipped, unless KEYLESS_REQUIRE_SOFTHSM is "1", in
 // which case it fails: set that in CI.
 //
+// # Through p11-kit
+//
+// [Token.ServeP11Kit] serves a token with `p11-kit server` on a unix
+// socket, so that the code under test reaches it through p11-kit's client
+// module (p11-kit-client.so), as through a network HSM's client library;
+// the server can be stopped and started again to play an outage. It needs
+// the p11-kit and p11-kit-modules packages, and skips or fails as for
+// SoftHSM when they are missing.
+//
 // # openCryptoki
 //
 // [OpenCryptoki] returns openCryptoki's software token, a second PKCS #11
