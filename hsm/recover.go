@@ -167,6 +167,9 @@ func (m *Module) downError() error {
 	reason := "token fault; reconnecting"
 	if r := m.lastReconnect.Load(); r != nil && r.err != nil {
 		reason = fmt.Sprintf("token fault; reconnecting (attempt %d failed: %v)", r.attempt, r.err)
+		if m.pinRefused.Load() {
+			reason = fmt.Sprintf("token fault; the token refused the PIN when reconnecting, and the module waits for a new PIN (attempt %d failed: %v)", r.attempt, r.err)
+		}
 	}
 	return &UnavailableError{Reason: reason, Since: f.when, Err: f.err}
 }
@@ -269,7 +272,11 @@ func (m *Module) reconnect(ctx context.Context, f *faultState, attempt int) erro
 	}
 	fail := func(err error) error {
 		m.tokenGone.Store(errors.Is(err, errTokenGone))
-		return fmt.Errorf("hsm: token %q is unusable (%w since %s) and reconnecting failed: %w",
+		// Only the attempt's error is wrapped: the supervisor decides on
+		// it (a refused PIN, an absent token), and the fault's return
+		// value (CKR_DEVICE_ERROR when p11-kit's server died) would
+		// otherwise be the one errors.As finds first.
+		return fmt.Errorf("hsm: token %q is unusable (%v since %s) and reconnecting failed: %w",
 			m.token.Label, f.err, f.when.Format(time.RFC3339), err)
 	}
 
