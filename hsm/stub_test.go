@@ -11,6 +11,8 @@ import (
 	"errors"
 	"io"
 	"math/big"
+	"os"
+	"path/filepath"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -620,8 +622,17 @@ func TestOpenChecksBeforeCrypto11(t *testing.T) {
 			c := cfg
 			tt.edit(p, &c)
 			configured := false
+			loaded := 0
 			d := deps{
-				newP11: func(string) p11API { return p },
+				// Every instance shares the library's state, as SoftHSM's
+				// do; only the first is the module's (Open looks at a
+				// second to tell a per-instance library apart).
+				newP11: func(string) p11API {
+					if loaded++; loaded == 1 {
+						return p
+					}
+					return &sharedInstance{p}
+				},
 				configure: func(c11cfg *crypto11.Config) (c11Context, error) {
 					configured = true
 					if *c11cfg.SlotNumber != 7 || c11cfg.PoolWaitTimeout == 0 {
@@ -665,5 +676,82 @@ func TestOpenChecksBeforeCrypto11(t *testing.T) {
 				t.Errorf("open module count = %d, want %d", n, tt.openBefore)
 			}
 		})
+	}
+}
+
+// sharedInstance is another instance of a stub library that shares its
+// state, as every C_GetFunctionList of SoftHSM does, but is loaded and
+// destroyed on its own.
+type sharedInstance struct{ *stubP11 }
+
+func (sharedInstance) Destroy() {}
+
+// separateInstance is another instance of a per-instance stub library, as
+// p11-kit's client gives each C_GetFunctionList: not initialised, whatever
+// the first instance's state.
+type separateInstance struct{ *stubP11 }
+
+func (separateInstance) GetSlotList(bool) ([]uint, error) {
+	return nil, pkcs11.Error(pkcs11.CKR_CRYPTOKI_NOT_INITIALIZED)
+}
+func (separateInstance) Destroy() {}
+
+// TestOpenPerInstanceLibrary checks how Open treats a library whose
+// instances do not share their initialisation (p11-kit's client): crypto11
+// is given a path of its own, a symlink to the library in a private
+// directory, so that it initialises and finalises an instance of its own;
+// the process-wide count of crypto11 contexts is left alone; and when
+// crypto11 fails, the module's own instance is finalised and the path is
+// removed.
+func TestOpenPerInstanceLibrary(t *testing.T) {
+	lib := t.TempDir() + "/lib.so"
+	if err := writeFile(lib); err != nil {
+		t.Fatal(err)
+	}
+	path, _ := canonicalPath(lib)
+	p := newStubP11()
+	p.slots = []uint{7}
+	p.tokens[7] = pkcs11.TokenInfo{Label: "tok", Flags: pkcs11.CKF_TOKEN_INITIALIZED}
+	loaded := 0
+	var c11Path string
+	d := deps{
+		newP11: func(string) p11API {
+			if loaded++; loaded == 1 {
+				return p
+			}
+			return separateInstance{p}
+		},
+		configure: func(c *crypto11.Config) (c11Context, error) {
+			c11Path = c.Path
+			if c.Path == path {
+				t.Errorf("crypto11 got the library's own path %s; want one of its own", path)
+			}
+			if real, err := filepath.EvalSymlinks(c.Path); err != nil || real != path {
+				t.Errorf("crypto11's path %s leads to %q (%v); want %s", c.Path, real, err, path)
+			}
+			if fi, err := os.Stat(filepath.Dir(c.Path)); err != nil || fi.Mode().Perm() != 0o700 {
+				t.Errorf("crypto11's path is in %s (%v, %v); want a 0700 directory", filepath.Dir(c.Path), fi.Mode(), err)
+			}
+			return nil, errors.New("boom")
+		},
+	}
+	_, err := open(Config{ModulePath: lib, TokenLabel: "tok", PIN: "secret-pin"}, d)
+	if err == nil || !contains(err.Error(), "boom") {
+		t.Fatalf("open() = %v; want crypto11's error", err)
+	}
+	if c11Path == "" {
+		t.Fatal("crypto11.Configure was not called")
+	}
+	if _, err := os.Lstat(filepath.Dir(c11Path)); !os.IsNotExist(err) {
+		t.Errorf("crypto11's path %s was not removed: %v", c11Path, err)
+	}
+	if p.finalized != 1 || p.destroyed != 1 || len(p.open) != 0 {
+		t.Errorf("the module's instance: Finalize %d, Destroy %d, %d sessions open; want 1, 1, 0", p.finalized, p.destroyed, len(p.open))
+	}
+	libraries.Lock()
+	n := libraries.open[path]
+	libraries.Unlock()
+	if n != 0 {
+		t.Errorf("libraries.open[%s] = %d, want 0: a per-instance library is not shared", path, n)
 	}
 }

@@ -12,6 +12,7 @@ want=${1:-tests}
 declare -A pkg=(
   [softhsm2-util]=softhsm2
   [pkcs11-tool]=opensc
+  [p11-kit]=p11-kit
   [openssl]=openssl
   [curl]=curl
   [gcc]=gcc
@@ -34,6 +35,18 @@ module_ok() {
   return 1
 }
 module_ok || missing+=(softhsm2)
+# p11-kit's client module: the keyserver reaches a token through p11-kit
+# remoting in the tests, as through a network HSM's client library.
+p11kit_client_ok() {
+  for m in "${KEYLESS_P11KIT_CLIENT:-}" /usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so \
+    /usr/lib/aarch64-linux-gnu/pkcs11/p11-kit-client.so /usr/lib64/pkcs11/p11-kit-client.so /usr/lib/pkcs11/p11-kit-client.so; do
+    [ -n "$m" ] && [ -f "$m" ] && return 0
+  done
+  return 1
+}
+if [ "$want" = tests ]; then
+  p11kit_client_ok || missing+=(p11-kit-modules)
+fi
 # openCryptoki's software token, a second PKCS #11 implementation for the
 # tests (they need root to use it, and skip without).
 if [ "$want" = tests ] && [ "$(id -u)" = 0 ] && ! [ -x /usr/sbin/pkcsslotd ]; then
