@@ -208,7 +208,7 @@ func (k *rsaKey) SignContext(ctx context.Context, digest []byte, opts crypto.Sig
 		// as long as the hash, which TLS uses.
 		c11opts = &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: h}
 	}
-	sig, err := call(ctx, &k.keyBase, "C_Sign", func() ([]byte, error) { return k.signer.Sign(rand.Reader, digest, c11opts) })
+	sig, err := callCrypto11(ctx, &k.keyBase, "C_Sign", func() ([]byte, error) { return k.signer.Sign(rand.Reader, digest, c11opts) })
 	if err != nil {
 		return nil, fmt.Errorf("hsm: sign with key %q: %w", k.label, err)
 	}
@@ -316,7 +316,7 @@ func (k *ecdsaKey) SignContext(ctx context.Context, digest []byte, opts crypto.S
 	if len(k.schemes) == 0 {
 		return nil, fmt.Errorf("%w: key %q cannot sign with ECDSA on this token", ErrInvalidRequest, k.label)
 	}
-	sig, err := call(ctx, &k.keyBase, "C_Sign", func() ([]byte, error) { return k.signer.Sign(rand.Reader, digest, h) })
+	sig, err := callCrypto11(ctx, &k.keyBase, "C_Sign", func() ([]byte, error) { return k.signer.Sign(rand.Reader, digest, h) })
 	if err != nil {
 		return nil, fmt.Errorf("hsm: sign with key %q: %w", k.label, err)
 	}

@@ -338,7 +338,11 @@ func (m *Module) reconnect(ctx context.Context, f *faultState, attempt int) erro
 	// holds crypto11's global lock, which every Configure needs: close it
 	// only once the calls that use it have returned.
 	m.bg.Go(func() {
-		m.calls.waitGen(oldGen)
+		if !m.calls.waitGen(oldGen) {
+			// crypto11's Close would wait for their sessions for ever.
+			m.logger.Warn("the crypto11 context from before the reconnection is left open: calls on it have not returned", "token", m.token.Label)
+			return
+		}
 		libraries.Lock()
 		defer libraries.Unlock()
 		_ = m.closeContext(old, oldEpoch)
@@ -353,7 +357,37 @@ func (m *Module) reconnect(ctx context.Context, f *faultState, attempt int) erro
 	m.lastReconnect.Store(nil)
 	m.tokenGone.Store(false)
 	m.notifyChanged()
+	if m.perInstance {
+		m.bg.Go(func() { m.abandonStaleCalls(gen) })
+	}
 	m.logger.Info("reconnected to token", "token", m.token.Label, "keys", len(loaded), "attempts", attempt,
 		"unavailable_for", time.Since(f.when).Round(time.Millisecond), "library_initialised_again", reset, "fault", f.err)
 	return nil
+}
+
+// staleCallGrace is how long calls begun before a reconnection of a
+// per-instance module may take to return before their call slots are given
+// back (see abandonStaleCalls).
+const staleCallGrace = 250 * time.Millisecond
+
+// abandonStaleCalls gives back, after staleCallGrace, the call slots of the
+// calls begun before connection generation gen that have not returned.
+// They ran on an instance of the library whose connection broke, and
+// p11-kit 0.24's client can leave such a call blocked for good (a thread
+// waiting in select() on a descriptor that another, failing call has set
+// to -1): without this, each outage could take slots until none is left.
+// Only calls through crypto11 are given up: their sessions belong to the old
+// context, which is then left open; the module's own sessions are waited
+// for by Close.
+func (m *Module) abandonStaleCalls(gen uint64) {
+	t := time.NewTimer(staleCallGrace)
+	defer t.Stop()
+	select {
+	case <-m.stop:
+		return
+	case <-t.C:
+	}
+	if n := m.calls.abandonBefore(gen); n > 0 {
+		m.logger.Warn("PKCS #11 calls begun before the reconnection have not returned; their call slots are given back", "token", m.token.Label, "calls", n)
+	}
 }

@@ -102,6 +102,11 @@ type callRecord struct {
 	gen      uint64
 	start    time.Time
 	reported bool // logged as stuck
+	// viaCrypto11 marks a call on one of crypto11's sessions, which may be
+	// abandoned (see abandonBefore); a call on the module's own sessions
+	// never is, because Close waits for those sessions.
+	viaCrypto11 bool
+	abandoned   bool // its slot was given back by abandonBefore
 }
 
 func newCallTracker(slots int, wait time.Duration) *callTracker {
@@ -170,11 +175,11 @@ func (t *callTracker) stopWorkers() {
 }
 
 // start records a call that holds a slot and returns its id.
-func (t *callTracker) start(op, key string, gen uint64) uint64 {
+func (t *callTracker) start(op, key string, gen uint64, viaCrypto11 bool) uint64 {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	t.next++
-	t.running[t.next] = &callRecord{op: op, key: key, gen: gen, start: time.Now()}
+	t.running[t.next] = &callRecord{op: op, key: key, gen: gen, start: time.Now(), viaCrypto11: viaCrypto11}
 	t.perGen[gen]++
 	return t.next
 }
@@ -189,17 +194,43 @@ func (t *callTracker) finish(id uint64) *callRecord {
 	}
 	t.cond.Broadcast()
 	t.mu.Unlock()
-	<-t.slots
+	if !r.abandoned {
+		<-t.slots
+	}
 	return r
 }
 
-// stuck returns the number of calls running for longer than d.
+// abandonBefore gives back the slots of the calls through crypto11 of
+// connection generations before gen that are still running, and returns how many
+// there were. Such a call runs on a connection that a reconnection has
+// replaced, and may never return (p11-kit 0.24's client can leave a call
+// blocked for good when its server dies): it must not keep its slot for
+// ever. It stays listed until it returns, but no longer counts.
+func (t *callTracker) abandonBefore(gen uint64) int {
+	t.mu.Lock()
+	n := 0
+	for _, r := range t.running {
+		if !r.abandoned && r.viaCrypto11 && r.gen < gen {
+			r.abandoned = true
+			n++
+		}
+	}
+	t.cond.Broadcast()
+	t.mu.Unlock()
+	for range n {
+		<-t.slots
+	}
+	return n
+}
+
+// stuck returns the number of calls that hold a slot and have run for
+// longer than d.
 func (t *callTracker) stuck(d time.Duration) int {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	n := 0
 	for _, r := range t.running {
-		if time.Since(r.start) > d {
+		if !r.abandoned && time.Since(r.start) > d {
 			n++
 		}
 	}
@@ -221,12 +252,18 @@ func (t *callTracker) newlyStuck(d time.Duration) []callRecord {
 	return out
 }
 
-// waitIdle waits until no call is running or deadline passes, and returns
-// the number of calls still running.
+// waitIdle waits until no call that holds a slot is running or deadline
+// passes, and returns the number of such calls still running. Abandoned
+// calls are not waited for.
 func (t *callTracker) waitIdle(deadline time.Time) int {
 	for {
 		t.mu.Lock()
-		n := len(t.running)
+		n := 0
+		for _, r := range t.running {
+			if !r.abandoned {
+				n++
+			}
+		}
 		t.mu.Unlock()
 		if n == 0 || !time.Now().Before(deadline) {
 			return n
@@ -235,13 +272,25 @@ func (t *callTracker) waitIdle(deadline time.Time) int {
 	}
 }
 
-// waitGen waits until no call of connection generation gen is running.
-func (t *callTracker) waitGen(gen uint64) {
+// waitGen waits until no call of connection generation gen is running,
+// and reports true; or until those still running are all abandoned (see
+// abandonBefore), and reports false.
+func (t *callTracker) waitGen(gen uint64) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	for t.perGen[gen] > 0 {
+		live := 0
+		for _, r := range t.running {
+			if r.gen == gen && !r.abandoned {
+				live++
+			}
+		}
+		if live == 0 {
+			return false
+		}
 		t.cond.Wait()
 	}
+	return true
 }
 
 // call runs f, one PKCS #11 operation of key k named op (as "C_Sign"),
@@ -252,6 +301,16 @@ func (t *callTracker) waitGen(gen uint64) {
 // token cannot be used are recorded as faults (so that the module
 // reconnects) and returned as *UnavailableError.
 func call[T any](ctx context.Context, k *keyBase, op string, f func() (T, error)) (T, error) {
+	return trackedCall(ctx, k, op, false, f)
+}
+
+// callCrypto11 is call for an operation through crypto11's sessions (see
+// callTracker.abandonBefore).
+func callCrypto11[T any](ctx context.Context, k *keyBase, op string, f func() (T, error)) (T, error) {
+	return trackedCall(ctx, k, op, true, f)
+}
+
+func trackedCall[T any](ctx context.Context, k *keyBase, op string, viaCrypto11 bool, f func() (T, error)) (T, error) {
 	var zero T
 	m := k.m
 	if err := k.ready(ctx); err != nil {
@@ -260,7 +319,7 @@ func call[T any](ctx context.Context, k *keyBase, op string, f func() (T, error)
 	if err := m.calls.acquire(ctx, m.cfg.stuckCallThreshold()); err != nil {
 		return zero, m.unavailable(err)
 	}
-	id := m.calls.start(op, k.label, k.gen)
+	id := m.calls.start(op, k.label, k.gen, viaCrypto11)
 	type result struct {
 		v   T
 		err error

@@ -323,3 +323,61 @@ func TestWithDecryption(t *testing.T) {
 		})
 	}
 }
+
+// TestCallTrackerAbandon checks that abandonBefore gives back the slots of
+// calls through crypto11 of earlier generations, not those on the
+// module's own sessions nor those of the current generation; that a call
+// given up and returning later does not give its slot back twice; and
+// that waitGen stops waiting for a generation whose calls are all given
+// up, and says so.
+func TestCallTrackerAbandon(t *testing.T) {
+	tr := newCallTracker(3, 10*time.Millisecond)
+	ctx := context.Background()
+	for range 3 {
+		if err := tr.acquire(ctx, time.Hour); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stale := tr.start("C_Sign", "a", 1, true)   // through crypto11, old generation
+	own := tr.start("C_Decrypt", "b", 1, false) // own session, old generation
+	cur := tr.start("C_Sign", "c", 2, true)     // through crypto11, current generation
+	if err := tr.acquire(ctx, time.Hour); !errors.Is(err, errPoolTimeout) {
+		t.Fatalf("acquire() with every slot held = %v, want errPoolTimeout", err)
+	}
+	if n := tr.abandonBefore(2); n != 1 {
+		t.Fatalf("abandonBefore(2) = %d, want 1 (only the old call through crypto11)", n)
+	}
+	if err := tr.acquire(ctx, time.Hour); err != nil {
+		t.Fatalf("acquire() after abandonBefore = %v, want the given-back slot", err)
+	}
+	if n := tr.abandonBefore(2); n != 0 {
+		t.Errorf("abandonBefore(2) again = %d, want 0", n)
+	}
+	if n := tr.stuck(0); n != 2 {
+		t.Errorf("stuck(0) = %d, want 2: an abandoned call no longer counts", n)
+	}
+
+	done := make(chan bool, 1)
+	go func() { done <- tr.waitGen(1) }()
+	tr.finish(own)
+	select {
+	case ok := <-done:
+		if ok {
+			t.Error("waitGen(1) = true while an abandoned call of generation 1 runs, want false")
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("waitGen(1) still waiting with only an abandoned call left")
+	}
+
+	// The abandoned call returns: no second slot is given back.
+	if r := tr.finish(stale); !r.abandoned {
+		t.Error("the finished call is not marked abandoned")
+	}
+	if len(tr.slots) != 2 {
+		t.Errorf("%d slots held, want 2 (the current call and the one taken after abandonBefore)", len(tr.slots))
+	}
+	if !tr.waitGen(1) {
+		t.Error("waitGen(1) = false with no call of generation 1 left")
+	}
+	tr.finish(cur)
+}
