@@ -280,8 +280,8 @@ func TestP11KitApplianceGone(t *testing.T) {
 	l.halt()
 	halted = true
 	// Calls that p11-kit's client left stuck for good when its server died
-	// gave their HSM sessions back when the library was initialised
-	// again: none is in use once the load has stopped.
+	// gave their call slots back shortly after the reconnection: none is
+	// in use once the load has stopped.
 	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
 		v, ok := metricValue(scrape(t, metrics), "keyless_keyserver_hsm_sessions_in_use")
 		if ok && v == 0 {

@@ -75,10 +75,10 @@ func useServed(ctx context.Context, t *testing.T, m *hsm.Module) {
 
 // TestP11Kit opens a token through p11-kit's client module, which gives
 // each C_GetFunctionList caller an instance of its own: two Modules at once
-// (they share the process's one function list), every key type, signing
-// and RSA premaster decryption, key generation through the socket, and a
-// Module opened again after the last one closed (the library finalised and
-// initialised again).
+// (each with its own instances, for itself and for each crypto11 context),
+// every key type, signing and RSA premaster decryption, key generation
+// through the socket, and a Module opened again after the others closed
+// (their instances finalised).
 func TestP11Kit(t *testing.T) {
 	srv := newP11KitToken(t)
 	ctx := testContext(t)
@@ -126,7 +126,7 @@ func TestP11Kit(t *testing.T) {
 	if err := m.Close(); err != nil {
 		t.Fatalf("Close() = %v", err)
 	}
-	useServed(ctx, t, m2) // the library stays initialised for the other Module
+	useServed(ctx, t, m2) // the other Module's instances are its own
 	if err := m2.Close(); err != nil {
 		t.Fatalf("Close() = %v", err)
 	}
@@ -316,8 +316,8 @@ func TestP11KitServerKilled(t *testing.T) {
 	}
 	l.stop()
 	// Calls stuck for good in p11-kit's client when its server died (it
-	// happens) gave their slots back when the library was initialised
-	// again: every slot is free once the load has stopped.
+	// happens) gave their slots back shortly after the reconnection:
+	// every slot is free once the load has stopped.
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
 		inUse, capacity := m.Sessions()
 		if inUse == 0 {
