@@ -64,6 +64,15 @@ type Config struct {
 	TokenSerial string
 	SlotNumber  *int
 
+	// TokenURI, if not nil, narrows the token further: every token, slot
+	// and library attribute of the URI (token, serial, slot-id,
+	// manufacturer, model, slot-description, slot-manufacturer,
+	// library-manufacturer, library-description, library-version) must
+	// match, so that a URI copied from `p11tool --list-privkeys` or
+	// `pkcs11-tool` selects exactly the token it was copied from. Its
+	// object attributes and its module and PIN are not used here.
+	TokenURI *URI
+
 	// PIN is the user (CKU_USER) PIN. Required. It is never logged and
 	// never appears in an error; the caller reads it from a file or the
 	// environment. The module keeps it in memory to log in sessions it
@@ -93,7 +102,10 @@ type Config struct {
 
 	// MaxReconnectBackoff caps the wait between attempts to reconnect to a
 	// token after a fault. The module tries at once, then after 100 ms,
-	// doubling each time up to this cap. Zero means
+	// doubling each time up to this cap; while the token is absent (the
+	// library does not initialise, lists no such token, or does not
+	// answer) it looks every 250 ms at most, so that it is back in service
+	// soon after the token returns. Zero means
 	// [DefaultMaxReconnectBackoff]; negative values are errors.
 	MaxReconnectBackoff time.Duration
 

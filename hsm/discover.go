@@ -43,6 +43,7 @@ type privateInfo struct {
 	decrypt     bool
 	sensitive   bool
 	extractable bool
+	alwaysAuth  bool   // CKA_ALWAYS_AUTHENTICATE
 	allowed     []uint // CKA_ALLOWED_MECHANISMS; nil if absent or empty
 	modulus     []byte // RSA only; may be absent
 	exponent    []byte
@@ -68,7 +69,7 @@ func keyTypeName(kt uint) string {
 func readPrivate(p p11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (*privateInfo, error) {
 	a, err := getAttrs(p, sh, h,
 		pkcs11.CKA_KEY_TYPE, pkcs11.CKA_ID, pkcs11.CKA_LABEL, pkcs11.CKA_SIGN, pkcs11.CKA_DECRYPT,
-		pkcs11.CKA_SENSITIVE, pkcs11.CKA_EXTRACTABLE, pkcs11.CKA_ALLOWED_MECHANISMS,
+		pkcs11.CKA_SENSITIVE, pkcs11.CKA_EXTRACTABLE, pkcs11.CKA_ALWAYS_AUTHENTICATE, pkcs11.CKA_ALLOWED_MECHANISMS,
 		pkcs11.CKA_MODULUS, pkcs11.CKA_PUBLIC_EXPONENT, pkcs11.CKA_EC_PARAMS)
 	if err != nil {
 		return nil, err
@@ -90,6 +91,7 @@ func readPrivate(p p11API, sh pkcs11.SessionHandle, h pkcs11.ObjectHandle) (*pri
 	pi.sign, _ = attrBool(a[pkcs11.CKA_SIGN])
 	pi.decrypt, _ = attrBool(a[pkcs11.CKA_DECRYPT])
 	pi.sensitive, _ = attrBool(a[pkcs11.CKA_SENSITIVE])
+	pi.alwaysAuth, _ = attrBool(a[pkcs11.CKA_ALWAYS_AUTHENTICATE])
 	if v, ok := attrBool(a[pkcs11.CKA_EXTRACTABLE]); ok {
 		pi.extractable = v
 	} else {
@@ -284,6 +286,13 @@ func (m *Module) loadKey(sh pkcs11.SessionHandle, h pkcs11.ObjectHandle, c11 c11
 	}
 	if !pi.sign {
 		return nil, skipf("private key (%s) has CKA_SIGN false", pi.describe())
+	}
+	if pi.alwaysAuth {
+		// Each operation would need its own C_Login as
+		// CKU_CONTEXT_SPECIFIC with the PIN, between C_SignInit and
+		// C_Sign, which crypto11 does not do.
+		return nil, skipf("private key (%s) has CKA_ALWAYS_AUTHENTICATE (a login before every operation), which is not supported; "+
+			"make a key with CKA_ALWAYS_AUTHENTICATE false to serve it", pi.describe())
 	}
 	pub, err := publicKey(m.p11, sh, pi)
 	if err != nil {

@@ -381,8 +381,26 @@ func (m *Module) separateInstances() bool {
 // token present.
 func (m *Module) findToken() (uint, pkcs11.TokenInfo, error) {
 	slots, err := m.p11.GetSlotList(true)
+	if isCode(err, pkcs11.CKR_BUFFER_TOO_SMALL) {
+		// miekg/pkcs11 asks for the count, then for a list of that many;
+		// p11-kit's client answers the second call so when there are no
+		// slots (its server has no token, or is not running).
+		slots, err = nil, nil
+	}
 	if err != nil {
 		return 0, pkcs11.TokenInfo{}, fmt.Errorf("hsm: list slots: %w", err)
+	}
+	u := m.cfg.TokenURI
+	want := m.wantToken()
+	if u != nil && u.needsLibraryInfo() {
+		info, err := m.p11.GetInfo()
+		if err != nil {
+			return 0, pkcs11.TokenInfo{}, fmt.Errorf("hsm: library info: %w", err)
+		}
+		if !u.matchLibrary(info) {
+			return 0, pkcs11.TokenInfo{}, fmt.Errorf("hsm: module %s is not the library the URI names (library-manufacturer %q, library-description %q, library-version %d.%d)",
+				m.path, info.ManufacturerID, info.LibraryDescription, info.LibraryVersion.Major, info.LibraryVersion.Minor)
+		}
 	}
 	var found []uint
 	var token pkcs11.TokenInfo
@@ -399,11 +417,23 @@ func (m *Module) findToken() (uint, pkcs11.TokenInfo, error) {
 		case m.cfg.SlotNumber != nil && uint(*m.cfg.SlotNumber) == s,
 			m.cfg.TokenLabel != "" && ti.Label == m.cfg.TokenLabel,
 			m.cfg.TokenSerial != "" && ti.SerialNumber == m.cfg.TokenSerial:
-			found = append(found, s)
-			token = ti
+		default:
+			continue
 		}
+		if u != nil {
+			var si pkcs11.SlotInfo
+			if u.needsSlotInfo() {
+				if si, err = m.p11.GetSlotInfo(s); err != nil {
+					return 0, token, fmt.Errorf("hsm: slot info of slot %d: %w", s, err)
+				}
+			}
+			if !u.matchToken(s, ti, si) {
+				continue
+			}
+		}
+		found = append(found, s)
+		token = ti
 	}
-	want := m.wantToken()
 	switch {
 	case len(found) == 0:
 		return 0, token, fmt.Errorf("hsm: no token with %s in module %s (tokens present: %s)", want, m.path, cmp.Or(strings.Join(labels, ", "), "none"))
@@ -418,13 +448,19 @@ func (m *Module) findToken() (uint, pkcs11.TokenInfo, error) {
 }
 
 func (m *Module) wantToken() string {
+	var w string
 	switch {
 	case m.cfg.TokenLabel != "":
-		return fmt.Sprintf("label %q", m.cfg.TokenLabel)
+		w = fmt.Sprintf("label %q", m.cfg.TokenLabel)
 	case m.cfg.TokenSerial != "":
-		return fmt.Sprintf("serial number %q", m.cfg.TokenSerial)
+		w = fmt.Sprintf("serial number %q", m.cfg.TokenSerial)
+	default:
+		w = fmt.Sprintf("slot number %d", *m.cfg.SlotNumber)
 	}
-	return fmt.Sprintf("slot number %d", *m.cfg.SlotNumber)
+	if m.cfg.TokenURI != nil {
+		w += fmt.Sprintf(" matching %s", m.cfg.TokenURI.tokenPart())
+	}
+	return w
 }
 
 // pin returns the user PIN, which SetPIN may replace.

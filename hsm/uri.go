@@ -9,17 +9,22 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+
+	"github.com/miekg/pkcs11"
 )
 
 // URI is a parsed RFC 7512 PKCS #11 URI, such as
 //
 //	pkcs11:token=web;object=www.example.com?module-path=/usr/lib/softhsm/libsofthsm2.so&pin-source=file:/etc/keyless/pin
 //
-// It names a token (token, serial or slot-id), optionally the keys on it
-// (object is the CKA_LABEL, id the CKA_ID), and optionally the module
-// (module-path) and the file holding the PIN (pin-source). Every field is
-// optional; the zero value selects nothing. A URI is immutable after
-// [ParseURI] returns it.
+// It names a token (token, serial or slot-id, narrowed further by the
+// token's manufacturer and model, its slot's slot-description and
+// slot-manufacturer, and the library's library-manufacturer,
+// library-description and library-version, as `p11tool --list-privkeys`
+// and `pkcs11-tool` print them), optionally the keys on it (object is the
+// CKA_LABEL, id the CKA_ID), and optionally the module (module-path) and
+// the file holding the PIN (pin-source). Every field is optional; the zero
+// value selects nothing. A URI is immutable after [ParseURI] returns it.
 //
 // The package never reads PINSource: the caller does.
 type URI struct {
@@ -28,6 +33,23 @@ type URI struct {
 	TokenLabel  string
 	TokenSerial string
 	SlotID      *int
+
+	// TokenManufacturer and TokenModel are the manufacturer and model
+	// path attributes: CK_TOKEN_INFO's manufacturerID and model.
+	TokenManufacturer string
+	TokenModel        string
+
+	// SlotDescription and SlotManufacturer are the slot-description and
+	// slot-manufacturer path attributes (CK_SLOT_INFO).
+	SlotDescription  string
+	SlotManufacturer string
+
+	// LibraryManufacturer, LibraryDescription and LibraryVersion are the
+	// library-manufacturer, library-description and library-version path
+	// attributes (CK_INFO). LibraryVersion is "major" or "major.minor".
+	LibraryManufacturer string
+	LibraryDescription  string
+	LibraryVersion      string
 
 	// ObjectLabel and ObjectID are the object and id path attributes:
 	// the CKA_LABEL and CKA_ID of the keys the URI selects. Empty (nil)
@@ -45,12 +67,16 @@ type URI struct {
 
 // uriAttrs are the attributes ParseURI accepts, by part.
 var (
-	uriPathAttrs  = []string{"token", "serial", "slot-id", "object", "id", "type"}
+	uriPathAttrs = []string{"token", "serial", "slot-id", "manufacturer", "model",
+		"slot-description", "slot-manufacturer", "library-manufacturer", "library-description", "library-version",
+		"object", "id", "type"}
 	uriQueryAttrs = []string{"module-path", "pin-source"}
 )
 
 // ParseURI parses an RFC 7512 PKCS #11 URI. It accepts the path
-// attributes token, serial, slot-id, object, id and type (which must be
+// attributes token, serial, slot-id, manufacturer, model,
+// slot-description, slot-manufacturer, library-manufacturer,
+// library-description, library-version, object, id and type (which must be
 // "private"), and the query attributes module-path and pin-source.
 //
 // It returns an error for a malformed URI, a repeated or empty attribute,
@@ -110,10 +136,22 @@ func ParseURI(s string) (*URI, error) {
 			strings.Join(unknown, ", "), strings.Join(uriPathAttrs, ", "), strings.Join(uriQueryAttrs, ", "))
 	}
 	u := &URI{
-		TokenLabel:  attrs["token"],
-		TokenSerial: attrs["serial"],
-		ObjectLabel: attrs["object"],
-		ModulePath:  attrs["module-path"],
+		TokenLabel:          attrs["token"],
+		TokenSerial:         attrs["serial"],
+		TokenManufacturer:   attrs["manufacturer"],
+		TokenModel:          attrs["model"],
+		SlotDescription:     attrs["slot-description"],
+		SlotManufacturer:    attrs["slot-manufacturer"],
+		LibraryManufacturer: attrs["library-manufacturer"],
+		LibraryDescription:  attrs["library-description"],
+		LibraryVersion:      attrs["library-version"],
+		ObjectLabel:         attrs["object"],
+		ModulePath:          attrs["module-path"],
+	}
+	if v := u.LibraryVersion; v != "" {
+		if _, _, err := parseVersion(v); err != nil {
+			return nil, fmt.Errorf("hsm: PKCS #11 URI: library-version %q: want major or major.minor, decimal numbers below 256", v)
+		}
 	}
 	if v, ok := attrs["id"]; ok {
 		u.ObjectID = []byte(v)
@@ -172,6 +210,67 @@ func (u *URI) SelectsToken() bool {
 	return u.TokenLabel != "" || u.TokenSerial != "" || u.SlotID != nil
 }
 
+// parseVersion parses a library-version value, "M" or "M.N" (RFC 7512,
+// section 2.3: "M" means "M.0").
+func parseVersion(v string) (major, minor byte, err error) {
+	a, b, hasMinor := strings.Cut(v, ".")
+	ma, err := strconv.ParseUint(a, 10, 8)
+	if err != nil {
+		return 0, 0, err
+	}
+	var mi uint64
+	if hasMinor {
+		if mi, err = strconv.ParseUint(b, 10, 8); err != nil {
+			return 0, 0, err
+		}
+	}
+	return byte(ma), byte(mi), nil
+}
+
+// matchLibrary reports whether the library's CK_INFO matches the URI's
+// library attributes.
+func (u *URI) matchLibrary(info pkcs11.Info) bool {
+	if u.LibraryManufacturer != "" && strings.TrimRight(info.ManufacturerID, " ") != u.LibraryManufacturer {
+		return false
+	}
+	if u.LibraryDescription != "" && strings.TrimRight(info.LibraryDescription, " ") != u.LibraryDescription {
+		return false
+	}
+	if u.LibraryVersion != "" {
+		major, minor, _ := parseVersion(u.LibraryVersion)
+		if info.LibraryVersion.Major != major || info.LibraryVersion.Minor != minor {
+			return false
+		}
+	}
+	return true
+}
+
+// needsSlotInfo reports whether matching needs the slot's CK_SLOT_INFO.
+func (u *URI) needsSlotInfo() bool { return u.SlotDescription != "" || u.SlotManufacturer != "" }
+
+// needsLibraryInfo reports whether matching needs the library's CK_INFO.
+func (u *URI) needsLibraryInfo() bool {
+	return u.LibraryManufacturer != "" || u.LibraryDescription != "" || u.LibraryVersion != ""
+}
+
+// matchToken reports whether the token in slot, with its CK_TOKEN_INFO
+// and (if needsSlotInfo) CK_SLOT_INFO, matches every token and slot
+// attribute of the URI.
+func (u *URI) matchToken(slot uint, ti pkcs11.TokenInfo, si pkcs11.SlotInfo) bool {
+	trim := func(s string) string { return strings.TrimRight(s, " ") }
+	switch {
+	case u.TokenLabel != "" && trim(ti.Label) != u.TokenLabel,
+		u.TokenSerial != "" && trim(ti.SerialNumber) != u.TokenSerial,
+		u.SlotID != nil && uint(*u.SlotID) != slot,
+		u.TokenManufacturer != "" && trim(ti.ManufacturerID) != u.TokenManufacturer,
+		u.TokenModel != "" && trim(ti.Model) != u.TokenModel,
+		u.SlotDescription != "" && trim(si.SlotDescription) != u.SlotDescription,
+		u.SlotManufacturer != "" && trim(si.ManufacturerID) != u.SlotManufacturer:
+		return false
+	}
+	return true
+}
+
 // SelectsKeys reports whether the URI names keys (object or id).
 func (u *URI) SelectsKeys() bool {
 	return u.ObjectLabel != "" || u.ObjectID != nil
@@ -204,6 +303,13 @@ func (u *URI) String() string {
 	if u.SlotID != nil {
 		path = append(path, "slot-id="+strconv.Itoa(*u.SlotID))
 	}
+	add(&path, "manufacturer", u.TokenManufacturer)
+	add(&path, "model", u.TokenModel)
+	add(&path, "slot-description", u.SlotDescription)
+	add(&path, "slot-manufacturer", u.SlotManufacturer)
+	add(&path, "library-manufacturer", u.LibraryManufacturer)
+	add(&path, "library-description", u.LibraryDescription)
+	add(&path, "library-version", u.LibraryVersion)
 	add(&path, "object", u.ObjectLabel)
 	if u.ObjectID != nil {
 		var b strings.Builder
@@ -234,4 +340,15 @@ func uriEscape(s string) string {
 		}
 	}
 	return b.String()
+}
+
+// tokenPart formats the URI's token, slot and library attributes only, for
+// messages.
+func (u *URI) tokenPart() string {
+	return (&URI{
+		TokenLabel: u.TokenLabel, TokenSerial: u.TokenSerial, SlotID: u.SlotID,
+		TokenManufacturer: u.TokenManufacturer, TokenModel: u.TokenModel,
+		SlotDescription: u.SlotDescription, SlotManufacturer: u.SlotManufacturer,
+		LibraryManufacturer: u.LibraryManufacturer, LibraryDescription: u.LibraryDescription, LibraryVersion: u.LibraryVersion,
+	}).String()
 }

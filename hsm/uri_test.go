@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"strings"
 	"testing"
+
+	"github.com/miekg/pkcs11"
 )
 
 func TestParseURI(t *testing.T) {
@@ -64,7 +66,7 @@ func TestParseURIErrors(t *testing.T) {
 		{"pkcs11:type=public", "only private keys"},
 		{"pkcs11:token=" + strings.Repeat("x", 33), "at most 32"},
 		{"pkcs11:token=t#frag", "fragment"},
-		{"pkcs11:manufacturer=SoftHSM;x-vendor=1;token=t?module-name=softhsm2", "unsupported attributes manufacturer, x-vendor, module-name"},
+		{"pkcs11:manufacturer=SoftHSM;x-vendor=1;token=t?module-name=softhsm2", "unsupported attributes x-vendor, module-name"},
 		{"pkcs11:token=t?module-path=lib/softhsm2.so", "not an absolute file name"},
 		{"pkcs11:token=t?pin-source=pin.txt", "absolute file name"},
 		{"pkcs11:token=t?pin-source=file:pin.txt", "absolute file name"},
@@ -114,6 +116,60 @@ func TestURIMatchKey(t *testing.T) {
 		}
 		if got := u.MatchKey(tt.label, tt.id); got != tt.want {
 			t.Errorf("ParseURI(%q).MatchKey(%q, %x) = %t, want %t", tt.uri, tt.label, tt.id, got, tt.want)
+		}
+	}
+}
+
+// TestParseURIFromTools parses URIs as p11tool and pkcs11-tool print them,
+// with the token, slot and library attributes of RFC 7512, and checks
+// what each matches.
+func TestParseURIFromTools(t *testing.T) {
+	u, err := ParseURI("pkcs11:model=SoftHSM%20v2;manufacturer=SoftHSM%20project;serial=c79b6fa882de6672;token=web;" +
+		"slot-description=SoftHSM%20slot%20ID%200x1;slot-manufacturer=SoftHSM%20project;" +
+		"library-manufacturer=SoftHSM;library-description=Implementation%20of%20PKCS11;library-version=2.6;" +
+		"id=%01;object=www;type=private")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ti := pkcs11.TokenInfo{Label: "web", SerialNumber: "c79b6fa882de6672", ManufacturerID: "SoftHSM project", Model: "SoftHSM v2"}
+	si := pkcs11.SlotInfo{SlotDescription: "SoftHSM slot ID 0x1", ManufacturerID: "SoftHSM project"}
+	info := pkcs11.Info{ManufacturerID: "SoftHSM", LibraryDescription: "Implementation of PKCS11", LibraryVersion: pkcs11.Version{Major: 2, Minor: 6}}
+	if !u.matchToken(1, ti, si) || !u.matchLibrary(info) || !u.needsSlotInfo() || !u.needsLibraryInfo() {
+		t.Fatalf("%s does not match the token it was copied from", u)
+	}
+	for name, edit := range map[string]func(*pkcs11.TokenInfo, *pkcs11.SlotInfo){
+		"model":             func(ti *pkcs11.TokenInfo, _ *pkcs11.SlotInfo) { ti.Model = "Other" },
+		"manufacturer":      func(ti *pkcs11.TokenInfo, _ *pkcs11.SlotInfo) { ti.ManufacturerID = "Other" },
+		"serial":            func(ti *pkcs11.TokenInfo, _ *pkcs11.SlotInfo) { ti.SerialNumber = "0" },
+		"token":             func(ti *pkcs11.TokenInfo, _ *pkcs11.SlotInfo) { ti.Label = "other" },
+		"slot-description":  func(_ *pkcs11.TokenInfo, si *pkcs11.SlotInfo) { si.SlotDescription = "other" },
+		"slot-manufacturer": func(_ *pkcs11.TokenInfo, si *pkcs11.SlotInfo) { si.ManufacturerID = "other" },
+	} {
+		ti, si := ti, si
+		edit(&ti, &si)
+		if u.matchToken(1, ti, si) {
+			t.Errorf("a token with another %s matches %s", name, u)
+		}
+	}
+	for _, v := range []pkcs11.Version{{Major: 2, Minor: 5}, {Major: 3, Minor: 6}} {
+		i := info
+		i.LibraryVersion = v
+		if u.matchLibrary(i) {
+			t.Errorf("library version %d.%d matches library-version=2.6", v.Major, v.Minor)
+		}
+	}
+	// "M" means "M.0".
+	if u, err := ParseURI("pkcs11:library-version=3"); err != nil || !u.matchLibrary(pkcs11.Info{LibraryVersion: pkcs11.Version{Major: 3}}) {
+		t.Errorf("library-version=3 does not match 3.0: %v", err)
+	}
+	// The attributes survive String.
+	again, err := ParseURI(u.String())
+	if err != nil || again.String() != u.String() || again.SlotDescription != u.SlotDescription || again.LibraryVersion != "2.6" {
+		t.Errorf("String() = %q does not round-trip: %v", u.String(), err)
+	}
+	for _, bad := range []string{"pkcs11:library-version=x", "pkcs11:library-version=2.x", "pkcs11:library-version=256", "pkcs11:library-version=1.2.3"} {
+		if _, err := ParseURI(bad); err == nil || !strings.Contains(err.Error(), "library-version") {
+			t.Errorf("ParseURI(%q) = %v; want an error naming library-version", bad, err)
 		}
 	}
 }

@@ -58,6 +58,7 @@ func (f *hsmFlags) config(logger hclog.Logger) (hsm.Config, error) {
 		ModulePath:      f.module,
 		TokenLabel:      f.tokenLabel,
 		TokenSerial:     f.tokenSerial,
+		TokenURI:        f.uri,
 		PIN:             pin,
 		MaxSessions:     f.maxSessions,
 		PoolWaitTimeout: f.sessionWait,
@@ -148,22 +149,22 @@ func (f *hsmFlags) resolveURI(fs *flag.FlagSet) error {
 		return fmt.Errorf("%s sets %s and -%s is set too: use one of them", from, attr, name)
 	}
 	if u.SelectsToken() {
-		n := 0
-		for _, ok := range []bool{u.TokenLabel != "", u.TokenSerial != "", u.SlotID != nil} {
-			if ok {
-				n++
-			}
-		}
-		if n > 1 {
-			return fmt.Errorf("%s: name the token by one of token=, serial= and slot-id=, not several", from)
-		}
 		for _, name := range []string{"token-label", "token-serial", "slot"} {
 			if set[name] {
 				return conflict("the token", name)
 			}
 		}
-		f.tokenLabel, f.tokenSerial, f.slot = u.TokenLabel, u.TokenSerial, -1
-		if u.SlotID != nil {
+		// URIs printed by p11tool and pkcs11-tool name the token by
+		// serial and label (and manufacturer and model) at once: the
+		// token is looked up by one of them, the most specific, and must
+		// match all of them (hsm.Config.TokenURI).
+		f.tokenLabel, f.tokenSerial, f.slot = "", "", -1
+		switch {
+		case u.TokenSerial != "":
+			f.tokenSerial = u.TokenSerial
+		case u.TokenLabel != "":
+			f.tokenLabel = u.TokenLabel
+		default:
 			f.slot = *u.SlotID
 		}
 	}

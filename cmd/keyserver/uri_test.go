@@ -30,7 +30,6 @@ func TestParseServeTokenURIConflicts(t *testing.T) {
 		{[]string{"-token-uri", uri, "-module", "/usr/lib/other.so"}, []string{"-token-uri", "module-path", "-module"}},
 		{[]string{"-token-uri", uri, "-pin-file", "/tmp/pin"}, []string{"-token-uri", "pin-source", "-pin-file"}},
 		{[]string{"-token-uri", uri, "-pin-env", "PIN"}, []string{"-token-uri", "pin-source", "-pin-env"}},
-		{[]string{"-token-uri", "pkcs11:token=a;serial=b"}, []string{"-token-uri", "token=, serial="}},
 		{[]string{"-token-uri", "pkcs11:token=web?pin-value=1234"}, []string{"-token-uri", "pin-value is refused"}},
 		{[]string{"-token-uri", "pkcs11:token=web;vendor=x"}, []string{"-token-uri", "unsupported attributes vendor"}},
 		{[]string{"-token-uri", "token=web"}, []string{"-token-uri", "pkcs11:"}},
@@ -55,6 +54,25 @@ func TestParseServeTokenURIConflicts(t *testing.T) {
 	t.Setenv("KEYSERVER_TOKEN_LABEL", "other")
 	if _, err := parseServe(append([]string{"-token-uri", uri}, serveNoToken...), io.Discard); err == nil || !strings.Contains(err.Error(), "-token-label") {
 		t.Errorf("parseServe with KEYSERVER_TOKEN_LABEL and -token-uri = %v, want a conflict naming -token-label", err)
+	}
+}
+
+// TestParseServeTokenURIFromTools checks that a URI as p11tool
+// --list-privkeys and pkcs11-tool print it, naming the token by serial,
+// label, manufacturer and model at once, is accepted as it is: the token
+// is looked up by serial and must match the rest.
+func TestParseServeTokenURIFromTools(t *testing.T) {
+	const uri = "pkcs11:model=SoftHSM%20v2;manufacturer=SoftHSM%20project;serial=c79b6fa882de6672;token=web;id=%01;object=www;type=private"
+	f, err := parseServe(append([]string{"-token-uri", uri, "-module", "/usr/lib/softhsm/libsofthsm2.so"}, serveNoToken...), io.Discard)
+	if err != nil {
+		t.Fatalf("parseServe(%q) = %v", uri, err)
+	}
+	h := f.hsm
+	if h.tokenSerial != "c79b6fa882de6672" || h.tokenLabel != "" || h.slot != -1 {
+		t.Errorf("token selected by serial %q, label %q, slot %d; want the serial only", h.tokenSerial, h.tokenLabel, h.slot)
+	}
+	if u := h.uri; u == nil || u.TokenLabel != "web" || u.TokenManufacturer != "SoftHSM project" || u.TokenModel != "SoftHSM v2" {
+		t.Errorf("uri = %+v; want the label, manufacturer and model kept for matching", u)
 	}
 }
 
