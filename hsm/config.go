@@ -11,6 +11,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/hashicorp/go-hclog"
+	"github.com/miekg/pkcs11"
 )
 
 // Defaults for the zero values of [Config] fields.
@@ -84,7 +85,11 @@ type Config struct {
 	// one further session for itself, so its practical minimum is 2) and the
 	// module's own (premaster decryption, Ed25519, key discovery and health
 	// checks), which gets MaxSessions-1. Zero means [DefaultMaxSessions]; 1
-	// and negative values are errors. The token's own limit still applies.
+	// and negative values are errors. When the token reports a limit
+	// (the lower of ulMaxSessionCount and ulMaxRwSessionCount) that the two
+	// pools would exceed, MaxSessions is lowered to fit it, down to 2;
+	// values of 2^32 and above are taken for no limit (openCryptoki reports
+	// 0xFFFFFFFFFFFFFFFE).
 	MaxSessions int
 
 	// PoolWaitTimeout bounds the wait for a free session of either pool
@@ -196,6 +201,30 @@ func (c *Config) maxSessions() int {
 		return DefaultMaxSessions
 	}
 	return c.MaxSessions
+}
+
+// sessionsFor returns the MaxSessions the module uses on a token: want,
+// lowered so that crypto11's sessions (MaxSessions) and the module's own
+// pool (MaxSessions-1) stay within the token's session limit, if it
+// reports one, but never below 2. The second result is the token's limit,
+// 0 for none.
+func sessionsFor(want int, ti pkcs11.TokenInfo) (int, uint) {
+	limit := uint(0)
+	for _, v := range []uint{ti.MaxSessionCount, ti.MaxRwSessionCount} {
+		// CK_EFFECTIVELY_INFINITE (0), CK_UNAVAILABLE_INFORMATION (all
+		// ones) and absurdly large values (openCryptoki's
+		// 0xFFFFFFFFFFFFFFFE) mean no limit.
+		if v == pkcs11.CK_EFFECTIVELY_INFINITE || v == pkcs11.CK_UNAVAILABLE_INFORMATION || uint64(v) >= 1<<32 {
+			continue
+		}
+		if limit == 0 || v < limit {
+			limit = v
+		}
+	}
+	if limit == 0 || uint(2*want-1) <= limit {
+		return want, limit
+	}
+	return max(2, int((limit+1)/2)), limit
 }
 
 func (c *Config) poolWaitTimeout() time.Duration {

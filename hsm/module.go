@@ -100,6 +100,8 @@ type Module struct {
 	// connection (p11-kit's client module): see attach.
 	perInstance bool
 
+	sessions int // MaxSessions, lowered to the token's limit (sessionsFor)
+
 	// changed is closed, and replaced, whenever the module becomes faulty
 	// or healthy again (see Changed).
 	changedMu sync.Mutex
@@ -171,9 +173,9 @@ func open(cfg Config, d deps) (*Module, error) {
 	if err != nil {
 		return nil, err
 	}
-	m.raw = newSessionPool(m.p11, m.slotID(), cfg.PIN, cfg.maxSessions()-1, cfg.poolWaitTimeout())
+	m.raw = newSessionPool(m.p11, m.slotID(), cfg.PIN, m.sessions-1, cfg.poolWaitTimeout())
 	m.raw.epoch = m.epoch
-	m.calls = newCallTracker(cfg.maxSessions()-1, cfg.poolWaitTimeout())
+	m.calls = newCallTracker(m.sessions-1, cfg.poolWaitTimeout())
 	if sh != nil {
 		// The session that checked the PIN becomes the pool's first.
 		m.raw.adopt(*sh)
@@ -270,6 +272,14 @@ func (m *Module) attach() (*pkcs11.SessionHandle, error) {
 	slot, m.token, err = m.findToken()
 	m.slot.Store(uint64(slot))
 	if err == nil {
+		var limit uint
+		m.sessions, limit = sessionsFor(m.cfg.maxSessions(), m.token)
+		if m.sessions < m.cfg.maxSessions() {
+			m.logger.Info("the token allows fewer sessions than MaxSessions asks for: lowered to fit", "token", m.token.Label,
+				"token_max_sessions", limit, "max_sessions", m.sessions, "configured", m.cfg.maxSessions())
+		}
+	}
+	if err == nil {
 		sh, err = m.checkLogin(slot)
 	}
 	if owned {
@@ -331,7 +341,7 @@ func (m *Module) configure(slot uint) (c11Context, error) {
 		Path:            path,
 		SlotNumber:      &slotNumber,
 		Pin:             m.pin(),
-		MaxSessions:     m.cfg.maxSessions(),
+		MaxSessions:     m.sessions,
 		PoolWaitTimeout: m.cfg.poolWaitTimeout(),
 	})
 	if err != nil {

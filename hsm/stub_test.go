@@ -755,3 +755,64 @@ func TestOpenPerInstanceLibrary(t *testing.T) {
 		t.Errorf("libraries.open[%s] = %d, want 0: a per-instance library is not shared", path, n)
 	}
 }
+
+// TestSessionsFor checks how MaxSessions is fitted to the token's session
+// limit: crypto11's MaxSessions and the module's MaxSessions-1 stay within
+// the lower of ulMaxSessionCount and ulMaxRwSessionCount, never below 2;
+// 0, all ones and values of 2^32 and above (openCryptoki's
+// 0xFFFFFFFFFFFFFFFE) are no limit.
+func TestSessionsFor(t *testing.T) {
+	const huge = uint(0xFFFFFFFFFFFFFFFE)
+	for _, tt := range []struct {
+		want       int
+		max, maxRW uint
+		got        int
+		limit      uint
+	}{
+		{8, pkcs11.CK_EFFECTIVELY_INFINITE, pkcs11.CK_EFFECTIVELY_INFINITE, 8, 0},
+		{8, pkcs11.CK_UNAVAILABLE_INFORMATION, pkcs11.CK_UNAVAILABLE_INFORMATION, 8, 0},
+		{8, huge, huge, 8, 0},
+		{8, 15, 0, 8, 15},  // 8 + 7 fit exactly
+		{8, 14, 0, 7, 14},  // 7 + 6
+		{8, 0, 10, 5, 10},  // the read-write limit counts too
+		{8, 20, 6, 3, 6},   // the lower of the two
+		{8, 2, huge, 2, 2}, // never below 2
+		{1024, 100, 0, 50, 100},
+	} {
+		got, limit := sessionsFor(tt.want, pkcs11.TokenInfo{MaxSessionCount: tt.max, MaxRwSessionCount: tt.maxRW})
+		if got != tt.got || limit != tt.limit {
+			t.Errorf("sessionsFor(%d, max %#x, max rw %#x) = %d, %d; want %d, %d", tt.want, tt.max, tt.maxRW, got, limit, tt.got, tt.limit)
+		}
+	}
+}
+
+// TestOpenFitsSessionsToToken checks that Open gives crypto11 the
+// MaxSessions fitted to the token's limit.
+func TestOpenFitsSessionsToToken(t *testing.T) {
+	lib := t.TempDir() + "/lib.so"
+	if err := writeFile(lib); err != nil {
+		t.Fatal(err)
+	}
+	for _, tt := range []struct {
+		limit uint
+		want  int
+	}{{10, 5}, {0xFFFFFFFFFFFFFFFE, DefaultMaxSessions}} {
+		p := newStubP11()
+		p.slots = []uint{7}
+		p.tokens[7] = pkcs11.TokenInfo{Label: "tok", Flags: pkcs11.CKF_TOKEN_INITIALIZED, MaxSessionCount: tt.limit, MaxRwSessionCount: tt.limit}
+		got := 0
+		d := deps{
+			newP11: func(string) p11API { return sharedInstance{p} },
+			configure: func(c *crypto11.Config) (c11Context, error) {
+				got = c.MaxSessions
+				return nil, errors.New("boom")
+			},
+		}
+		if _, err := open(Config{ModulePath: lib, TokenLabel: "tok", PIN: "secret-pin"}, d); err == nil {
+			t.Fatal("open() succeeded with a failing crypto11")
+		}
+		if got != tt.want {
+			t.Errorf("token limit %#x: crypto11 MaxSessions = %d, want %d", tt.limit, got, tt.want)
+		}
+	}
+}
