@@ -299,7 +299,12 @@ func (m *Module) reconnect(ctx context.Context, f *faultState, attempt int) erro
 			libraries.reset[m.path] = time.Now()
 			reset = true
 		}
-		if err := m.p11.Initialize(); err != nil && !isCode(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+		switch err := m.p11.Initialize(); {
+		case err == nil:
+			// Initialised again here, whichever attempt finalised it (an
+			// earlier one may have, and then failed to initialise it).
+			reset = true
+		case !isCode(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED):
 			return nil, fmt.Errorf("%w: initialise PKCS #11 module %s: %w", errTokenGone, m.path, err)
 		}
 		// SoftHSM numbers the slots again when it is initialised again.
@@ -353,15 +358,17 @@ func (m *Module) reconnect(ctx context.Context, f *faultState, attempt int) erro
 		return fail(err)
 	}
 	m.install(loaded, true)
+	m.logger.Info("reconnected to token", "token", m.token.Label, "keys", len(loaded), "attempts", attempt,
+		"unavailable_for", time.Since(f.when).Round(time.Millisecond), "library_initialised_again", reset, "fault", f.err)
 	m.fault.CompareAndSwap(f, nil)
 	m.lastReconnect.Store(nil)
 	m.tokenGone.Store(false)
+	// After the log line: a health reporter following Changed puts the
+	// keyserver back in service at once.
 	m.notifyChanged()
 	if m.perInstance {
 		m.bg.Go(func() { m.abandonStaleCalls(gen) })
 	}
-	m.logger.Info("reconnected to token", "token", m.token.Label, "keys", len(loaded), "attempts", attempt,
-		"unavailable_for", time.Since(f.when).Round(time.Millisecond), "library_initialised_again", reset, "fault", f.err)
 	return nil
 }
 
