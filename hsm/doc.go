@@ -110,9 +110,11 @@
 // touching the token, and the supervisor reconnects: it checks the token
 // and the PIN, opens a new crypto11 context and new sessions, and scans the
 // token for keys again. It tries at once, then with exponential backoff
-// from 100 ms up to [Config.MaxReconnectBackoff]. Keys obtained before a
-// reconnection stop working and must be looked up again; package signer
-// looks keys up for every request.
+// from 100 ms up to [Config.MaxReconnectBackoff], but every 250 ms at most
+// while the token is absent. [Module.Changed] reports each turn to faulty
+// and back, so that a health reporter follows at once. Keys obtained
+// before a reconnection stop working and must be looked up again; package
+// signer looks keys up for every request.
 //
 // Some tokens stay unusable after a fault until the PKCS #11 library is
 // initialised again: SoftHSM reads its token directory only in
@@ -124,6 +126,17 @@
 // is dead) and reconnect too. Session handles from before are never closed
 // afterwards, because the library may have given their numbers to new
 // sessions.
+//
+// Some libraries give each C_GetFunctionList an instance of its own, with
+// its own C_Initialize state and, for p11-kit's client (p11-kit-client.so,
+// a token served by `p11-kit server`), its own connection. Open detects
+// them (a fresh instance is uninitialised while the module's is
+// initialised): the module then keeps its own instance initialised until
+// Close, gives each crypto11 context a path of its own to the library (a
+// symlink in a private temporary directory) so that crypto11 initialises
+// and finalises only that context's instance, and initialises its own
+// instance again at each reconnection attempt, which affects no other
+// Module.
 //
 // Every [Config.RescanInterval] the supervisor scans the token, so keys
 // that other applications add or remove are noticed and logged.
