@@ -605,7 +605,7 @@ func (s *CertStore) GetCertificate(hello *tls.ClientHelloInfo) (*tls.Certificate
 		rc.ClientAddress = hello.Conn.RemoteAddr().String()
 	}
 	c := e.cert
-	c.PrivateKey = e.key.WithContext(hello.Context(), rc)
+	c.PrivateKey = e.key.WithContext(keyOpContext(hello), rc)
 	c.OCSPStaple = e.ocsp.current(time.Now())
 	return &c, nil
 }

@@ -19,6 +19,7 @@ import (
 	"google.golang.org/grpc/credentials"
 	_ "google.golang.org/grpc/health" // client-side health checking
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/resolver"
 	"google.golang.org/grpc/resolver/manual"
 	"google.golang.org/grpc/status"
@@ -92,7 +93,11 @@ type ClientConfig struct {
 	// keyserver address (see [Metrics]). The client then dials the
 	// keyservers itself (with Dialer, else a plain TCP dial), so that each
 	// connection is named by its configured address; gRPC's proxy support
-	// (HTTPS_PROXY) is not used.
+	// (HTTPS_PROXY) is not used. It also follows each keyserver's state,
+	// sets keyless_edge_keyserver_up and logs each change once: ready
+	// (connected), failing (its link handshake fails, an operation answers
+	// UNAVAILABLE, or three in a row time out or fail internally), gone
+	// (its connection was refused, or lost) and back (ready again).
 	Metrics *Metrics
 }
 
@@ -147,6 +152,8 @@ type Client struct {
 	// handshakes records the link's handshakes, to explain failed calls;
 	// nil for a Client over a caller's connection.
 	handshakes *handshakeState
+	// health follows each keyserver's state; nil without metrics.
+	health *keyserverHealth
 
 	// streams carry Sign and Decrypt (see stream.go); streamsCtx ends them
 	// at Close.
@@ -232,8 +239,16 @@ func Dial(cfg ClientConfig) (*Client, error) {
 		maxBackoff = DefaultReconnectBackoff
 	}
 	handshakes := &handshakeState{}
+	var health *keyserverHealth
+	if cfg.Metrics != nil {
+		var static []string
+		if !strings.HasPrefix(cfg.Addresses[0], dnsScheme) {
+			static = cfg.Addresses
+		}
+		health = newKeyserverHealth(logger.Named("keyserver_health"), cfg.Metrics, static)
+	}
 	opts := append(link.DialOptions(),
-		grpc.WithTransportCredentials(&linkCredentials{TransportCredentials: credentials.NewTLS(cfg.TLS), state: handshakes}),
+		grpc.WithTransportCredentials(&linkCredentials{TransportCredentials: credentials.NewTLS(cfg.TLS), state: handshakes, health: health}),
 		grpc.WithDefaultServiceConfig(serviceConfig),
 		grpc.WithConnectParams(grpc.ConnectParams{
 			Backoff: backoff.Config{
@@ -255,16 +270,19 @@ func Dial(cfg ClientConfig) (*Client, error) {
 		dialer = func(ctx context.Context, addr string) (net.Conn, error) {
 			c, err := dial(ctx, addr)
 			if err != nil {
+				if ctx.Err() == nil {
+					health.set(addr, ksGone, err.Error())
+				}
 				return nil, err
 			}
-			return &namedConn{Conn: c, addr: keyserverAddr(addr)}, nil
+			return &healthConn{namedConn: namedConn{Conn: c, addr: keyserverAddr(addr)}, health: health}, nil
 		}
 		opts = append(opts, grpc.WithChainUnaryInterceptor(cfg.Metrics.unaryInterceptor(func(a net.Addr) string {
 			if ka, ok := a.(keyserverAddr); ok {
 				return string(ka)
 			}
 			return "none"
-		})))
+		}, health)))
 	}
 	if dialer != nil {
 		opts = append(opts, grpc.WithContextDialer(dialer))
@@ -290,6 +308,7 @@ func Dial(cfg ClientConfig) (*Client, error) {
 	c.metrics = cfg.Metrics
 	c.ownConn = true
 	c.handshakes = handshakes
+	c.health = health
 	return c, nil
 }
 
@@ -334,7 +353,7 @@ func (c *Client) keyserverLabel(addr net.Addr) string {
 	if ka, ok := addr.(keyserverAddr); ok {
 		return string(ka)
 	}
-	if c.metrics == nil || addr == nil {
+	if addr == nil {
 		return "none"
 	}
 	return addr.String()
@@ -361,6 +380,9 @@ func (c *Client) CallTimeout() time.Duration { return c.timeout }
 // call more than once; later calls return the first call's result.
 func (c *Client) Close() error {
 	c.closeOnce.Do(func() {
+		if c.health != nil {
+			c.health.closing.Store(true)
+		}
 		c.stopStreams()
 		c.streams.close()
 		if c.ownConn {
@@ -395,14 +417,15 @@ func (c *Client) Sign(ctx context.Context, keyID link.KeyID, alg link.Algorithm,
 		Digest:    digest,
 		Context:   auditContext(rc),
 	}
-	resp, err := perform(c, ctx, "Sign", start, &keylessv1.Operation{Request: &keylessv1.Operation_Sign{Sign: req}},
-		(*keylessv1.OperationResult).GetSign, func() (*keylessv1.SignResponse, error) { return c.api.Sign(ctx, req) })
+	resp, ks, err := perform(c, ctx, "Sign", start, &keylessv1.Operation{Request: &keylessv1.Operation_Sign{Sign: req}},
+		(*keylessv1.OperationResult).GetSign, func(o ...grpc.CallOption) (*keylessv1.SignResponse, error) { return c.api.Sign(ctx, req, o...) })
 	if err == nil && len(resp.GetSignature()) == 0 {
 		err = errors.New("the keyserver returned an empty signature")
 	}
 	if err != nil {
 		return nil, fmt.Errorf("tlscore: %w", c.failed("sign", keyID, rc, start, err))
 	}
+	recordKeyOp(ctx, keyID, ks)
 	return resp.GetSignature(), nil
 }
 
@@ -421,14 +444,15 @@ func (c *Client) Decrypt(ctx context.Context, keyID link.KeyID, ciphertext []byt
 		EncryptedPremaster: ciphertext,
 		Context:            auditContext(rc),
 	}
-	resp, err := perform(c, ctx, "Decrypt", start, &keylessv1.Operation{Request: &keylessv1.Operation_Decrypt{Decrypt: req}},
-		(*keylessv1.OperationResult).GetDecrypt, func() (*keylessv1.DecryptResponse, error) { return c.api.Decrypt(ctx, req) })
+	resp, ks, err := perform(c, ctx, "Decrypt", start, &keylessv1.Operation{Request: &keylessv1.Operation_Decrypt{Decrypt: req}},
+		(*keylessv1.OperationResult).GetDecrypt, func(o ...grpc.CallOption) (*keylessv1.DecryptResponse, error) { return c.api.Decrypt(ctx, req, o...) })
 	if err == nil && len(resp.GetPremaster()) != link.PremasterLen {
 		err = fmt.Errorf("the keyserver returned a %d-byte premaster secret; want %d", len(resp.GetPremaster()), link.PremasterLen)
 	}
 	if err != nil {
 		return nil, fmt.Errorf("tlscore: %w", c.failed("decrypt", keyID, rc, start, err))
 	}
+	recordKeyOp(ctx, keyID, ks)
 	return resp.GetPremaster(), nil
 }
 
@@ -457,27 +481,31 @@ func (c *Client) listKeys(ctx context.Context) ([]*keylessv1.Key, error) {
 
 // perform sends op on a stream and returns the response get picks from its
 // result (nil if the result is another kind or an error), or, for a
-// keyserver without Stream, makes the unary call.
+// keyserver without Stream, makes the unary call with the options given.
+// It also returns the label of the keyserver that answered ("none" if
+// none did).
 func perform[Resp any](c *Client, ctx context.Context, method string, start time.Time, op *keylessv1.Operation,
-	get func(*keylessv1.OperationResult) Resp, unary func() (Resp, error)) (Resp, error) {
+	get func(*keylessv1.OperationResult) Resp, unary func(...grpc.CallOption) (Resp, error)) (Resp, string, error) {
 	if !c.streams.unary.Load() {
-		r, err := c.stream(ctx, method, start, op)
+		r, ks, err := c.stream(ctx, method, start, op)
 		if !errors.Is(err, errUseUnary) {
-			return get(r), err
+			return get(r), ks, err
 		}
 	}
-	return unary()
+	var p peer.Peer
+	resp, err := unary(grpc.Peer(&p))
+	return resp, c.keyserverLabel(p.Addr), err
 }
 
 // stream performs op on a stream and returns its result, or its error as a
 // status error; it records the call's metrics under method. When the
 // keyserver turns out not to implement Stream, it returns errUseUnary (and
 // later calls skip streams): the caller makes the unary call instead.
-func (c *Client) stream(ctx context.Context, method string, start time.Time, op *keylessv1.Operation) (*keylessv1.OperationResult, error) {
+func (c *Client) stream(ctx context.Context, method string, start time.Time, op *keylessv1.Operation) (*keylessv1.OperationResult, string, error) {
 	r, ks, err := c.streams.do(ctx, op)
 	if errors.Is(err, errUseUnary) {
 		c.logger.Info("the keyserver does not implement Stream; using unary calls")
-		return nil, err
+		return nil, ks, err
 	}
 	if err == nil && r.GetError() != nil {
 		err = status.Error(codes.Code(r.GetError().GetCode()), r.GetError().GetMessage())
@@ -485,7 +513,7 @@ func (c *Client) stream(ctx context.Context, method string, start time.Time, op 
 	if c.metrics != nil {
 		c.metrics.observeCall(method, ks, start, err)
 	}
-	return r, err
+	return r, ks, err
 }
 
 // failed logs a failed call once and returns the error to hand back, which

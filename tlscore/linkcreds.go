@@ -65,7 +65,8 @@ func (h *handshakeState) explain(err error) error {
 // outcome of each handshake in state. Clones share the state.
 type linkCredentials struct {
 	credentials.TransportCredentials
-	state *handshakeState
+	state  *handshakeState
+	health *keyserverHealth // nil: none
 }
 
 var _ credentials.TransportCredentials = (*linkCredentials)(nil)
@@ -77,9 +78,15 @@ func (c *linkCredentials) ClientHandshake(ctx context.Context, authority string,
 	} else {
 		c.state.last.Store(nil)
 	}
+	if hc, ok := conn.(*healthConn); ok {
+		if err != nil {
+			hc.handshakeFailed()
+		}
+		c.health.connected(string(hc.addr), err)
+	}
 	return tconn, info, err
 }
 
 func (c *linkCredentials) Clone() credentials.TransportCredentials {
-	return &linkCredentials{TransportCredentials: c.TransportCredentials.Clone(), state: c.state}
+	return &linkCredentials{TransportCredentials: c.TransportCredentials.Clone(), state: c.state, health: c.health}
 }

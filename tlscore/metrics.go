@@ -9,12 +9,17 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/http"
 	"path"
 	"path/filepath"
+	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keyless-tls/keyless/internal/hostname"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/peer"
 	"google.golang.org/grpc/status"
@@ -43,6 +48,15 @@ type Metrics struct {
 	originErrors *prometheus.CounterVec
 
 	certs *certMetrics // certificates not served and OCSP stapling
+
+	// Requests (see observeRequest) and keyserver health (see health.go).
+	requests        *prometheus.CounterVec
+	requestDuration *prometheus.HistogramVec
+	keyserverUp     *prometheus.GaugeVec
+	callRetries     *prometheus.CounterVec
+	// certStore names requests' server names and TLS 1.3 resumptions' key
+	// types; set by NewServerTLSConfig.
+	certStore atomic.Pointer[CertStore]
 }
 
 // NewMetrics registers the edge's metrics with reg and returns them. It
@@ -52,7 +66,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m := &Metrics{
 		handshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "keyless", Subsystem: "edge", Name: "handshakes_total",
-			Help: "TLS handshakes with clients, by TLS version (1.2, 1.3, unknown), key type of the certificate chosen (none if no certificate was chosen: a TLS 1.3 resumption, or a failure before the choice; crypto/tls chooses one before resuming in TLS 1.2), resumption and outcome (ok, timeout, client_closed, error).",
+			Help: "TLS handshakes with clients, by TLS version (1.2, 1.3, unknown), key type of the certificate chosen (none if no certificate was chosen, as in a failure before the choice; for a TLS 1.3 resumption, which chooses none, the type of the certificates that serve the name, or mixed if they differ), resumption and outcome (ok, timeout, client_closed, error).",
 		}, []string{"version", "key_type", "resumed", "outcome"}),
 		shed: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "keyless", Subsystem: "edge", Name: "handshakes_shed_total",
@@ -84,11 +98,29 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Namespace: "keyless", Subsystem: "edge", Name: "origin_errors_total",
 			Help: "Requests (HTTP) and connections (TCP mode) whose origin failed, by route name (as configured; tcp in TCP mode; none for no_route) and reason: unreachable (502, connecting failed), timeout (504, connecting or the response headers took too long), failed (502, any other failure) or no_route (421, no route for the host name).",
 		}, []string{"route", "reason"}),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "keyless", Subsystem: "edge", Name: "http_requests_total",
+			Help: "HTTP requests served, by server name (a name or wildcard of a loaded certificate that covers the SNI; other for anything else), status class (1xx to 5xx) and protocol (1.0, 1.1, 2).",
+		}, []string{"server_name", "code", "protocol"}),
+		requestDuration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "keyless", Subsystem: "edge", Name: "http_request_duration_seconds",
+			Help:    "Duration of HTTP requests, from their headers to the end of the response, by server name (as in keyless_edge_http_requests_total).",
+			Buckets: []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30},
+		}, []string{"server_name"}),
+		keyserverUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "keyless", Subsystem: "edge", Name: "keyserver_up",
+			Help: "1 while a keyserver is ready (connected, and its latest operation succeeded), else 0, by keyserver (configured address, or resolved address for a dns:/// name).",
+		}, []string{"keyserver"}),
+		callRetries: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "keyless", Subsystem: "edge", Name: "keyserver_call_retries_total",
+			Help: "Key operations that failed on a keyserver and were tried again on another, by the keyserver that failed and gRPC code; the retry's own outcome is counted in keyless_edge_keyserver_call_errors_total and keyless_edge_keyserver_call_duration_seconds.",
+		}, []string{"keyserver", "code"}),
 	}
 	for _, reason := range []string{shedKeyOperations, shedClientRate} {
 		m.shed.WithLabelValues(reason)
 	}
-	reg.MustRegister(m.handshakes, m.shed, m.keyOps, m.callLatency, m.callErrors, m.certsLoaded, m.certsExpiry, m.originErrors)
+	reg.MustRegister(m.handshakes, m.shed, m.keyOps, m.callLatency, m.callErrors, m.certsLoaded, m.certsExpiry, m.originErrors,
+		m.requests, m.requestDuration, m.keyserverUp, m.callRetries)
 	m.certs = newCertMetrics(reg)
 	return m
 }
@@ -106,6 +138,9 @@ func (m *Metrics) observeHandshake(c *tls.Conn, keyType string, err error) {
 		version = "1.2"
 	case tls.VersionTLS13:
 		version = "1.3"
+	}
+	if keyType == "" && err == nil && cs.DidResume {
+		keyType = m.resumedKeyType(cs.ServerName)
 	}
 	if keyType == "" {
 		keyType = "none"
@@ -212,9 +247,10 @@ func (m *Metrics) setCertificates(entries []*certEntry) {
 }
 
 // unaryInterceptor returns a gRPC client interceptor that times each call
-// and counts its errors, by method and keyserver. keyserver maps the
+// and counts its errors, by method and keyserver, and tells health its
+// outcome. keyserver maps the
 // address of the connection that served the call to a label.
-func (m *Metrics) unaryInterceptor(keyserver func(net.Addr) string) grpc.UnaryClientInterceptor {
+func (m *Metrics) unaryInterceptor(keyserver func(net.Addr) string, health *keyserverHealth) grpc.UnaryClientInterceptor {
 	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 		var p peer.Peer
 		start := time.Now()
@@ -225,6 +261,7 @@ func (m *Metrics) unaryInterceptor(keyserver func(net.Addr) string) grpc.UnaryCl
 		if err != nil {
 			m.callErrors.WithLabelValues(method, ks, status.Code(err).String()).Inc()
 		}
+		health.operation(ks, err)
 		return err
 	}
 }
@@ -261,4 +298,84 @@ func (m *Metrics) observeOriginError(route, reason string) {
 	if m != nil {
 		m.originErrors.WithLabelValues(route, reason).Inc()
 	}
+}
+
+// useCertificates makes m name requests' server names and TLS 1.3
+// resumptions' key types after the certificates of certs.
+func (m *Metrics) useCertificates(certs *CertStore) {
+	if m != nil && certs != nil {
+		m.certStore.Store(certs)
+	}
+}
+
+// resumedKeyType returns the key type label of a TLS 1.3 resumption for
+// serverName. crypto/tls chooses no certificate then, and does not say
+// which one the resumed session used, so it is the type of the
+// certificates that would serve the name, or "mixed" if they differ (a
+// name with both an RSA and an ECDSA certificate).
+func (m *Metrics) resumedKeyType(serverName string) string {
+	certs := m.certStore.Load()
+	if certs == nil {
+		return ""
+	}
+	set := certs.set.Load()
+	if set == nil {
+		return ""
+	}
+	kt := ""
+	for _, e := range set.serving(serverName) {
+		switch t := keyTypeOf(&e.cert); {
+		case kt == "":
+			kt = t
+		case kt != t:
+			return "mixed"
+		}
+	}
+	return kt
+}
+
+// serverNameLabel returns the metrics label of a request's server name:
+// the name, or the wildcard, of a loaded certificate that covers it, else
+// "other", so that clients cannot make new series.
+func (m *Metrics) serverNameLabel(serverName string) string {
+	certs := m.certStore.Load()
+	if certs == nil || serverName == "" {
+		return "other"
+	}
+	set := certs.set.Load()
+	if set == nil {
+		return "other"
+	}
+	name := hostname.Normalize(serverName)
+	if len(set.exact[name]) > 0 {
+		return name
+	}
+	if parent, ok := hostname.Parent(name); ok && len(set.wildcard[parent]) > 0 {
+		return "*." + parent
+	}
+	return "other"
+}
+
+// observeRequest counts one HTTP request answered with status after d.
+func (m *Metrics) observeRequest(r *http.Request, status int, d time.Duration) {
+	if m == nil {
+		return
+	}
+	name := "other"
+	if r.TLS != nil {
+		name = m.serverNameLabel(r.TLS.ServerName)
+	}
+	class := "other"
+	if status >= 100 && status < 600 {
+		class = strconv.Itoa(status/100) + "xx"
+	}
+	proto := "other"
+	switch {
+	case r.ProtoMajor == 2:
+		proto = "2"
+	case r.ProtoMajor == 1 && r.ProtoMinor <= 1:
+		proto = "1." + strconv.Itoa(r.ProtoMinor)
+	}
+	m.requests.WithLabelValues(name, class, proto).Inc()
+	m.requestDuration.WithLabelValues(name).Observe(d.Seconds())
 }

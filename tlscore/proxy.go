@@ -159,7 +159,7 @@ func NewProxy(cfg ProxyConfig) (*Proxy, error) {
 	transport.Proxy = nil
 	p.rp = &httputil.ReverseProxy{
 		Rewrite:       p.rewrite,
-		Transport:     transport,
+		Transport:     timedTransport{transport}, // upstream_duration of the access log
 		FlushInterval: -1,
 		ErrorLog:      stdLogger(p.logger, hclog.Warn),
 		ErrorHandler:  p.originFailed,

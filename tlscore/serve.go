@@ -70,8 +70,9 @@ func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h ht
 		ln.Close()
 		return errors.New("tlscore: ServeHTTP needs a TLS config, a handler and a grace period of zero or more")
 	}
+	o := newServeOptions(opts)
 	srv := &http.Server{
-		Handler:           h,
+		Handler:           observeRequests(h, o.accessLog, o.metrics),
 		TLSConfig:         tlsConfig,
 		ReadHeaderTimeout: handshakeTimeout,
 		IdleTimeout:       idleTimeout,
@@ -88,12 +89,20 @@ func ServeHTTP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, h ht
 		// Requests must outlive ctx for the graceful shutdown; they keep
 		// its values.
 		BaseContext: func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
+		// Requests find their connection's handshake (key id, keyserver)
+		// for the access log.
+		ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+			if oc := observedConnOf(c); oc != nil {
+				return context.WithValue(ctx, connInfoKey{}, oc)
+			}
+			return ctx
+		},
 	}
 	config := tlsConfig.Clone()
 	if len(config.NextProtos) == 0 {
 		config.NextProtos = slices.Clone(defaultNextProtos)
 	}
-	tln := &tlsListener{Listener: ln, config: config, base: context.WithoutCancel(ctx), metrics: newServeOptions(opts).metrics}
+	tln := &tlsListener{Listener: ln, config: config, base: context.WithoutCancel(ctx), metrics: o.metrics, accessLog: o.accessLog}
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(tln) }()
 	select {
@@ -154,6 +163,7 @@ func ServeTCP(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, origi
 		conns:      make(map[net.Conn]bool),
 		base:       context.WithoutCancel(ctx),
 		metrics:    o.metrics,
+		accessLog:  o.accessLog,
 		idle:       o.idle,
 		proxyProto: o.proxyProtocol,
 	}
@@ -210,6 +220,7 @@ type tcpProxy struct {
 	logger     hclog.Logger
 	base       context.Context // ServeTCP's ctx without its cancellation
 	metrics    *Metrics
+	accessLog  *AccessLog
 	idle       time.Duration // see WithIdleTimeout
 	proxyProto byte          // see WithOriginProxyProtocol
 	wg         sync.WaitGroup
@@ -248,16 +259,19 @@ func (p *tcpProxy) closeAll() int {
 
 func (p *tcpProxy) serve(raw net.Conn) {
 	defer p.close(raw)
+	start := time.Now()
 	oc := &observedConn{Conn: raw}
 	client := tls.Server(oc, p.tlsConfig)
-	if err := handshake(p.base, client, oc, p.metrics); err != nil {
+	if err := handshake(p.base, client, oc, p.metrics, p.accessLog); err != nil {
 		p.logger.Debug("TLS handshake failed", "client_address", raw.RemoteAddr().String(), "error", err)
 		return
 	}
 	cs := client.ConnectionState()
 	dctx, cancel := context.WithTimeout(p.base, originDialTimeout)
 	var d net.Dialer
+	dialStart := time.Now()
 	origin, err := d.DialContext(dctx, "tcp", p.origin)
+	connect := time.Since(dialStart)
 	cancel()
 	if err != nil {
 		reason := originUnreachable
@@ -266,6 +280,9 @@ func (p *tcpProxy) serve(raw net.Conn) {
 		}
 		p.metrics.observeOriginError("tcp", reason)
 		p.logger.Warn("origin unreachable", "origin", p.origin, "server_name", cs.ServerName, "error", err)
+		if p.accessLog != nil {
+			p.accessLog.logTCP(start, raw.RemoteAddr(), &cs, oc, p.origin, connect, err, 0, 0)
+		}
 		return
 	}
 	p.track(origin, false)
@@ -274,17 +291,22 @@ func (p *tcpProxy) serve(raw net.Conn) {
 		if err := writeProxyHeader(origin, p.proxyProto, raw); err != nil {
 			p.metrics.observeOriginError("tcp", originFailed)
 			p.logger.Warn("origin failed", "origin", p.origin, "error", err)
+			if p.accessLog != nil {
+				p.accessLog.logTCP(start, raw.RemoteAddr(), &cs, oc, p.origin, connect, err, 0, 0)
+			}
 			return
 		}
 	}
 
-	start := time.Now()
 	var up int64
 	var wg sync.WaitGroup
 	act := newActivity(p.idle)
 	wg.Go(func() { up = act.relay(origin, client) })
 	down := act.relay(client, origin)
 	wg.Wait()
+	if p.accessLog != nil {
+		p.accessLog.logTCP(start, raw.RemoteAddr(), &cs, oc, p.origin, connect, nil, up, down)
+	}
 	p.logger.Debug("connection closed", "client_address", raw.RemoteAddr().String(), "server_name", cs.ServerName,
 		"bytes_up", up, "bytes_down", down, "duration", time.Since(start))
 }
@@ -376,6 +398,7 @@ type ServeOption func(*serveOptions)
 
 type serveOptions struct {
 	metrics       *Metrics
+	accessLog     *AccessLog
 	idle          time.Duration
 	idleSet       bool
 	proxyProtocol byte // see WithOriginProxyProtocol
@@ -403,12 +426,34 @@ func WithMetrics(m *Metrics) ServeOption {
 	return func(o *serveOptions) { o.metrics = m }
 }
 
+// WithAccessLog writes a line to l for each HTTP request ([ServeHTTP]) or
+// TCP connection ([ServeTCP]), and, rate-limited, for each failed TLS
+// handshake. Every line has time (RFC 3339, UTC), type (http, tcp or
+// handshake_error) and client (address:port). Requests and connections
+// add server_name (SNI), tls_version (1.2, 1.3), cipher, resumed, alpn,
+// key_id and keyserver (of the handshake's key operation; empty for a
+// resumption, which makes none), bytes_in and bytes_out (bodies for HTTP,
+// the relayed bytes for TCP) and duration (seconds). HTTP adds protocol,
+// method, host, path, status and upstream_duration (seconds until the
+// origin's response headers; null if none came); TCP adds origin, status
+// (ok, origin_unreachable) and upstream_connect_duration. A failed
+// handshake has server_name, reason (timeout, client_closed, error),
+// error, duration and, after lines were left out by the rate limit,
+// suppressed (how many).
+func WithAccessLog(l *AccessLog) ServeOption {
+	return func(o *serveOptions) { o.accessLog = l }
+}
+
 // observedConn is a client's connection under its *tls.Conn. The
 // GetCertificate of [NewServerTLSConfig] records in it the key type of the
 // certificate it chose (hello.Conn is this connection).
 type observedConn struct {
 	net.Conn
 	keyType atomic.Pointer[string]
+	// keyOp is the key operation the handshake made, if any: recorded by
+	// the Client, which finds this connection in the operation's context
+	// (see connContext).
+	keyOp atomic.Pointer[keyOpInfo]
 }
 
 // recordKeyType notes the key type of the certificate chosen for the
@@ -420,12 +465,17 @@ func recordKeyType(conn net.Conn, cert *tls.Certificate) {
 	}
 }
 
-// handshake runs c's handshake, bounded by handshakeTimeout, and counts it
-// in m. oc is the connection under c.
-func handshake(base context.Context, c *tls.Conn, oc *observedConn, m *Metrics) error {
+// handshake runs c's handshake, bounded by handshakeTimeout, counts it
+// in m and logs its failure to al (each may be nil). oc is the connection
+// under c.
+func handshake(base context.Context, c *tls.Conn, oc *observedConn, m *Metrics, al *AccessLog) error {
 	ctx, cancel := context.WithTimeout(base, handshakeTimeout)
 	defer cancel()
+	start := time.Now()
 	err := c.HandshakeContext(ctx)
+	if err != nil && al != nil {
+		al.logHandshakeError(start, oc.RemoteAddr(), c.ConnectionState().ServerName, err)
+	}
 	if m != nil {
 		var kt string
 		if p := oc.keyType.Load(); p != nil {
@@ -437,7 +487,8 @@ func handshake(base context.Context, c *tls.Conn, oc *observedConn, m *Metrics) 
 }
 
 // tlsListener makes ServeHTTP's connections *tls.Conn values, so that
-// http.Server serves them as TLS (HTTP/2 included). With metrics, it also
+// http.Server serves them as TLS (HTTP/2 included). With metrics or an
+// access log, it also
 // starts each connection's handshake in a goroutine of its own, which
 // counts the outcome: http.Server, which calls Handshake in its
 // per-connection goroutine, then waits for that handshake and gets its
@@ -445,9 +496,10 @@ func handshake(base context.Context, c *tls.Conn, oc *observedConn, m *Metrics) 
 // itself never waits for a handshake, so a slow client stalls nobody.
 type tlsListener struct {
 	net.Listener
-	config  *tls.Config
-	base    context.Context
-	metrics *Metrics
+	config    *tls.Config
+	base      context.Context
+	metrics   *Metrics
+	accessLog *AccessLog
 }
 
 func (l *tlsListener) Accept() (net.Conn, error) {
@@ -457,8 +509,8 @@ func (l *tlsListener) Accept() (net.Conn, error) {
 	}
 	oc := &observedConn{Conn: raw}
 	c := tls.Server(oc, l.config)
-	if l.metrics != nil {
-		go handshake(l.base, c, oc, l.metrics)
+	if l.metrics != nil || l.accessLog != nil {
+		go handshake(l.base, c, oc, l.metrics, l.accessLog)
 	}
 	return c, nil
 }

@@ -218,6 +218,7 @@ func NewServerTLSConfig(cfg ServerConfig) (*tls.Config, error) {
 		GetCertificate: getCertificate(cfg.Certificates, cfg.keyGuard()),
 	}
 	bindTickets(base, cfg.Certificates, logger.Named("tickets"))
+	cfg.Metrics.useCertificates(cfg.Certificates)
 	if len(cfg.RSAKeyExchange) == 0 && len(cfg.ClientAuth) == 0 {
 		return base, nil
 	}
