@@ -43,7 +43,8 @@ type flags struct {
 	logJSON        bool
 	metricsListen  string
 	metricsRemote  bool
-	proxy          proxyFlags // routes.go
+	proxy          proxyFlags     // routes.go
+	accessLog      accessLogFlags // observe.go
 
 	// Certificates as production serves them (docs/DEPLOY.md).
 	requireAllCerts bool
@@ -92,6 +93,7 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.metricsListen, "metrics-listen", "", "address of the operations listener (/metrics, /healthz, /readyz), e.g. 127.0.0.1:9444 (default: none, off)")
 	fs.BoolVar(&f.metricsRemote, "metrics-allow-remote", false, "let -metrics-listen be a non-loopback address")
 	f.proxy.define(fs)
+	f.accessLog.register(fs)
 	fs.BoolVar(&f.requireAllCerts, "require-all-certs", false, "refuse to start, or to reload, if any certificate file cannot be served (broken, or its key missing from the keyserver); by default such a file is skipped with an error naming it")
 	fs.BoolVar(&f.ocspStapling, "ocsp-stapling", true, "staple verified OCSP responses: fetched from each certificate's OCSP responder (its file must hold the issuer) and read from NAME.ocsp beside NAME.pem")
 	fs.StringVar(&f.clientAuth, "client-auth", "", "client certificates per server name, comma-separated NAME=MODE:CAFILE items, NAME a host name or *.wildcard, MODE request or require, CAFILE the PEM CAs that issue them; the verified subject goes to the origin in "+tlscore.HeaderClientSubject)
@@ -186,6 +188,9 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 		if _, _, err := net.SplitHostPort(f.metricsListen); err != nil {
 			return nil, fmt.Errorf("-metrics-listen %q: want host:port: %w", f.metricsListen, err)
 		}
+	}
+	if err := f.accessLog.check(); err != nil {
+		return nil, err
 	}
 	return &f, nil
 }

@@ -105,6 +105,22 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	if err != nil {
 		return err
 	}
+	// Access log, and the operations listener from the first moment.
+	accessLog, err := f.accessLog.open()
+	if err != nil {
+		return err
+	}
+	if accessLog != nil {
+		defer accessLog.Close()
+	}
+	readiness := newReadiness(certs, client)
+	opsCtx, stopOps := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopOps()
+	metricsAddr, err := startOps(opsCtx, f, reg, readiness, logger)
+	if err != nil {
+		return err
+	}
+
 	if err := loadCertificates(ctx, certs, f.certs, logger); err != nil {
 		if ctx.Err() != nil {
 			logger.Info("stopped before a keyserver answered")
@@ -125,6 +141,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		}
 		tlsConfig.SetSessionTicketKeys(keys)
 	}
+	readiness.wait("starting: certificates loaded, opening the TLS listener")
 	ln, err := net.Listen("tcp", f.listen)
 	if err != nil {
 		return err
@@ -155,24 +172,11 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		if proxy != nil {
 			reloadRoutes(f, proxy, logger)
 		}
+		reopenAccessLog(accessLog, logger)
 	})
 	go certs.RunOCSP(reloadCtx)
 
-	metricsAddr := "off"
-	if f.metricsListen != "" {
-		mln, err := opsserver.Listen(f.metricsListen, f.metricsRemote)
-		if err != nil {
-			ln.Close()
-			return fmt.Errorf("-metrics-listen: %w", err)
-		}
-		metricsAddr = mln.Addr().String()
-		go opsserver.Serve(reloadCtx, mln, reg, func(context.Context) error {
-			if draining.Load() {
-				return errors.New("draining: the edge is stopping")
-			}
-			return ready(certs, client)
-		}, logger.Named("metrics"))
-	}
+	readiness.serving(draining)
 	summary := []any{"listen", ln.Addr().String()}
 	if proxy != nil {
 		summary = append(summary, "routes", len(proxy.Routes()), "trusted_proxies", f.proxy.trusted.String(), "proxy_protocol", f.proxy.proxyProtocol)
@@ -183,14 +187,14 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		"certs", f.certs, "certificates", certs.Loaded(), "default_cert", f.defaultCert,
 		"rsa_key_exchange", f.rsaKeyExchange, "call_timeout", f.callTimeout, "keepalive", f.keepalive,
 		"reconnect_backoff", f.reconnect, "grace", f.grace, "handshakes_per_client", f.handshakeRate, "handshake_burst", f.handshakeBurst,
-		"max_key_operations", f.maxKeyOps, "metrics", metricsAddr,
+		"max_key_operations", f.maxKeyOps, "metrics", metricsAddr, "access_log", f.accessLog.path,
 		"require_all_certs", f.requireAllCerts, "ocsp_stapling", f.ocspStapling, "client_auth_names", len(clientAuth))
 	logger.Info("edge ready", summary...)
 	if proxy != nil {
-		return tlscore.ServeHTTP(serveCtx, ln, tlsConfig, tlscore.ClientAuthHandler(clientAuth, proxy), f.grace, logger, tlscore.WithMetrics(metrics))
+		return tlscore.ServeHTTP(serveCtx, ln, tlsConfig, tlscore.ClientAuthHandler(clientAuth, proxy), f.grace, logger, tlscore.WithMetrics(metrics), tlscore.WithAccessLog(accessLog))
 	}
 	return tlscore.ServeTCP(serveCtx, ln, tlsConfig, f.tcpOrigin, f.grace, logger, tlscore.WithMetrics(metrics), tlscore.WithIdleTimeout(f.tcpIdle),
-		tlscore.WithOriginProxyProtocol(byte(f.proxy.originProxy)))
+		tlscore.WithOriginProxyProtocol(byte(f.proxy.originProxy)), tlscore.WithAccessLog(accessLog))
 }
 
 // serverConfig returns the configuration of the edge's TLS server.
