@@ -93,11 +93,12 @@ type ClientConfig struct {
 	// keyserver address (see [Metrics]). The client then dials the
 	// keyservers itself (with Dialer, else a plain TCP dial), so that each
 	// connection is named by its configured address; gRPC's proxy support
-	// (HTTPS_PROXY) is not used. It also follows each keyserver's state,
-	// sets keyless_edge_keyserver_up and logs each change once: ready
-	// (connected), failing (its link handshake fails, an operation answers
-	// UNAVAILABLE, or three in a row time out or fail internally), gone
-	// (its connection was refused, or lost) and back (ready again).
+	// (HTTPS_PROXY) is not used. For a static list of addresses, it also
+	// follows each keyserver's health over a connection of its own (see
+	// keyserverHealth), sets keyless_edge_keyserver_up and logs each change
+	// of state once: ready (it reports SERVING), failing (it reports
+	// NOT_SERVING, an HSM fault say, or its link handshake fails), gone (its
+	// connection was refused, or lost) and back (ready again).
 	Metrics *Metrics
 }
 
@@ -152,7 +153,8 @@ type Client struct {
 	// handshakes records the link's handshakes, to explain failed calls;
 	// nil for a Client over a caller's connection.
 	handshakes *handshakeState
-	// health follows each keyserver's state; nil without metrics.
+	// health follows each keyserver's state; nil without metrics, or for
+	// a dns:/// target.
 	health *keyserverHealth
 
 	// streams carry Sign and Decrypt (see stream.go); streamsCtx ends them
@@ -239,61 +241,44 @@ func Dial(cfg ClientConfig) (*Client, error) {
 		maxBackoff = DefaultReconnectBackoff
 	}
 	handshakes := &handshakeState{}
-	var health *keyserverHealth
-	if cfg.Metrics != nil {
-		var static []string
-		if !strings.HasPrefix(cfg.Addresses[0], dnsScheme) {
-			static = cfg.Addresses
-		}
-		health = newKeyserverHealth(logger.Named("keyserver_health"), cfg.Metrics, static)
+	connectParams := grpc.ConnectParams{
+		Backoff: backoff.Config{
+			BaseDelay:  min(100*time.Millisecond, maxBackoff),
+			Multiplier: 1.6,
+			Jitter:     0.2,
+			MaxDelay:   maxBackoff,
+		},
+		MinConnectTimeout: minConnectTimeout,
 	}
 	opts := append(link.DialOptions(),
-		grpc.WithTransportCredentials(&linkCredentials{TransportCredentials: credentials.NewTLS(cfg.TLS), state: handshakes, health: health}),
+		grpc.WithTransportCredentials(&linkCredentials{TransportCredentials: credentials.NewTLS(cfg.TLS), state: handshakes}),
 		grpc.WithDefaultServiceConfig(serviceConfig),
-		grpc.WithConnectParams(grpc.ConnectParams{
-			Backoff: backoff.Config{
-				BaseDelay:  min(100*time.Millisecond, maxBackoff),
-				Multiplier: 1.6,
-				Jitter:     0.2,
-				MaxDelay:   maxBackoff,
-			},
-			MinConnectTimeout: minConnectTimeout,
-		}),
+		grpc.WithConnectParams(connectParams),
 	)
 	dialer := cfg.Dialer
 	if cfg.Metrics != nil {
-		dial := dialer
-		if dial == nil {
+		if dialer == nil {
 			var d net.Dialer
-			dial = func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
-		}
-		dialer = func(ctx context.Context, addr string) (net.Conn, error) {
-			c, err := dial(ctx, addr)
-			if err != nil {
-				if ctx.Err() == nil {
-					health.set(addr, ksGone, err.Error())
-				}
-				return nil, err
-			}
-			return &healthConn{namedConn: namedConn{Conn: c, addr: keyserverAddr(addr)}, health: health}, nil
+			dialer = func(ctx context.Context, addr string) (net.Conn, error) { return d.DialContext(ctx, "tcp", addr) }
 		}
 		opts = append(opts, grpc.WithChainUnaryInterceptor(cfg.Metrics.unaryInterceptor(func(a net.Addr) string {
 			if ka, ok := a.(keyserverAddr); ok {
 				return string(ka)
 			}
 			return "none"
-		}, health)))
-	}
-	if dialer != nil {
+		})), grpc.WithContextDialer(namedDialer(dialer)))
+	} else if dialer != nil {
 		opts = append(opts, grpc.WithContextDialer(dialer))
 	}
+	var keepaliveOpts []grpc.DialOption
 	if cfg.KeepaliveInterval > 0 {
-		opts = append(opts, grpc.WithKeepaliveParams(keepalive.ClientParameters{
+		keepaliveOpts = append(keepaliveOpts, grpc.WithKeepaliveParams(keepalive.ClientParameters{
 			Time:                cfg.KeepaliveInterval,
 			Timeout:             timeout,
 			PermitWithoutStream: true,
 		}))
 	}
+	opts = append(opts, keepaliveOpts...)
 	conn, err := grpc.NewClient(target, append(opts, resolvers...)...)
 	if err != nil {
 		return nil, fmt.Errorf("tlscore: keyserver client: %w", err)
@@ -308,7 +293,11 @@ func Dial(cfg ClientConfig) (*Client, error) {
 	c.metrics = cfg.Metrics
 	c.ownConn = true
 	c.handshakes = handshakes
-	c.health = health
+	if cfg.Metrics != nil && !strings.HasPrefix(cfg.Addresses[0], dnsScheme) {
+		c.health = newKeyserverHealth(logger.Named("keyserver_health"), cfg.Metrics, cfg.Addresses)
+		watchOpts := append(link.DialOptions(), grpc.WithConnectParams(connectParams))
+		c.health.watch(c.streamsCtx, cfg.TLS, dialer, append(watchOpts, keepaliveOpts...))
+	}
 	return c, nil
 }
 

@@ -1,39 +1,46 @@
 package tlscore
 
 import (
+	"context"
+	"crypto/tls"
 	"net"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/connectivity"
+	"google.golang.org/grpc/credentials"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
+
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
 // States of a keyserver, as the edge sees it.
 const (
 	ksUnknown = ""        // nothing heard yet
-	ksReady   = "ready"   // connected, and its latest operation (if any) succeeded
-	ksFailing = "failing" // connected, but its operations or link handshakes fail
-	ksGone    = "gone"    // no connection: refused, unreachable or closed
+	ksReady   = "ready"   // connected, and reporting SERVING
+	ksFailing = "failing" // reporting NOT_SERVING, or failing the link handshake
+	ksGone    = "gone"    // no connection: refused, unreachable or lost
 )
 
-// failingAfter is how many operations in a row must fail with a code that
-// may be load (DeadlineExceeded, Internal, Unknown) before a keyserver is
-// called failing; one UNAVAILABLE (an HSM fault, a shutdown) is enough.
-const failingAfter = 3
-
-// keyserverHealth follows the state of each keyserver from what the Client
-// sees of it: connections made and lost, link handshakes, and the outcome
-// of operations. It logs each change of state once (ready, failing, gone,
-// and back when a keyserver that was failing or gone is ready again) and
-// sets keyless_edge_keyserver_up. It is safe for concurrent use; a nil
+// keyserverHealth follows the state of each keyserver of a static list
+// over a connection of its own (see watch), on which it watches the
+// keyserver's health service for KeylessService: the state the balancer
+// of the Client's calls also goes by, but per keyserver. It logs each
+// change of state once (ready, failing, gone, and back when a keyserver
+// that was failing or gone is ready again) and sets
+// keyless_edge_keyserver_up. It is safe for concurrent use; a nil
 // *keyserverHealth does nothing.
 type keyserverHealth struct {
 	logger  hclog.Logger
 	metrics *Metrics
 	closing atomic.Bool // the Client is closing: lost connections are expected
+
+	addrs []string
 
 	mu     sync.Mutex
 	states map[string]*keyserverState
@@ -44,12 +51,11 @@ type keyserverState struct {
 	state     string
 	since     time.Time // of state
 	wasReady  bool      // it has been ready once
-	failures  int       // operations failed in a row with a load-like code
 	lastError string    // the latest reason it is failing or gone
 }
 
 func newKeyserverHealth(logger hclog.Logger, m *Metrics, addrs []string) *keyserverHealth {
-	h := &keyserverHealth{logger: logger, metrics: m, states: map[string]*keyserverState{}}
+	h := &keyserverHealth{logger: logger, metrics: m, addrs: addrs, states: map[string]*keyserverState{}}
 	for _, a := range addrs {
 		h.states[a] = &keyserverState{}
 		if m != nil {
@@ -74,9 +80,6 @@ func (h *keyserverHealth) set(ks, state, reason string) {
 	if s == nil {
 		s = &keyserverState{}
 		h.states[ks] = s
-	}
-	if state != ksFailing {
-		s.failures = 0
 	}
 	if s.state == state {
 		return
@@ -111,42 +114,79 @@ func (h *keyserverHealth) set(ks, state, reason string) {
 	}
 }
 
-// connected records a link handshake with ks: a keyserver that answers it
-// is ready; one that fails it is failing.
+// connected records a link handshake with ks: one that fails makes it
+// failing; one that succeeds says nothing until its health is known.
 func (h *keyserverHealth) connected(ks string, err error) {
 	if err != nil {
 		h.set(ks, ksFailing, "mutual-TLS handshake failed: "+err.Error())
-		return
 	}
-	h.set(ks, ksReady, "")
 }
 
-// operation records the outcome of one operation on ks.
-func (h *keyserverHealth) operation(ks string, err error) {
-	if h == nil {
-		return
+// watchRetry bounds the wait between two health watches of a keyserver.
+const watchRetry = 2 * time.Second
+
+// watch starts following each keyserver until ctx ends: a connection per
+// keyserver, made with opts, the client TLS configuration tlsCfg and
+// dial, carries a Watch of the health service.
+func (h *keyserverHealth) watch(ctx context.Context, tlsCfg *tls.Config, dial func(context.Context, string) (net.Conn, error), opts []grpc.DialOption) {
+	creds := &linkCredentials{TransportCredentials: credentials.NewTLS(tlsCfg), state: &handshakeState{}, health: h}
+	healthDial := func(ctx context.Context, addr string) (net.Conn, error) {
+		c, err := dial(ctx, addr)
+		if err != nil {
+			if ctx.Err() == nil {
+				h.set(addr, ksGone, err.Error())
+			}
+			return nil, err
+		}
+		return &healthConn{namedConn: namedConn{Conn: c, addr: keyserverAddr(addr)}, health: h}, nil
 	}
-	switch code := status.Code(err); code {
-	case codes.Canceled:
-		// The handshake ended first: says nothing of the keyserver.
-	case codes.Unavailable:
-		h.set(ks, ksFailing, code.String()+": "+status.Convert(err).Message())
-	case codes.DeadlineExceeded, codes.Internal, codes.Unknown:
-		h.mu.Lock()
-		s := h.states[ks]
-		n := 0
-		if s != nil {
-			s.failures++
-			n = s.failures
+	opts = append(opts, grpc.WithTransportCredentials(creds), grpc.WithContextDialer(healthDial))
+	for _, addr := range h.addrs {
+		conn, err := grpc.NewClient("passthrough:///"+addr, opts...)
+		if err != nil {
+			h.logger.Error("cannot follow the keyserver's health", "keyserver", addr, "error", err)
+			continue
 		}
-		h.mu.Unlock()
-		if n >= failingAfter {
-			h.set(ks, ksFailing, code.String()+": "+status.Convert(err).Message())
+		go func() {
+			defer conn.Close()
+			h.watchOne(ctx, addr, conn)
+		}()
+	}
+}
+
+// watchOne watches the health of the keyserver addr on conn until ctx
+// ends.
+func (h *keyserverHealth) watchOne(ctx context.Context, addr string, conn *grpc.ClientConn) {
+	client := healthpb.NewHealthClient(conn)
+	req := &healthpb.HealthCheckRequest{Service: keylessv1.KeylessService_ServiceDesc.ServiceName}
+	wait := 100 * time.Millisecond
+	for ctx.Err() == nil {
+		stream, err := client.Watch(ctx, req, grpc.WaitForReady(true))
+		for err == nil {
+			var resp *healthpb.HealthCheckResponse
+			if resp, err = stream.Recv(); err == nil {
+				wait = 100 * time.Millisecond
+				if st := resp.GetStatus(); st == healthpb.HealthCheckResponse_SERVING {
+					h.set(addr, ksReady, "")
+				} else {
+					h.set(addr, ksFailing, "its health service reports "+st.String())
+				}
+			}
 		}
-	default:
-		// An answer, even a refusal (NotFound, InvalidArgument), comes
-		// from a keyserver that works.
-		h.set(ks, ksReady, "")
+		if ctx.Err() != nil {
+			return
+		}
+		if status.Code(err) == codes.Unimplemented {
+			// A keyserver without a health service: connected is ready,
+			// until the connection changes.
+			h.set(addr, ksReady, "")
+			conn.WaitForStateChange(ctx, connectivity.Ready)
+		}
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+		}
+		wait = min(2*wait, watchRetry)
 	}
 }
 
@@ -160,7 +200,8 @@ func (h *keyserverHealth) state(ks string) string {
 	return ksUnknown
 }
 
-// healthConn is a keyserver connection that tells health when it ends.
+// healthConn is a connection of keyserverHealth's that tells it when it
+// ends.
 type healthConn struct {
 	namedConn
 	health *keyserverHealth

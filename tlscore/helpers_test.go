@@ -312,6 +312,7 @@ type testKeyserver struct {
 	ops    *opRecorder
 	frames *frameCounts // HTTP/2 frames the keyserver read and wrote
 	srv    *grpc.Server
+	health *health.Server
 }
 
 func startKeyserver(t testing.TB, pki *testPKI, svc keylessv1.KeylessServiceServer) *testKeyserver {
@@ -337,6 +338,7 @@ func startKeyserverWithHealth(t testing.TB, pki *testPKI, svc keylessv1.KeylessS
 	go srv.Serve(ks.lis)
 	t.Cleanup(srv.Stop)
 	ks.srv = srv
+	ks.health = hs
 	return ks
 }
 

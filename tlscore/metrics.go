@@ -247,10 +247,9 @@ func (m *Metrics) setCertificates(entries []*certEntry) {
 }
 
 // unaryInterceptor returns a gRPC client interceptor that times each call
-// and counts its errors, by method and keyserver, and tells health its
-// outcome. keyserver maps the
+// and counts its errors, by method and keyserver. keyserver maps the
 // address of the connection that served the call to a label.
-func (m *Metrics) unaryInterceptor(keyserver func(net.Addr) string, health *keyserverHealth) grpc.UnaryClientInterceptor {
+func (m *Metrics) unaryInterceptor(keyserver func(net.Addr) string) grpc.UnaryClientInterceptor {
 	return func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, invoker grpc.UnaryInvoker, opts ...grpc.CallOption) error {
 		var p peer.Peer
 		start := time.Now()
@@ -261,7 +260,6 @@ func (m *Metrics) unaryInterceptor(keyserver func(net.Addr) string, health *keys
 		if err != nil {
 			m.callErrors.WithLabelValues(method, ks, status.Code(err).String()).Inc()
 		}
-		health.operation(ks, err)
 		return err
 	}
 }
@@ -282,6 +280,18 @@ type keyserverAddr string
 
 func (a keyserverAddr) Network() string { return "tcp" }
 func (a keyserverAddr) String() string  { return string(a) }
+
+// namedDialer returns dial with its connections named by the address
+// dialed (see namedConn).
+func namedDialer(dial func(context.Context, string) (net.Conn, error)) func(context.Context, string) (net.Conn, error) {
+	return func(ctx context.Context, addr string) (net.Conn, error) {
+		c, err := dial(ctx, addr)
+		if err != nil {
+			return nil, err
+		}
+		return &namedConn{Conn: c, addr: keyserverAddr(addr)}, nil
+	}
+}
 
 // namedConn is a keyserver connection whose RemoteAddr is the configured
 // address.

@@ -454,6 +454,9 @@ type observedConn struct {
 	// the Client, which finds this connection in the operation's context
 	// (see connContext).
 	keyOp atomic.Pointer[keyOpInfo]
+	// serverName is the SNI, as GetCertificate saw it: a handshake that
+	// fails may end before crypto/tls records it in its state.
+	serverName atomic.Pointer[string]
 }
 
 // recordKeyType notes the key type of the certificate chosen for the
@@ -474,7 +477,11 @@ func handshake(base context.Context, c *tls.Conn, oc *observedConn, m *Metrics, 
 	start := time.Now()
 	err := c.HandshakeContext(ctx)
 	if err != nil && al != nil {
-		al.logHandshakeError(start, oc.RemoteAddr(), c.ConnectionState().ServerName, err)
+		sni := c.ConnectionState().ServerName
+		if p := oc.serverName.Load(); sni == "" && p != nil {
+			sni = *p
+		}
+		al.logHandshakeError(start, oc.RemoteAddr(), sni, err)
 	}
 	if m != nil {
 		var kt string

@@ -319,6 +319,9 @@ func (c *ServerConfig) keyGuard() *keyGuard {
 // resumption makes no key operation.
 func getCertificate(certs *CertStore, guard *keyGuard) func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
 	return func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+		if oc, ok := hello.Conn.(*observedConn); ok {
+			oc.serverName.Store(&hello.ServerName)
+		}
 		c, err := certs.GetCertificate(hello)
 		if unknown := (*UnrecognizedNameError)(nil); errors.As(err, &unknown) {
 			// crypto/tls sends unrecognized_name only when neither

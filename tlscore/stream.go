@@ -96,15 +96,12 @@ func (p *opStreams) do(ctx context.Context, op *keylessv1.Operation) (*keylessv1
 			st.retire()
 			lastErr = status.Error(codes.Unavailable, r.GetError().GetMessage())
 		case err == nil:
-			p.c.health.operation(ks, status.Error(codes.Code(r.GetError().GetCode()), ""))
 			return r, ks, nil
 		case ctx.Err() != nil:
-			p.c.health.operation(ks, status.FromContextError(ctx.Err()).Err())
 			return nil, ks, err
 		default:
 			lastErr = err
 		}
-		p.c.health.operation(ks, lastErr)
 		if attempts == 0 && p.c.metrics != nil {
 			p.c.metrics.callRetries.WithLabelValues(ks, status.Code(lastErr).String()).Inc()
 		}
