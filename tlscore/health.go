@@ -161,7 +161,21 @@ func (h *keyserverHealth) watchOne(ctx context.Context, addr string, conn *grpc.
 	req := &healthpb.HealthCheckRequest{Service: keylessv1.KeylessService_ServiceDesc.ServiceName}
 	wait := 100 * time.Millisecond
 	for ctx.Err() == nil {
-		stream, err := client.Watch(ctx, req, grpc.WaitForReady(true))
+		// The watch ends when the connection leaves READY: on a GOAWAY (a
+		// keyserver shutting down gracefully waits for its streams to end)
+		// as on a broken connection.
+		sctx, cancel := context.WithCancel(ctx)
+		go func() {
+			defer cancel()
+			s := conn.GetState()
+			for ; s != connectivity.Ready; s = conn.GetState() {
+				if !conn.WaitForStateChange(sctx, s) {
+					return
+				}
+			}
+			conn.WaitForStateChange(sctx, connectivity.Ready)
+		}()
+		stream, err := client.Watch(sctx, req, grpc.WaitForReady(true))
 		for err == nil {
 			var resp *healthpb.HealthCheckResponse
 			if resp, err = stream.Recv(); err == nil {
@@ -173,6 +187,7 @@ func (h *keyserverHealth) watchOne(ctx context.Context, addr string, conn *grpc.
 				}
 			}
 		}
+		cancel()
 		if ctx.Err() != nil {
 			return
 		}
