@@ -16,7 +16,6 @@ import (
 	"time"
 )
 
-
 // accessLines returns the JSON lines of the access log at path whose type
 // is typ, waiting up to 10 s for at least n of them.
 func accessLines(t *testing.T, path, typ string, n int) []map[string]any {
@@ -123,9 +122,9 @@ func TestAccessLogCurl(t *testing.T) {
 
 	text := scrape(t, metricsAddr)
 	for series, want := range map[string]float64{
-		`keyless_edge_keyserver_up{keyserver="` + d.keyserverAddr + `"}`:                                   1,
-		`keyless_edge_http_requests_total{code="2xx",protocol="2",server_name="ecdsa.e2e.test"}`:            1,
-		`keyless_edge_http_requests_total{code="2xx",protocol="1.1",server_name="rsa.e2e.test"}`:            1,
+		`keyless_edge_keyserver_up{keyserver="` + d.keyserverAddr + `"}`:                                  1,
+		`keyless_edge_http_requests_total{code="2xx",protocol="2",server_name="ecdsa.e2e.test"}`:          1,
+		`keyless_edge_http_requests_total{code="2xx",protocol="1.1",server_name="rsa.e2e.test"}`:          1,
 		`keyless_edge_handshakes_total{key_type="ecdsa_p256",outcome="ok",resumed="false",version="1.3"}`: 1,
 	} {
 		if got, ok := metricValue(text, series); !ok || got != want {
