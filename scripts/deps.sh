@@ -21,6 +21,8 @@ declare -A pkg=(
 if [ "$want" = tests ]; then
   pkg[nghttp]=nghttp2-client
   pkg[haproxy]=haproxy # a real PROXY protocol sender in front of the edge
+  # promtool checks and unit-tests deploy/prometheus/keyless-rules.yml.
+  pkg[promtool]=prometheus
 fi
 
 missing=()

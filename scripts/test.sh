@@ -2,8 +2,8 @@
 # test.sh is `make test`: it checks (or, as root, installs) what the tests
 # need, then runs every check CI runs: go vet, the whole test suite under the
 # race detector (including the SoftHSM integration, end-to-end and
-# interoperability tests), staticcheck, buf lint, and generated code up to
-# date.
+# interoperability tests), the alerting rules with promtool, staticcheck,
+# buf lint, and generated code up to date.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,10 @@ scripts/deps.sh tests
 mkdir -p bin
 scripts/tools.sh > bin/tools.log 2>&1 &
 tools_pid=$!
+
+echo "== promtool: alerting rules (deploy/prometheus)"
+promtool check rules deploy/prometheus/keyless-rules.yml
+promtool test rules deploy/prometheus/keyless-rules.test.yml
 
 echo "== go vet"
 go vet ./...
