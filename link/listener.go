@@ -14,10 +14,10 @@ const (
 	// and delay its shutdown.
 	DefaultHandshakeTimeout = 5 * time.Second
 	// DefaultMaxConnections bounds a keyserver's connections in all. An
-	// edge keeps one connection per keyserver.
+	// edge keeps two connections per keyserver.
 	DefaultMaxConnections = 10000
 	// DefaultMaxConnectionsPerSource bounds the connections from one IP
-	// address. An edge opens one; edges behind one NAT share the bound.
+	// address. An edge opens two per keyserver (calls, and a health watch); edges behind one NAT share the bound.
 	DefaultMaxConnectionsPerSource = 64
 )
 

@@ -5,7 +5,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -140,10 +139,15 @@ type field struct {
 	value any // string, int64, float64 or bool
 }
 
+// linePool recycles the buffers lines are built in.
+var linePool = sync.Pool{New: func() any { return new(bytes.Buffer) }}
+
 // write writes one line of fields. A failed write is not reported: the
 // log must not stop the traffic it records.
 func (l *AccessLog) write(fields []field) {
-	var b bytes.Buffer
+	b := linePool.Get().(*bytes.Buffer)
+	defer linePool.Put(b)
+	b.Reset()
 	if l.text {
 		for i, f := range fields {
 			if i > 0 {
@@ -151,7 +155,7 @@ func (l *AccessLog) write(fields []field) {
 			}
 			b.WriteString(f.key)
 			b.WriteByte('=')
-			writeTextValue(&b, f.value)
+			writeTextValue(b, f.value)
 		}
 	} else {
 		b.WriteByte('{')
@@ -159,14 +163,9 @@ func (l *AccessLog) write(fields []field) {
 			if i > 0 {
 				b.WriteByte(',')
 			}
-			k, _ := json.Marshal(f.key)
-			b.Write(k)
+			writeJSONString(b, f.key)
 			b.WriteByte(':')
-			v, err := json.Marshal(f.value)
-			if err != nil {
-				v = []byte(`null`)
-			}
-			b.Write(v)
+			writeJSONValue(b, f.value)
 		}
 		b.WriteByte('}')
 	}
@@ -179,6 +178,67 @@ func (l *AccessLog) write(fields []field) {
 	case l.path == "-":
 		l.stdout.Write(b.Bytes())
 	}
+}
+
+// writeJSONValue writes v (nil, string, int64, float64 or bool) as JSON.
+func writeJSONValue(b *bytes.Buffer, v any) {
+	switch v := v.(type) {
+	case string:
+		writeJSONString(b, v)
+	case int64:
+		b.Write(strconv.AppendInt(b.AvailableBuffer(), v, 10))
+	case float64:
+		b.Write(strconv.AppendFloat(b.AvailableBuffer(), v, 'f', -1, 64))
+	case bool:
+		b.Write(strconv.AppendBool(b.AvailableBuffer(), v))
+	default:
+		b.WriteString("null")
+	}
+}
+
+// writeJSONString writes s as a JSON string: quotes, backslashes and
+// control characters escaped, invalid UTF-8 replaced by U+FFFD, and '<',
+// '>', '&', U+2028 and U+2029 escaped as encoding/json does, so that a
+// client's string cannot break the line or its readers.
+func writeJSONString(b *bytes.Buffer, s string) {
+	const hex = "0123456789abcdef"
+	b.WriteByte('"')
+	for i := 0; i < len(s); {
+		c := s[i]
+		if c < utf8.RuneSelf {
+			switch {
+			case c == '"' || c == '\\':
+				b.WriteByte('\\')
+				b.WriteByte(c)
+			case c == '\n':
+				b.WriteString(`\n`)
+			case c == '\r':
+				b.WriteString(`\r`)
+			case c == '\t':
+				b.WriteString(`\t`)
+			case c < 0x20 || c == '<' || c == '>' || c == '&' || c == 0x7f:
+				b.WriteString(`\u00`)
+				b.WriteByte(hex[c>>4])
+				b.WriteByte(hex[c&0xf])
+			default:
+				b.WriteByte(c)
+			}
+			i++
+			continue
+		}
+		r, size := utf8.DecodeRuneInString(s[i:])
+		switch {
+		case r == utf8.RuneError && size == 1:
+			b.WriteString(`\ufffd`)
+		case r == '\u2028' || r == '\u2029':
+			b.WriteString(`\u202`)
+			b.WriteByte(hex[r&0xf])
+		default:
+			b.WriteString(s[i : i+size])
+		}
+		i += size
+	}
+	b.WriteByte('"')
 }
 
 // writeTextValue writes v for the text format: numbers and booleans bare,

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/prometheus/client_golang/prometheus"
 
@@ -316,3 +317,56 @@ func TestWriteTextValue(t *testing.T) {
 }
 
 type bytesBuffer struct{ bytes.Buffer }
+
+// validUTF8 returns s with each byte of invalid UTF-8 replaced by U+FFFD,
+// as encoding/json decodes it.
+func validUTF8(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); {
+		r, size := utf8.DecodeRuneInString(s[i:])
+		if r == utf8.RuneError && size == 1 {
+			b.WriteRune(utf8.RuneError)
+		} else {
+			b.WriteString(s[i : i+size])
+		}
+		i += size
+	}
+	return b.String()
+}
+
+// TestWriteJSONString: every string, however hostile, becomes JSON that
+// decodes to it (invalid UTF-8 to U+FFFD, as encoding/json does) on one
+// line.
+func TestWriteJSONString(t *testing.T) {
+	for _, s := range []string{"", "plain", `q"uote\back`, "new\nline\r\t", "\x00\x1f\x7f", "<script>&", "é ü 日本",
+		"bad \xff\xfe utf8", "\u2028\u2029", strings.Repeat("x", 3000)} {
+		var b bytes.Buffer
+		writeJSONString(&b, s)
+		if strings.ContainsAny(b.String(), "\n\r") {
+			t.Errorf("writeJSONString(%q) = %s spans lines", s, b.String())
+		}
+		var got string
+		if err := json.Unmarshal(b.Bytes(), &got); err != nil {
+			t.Errorf("writeJSONString(%q) = %s: not JSON: %v", s, b.String(), err)
+			continue
+		}
+		if want := validUTF8(s); got != want {
+			t.Errorf("writeJSONString(%q) decodes to %q, want %q", s, got, want)
+		}
+	}
+}
+
+func FuzzWriteJSONString(f *testing.F) {
+	f.Add("a\"b\\c\n\xff\u2028")
+	f.Fuzz(func(t *testing.T, s string) {
+		var b bytes.Buffer
+		writeJSONString(&b, s)
+		var got string
+		if err := json.Unmarshal(b.Bytes(), &got); err != nil {
+			t.Fatalf("writeJSONString(%q) = %s: not JSON: %v", s, b.String(), err)
+		}
+		if want := validUTF8(s); got != want {
+			t.Fatalf("writeJSONString(%q) decodes to %q, want %q", s, got, want)
+		}
+	})
+}

@@ -65,7 +65,7 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 	fs.Var(&c.clientCRLs, "client-crl", "PEM or DER CRL of the -client-ca, whose revoked edge certificates are refused and their connections closed; repeat the flag or separate files with commas; re-read on SIGHUP (default: none)")
 	fs.DurationVar(&c.handshakeTimeout, "handshake-timeout", link.DefaultHandshakeTimeout, "how long a connection may take to complete its TLS handshake")
 	fs.IntVar(&c.maxConns, "max-connections", link.DefaultMaxConnections, "connections open at once, in all; more are closed at once (0: no bound)")
-	fs.IntVar(&c.maxConnsSource, "max-connections-per-source", link.DefaultMaxConnectionsPerSource, "connections open at once from one IP address; an edge opens one per keyserver (0: no bound)")
+	fs.IntVar(&c.maxConnsSource, "max-connections-per-source", link.DefaultMaxConnectionsPerSource, "connections open at once from one IP address; an edge opens two per keyserver, one for its calls and one to watch its health (0: no bound)")
 	fs.DurationVar(&c.maxConnAge, "max-connection-age", time.Hour, "how long an edge's connection may live; the edge then reconnects, with the credentials and CRLs of the moment (0: forever)")
 	fs.DurationVar(&c.maxConnAgeGrace, "max-connection-age-grace", time.Minute, "how long a connection past -max-connection-age may finish its calls; edges move their streams within 30 s")
 	fs.StringVar(&c.policy, "policy", "", "YAML policy file: which edge identities may use which keys, operations and schemes; everything else is denied (required)")
