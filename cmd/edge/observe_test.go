@@ -142,3 +142,43 @@ func TestOpsListenerBeforeKeyservers(t *testing.T) {
 		t.Error("the operations listener still answers after run returned")
 	}
 }
+
+func TestAccessLogFlags(t *testing.T) {
+	required := []string{"-certs", "d", "-keyserver", "k:1", "-keyserver-ca", "ca", "-tls-cert", "c", "-tls-key", "k", "-origin", "http://o"}
+	for _, tt := range []struct {
+		args    []string
+		wantErr string
+	}{
+		{[]string{"-access-log-format", "xml"}, `-access-log-format "xml": want json or text`},
+		{[]string{"-access-log", ""}, "-access-log is empty"},
+	} {
+		var stderr bytes.Buffer
+		if _, err := parse(append(required, tt.args...), &stderr); err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+			t.Errorf("parse(%q) = %v, want an error containing %q", tt.args, err, tt.wantErr)
+		}
+	}
+	f, err := parse(required, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l, err := f.accessLog.open(); l != nil || err != nil {
+		t.Errorf("the default access log = %v, %v; want off", l, err)
+	}
+	path := filepath.Join(t.TempDir(), "access.log")
+	f, err = parse(append(required, "-access-log", path, "-access-log-format", "text"), io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	l, err := f.accessLog.open()
+	if err != nil || l == nil {
+		t.Fatalf("open(-access-log %s) = %v, %v", path, l, err)
+	}
+	defer l.Close()
+	if fi, err := os.Stat(path); err != nil || fi.Mode().Perm() != 0o640 {
+		t.Errorf("access log file: %v, %v; want mode 0640", fi, err)
+	}
+	f, _ = parse(append(required, "-access-log", filepath.Join(t.TempDir(), "missing", "a.log")), io.Discard)
+	if _, err := f.accessLog.open(); err == nil || !strings.HasPrefix(err.Error(), "-access-log: ") {
+		t.Errorf("open(in a missing directory) = %v, want an error naming -access-log", err)
+	}
+}
