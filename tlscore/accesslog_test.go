@@ -96,7 +96,7 @@ func TestAccessLogHTTP(t *testing.T) {
 	ctx, cancel := context.WithCancel(t.Context())
 	done := make(chan error, 1)
 	go func() {
-		done <- ServeHTTP(ctx, ln, sc, NewReverseProxy(newEchoOrigin(t), nil), 0, nil, WithMetrics(m), WithAccessLog(al))
+		done <- ServeHTTP(ctx, ln, sc, mustProxy(t, ProxyConfig{Routes: []Route{{Origin: newEchoOrigin(t)}}}), 0, nil, WithMetrics(m), WithAccessLog(al))
 	}()
 	t.Cleanup(func() { cancel(); <-done })
 	addr := ln.Addr().String()
