@@ -68,6 +68,21 @@ func TestDemo(t *testing.T) {
 			t.Errorf("%s answered:\n%s", c[1], got)
 		}
 	}
+	// The edge logs each request in the access log the demo names, once
+	// the response is sent.
+	var (
+		access []byte
+		err    error
+	)
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		access, err = os.ReadFile(filepath.Join(dir, "logs", "access.log"))
+		if err == nil && strings.Count(string(access), `"type":"http"`) >= len(curls) || time.Now().After(deadline) {
+			break
+		}
+	}
+	if n := strings.Count(string(access), `"type":"http"`); err != nil || n < len(curls) {
+		t.Errorf("$KEYLESS_DEMO_DIR/logs/access.log (%v) holds %d request lines, want one per curl request (%d):\n%s", err, n, len(curls), access)
+	}
 	if !fileExists(filepath.Join(dir, "ca.pem")) {
 		t.Errorf("the demo CA is not at $KEYLESS_DEMO_DIR/ca.pem")
 	}

@@ -178,7 +178,7 @@ wait_for origin "$dir/logs/origin.log" "listening"
 setsid "$bin/edge" -listen "$addr" -origin "http://$origin_addr" -certs "$dir/certs" \
   -default-cert ecdsa.localhost -rsa-key-exchange rsa.localhost \
   -keyserver "$ks_addr" -keyserver-name keyserver.keyless.internal -keyserver-ca "$pki/link-ca.pem" \
-  -tls-cert "$pki/edge.pem" -tls-key "$pki/edge.key" \
+  -tls-cert "$pki/edge.pem" -tls-key "$pki/edge.key" -access-log "$dir/logs/access.log" \
   > "$dir/logs/edge.log" 2>&1 &
 pids+=($!)
 wait_for edge "$dir/logs/edge.log" "edge ready"
@@ -197,7 +197,8 @@ Try:
   openssl s_client -connect $addr -servername ecdsa.localhost -CAfile $dir/ca.pem -status   # OCSP stapled
 
 Policy: $dir/policy.yaml (kill -HUP the keyserver to reload it).
-Audit trail: $dir/logs/audit.log. Logs: $dir/logs. Press Ctrl-C to stop.
+Audit trail: $dir/logs/audit.log. Access log: $dir/logs/access.log.
+Logs: $dir/logs. Press Ctrl-C to stop.
 TXT
 
 # Run until interrupted or until one of the processes exits.

@@ -109,7 +109,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}, []string{"server_name"}),
 		keyserverUp: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: "keyless", Subsystem: "edge", Name: "keyserver_up",
-			Help: "1 while a keyserver is ready (connected, and its latest operation succeeded), else 0, by keyserver (configured address, or resolved address for a dns:/// name).",
+			Help: "1 while a keyserver is ready (connected, and its health service reports SERVING), else 0, by keyserver (configured address; static -keyserver lists only).",
 		}, []string{"keyserver"}),
 		callRetries: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "keyless", Subsystem: "edge", Name: "keyserver_call_retries_total",
