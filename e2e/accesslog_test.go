@@ -7,7 +7,10 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
+	"fmt"
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -154,5 +157,53 @@ func TestAccessLogCurl(t *testing.T) {
 	}
 	if got, _ := metricValue(scrape(t, metricsAddr), `keyless_edge_keyserver_up{keyserver="`+d.keyserverAddr+`"}`); got != 0 {
 		t.Errorf("keyless_edge_keyserver_up = %v after the keyserver stopped, want 0", got)
+	}
+}
+
+// TestAccessLogTCPOpenSSL: in TCP mode, openssl s_client's connection gets
+// one line with the bytes relayed each way and the handshake's key.
+func TestAccessLogTCPOpenSSL(t *testing.T) {
+	needTool(t, "openssl")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(30 * time.Second))
+				line, _ := bufio.NewReader(c).ReadString('\n')
+				fmt.Fprintf(c, "origin got %q\n", line)
+			}()
+		}
+	}()
+	d := startDeployment(t)
+	path := filepath.Join(t.TempDir(), "access.log")
+	_, addr := d.startEdge(t, d.link.edgeCert, d.link.edgeKey, "-tcp-origin", ln.Addr().String(), "-access-log", path)
+	cmd := exec.Command("openssl", "s_client", "-quiet", "-connect", addr, "-servername", "p384.e2e.test",
+		"-CAfile", d.caFile, "-verify_return_error")
+	cmd.Stdin = strings.NewReader("hello origin\n")
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("openssl s_client: %v\n%s", err, out)
+	}
+	lines := accessLines(t, path, "tcp", 1)
+	if len(lines) != 1 {
+		t.Fatalf("%d tcp lines in the access log, want 1", len(lines))
+	}
+	for k, v := range map[string]any{
+		"server_name": "p384.e2e.test", "tls_version": "1.3", "status": "ok", "origin": ln.Addr().String(),
+		"bytes_in": float64(len("hello origin\n")), "bytes_out": float64(len(out)),
+		"key_id": certKeyID(t, filepath.Join(d.certsDir, "p384.e2e.test.pem")), "keyserver": d.keyserverAddr,
+	} {
+		if lines[0][k] != v {
+			t.Errorf("tcp line: %s = %#v, want %#v\n%v", k, lines[0][k], v, lines[0])
+		}
 	}
 }
