@@ -28,6 +28,18 @@ func WatchHealth(ctx context.Context, keys KeyStore, hs *health.Server, interval
 // DefaultHealthInterval. [WatchHealth] is WatchHealthFunc setting a gRPC
 // health server.
 func WatchHealthFunc(ctx context.Context, keys KeyStore, interval time.Duration, report func(error)) {
+	WatchHealthChanges(ctx, keys, nil, interval, report)
+}
+
+// WatchHealthChanges is [WatchHealthFunc] that also checks at once
+// whenever the channel changed returns closes (taken anew before each
+// check, so that a change during a check is not missed), as
+// hsm.Module.Changed's does when the module becomes faulty or has
+// reconnected. Following the store rather than only polling it puts a
+// keyserver back in service within a fraction of a second of its token's
+// return, and out of it as soon as an operation meets a fault, whatever the
+// interval. A nil changed polls only.
+func WatchHealthChanges(ctx context.Context, keys KeyStore, changed func() <-chan struct{}, interval time.Duration, report func(error)) {
 	if interval <= 0 {
 		interval = DefaultHealthInterval
 	}
@@ -39,6 +51,10 @@ func WatchHealthFunc(ctx context.Context, keys KeyStore, interval time.Duration,
 	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
+		var ch <-chan struct{} // nil: never ready
+		if changed != nil {
+			ch = changed()
+		}
 		cctx, cancel := context.WithTimeout(ctx, interval)
 		err := c.Check(cctx)
 		cancel()
@@ -47,6 +63,7 @@ func WatchHealthFunc(ctx context.Context, keys KeyStore, interval time.Duration,
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-ch:
 		}
 	}
 }

@@ -241,7 +241,7 @@ func (ks *keyserver) run(ctx context.Context) error {
 	defer stopWatch()
 	hsmHealth := &healthState{}
 	hsmHealth.set(errors.New("not checked yet"))
-	go watchHealth(watchCtx, ks.store, ks.module.Changed, c.healthEvery, func(err error) {
+	go signer.WatchHealthChanges(watchCtx, ks.store, ks.module.Changed, c.healthEvery, func(err error) {
 		signer.SetHealth(ks.health, err)
 		ks.metrics.SetHSMUp(err)
 		hsmHealth.set(err)

@@ -1,4 +1,4 @@
-package main
+package signer
 
 import (
 	"context"
@@ -11,7 +11,7 @@ import (
 	"github.com/keyless-tls/keyless/link"
 )
 
-// flipChecker is a signer.KeyStore and signer.Checker whose Check returns
+// flipChecker is a KeyStore and Checker whose Check returns
 // what set last gave it.
 type flipChecker struct {
 	mu  sync.Mutex
@@ -63,7 +63,7 @@ func TestWatchHealthFollowsChanges(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		watchHealth(ctx, store, c.changed, time.Hour, func(err error) { reports <- err })
+		WatchHealthChanges(ctx, store, c.changed, time.Hour, func(err error) { reports <- err })
 	}()
 	next := func() error {
 		t.Helper()
