@@ -1058,6 +1058,190 @@ func (x *Key) GetObjectId() []byte {
 	return nil
 }
 
+// GetTicketKeysRequest asks for the session ticket keys of the caller's
+// ticket group. The group follows from the caller's identity and the
+// keyserver's policy; the request names nothing.
+type GetTicketKeysRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetTicketKeysRequest) Reset() {
+	*x = GetTicketKeysRequest{}
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetTicketKeysRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetTicketKeysRequest) ProtoMessage() {}
+
+func (x *GetTicketKeysRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetTicketKeysRequest.ProtoReflect.Descriptor instead.
+func (*GetTicketKeysRequest) Descriptor() ([]byte, []int) {
+	return file_keyless_v1_keyless_service_proto_rawDescGZIP(), []int{13}
+}
+
+// GetTicketKeysResponse carries session ticket keys and when to ask again.
+type GetTicketKeysResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The keys, newest first: the key of the next period (accepted but not
+	// used to seal tickets until its period starts, so that edges whose clocks
+	// differ a little open each other's tickets), the key of the current
+	// period, then the keys of earlier periods still accepted.
+	Keys []*TicketKey `protobuf:"bytes,1,rep,name=keys,proto3" json:"keys,omitempty"`
+	// The name of the ticket group the keys belong to (the policy rule that
+	// allowed the call), for logs.
+	Group string `protobuf:"bytes,2,opt,name=group,proto3" json:"group,omitempty"`
+	// When the current period ends, in Unix milliseconds: the edge should ask
+	// again shortly before.
+	RefreshUnixMs int64 `protobuf:"varint,3,opt,name=refresh_unix_ms,json=refreshUnixMs,proto3" json:"refresh_unix_ms,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GetTicketKeysResponse) Reset() {
+	*x = GetTicketKeysResponse{}
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[14]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GetTicketKeysResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GetTicketKeysResponse) ProtoMessage() {}
+
+func (x *GetTicketKeysResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[14]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GetTicketKeysResponse.ProtoReflect.Descriptor instead.
+func (*GetTicketKeysResponse) Descriptor() ([]byte, []int) {
+	return file_keyless_v1_keyless_service_proto_rawDescGZIP(), []int{14}
+}
+
+func (x *GetTicketKeysResponse) GetKeys() []*TicketKey {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
+func (x *GetTicketKeysResponse) GetGroup() string {
+	if x != nil {
+		return x.Group
+	}
+	return ""
+}
+
+func (x *GetTicketKeysResponse) GetRefreshUnixMs() int64 {
+	if x != nil {
+		return x.RefreshUnixMs
+	}
+	return 0
+}
+
+// TicketKey is one session ticket key with its validity. Its bytes never
+// appear in logs or metrics, on the keyserver or on the edge.
+type TicketKey struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The key: 32 bytes, for crypto/tls's Config.SetSessionTicketKeys.
+	Key []byte `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	// When the key starts sealing new tickets, in Unix milliseconds.
+	NotBeforeUnixMs int64 `protobuf:"varint,2,opt,name=not_before_unix_ms,json=notBeforeUnixMs,proto3" json:"not_before_unix_ms,omitempty"`
+	// When the key stops sealing new tickets, in Unix milliseconds: the start
+	// of the next period.
+	SealUntilUnixMs int64 `protobuf:"varint,3,opt,name=seal_until_unix_ms,json=sealUntilUnixMs,proto3" json:"seal_until_unix_ms,omitempty"`
+	// When the key stops opening tickets, in Unix milliseconds: after it, a
+	// ticket sealed with the key no longer resumes a session.
+	AcceptUntilUnixMs int64 `protobuf:"varint,4,opt,name=accept_until_unix_ms,json=acceptUntilUnixMs,proto3" json:"accept_until_unix_ms,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *TicketKey) Reset() {
+	*x = TicketKey{}
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TicketKey) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TicketKey) ProtoMessage() {}
+
+func (x *TicketKey) ProtoReflect() protoreflect.Message {
+	mi := &file_keyless_v1_keyless_service_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TicketKey.ProtoReflect.Descriptor instead.
+func (*TicketKey) Descriptor() ([]byte, []int) {
+	return file_keyless_v1_keyless_service_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *TicketKey) GetKey() []byte {
+	if x != nil {
+		return x.Key
+	}
+	return nil
+}
+
+func (x *TicketKey) GetNotBeforeUnixMs() int64 {
+	if x != nil {
+		return x.NotBeforeUnixMs
+	}
+	return 0
+}
+
+func (x *TicketKey) GetSealUntilUnixMs() int64 {
+	if x != nil {
+		return x.SealUntilUnixMs
+	}
+	return 0
+}
+
+func (x *TicketKey) GetAcceptUntilUnixMs() int64 {
+	if x != nil {
+		return x.AcceptUntilUnixMs
+	}
+	return 0
+}
+
 var File_keyless_v1_keyless_service_proto protoreflect.FileDescriptor
 
 const file_keyless_v1_keyless_service_proto_rawDesc = "" +
@@ -1116,7 +1300,17 @@ const file_keyless_v1_keyless_service_proto_rawDesc = "" +
 	"\x14signature_algorithms\x18\x05 \x03(\x0e2\x1e.keyless.v1.SignatureAlgorithmR\x13signatureAlgorithms\x12+\n" +
 	"\x11decrypt_premaster\x18\x06 \x01(\bR\x10decryptPremaster\x12\x14\n" +
 	"\x05label\x18\a \x01(\tR\x05label\x12\x1b\n" +
-	"\tobject_id\x18\b \x01(\fR\bobjectId*\xa9\x04\n" +
+	"\tobject_id\x18\b \x01(\fR\bobjectId\"\x16\n" +
+	"\x14GetTicketKeysRequest\"\x80\x01\n" +
+	"\x15GetTicketKeysResponse\x12)\n" +
+	"\x04keys\x18\x01 \x03(\v2\x15.keyless.v1.TicketKeyR\x04keys\x12\x14\n" +
+	"\x05group\x18\x02 \x01(\tR\x05group\x12&\n" +
+	"\x0frefresh_unix_ms\x18\x03 \x01(\x03R\rrefreshUnixMs\"\xa8\x01\n" +
+	"\tTicketKey\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\fR\x03key\x12+\n" +
+	"\x12not_before_unix_ms\x18\x02 \x01(\x03R\x0fnotBeforeUnixMs\x12+\n" +
+	"\x12seal_until_unix_ms\x18\x03 \x01(\x03R\x0fsealUntilUnixMs\x12/\n" +
+	"\x14accept_until_unix_ms\x18\x04 \x01(\x03R\x11acceptUntilUnixMs*\xa9\x04\n" +
 	"\x12SignatureAlgorithm\x12#\n" +
 	"\x1fSIGNATURE_ALGORITHM_UNSPECIFIED\x10\x00\x12'\n" +
 	"\"SIGNATURE_ALGORITHM_RSA_PKCS1_SHA1\x10\x81\x04\x12#\n" +
@@ -1137,12 +1331,13 @@ const file_keyless_v1_keyless_service_proto_rawDesc = "" +
 	"\x14KEY_TYPE_UNSPECIFIED\x10\x00\x12\x10\n" +
 	"\fKEY_TYPE_RSA\x10\x01\x12\x12\n" +
 	"\x0eKEY_TYPE_ECDSA\x10\x02\x12\x14\n" +
-	"\x10KEY_TYPE_ED25519\x10\x032\x9b\x02\n" +
+	"\x10KEY_TYPE_ED25519\x10\x032\xf1\x02\n" +
 	"\x0eKeylessService\x129\n" +
 	"\x04Sign\x12\x17.keyless.v1.SignRequest\x1a\x18.keyless.v1.SignResponse\x12B\n" +
 	"\aDecrypt\x12\x1a.keyless.v1.DecryptRequest\x1a\x1b.keyless.v1.DecryptResponse\x12E\n" +
 	"\bListKeys\x12\x1b.keyless.v1.ListKeysRequest\x1a\x1c.keyless.v1.ListKeysResponse\x12C\n" +
-	"\x06Stream\x12\x19.keyless.v1.StreamRequest\x1a\x1a.keyless.v1.StreamResponse(\x010\x01B\xa9\x01\n" +
+	"\x06Stream\x12\x19.keyless.v1.StreamRequest\x1a\x1a.keyless.v1.StreamResponse(\x010\x01\x12T\n" +
+	"\rGetTicketKeys\x12 .keyless.v1.GetTicketKeysRequest\x1a!.keyless.v1.GetTicketKeysResponseB\xa9\x01\n" +
 	"\x0ecom.keyless.v1B\x13KeylessServiceProtoP\x01Z9github.com/keyless-tls/keyless/proto/keyless/v1;keylessv1\xa2\x02\x03KXX\xaa\x02\n" +
 	"Keyless.V1\xca\x02\n" +
 	"Keyless\\V1\xe2\x02\x16Keyless\\V1\\GPBMetadata\xea\x02\vKeyless::V1b\x06proto3"
@@ -1160,23 +1355,26 @@ func file_keyless_v1_keyless_service_proto_rawDescGZIP() []byte {
 }
 
 var file_keyless_v1_keyless_service_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_keyless_v1_keyless_service_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_keyless_v1_keyless_service_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_keyless_v1_keyless_service_proto_goTypes = []any{
-	(SignatureAlgorithm)(0),  // 0: keyless.v1.SignatureAlgorithm
-	(KeyType)(0),             // 1: keyless.v1.KeyType
-	(*RequestContext)(nil),   // 2: keyless.v1.RequestContext
-	(*SignRequest)(nil),      // 3: keyless.v1.SignRequest
-	(*SignResponse)(nil),     // 4: keyless.v1.SignResponse
-	(*DecryptRequest)(nil),   // 5: keyless.v1.DecryptRequest
-	(*DecryptResponse)(nil),  // 6: keyless.v1.DecryptResponse
-	(*StreamRequest)(nil),    // 7: keyless.v1.StreamRequest
-	(*Operation)(nil),        // 8: keyless.v1.Operation
-	(*StreamResponse)(nil),   // 9: keyless.v1.StreamResponse
-	(*OperationResult)(nil),  // 10: keyless.v1.OperationResult
-	(*OperationError)(nil),   // 11: keyless.v1.OperationError
-	(*ListKeysRequest)(nil),  // 12: keyless.v1.ListKeysRequest
-	(*ListKeysResponse)(nil), // 13: keyless.v1.ListKeysResponse
-	(*Key)(nil),              // 14: keyless.v1.Key
+	(SignatureAlgorithm)(0),       // 0: keyless.v1.SignatureAlgorithm
+	(KeyType)(0),                  // 1: keyless.v1.KeyType
+	(*RequestContext)(nil),        // 2: keyless.v1.RequestContext
+	(*SignRequest)(nil),           // 3: keyless.v1.SignRequest
+	(*SignResponse)(nil),          // 4: keyless.v1.SignResponse
+	(*DecryptRequest)(nil),        // 5: keyless.v1.DecryptRequest
+	(*DecryptResponse)(nil),       // 6: keyless.v1.DecryptResponse
+	(*StreamRequest)(nil),         // 7: keyless.v1.StreamRequest
+	(*Operation)(nil),             // 8: keyless.v1.Operation
+	(*StreamResponse)(nil),        // 9: keyless.v1.StreamResponse
+	(*OperationResult)(nil),       // 10: keyless.v1.OperationResult
+	(*OperationError)(nil),        // 11: keyless.v1.OperationError
+	(*ListKeysRequest)(nil),       // 12: keyless.v1.ListKeysRequest
+	(*ListKeysResponse)(nil),      // 13: keyless.v1.ListKeysResponse
+	(*Key)(nil),                   // 14: keyless.v1.Key
+	(*GetTicketKeysRequest)(nil),  // 15: keyless.v1.GetTicketKeysRequest
+	(*GetTicketKeysResponse)(nil), // 16: keyless.v1.GetTicketKeysResponse
+	(*TicketKey)(nil),             // 17: keyless.v1.TicketKey
 }
 var file_keyless_v1_keyless_service_proto_depIdxs = []int32{
 	0,  // 0: keyless.v1.SignRequest.algorithm:type_name -> keyless.v1.SignatureAlgorithm
@@ -1192,19 +1390,22 @@ var file_keyless_v1_keyless_service_proto_depIdxs = []int32{
 	14, // 10: keyless.v1.ListKeysResponse.keys:type_name -> keyless.v1.Key
 	1,  // 11: keyless.v1.Key.type:type_name -> keyless.v1.KeyType
 	0,  // 12: keyless.v1.Key.signature_algorithms:type_name -> keyless.v1.SignatureAlgorithm
-	3,  // 13: keyless.v1.KeylessService.Sign:input_type -> keyless.v1.SignRequest
-	5,  // 14: keyless.v1.KeylessService.Decrypt:input_type -> keyless.v1.DecryptRequest
-	12, // 15: keyless.v1.KeylessService.ListKeys:input_type -> keyless.v1.ListKeysRequest
-	7,  // 16: keyless.v1.KeylessService.Stream:input_type -> keyless.v1.StreamRequest
-	4,  // 17: keyless.v1.KeylessService.Sign:output_type -> keyless.v1.SignResponse
-	6,  // 18: keyless.v1.KeylessService.Decrypt:output_type -> keyless.v1.DecryptResponse
-	13, // 19: keyless.v1.KeylessService.ListKeys:output_type -> keyless.v1.ListKeysResponse
-	9,  // 20: keyless.v1.KeylessService.Stream:output_type -> keyless.v1.StreamResponse
-	17, // [17:21] is the sub-list for method output_type
-	13, // [13:17] is the sub-list for method input_type
-	13, // [13:13] is the sub-list for extension type_name
-	13, // [13:13] is the sub-list for extension extendee
-	0,  // [0:13] is the sub-list for field type_name
+	17, // 13: keyless.v1.GetTicketKeysResponse.keys:type_name -> keyless.v1.TicketKey
+	3,  // 14: keyless.v1.KeylessService.Sign:input_type -> keyless.v1.SignRequest
+	5,  // 15: keyless.v1.KeylessService.Decrypt:input_type -> keyless.v1.DecryptRequest
+	12, // 16: keyless.v1.KeylessService.ListKeys:input_type -> keyless.v1.ListKeysRequest
+	7,  // 17: keyless.v1.KeylessService.Stream:input_type -> keyless.v1.StreamRequest
+	15, // 18: keyless.v1.KeylessService.GetTicketKeys:input_type -> keyless.v1.GetTicketKeysRequest
+	4,  // 19: keyless.v1.KeylessService.Sign:output_type -> keyless.v1.SignResponse
+	6,  // 20: keyless.v1.KeylessService.Decrypt:output_type -> keyless.v1.DecryptResponse
+	13, // 21: keyless.v1.KeylessService.ListKeys:output_type -> keyless.v1.ListKeysResponse
+	9,  // 22: keyless.v1.KeylessService.Stream:output_type -> keyless.v1.StreamResponse
+	16, // 23: keyless.v1.KeylessService.GetTicketKeys:output_type -> keyless.v1.GetTicketKeysResponse
+	19, // [19:24] is the sub-list for method output_type
+	14, // [14:19] is the sub-list for method input_type
+	14, // [14:14] is the sub-list for extension type_name
+	14, // [14:14] is the sub-list for extension extendee
+	0,  // [0:14] is the sub-list for field type_name
 }
 
 func init() { file_keyless_v1_keyless_service_proto_init() }
@@ -1227,7 +1428,7 @@ func file_keyless_v1_keyless_service_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_keyless_v1_keyless_service_proto_rawDesc), len(file_keyless_v1_keyless_service_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   13,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -32,10 +32,11 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	KeylessService_Sign_FullMethodName     = "/keyless.v1.KeylessService/Sign"
-	KeylessService_Decrypt_FullMethodName  = "/keyless.v1.KeylessService/Decrypt"
-	KeylessService_ListKeys_FullMethodName = "/keyless.v1.KeylessService/ListKeys"
-	KeylessService_Stream_FullMethodName   = "/keyless.v1.KeylessService/Stream"
+	KeylessService_Sign_FullMethodName          = "/keyless.v1.KeylessService/Sign"
+	KeylessService_Decrypt_FullMethodName       = "/keyless.v1.KeylessService/Decrypt"
+	KeylessService_ListKeys_FullMethodName      = "/keyless.v1.KeylessService/ListKeys"
+	KeylessService_Stream_FullMethodName        = "/keyless.v1.KeylessService/Stream"
+	KeylessService_GetTicketKeys_FullMethodName = "/keyless.v1.KeylessService/GetTicketKeys"
 )
 
 // KeylessServiceClient is the client API for KeylessService service.
@@ -78,6 +79,12 @@ type KeylessServiceClient interface {
 	// it had started are answered). Operations whose result did not arrive
 	// before the stream ended were not answered and may be sent again.
 	Stream(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[StreamRequest, StreamResponse], error)
+	// GetTicketKeys returns the TLS session ticket keys of the caller's
+	// ticket group: the keys every edge of the group uses, so that a client
+	// resumes its session on any of them without a key operation. The policy
+	// must allow the caller the tickets operation (PERMISSION_DENIED
+	// otherwise); UNAVAILABLE when the keyserver has no ticket secret.
+	GetTicketKeys(ctx context.Context, in *GetTicketKeysRequest, opts ...grpc.CallOption) (*GetTicketKeysResponse, error)
 }
 
 type keylessServiceClient struct {
@@ -131,6 +138,16 @@ func (c *keylessServiceClient) Stream(ctx context.Context, opts ...grpc.CallOpti
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type KeylessService_StreamClient = grpc.BidiStreamingClient[StreamRequest, StreamResponse]
 
+func (c *keylessServiceClient) GetTicketKeys(ctx context.Context, in *GetTicketKeysRequest, opts ...grpc.CallOption) (*GetTicketKeysResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(GetTicketKeysResponse)
+	err := c.cc.Invoke(ctx, KeylessService_GetTicketKeys_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // KeylessServiceServer is the server API for KeylessService service.
 // All implementations must embed UnimplementedKeylessServiceServer
 // for forward compatibility.
@@ -171,6 +188,12 @@ type KeylessServiceServer interface {
 	// it had started are answered). Operations whose result did not arrive
 	// before the stream ended were not answered and may be sent again.
 	Stream(grpc.BidiStreamingServer[StreamRequest, StreamResponse]) error
+	// GetTicketKeys returns the TLS session ticket keys of the caller's
+	// ticket group: the keys every edge of the group uses, so that a client
+	// resumes its session on any of them without a key operation. The policy
+	// must allow the caller the tickets operation (PERMISSION_DENIED
+	// otherwise); UNAVAILABLE when the keyserver has no ticket secret.
+	GetTicketKeys(context.Context, *GetTicketKeysRequest) (*GetTicketKeysResponse, error)
 	mustEmbedUnimplementedKeylessServiceServer()
 }
 
@@ -192,6 +215,9 @@ func (UnimplementedKeylessServiceServer) ListKeys(context.Context, *ListKeysRequ
 }
 func (UnimplementedKeylessServiceServer) Stream(grpc.BidiStreamingServer[StreamRequest, StreamResponse]) error {
 	return status.Error(codes.Unimplemented, "method Stream not implemented")
+}
+func (UnimplementedKeylessServiceServer) GetTicketKeys(context.Context, *GetTicketKeysRequest) (*GetTicketKeysResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method GetTicketKeys not implemented")
 }
 func (UnimplementedKeylessServiceServer) mustEmbedUnimplementedKeylessServiceServer() {}
 func (UnimplementedKeylessServiceServer) testEmbeddedByValue()                        {}
@@ -275,6 +301,24 @@ func _KeylessService_Stream_Handler(srv interface{}, stream grpc.ServerStream) e
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type KeylessService_StreamServer = grpc.BidiStreamingServer[StreamRequest, StreamResponse]
 
+func _KeylessService_GetTicketKeys_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(GetTicketKeysRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(KeylessServiceServer).GetTicketKeys(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: KeylessService_GetTicketKeys_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(KeylessServiceServer).GetTicketKeys(ctx, req.(*GetTicketKeysRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // KeylessService_ServiceDesc is the grpc.ServiceDesc for KeylessService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -293,6 +337,10 @@ var KeylessService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListKeys",
 			Handler:    _KeylessService_ListKeys_Handler,
+		},
+		{
+			MethodName: "GetTicketKeys",
+			Handler:    _KeylessService_GetTicketKeys_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{
