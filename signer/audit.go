@@ -29,7 +29,7 @@ type AuditRecord struct {
 	Identity string `json:"identity"`
 	// KeyID is the key id in hex, when the request named a 32-byte one.
 	KeyID string `json:"key_id"`
-	// Op is "sign", "decrypt" or "list_keys"; "unknown" for a stream
+	// Op is "sign", "decrypt", "list_keys" or "tickets"; "unknown" for a stream
 	// operation that carries neither a sign nor a decrypt request; "stream"
 	// for the end of a Stream call as a whole (its operations have their
 	// own records), with the stream's outcome and lifetime.

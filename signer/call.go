@@ -62,6 +62,8 @@ var methodOps = map[string]string{
 	keylessv1.KeylessService_Decrypt_FullMethodName:  OpDecrypt,
 	keylessv1.KeylessService_ListKeys_FullMethodName: "list_keys",
 	keylessv1.KeylessService_Stream_FullMethodName:   OpStream,
+
+	keylessv1.KeylessService_GetTicketKeys_FullMethodName: OpTickets,
 }
 
 // begin returns the call of a request: the one the stats handler created

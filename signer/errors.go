@@ -137,6 +137,8 @@ func toStatus(err error) error {
 		return status.Error(codes.PermissionDenied, perr.Error())
 	case errors.As(err, &qerr):
 		return status.Error(codes.ResourceExhausted, qerr.Error())
+	case errors.Is(err, ErrNoTicketSecret):
+		return status.Error(codes.Unavailable, ErrNoTicketSecret.Error())
 	case errors.Is(err, ErrAuditUnavailable):
 		return status.Error(codes.Unavailable, ErrAuditUnavailable.Error())
 	case errors.Is(err, ErrKeyNotFound):

@@ -74,7 +74,9 @@ type policyRule struct {
 	keys       []keyPattern
 	sign       bool
 	decrypt    bool
-	schemes    map[keylessv1.SignatureAlgorithm]bool
+	// tickets allows GetTicketKeys; the rule's name is the ticket group.
+	tickets bool
+	schemes map[keylessv1.SignatureAlgorithm]bool
 }
 
 type policyQuota struct {

@@ -310,10 +310,15 @@ func (ps *policyParser) parseRule(i int, rf ruleFile, seen map[string]int) (*pol
 	for id := range r.identities {
 		ps.p.listed[id] = true
 	}
-	if r.keys, err = ps.parseKeys(line, where, rf.Keys); err != nil {
+	if err := ps.parseOperations(line, where, rf.Operations, r); err != nil {
 		return nil, err
 	}
-	if err := ps.parseOperations(line, where, rf.Operations, r); err != nil {
+	if r.tickets && !r.sign && !r.decrypt {
+		// Session ticket keys belong to no key: a tickets-only rule has none.
+		if len(rf.Keys) > 0 {
+			return nil, ps.errorf(line, where+": keys", "the rule allows only tickets, which uses no key; remove keys, or add sign or decrypt to operations")
+		}
+	} else if r.keys, err = ps.parseKeys(line, where, rf.Keys); err != nil {
 		return nil, err
 	}
 	if r.schemes, err = ps.parseRuleSchemes(line, where, rf.Schemes, r.sign); err != nil {
@@ -340,7 +345,7 @@ func (ps *policyParser) parseKeys(line int, where string, keys []string) ([]keyP
 // parseOperations sets r.sign and r.decrypt from a rule's operations.
 func (ps *policyParser) parseOperations(line int, where string, ops []string, r *policyRule) error {
 	if len(ops) == 0 {
-		return ps.errorf(line, where+": operations", "is empty or missing; want sign, decrypt or both")
+		return ps.errorf(line, where+": operations", "is empty or missing; want sign, decrypt, tickets or several")
 	}
 	for j, op := range ops {
 		switch op {
@@ -348,8 +353,10 @@ func (ps *policyParser) parseOperations(line int, where string, ops []string, r 
 			r.sign = true
 		case OpDecrypt:
 			r.decrypt = true
+		case OpTickets:
+			r.tickets = true
 		default:
-			return ps.errorf(line, fmt.Sprintf("%s: operations[%d]", where, j), "%q is not an operation; want sign or decrypt", op)
+			return ps.errorf(line, fmt.Sprintf("%s: operations[%d]", where, j), "%q is not an operation; want sign, decrypt or tickets", op)
 		}
 	}
 	return nil

@@ -77,6 +77,11 @@ type Config struct {
 	// Nil means no certificate is revoked.
 	Revoked func(*x509.Certificate) bool
 
+	// Tickets derives the session ticket keys that GetTicketKeys hands to
+	// the identities a policy rule allows the tickets operation. Nil
+	// means GetTicketKeys answers UNAVAILABLE.
+	Tickets *TicketKeys
+
 	// Logger receives one line per failed operation. Nil means no logging.
 	Logger hclog.Logger
 
@@ -129,6 +134,8 @@ type Service struct {
 	limit  *limiter
 	audit  Auditor
 	logger hclog.Logger
+	// tickets is Config.Tickets.
+	tickets *TicketKeys
 
 	// auditFailing is set while the last audit record could not be written.
 	auditFailing atomic.Bool
@@ -171,6 +178,7 @@ func NewService(cfg Config) (*Service, error) {
 		audit:   cfg.Audit,
 		logger:  logger,
 		revoked: cfg.Revoked,
+		tickets: cfg.Tickets,
 
 		streamWorkers: 2 * cfg.MaxConcurrent,
 		resultDelay:   cfg.resultDelay,
