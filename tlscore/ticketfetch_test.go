@@ -18,8 +18,8 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/keyless-tls/keyless/signer"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
+	"github.com/keyless-tls/keyless/signer"
 )
 
 // fakeClock is a clock tests move by hand.
@@ -193,7 +193,9 @@ func TestTicketFetcherRejectsBadAnswers(t *testing.T) {
 	}
 }
 
-type staticSource struct{ resp *keylessv1.GetTicketKeysResponse }
+type staticSource struct {
+	resp *keylessv1.GetTicketKeysResponse
+}
 
 func (s staticSource) TicketKeys(context.Context) (*keylessv1.GetTicketKeysResponse, error) {
 	return s.resp, nil
