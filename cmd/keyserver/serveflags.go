@@ -21,6 +21,8 @@ import (
 // parseServe.
 type serveConfig struct {
 	hsm hsmFlags
+	// tickets are the session ticket key settings (tickets.go).
+	tickets ticketFlags
 	// service holds the service's limits and default quota per identity,
 	// straight from their flags; assemble adds the keys, policy, audit
 	// trail and logger.
@@ -58,6 +60,7 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 	fs := flag.NewFlagSet("keyserver serve", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	c.hsm.register(fs)
+	c.tickets.register(fs)
 	fs.StringVar(&c.listen, "listen", "127.0.0.1:7443", "address of the gRPC listener")
 	fs.StringVar(&c.tlsCert, "tls-cert", "", "PEM certificate chain of the keyserver (required)")
 	fs.StringVar(&c.tlsKey, "tls-key", "", "PEM private key of the keyserver's TLS certificate (required)")
@@ -150,6 +153,9 @@ func (c *serveConfig) check() error {
 		return fmt.Errorf("-health-interval %v: must be positive", c.healthEvery)
 	case c.grace < 0:
 		return fmt.Errorf("-grace %v: must not be negative", c.grace)
+	}
+	if err := c.tickets.check(); err != nil {
+		return err
 	}
 	if err := c.service.ValidateLimits(); err != nil {
 		var ce *signer.ConfigError
