@@ -53,6 +53,9 @@ type flags struct {
 	// Derived by parse: the policies of -client-auth, CA files read.
 	clientAuthPolicies []tlscore.ClientAuthPolicy
 
+	// Session ticket keys from the keyserver (tickets.go), without -ticket-keys.
+	ticketKeysFromKeyserver bool
+
 	// Derived from the above by parse.
 	level         hclog.Level
 	originURL     *url.URL
@@ -78,6 +81,7 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.IntVar(&f.handshakeBurst, "handshake-burst", tlscore.DefaultHandshakeBurst, "burst above -handshakes-per-client (0: the rate, rounded up)")
 	fs.IntVar(&f.maxKeyOps, "max-key-operations", tlscore.DefaultMaxKeyOperations, "key operations (one per full handshake) in flight at once; a handshake beyond them is refused at once, without queueing (0: no bound)")
 	fs.StringVar(&f.ticketKeys, "ticket-keys", "", "file of TLS session ticket keys, one per line as 64 hex digits, the first for new tickets (mode 0600); edges sharing it resume each other's sessions; reread on SIGHUP (default: keys of this process, rotated daily)")
+	fs.BoolVar(&f.ticketKeysFromKeyserver, "ticket-keys-from-keyserver", true, "without -ticket-keys, take the session ticket keys from the keyserver, shared by the edges of a policy rule with operations: [tickets] and rotated on the keyserver's schedule; kept in memory only, and kept through a keyserver outage (until the keyserver grants them, and with false, the edge's own keys are used)")
 	fs.StringVar(&f.keyservers, "keyserver", "", "comma-separated keyserver addresses host:port, or one dns:///host:port for every address the name resolves to (required)")
 	fs.StringVar(&f.keyserverName, "keyserver-name", "", "name the keyservers' certificates are verified against (default: the host of a single -keyserver)")
 	fs.StringVar(&f.keyserverCA, "keyserver-ca", "", "PEM CA certificates that issue the keyservers' certificates (required)")

@@ -141,6 +141,11 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		}
 		tlsConfig.SetSessionTicketKeys(keys)
 	}
+	ticketKeys, err := startTicketFetcher(ctx, f, client, tlsConfig, logger)
+	if err != nil {
+		return err
+	}
+	defer ticketKeys.stop()
 	readiness.wait("starting: certificates loaded, opening the TLS listener")
 	ln, err := net.Listen("tcp", f.listen)
 	if err != nil {
@@ -188,7 +193,8 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		"rsa_key_exchange", f.rsaKeyExchange, "call_timeout", f.callTimeout, "keepalive", f.keepalive,
 		"reconnect_backoff", f.reconnect, "grace", f.grace, "handshakes_per_client", f.handshakeRate, "handshake_burst", f.handshakeBurst,
 		"max_key_operations", f.maxKeyOps, "metrics", metricsAddr, "access_log", f.accessLog.path,
-		"require_all_certs", f.requireAllCerts, "ocsp_stapling", f.ocspStapling, "client_auth_names", len(clientAuth))
+		"require_all_certs", f.requireAllCerts, "ocsp_stapling", f.ocspStapling, "client_auth_names", len(clientAuth),
+		"ticket_keys", ticketKeys.source)
 	logger.Info("edge ready", summary...)
 	if proxy != nil {
 		return tlscore.ServeHTTP(serveCtx, ln, tlsConfig, tlscore.ClientAuthHandler(clientAuth, proxy), f.grace, logger, tlscore.WithMetrics(metrics), tlscore.WithAccessLog(accessLog))
