@@ -79,6 +79,8 @@ type clusterOptions struct {
 	rsa        bool     // also an RSA key and certificate (slow to generate)
 	keyserver  []string // extra keyserver flags
 	edge       []string // extra edge flags
+	// policy replaces clusterPolicy when set.
+	policy string
 	// slowOrigin delays the origin's answer to paths starting with /slow.
 	slowOrigin time.Duration
 }
@@ -114,7 +116,11 @@ func startCluster(t testing.TB, o clusterOptions) *cluster {
 	}
 	c.link = newLinkPKI(t)
 	c.policyFile = filepath.Join(c.dir, "policy.yaml")
-	mustWrite(t, c.policyFile, clusterPolicy, 0o644)
+	policy := clusterPolicy
+	if o.policy != "" {
+		policy = o.policy
+	}
+	mustWrite(t, c.policyFile, policy, 0o644)
 
 	var addrs []string
 	for i := range o.keyservers {
