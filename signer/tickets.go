@@ -28,8 +28,9 @@ const (
 // MinTicketSecretLen is the shortest ticket secret [NewTicketKeys] takes.
 const MinTicketSecretLen = 32
 
-// maxTicketKeys bounds the keys one answer carries (Accept / Period + 2).
-const maxTicketKeys = 256
+// MaxTicketAcceptPeriods bounds TicketConfig.Accept, in periods, and so
+// the keys one answer carries (at most this many plus two).
+const MaxTicketAcceptPeriods = 254
 
 // ErrNoTicketSecret is returned by GetTicketKeys on a keyserver that has
 // no ticket secret; it becomes UNAVAILABLE.
@@ -47,7 +48,7 @@ type TicketConfig struct {
 	Period time.Duration
 	// Accept is how long a key still opens tickets after its period ends:
 	// a session resumes at most Period + Accept after it was sealed. Zero
-	// means DefaultTicketAccept; at most 254 periods.
+	// means DefaultTicketAccept; at most MaxTicketAcceptPeriods periods.
 	Accept time.Duration
 }
 
@@ -79,8 +80,8 @@ func NewTicketKeys(cfg TicketConfig) (*TicketKeys, error) {
 		return nil, &ConfigError{Field: "TicketConfig.Secret", Value: fmt.Sprintf("%d bytes", len(cfg.Secret)), Want: fmt.Sprintf("at least %d random bytes", MinTicketSecretLen)}
 	case t.period < time.Second || t.period%time.Millisecond != 0:
 		return nil, &ConfigError{Field: "TicketConfig.Period", Value: t.period, Want: "at least 1s, in whole milliseconds"}
-	case t.accept < 0 || t.accept/t.period > maxTicketKeys-2:
-		return nil, &ConfigError{Field: "TicketConfig.Accept", Value: t.accept, Want: fmt.Sprintf("0 or more, at most %d periods", maxTicketKeys-2)}
+	case t.accept < 0 || t.accept > MaxTicketAcceptPeriods*t.period:
+		return nil, &ConfigError{Field: "TicketConfig.Accept", Value: t.accept, Want: fmt.Sprintf("0 or more, at most %d periods", MaxTicketAcceptPeriods)}
 	}
 	return t, nil
 }
@@ -96,10 +97,10 @@ func (t *TicketKeys) Accept() time.Duration { return t.accept }
 func (t *TicketKeys) Keys(group string, now time.Time) (*keylessv1.GetTicketKeysResponse, error) {
 	p := t.period.Milliseconds()
 	ms := now.UnixMilli()
-	cur := ms / p
 	if ms < 0 {
 		return nil, fmt.Errorf("signer: ticket keys: clock before 1970 (%v)", now)
 	}
+	cur := ms / p
 	resp := &keylessv1.GetTicketKeysResponse{Group: group, RefreshUnixMs: (cur + 1) * p}
 	for e := cur + 1; e >= 0; e-- {
 		k := &keylessv1.TicketKey{

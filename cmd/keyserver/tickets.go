@@ -32,10 +32,10 @@ func (t *ticketFlags) check() error {
 	switch {
 	case t.period < time.Second || t.period%time.Millisecond != 0:
 		return fmt.Errorf("-ticket-key-period %v: must be at least 1s, in whole milliseconds", t.period)
-	case t.accept < 0:
-		return fmt.Errorf("-ticket-key-accept %v: must not be negative", t.accept)
-	case t.accept/t.period > 250:
-		return fmt.Errorf("-ticket-key-accept %v: at most 250 periods of -ticket-key-period %v", t.accept, t.period)
+	case t.accept <= 0:
+		return fmt.Errorf("-ticket-key-accept %v: must be positive, or sessions sealed late in a period would end at its rotation", t.accept)
+	case t.accept > signer.MaxTicketAcceptPeriods*t.period:
+		return fmt.Errorf("-ticket-key-accept %v: at most %d periods of -ticket-key-period %v", t.accept, signer.MaxTicketAcceptPeriods, t.period)
 	}
 	return nil
 }

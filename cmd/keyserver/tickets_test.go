@@ -51,6 +51,7 @@ func TestTicketFlagsCheck(t *testing.T) {
 		{ticketFlags{period: time.Hour, accept: 12 * time.Hour}, ""},
 		{ticketFlags{period: 500 * time.Millisecond, accept: time.Hour}, "-ticket-key-period"},
 		{ticketFlags{period: time.Hour, accept: -time.Second}, "-ticket-key-accept"},
+		{ticketFlags{period: time.Hour, accept: 0}, "-ticket-key-accept"},
 		{ticketFlags{period: time.Second, accept: time.Hour}, "-ticket-key-accept"},
 	} {
 		err := tt.f.check()
