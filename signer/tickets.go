@@ -176,3 +176,15 @@ func (p *Policy) authorizeTickets(identity string) (string, error) {
 	return "", &PermissionError{Identity: identity,
 		Reason: fmt.Sprintf("no rule of policy %s allows identity %q the tickets operation (session ticket keys)", p.source, identity)}
 }
+
+// TicketGroups returns the names of the rules that allow the tickets
+// operation: the ticket groups, in file order.
+func (p *Policy) TicketGroups() []string {
+	var out []string
+	for _, r := range p.rules {
+		if r.tickets {
+			out = append(out, r.name)
+		}
+	}
+	return out
+}

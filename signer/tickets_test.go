@@ -186,6 +186,9 @@ func TestGetTicketKeysWithoutSecret(t *testing.T) {
 
 func TestParsePolicyTickets(t *testing.T) {
 	p := mustPolicy(t, ticketPolicyYAML)
+	if g := p.TicketGroups(); len(g) != 1 || g[0] != "eu-tickets" {
+		t.Errorf("TicketGroups() = %q, want [eu-tickets]", g)
+	}
 	if g, err := p.authorizeTickets("spiffe://test.example/edge/2"); err != nil || g != "eu-tickets" {
 		t.Errorf("authorizeTickets(edge/2) = %q, %v", g, err)
 	}

@@ -108,7 +108,7 @@ func assemble(ctx context.Context, c *serveConfig, stderr io.Writer) (_ *keyserv
 	if ks.audit, err = openAuditLog(c.auditLog, stderr); err != nil {
 		return nil, fmt.Errorf("-audit-log: %w", err)
 	}
-	if c.service.Tickets, err = c.tickets.load(ks.logger); err != nil {
+	if c.service.Tickets, err = c.tickets.load(ks.logger, policy); err != nil {
 		return nil, err
 	}
 

@@ -41,9 +41,13 @@ func (t *ticketFlags) check() error {
 }
 
 // load reads the secret and returns the ticket keys, or nil without
-// -ticket-secret-file. Errors name the flag and never quote the file.
-func (t *ticketFlags) load(logger hclog.Logger) (*signer.TicketKeys, error) {
+// -ticket-secret-file (with a warning if policy has tickets rules).
+// Errors name the flag and never quote the file.
+func (t *ticketFlags) load(logger hclog.Logger, policy *signer.Policy) (*signer.TicketKeys, error) {
 	if t.secretFile == "" {
+		if groups := policy.TicketGroups(); len(groups) > 0 {
+			logger.Warn("the policy allows tickets but -ticket-secret-file is not set: edges asking for session ticket keys get UNAVAILABLE and use their own", "ticket_groups", strings.Join(groups, ","))
+		}
 		return nil, nil
 	}
 	secret, err := readTicketSecret(t.secretFile)
@@ -55,7 +59,7 @@ func (t *ticketFlags) load(logger hclog.Logger) (*signer.TicketKeys, error) {
 	if err != nil {
 		return nil, fmt.Errorf("-ticket-secret-file: %w", err)
 	}
-	logger.Info("session ticket keys for edges: on", "ticket_key_period", t.period, "ticket_key_accept", t.accept)
+	logger.Info("session ticket keys for edges: on", "ticket_key_period", t.period, "ticket_key_accept", t.accept, "ticket_groups", strings.Join(policy.TicketGroups(), ","))
 	return tk, nil
 }
 

@@ -6,6 +6,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/keyless-tls/keyless/signer"
 )
 
 func TestReadTicketSecret(t *testing.T) {
@@ -58,5 +62,30 @@ func TestTicketFlagsCheck(t *testing.T) {
 		if (tt.want == "") != (err == nil) || err != nil && !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("check(%v, %v) = %v, want %q", tt.f.period, tt.f.accept, err, tt.want)
 		}
+	}
+}
+
+func TestTicketFlagsLoad(t *testing.T) {
+	policy, err := signer.ParsePolicy("p.yaml", []byte("rules:\n  - name: fleet\n    identities: [edge.example]\n    operations: [tickets]\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var logs strings.Builder
+	logger := hclog.New(&hclog.LoggerOptions{Output: &logs})
+	f := ticketFlags{period: time.Hour, accept: time.Hour}
+	if tk, err := f.load(logger, policy); tk != nil || err != nil || !strings.Contains(logs.String(), "-ticket-secret-file is not set") {
+		t.Errorf("load() without a secret = %v, %v; log:\n%s", tk, err, logs.String())
+	}
+	f.secretFile = filepath.Join(t.TempDir(), "secret")
+	if err := os.WriteFile(f.secretFile, []byte(strings.Repeat("0f", 32)), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	logs.Reset()
+	tk, err := f.load(logger, policy)
+	if err != nil || tk == nil || tk.Period() != time.Hour || !strings.Contains(logs.String(), "ticket_groups=fleet") {
+		t.Errorf("load() = %v, %v; log:\n%s", tk, err, logs.String())
+	}
+	if strings.Contains(logs.String(), "0f0f") {
+		t.Error("the log quotes the secret")
 	}
 }
