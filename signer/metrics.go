@@ -84,7 +84,7 @@ func (m *Metrics) Audit(rec *AuditRecord) error {
 	key, ok := m.keys[rec.KeyID]
 	m.mu.RUnlock()
 	switch {
-	case rec.Op == "list_keys":
+	case rec.Op == "list_keys", rec.Op == OpTickets: // no key
 		key = ""
 	case !ok:
 		key = "unknown"

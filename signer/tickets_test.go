@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
@@ -202,5 +204,16 @@ func TestParsePolicyTickets(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tt.want) {
 			t.Errorf("ParsePolicy(%q) = %v, want an error containing %q", tt.doc, err, tt.want)
 		}
+	}
+}
+
+func TestMetricsTickets(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := NewMetrics(reg, nil)
+	if err := m.Audit(&AuditRecord{Identity: "spiffe://x/edge/1", Op: OpTickets, Outcome: "OK", Rule: "fleet"}); err != nil {
+		t.Fatal(err)
+	}
+	if got := testutil.ToFloat64(m.ops.WithLabelValues(OpTickets, "", "", "OK", "none")); got != 1 {
+		t.Errorf(`operations_total{op="tickets",key=""} = %v, want 1`, got)
 	}
 }
