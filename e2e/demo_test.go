@@ -87,6 +87,9 @@ func TestDemo(t *testing.T) {
 		t.Errorf("the demo CA is not at $KEYLESS_DEMO_DIR/ca.pem")
 	}
 	checkDemoCertificates(t, dir, addr)
+	if edgeLog, err := os.ReadFile(filepath.Join(dir, "logs", "edge.log")); err != nil || !strings.Contains(string(edgeLog), "ticket_keys=keyserver") {
+		t.Errorf("the demo edge does not take its session ticket keys from the keyserver (%v):\n%s", err, edgeLog)
+	}
 
 	syscall.Kill(-cmd.Process.Pid, syscall.SIGINT)
 	select {

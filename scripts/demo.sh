@@ -131,11 +131,17 @@ rules:
     identities: [spiffe://keyless.internal/edge/demo]
     keys: [cert:rsa.localhost]  # the key of the certificate for rsa.localhost (see -certs)
     operations: [decrypt]       # TLS 1.2 RSA key exchange
+  - name: demo-tickets          # session ticket keys shared by this group's edges
+    identities: [spiffe://keyless.internal/edge/demo]
+    operations: [tickets]
 quotas:
   - name: demo-edge
     identities: [spiffe://keyless.internal/edge/demo]
     max_inflight: 64
 POLICY
+
+# The secret every keyserver derives the edges' session ticket keys from.
+(umask 077; openssl rand -hex 32 > "$dir/ticket-secret")
 
 pids=()
 stop() {
@@ -167,6 +173,7 @@ wait_for() { # name, log file, pattern
 setsid "$bin/keyserver" serve "${token[@]}" -listen "$ks_addr" \
   -tls-cert "$pki/keyserver.pem" -tls-key "$pki/keyserver.key" -client-ca "$pki/link-ca.pem" \
   -policy "$dir/policy.yaml" -certs "$dir/certs" -audit-log "$dir/logs/audit.log" \
+  -ticket-secret-file "$dir/ticket-secret" \
   > "$dir/logs/keyserver.log" 2>&1 &
 pids+=($!)
 wait_for keyserver "$dir/logs/keyserver.log" "keyserver ready"
