@@ -87,7 +87,9 @@ func newTestServer(t testing.TB, cfg Config) *testServer {
 	}
 	ts.svc = svc
 	ts.lis = bufconn.Listen(1 << 20)
-	srv := grpc.NewServer(append(link.ServerOptions(), grpc.Creds(credentials.NewTLS(thePKI().serverTLS())),
+	// The smallest window, so that a request can exceed it within
+	// link.MaxRequestSize (TestMessagesLargerThanWindow).
+	srv := grpc.NewServer(append(link.ServerOptions(link.WithWindowSize(link.MinWindowSize)), grpc.Creds(credentials.NewTLS(thePKI().serverTLS())),
 		grpc.StatsHandler(svc.StatsHandler()))...)
 	keylessv1.RegisterKeylessServiceServer(srv, svc)
 	go func() { _ = srv.Serve(ts.lis) }()

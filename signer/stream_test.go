@@ -508,13 +508,14 @@ func TestStreamWorkersOnDemand(t *testing.T) {
 }
 
 // TestMessagesLargerThanWindow: with the fixed flow-control windows of
-// link.ServerOptions, a request larger than link.WindowSize (but within
-// link.MaxRequestSize) still arrives whole, as a unary call and on a stream, and
-// is answered; the stream goes on.
+// link.ServerOptions, a request larger than the window (link.MinWindowSize,
+// which newTestServer sets) but within link.MaxRequestSize still arrives
+// whole, as a unary call and on a stream, and is answered; the stream goes
+// on.
 func TestMessagesLargerThanWindow(t *testing.T) {
 	ts := newTestServer(t, Config{Keys: newTestMemoryStore(t)})
 	big := p256SignRequest(t)
-	big.Digest = make([]byte, link.WindowSize+link.WindowSize/4)
+	big.Digest = make([]byte, link.MinWindowSize+link.MinWindowSize/4)
 	_, err := ts.client.Sign(testContext(t, 0), big)
 	checkStatus(t, "Sign() of a request larger than the window", err, codes.InvalidArgument, "digest")
 

@@ -73,6 +73,13 @@ type ClientConfig struct {
 	// interval, or it will close the connection. Zero means no pings.
 	KeepaliveInterval time.Duration
 
+	// WindowSize is the HTTP/2 flow-control window of the client's
+	// connections, in bytes (see [link.DefaultWindowSize]): it caps what a
+	// keyserver link carries per round trip. Zero means
+	// link.DefaultWindowSize; otherwise it must lie between
+	// link.MinWindowSize and link.MaxWindowSize.
+	WindowSize int
+
 	// ReconnectBackoff caps the wait between attempts to connect to a
 	// keyserver that is down: attempts start 100 ms apart and the interval
 	// grows by 1.6 each time, with jitter, up to this cap. It bounds how
@@ -132,6 +139,8 @@ func (c *ClientConfig) Validate() error {
 		return fmt.Errorf("tlscore: ClientConfig.CallTimeout is %v; it must be positive, or zero for the default", c.CallTimeout)
 	case c.KeepaliveInterval < 0:
 		return fmt.Errorf("tlscore: ClientConfig.KeepaliveInterval is %v; it must be positive, or zero for none", c.KeepaliveInterval)
+	case c.WindowSize != 0 && link.ValidateWindowSize(c.WindowSize) != nil:
+		return fmt.Errorf("tlscore: ClientConfig.WindowSize is %d; it must be between %d and %d bytes, or zero for the default", c.WindowSize, link.MinWindowSize, link.MaxWindowSize)
 	case c.ReconnectBackoff < 0:
 		return fmt.Errorf("tlscore: ClientConfig.ReconnectBackoff is %v; it must be positive, or zero for the default", c.ReconnectBackoff)
 	}
@@ -250,7 +259,11 @@ func Dial(cfg ClientConfig) (*Client, error) {
 		},
 		MinConnectTimeout: minConnectTimeout,
 	}
-	opts := append(link.DialOptions(),
+	var window []link.TransportOption
+	if cfg.WindowSize != 0 {
+		window = append(window, link.WithWindowSize(cfg.WindowSize))
+	}
+	opts := append(link.DialOptions(window...),
 		grpc.WithTransportCredentials(&linkCredentials{TransportCredentials: credentials.NewTLS(cfg.TLS), state: handshakes}),
 		grpc.WithDefaultServiceConfig(serviceConfig),
 		grpc.WithConnectParams(connectParams),

@@ -190,7 +190,7 @@ func (s *countingStreams) Stream(stream keylessv1.KeylessService_StreamServer) e
 // TestLinkWindowsAreStatic: operations sent one at a time cost one frame
 // each way and no flow-control chatter. With gRPC's default dynamic windows
 // nearly every message would also bring a bandwidth-delay PING, its ack and
-// a WINDOW_UPDATE (see link.WindowSize).
+// a WINDOW_UPDATE (see link.DefaultWindowSize).
 func TestLinkWindowsAreStatic(t *testing.T) {
 	pki := newTestPKI(t)
 	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{testP256Key()}, nil))

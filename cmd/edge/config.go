@@ -13,6 +13,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/keyless-tls/keyless/internal/config"
+	"github.com/keyless-tls/keyless/link"
 	"github.com/keyless-tls/keyless/tlscore"
 )
 
@@ -36,6 +37,7 @@ type flags struct {
 	tlsKey         string
 	callTimeout    time.Duration
 	keepalive      time.Duration
+	linkWindow     int
 	reconnect      time.Duration
 	grace          time.Duration
 	drainDelay     time.Duration
@@ -89,6 +91,7 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.tlsKey, "tls-key", "", "PEM private key of -tls-cert (required)")
 	fs.DurationVar(&f.callTimeout, "call-timeout", tlscore.DefaultCallTimeout, "deadline of each keyserver call; a handshake whose key operation takes longer fails")
 	fs.DurationVar(&f.keepalive, "keepalive", 15*time.Second, "ping a keyserver connection idle this long, and drop it when no answer comes within -call-timeout (at least 10s; 0 turns pings off)")
+	fs.IntVar(&f.linkWindow, "link-window", link.DefaultWindowSize, "HTTP/2 flow-control window of each keyserver connection, in bytes: the link carries at most this much per round trip each way (64 KiB to 64 MiB; docs/DEPLOY.md)")
 	fs.DurationVar(&f.reconnect, "reconnect-backoff", tlscore.DefaultReconnectBackoff, "longest wait between attempts to reconnect to a keyserver that is down")
 	fs.DurationVar(&f.grace, "grace", 10*time.Second, "on shutdown, how long in-flight requests may take to finish")
 	fs.DurationVar(&f.drainDelay, "drain-delay", 0, "on shutdown, how long to keep accepting connections while /readyz reports not ready, before -grace starts (give a load balancer's health check time to notice)")
@@ -170,6 +173,9 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	}
 	if f.keepalive != 0 && f.keepalive < 10*time.Second {
 		return nil, fmt.Errorf("-keepalive %v: must be 0 or at least 10s (gRPC's minimum, and the keyserver's)", f.keepalive)
+	}
+	if err := link.ValidateWindowSize(f.linkWindow); err != nil {
+		return nil, fmt.Errorf("-link-window %d: must be between %d (64 KiB) and %d (64 MiB) bytes", f.linkWindow, link.MinWindowSize, link.MaxWindowSize)
 	}
 	if f.reconnect <= 0 {
 		return nil, fmt.Errorf("-reconnect-backoff %v: must be positive", f.reconnect)

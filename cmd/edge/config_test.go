@@ -38,6 +38,8 @@ func TestParseBadSettings(t *testing.T) {
 		{with("-call-timeout", "0s"), "-call-timeout"},
 		{with("-keepalive", "1s"), "-keepalive"},
 		{with("-reconnect-backoff", "0s"), "-reconnect-backoff"},
+		{with("-link-window", "65535"), "-link-window"},
+		{with("-link-window", "67108865"), "-link-window"},
 		{with("-grace", "-1s"), "-grace"},
 		{with("-drain-delay", "-1s"), "-drain-delay"},
 		{with("-handshakes-per-client", "-1"), "-handshakes-per-client"},
@@ -90,7 +92,7 @@ func TestParseSources(t *testing.T) {
 		{"rsa-key-exchange", "legacy.example.com"}, {"origin", "http://127.0.0.1:8080"},
 		{"keyserver", "ks1.internal:7000,ks2.internal:7000"}, {"keyserver-name", "keyserver.internal"},
 		{"keyserver-ca", "/etc/keyless/ca.pem"}, {"tls-cert", "/etc/keyless/edge.pem"}, {"tls-key", "/etc/keyless/edge.key"},
-		{"call-timeout", "3s"}, {"keepalive", "20s"}, {"reconnect-backoff", "1s"}, {"grace", "5s"},
+		{"call-timeout", "3s"}, {"keepalive", "20s"}, {"link-window", "4194304"}, {"reconnect-backoff", "1s"}, {"grace", "5s"},
 		{"log-level", "debug"}, {"log-json", "true"}, {"metrics-listen", "127.0.0.1:9444"},
 		{"max-key-operations", "512"}, {"handshakes-per-client", "50"}, {"handshake-burst", "120"},
 		{"trusted-proxies", "10.0.0.0/8,192.0.2.7"}, {"proxy-protocol", "true"}, {"forwarded", "true"},
@@ -126,7 +128,7 @@ func TestParseSources(t *testing.T) {
 	if !reflect.DeepEqual(fromFlags, fromEnv) {
 		t.Errorf("environment gives\n%+v\nflags give\n%+v", fromEnv, fromFlags)
 	}
-	if fromFlags.callTimeout != 3*time.Second || len(fromFlags.keyserverList) != 2 || !fromFlags.logJSON || fromFlags.maxKeyOps != 512 || fromFlags.handshakeRate != 50 || fromFlags.handshakeBurst != 120 {
+	if fromFlags.callTimeout != 3*time.Second || len(fromFlags.keyserverList) != 2 || !fromFlags.logJSON || fromFlags.maxKeyOps != 512 || fromFlags.handshakeRate != 50 || fromFlags.handshakeBurst != 120 || fromFlags.linkWindow != 4<<20 {
 		t.Errorf("parsed %+v", fromFlags)
 	}
 	// Flags win over the environment, which wins over the file.

@@ -90,6 +90,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 		TLS:               link.ClientConfig(name),
 		CallTimeout:       f.callTimeout,
 		KeepaliveInterval: f.keepalive,
+		WindowSize:        f.linkWindow,
 		ReconnectBackoff:  f.reconnect,
 		Logger:            logger.Named("keyserver"),
 		Metrics:           metrics,
@@ -190,7 +191,7 @@ func run(ctx context.Context, args []string, stderr io.Writer, reload <-chan os.
 	}
 	summary = append(summary, "keyservers", strings.Join(keyservers, ","), "keyserver_name", name,
 		"certs", f.certs, "certificates", certs.Loaded(), "default_cert", f.defaultCert,
-		"rsa_key_exchange", f.rsaKeyExchange, "call_timeout", f.callTimeout, "keepalive", f.keepalive,
+		"rsa_key_exchange", f.rsaKeyExchange, "call_timeout", f.callTimeout, "keepalive", f.keepalive, "link_window", f.linkWindow,
 		"reconnect_backoff", f.reconnect, "grace", f.grace, "handshakes_per_client", f.handshakeRate, "handshake_burst", f.handshakeBurst,
 		"max_key_operations", f.maxKeyOps, "metrics", metricsAddr, "access_log", f.accessLog.path,
 		"require_all_certs", f.requireAllCerts, "ocsp_stapling", f.ocspStapling, "client_auth_names", len(clientAuth),

@@ -174,7 +174,7 @@ func (ks *keyserver) newService(policy *signer.Policy) error {
 		return err
 	}
 	ks.svc = svc
-	ks.grpc = grpc.NewServer(append(link.ServerOptions(),
+	ks.grpc = grpc.NewServer(append(link.ServerOptions(link.WithWindowSize(ks.cfg.linkWindow)),
 		grpc.Creds(ks.creds.ServerCredentials(svc.CheckPeer, ks.logger.Named("mtls"), link.HandshakeObserver{
 			Refused:       ks.metrics.HandshakeRefused,
 			LogSuppressed: ks.linkMetrics.refusalLogSuppressed,

@@ -38,6 +38,7 @@ type serveConfig struct {
 	maxConnsSource   int
 	maxConnAge       time.Duration
 	maxConnAgeGrace  time.Duration
+	linkWindow       int
 	policy           string
 	certs            string
 	auditLog         string
@@ -71,6 +72,7 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 	fs.IntVar(&c.maxConnsSource, "max-connections-per-source", link.DefaultMaxConnectionsPerSource, "connections open at once from one IP address; an edge opens two per keyserver, one for its calls and one to watch its health (0: no bound)")
 	fs.DurationVar(&c.maxConnAge, "max-connection-age", time.Hour, "how long an edge's connection may live; the edge then reconnects, with the credentials and CRLs of the moment (0: forever)")
 	fs.DurationVar(&c.maxConnAgeGrace, "max-connection-age-grace", time.Minute, "how long a connection past -max-connection-age may finish its calls; edges move their streams within 30 s")
+	fs.IntVar(&c.linkWindow, "link-window", link.DefaultWindowSize, "HTTP/2 flow-control window of each edge connection, in bytes: a link carries at most this much per round trip each way, and an edge may make the keyserver buffer this much per connection (64 KiB to 64 MiB; docs/DEPLOY.md)")
 	fs.StringVar(&c.policy, "policy", "", "YAML policy file: which edge identities may use which keys, operations and schemes; everything else is denied (required)")
 	fs.StringVar(&c.certs, "certs", "", "directory of PEM certificates (public, no keys) whose DNS names the policy's cert: patterns match against their keys (default: none, cert: patterns match nothing)")
 	fs.StringVar(&c.auditLog, "audit-log", "-", `file the audit trail is appended to, one JSON line per request; "-" is standard error`)
@@ -153,6 +155,8 @@ func (c *serveConfig) check() error {
 		return fmt.Errorf("-health-interval %v: must be positive", c.healthEvery)
 	case c.grace < 0:
 		return fmt.Errorf("-grace %v: must not be negative", c.grace)
+	case link.ValidateWindowSize(c.linkWindow) != nil:
+		return fmt.Errorf("-link-window %d: must be between %d (64 KiB) and %d (64 MiB) bytes", c.linkWindow, link.MinWindowSize, link.MaxWindowSize)
 	}
 	if err := c.tickets.check(); err != nil {
 		return err

@@ -29,6 +29,8 @@ func TestParseServeBadSettings(t *testing.T) {
 		{append([]string{"-max-queued", "-1"}, validServe...), "-max-queued"},
 		{append([]string{"-health-interval", "0s"}, validServe...), "-health-interval"},
 		{append([]string{"-grace", "-1s"}, validServe...), "-grace"},
+		{append([]string{"-link-window", "1000"}, validServe...), "-link-window"},
+		{append([]string{"-link-window", "134217728"}, validServe...), "-link-window"},
 		{append([]string{"-log-level", "loud"}, validServe...), "-log-level"},
 		{append([]string{"-rate-per-identity", "-3"}, validServe...), "-rate-per-identity"},
 		{append([]string{"-max-sessions", "1"}, validServe...), "-max-sessions"},
@@ -77,7 +79,7 @@ func TestParseServeSources(t *testing.T) {
 		{"client-ca", "/etc/keyless/ca.pem"}, {"policy", "/etc/keyless/policy.yaml"}, {"max-queued", "64"},
 		{"health-interval", "5s"}, {"metrics-listen", "127.0.0.1:9443"}, {"log-json", "true"},
 		{"token-label", "prod"}, {"pin-file", "/etc/keyless/pin"}, {"max-sessions", "4"},
-		{"rate-per-identity", "100.5"},
+		{"rate-per-identity", "100.5"}, {"link-window", "2097152"},
 	}
 	var args []string
 	var yml strings.Builder
@@ -108,7 +110,7 @@ func TestParseServeSources(t *testing.T) {
 	if !reflect.DeepEqual(fromFlags, fromEnv) {
 		t.Errorf("environment gives\n%+v\nflags give\n%+v", fromEnv, fromFlags)
 	}
-	if fromFlags.service.MaxQueued != 64 || fromFlags.healthEvery != 5*time.Second || !fromFlags.logJSON {
+	if fromFlags.service.MaxQueued != 64 || fromFlags.healthEvery != 5*time.Second || !fromFlags.logJSON || fromFlags.linkWindow != 2<<20 {
 		t.Errorf("parsed %+v", fromFlags)
 	}
 	// Flags win over the environment, which wins over the file.
