@@ -146,13 +146,16 @@ func TestParseRunFlags(t *testing.T) {
 
 	t.Setenv("BENCH_OUT", "/tmp/x.json")
 	c, err = parseRunFlags([]string{"-duration", "200ms", "-concurrency", "1", "-scenarios", "keyops/ecdsa, resume",
-		"-keyserver-flags", "-max-concurrent 2"}, io.Discard)
+		"-keyserver-flags", "-max-concurrent 2", "-link-rtt", "80ms", "-link-window", "65536"}, io.Discard)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if c.Out != "/tmp/x.json" || c.Duration != 200*time.Millisecond || !equalInts(c.KeyopsConcurrency, []int{1}) ||
 		!equalInts(c.HandshakeConcurrency, []int{1}) {
 		t.Errorf("parsed = %+v", c)
+	}
+	if c.LinkRTT != 80*time.Millisecond || c.LinkWindow != 65536 {
+		t.Errorf("LinkRTT, LinkWindow = %v, %d; want 80ms, 65536", c.LinkRTT, c.LinkWindow)
 	}
 	if strings.Join(c.KeyserverFlags, " ") != "-max-concurrent 2" {
 		t.Errorf("KeyserverFlags = %q", c.KeyserverFlags)
@@ -167,6 +170,7 @@ func TestParseRunFlags(t *testing.T) {
 
 	for _, bad := range [][]string{
 		{"-duration", "0s"}, {"-concurrency", "0"}, {"-repeat", "0"}, {"-keyops-concurrency", "a"}, {"-mem-conns", "0"}, {"extra"},
+		{"-link-rtt", "-1ms"}, {"-link-window", "1000"},
 	} {
 		if _, err := parseRunFlags(bad, io.Discard); err == nil {
 			t.Errorf("parseRunFlags(%q) = nil error, want one", bad)

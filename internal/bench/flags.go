@@ -62,6 +62,7 @@ func (f *loadFlags) run(ctx context.Context, stdout io.Writer, name, self string
 // linkFlags are the client side of the mutual-TLS link to a keyserver.
 type linkFlags struct {
 	serverName, ca, cert, key string
+	window                    int
 }
 
 func (f *linkFlags) register(fs *flag.FlagSet) {
@@ -69,6 +70,7 @@ func (f *linkFlags) register(fs *flag.FlagSet) {
 	fs.StringVar(&f.ca, "ca", "", "PEM CA of the keyserver's certificate (required)")
 	fs.StringVar(&f.cert, "cert", "", "PEM client certificate (required)")
 	fs.StringVar(&f.key, "key", "", "PEM private key of -cert (required)")
+	fs.IntVar(&f.window, "link-window", link.DefaultWindowSize, "HTTP/2 flow-control window of the client's connection, in bytes, as the edge's -link-window")
 }
 
 func (f *linkFlags) tlsConfig() (*tls.Config, error) {
@@ -79,11 +81,14 @@ func (f *linkFlags) tlsConfig() (*tls.Config, error) {
 // the edge's transport options, then opts: what the edge's client does,
 // without its balancing and retry service config.
 func (f *linkFlags) dial(addr string, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+	if err := link.ValidateWindowSize(f.window); err != nil {
+		return nil, fmt.Errorf("bench: -link-window: %w", err)
+	}
 	cfg, err := f.tlsConfig()
 	if err != nil {
 		return nil, err
 	}
-	opts = append(append(link.DialOptions(), grpc.WithTransportCredentials(credentials.NewTLS(cfg))), opts...)
+	opts = append(append(link.DialOptions(link.WithWindowSize(f.window)), grpc.WithTransportCredentials(credentials.NewTLS(cfg))), opts...)
 	conn, err := grpc.NewClient("passthrough:///"+addr, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("bench: dial %s: %w", addr, err)

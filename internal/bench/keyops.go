@@ -124,6 +124,7 @@ func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		lf    loadFlags
 		kf    keyFlags
 		link  linkFlags
+		rf    relayFlags
 		addr  = fs.String("addr", "", "keyserver address host:port (required)")
 		empty = fs.Duration("empty", 0, "after the load, measure the empty gRPC call for this long (0: not at all)")
 		unary = fs.Bool("unary", false, "call the unary Sign and Decrypt RPCs instead of the edge's client (which batches operations on a stream)")
@@ -131,6 +132,7 @@ func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	lf.register(fs)
 	kf.register(fs)
 	link.register(fs)
+	rf.register(fs)
 	if err := parseFlags(fs, args); err != nil {
 		return err
 	}
@@ -141,7 +143,14 @@ func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
-	conn, err := link.dial(*addr)
+	dialAddr, relay, err := rf.start(ctx, *addr)
+	if err != nil {
+		return err
+	}
+	if relay != nil {
+		defer relay.Close()
+	}
+	conn, err := link.dial(dialAddr)
 	if err != nil {
 		return err
 	}
@@ -180,6 +189,11 @@ func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) err
 			return fmt.Errorf("bench: empty call failed: %s", er.FirstError)
 		}
 		res.EmptyP50us, res.EmptyP99us = er.P50us, er.P99us
+	}
+	res.LinkWindow = link.window
+	if relay != nil {
+		res.LinkRTTms = float64(rf.rtt) / float64(time.Millisecond)
+		res.LinkMaxUp, res.LinkMaxDown = relay.MaxInFlight()
 	}
 	return writeJSON(stdout, res)
 }

@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/keyless-tls/keyless/link"
 )
 
 // RunConfig is the orchestrator's configuration, from the flags of the
@@ -44,6 +46,13 @@ type RunConfig struct {
 	// KeyserverFlags and EdgeFlags are added to the keyserver's and the
 	// edge's command lines, to try other settings.
 	KeyserverFlags, EdgeFlags []string
+	// LinkRTT, if positive, puts a [Relay] with this round-trip time
+	// between the keyserver and its clients (the edge and the key-operation
+	// load), as if the keyserver were far away.
+	LinkRTT time.Duration
+	// LinkWindow, if positive, is the -link-window of the keyserver, the
+	// edge and the key-operation client; zero leaves their default.
+	LinkWindow int
 	// KeyserverEnv and EdgeEnv are added to the keyserver's and the
 	// edge's environment (as "GOMAXPROCS=1").
 	KeyserverEnv, EdgeEnv []string
@@ -71,6 +80,8 @@ func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
 	fs.IntVar(&c.Repeat, "repeat", 1, "runs of each figure and its baseline, alternating; the median is kept (for noisy machines)")
 	fs.IntVar(&c.MemConns, "mem-conns", 5000, "idle connections of the edge memory scenario")
 	fs.StringVar(&c.Module, "module", "/usr/lib/softhsm/libsofthsm2.so", "SoftHSM PKCS #11 module")
+	fs.DurationVar(&c.LinkRTT, "link-rtt", 0, "put a relay on 127.0.0.1 that adds this round-trip time between the keyserver and its clients (edge, keyops) (0: none)")
+	fs.IntVar(&c.LinkWindow, "link-window", 0, "-link-window of the keyserver, the edge and keyops, in bytes (0: their default)")
 	fs.StringVar(&ksFlags, "keyserver-flags", "", "extra keyserver serve flags, space-separated")
 	fs.StringVar(&edgeFlags, "edge-flags", "", "extra edge flags, space-separated")
 	fs.StringVar(&ksEnv, "keyserver-env", "", "extra keyserver environment, space-separated NAME=VALUE")
@@ -104,6 +115,10 @@ func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
 		return nil, errors.New("bench: -repeat must be at least 1")
 	case c.Out == "":
 		return nil, errors.New("bench: -out is empty")
+	case c.LinkRTT < 0:
+		return nil, fmt.Errorf("bench: -link-rtt %v: must not be negative", c.LinkRTT)
+	case c.LinkWindow != 0 && link.ValidateWindowSize(c.LinkWindow) != nil:
+		return nil, fmt.Errorf("bench: -link-window %d: %w", c.LinkWindow, link.ValidateWindowSize(c.LinkWindow))
 	}
 	return c, nil
 }

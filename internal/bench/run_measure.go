@@ -32,6 +32,7 @@ func (o *orchestrator) keyopsRun(ctx context.Context, side, op string, n int, ks
 		env = nil
 		args = append(args, "-watch", watchArg("keyserver", o.srv.keyserver), "-addr", ksAddr, "-ca", o.link.caFile, "-cert", o.link.clientCert, "-key", o.link.clientKey,
 			"-server-name", o.link.serverName)
+		args = append(args, o.linkWindowArgs()...)
 		if n == 1 {
 			args = append(args, "-empty", "500ms")
 		}

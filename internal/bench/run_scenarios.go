@@ -32,7 +32,7 @@ func (o *orchestrator) keyopsFamily() family {
 				return o.keyopsRun(ctx, "inproc", op, n, o.srv.ksAddr, 0)
 			},
 			func(ctx context.Context, op string, n int) error {
-				return o.keyopsRun(ctx, "keyless", op, n, o.srv.ksAddr, 0)
+				return o.keyopsRun(ctx, "keyless", op, n, o.srv.linkAddr, 0)
 			},
 			func(ctx context.Context, op string, n int) error {
 				if n != 1 {

@@ -1,10 +1,12 @@
 package bench
 
 import (
+	"context"
 	"fmt"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"time"
 )
 
@@ -19,12 +21,19 @@ var (
 type servers struct {
 	keyserver, edge, hsmTLS, softTLS    *proc
 	ksAddr, edgeAddr, hsmAddr, softAddr string
-	ksMetrics                           string // the keyserver's metrics listener, if any
+	// linkAddr is where the keyserver's clients connect: the relay's
+	// address with -link-rtt, else ksAddr.
+	linkAddr  string
+	relay     *Relay
+	ksMetrics string // the keyserver's metrics listener, if any
 }
 
 // stop stops every server.
 func (s *servers) stop() {
 	s.stopTLS()
+	if s.relay != nil {
+		s.relay.Close()
+	}
 	if s.keyserver != nil {
 		s.keyserver.stop()
 	}
@@ -63,9 +72,18 @@ func (o *orchestrator) startServers(hs, resume bool) error {
 	if s.keyserver, s.ksAddr, s.ksMetrics, err = o.startKeyserver(); err != nil {
 		return err
 	}
+	s.linkAddr = s.ksAddr
+	if o.cfg.LinkRTT > 0 {
+		// Stopped by stop; the orchestrator always calls it.
+		if s.relay, err = StartRelay(context.Background(), RelayConfig{Target: s.ksAddr, RTT: o.cfg.LinkRTT}); err != nil {
+			return err
+		}
+		s.linkAddr = s.relay.Addr()
+		o.logf("relay %s adds %v round trip to the keyserver link", s.linkAddr, o.cfg.LinkRTT)
+	}
 	if hs || resume {
 		o.logf("starting edge and the baseline TLS servers")
-		if s.edge, s.edgeAddr, err = o.startEdge(s.ksAddr); err != nil {
+		if s.edge, s.edgeAddr, err = o.startEdge(s.linkAddr); err != nil {
 			return err
 		}
 		if s.softTLS, s.softAddr, err = o.startSelf("tls-server-soft", nil, "tls-server", "-keys", "soft",
@@ -97,7 +115,7 @@ func (o *orchestrator) startKeyserver() (p *proc, addr, metricsAddr string, err 
 		// For the stream counters; see keyserverRun.
 		args = append(args, "-metrics-listen", "127.0.0.1:0")
 	}
-	args = append(append(args, o.token...), o.cfg.KeyserverFlags...)
+	args = append(append(append(args, o.token...), o.linkWindowArgs()...), o.cfg.KeyserverFlags...)
 	p, m, err := o.startReady("keyserver", append(slices.Clone(o.env), o.cfg.KeyserverEnv...), readyKeyserver, readyTimeout,
 		filepath.Join(o.bin, "keyserver"), args...)
 	if err != nil {
@@ -121,6 +139,7 @@ func (o *orchestrator) startEdge(ksAddr string) (*proc, string, error) {
 		// The load generator is one address making thousands of full
 		// handshakes a second: the per-client limit would measure itself.
 		"-handshakes-per-client", "0"}
+	args = append(args, o.linkWindowArgs()...)
 	p, m, err := o.startReady("edge", o.cfg.EdgeEnv, readyEdge, readyTimeout, filepath.Join(o.bin, "edge"), append(args, o.cfg.EdgeFlags...)...)
 	if err != nil {
 		return nil, "", err
@@ -155,4 +174,12 @@ func (o *orchestrator) startReady(name string, env []string, ready *regexp.Regex
 		return nil, nil, err
 	}
 	return p, m, nil
+}
+
+// linkWindowArgs returns the -link-window flag of -link-window, if set.
+func (o *orchestrator) linkWindowArgs() []string {
+	if o.cfg.LinkWindow == 0 {
+		return nil
+	}
+	return []string{"-link-window", strconv.Itoa(o.cfg.LinkWindow)}
 }

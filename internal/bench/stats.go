@@ -42,6 +42,15 @@ type Result struct {
 	// handshakes, which send nothing).
 	OpsPerRequest      float64 `json:"ops_per_request_msg,omitempty"`
 	ResultsPerResponse float64 `json:"results_per_response_msg,omitempty"`
+	// LinkRTTms and LinkWindow are the relay's round-trip time (keyops
+	// -link-rtt) and the client's flow-control window (-link-window);
+	// LinkMaxUp and LinkMaxDown the most bytes the relay held at once
+	// towards the keyserver and back: what flow control let into the
+	// path. Zero when there was no relay.
+	LinkRTTms   float64 `json:"link_rtt_ms,omitempty"`
+	LinkWindow  int     `json:"link_window,omitempty"`
+	LinkMaxUp   int64   `json:"link_max_inflight_up,omitempty"`
+	LinkMaxDown int64   `json:"link_max_inflight_down,omitempty"`
 	// FirstError is the first error seen, if any.
 	FirstError string `json:"first_error,omitempty"`
 	// CPU is the CPU time used during the window per counted operation,
