@@ -54,6 +54,7 @@ type chain struct {
 	// PKI (the edge's client certificate), the RSA key, and everything the
 	// keyserver logged (at trace level) and audited.
 	ksAddr    string
+	certs     string // the directory of the edge's certificates
 	link      *linkPKI
 	rsaPub    *rsa.PublicKey
 	logs      *syncBuffer
@@ -179,6 +180,7 @@ func startChain(t *testing.T) (*chain, error) {
 		os.RemoveAll(dir)
 	}
 	c.ksAddr = ksLn.Addr().String()
+	c.certs = certs
 
 	// The edge.
 	clientTLS, err := link.ClientMTLSConfig(lp.edgeCert, lp.edgeKey, lp.caFile, lp.serverName)

@@ -257,16 +257,19 @@ func (r *Relay) pipe(dst, src net.Conn, in, max *atomic.Int64) {
 
 // relayFlags put a [Relay] between a client and its keyserver.
 type relayFlags struct {
+	on        bool
 	rtt       time.Duration
 	bandwidth int64
 }
 
 func (f *relayFlags) register(fs *flag.FlagSet) {
+	fs.BoolVar(&f.on, "link-relay", false, "put the relay in even at -link-rtt 0, to compare runs through the same relay")
 	fs.DurationVar(&f.rtt, "link-rtt", 0, "put a relay on 127.0.0.1 between client and keyserver that delays each direction by half this round-trip time (0: no relay)")
 	fs.Int64Var(&f.bandwidth, "link-bandwidth", 0, "with -link-rtt, cap each direction of the relay to this many bytes per second (0: no cap)")
 }
 
-// start starts a relay to addr if -link-rtt is set and returns the
+// start starts a relay to addr if -link-relay, -link-rtt or
+// -link-bandwidth is set and returns the
 // address to dial: the relay's, or addr itself. The relay stops with ctx.
 func (f *relayFlags) start(ctx context.Context, addr string) (string, *Relay, error) {
 	if f.rtt < 0 {
@@ -275,7 +278,7 @@ func (f *relayFlags) start(ctx context.Context, addr string) (string, *Relay, er
 	if f.bandwidth < 0 {
 		return "", nil, fmt.Errorf("bench: -link-bandwidth %d: must not be negative", f.bandwidth)
 	}
-	if f.rtt == 0 && f.bandwidth == 0 {
+	if !f.on && f.rtt == 0 && f.bandwidth == 0 {
 		return addr, nil, nil
 	}
 	r, err := StartRelay(ctx, RelayConfig{Target: addr, RTT: f.rtt, Bandwidth: f.bandwidth})

@@ -50,6 +50,9 @@ type RunConfig struct {
 	// between the keyserver and its clients (the edge and the key-operation
 	// load), as if the keyserver were far away.
 	LinkRTT time.Duration
+	// LinkRelay puts the relay in even when LinkRTT is zero, so that runs
+	// at RTT 0 and above go through the same code.
+	LinkRelay bool
 	// LinkWindow, if positive, is the -link-window of the keyserver, the
 	// edge and the key-operation client; zero leaves their default.
 	LinkWindow int
@@ -81,6 +84,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
 	fs.IntVar(&c.MemConns, "mem-conns", 5000, "idle connections of the edge memory scenario")
 	fs.StringVar(&c.Module, "module", "/usr/lib/softhsm/libsofthsm2.so", "SoftHSM PKCS #11 module")
 	fs.DurationVar(&c.LinkRTT, "link-rtt", 0, "put a relay on 127.0.0.1 that adds this round-trip time between the keyserver and its clients (edge, keyops) (0: none)")
+	fs.BoolVar(&c.LinkRelay, "link-relay", false, "put the relay in even at -link-rtt 0, to compare runs through the same relay")
 	fs.IntVar(&c.LinkWindow, "link-window", 0, "-link-window of the keyserver, the edge and keyops, in bytes (0: their default)")
 	fs.StringVar(&ksFlags, "keyserver-flags", "", "extra keyserver serve flags, space-separated")
 	fs.StringVar(&edgeFlags, "edge-flags", "", "extra edge flags, space-separated")

@@ -73,7 +73,7 @@ func (o *orchestrator) startServers(hs, resume bool) error {
 		return err
 	}
 	s.linkAddr = s.ksAddr
-	if o.cfg.LinkRTT > 0 {
+	if o.cfg.LinkRTT > 0 || o.cfg.LinkRelay {
 		// Stopped by stop; the orchestrator always calls it.
 		if s.relay, err = StartRelay(context.Background(), RelayConfig{Target: s.ksAddr, RTT: o.cfg.LinkRTT}); err != nil {
 			return err
