@@ -37,9 +37,12 @@ const (
 	// signatures per second at 300 ms need ~300 KiB; 1 MiB leaves 3×
 	// headroom (~11,000 RSA-2048 signatures per second at 300 ms, ~40,000
 	// at 80 ms) and covers 1,024 operations in flight on one link. It is
-	// also what a peer may make the receiver buffer per connection, so a
-	// keyserver's worst case is 1 MiB × -max-connections (see
-	// docs/SECURITY.md).
+	// also what a peer may make the receiver buffer per stream that the
+	// receiver stops reading (gRPC returns connection-level credit on
+	// receipt, so only the stream window bounds unread data): a
+	// keyserver's worst case per edge identity is its streams × the
+	// window (see docs/SECURITY.md), while an honest edge with 1,024
+	// operations in flight leaves ~100 KB unread.
 	DefaultWindowSize = 1 << 20
 
 	// MaxWindowSize bounds the window: beyond it the memory a peer may
