@@ -61,7 +61,10 @@ type ClientConfig struct {
 	TLS *tls.Config
 
 	// CallTimeout bounds each call, retries included, unless the caller's
-	// context ends sooner. Zero means DefaultCallTimeout.
+	// context ends sooner. Zero means DefaultCallTimeout. On a long path
+	// the bound is raised to four times the link's round trip, measured as
+	// the shortest operation that succeeded in the last 10 to 20 seconds,
+	// when that is longer.
 	CallTimeout time.Duration
 
 	// KeepaliveInterval, if positive, makes the client ping a keyserver
@@ -156,6 +159,9 @@ type Client struct {
 	conn    *grpc.ClientConn
 	api     keylessv1.KeylessServiceClient
 	timeout time.Duration
+	// rtt estimates the link's round trip from successful operations;
+	// it raises a call's deadline above timeout on a long path.
+	rtt     rttEstimator
 	logger  hclog.Logger
 	metrics *Metrics
 	ownConn bool // Close closes conn
@@ -394,10 +400,11 @@ func (c *Client) Close() error {
 	return c.closeErr
 }
 
-// callContext bounds a call by the client's timeout, or by ctx's own
+// callContext bounds a call by the client's timeout, raised to four times
+// the link's measured round trip when that is longer, or by ctx's own
 // deadline if that is sooner.
 func (c *Client) callContext(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(ctx, c.timeout)
+	return context.WithTimeout(ctx, c.rtt.deadline(c.timeout))
 }
 
 // Sign asks a keyserver to sign digest (for Ed25519, the whole message) with
@@ -491,11 +498,17 @@ func perform[Resp any](c *Client, ctx context.Context, method string, start time
 	if !c.streams.unary.Load() {
 		r, ks, err := c.stream(ctx, method, start, op)
 		if !errors.Is(err, errUseUnary) {
+			if err == nil {
+				c.rtt.observe(time.Since(start))
+			}
 			return get(r), ks, err
 		}
 	}
 	var p peer.Peer
 	resp, err := unary(grpc.Peer(&p))
+	if err == nil {
+		c.rtt.observe(time.Since(start))
+	}
 	return resp, c.keyserverLabel(p.Addr), err
 }
 
