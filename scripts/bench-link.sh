@@ -7,10 +7,12 @@
 # and RTT differ only in the delay. Prints, per window, operation and
 # concurrency, the rates and p50s and the ratio rate(RTT)/rate(0).
 # Usage: scripts/bench-link.sh [RTT] [DURATION]   (about 4 minutes)
+# REPEAT=N runs each figure N times and keeps the median (keyless-bench -repeat).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rtt=${1:-80ms}
 dur=${2:-2s}
+repeat=${REPEAT:-1}
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 go build -o "$out/bin/" ./cmd/keyserver ./cmd/edge ./cmd/keyless-bench
@@ -18,7 +20,7 @@ for window in 65536 0; do
   for r in 0 "$rtt"; do
     echo "== window ${window/#0/default} RTT $r" >&2
     "$out/bin/keyless-bench" run -bin "$out/bin" -out "$out/w$window-r$r.json" -scenarios keyops/ecdsa,keyops/rsa2048-pss \
-      -keyops-concurrency 1,64,1024 -warmup 500ms -duration "$dur" -link-relay -link-rtt "$r" -link-window "$window" >/dev/null
+      -keyops-concurrency 1,64,1024 -warmup 500ms -duration "$dur" -repeat "$repeat" -link-relay -link-rtt "$r" -link-window "$window" >/dev/null
   done
 done
 printf '%-8s %-16s %5s %10s %10s %7s %12s %12s\n' window op c "RTT0/s" "RTT$rtt/s" ratio "p50 RTT0 ms" "p50 RTT$rtt ms"
