@@ -218,24 +218,34 @@ func Cleanup() {
 	ReleaseOpenCryptoki()
 }
 
+// loadLibrary loads the PKCS #11 library module and initialises it unless
+// something in the process already has. release finalises it again if
+// this call initialised it (so that crypto11 can initialise it later, as
+// the first user of the library) and unloads it.
+func loadLibrary(module string) (p *pkcs11.Ctx, release func(), err error) {
+	p = pkcs11.New(module)
+	if p == nil {
+		return nil, nil, fmt.Errorf("cannot load %s", module)
+	}
+	err = p.Initialize()
+	switch {
+	case err == nil:
+		return p, func() { p.Finalize(); p.Destroy() }, nil
+	case isCode(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED):
+		return p, p.Destroy, nil
+	}
+	p.Destroy()
+	return nil, nil, fmt.Errorf("C_Initialize: %w", err)
+}
+
 // initToken initialises SoftHSM's free slot as a token with the given
 // label and PINs, through PKCS #11 in this process.
 func initToken(module, label, soPIN, pin string) (string, error) {
-	p := pkcs11.New(module)
-	if p == nil {
-		return "", fmt.Errorf("cannot load %s", module)
+	p, release, err := loadLibrary(module)
+	if err != nil {
+		return "", err
 	}
-	defer p.Destroy()
-	err := p.Initialize()
-	switch {
-	case err == nil:
-		// Nothing else in the process uses the library: finalise it again
-		// so that crypto11 can initialise it later.
-		defer p.Finalize()
-	case isCode(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED):
-	default:
-		return "", fmt.Errorf("C_Initialize: %w", err)
-	}
+	defer release()
 	slots, err := p.GetSlotList(true)
 	if err != nil {
 		return "", fmt.Errorf("C_GetSlotList: %w", err)

@@ -322,19 +322,11 @@ func stopSlotDaemon() {
 // PIN, and returns its serial number. Nothing else in the process may
 // have a session open on it.
 func reinitToken(module, model, label, soPIN, pin string) (string, error) {
-	p := pkcs11.New(module)
-	if p == nil {
-		return "", fmt.Errorf("cannot load %s", module)
+	p, release, err := loadLibrary(module)
+	if err != nil {
+		return "", err
 	}
-	defer p.Destroy()
-	err := p.Initialize()
-	switch {
-	case err == nil:
-		defer p.Finalize()
-	case isCode(err, pkcs11.CKR_CRYPTOKI_ALREADY_INITIALIZED):
-	default:
-		return "", fmt.Errorf("C_Initialize: %w", err)
-	}
+	defer release()
 	slots, err := p.GetSlotList(true)
 	if err != nil {
 		return "", fmt.Errorf("C_GetSlotList: %w", err)
