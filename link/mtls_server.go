@@ -127,8 +127,11 @@ func cut(s string, n int) string {
 // metrics. Nil fields are not called; set ones must be safe for concurrent
 // use.
 type HandshakeObserver struct {
-	// Refused is called with the reason of each refused handshake (see
-	// [RefusalReason]).
+	// Refused is called with the reason of each refused handshake:
+	// "revoked" (a CRL revokes the certificate), "identity_refused" (it
+	// chains to the CA but the check refused it), "untrusted_certificate"
+	// (it does not verify), "closed_early" (the peer sent nothing) or
+	// "handshake_error".
 	Refused func(reason string)
 	// LogSuppressed is called for each refusal not logged because its
 	// source, or all sources together, exceeded the log's rate.
@@ -172,12 +175,12 @@ func (c *MTLSCredentials) ServerCredentials(check func(*x509.Certificate) error,
 	}
 }
 
-// RefusalReason classifies a failed server handshake for a metric label:
+// refusalReason classifies a failed server handshake for a metric label:
 // "revoked" (the certificate is revoked by a CRL), "identity_refused" (it
 // chains to the CA but the identity is not allowed), "untrusted_certificate"
 // (it does not verify), "closed_early" (the peer sent nothing) or
 // "handshake_error".
-func RefusalReason(err error) string {
+func refusalReason(err error) string {
 	var (
 		refused *ClientRefusedError
 		verr    *tls.CertificateVerificationError

@@ -49,7 +49,7 @@ func newRefusalLog(logger hclog.Logger, obs HandshakeObserver) *refusalLog {
 // record counts and, within the rates, logs the refused handshake of a
 // connection from addr.
 func (r *refusalLog) record(addr net.Addr, err error) {
-	reason := RefusalReason(err)
+	reason := refusalReason(err)
 	if r.obs.Refused != nil {
 		r.obs.Refused(reason)
 	}
