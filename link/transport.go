@@ -106,12 +106,19 @@ func ServerOptions(opts ...TransportOption) []grpc.ServerOption {
 
 // DialOptions returns the gRPC dial options that shape the edge's side of
 // the link as [ServerOptions] shapes the keyserver's: fixed flow-control
-// windows ([DefaultWindowSize] unless [WithWindowSize] says otherwise). A
-// client adds its credentials.
+// windows ([DefaultWindowSize] unless [WithWindowSize] says otherwise), and
+// a connection that never goes idle. A client adds its credentials.
+//
+// gRPC otherwise closes a channel's connections after 30 minutes without a
+// call, so the first handshake after a quiet half hour would wait for a new
+// TCP connection and link handshake (two round trips or more to a distant
+// keyserver). The edge keeps its links instead, and keepalive pings keep
+// them open through NAT and firewalls.
 func DialOptions(opts ...TransportOption) []grpc.DialOption {
 	t := newTransport(opts)
 	return []grpc.DialOption{
 		grpc.WithStaticStreamWindowSize(t.window),
 		grpc.WithStaticConnWindowSize(t.window),
+		grpc.WithIdleTimeout(0),
 	}
 }

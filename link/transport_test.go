@@ -12,7 +12,9 @@ import (
 
 	"golang.org/x/net/http2"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 )
 
@@ -151,5 +153,43 @@ func TestTransportAnnouncesWindow(t *testing.T) {
 		cancel()
 		conn.Close()
 		ln.Close()
+	}
+}
+
+// TestDialOptionsNeverIdle: a channel made with DialOptions keeps its
+// connection however long it goes without a call. A shorter idle timeout
+// given before DialOptions (gRPC's default is 30 minutes) is overridden.
+func TestDialOptionsNeverIdle(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := grpc.NewServer(ServerOptions()...)
+	hs := health.NewServer()
+	healthpb.RegisterHealthServer(srv, hs)
+	go srv.Serve(ln)
+	defer srv.Stop()
+
+	opts := append([]grpc.DialOption{grpc.WithIdleTimeout(50 * time.Millisecond)}, DialOptions()...)
+	conn, err := grpc.NewClient(ln.Addr().String(), append(opts, grpc.WithTransportCredentials(insecure.NewCredentials()))...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := healthpb.NewHealthClient(conn).Check(ctx, &healthpb.HealthCheckRequest{}); err != nil {
+		t.Fatalf("Check() = %v", err)
+	}
+	// Ten idle timeouts without a call: the channel must not leave READY.
+	idle, cancelIdle := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancelIdle()
+	for state := conn.GetState(); ; state = conn.GetState() {
+		if state != connectivity.Ready {
+			t.Fatalf("channel went %v after an idle stretch; DialOptions must keep it READY", state)
+		}
+		if !conn.WaitForStateChange(idle, state) {
+			break // still READY when the idle stretch ended
+		}
 	}
 }
