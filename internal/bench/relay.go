@@ -15,9 +15,9 @@ import (
 type RelayConfig struct {
 	// Target is the host:port every accepted connection is forwarded to.
 	Target string
-	// RTT is the round-trip time the relay adds: each direction holds
-	// every byte for RTT/2 before writing it on. Zero forwards at once
-	// (the relay still costs its copies).
+	// RTT is the round-trip time the relay adds at first: each direction
+	// holds every byte for RTT/2 before writing it on. Zero forwards at
+	// once (the relay still costs its copies). [Relay.SetRTT] changes it.
 	RTT time.Duration
 	// Bandwidth caps each direction of each connection, in bytes per
 	// second; zero means no cap.
@@ -49,14 +49,17 @@ const (
 	relayChunk       = 32 << 10
 )
 
-// Relay is a TCP proxy on 127.0.0.1 that adds a fixed delay, and
+// Relay is a TCP proxy on 127.0.0.1 that adds a delay, and
 // optionally a bandwidth cap, to each direction of every connection: the
 // user-space stand-in for a long network path, since netem is not
 // available everywhere. It stops when the context given to [StartRelay]
 // ends or when Close is called, whichever comes first, and closes every
-// connection it relays. It is safe for concurrent use.
+// connection it relays. Its RTT can be changed while it runs
+// ([Relay.SetRTT]), so that runs at several distances share one relay and
+// the connections through it. It is safe for concurrent use.
 type Relay struct {
 	cfg    RelayConfig
+	rtt    atomic.Int64 // the round trip added, in nanoseconds
 	ln     net.Listener
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -84,6 +87,7 @@ func StartRelay(ctx context.Context, cfg RelayConfig) (*Relay, error) {
 		return nil, fmt.Errorf("bench: relay: %w", err)
 	}
 	r := &Relay{cfg: cfg, ln: ln, conns: map[net.Conn]struct{}{}}
+	r.rtt.Store(int64(cfg.RTT))
 	r.ctx, r.cancel = context.WithCancel(ctx)
 	r.wg.Go(r.accept)
 	go func() {
@@ -95,6 +99,29 @@ func StartRelay(ctx context.Context, cfg RelayConfig) (*Relay, error) {
 
 // Addr returns the relay's listening address, host:port.
 func (r *Relay) Addr() string { return r.ln.Addr().String() }
+
+// SetRTT changes the round-trip time the relay adds, for every connection,
+// open or new. It applies to bytes read after the call; bytes already held
+// keep the delay they were read with, and bytes always leave in the order
+// they came, so a shorter RTT takes effect once the older bytes are out.
+// It returns an error, and changes nothing, for a negative rtt.
+func (r *Relay) SetRTT(rtt time.Duration) error {
+	if rtt < 0 {
+		return fmt.Errorf("bench: relay: RTT %v is negative", rtt)
+	}
+	r.rtt.Store(int64(rtt))
+	return nil
+}
+
+// RTT returns the round-trip time the relay adds now.
+func (r *Relay) RTT() time.Duration { return time.Duration(r.rtt.Load()) }
+
+// ResetMaxInFlight starts MaxInFlight's count again from what is held now,
+// so that one run's figure is not another's.
+func (r *Relay) ResetMaxInFlight() {
+	r.maxUp.Store(r.inUp.Load())
+	r.maxDown.Store(r.inDown.Load())
+}
 
 // MaxInFlight returns the most bytes the relay held at once in each
 // direction: up (towards the target) and down (back to the clients).
@@ -182,10 +209,10 @@ type chunk struct {
 	due time.Time
 }
 
-// pipe copies src to dst, holding each chunk for RTT/2 after it was read
-// and pacing writes to the bandwidth cap. in and max count the bytes held.
+// pipe copies src to dst, holding each chunk for half the relay's RTT at
+// the time it was read, and pacing writes to the bandwidth cap. in and max
+// count the bytes held.
 func (r *Relay) pipe(dst, src net.Conn, in, max *atomic.Int64) {
-	delay := r.cfg.RTT / 2
 	q := make(chan chunk, relayQueueChunks)
 	go func() {
 		defer close(q)
@@ -197,7 +224,7 @@ func (r *Relay) pipe(dst, src net.Conn, in, max *atomic.Int64) {
 				for m := max.Load(); held > m && !max.CompareAndSwap(m, held); m = max.Load() {
 				}
 				select {
-				case q <- chunk{b: b[:n], due: time.Now().Add(delay)}:
+				case q <- chunk{b: b[:n], due: time.Now().Add(r.RTT() / 2)}:
 				case <-r.ctx.Done():
 					in.Add(-int64(n))
 					return

@@ -197,3 +197,39 @@ func TestRelayConfigValidate(t *testing.T) {
 		})
 	}
 }
+
+// TestRelaySetRTT: one connection through the relay sees each RTT set
+// while it is open, from the next bytes on, and a negative RTT is refused
+// without changing the one in force.
+func TestRelaySetRTT(t *testing.T) {
+	r := newTestRelay(t, RelayConfig{Target: startEcho(t)})
+	c, err := net.Dial("tcp", r.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	msg := []byte("ping")
+	for _, rtt := range []time.Duration{0, 80 * time.Millisecond, 20 * time.Millisecond, 0} {
+		if err := r.SetRTT(rtt); err != nil {
+			t.Fatalf("SetRTT(%v) = %v", rtt, err)
+		}
+		if got := r.RTT(); got != rtt {
+			t.Fatalf("RTT() = %v after SetRTT(%v)", got, rtt)
+		}
+		d := roundTrip(t, c, msg)
+		t.Logf("RTT %v: round trip %v", rtt, d)
+		if d < rtt {
+			t.Errorf("RTT %v: round trip took %v, less than the RTT", rtt, d)
+		}
+		// Far less than the longest RTT set: a shorter RTT takes effect.
+		if rtt < 80*time.Millisecond && d >= rtt+60*time.Millisecond {
+			t.Errorf("RTT %v: round trip took %v, as if an earlier, longer RTT still held", rtt, d)
+		}
+	}
+	if err := r.SetRTT(-time.Millisecond); err == nil {
+		t.Error("SetRTT(-1ms) = nil, want an error")
+	}
+	if got := r.RTT(); got != 0 {
+		t.Errorf("RTT() = %v after a refused SetRTT, want 0", got)
+	}
+}
