@@ -39,7 +39,9 @@ func (f *loadFlags) register(fs *flag.FlagSet) {
 
 // measure runs the load of op and returns what it measured; self names
 // this process in Result.CPU.
-func (f *loadFlags) measure(ctx context.Context, name, self string, op Op) (Result, error) {
+// frames, if not nil, are the frames of the load's connection: the result
+// then has its frames per operation over the measurement window.
+func (f *loadFlags) measure(ctx context.Context, name, self string, op Op, frames *frameCounts) (Result, error) {
 	watch, err := parseWatch(f.watch)
 	if err != nil {
 		return Result{}, err
@@ -47,12 +49,27 @@ func (f *loadFlags) measure(ctx context.Context, name, self string, op Op) (Resu
 	watch[self] = os.Getpid()
 	load := &Load{Name: name, Concurrency: f.concurrency, Warmup: f.warmup, Duration: f.duration, OpTimeout: f.timeout, Op: op,
 		Pause: f.pause, Watch: watch}
-	return load.Run(ctx)
+	var at [2]frameSnapshot
+	var ended bool
+	if frames != nil {
+		load.AtWindow = func(end bool) {
+			if end {
+				at[1], ended = frames.snapshot(), true
+			} else {
+				at[0] = frames.snapshot()
+			}
+		}
+	}
+	res, err := load.Run(ctx)
+	if err == nil && ended {
+		res.FramesPerOp = perOp(at[0], at[1], res.Ops)
+	}
+	return res, err
 }
 
 // run is measure, with the Result printed as JSON on stdout.
 func (f *loadFlags) run(ctx context.Context, stdout io.Writer, name, self string, op Op) error {
-	res, err := f.measure(ctx, name, self, op)
+	res, err := f.measure(ctx, name, self, op, nil)
 	if err != nil {
 		return err
 	}
@@ -79,8 +96,9 @@ func (f *linkFlags) tlsConfig() (*tls.Config, error) {
 
 // dial opens one gRPC connection to addr with the link's credentials and
 // the edge's transport options, then opts: what the edge's client does,
-// without its balancing and retry service config.
-func (f *linkFlags) dial(addr string, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+// without its balancing and retry service config. Its HTTP/2 frames are
+// counted in frames, if not nil.
+func (f *linkFlags) dial(addr string, frames *frameCounts, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
 	if err := link.ValidateWindowSize(f.window); err != nil {
 		return nil, fmt.Errorf("bench: -link-window: %w", err)
 	}
@@ -88,7 +106,11 @@ func (f *linkFlags) dial(addr string, opts ...grpc.DialOption) (*grpc.ClientConn
 	if err != nil {
 		return nil, err
 	}
-	opts = append(append(link.DialOptions(link.WithWindowSize(f.window)), grpc.WithTransportCredentials(credentials.NewTLS(cfg))), opts...)
+	creds := credentials.NewTLS(cfg)
+	if frames != nil {
+		creds = countingCreds{creds, frames}
+	}
+	opts = append(append(link.DialOptions(link.WithWindowSize(f.window)), grpc.WithTransportCredentials(creds)), opts...)
 	conn, err := grpc.NewClient("passthrough:///"+addr, opts...)
 	if err != nil {
 		return nil, fmt.Errorf("bench: dial %s: %w", addr, err)

@@ -150,7 +150,8 @@ func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if relay != nil {
 		defer relay.Close()
 	}
-	conn, err := link.dial(dialAddr)
+	frames := &frameCounts{}
+	conn, err := link.dial(dialAddr, frames)
 	if err != nil {
 		return err
 	}
@@ -171,7 +172,7 @@ func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		defer client.Close()
 		op = clientKeyOp(client, kf.op, id, ins)
 	}
-	res, err := lf.measure(ctx, "keyless/"+kf.op, "client", op)
+	res, err := lf.measure(ctx, "keyless/"+kf.op, "client", op, frames)
 	if err != nil {
 		return err
 	}

@@ -51,6 +51,11 @@ type Result struct {
 	LinkWindow  int     `json:"link_window,omitempty"`
 	LinkMaxUp   int64   `json:"link_max_inflight_up,omitempty"`
 	LinkMaxDown int64   `json:"link_max_inflight_down,omitempty"`
+	// FramesPerOp is, for the key-operation client, the HTTP/2 frames of
+	// its connection per operation over the measurement window, by
+	// direction and type ("out DATA" towards the keyserver, "in PING"
+	// from it); nil when not measured.
+	FramesPerOp map[string]float64 `json:"frames_per_op,omitempty"`
 	// FirstError is the first error seen, if any.
 	FirstError string `json:"first_error,omitempty"`
 	// CPU is the CPU time used during the window per counted operation,
@@ -105,6 +110,11 @@ type Load struct {
 	// Watch names processes (by pid) whose CPU time is measured over the
 	// window; see Result.CPU.
 	Watch map[string]int
+	// AtWindow, if set, is called when the measurement window starts
+	// (end false) and when it ends (end true), for counters that are
+	// read over the same window as the rate; a run that ends early does
+	// not call it at the end.
+	AtWindow func(end bool)
 }
 
 // Validate reports whether the load can run.
@@ -155,7 +165,7 @@ func (l *Load) Run(ctx context.Context) (Result, error) {
 	guess := int(min(200_000, 20_000*l.Duration.Seconds()+1000) / float64(l.Concurrency))
 	var wg sync.WaitGroup
 	var cpu0, cpu1 cpuSample
-	if l.Watch != nil {
+	if l.Watch != nil || l.AtWindow != nil {
 		wg.Go(func() {
 			sleepUntil := func(t time.Time) bool {
 				timer := time.NewTimer(time.Until(t))
@@ -167,11 +177,20 @@ func (l *Load) Run(ctx context.Context) (Result, error) {
 					return false
 				}
 			}
+			sample := func(end bool) cpuSample {
+				if l.AtWindow != nil {
+					l.AtWindow(end)
+				}
+				if l.Watch == nil {
+					return cpuSample{}
+				}
+				return sampleCPU(l.Watch)
+			}
 			if sleepUntil(t0) {
-				cpu0 = sampleCPU(l.Watch)
+				cpu0 = sample(false)
 			}
 			if sleepUntil(t1) {
-				cpu1 = sampleCPU(l.Watch)
+				cpu1 = sample(true)
 			}
 		})
 	}

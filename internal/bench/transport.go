@@ -201,7 +201,7 @@ func runTransport(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	}
 	go gs.Serve(ln)
 	defer gs.Stop()
-	conn, err := lnk.dial(ln.Addr().String(), grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})))
+	conn, err := lnk.dial(ln.Addr().String(), nil, grpc.WithDefaultCallOptions(grpc.ForceCodec(rawCodec{})))
 	if err != nil {
 		return err
 	}
