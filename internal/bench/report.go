@@ -12,8 +12,9 @@ import (
 )
 
 // PrintTable writes rows as aligned text tables, one per kind: each figure
-// with its baseline and their ratio, then the memory figures and the
-// target checks.
+// with its baseline and their ratio, the link figures, the memory figures,
+// the reported ratios and the target checks, then a summary of the
+// targets.
 func PrintTable(w io.Writer, rows []Row) {
 	section := func(kind, title, header string, line func(Row) string) {
 		var lines []string
@@ -55,10 +56,32 @@ func PrintTable(w io.Writer, rows []Row) {
 				nump(r.Baseline), num(r.BaselineP50us), num(r.BaselineP99us), ratioStr(r),
 				rat(r.CPURatio), cpuStr(r.CPU), cpuStr(r.BaselineCPU), busy(r.MachineBusy))
 		})
+	section("link", "LINK: full handshakes through an edge whose keyserver link goes through the delay relay (one relay, edge and connection for every RTT); errors are failed handshakes, shed the edge's refusals",
+		"name\thandshakes/s\tp50 ms\tp99 ms\terrors\tshed\tcall errors\trelay max KB up down\tcpu µs/op\tbusy\tops/msg in out\t",
+		func(r Row) string {
+			return fmt.Sprintf("%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t", r.Name, num(r.OpsPerSec), msStr(r.P50us), msStr(r.P99us),
+				r.Errors, r.EdgeShed, codesStr(r.KeyserverCallErrors), inflightStr(r.RelayMaxInflight), cpuStr(r.CPU), busy(r.MachineBusy), sharingStr(r))
+		})
+	section("link-keyops", "LINK KEY OPERATIONS: one client connection through the delay relay to the keyserver; frames/op = HTTP/2 frames per operation on that connection, out (to the keyserver) and in",
+		"name\tops/s\tp50 ms\tp99 ms\terrors\tempty p50 ms\tframes/op out: DATA HDR PING WU\tin: DATA HDR PING WU\trelay max KB up down\tops/msg in out\tcpu µs/op\t",
+		func(r Row) string {
+			return fmt.Sprintf("%s\t%s\t%s\t%s\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t", r.Name, num(r.OpsPerSec), msStr(r.P50us), msStr(r.P99us),
+				r.Errors, msStr(r.EmptyCallP50us), framesDir(r.FramesPerOp, "out"), framesDir(r.FramesPerOp, "in"),
+				inflightStr(r.RelayMaxInflight), sharingStr(r), cpuStr(r.CPU))
+		})
 	section("memory", "EDGE MEMORY",
 		"name\tconnections\tKiB heap/conn\tnote\t",
 		func(r Row) string {
 			return fmt.Sprintf("%s\t%d\t%s\t%s\t", r.Name, r.Concurrency, nump(r.Value), r.Note)
+		})
+	section("reported", "REPORTED (ratios of an earlier round, not judged: on two shared CPUs they measure CPU sharing too)",
+		"figure\tvalue\tthat round wanted\tfrom\t",
+		func(r Row) string {
+			v := "-"
+			if r.Value != nil {
+				v = fmt.Sprintf("%g", *r.Value)
+			}
+			return fmt.Sprintf("%s\t%s\t%s\t%s\t", strings.TrimPrefix(r.Name, "reported/"), v, r.Want, r.Note)
 		})
 	section("target", "TARGETS",
 		"target\tvalue\twant\tmet\tfrom\t",
@@ -71,8 +94,95 @@ func PrintTable(w io.Writer, rows []Row) {
 			if r.Value != nil {
 				v = fmt.Sprintf("%g", *r.Value)
 			}
-			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t", strings.TrimPrefix(r.Name, "target/"), v, r.Want, met, r.Note)
+			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t", r.Name, v, r.Want, met, r.Note)
 		})
+	printSummary(w, rows)
+}
+
+// printSummary writes one line per target family (the name up to its
+// first "/", as "W1"): how many of its targets were met, and the ones
+// missed with their values.
+func printSummary(w io.Writer, rows []Row) {
+	type tally struct {
+		met, all int
+		missed   []string
+	}
+	var order []string
+	fams := map[string]*tally{}
+	for _, r := range rows {
+		if r.Kind != "target" {
+			continue
+		}
+		fam, _, _ := strings.Cut(r.Name, "/")
+		t := fams[fam]
+		if t == nil {
+			t = &tally{}
+			fams[fam] = t
+			order = append(order, fam)
+		}
+		t.all++
+		if r.Met != nil && *r.Met {
+			t.met++
+		} else {
+			v := "-"
+			if r.Value != nil {
+				v = fmt.Sprintf("%g", *r.Value)
+			}
+			t.missed = append(t.missed, fmt.Sprintf("%s %s (want %s)", strings.TrimPrefix(r.Name, fam+"/"), v, r.Want))
+		}
+	}
+	if len(order) == 0 {
+		return
+	}
+	fmt.Fprintln(w, "TARGET SUMMARY")
+	for _, fam := range order {
+		t := fams[fam]
+		line := fmt.Sprintf("  %s: %d of %d met", fam, t.met, t.all)
+		if len(t.missed) > 0 {
+			line += "; missed: " + strings.Join(t.missed, ", ")
+		}
+		fmt.Fprintln(w, line)
+	}
+	fmt.Fprintln(w)
+}
+
+// msStr shows microseconds as milliseconds, or "-" for zero.
+func msStr(us float64) string {
+	if us == 0 {
+		return "-"
+	}
+	if us < 10_000 {
+		return fmt.Sprintf("%.2f", us/1000)
+	}
+	return fmt.Sprintf("%.1f", us/1000)
+}
+
+// inflightStr shows the relay's most bytes in flight, up and down, in KB,
+// as "66.1 65.9", or "-".
+func inflightStr(v []int64) string {
+	if len(v) != 2 {
+		return "-"
+	}
+	return fmt.Sprintf("%.1f %.1f", float64(v[0])/1000, float64(v[1])/1000)
+}
+
+// framesDir shows the frames per operation of one direction ("out" or
+// "in"): DATA, HEADERS, PING and WINDOW_UPDATE, as "1.00 0.00 0.00 0.01".
+func framesDir(m map[string]float64, dir string) string {
+	if len(m) == 0 {
+		return "-"
+	}
+	var parts []string
+	for _, t := range []string{"DATA", "HEADERS", "PING", "WINDOW_UPDATE"} {
+		parts = append(parts, fmt.Sprintf("%.2f", m[dir+" "+t]))
+	}
+	return strings.Join(parts, " ")
+}
+
+// framesStr shows frames per operation of both directions, for progress
+// lines: "out DATA 1.00 HEADERS 0.00 PING 0.00 WINDOW_UPDATE 0.00, in …".
+func framesStr(m map[string]float64) string {
+	return "out DATA HDR PING WU " + framesDir(m, "out") + ", in " + framesDir(m, "in")
 }
 
 // ratioStr shows a row's ratio and, when the figure was repeated, the

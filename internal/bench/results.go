@@ -3,9 +3,11 @@ package bench
 import (
 	"cmp"
 	"fmt"
+	"maps"
 	"math"
 	"slices"
 	"strings"
+	"time"
 )
 
 // runKey names one load run: a group ("keyops", "handshake", "resume"),
@@ -31,6 +33,10 @@ type MemResult struct {
 type Results struct {
 	runs map[runKey][]Result // repetitions, in order
 	mem  map[string]MemResult
+	// link is the shape of the link scenarios, nil when none ran; their
+	// runs are group "link" (handshakes) and "linkops" (key operations),
+	// what linkWhat(item, rtt).
+	link *linkShape
 }
 
 func newResults() *Results {
@@ -140,14 +146,18 @@ func (r *Results) best(group, what, side string) (Result, bool) {
 }
 
 // Row is one line of the results: a figure with its baseline and their
-// ratio, a memory figure, or a target check. WriteJSONFile writes a list
+// ratio, a link figure, a memory figure, a reported ratio or a target
+// check. WriteJSONFile writes a list
 // of Rows.
 type Row struct {
 	// Name identifies the figure, as "keyops/ecdsa-p256-sign/c8",
-	// "handshake/tls13-rsa/c32", "resume/tls13/c8", "edgemem/http1" or
-	// "target/…".
+	// "handshake/tls13-rsa/c32", "resume/tls13/c8",
+	// "link/tls13-rsa/rtt80/c1024", "link/keyops/ecdsa-p256-sign/rtt0/c1",
+	// "edgemem/http1", "reported/…" or a target's, "W1/tls13-rsa".
 	Name string `json:"name"`
-	// Kind is "keyops", "handshake", "resume", "memory" or "target".
+	// Kind is "keyops", "handshake", "resume", "link", "link-keyops",
+	// "memory", "reported" (a ratio kept as a figure, not judged) or
+	// "target" (an issue's target, judged in Met).
 	Kind        string `json:"kind"`
 	Concurrency int    `json:"concurrency,omitempty"`
 	// OpsPerSec, P50us and P99us are keyless's figures: through the
@@ -199,6 +209,22 @@ type Row struct {
 	// MachineBusy is the fraction of the machine's CPUs busy during the
 	// keyless run, by anything.
 	MachineBusy float64 `json:"machine_busy,omitempty"`
+	// RTTms is the round-trip time the relay added, for link rows.
+	RTTms *float64 `json:"rtt_ms,omitempty"`
+	// EdgeShed and KeyserverCallErrors are, for link handshakes, the
+	// handshakes the edge refused before their key operation left it and
+	// its failed keyserver calls by gRPC code, over the run (warm-up
+	// included).
+	EdgeShed            int64            `json:"edge_shed,omitempty"`
+	KeyserverCallErrors map[string]int64 `json:"keyserver_call_errors,omitempty"`
+	// RelayMaxInflight is the most bytes the relay held at once during a
+	// link run, towards the keyserver and back: what flow control let into
+	// the path.
+	RelayMaxInflight []int64 `json:"relay_max_inflight_bytes,omitempty"`
+	// FramesPerOp is, for link key operations, the HTTP/2 frames of the
+	// client's connection per operation by direction and type ("out DATA"
+	// towards the keyserver).
+	FramesPerOp map[string]float64 `json:"frames_per_op,omitempty"`
 	// Value, Unit, Want and Met are memory figures and target checks.
 	Value *float64 `json:"value,omitempty"`
 	Unit  string   `json:"unit,omitempty"`
@@ -295,6 +321,7 @@ func (r *Results) Rows() []Row {
 			rows = append(rows, r.tlsRow("resume", kind, n, "soft", baselineSoft))
 		}
 	}
+	rows = append(rows, r.linkRows()...)
 	for _, proto := range memProtos {
 		if m, ok := r.mem[proto]; ok {
 			rows = append(rows, Row{Name: "edgemem/" + proto, Kind: "memory", Concurrency: int(m.Conns),
@@ -303,7 +330,41 @@ func (r *Results) Rows() []Row {
 					m.Conns, m.HeapAllocKiBPerConn, m.StackKiBPerConn)})
 		}
 	}
+	rows = append(rows, r.Reported()...)
 	return append(rows, r.Targets()...)
+}
+
+// linkRows returns the link scenarios' rows: handshakes by kind, RTT and
+// concurrency, then key operations likewise.
+func (r *Results) linkRows() []Row {
+	if r.link == nil {
+		return nil
+	}
+	var rows []Row
+	add := func(group, kind, prefix, item string) {
+		for _, rtt := range r.link.all() {
+			what := linkWhat(item, rtt)
+			for _, n := range r.concurrencies(group, what, "keyless") {
+				k := r.at(runKey{group, what, "keyless", n})
+				row := Row{Name: fmt.Sprintf("%s%s/c%d", prefix, what, n), Kind: kind, Concurrency: n,
+					OpsPerSec: k.OpsPerSec, P50us: k.P50us, P99us: k.P99us, Errors: k.Errors, Note: k.FirstError,
+					RTTms: ptr(k.LinkRTTms), EdgeShed: k.EdgeShed, KeyserverCallErrors: k.EdgeCallErrors,
+					EmptyCallP50us: k.EmptyP50us, FramesPerOp: k.FramesPerOp,
+					CPU: k.CPU, MachineBusy: k.MachineBusy, OpsPerRequest: k.OpsPerRequest, ResultsPerResponse: k.ResultsPerResponse}
+				if k.LinkMaxUp > 0 || k.LinkMaxDown > 0 {
+					row.RelayMaxInflight = []int64{k.LinkMaxUp, k.LinkMaxDown}
+				}
+				rows = append(rows, row)
+			}
+		}
+	}
+	for _, kind := range linkKinds {
+		add("link", "link", "link/", kind)
+	}
+	for _, op := range linkOps {
+		add("linkops", "link-keyops", "link/keyops/", op)
+	}
+	return rows
 }
 
 func (r *Results) tlsRow(group, kind string, n int, baseSide, baseName string) Row {
@@ -334,11 +395,15 @@ func rangeNote(rr []float64) string {
 	return fmt.Sprintf("; one repetition's ratio %.2f–%.2f", rr[0], rr[1])
 }
 
-// Targets checks the issue's targets against the results.
-func (r *Results) Targets() []Row {
+// Reported returns the ratios that were the targets of an earlier round
+// (key operations and handshakes against in-process SoftHSM, the latency
+// over an empty call), kept as figures: on two shared CPUs they measure
+// CPU sharing as much as keyless, so they are not judged. Want says what
+// that round asked for.
+func (r *Results) Reported() []Row {
 	var rows []Row
-	check := func(name string, value float64, unit, want string, met bool, note string) {
-		rows = append(rows, Row{Name: "target/" + name, Kind: "target", Value: ptr(value), Unit: unit, Want: want, Met: ptr(met), Note: note})
+	check := func(name string, value float64, unit, want string, _ bool, note string) {
+		rows = append(rows, Row{Name: "reported/" + name, Kind: "reported", Value: ptr(value), Unit: unit, Want: want, Note: note})
 	}
 	for _, op := range keyOps {
 		kb, ok1 := r.best("keyops", op, "keyless")
@@ -395,11 +460,69 @@ func (r *Results) Targets() []Row {
 			fmt.Sprintf("edge+keyserver %.0f/s ÷ in-process SoftHSM server %.0f/s", k.OpsPerSec, b.OpsPerSec)+
 				rangeNote(r.ratioRange(runKey{"handshake", kind, "keyless", top}, runKey{"handshake", kind, "hsm", top})))
 	}
-	for _, proto := range memProtos {
-		if m, ok := r.mem[proto]; ok {
-			check("edgemem/"+proto, m.HeapKiBPerConn, "KiB/conn", "<= 64", m.HeapKiBPerConn <= 64,
-				fmt.Sprintf("%d idle connections", m.Conns))
+	return rows
+}
+
+// Targets checks the link targets of the issue against the results, per
+// handshake kind measured: W1, the rate at the highest concurrency and the
+// farthest RTT over the rate at the next concurrency down and the nearest
+// RTT; W2, the p50 at concurrency 1 at the farthest RTT over the nearest
+// one's plus that RTT; W3, no failed handshake at the highest concurrency
+// at the farthest RTT and at each further one.
+func (r *Results) Targets() []Row {
+	var rows []Row
+	check := func(name string, value float64, unit, want string, met bool, note string) {
+		rows = append(rows, Row{Name: name, Kind: "target", Value: ptr(value), Unit: unit, Want: want, Met: ptr(met), Note: note})
+	}
+	if r.link == nil {
+		return rows
+	}
+	s := r.link
+	near, far, top, base := s.near(), s.farthest(), s.top(), s.base()
+	ms := func(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+	for _, kind := range linkKinds {
+		at := func(rtt time.Duration, n int) (Result, bool) {
+			return r.get(runKey{"link", linkWhat(kind, rtt), "keyless", n})
+		}
+		if f, ok1 := at(far, top); ok1 {
+			if b, ok2 := at(near, base); ok2 && b.OpsPerSec > 0 && near != far {
+				v := round3(f.OpsPerSec / b.OpsPerSec)
+				check("W1/"+kind, v, "ratio", ">= 0.90", v >= 0.9,
+					fmt.Sprintf("%.0f handshakes/s at RTT %v c%d ÷ %.0f/s at RTT %v c%d; p50 %.0f ms and %.0f ms",
+						f.OpsPerSec, far, top, b.OpsPerSec, near, base, f.P50us/1000, b.P50us/1000))
+			}
+		}
+		f1, ok1 := at(far, 1)
+		n1, ok2 := at(near, 1)
+		if ok1 && ok2 && near != far && f1.Ops > 0 && n1.Ops > 0 {
+			v := round3(f1.P50us/1000 - (n1.P50us/1000 + ms(far-near)))
+			check("W2/"+kind, v, "ms over one round trip", "<= 2", v <= 2,
+				fmt.Sprintf("c1 p50 %.2f ms at RTT %v − (%.2f ms at RTT %v + %v)", f1.P50us/1000, far, n1.P50us/1000, near, far-near))
+		}
+		for _, rtt := range s.w3() {
+			k, ok := at(rtt, top)
+			if !ok {
+				continue
+			}
+			note := fmt.Sprintf("%d of %d handshakes failed at RTT %v c%d (%.0f/s, p50 %.0f ms, p99 %.0f ms); edge shed %d; keyserver call errors %s",
+				k.Errors, k.Ops+k.Errors, rtt, top, k.OpsPerSec, k.P50us/1000, k.P99us/1000, k.EdgeShed, codesStr(k.EdgeCallErrors))
+			if k.FirstError != "" {
+				note += "; first: " + k.FirstError
+			}
+			check("W3/"+kind+"/"+rttName(rtt), float64(k.Errors), "failed handshakes", "0", k.Errors == 0 && k.Ops > 0, note)
 		}
 	}
 	return rows
+}
+
+// codesStr shows failed calls by code, as "DeadlineExceeded 3", or "none".
+func codesStr(m map[string]int64) string {
+	if len(m) == 0 {
+		return "none"
+	}
+	var parts []string
+	for _, c := range slices.Sorted(maps.Keys(m)) {
+		parts = append(parts, fmt.Sprintf("%s %d", c, m[c]))
+	}
+	return strings.Join(parts, ", ")
 }

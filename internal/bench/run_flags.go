@@ -59,6 +59,19 @@ type RunConfig struct {
 	// KeyserverEnv and EdgeEnv are added to the keyserver's and the
 	// edge's environment (as "GOMAXPROCS=1").
 	KeyserverEnv, EdgeEnv []string
+	// LinkRTTs are the round-trip times of the link scenarios, each
+	// measured at every LinkConcurrency, through one relay whose RTT is
+	// changed between runs; the smallest and the largest are the W1 and
+	// W2 pair. LinkFarRTTs are measured at the highest concurrency only
+	// (W3).
+	LinkRTTs, LinkFarRTTs []time.Duration
+	// LinkConcurrency are the concurrencies of the link scenarios: the
+	// highest is W1's and W3's, the one below it W1's baseline, and 1
+	// W2's.
+	LinkConcurrency []int
+	// LinkWarmup and LinkDuration bound every link run; a run's warm-up
+	// is LinkWarmup plus two RTTs.
+	LinkWarmup, LinkDuration time.Duration
 }
 
 // parseRunFlags parses the flags of the "run" mode.
@@ -69,7 +82,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
 		defOut = "bench-results.json"
 	}
 	c := &RunConfig{}
-	var keyopsConc, hsConc, conc, scenarios, ksFlags, edgeFlags, ksEnv, edgeEnv string
+	var keyopsConc, hsConc, conc, scenarios, ksFlags, edgeFlags, ksEnv, edgeEnv, linkRTTs, linkFar, linkConc string
 	fs.StringVar(&c.Bin, "bin", "", "directory with keyserver and edge binaries (default: go build them)")
 	fs.StringVar(&c.Out, "out", defOut, "JSON results file (default $BENCH_OUT, else bench-results.json)")
 	fs.StringVar(&c.WorkDir, "workdir", "", "directory for the token, PKI and logs (default: a temporary one)")
@@ -79,13 +92,18 @@ func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
 	fs.StringVar(&keyopsConc, "keyops-concurrency", "1,2,4,8,64", "concurrencies of the key-operation scenarios, both sides (SoftHSM's best lies near 2–8)")
 	fs.StringVar(&hsConc, "handshake-concurrency", "1,8,32", "concurrencies of the handshake scenarios")
 	fs.StringVar(&conc, "concurrency", "", "concurrencies of every scenario (overrides the two above)")
-	fs.StringVar(&scenarios, "scenarios", "all", "comma-separated scenario name prefixes: keyops, handshake, resume, edgemem, or finer such as keyops/ecdsa, handshake/tls12")
+	fs.StringVar(&scenarios, "scenarios", "all", "comma-separated scenario name prefixes: keyops, handshake, resume, link, edgemem, or finer such as keyops/ecdsa, handshake/tls12, link/tls13-rsa, link/keyops")
 	fs.IntVar(&c.Repeat, "repeat", 1, "runs of each figure and its baseline, alternating; the median is kept (for noisy machines)")
 	fs.IntVar(&c.MemConns, "mem-conns", 5000, "idle connections of the edge memory scenario")
 	fs.StringVar(&c.Module, "module", "/usr/lib/softhsm/libsofthsm2.so", "SoftHSM PKCS #11 module")
 	fs.DurationVar(&c.LinkRTT, "link-rtt", 0, "put a relay on 127.0.0.1 that adds this round-trip time between the keyserver and its clients (edge, keyops) (0: none)")
 	fs.BoolVar(&c.LinkRelay, "link-relay", false, "put the relay in even at -link-rtt 0, to compare runs through the same relay")
 	fs.IntVar(&c.LinkWindow, "link-window", 0, "-link-window of the keyserver, the edge and keyops, in bytes (0: their default)")
+	fs.StringVar(&linkRTTs, "link-rtts", "0,20ms,80ms", "link scenarios: round-trip times through the relay, each at every -link-concurrency (the smallest and largest are compared by W1 and W2)")
+	fs.StringVar(&linkFar, "link-far-rtts", "300ms", "link scenarios: further round-trip times, at the highest -link-concurrency only (W3); empty for none")
+	fs.StringVar(&linkConc, "link-concurrency", "1,32,1024", "link scenarios: concurrencies (the highest is W1's and W3's, the next one down W1's baseline)")
+	fs.DurationVar(&c.LinkWarmup, "link-warmup", time.Second, "link scenarios: warm-up of each run, plus two RTTs")
+	fs.DurationVar(&c.LinkDuration, "link-duration", 2*time.Second, "link scenarios: measured time of each run")
 	fs.StringVar(&ksFlags, "keyserver-flags", "", "extra keyserver serve flags, space-separated")
 	fs.StringVar(&edgeFlags, "edge-flags", "", "extra edge flags, space-separated")
 	fs.StringVar(&ksEnv, "keyserver-env", "", "extra keyserver environment, space-separated NAME=VALUE")
@@ -103,6 +121,15 @@ func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
 	if c.HandshakeConcurrency, err = parseInts(hsConc); err != nil {
 		return nil, fmt.Errorf("bench: -handshake-concurrency: %w", err)
 	}
+	if c.LinkRTTs, err = parseDurations(linkRTTs, false); err != nil {
+		return nil, fmt.Errorf("bench: -link-rtts: %w", err)
+	}
+	if c.LinkFarRTTs, err = parseDurations(linkFar, true); err != nil {
+		return nil, fmt.Errorf("bench: -link-far-rtts: %w", err)
+	}
+	if c.LinkConcurrency, err = parseInts(linkConc); err != nil {
+		return nil, fmt.Errorf("bench: -link-concurrency: %w", err)
+	}
 	for s := range strings.SplitSeq(scenarios, ",") {
 		if s = strings.TrimSpace(s); s != "" && s != "all" {
 			c.Scenarios = append(c.Scenarios, s)
@@ -113,6 +140,8 @@ func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
 	switch {
 	case c.Warmup < 0 || c.Duration <= 0:
 		return nil, errors.New("bench: -warmup must be 0 or more and -duration more than 0")
+	case c.LinkWarmup < 0 || c.LinkDuration <= 0:
+		return nil, errors.New("bench: -link-warmup must be 0 or more and -link-duration more than 0")
 	case c.MemConns < 1:
 		return nil, errors.New("bench: -mem-conns must be at least 1")
 	case c.Repeat < 1:
@@ -142,6 +171,27 @@ func parseInts(s string) ([]int, error) {
 		out = append(out, n)
 	}
 	if len(out) == 0 {
+		return nil, errors.New("empty list")
+	}
+	return out, nil
+}
+
+// parseDurations parses a comma-separated list of durations, each 0 or
+// more ("0" needs no unit); empty is an error unless emptyOK.
+func parseDurations(s string, emptyOK bool) ([]time.Duration, error) {
+	var out []time.Duration
+	for f := range strings.SplitSeq(s, ",") {
+		f = strings.TrimSpace(f)
+		if f == "" {
+			continue
+		}
+		d, err := time.ParseDuration(f)
+		if err != nil || d < 0 {
+			return nil, fmt.Errorf("%q is not a duration of 0 or more (as 80ms)", f)
+		}
+		out = append(out, d)
+	}
+	if len(out) == 0 && !emptyOK {
 		return nil, errors.New("empty list")
 	}
 	return out, nil

@@ -17,15 +17,22 @@ import (
 // "inproc-paused" (the baseline with every operation following an idle gap
 // of pause; see pausedBaselineRun).
 func (o *orchestrator) keyopsRun(ctx context.Context, side, op string, n int, ksAddr string, pause time.Duration) error {
+	env, args := o.keyopsArgs(side, op, n, ksAddr, pause, o.loadArgs(n))
+	return o.record(ctx, keyopsKey(side, op, n), op, fmt.Sprintf("%s-%s-c%d", side, op, n), env, args...)
+}
+
+// keyopsArgs returns the environment and arguments of a key-operation
+// child of keyopsRun, with the load flags load.
+func (o *orchestrator) keyopsArgs(side, op string, n int, ksAddr string, pause time.Duration, load []string) (env, args []string) {
 	mode := "inproc"
 	if side == "keyless" {
 		mode = "keyops"
 	}
-	args := append([]string{mode, "-op", op, "-pub", o.pubs[op]}, o.loadArgs(n)...)
+	args = append([]string{mode, "-op", op, "-pub", o.pubs[op]}, load...)
 	if pause > 0 {
 		args = append(args, "-pause", pause.String())
 	}
-	env := o.env
+	env = o.env
 	if side != "keyless" {
 		args = append(args, o.token...)
 	} else {
@@ -37,7 +44,7 @@ func (o *orchestrator) keyopsRun(ctx context.Context, side, op string, n int, ks
 			args = append(args, "-empty", "500ms")
 		}
 	}
-	return o.record(ctx, keyopsKey(side, op, n), op, fmt.Sprintf("%s-%s-c%d", side, op, n), env, args...)
+	return env, args
 }
 
 // pausedBaselineRun measures the in-process baseline of op at concurrency
@@ -127,9 +134,15 @@ func (o *orchestrator) loadArgs(n int) []string {
 }
 
 // childTimeout bounds a load child: its warm-up, twice its measured
-// time, and a minute more to start and report.
+// time, and a minute more to start and report, for the longest run of
+// any scenario.
 func (o *orchestrator) childTimeout() time.Duration {
-	return o.cfg.Warmup + 2*o.cfg.Duration + 60*time.Second
+	warmup, duration := o.cfg.Warmup, o.cfg.Duration
+	if rtts := slices.Concat(o.cfg.LinkRTTs, o.cfg.LinkFarRTTs); len(rtts) > 0 {
+		warmup = max(warmup, o.cfg.LinkWarmup+2*slices.Max(rtts))
+		duration = max(duration, o.cfg.LinkDuration)
+	}
+	return warmup + 2*duration + 60*time.Second
 }
 
 // watchArg returns a -watch value for name, proc pairs.
@@ -160,8 +173,17 @@ func (o *orchestrator) progress(group, what, side string, r Result) {
 	if r.OpsPerRequest > 0 || r.ResultsPerResponse > 0 {
 		extra += fmt.Sprintf("; per stream message: %.1f operations in, %.1f results out", r.OpsPerRequest, r.ResultsPerResponse)
 	}
+	if r.EdgeShed > 0 || len(r.EdgeCallErrors) > 0 {
+		extra += fmt.Sprintf("; edge shed %d, keyserver call errors %v", r.EdgeShed, r.EdgeCallErrors)
+	}
+	if r.LinkMaxUp > 0 || r.LinkMaxDown > 0 {
+		extra += fmt.Sprintf("; relay held at most %d B up, %d B down", r.LinkMaxUp, r.LinkMaxDown)
+	}
+	if len(r.FramesPerOp) > 0 {
+		extra += "; frames/op " + framesStr(r.FramesPerOp)
+	}
 	if r.Errors > 0 {
 		extra += fmt.Sprintf(", %d errors (first: %s)", r.Errors, r.FirstError)
 	}
-	o.logf("%-9s %-18s %-8s c=%-3d %9.0f/s  p50 %7.0f µs  p99 %7.0f µs%s", group, what, side, r.Concurrency, r.OpsPerSec, r.P50us, r.P99us, extra)
+	o.logf("%-9s %-18s %-8s c=%-4d %9.0f/s  p50 %7.0f µs  p99 %7.0f µs%s", group, what, side, r.Concurrency, r.OpsPerSec, r.P50us, r.P99us, extra)
 }

@@ -89,15 +89,20 @@ func (o *orchestrator) measure(ctx context.Context, f family) []error {
 // scenarios starts the servers the selected scenarios need and runs them.
 func (o *orchestrator) scenarios(ctx context.Context) error {
 	keyops, hs, resume := o.keyopsFamily(), o.handshakeFamily(), o.resumeFamily()
+	link := o.linkPlan()
 	mem := o.cfg.selectedOf("edgemem", memProtos)
 
 	defer o.srv.stop()
-	if err := o.startServers(len(hs.items) > 0, len(resume.items) > 0); err != nil {
+	if err := o.startServers(len(hs.items) > 0, len(resume.items) > 0, !link.empty()); err != nil {
 		return err
 	}
 	var errs []error
 	for _, f := range []family{keyops, hs, resume} {
 		errs = append(errs, o.measure(ctx, f)...)
+	}
+	if !link.empty() {
+		o.results.link = &link.shape
+		errs = append(errs, o.measureLink(ctx, link)...)
 	}
 	// The TLS servers are idle from here on; stop them to free memory and
 	// CPU for the edge memory scenario.

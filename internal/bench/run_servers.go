@@ -13,6 +13,8 @@ import (
 var (
 	readyKeyserver = regexp.MustCompile(`keyserver ready: listen=(\S+)(?: metrics=(\S+))?`)
 	readyEdge      = regexp.MustCompile(`edge ready: listen=(\S+)`)
+	// An edge started with -metrics-listen names its listener further on.
+	readyEdgeMetrics = regexp.MustCompile(`edge ready: listen=(\S+).* metrics=(\S+)`)
 	readySelf      = regexp.MustCompile(`(?m)^ready (\S+)`)
 	heldRE         = regexp.MustCompile(`(?m)^held (\d+)`)
 )
@@ -26,6 +28,11 @@ type servers struct {
 	linkAddr  string
 	relay     *Relay
 	ksMetrics string // the keyserver's metrics listener, if any
+	// linkEdge is the edge of the link scenarios, whose keyserver link
+	// always goes through the relay, at linkEdgeAddr with its metrics
+	// listener at linkEdgeMetrics.
+	linkEdge                      *proc
+	linkEdgeAddr, linkEdgeMetrics string
 }
 
 // stop stops every server.
@@ -42,7 +49,7 @@ func (s *servers) stop() {
 // stopTLS stops the TLS servers (the edge and the baselines), which only
 // the handshake and resumption scenarios use.
 func (s *servers) stopTLS() {
-	for _, p := range []*proc{s.edge, s.hsmTLS, s.softTLS} {
+	for _, p := range []*proc{s.edge, s.linkEdge, s.hsmTLS, s.softTLS} {
 		if p != nil {
 			p.stop()
 		}
@@ -64,8 +71,11 @@ func (s *servers) tls(name string) (addr, watch string, err error) {
 }
 
 // startServers starts the keyserver, and the TLS servers that the
-// handshake (hs) and resumption scenarios need.
-func (o *orchestrator) startServers(hs, resume bool) error {
+// handshake (hs), resumption and link scenarios need. The link scenarios
+// have an edge of their own, through the relay (started for them if
+// -link-rtt and -link-relay did not), so that the other scenarios keep
+// their direct link unless asked.
+func (o *orchestrator) startServers(hs, resume, link bool) error {
 	s := &o.srv
 	var err error
 	o.logf("starting keyserver")
@@ -73,17 +83,25 @@ func (o *orchestrator) startServers(hs, resume bool) error {
 		return err
 	}
 	s.linkAddr = s.ksAddr
-	if o.cfg.LinkRTT > 0 || o.cfg.LinkRelay {
+	if o.cfg.LinkRTT > 0 || o.cfg.LinkRelay || link {
 		// Stopped by stop; the orchestrator always calls it.
 		if s.relay, err = StartRelay(context.Background(), RelayConfig{Target: s.ksAddr, RTT: o.cfg.LinkRTT}); err != nil {
 			return err
 		}
+		o.logf("relay %s adds %v round trip to the keyserver link", s.relay.Addr(), o.cfg.LinkRTT)
+	}
+	if o.cfg.LinkRTT > 0 || o.cfg.LinkRelay {
 		s.linkAddr = s.relay.Addr()
-		o.logf("relay %s adds %v round trip to the keyserver link", s.linkAddr, o.cfg.LinkRTT)
+	}
+	if link {
+		o.logf("starting the link scenarios' edge, through the relay")
+		if s.linkEdge, s.linkEdgeAddr, s.linkEdgeMetrics, err = o.startEdge("edge-link", s.relay.Addr(), true); err != nil {
+			return err
+		}
 	}
 	if hs || resume {
 		o.logf("starting edge and the baseline TLS servers")
-		if s.edge, s.edgeAddr, err = o.startEdge(s.linkAddr); err != nil {
+		if s.edge, s.edgeAddr, _, err = o.startEdge("edge", s.linkAddr, false); err != nil {
 			return err
 		}
 		if s.softTLS, s.softAddr, err = o.startSelf("tls-server-soft", nil, "tls-server", "-keys", "soft",
@@ -127,9 +145,10 @@ func (o *orchestrator) startKeyserver() (p *proc, addr, metricsAddr string, err 
 	return p, m[1], metricsAddr, nil
 }
 
-// startEdge starts the edge binary against the keyserver at ksAddr and
-// returns it and its address.
-func (o *orchestrator) startEdge(ksAddr string) (*proc, string, error) {
+// startEdge starts the edge binary as name against the keyserver at
+// ksAddr and returns it, its address and, with metrics, its metrics
+// listener's.
+func (o *orchestrator) startEdge(name, ksAddr string, metrics bool) (p *proc, addr, metricsAddr string, err error) {
 	args := []string{"-listen", "127.0.0.1:0", "-certs", filepath.Join(o.dir, "certs", "keyless"),
 		"-default-cert", nameECDSA, "-rsa-key-exchange", nameRSA,
 		// Never contacted: the load generator sends no request.
@@ -140,11 +159,19 @@ func (o *orchestrator) startEdge(ksAddr string) (*proc, string, error) {
 		// handshakes a second: the per-client limit would measure itself.
 		"-handshakes-per-client", "0"}
 	args = append(args, o.linkWindowArgs()...)
-	p, m, err := o.startReady("edge", o.cfg.EdgeEnv, readyEdge, readyTimeout, filepath.Join(o.bin, "edge"), append(args, o.cfg.EdgeFlags...)...)
-	if err != nil {
-		return nil, "", err
+	ready := readyEdge
+	if metrics {
+		// For the refusal counters; see linkRecord.
+		args, ready = append(args, "-metrics-listen", "127.0.0.1:0"), readyEdgeMetrics
 	}
-	return p, m[1], nil
+	p, m, err := o.startReady(name, o.cfg.EdgeEnv, ready, readyTimeout, filepath.Join(o.bin, "edge"), append(args, o.cfg.EdgeFlags...)...)
+	if err != nil {
+		return nil, "", "", err
+	}
+	if metrics {
+		metricsAddr = m[2]
+	}
+	return p, m[1], metricsAddr, nil
 }
 
 // startSelf starts this binary in a server mode, which prints "ready ADDR",

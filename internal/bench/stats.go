@@ -56,6 +56,12 @@ type Result struct {
 	// direction and type ("out DATA" towards the keyserver, "in PING"
 	// from it); nil when not measured.
 	FramesPerOp map[string]float64 `json:"frames_per_op,omitempty"`
+	// EdgeShed and EdgeCallErrors are, for handshakes through the link
+	// edge, the handshakes it refused before their key operation reached
+	// the keyserver, and its failed keyserver calls by gRPC code, over the
+	// run (warm-up included), from its metrics; set by the orchestrator.
+	EdgeShed       int64            `json:"edge_shed,omitempty"`
+	EdgeCallErrors map[string]int64 `json:"edge_keyserver_call_errors,omitempty"`
 	// FirstError is the first error seen, if any.
 	FirstError string `json:"first_error,omitempty"`
 	// CPU is the CPU time used during the window per counted operation,

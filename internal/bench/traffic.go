@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -79,5 +80,82 @@ func (r *Result) sharing(before, after streamTraffic) {
 	}
 	if d := after.sent - before.sent; d > 0 {
 		r.ResultsPerResponse = round1((after.sentResults - before.sentResults) / d)
+	}
+}
+
+// edgeCounters is what the edge's metrics say about refusals: handshakes
+// shed, by reason, and failed keyserver calls, by gRPC code, since it
+// started.
+type edgeCounters struct {
+	shed, callErrors map[string]float64
+}
+
+// parseEdge reads the edge's refusal counters from a Prometheus text
+// exposition. It fails unless the shed counter is there (the call error
+// counter has no series before the first failure).
+func parseEdge(r io.Reader) (edgeCounters, error) {
+	c := edgeCounters{shed: map[string]float64{}, callErrors: map[string]float64{}}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(r)
+	if err != nil {
+		return c, fmt.Errorf("bench: edge metrics: %w", err)
+	}
+	sum := func(name, label string, into map[string]float64) bool {
+		f, ok := families[name]
+		for _, m := range f.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == label {
+					into[l.GetValue()] += m.GetCounter().GetValue()
+				}
+			}
+		}
+		return ok
+	}
+	if !sum("keyless_edge_handshakes_shed_total", "reason", c.shed) {
+		return c, errors.New("bench: the edge's metrics have no keyless_edge_handshakes_shed_total")
+	}
+	sum("keyless_edge_keyserver_call_errors_total", "code", c.callErrors)
+	return c, nil
+}
+
+// scrapeEdge reads the refusal counters of the edge whose metrics
+// listener is addr.
+func scrapeEdge(ctx context.Context, addr string) (edgeCounters, error) {
+	if addr == "" {
+		return edgeCounters{}, errors.New("bench: the edge has no metrics listener")
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/metrics", nil)
+	if err != nil {
+		return edgeCounters{}, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return edgeCounters{}, fmt.Errorf("bench: edge metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return edgeCounters{}, fmt.Errorf("bench: edge metrics: %s", resp.Status)
+	}
+	return parseEdge(resp.Body)
+}
+
+// edgeDelta sets r's edge refusals from the counters before and after its
+// run: every reason shed, and the failed calls by code (only codes that
+// failed).
+func (r *Result) edgeDelta(before, after edgeCounters) {
+	r.EdgeShed = 0
+	for reason, v := range after.shed {
+		r.EdgeShed += int64(v - before.shed[reason])
+	}
+	r.EdgeCallErrors = nil
+	for code, v := range after.callErrors {
+		if d := int64(v - before.callErrors[code]); d > 0 {
+			if r.EdgeCallErrors == nil {
+				r.EdgeCallErrors = map[string]int64{}
+			}
+			r.EdgeCallErrors[code] = d
+		}
 	}
 }

@@ -1,0 +1,199 @@
+package bench
+
+import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+)
+
+const ms = time.Millisecond
+
+func TestLinkShape(t *testing.T) {
+	s := linkShape{rtts: []time.Duration{20 * ms, 0, 80 * ms}, far: []time.Duration{300 * ms, 80 * ms}, conc: []int{1, 1024, 32}}
+	if s.near() != 0 || s.farthest() != 80*ms || s.top() != 1024 || s.base() != 32 {
+		t.Errorf("near, farthest, top, base = %v, %v, %d, %d; want 0, 80ms, 1024, 32", s.near(), s.farthest(), s.top(), s.base())
+	}
+	if got, want := s.all(), []time.Duration{0, 20 * ms, 80 * ms, 300 * ms}; !slices.Equal(got, want) {
+		t.Errorf("all() = %v, want %v", got, want)
+	}
+	if got, want := s.w3(), []time.Duration{80 * ms, 300 * ms}; !slices.Equal(got, want) {
+		t.Errorf("w3() = %v, want %v", got, want)
+	}
+	if b := (linkShape{rtts: []time.Duration{0}, conc: []int{64}}).base(); b != 64 {
+		t.Errorf("base() of one concurrency = %d, want it", b)
+	}
+	for d, want := range map[time.Duration]string{0: "rtt0", 80 * ms: "rtt80", 1500 * time.Microsecond: "rtt1.5"} {
+		if got := rttName(d); got != want {
+			t.Errorf("rttName(%v) = %q, want %q", d, got, want)
+		}
+	}
+}
+
+func TestParseRunFlagsLink(t *testing.T) {
+	c, err := parseRunFlags(nil, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(c.LinkRTTs, []time.Duration{0, 20 * ms, 80 * ms}) || !slices.Equal(c.LinkFarRTTs, []time.Duration{300 * ms}) ||
+		!equalInts(c.LinkConcurrency, []int{1, 32, 1024}) || c.LinkWarmup != time.Second || c.LinkDuration != 2*time.Second {
+		t.Errorf("link defaults = %v, %v, %v, %v, %v", c.LinkRTTs, c.LinkFarRTTs, c.LinkConcurrency, c.LinkWarmup, c.LinkDuration)
+	}
+	c, err = parseRunFlags([]string{"-link-rtts", "0, 40ms", "-link-far-rtts", "", "-link-concurrency", "1,256"}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !slices.Equal(c.LinkRTTs, []time.Duration{0, 40 * ms}) || len(c.LinkFarRTTs) != 0 || !equalInts(c.LinkConcurrency, []int{1, 256}) {
+		t.Errorf("parsed link flags = %v, %v, %v", c.LinkRTTs, c.LinkFarRTTs, c.LinkConcurrency)
+	}
+	for _, bad := range [][]string{
+		{"-link-rtts", ""}, {"-link-rtts", "80"}, {"-link-rtts", "-1ms"}, {"-link-far-rtts", "x"},
+		{"-link-concurrency", "0"}, {"-link-duration", "0s"}, {"-link-warmup", "-1s"},
+	} {
+		if _, err := parseRunFlags(bad, io.Discard); err == nil {
+			t.Errorf("parseRunFlags(%q) = nil error, want one", bad)
+		}
+	}
+}
+
+func TestLinkPlan(t *testing.T) {
+	o := &orchestrator{cfg: &RunConfig{}}
+	if p := o.linkPlan(); !slices.Equal(p.kinds, linkKinds) || !slices.Equal(p.ops, linkOps) {
+		t.Errorf("linkPlan() with no selection = %q, %q; want every kind and operation", p.kinds, p.ops)
+	}
+	o.cfg.Scenarios = []string{"link/tls13-rsa", "link/keyops/ecdsa"}
+	if p := o.linkPlan(); !slices.Equal(p.kinds, []string{HandshakeTLS13RSA}) || !slices.Equal(p.ops, []string{OpECDSASign}) {
+		t.Errorf("linkPlan() = %q, %q", p.kinds, p.ops)
+	}
+	o.cfg.Scenarios = []string{"keyops"}
+	if p := o.linkPlan(); !p.empty() {
+		t.Errorf("linkPlan() with keyops selected = %q, %q; want empty", p.kinds, p.ops)
+	}
+}
+
+// linkTestResults makes link results in which every target is met for
+// TLS 1.3 ECDSA, and W1, W2 and W3 at 300 ms are missed for TLS 1.3 RSA.
+func linkTestResults() *Results {
+	r := newResults()
+	r.link = &linkShape{rtts: []time.Duration{0, 80 * ms}, far: []time.Duration{300 * ms}, conc: []int{1, 32, 1024}}
+	add := func(kind string, rtt time.Duration, n int, ops, p50 float64, errs int64) {
+		r.add(runKey{"link", linkWhat(kind, rtt), "keyless", n}, Result{Concurrency: n, OpsPerSec: ops, Ops: int64(ops * 2),
+			P50us: p50, P99us: 2 * p50, Errors: errs, LinkRTTms: float64(rtt) / float64(ms)})
+	}
+	add(HandshakeTLS13ECDSA, 0, 1, 900, 1000, 0)
+	add(HandshakeTLS13ECDSA, 0, 32, 2000, 16000, 0)
+	add(HandshakeTLS13ECDSA, 80*ms, 1, 12, 81500, 0)
+	add(HandshakeTLS13ECDSA, 80*ms, 1024, 1900, 500000, 0)
+	add(HandshakeTLS13ECDSA, 300*ms, 1024, 1800, 560000, 0)
+	add(HandshakeTLS13RSA, 0, 1, 300, 3000, 0)
+	add(HandshakeTLS13RSA, 0, 32, 400, 80000, 0)
+	add(HandshakeTLS13RSA, 80*ms, 1, 12, 86000, 0)
+	add(HandshakeTLS13RSA, 80*ms, 1024, 200, 2100000, 0)
+	add(HandshakeTLS13RSA, 300*ms, 1024, 150, 2500000, 40)
+	k := r.runs[runKey{"link", linkWhat(HandshakeTLS13RSA, 300*ms), "keyless", 1024}]
+	k[0].EdgeShed, k[0].EdgeCallErrors, k[0].FirstError = 0, map[string]int64{"DeadlineExceeded": 40}, "remote error: tls: internal error"
+	r.add(runKey{"linkops", linkWhat(OpECDSASign, 80*ms), "keyless", 1}, Result{Concurrency: 1, OpsPerSec: 12, P50us: 80500, Ops: 24,
+		LinkRTTms: 80, LinkMaxUp: 150, LinkMaxDown: 140, EmptyP50us: 80300,
+		FramesPerOp: map[string]float64{"out DATA": 1, "in DATA": 1.02, "out WINDOW_UPDATE": 0, "in PING": 0}})
+	return r
+}
+
+func TestLinkTargets(t *testing.T) {
+	rows := linkTestResults().Rows()
+	byName := map[string]Row{}
+	for _, r := range rows {
+		byName[r.Name] = r
+		if r.Kind == "target" && !strings.HasPrefix(r.Name, "W") {
+			t.Errorf("target row %s does not name a W target", r.Name)
+		}
+	}
+	for _, tt := range []struct {
+		name  string
+		value float64
+		met   bool
+	}{
+		{"W1/tls13-ecdsa", 0.95, true},  // 1900 ÷ 2000
+		{"W1/tls13-rsa", 0.5, false},    // 200 ÷ 400
+		{"W2/tls13-ecdsa", 0.5, true},   // 81.5 − (1 + 80)
+		{"W2/tls13-rsa", 3, false},      // 86 − (3 + 80)
+		{"W3/tls13-ecdsa/rtt80", 0, true},
+		{"W3/tls13-ecdsa/rtt300", 0, true},
+		{"W3/tls13-rsa/rtt80", 0, true},
+		{"W3/tls13-rsa/rtt300", 40, false},
+	} {
+		r, ok := byName[tt.name]
+		if !ok {
+			t.Errorf("no row %s", tt.name)
+			continue
+		}
+		if r.Kind != "target" || r.Value == nil || *r.Value != tt.value || r.Met == nil || *r.Met != tt.met {
+			t.Errorf("%s = kind %q, value %v, met %v; want target, %v, %t", tt.name, r.Kind, r.Value, r.Met, tt.value, tt.met)
+		}
+	}
+	for _, name := range []string{"W1/tls12-rsa-kex", "W2/tls12-rsa-kex", "W3/tls12-rsa-kex/rtt80"} {
+		if _, ok := byName[name]; ok {
+			t.Errorf("row %s present for a kind that did not run", name)
+		}
+	}
+	if note := byName["W3/tls13-rsa/rtt300"].Note; !strings.Contains(note, "40 of 340 handshakes failed") || !strings.Contains(note, "DeadlineExceeded 40") {
+		t.Errorf("W3 note = %q; want the failures and the keyserver call errors by code", note)
+	}
+	if r := byName["link/tls13-rsa/rtt300/c1024"]; r.Kind != "link" || r.RTTms == nil || *r.RTTms != 300 || r.Errors != 40 {
+		t.Errorf("link row = %+v", r)
+	}
+	if r := byName["link/tls13-ecdsa/rtt0/c1"]; r.RTTms == nil || *r.RTTms != 0 {
+		t.Errorf("RTT 0 link row = %+v; want rtt_ms 0 present", r)
+	}
+	ops := byName["link/keyops/ecdsa-p256-sign/rtt80/c1"]
+	if ops.Kind != "link-keyops" || ops.FramesPerOp["out DATA"] != 1 || !slices.Equal(ops.RelayMaxInflight, []int64{150, 140}) {
+		t.Errorf("link key operation row = %+v", ops)
+	}
+
+	var b bytes.Buffer
+	PrintTable(&b, rows)
+	out := b.String()
+	for _, want := range []string{"LINK: full handshakes", "LINK KEY OPERATIONS", "link/tls13-rsa/rtt300/c1024", "TARGET SUMMARY",
+		"W1: 1 of 2 met; missed: tls13-rsa 0.5 (want >= 0.90)", "W3: 3 of 4 met; missed: tls13-rsa/rtt300 40 (want 0)",
+		"1.00 0.00 0.00 0.00", "0.15 0.14"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("table lacks %q:\n%s", want, out)
+		}
+	}
+	if strings.Index(out, "TARGET SUMMARY") < strings.Index(out, "TARGETS") {
+		t.Errorf("the summary is not after the targets:\n%s", out)
+	}
+	data, err := json.Marshal(rows)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(data), `"rtt_ms":0}`) || !strings.Contains(string(data), `"frames_per_op":{`) {
+		t.Errorf("JSON lacks rtt_ms 0 or frames_per_op: %s", data)
+	}
+}
+
+func TestParseEdge(t *testing.T) {
+	text := `# TYPE keyless_edge_handshakes_shed_total counter
+keyless_edge_handshakes_shed_total{reason="client_rate"} 0
+keyless_edge_handshakes_shed_total{reason="key_operations"} 5
+# TYPE keyless_edge_keyserver_call_errors_total counter
+keyless_edge_keyserver_call_errors_total{code="DeadlineExceeded",keyserver="a",method="sign"} 3
+keyless_edge_keyserver_call_errors_total{code="DeadlineExceeded",keyserver="a",method="decrypt"} 1
+keyless_edge_keyserver_call_errors_total{code="Unavailable",keyserver="a",method="sign"} 2
+`
+	after, err := parseEdge(strings.NewReader(text))
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := edgeCounters{shed: map[string]float64{"key_operations": 2}, callErrors: map[string]float64{"Unavailable": 2}}
+	var r Result
+	r.edgeDelta(before, after)
+	if r.EdgeShed != 3 || len(r.EdgeCallErrors) != 1 || r.EdgeCallErrors["DeadlineExceeded"] != 4 {
+		t.Errorf("edgeDelta = shed %d, call errors %v; want 3, DeadlineExceeded 4", r.EdgeShed, r.EdgeCallErrors)
+	}
+	if _, err := parseEdge(strings.NewReader("# TYPE other counter\nother 1\n")); err == nil {
+		t.Error("parseEdge without the shed counter = nil error, want one")
+	}
+}
