@@ -96,7 +96,7 @@ func linkTestResults() *Results {
 	k := r.runs[runKey{"link", linkWhat(HandshakeTLS13RSA, 300*ms), "keyless", 1024}]
 	k[0].EdgeShed, k[0].EdgeCallErrors, k[0].FirstError = 0, map[string]int64{"DeadlineExceeded": 40}, "remote error: tls: internal error"
 	r.add(runKey{"linkops", linkWhat(OpECDSASign, 80*ms), "keyless", 1}, Result{Concurrency: 1, OpsPerSec: 12, P50us: 80500, Ops: 24,
-		LinkRTTms: 80, LinkMaxUp: 150, LinkMaxDown: 140, EmptyP50us: 80300,
+		LinkRTTms: 80, LinkMaxUp: 1500, LinkMaxDown: 1400, EmptyP50us: 80300,
 		FramesPerOp: map[string]float64{"out DATA": 1, "in DATA": 1.02, "out WINDOW_UPDATE": 0, "in PING": 0}})
 	return r
 }
@@ -115,10 +115,10 @@ func TestLinkTargets(t *testing.T) {
 		value float64
 		met   bool
 	}{
-		{"W1/tls13-ecdsa", 0.95, true},  // 1900 ÷ 2000
-		{"W1/tls13-rsa", 0.5, false},    // 200 ÷ 400
-		{"W2/tls13-ecdsa", 0.5, true},   // 81.5 − (1 + 80)
-		{"W2/tls13-rsa", 3, false},      // 86 − (3 + 80)
+		{"W1/tls13-ecdsa", 0.95, true}, // 1900 ÷ 2000
+		{"W1/tls13-rsa", 0.5, false},   // 200 ÷ 400
+		{"W2/tls13-ecdsa", 0.5, true},  // 81.5 − (1 + 80)
+		{"W2/tls13-rsa", 3, false},     // 86 − (3 + 80)
 		{"W3/tls13-ecdsa/rtt80", 0, true},
 		{"W3/tls13-ecdsa/rtt300", 0, true},
 		{"W3/tls13-rsa/rtt80", 0, true},
@@ -148,7 +148,7 @@ func TestLinkTargets(t *testing.T) {
 		t.Errorf("RTT 0 link row = %+v; want rtt_ms 0 present", r)
 	}
 	ops := byName["link/keyops/ecdsa-p256-sign/rtt80/c1"]
-	if ops.Kind != "link-keyops" || ops.FramesPerOp["out DATA"] != 1 || !slices.Equal(ops.RelayMaxInflight, []int64{150, 140}) {
+	if ops.Kind != "link-keyops" || ops.FramesPerOp["out DATA"] != 1 || !slices.Equal(ops.RelayMaxInflight, []int64{1500, 1400}) {
 		t.Errorf("link key operation row = %+v", ops)
 	}
 
@@ -157,7 +157,7 @@ func TestLinkTargets(t *testing.T) {
 	out := b.String()
 	for _, want := range []string{"LINK: full handshakes", "LINK KEY OPERATIONS", "link/tls13-rsa/rtt300/c1024", "TARGET SUMMARY",
 		"W1: 1 of 2 met; missed: tls13-rsa 0.5 (want >= 0.90)", "W3: 3 of 4 met; missed: tls13-rsa/rtt300 40 (want 0)",
-		"1.00 0.00 0.00 0.00", "0.15 0.14"} {
+		"1.00 0.00 0.00 0.00", "1.5 1.4"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("table lacks %q:\n%s", want, out)
 		}

@@ -15,8 +15,8 @@ var (
 	readyEdge      = regexp.MustCompile(`edge ready: listen=(\S+)`)
 	// An edge started with -metrics-listen names its listener further on.
 	readyEdgeMetrics = regexp.MustCompile(`edge ready: listen=(\S+).* metrics=(\S+)`)
-	readySelf      = regexp.MustCompile(`(?m)^ready (\S+)`)
-	heldRE         = regexp.MustCompile(`(?m)^held (\d+)`)
+	readySelf        = regexp.MustCompile(`(?m)^ready (\S+)`)
+	heldRE           = regexp.MustCompile(`(?m)^held (\d+)`)
 )
 
 // servers are the long-running processes of the scenarios.
