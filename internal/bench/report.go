@@ -57,10 +57,12 @@ func PrintTable(w io.Writer, rows []Row) {
 				rat(r.CPURatio), cpuStr(r.CPU), cpuStr(r.BaselineCPU), busy(r.MachineBusy))
 		})
 	section("link", "LINK: full handshakes through an edge whose keyserver link goes through the delay relay (one relay, edge and connection for every RTT); errors are failed handshakes, shed the edge's refusals",
-		"name\thandshakes/s\tp50 ms\tp99 ms\terrors\tshed\tcall errors\trelay max KB up down\tcpu µs/op\tbusy\tops/msg in out\t",
+		"name\thandshakes/s\tp50 ms\tp99 ms\terrors\tshed\tcall errors\tcall ms edge ks\tHSM queue\tedge in flight\trelay max KB up down\tcpu µs/op\tbusy\tops/msg in out\t",
 		func(r Row) string {
-			return fmt.Sprintf("%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t", r.Name, num(r.OpsPerSec), msStr(r.P50us), msStr(r.P99us),
-				r.Errors, r.EdgeShed, codesStr(r.KeyserverCallErrors), inflightStr(r.RelayMaxInflight), cpuStr(r.CPU), busy(r.MachineBusy), sharingStr(r))
+			return fmt.Sprintf("%s\t%s\t%s\t%s\t%d\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t", r.Name, num(r.OpsPerSec), msStr(r.P50us), msStr(r.P99us),
+				r.Errors, r.EdgeShed, codesStr(r.KeyserverCallErrors), pairStr(r.EdgeCallMeanMs, r.KeyserverOpMeanMs),
+				pairStr(r.HSMQueue[0], r.HSMQueue[1]), pairStr(r.EdgeInFlight[0], r.EdgeInFlight[1]),
+				inflightStr(r.RelayMaxInflight), cpuStr(r.CPU), busy(r.MachineBusy), sharingStr(r))
 		})
 	section("link-keyops", "LINK KEY OPERATIONS: one client connection through the delay relay to the keyserver; frames/op = HTTP/2 frames per operation on that connection, out (to the keyserver) and in",
 		"name\tops/s\tp50 ms\tp99 ms\terrors\tempty p50 ms\tframes/op out: DATA HDR PING WU\tin: DATA HDR PING WU\trelay max KB up down\tops/msg in out\tcpu µs/op\t",
@@ -144,6 +146,14 @@ func printSummary(w io.Writer, rows []Row) {
 		fmt.Fprintln(w, line)
 	}
 	fmt.Fprintln(w)
+}
+
+// pairStr shows two figures as "12.5 3", or "-" when both are zero.
+func pairStr(a, b float64) string {
+	if a == 0 && b == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%g %g", a, b)
 }
 
 // msStr shows microseconds as milliseconds, or "-" for zero.

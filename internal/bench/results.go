@@ -217,6 +217,12 @@ type Row struct {
 	// included).
 	EdgeShed            int64            `json:"edge_shed,omitempty"`
 	KeyserverCallErrors map[string]int64 `json:"keyserver_call_errors,omitempty"`
+	// EdgeCallMeanMs, KeyserverOpMeanMs, HSMQueue and EdgeInFlight say
+	// where a link handshake's time went; see Result.
+	EdgeCallMeanMs    float64    `json:"edge_call_mean_ms,omitempty"`
+	KeyserverOpMeanMs float64    `json:"keyserver_op_mean_ms,omitempty"`
+	HSMQueue          [2]float64 `json:"hsm_queue_mean_max,omitzero"`
+	EdgeInFlight      [2]float64 `json:"edge_in_flight_mean_max,omitzero"`
 	// RelayMaxInflight is the most bytes the relay held at once during a
 	// link run, towards the keyserver and back: what flow control let into
 	// the path.
@@ -350,6 +356,7 @@ func (r *Results) linkRows() []Row {
 					OpsPerSec: k.OpsPerSec, P50us: k.P50us, P99us: k.P99us, Errors: k.Errors, Note: k.FirstError,
 					RTTms: ptr(k.LinkRTTms), EdgeShed: k.EdgeShed, KeyserverCallErrors: k.EdgeCallErrors,
 					EmptyCallP50us: k.EmptyP50us, FramesPerOp: k.FramesPerOp,
+					EdgeCallMeanMs: k.EdgeCallMeanMs, KeyserverOpMeanMs: k.KeyserverOpMeanMs, HSMQueue: k.HSMQueue, EdgeInFlight: k.EdgeInFlight,
 					CPU: k.CPU, MachineBusy: k.MachineBusy, OpsPerRequest: k.OpsPerRequest, ResultsPerResponse: k.ResultsPerResponse}
 				if k.LinkMaxUp > 0 || k.LinkMaxDown > 0 {
 					row.RelayMaxInflight = []int64{k.LinkMaxUp, k.LinkMaxDown}
@@ -488,8 +495,8 @@ func (r *Results) Targets() []Row {
 			if b, ok2 := at(near, base); ok2 && b.OpsPerSec > 0 && near != far {
 				v := round3(f.OpsPerSec / b.OpsPerSec)
 				check("W1/"+kind, v, "ratio", ">= 0.90", v >= 0.9,
-					fmt.Sprintf("%.0f handshakes/s at RTT %v c%d ÷ %.0f/s at RTT %v c%d; p50 %.0f ms and %.0f ms",
-						f.OpsPerSec, far, top, b.OpsPerSec, near, base, f.P50us/1000, b.P50us/1000))
+					fmt.Sprintf("%.0f handshakes/s at RTT %v c%d ÷ %.0f/s at RTT %v c%d; p50 %.0f ms and %.0f ms; other processes' CPU %.0f and %.0f µs per handshake",
+						f.OpsPerSec, far, top, b.OpsPerSec, near, base, f.P50us/1000, b.P50us/1000, f.CPU["other"], b.CPU["other"]))
 			}
 		}
 		f1, ok1 := at(far, 1)
@@ -504,8 +511,9 @@ func (r *Results) Targets() []Row {
 			if !ok {
 				continue
 			}
-			note := fmt.Sprintf("%d of %d handshakes failed at RTT %v c%d (%.0f/s, p50 %.0f ms, p99 %.0f ms); edge shed %d; keyserver call errors %s",
-				k.Errors, k.Ops+k.Errors, rtt, top, k.OpsPerSec, k.P50us/1000, k.P99us/1000, k.EdgeShed, codesStr(k.EdgeCallErrors))
+			note := fmt.Sprintf("%d of %d handshakes failed at RTT %v c%d (%.0f/s, p50 %.0f ms, p99 %.0f ms); edge shed %d; keyserver call errors %s; mean call %.0f ms at the edge, %.0f ms in the keyserver; HSM queue mean %.0f",
+				k.Errors, k.Ops+k.Errors, rtt, top, k.OpsPerSec, k.P50us/1000, k.P99us/1000, k.EdgeShed, codesStr(k.EdgeCallErrors),
+				k.EdgeCallMeanMs, k.KeyserverOpMeanMs, k.HSMQueue[0])
 			if k.FirstError != "" {
 				note += "; first: " + k.FirstError
 			}

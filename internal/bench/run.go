@@ -26,10 +26,13 @@ type orchestrator struct {
 	policy  string // policy file, if the keyserver takes one
 	audit   string // audit log file, if the keyserver takes one
 	metrics bool   // the keyserver takes -metrics-listen
-	results *Results
-	rep     int // the repetition running, recorded with each result
-	seq     int
-	srv     servers
+	// edgeOwnTickets: the edge takes -ticket-keys-from-keyserver, set to
+	// false (see writePolicy).
+	edgeOwnTickets bool
+	results        *Results
+	rep            int // the repetition running, recorded with each result
+	seq            int
+	srv            servers
 }
 
 // runRun is the "run" mode.

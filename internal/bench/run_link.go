@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"slices"
 	"strconv"
 	"time"
@@ -152,7 +153,7 @@ func (o *orchestrator) linkLoadArgs(n int, rtt time.Duration) []string {
 // at concurrency n, the relay at rtt.
 func (o *orchestrator) linkHandshakeRun(ctx context.Context, kind string, n int, rtt time.Duration) error {
 	args := append([]string{"loadgen", "-addr", o.srv.linkEdgeAddr, "-kind", kind, "-op-timeout", linkClientTimeout.String(),
-		"-watch", watchArg("edge", o.srv.linkEdge, "keyserver", o.srv.keyserver)}, o.linkLoadArgs(n, rtt)...)
+		"-watch", watchArg("edge", o.srv.linkEdge, "keyserver", o.srv.keyserver) + o.relayWatch()}, o.linkLoadArgs(n, rtt)...)
 	return o.linkRecord(ctx, runKey{"link", linkWhat(kind, rtt), "keyless", n}, rtt, true,
 		fmt.Sprintf("link-%s-%s-c%d", kind, rttName(rtt), n), args...)
 }
@@ -161,23 +162,49 @@ func (o *orchestrator) linkHandshakeRun(ctx context.Context, kind string, n int,
 // at concurrency n, the relay at rtt.
 func (o *orchestrator) linkKeyopsRun(ctx context.Context, op string, n int, rtt time.Duration) error {
 	_, args := o.keyopsArgs("keyless", op, n, o.srv.relay.Addr(), 0, o.linkLoadArgs(n, rtt))
+	for i := range args {
+		if args[i] == "-watch" && i+1 < len(args) {
+			args[i+1] += o.relayWatch()
+		}
+	}
 	return o.linkRecord(ctx, runKey{"linkops", linkWhat(op, rtt), "keyless", n}, rtt, false,
 		fmt.Sprintf("linkops-%s-%s-c%d", op, rttName(rtt), n), args...)
 }
 
+// relayWatch is the -watch item of the relay, which runs in this process
+// (with the orchestrator, idle during a run), so that its copies are not
+// counted among the other processes of the machine.
+func (o *orchestrator) relayWatch() string {
+	return fmt.Sprintf(",relay=%d", os.Getpid())
+}
+
 // linkRecord runs a link child through keyserverRun and records its
 // result as run k, with the relay's RTT and most bytes in flight during
-// the run and, for handshakes (edge), the link edge's refusals and failed
-// keyserver calls over the run, read from its metrics (a failed reading
+// the run and, for handshakes (edge), where the time went: the link edge's
+// refusals, failed keyserver calls and mean call time, the keyserver's
+// mean operation time, and samples of the keyserver's HSM queue and the
+// edge's operations in flight, read from their metrics (a failed reading
 // is logged; the run stands).
 func (o *orchestrator) linkRecord(ctx context.Context, k runKey, rtt time.Duration, edge bool, name string, args ...string) error {
 	var before edgeCounters
-	var err1 error
+	var ksBefore keyserverTime
+	var err1, err3 error
+	var queues queueSampler
+	stop := func() {}
 	if edge {
 		before, err1 = scrapeEdge(ctx, o.srv.linkEdgeMetrics)
+		ksBefore, err3 = scrape(ctx, o.srv.ksMetrics, "keyserver", parseKeyserverTime)
+		sctx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			queues.run(sctx, time.Now().Add(o.cfg.LinkWarmup+2*rtt), o.srv.ksMetrics, o.srv.linkEdgeMetrics)
+		}()
+		stop = func() { cancel(); <-done }
 	}
 	o.srv.relay.ResetMaxInFlight()
 	r, err := o.keyserverRun(ctx, name, nil, args...)
+	stop()
 	if err != nil {
 		return err
 	}
@@ -190,6 +217,14 @@ func (o *orchestrator) linkRecord(ctx context.Context, k runKey, rtt time.Durati
 		} else {
 			r.edgeDelta(before, after)
 		}
+		ksAfter, err4 := scrape(ctx, o.srv.ksMetrics, "keyserver", parseKeyserverTime)
+		if err := errors.Join(err3, err4); err != nil {
+			o.logf("%s: keyserver time not measured: %v", name, err)
+		} else {
+			r.keyserverDelta(ksBefore, ksAfter)
+		}
+		r.HSMQueue[0], r.HSMQueue[1] = meanMax(queues.hsmQueue)
+		r.EdgeInFlight[0], r.EdgeInFlight[1] = meanMax(queues.edgeInFlight)
 	}
 	r.rep = o.rep
 	o.results.add(k, r)

@@ -182,18 +182,62 @@ keyless_edge_handshakes_shed_total{reason="key_operations"} 5
 keyless_edge_keyserver_call_errors_total{code="DeadlineExceeded",keyserver="a",method="sign"} 3
 keyless_edge_keyserver_call_errors_total{code="DeadlineExceeded",keyserver="a",method="decrypt"} 1
 keyless_edge_keyserver_call_errors_total{code="Unavailable",keyserver="a",method="sign"} 2
+# TYPE keyless_edge_keyserver_call_duration_seconds histogram
+keyless_edge_keyserver_call_duration_seconds_bucket{keyserver="a",method="sign",le="+Inf"} 10
+keyless_edge_keyserver_call_duration_seconds_sum{keyserver="a",method="sign"} 1.5
+keyless_edge_keyserver_call_duration_seconds_count{keyserver="a",method="sign"} 10
+keyless_edge_keyserver_call_duration_seconds_bucket{keyserver="a",method="decrypt",le="+Inf"} 10
+keyless_edge_keyserver_call_duration_seconds_sum{keyserver="a",method="decrypt"} 0.5
+keyless_edge_keyserver_call_duration_seconds_count{keyserver="a",method="decrypt"} 10
+# TYPE keyless_edge_key_operations_in_flight gauge
+keyless_edge_key_operations_in_flight 7
 `
 	after, err := parseEdge(strings.NewReader(text))
 	if err != nil {
 		t.Fatal(err)
 	}
-	before := edgeCounters{shed: map[string]float64{"key_operations": 2}, callErrors: map[string]float64{"Unavailable": 2}}
+	if after.inFlight != 7 {
+		t.Errorf("in flight = %v, want 7", after.inFlight)
+	}
+	before := edgeCounters{shed: map[string]float64{"key_operations": 2}, callErrors: map[string]float64{"Unavailable": 2},
+		callSum: 0.2, callCount: 4}
 	var r Result
 	r.edgeDelta(before, after)
 	if r.EdgeShed != 3 || len(r.EdgeCallErrors) != 1 || r.EdgeCallErrors["DeadlineExceeded"] != 4 {
 		t.Errorf("edgeDelta = shed %d, call errors %v; want 3, DeadlineExceeded 4", r.EdgeShed, r.EdgeCallErrors)
 	}
+	if r.EdgeCallMeanMs != 112.5 { // (2 − 0.2) s ÷ 16 calls
+		t.Errorf("EdgeCallMeanMs = %v, want 112.5", r.EdgeCallMeanMs)
+	}
 	if _, err := parseEdge(strings.NewReader("# TYPE other counter\nother 1\n")); err == nil {
 		t.Error("parseEdge without the shed counter = nil error, want one")
+	}
+}
+
+func TestParseKeyserverTime(t *testing.T) {
+	text := `# TYPE keyless_keyserver_operation_duration_seconds histogram
+keyless_keyserver_operation_duration_seconds_bucket{op="sign",outcome="OK",le="+Inf"} 100
+keyless_keyserver_operation_duration_seconds_sum{op="sign",outcome="OK"} 3
+keyless_keyserver_operation_duration_seconds_count{op="sign",outcome="OK"} 100
+# TYPE keyless_keyserver_hsm_queue_depth gauge
+keyless_keyserver_hsm_queue_depth 42
+`
+	after, err := parseKeyserverTime(strings.NewReader(text))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if after.queue != 42 || after.opCount != 100 {
+		t.Errorf("parseKeyserverTime = %+v", after)
+	}
+	var r Result
+	r.keyserverDelta(keyserverTime{opSum: 1, opCount: 50}, after)
+	if r.KeyserverOpMeanMs != 40 {
+		t.Errorf("KeyserverOpMeanMs = %v, want 40 ((3 − 1) s ÷ 50)", r.KeyserverOpMeanMs)
+	}
+	if _, err := parseKeyserverTime(strings.NewReader("# TYPE other counter\nother 1\n")); err == nil {
+		t.Error("parseKeyserverTime without the duration histogram = nil error, want one")
+	}
+	if m, x := meanMax([]float64{1, 2, 6}); m != 3 || x != 6 {
+		t.Errorf("meanMax = %v, %v; want 3, 6", m, x)
 	}
 }

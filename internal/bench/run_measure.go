@@ -176,6 +176,10 @@ func (o *orchestrator) progress(group, what, side string, r Result) {
 	if r.EdgeShed > 0 || len(r.EdgeCallErrors) > 0 {
 		extra += fmt.Sprintf("; edge shed %d, keyserver call errors %v", r.EdgeShed, r.EdgeCallErrors)
 	}
+	if r.EdgeCallMeanMs > 0 {
+		extra += fmt.Sprintf("; mean keyserver call %.1f ms at the edge, %.1f ms in the keyserver; HSM queue mean %.0f max %.0f; edge in flight mean %.0f max %.0f",
+			r.EdgeCallMeanMs, r.KeyserverOpMeanMs, r.HSMQueue[0], r.HSMQueue[1], r.EdgeInFlight[0], r.EdgeInFlight[1])
+	}
 	if r.LinkMaxUp > 0 || r.LinkMaxDown > 0 {
 		extra += fmt.Sprintf("; relay held at most %d B up, %d B down", r.LinkMaxUp, r.LinkMaxDown)
 	}

@@ -159,6 +159,9 @@ func (o *orchestrator) startEdge(name, ksAddr string, metrics bool) (p *proc, ad
 		// handshakes a second: the per-client limit would measure itself.
 		"-handshakes-per-client", "0"}
 	args = append(args, o.linkWindowArgs()...)
+	if o.edgeOwnTickets {
+		args = append(args, "-ticket-keys-from-keyserver=false")
+	}
 	ready := readyEdge
 	if metrics {
 		// For the refusal counters; see linkRecord.

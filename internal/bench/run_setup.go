@@ -214,6 +214,12 @@ func (o *orchestrator) writePolicy(ctx context.Context) error {
 		o.audit = filepath.Join(o.dir, "audit.jsonl")
 	}
 	o.metrics = regexp.MustCompile(`(?m)^\s*-metrics-listen\b`).Match(help)
+	// The bench's keyserver has no ticket secret: an edge that asks it for
+	// session ticket keys is refused, every few seconds, and each refusal
+	// would count among the link's failed calls. Its own keys serve the
+	// resumption scenarios as well.
+	edgeHelp, _ := exec.CommandContext(hctx, filepath.Join(o.bin, "edge"), "-h").CombinedOutput()
+	o.edgeOwnTickets = regexp.MustCompile(`(?m)^\s*-ticket-keys-from-keyserver\b`).Match(edgeHelp)
 	if !regexp.MustCompile(`(?m)^\s*-policy\b`).Match(help) {
 		return nil
 	}

@@ -62,6 +62,17 @@ type Result struct {
 	// run (warm-up included), from its metrics; set by the orchestrator.
 	EdgeShed       int64            `json:"edge_shed,omitempty"`
 	EdgeCallErrors map[string]int64 `json:"edge_keyserver_call_errors,omitempty"`
+	// EdgeCallMeanMs and KeyserverOpMeanMs are, for link handshakes, the
+	// mean time of the edge's keyserver calls (link and keyserver) and of
+	// the keyserver's operations from arrival to answer (its HSM queue and
+	// the HSM), over the run; HSMQueue and EdgeInFlight are the mean and
+	// largest of the keyserver's HSM queue and the edge's key operations
+	// in flight, read every 100 ms while the run measures. Set by the
+	// orchestrator from the metrics; zero when not read.
+	EdgeCallMeanMs    float64    `json:"edge_call_mean_ms,omitempty"`
+	KeyserverOpMeanMs float64    `json:"keyserver_op_mean_ms,omitempty"`
+	HSMQueue          [2]float64 `json:"hsm_queue_mean_max,omitzero"`
+	EdgeInFlight      [2]float64 `json:"edge_in_flight_mean_max,omitzero"`
 	// FirstError is the first error seen, if any.
 	FirstError string `json:"first_error,omitempty"`
 	// CPU is the CPU time used during the window per counted operation,

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 )
@@ -83,20 +84,21 @@ func (r *Result) sharing(before, after streamTraffic) {
 	}
 }
 
-// edgeCounters is what the edge's metrics say about refusals: handshakes
-// shed, by reason, and failed keyserver calls, by gRPC code, since it
-// started.
+// edgeCounters is what the edge's metrics say about refusals and time:
+// handshakes shed, by reason, failed keyserver calls, by gRPC code, and
+// the keyserver calls' summed duration and count, since it started.
 type edgeCounters struct {
-	shed, callErrors map[string]float64
+	shed, callErrors   map[string]float64
+	callSum, callCount float64
+	inFlight           float64 // key operations in flight now
 }
 
-// parseEdge reads the edge's refusal counters from a Prometheus text
-// exposition. It fails unless the shed counter is there (the call error
-// counter has no series before the first failure).
+// parseEdge reads the edge's counters from a Prometheus text exposition.
+// It fails unless the shed counter is there (the call error counter has no
+// series before the first failure).
 func parseEdge(r io.Reader) (edgeCounters, error) {
 	c := edgeCounters{shed: map[string]float64{}, callErrors: map[string]float64{}}
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	families, err := parser.TextToMetricFamilies(r)
+	families, err := parseFamilies(r)
 	if err != nil {
 		return c, fmt.Errorf("bench: edge metrics: %w", err)
 	}
@@ -115,35 +117,69 @@ func parseEdge(r io.Reader) (edgeCounters, error) {
 		return c, errors.New("bench: the edge's metrics have no keyless_edge_handshakes_shed_total")
 	}
 	sum("keyless_edge_keyserver_call_errors_total", "code", c.callErrors)
+	c.callSum, c.callCount = histogramTotals(families["keyless_edge_keyserver_call_duration_seconds"])
+	c.inFlight = gaugeTotal(families["keyless_edge_key_operations_in_flight"])
 	return c, nil
 }
 
-// scrapeEdge reads the refusal counters of the edge whose metrics
-// listener is addr.
-func scrapeEdge(ctx context.Context, addr string) (edgeCounters, error) {
+// parseFamilies parses a Prometheus text exposition.
+func parseFamilies(r io.Reader) (map[string]*dto.MetricFamily, error) {
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	return parser.TextToMetricFamilies(r)
+}
+
+// histogramTotals returns the sum and count of every series of a
+// histogram family (zero for nil).
+func histogramTotals(f *dto.MetricFamily) (sum, count float64) {
+	for _, m := range f.GetMetric() {
+		sum += m.GetHistogram().GetSampleSum()
+		count += float64(m.GetHistogram().GetSampleCount())
+	}
+	return sum, count
+}
+
+// gaugeTotal returns the sum of every series of a gauge family.
+func gaugeTotal(f *dto.MetricFamily) float64 {
+	var v float64
+	for _, m := range f.GetMetric() {
+		v += m.GetGauge().GetValue()
+	}
+	return v
+}
+
+// scrape reads the metrics of the listener at addr, as a Prometheus text
+// exposition, and hands them to parse.
+func scrape[T any](ctx context.Context, addr, what string, parse func(io.Reader) (T, error)) (T, error) {
+	var zero T
 	if addr == "" {
-		return edgeCounters{}, errors.New("bench: the edge has no metrics listener")
+		return zero, fmt.Errorf("bench: the %s has no metrics listener", what)
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/metrics", nil)
 	if err != nil {
-		return edgeCounters{}, err
+		return zero, err
 	}
 	resp, err := http.DefaultClient.Do(req)
 	if err != nil {
-		return edgeCounters{}, fmt.Errorf("bench: edge metrics: %w", err)
+		return zero, fmt.Errorf("bench: %s metrics: %w", what, err)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
-		return edgeCounters{}, fmt.Errorf("bench: edge metrics: %s", resp.Status)
+		return zero, fmt.Errorf("bench: %s metrics: %s", what, resp.Status)
 	}
-	return parseEdge(resp.Body)
+	return parse(resp.Body)
+}
+
+// scrapeEdge reads the counters of the edge whose metrics listener is
+// addr.
+func scrapeEdge(ctx context.Context, addr string) (edgeCounters, error) {
+	return scrape(ctx, addr, "edge", parseEdge)
 }
 
 // edgeDelta sets r's edge refusals from the counters before and after its
 // run: every reason shed, and the failed calls by code (only codes that
-// failed).
+// failed); and the keyserver calls' mean duration.
 func (r *Result) edgeDelta(before, after edgeCounters) {
 	r.EdgeShed = 0
 	for reason, v := range after.shed {
@@ -158,4 +194,77 @@ func (r *Result) edgeDelta(before, after edgeCounters) {
 			r.EdgeCallErrors[code] = d
 		}
 	}
+	if n := after.callCount - before.callCount; n > 0 {
+		r.EdgeCallMeanMs = round1((after.callSum - before.callSum) / n * 1000)
+	}
+}
+
+// keyserverTime is what the keyserver's metrics say about where its time
+// goes: its operations' summed time from arrival to answer and their
+// count, since it started, and the operations waiting for the HSM now.
+type keyserverTime struct {
+	opSum, opCount, queue float64
+}
+
+func parseKeyserverTime(r io.Reader) (keyserverTime, error) {
+	families, err := parseFamilies(r)
+	if err != nil {
+		return keyserverTime{}, fmt.Errorf("bench: keyserver metrics: %w", err)
+	}
+	f, ok := families["keyless_keyserver_operation_duration_seconds"]
+	if !ok {
+		return keyserverTime{}, errors.New("bench: the keyserver's metrics have no keyless_keyserver_operation_duration_seconds")
+	}
+	var t keyserverTime
+	t.opSum, t.opCount = histogramTotals(f)
+	t.queue = gaugeTotal(families["keyless_keyserver_hsm_queue_depth"])
+	return t, nil
+}
+
+// keyserverDelta sets r's keyserver mean operation time from the counters
+// before and after its run.
+func (r *Result) keyserverDelta(before, after keyserverTime) {
+	if n := after.opCount - before.opCount; n > 0 {
+		r.KeyserverOpMeanMs = round1((after.opSum - before.opSum) / n * 1000)
+	}
+}
+
+// queueSampler reads the keyserver's HSM queue and the edge's key
+// operations in flight every queueSampleEvery while a run measures.
+type queueSampler struct {
+	hsmQueue, edgeInFlight []float64
+}
+
+const queueSampleEvery = 100 * time.Millisecond
+
+// run samples from start until ctx ends; a failed reading is skipped.
+func (q *queueSampler) run(ctx context.Context, start time.Time, ksAddr, edgeAddr string) {
+	t := time.NewTimer(time.Until(start))
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if k, err := scrape(ctx, ksAddr, "keyserver", parseKeyserverTime); err == nil {
+			q.hsmQueue = append(q.hsmQueue, k.queue)
+		}
+		if e, err := scrapeEdge(ctx, edgeAddr); err == nil {
+			q.edgeInFlight = append(q.edgeInFlight, e.inFlight)
+		}
+		t.Reset(queueSampleEvery)
+	}
+}
+
+// meanMax returns the mean and the largest of v, or zeros.
+func meanMax(v []float64) (mean, most float64) {
+	if len(v) == 0 {
+		return 0, 0
+	}
+	for _, x := range v {
+		mean += x
+		most = max(most, x)
+	}
+	return round1(mean / float64(len(v))), most
 }
