@@ -93,6 +93,8 @@ func linkTestResults() *Results {
 	add(HandshakeTLS13RSA, 80*ms, 1, 12, 86000, 0)
 	add(HandshakeTLS13RSA, 80*ms, 1024, 200, 2100000, 0)
 	add(HandshakeTLS13RSA, 300*ms, 1024, 150, 2500000, 40)
+	r.runs[runKey{"link", linkWhat(HandshakeTLS13ECDSA, 0), "keyless", 32}][0].CPU = map[string]float64{"edge": 500, "keyserver": 300, "other": 200}
+	r.runs[runKey{"link", linkWhat(HandshakeTLS13ECDSA, 80*ms), "keyless", 1024}][0].CPU = map[string]float64{"edge": 600, "keyserver": 400, "other": 50}
 	k := r.runs[runKey{"link", linkWhat(HandshakeTLS13RSA, 300*ms), "keyless", 1024}]
 	k[0].EdgeShed, k[0].EdgeCallErrors, k[0].FirstError = 0, map[string]int64{"DeadlineExceeded": 40}, "remote error: tls: internal error"
 	r.add(runKey{"linkops", linkWhat(OpECDSASign, 80*ms), "keyless", 1}, Result{Concurrency: 1, OpsPerSec: 12, P50us: 80500, Ops: 24,
@@ -140,6 +142,9 @@ func TestLinkTargets(t *testing.T) {
 	}
 	if note := byName["W3/tls13-rsa/rtt300"].Note; !strings.Contains(note, "40 of 340 handshakes failed") || !strings.Contains(note, "DeadlineExceeded 40") {
 		t.Errorf("W3 note = %q; want the failures and the keyserver call errors by code", note)
+	}
+	if note := byName["W1/tls13-ecdsa"].Note; !strings.Contains(note, "CPU of edge, keyserver, load generator and relay 1000 and 800 µs per handshake, a CPU ratio of 0.80") {
+		t.Errorf("W1 note = %q; want the CPU per handshake of both runs and their ratio", note)
 	}
 	if r := byName["link/tls13-rsa/rtt300/c1024"]; r.Kind != "link" || r.RTTms == nil || *r.RTTms != 300 || r.Errors != 40 {
 		t.Errorf("link row = %+v", r)
