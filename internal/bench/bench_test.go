@@ -140,7 +140,7 @@ func TestParseRunFlags(t *testing.T) {
 	if c.Out != "bench-results.json" || c.Duration != 1500*time.Millisecond || c.MemConns != 5000 || len(c.Scenarios) != 0 {
 		t.Errorf("defaults = %+v", c)
 	}
-	if !equalInts(c.KeyopsConcurrency, []int{1, 2, 4, 8, 64}) || !equalInts(c.HandshakeConcurrency, []int{1, 8, 32}) {
+	if !equalInts(c.KeyopsConcurrency, []int{1, 4, 64}) || !equalInts(c.HandshakeConcurrency, []int{1, 32}) {
 		t.Errorf("default concurrencies = %v, %v", c.KeyopsConcurrency, c.HandshakeConcurrency)
 	}
 

@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"runtime"
+	"strings"
 	"time"
 )
 
@@ -33,6 +34,7 @@ type orchestrator struct {
 	rep            int // the repetition running, recorded with each result
 	seq            int
 	srv            servers
+	parts          []string // how long each group of scenarios took, as "link 2m50s"
 }
 
 // runRun is the "run" mode.
@@ -53,6 +55,9 @@ func runRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	rows := o.results.Rows()
 	fmt.Fprintf(stdout, "keyless-bench: %s, %d CPUs, %s; %v warm-up + %v per run; total %v\n\n",
 		runtime.GOOS+"/"+runtime.GOARCH, runtime.NumCPU(), runtime.Version(), cfg.Warmup, cfg.Duration, time.Since(start).Round(time.Second))
+	if len(o.parts) > 0 {
+		fmt.Fprintf(stdout, "scenarios: %s\n\n", strings.Join(o.parts, ", "))
+	}
 	PrintTable(stdout, rows)
 	if err := WriteJSONFile(cfg.Out, rows); err != nil {
 		return errors.Join(runErr, err)

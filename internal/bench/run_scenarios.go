@@ -3,6 +3,8 @@ package bench
 import (
 	"context"
 	"errors"
+	"fmt"
+	"time"
 )
 
 // A family is a group of scenarios measured the same way: for each item
@@ -12,6 +14,7 @@ import (
 // same load from the rest of the machine, and the repetitions of a pair
 // can be told apart (Result.rep).
 type family struct {
+	group         string
 	items         []string // the selected ones, in table order
 	concurrencies []int
 	sides         []sideRun // in the order they run
@@ -25,6 +28,7 @@ type sideRun func(ctx context.Context, item string, n int) error
 // (see pausedBaselineRun).
 func (o *orchestrator) keyopsFamily() family {
 	return family{
+		group:         "keyops",
 		items:         o.cfg.selectedOf("keyops", keyOps),
 		concurrencies: o.cfg.KeyopsConcurrency,
 		sides: []sideRun{
@@ -60,7 +64,7 @@ func (o *orchestrator) resumeFamily() family {
 // tlsFamily is handshakes of group with the given kinds against each of
 // the TLS servers named (see servers.tls), in that order.
 func (o *orchestrator) tlsFamily(group string, kinds []string, servers ...string) family {
-	f := family{items: o.cfg.selectedOf(group, kinds), concurrencies: o.cfg.HandshakeConcurrency}
+	f := family{group: group, items: o.cfg.selectedOf(group, kinds), concurrencies: o.cfg.HandshakeConcurrency}
 	for _, server := range servers {
 		f.sides = append(f.sides, func(ctx context.Context, kind string, n int) error {
 			return o.handshakeRun(ctx, group, kind, server, n)
@@ -86,6 +90,14 @@ func (o *orchestrator) measure(ctx context.Context, f family) []error {
 	return errs
 }
 
+// took logs how long the scenarios of group took since start, and keeps
+// it for the table's header.
+func (o *orchestrator) took(group string, start time.Time) {
+	d := time.Since(start).Round(time.Second)
+	o.logf("%s scenarios took %v", group, d)
+	o.parts = append(o.parts, fmt.Sprintf("%s %v", group, d))
+}
+
 // scenarios starts the servers the selected scenarios need and runs them.
 func (o *orchestrator) scenarios(ctx context.Context) error {
 	keyops, hs, resume := o.keyopsFamily(), o.handshakeFamily(), o.resumeFamily()
@@ -98,17 +110,27 @@ func (o *orchestrator) scenarios(ctx context.Context) error {
 	}
 	var errs []error
 	for _, f := range []family{keyops, hs, resume} {
-		errs = append(errs, o.measure(ctx, f)...)
+		if len(f.items) > 0 {
+			start := time.Now()
+			errs = append(errs, o.measure(ctx, f)...)
+			o.took(f.group, start)
+		}
 	}
 	if !link.empty() {
+		start := time.Now()
 		o.results.link = &link.shape
 		errs = append(errs, o.measureLink(ctx, link)...)
+		o.took("link", start)
 	}
 	// The TLS servers are idle from here on; stop them to free memory and
 	// CPU for the edge memory scenario.
 	o.srv.stopTLS()
-	for _, proto := range mem {
-		errs = o.noteErr(errs, o.edgememRun(ctx, proto, o.srv.ksAddr))
+	if len(mem) > 0 {
+		start := time.Now()
+		for _, proto := range mem {
+			errs = o.noteErr(errs, o.edgememRun(ctx, proto, o.srv.ksAddr))
+		}
+		o.took("edgemem", start)
 	}
 	if err := ctx.Err(); err != nil {
 		return err
