@@ -526,6 +526,11 @@ func (r *Results) Targets() []Row {
 			if k.FirstError != "" {
 				note += "; first: " + k.FirstError
 			}
+			if z, ok := at(near, top); ok && rtt != near {
+				// Failures at the same concurrency without the distance
+				// are overload, not distance.
+				note += fmt.Sprintf("; at RTT %v c%d: %d failed (%.0f/s, p99 %.0f ms)", near, top, z.Errors, z.OpsPerSec, z.P99us/1000)
+			}
 			check("W3/"+kind+"/"+rttName(rtt), float64(k.Errors), "failed handshakes", "0", k.Errors == 0 && k.Ops > 0, note)
 		}
 	}

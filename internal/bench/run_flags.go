@@ -103,7 +103,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
 	fs.StringVar(&linkFar, "link-far-rtts", "300ms", "link scenarios: further round-trip times, at the highest -link-concurrency only (W3); empty for none")
 	fs.StringVar(&linkConc, "link-concurrency", "1,32,1024", "link scenarios: concurrencies (the highest is W1's and W3's, the next one down W1's baseline)")
 	fs.DurationVar(&c.LinkWarmup, "link-warmup", time.Second, "link scenarios: warm-up of each run, plus two RTTs")
-	fs.DurationVar(&c.LinkDuration, "link-duration", 2*time.Second, "link scenarios: measured time of each run")
+	fs.DurationVar(&c.LinkDuration, "link-duration", 3*time.Second, "link scenarios: measured time of each run")
 	fs.StringVar(&ksFlags, "keyserver-flags", "", "extra keyserver serve flags, space-separated")
 	fs.StringVar(&edgeFlags, "edge-flags", "", "extra edge flags, space-separated")
 	fs.StringVar(&ksEnv, "keyserver-env", "", "extra keyserver environment, space-separated NAME=VALUE")

@@ -99,11 +99,14 @@ func (o *orchestrator) linkPlan() linkPlan {
 	return p
 }
 
-// measureLink runs the link scenarios of p, RTT by RTT, and sets the
-// relay back to -link-rtt at the end. At the nearest and the farthest of
-// the full RTTs it also runs each key operation at concurrency 1 and at
-// the highest, on one link (a key-operation client through the relay).
-func (o *orchestrator) measureLink(ctx context.Context, p linkPlan) []error {
+// measureLink runs the link scenarios of p, kind by kind: each kind at
+// every RTT, so that the runs a target compares are measured close
+// together in time (the machine's other load drifts); then each key
+// operation at every concurrency, at the nearest and the farthest of the
+// full RTTs, on one link (a key-operation client through
+// the relay). hs and ops measure one run (linkHandshakeRun and
+// linkKeyopsRun). It sets the relay back to -link-rtt at the end.
+func (o *orchestrator) measureLink(ctx context.Context, p linkPlan, hs, ops linkRun) []error {
 	if p.empty() {
 		return nil
 	}
@@ -111,35 +114,41 @@ func (o *orchestrator) measureLink(ctx context.Context, p linkPlan) []error {
 	defer relay.SetRTT(o.cfg.LinkRTT)
 	s := p.shape
 	var errs []error
-	each := func(rtt time.Duration, conc []int, items []string, run func(context.Context, string, int, time.Duration) error) {
-		for _, item := range items {
-			for _, n := range conc {
-				for rep := range o.cfg.Repeat {
-					o.rep = rep
-					errs = o.noteErr(errs, run(ctx, item, n, rtt))
-				}
+	at := func(rtt time.Duration, item string, conc []int, run linkRun) {
+		if relay.RTT() != rtt {
+			if err := relay.SetRTT(rtt); err != nil {
+				errs = o.noteErr(errs, err)
+				return
+			}
+			o.logf("link: relay RTT %v", rtt)
+		}
+		for _, n := range conc {
+			for rep := range o.cfg.Repeat {
+				o.rep = rep
+				errs = o.noteErr(errs, run(ctx, item, n, rtt))
 			}
 		}
 	}
-	for _, rtt := range s.rtts {
-		if err := relay.SetRTT(rtt); err != nil {
-			return append(errs, err)
-		}
-		o.logf("link: relay RTT %v", rtt)
-		each(rtt, s.conc, p.kinds, o.linkHandshakeRun)
-		if rtt == s.near() || rtt == s.farthest() {
-			each(rtt, slices.Compact([]int{1, s.top()}), p.ops, o.linkKeyopsRun)
+	for _, kind := range p.kinds {
+		for _, rtt := range s.all() {
+			conc := s.conc
+			if !slices.Contains(s.rtts, rtt) {
+				conc = []int{s.top()}
+			}
+			at(rtt, kind, conc, hs)
 		}
 	}
-	for _, rtt := range s.far {
-		if err := relay.SetRTT(rtt); err != nil {
-			return append(errs, err)
+	for _, op := range p.ops {
+		for _, rtt := range slices.Compact([]time.Duration{s.near(), s.farthest()}) {
+			at(rtt, op, s.conc, ops)
 		}
-		o.logf("link: relay RTT %v", rtt)
-		each(rtt, []int{s.top()}, p.kinds, o.linkHandshakeRun)
 	}
 	return errs
 }
+
+// linkRun measures item (a handshake kind or key operation) at
+// concurrency n with the relay at rtt.
+type linkRun func(ctx context.Context, item string, n int, rtt time.Duration) error
 
 // linkLoadArgs are the flags of a link load child at concurrency n and
 // round trip rtt: the warm-up has two more round trips, for the first

@@ -2,7 +2,9 @@ package bench
 
 import (
 	"bytes"
+	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"slices"
 	"strings"
@@ -39,7 +41,7 @@ func TestParseRunFlagsLink(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !slices.Equal(c.LinkRTTs, []time.Duration{0, 20 * ms, 80 * ms}) || !slices.Equal(c.LinkFarRTTs, []time.Duration{300 * ms}) ||
-		!equalInts(c.LinkConcurrency, []int{1, 32, 1024}) || c.LinkWarmup != time.Second || c.LinkDuration != 2*time.Second {
+		!equalInts(c.LinkConcurrency, []int{1, 32, 1024}) || c.LinkWarmup != time.Second || c.LinkDuration != 3*time.Second {
 		t.Errorf("link defaults = %v, %v, %v, %v, %v", c.LinkRTTs, c.LinkFarRTTs, c.LinkConcurrency, c.LinkWarmup, c.LinkDuration)
 	}
 	c, err = parseRunFlags([]string{"-link-rtts", "0, 40ms", "-link-far-rtts", "", "-link-concurrency", "1,256"}, io.Discard)
@@ -244,5 +246,42 @@ keyless_keyserver_hsm_queue_depth 42
 	}
 	if m, x := meanMax([]float64{1, 2, 6}); m != 3 || x != 6 {
 		t.Errorf("meanMax = %v, %v; want 3, 6", m, x)
+	}
+}
+
+// TestMeasureLink checks the order of the link runs: kind by kind, each at
+// every RTT (every concurrency at the full RTTs, the highest at the far
+// ones), the relay set before each RTT's runs; then each key operation at
+// every concurrency at the nearest and farthest full RTTs; and
+// the relay back at -link-rtt at the end.
+func TestMeasureLink(t *testing.T) {
+	relay := newTestRelay(t, RelayConfig{Target: "127.0.0.1:9", RTT: 5 * ms})
+	o := &orchestrator{cfg: &RunConfig{Repeat: 1, LinkRTT: 5 * ms}, stderr: io.Discard, results: newResults()}
+	o.srv.relay = relay
+	var got []string
+	run := func(what string) linkRun {
+		return func(_ context.Context, item string, n int, rtt time.Duration) error {
+			if relay.RTT() != rtt {
+				t.Errorf("%s %s c%d at %v: the relay's RTT is %v", what, item, n, rtt, relay.RTT())
+			}
+			got = append(got, fmt.Sprintf("%s/%s/%s/c%d", what, item, rttName(rtt), n))
+			return nil
+		}
+	}
+	p := linkPlan{kinds: []string{"a", "b"}, ops: []string{"x"},
+		shape: linkShape{rtts: []time.Duration{0, 80 * ms}, far: []time.Duration{300 * ms}, conc: []int{1, 32}}}
+	if errs := o.measureLink(t.Context(), p, run("hs"), run("ops")); len(errs) != 0 {
+		t.Fatalf("measureLink() = %v", errs)
+	}
+	var want []string
+	for _, k := range []string{"a", "b"} {
+		want = append(want, "hs/"+k+"/rtt0/c1", "hs/"+k+"/rtt0/c32", "hs/"+k+"/rtt80/c1", "hs/"+k+"/rtt80/c32", "hs/"+k+"/rtt300/c32")
+	}
+	want = append(want, "ops/x/rtt0/c1", "ops/x/rtt0/c32", "ops/x/rtt80/c1", "ops/x/rtt80/c32")
+	if !slices.Equal(got, want) {
+		t.Errorf("runs:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))
+	}
+	if relay.RTT() != 5*ms {
+		t.Errorf("relay RTT after the link scenarios = %v, want -link-rtt's 5ms", relay.RTT())
 	}
 }

@@ -119,7 +119,7 @@ func (o *orchestrator) scenarios(ctx context.Context) error {
 	if !link.empty() {
 		start := time.Now()
 		o.results.link = &link.shape
-		errs = append(errs, o.measureLink(ctx, link)...)
+		errs = append(errs, o.measureLink(ctx, link, o.linkHandshakeRun, o.linkKeyopsRun)...)
 		o.took("link", start)
 	}
 	// The TLS servers are idle from here on; stop them to free memory and
