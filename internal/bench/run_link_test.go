@@ -99,6 +99,7 @@ func linkTestResults() *Results {
 	r.runs[runKey{"link", linkWhat(HandshakeTLS13ECDSA, 80*ms), "keyless", 1024}][0].CPU = map[string]float64{"edge": 600, "keyserver": 400, "other": 50}
 	k := r.runs[runKey{"link", linkWhat(HandshakeTLS13RSA, 300*ms), "keyless", 1024}]
 	k[0].EdgeShed, k[0].EdgeCallErrors, k[0].FirstError = 0, map[string]int64{"DeadlineExceeded": 40}, "remote error: tls: internal error"
+	r.add(runKey{"linkops", linkWhat(OpECDSASign, 0), "keyless", 1}, Result{Concurrency: 1, OpsPerSec: 2000, P50us: 450, Ops: 4000, EmptyP50us: 300})
 	r.add(runKey{"linkops", linkWhat(OpECDSASign, 80*ms), "keyless", 1}, Result{Concurrency: 1, OpsPerSec: 12, P50us: 80500, Ops: 24,
 		LinkRTTms: 80, LinkMaxUp: 1500, LinkMaxDown: 1400, EmptyP50us: 80300,
 		FramesPerOp: map[string]float64{"out DATA": 1, "in DATA": 1.02, "out WINDOW_UPDATE": 0, "in PING": 0}})
@@ -144,6 +145,9 @@ func TestLinkTargets(t *testing.T) {
 	}
 	if note := byName["W3/tls13-rsa/rtt300"].Note; !strings.Contains(note, "40 of 340 handshakes failed") || !strings.Contains(note, "DeadlineExceeded 40") {
 		t.Errorf("W3 note = %q; want the failures and the keyserver call errors by code", note)
+	}
+	if note := byName["W2/tls13-ecdsa"].Note; !strings.Contains(note, "the empty call through the relay p50 80.30 and 0.30 ms: a round trip of 0.00 ms over the RTT added") {
+		t.Errorf("W2 note = %q; want the empty call's round trip", note)
 	}
 	if note := byName["W1/tls13-ecdsa"].Note; !strings.Contains(note, "CPU of edge, keyserver, load generator and relay 1000 and 800 µs per handshake, a CPU ratio of 0.80") {
 		t.Errorf("W1 note = %q; want the CPU per handshake of both runs and their ratio", note)
