@@ -1,8 +1,10 @@
 // Package bench is keyless's benchmark harness: it measures key operations
 // and TLS handshakes through the keyserver and the edge against the same
-// SoftHSM key used in-process, and checks the performance targets listed
-// in BENCHMARKS.md. The command cmd/keyless-bench is a thin main over
-// [Main]; BENCHMARKS.md describes the method and the latest results.
+// SoftHSM key used in-process, and the link to a distant keyserver through
+// a delaying relay ([Relay]) at several round-trip times, and checks the
+// performance targets listed in BENCHMARKS.md (rows of kind "target"). The
+// command cmd/keyless-bench is a thin main over [Main]; BENCHMARKS.md
+// describes the method and the latest results.
 //
 // # Processes
 //
@@ -22,6 +24,17 @@
 // end inside the measurement window, after a warm-up, are counted; the
 // rate is their number divided by the window, and the latencies are
 // nearest-rank percentiles ([Percentile]) of the successful ones.
+//
+// # The link
+//
+// The link scenarios put one relay between the keyserver and an edge of
+// their own (and, for key operations, a client), and change its RTT
+// between runs ([Relay.SetRTT]), so every distance is measured through the
+// same processes and the same keyserver connection. Around each run the
+// orchestrator reads the edge's and the keyserver's metrics (refusals,
+// failed calls, call and operation times, the HSM queue), which say where
+// a handshake's time went; the key-operation client counts its HTTP/2
+// frames per operation.
 //
 // The package is internal: only cmd/keyless-bench imports it. It imports
 // hsm for the in-process baselines; `go test ./...` runs only its unit
