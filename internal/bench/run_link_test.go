@@ -146,8 +146,20 @@ func TestLinkTargets(t *testing.T) {
 	if note := byName["W3/tls13-rsa/rtt300"].Note; !strings.Contains(note, "40 of 340 handshakes failed") || !strings.Contains(note, "DeadlineExceeded 40") {
 		t.Errorf("W3 note = %q; want the failures and the keyserver call errors by code", note)
 	}
-	if note := byName["W2/tls13-ecdsa"].Note; !strings.Contains(note, "the empty call through the relay p50 80.30 and 0.30 ms: a round trip of 0.00 ms over the RTT added") {
+	if note := byName["W2/tls13-ecdsa"].Note; !strings.Contains(note, "+ 80.00 ms, the round trip the relay added, from the empty call's p50 80.30 and 0.30 ms") {
 		t.Errorf("W2 note = %q; want the empty call's round trip", note)
+	}
+	// Without the link key operations, one round trip is the RTT set.
+	bare := linkTestResults()
+	for k := range bare.runs {
+		if k.group == "linkops" {
+			delete(bare.runs, k)
+		}
+	}
+	for _, row := range bare.Targets() {
+		if row.Name == "W2/tls13-rsa" && (!strings.Contains(row.Note, "+ 80.00 ms, the RTT set") || *row.Value != 3) {
+			t.Errorf("W2 without the link's empty call = %v, %q; want 3 against the RTT set", *row.Value, row.Note)
+		}
 	}
 	if note := byName["W1/tls13-ecdsa"].Note; !strings.Contains(note, "CPU of edge, keyserver, load generator and relay 1000 and 800 µs per handshake, a CPU ratio of 0.80") {
 		t.Errorf("W1 note = %q; want the CPU per handshake of both runs and their ratio", note)
