@@ -47,8 +47,10 @@ type RunConfig struct {
 	// edge's command lines, to try other settings.
 	KeyserverFlags, EdgeFlags []string
 	// LinkRTT, if positive, puts a [Relay] with this round-trip time
-	// between the keyserver and its clients (the edge and the key-operation
-	// load), as if the keyserver were far away.
+	// between the keyserver and the clients of the keyops, handshake and
+	// resume scenarios (their edge and the key-operation load), as if the
+	// keyserver were far away. The link scenarios use the same relay with
+	// their own RTTs, and set it back to LinkRTT when they end.
 	LinkRTT time.Duration
 	// LinkRelay puts the relay in even when LinkRTT is zero, so that runs
 	// at RTT 0 and above go through the same code.
@@ -96,9 +98,9 @@ func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
 	fs.IntVar(&c.Repeat, "repeat", 1, "runs of each figure and its baseline, alternating; the median is kept (for noisy machines)")
 	fs.IntVar(&c.MemConns, "mem-conns", 5000, "idle connections of the edge memory scenario")
 	fs.StringVar(&c.Module, "module", "/usr/lib/softhsm/libsofthsm2.so", "SoftHSM PKCS #11 module")
-	fs.DurationVar(&c.LinkRTT, "link-rtt", 0, "put a relay on 127.0.0.1 that adds this round-trip time between the keyserver and its clients (edge, keyops) (0: none)")
+	fs.DurationVar(&c.LinkRTT, "link-rtt", 0, "put a relay on 127.0.0.1 that adds this round-trip time between the keyserver and the clients of the keyops, handshake and resume scenarios (0: none); the link scenarios set their own (-link-rtts)")
 	fs.BoolVar(&c.LinkRelay, "link-relay", false, "put the relay in even at -link-rtt 0, to compare runs through the same relay")
-	fs.IntVar(&c.LinkWindow, "link-window", 0, "-link-window of the keyserver, the edge and keyops, in bytes (0: their default)")
+	fs.IntVar(&c.LinkWindow, "link-window", 0, "-link-window of the keyserver, the edges and keyops, in bytes (0: their default)")
 	fs.StringVar(&linkRTTs, "link-rtts", "0,20ms,80ms", "link scenarios: round-trip times through the relay, each at every -link-concurrency (the smallest and largest are compared by W1 and W2)")
 	fs.StringVar(&linkFar, "link-far-rtts", "300ms", "link scenarios: further round-trip times, at the highest -link-concurrency only (W3); empty for none")
 	fs.StringVar(&linkConc, "link-concurrency", "1,32,1024", "link scenarios: concurrencies (the highest is W1's and W3's, the next one down W1's baseline)")
