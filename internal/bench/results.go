@@ -223,6 +223,9 @@ type Row struct {
 	KeyserverOpMeanMs float64    `json:"keyserver_op_mean_ms,omitempty"`
 	HSMQueue          [2]float64 `json:"hsm_queue_mean_max,omitzero"`
 	EdgeInFlight      [2]float64 `json:"edge_in_flight_mean_max,omitzero"`
+	// DrainMs and DrainOps: see Result.
+	DrainMs  float64 `json:"keyserver_drain_ms,omitempty"`
+	DrainOps int64   `json:"keyserver_drain_ops,omitempty"`
 	// RelayMaxInflight is the most bytes the relay held at once during a
 	// link run, towards the keyserver and back: what flow control let into
 	// the path.
@@ -356,6 +359,7 @@ func (r *Results) linkRows() []Row {
 					OpsPerSec: k.OpsPerSec, P50us: k.P50us, P99us: k.P99us, Errors: k.Errors, Note: k.FirstError,
 					RTTms: ptr(k.LinkRTTms), EdgeShed: k.EdgeShed, KeyserverCallErrors: k.EdgeCallErrors,
 					EmptyCallP50us: k.EmptyP50us, FramesPerOp: k.FramesPerOp,
+					DrainMs: k.DrainMs, DrainOps: k.DrainOps,
 					EdgeCallMeanMs: k.EdgeCallMeanMs, KeyserverOpMeanMs: k.KeyserverOpMeanMs, HSMQueue: k.HSMQueue, EdgeInFlight: k.EdgeInFlight,
 					CPU: k.CPU, MachineBusy: k.MachineBusy, OpsPerRequest: k.OpsPerRequest, ResultsPerResponse: k.ResultsPerResponse}
 				if k.LinkMaxUp > 0 || k.LinkMaxDown > 0 {
@@ -537,6 +541,9 @@ func (r *Results) Targets() []Row {
 			note := fmt.Sprintf("%d of %d handshakes failed at RTT %v c%d (%.0f/s, p50 %.0f ms, p99 %.0f ms); edge shed %d; keyserver call errors %s; mean call %.0f ms at the edge, %.0f ms in the keyserver; HSM queue mean %.0f",
 				k.Errors, k.Ops+k.Errors, rtt, top, k.OpsPerSec, k.P50us/1000, k.P99us/1000, k.EdgeShed, codesStr(k.EdgeCallErrors),
 				k.EdgeCallMeanMs, k.KeyserverOpMeanMs, k.HSMQueue[0])
+			if k.DrainOps > 0 {
+				note += fmt.Sprintf("; after the load ended the keyserver answered %d more operations in %.0f ms", k.DrainOps, k.DrainMs)
+			}
 			if k.FirstError != "" {
 				note += "; first: " + k.FirstError
 			}

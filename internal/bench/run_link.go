@@ -231,6 +231,11 @@ func (o *orchestrator) linkRecord(ctx context.Context, k runKey, rtt time.Durati
 			o.logf("%s: keyserver time not measured: %v", name, err)
 		} else {
 			r.keyserverDelta(ksBefore, ksAfter)
+			d, n, err := waitDrained(ctx, o.srv.ksMetrics, ksAfter)
+			if err != nil {
+				o.logf("%s: %v", name, err)
+			}
+			r.DrainMs, r.DrainOps = float64(d.Milliseconds()), int64(n)
 		}
 		r.HSMQueue[0], r.HSMQueue[1] = meanMax(queues.hsmQueue)
 		r.EdgeInFlight[0], r.EdgeInFlight[1] = meanMax(queues.edgeInFlight)

@@ -6,8 +6,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net/http"
+	"net/http/httptest"
 	"slices"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -206,12 +209,15 @@ keyless_edge_keyserver_call_errors_total{code="DeadlineExceeded",keyserver="a",m
 keyless_edge_keyserver_call_errors_total{code="DeadlineExceeded",keyserver="a",method="decrypt"} 1
 keyless_edge_keyserver_call_errors_total{code="Unavailable",keyserver="a",method="sign"} 2
 # TYPE keyless_edge_keyserver_call_duration_seconds histogram
-keyless_edge_keyserver_call_duration_seconds_bucket{keyserver="a",method="sign",le="+Inf"} 10
-keyless_edge_keyserver_call_duration_seconds_sum{keyserver="a",method="sign"} 1.5
-keyless_edge_keyserver_call_duration_seconds_count{keyserver="a",method="sign"} 10
-keyless_edge_keyserver_call_duration_seconds_bucket{keyserver="a",method="decrypt",le="+Inf"} 10
-keyless_edge_keyserver_call_duration_seconds_sum{keyserver="a",method="decrypt"} 0.5
-keyless_edge_keyserver_call_duration_seconds_count{keyserver="a",method="decrypt"} 10
+keyless_edge_keyserver_call_duration_seconds_bucket{keyserver="a",method="Sign",le="+Inf"} 10
+keyless_edge_keyserver_call_duration_seconds_sum{keyserver="a",method="Sign"} 1.5
+keyless_edge_keyserver_call_duration_seconds_count{keyserver="a",method="Sign"} 10
+keyless_edge_keyserver_call_duration_seconds_bucket{keyserver="a",method="Decrypt",le="+Inf"} 10
+keyless_edge_keyserver_call_duration_seconds_sum{keyserver="a",method="Decrypt"} 0.5
+keyless_edge_keyserver_call_duration_seconds_count{keyserver="a",method="Decrypt"} 10
+keyless_edge_keyserver_call_duration_seconds_bucket{keyserver="a",method="ListKeys",le="+Inf"} 1
+keyless_edge_keyserver_call_duration_seconds_sum{keyserver="a",method="ListKeys"} 30
+keyless_edge_keyserver_call_duration_seconds_count{keyserver="a",method="ListKeys"} 1
 # TYPE keyless_edge_key_operations_in_flight gauge
 keyless_edge_key_operations_in_flight 7
 `
@@ -229,7 +235,7 @@ keyless_edge_key_operations_in_flight 7
 	if r.EdgeShed != 3 || len(r.EdgeCallErrors) != 1 || r.EdgeCallErrors["DeadlineExceeded"] != 4 {
 		t.Errorf("edgeDelta = shed %d, call errors %v; want 3, DeadlineExceeded 4", r.EdgeShed, r.EdgeCallErrors)
 	}
-	if r.EdgeCallMeanMs != 112.5 { // (2 − 0.2) s ÷ 16 calls
+	if r.EdgeCallMeanMs != 112.5 { // (2 − 0.2) s ÷ 16 calls; ListKeys left out
 		t.Errorf("EdgeCallMeanMs = %v, want 112.5", r.EdgeCallMeanMs)
 	}
 	if _, err := parseEdge(strings.NewReader("# TYPE other counter\nother 1\n")); err == nil {
@@ -242,6 +248,9 @@ func TestParseKeyserverTime(t *testing.T) {
 keyless_keyserver_operation_duration_seconds_bucket{op="sign",outcome="OK",le="+Inf"} 100
 keyless_keyserver_operation_duration_seconds_sum{op="sign",outcome="OK"} 3
 keyless_keyserver_operation_duration_seconds_count{op="sign",outcome="OK"} 100
+keyless_keyserver_operation_duration_seconds_bucket{op="list_keys",outcome="OK",le="+Inf"} 1
+keyless_keyserver_operation_duration_seconds_sum{op="list_keys",outcome="OK"} 30
+keyless_keyserver_operation_duration_seconds_count{op="list_keys",outcome="OK"} 1
 # TYPE keyless_keyserver_hsm_queue_depth gauge
 keyless_keyserver_hsm_queue_depth 42
 `
@@ -255,7 +264,7 @@ keyless_keyserver_hsm_queue_depth 42
 	var r Result
 	r.keyserverDelta(keyserverTime{opSum: 1, opCount: 50}, after)
 	if r.KeyserverOpMeanMs != 40 {
-		t.Errorf("KeyserverOpMeanMs = %v, want 40 ((3 − 1) s ÷ 50)", r.KeyserverOpMeanMs)
+		t.Errorf("KeyserverOpMeanMs = %v, want 40 ((3 − 1) s ÷ 50; list_keys left out)", r.KeyserverOpMeanMs)
 	}
 	if _, err := parseKeyserverTime(strings.NewReader("# TYPE other counter\nother 1\n")); err == nil {
 		t.Error("parseKeyserverTime without the duration histogram = nil error, want one")
@@ -299,5 +308,30 @@ func TestMeasureLink(t *testing.T) {
 	}
 	if relay.RTT() != 5*ms {
 		t.Errorf("relay RTT after the link scenarios = %v, want -link-rtt's 5ms", relay.RTT())
+	}
+}
+
+// TestWaitDrained: the wait ends once the keyserver's queue and running
+// operations are 0 and its operation count stays put, and counts the
+// operations it answered meanwhile.
+func TestWaitDrained(t *testing.T) {
+	var polls atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		n := polls.Add(1)
+		ops, queue := min(n, 4)*10, max(3-n, 0) // busy for three readings, then idle
+		fmt.Fprintf(w, "# TYPE keyless_keyserver_operation_duration_seconds histogram\n"+
+			"keyless_keyserver_operation_duration_seconds_bucket{op=\"sign\",outcome=\"OK\",le=\"+Inf\"} %d\n"+
+			"keyless_keyserver_operation_duration_seconds_sum{op=\"sign\",outcome=\"OK\"} 1\n"+
+			"keyless_keyserver_operation_duration_seconds_count{op=\"sign\",outcome=\"OK\"} %d\n"+
+			"# TYPE keyless_keyserver_hsm_queue_depth gauge\nkeyless_keyserver_hsm_queue_depth %d\n"+
+			"# TYPE keyless_keyserver_hsm_operations_running gauge\nkeyless_keyserver_hsm_operations_running 0\n", ops, ops, queue)
+	}))
+	defer srv.Close()
+	d, n, err := waitDrained(t.Context(), strings.TrimPrefix(srv.URL, "http://"), keyserverTime{opCount: 5})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 35 || d <= 0 || polls.Load() < 7 {
+		t.Errorf("waitDrained = %v, %v operations after %d readings; want 35 operations (40 − 5), seven readings or more", d, n, polls.Load())
 	}
 }

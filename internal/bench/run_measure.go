@@ -180,6 +180,9 @@ func (o *orchestrator) progress(group, what, side string, r Result) {
 		extra += fmt.Sprintf("; mean keyserver call %.1f ms at the edge, %.1f ms in the keyserver; HSM queue mean %.0f max %.0f; edge in flight mean %.0f max %.0f",
 			r.EdgeCallMeanMs, r.KeyserverOpMeanMs, r.HSMQueue[0], r.HSMQueue[1], r.EdgeInFlight[0], r.EdgeInFlight[1])
 	}
+	if r.DrainOps > 0 {
+		extra += fmt.Sprintf("; the keyserver answered %d operations in the %.0f ms after the load", r.DrainOps, r.DrainMs)
+	}
 	if r.LinkMaxUp > 0 || r.LinkMaxDown > 0 {
 		extra += fmt.Sprintf("; relay held at most %d B up, %d B down", r.LinkMaxUp, r.LinkMaxDown)
 	}

@@ -73,6 +73,13 @@ type Result struct {
 	KeyserverOpMeanMs float64    `json:"keyserver_op_mean_ms,omitempty"`
 	HSMQueue          [2]float64 `json:"hsm_queue_mean_max,omitzero"`
 	EdgeInFlight      [2]float64 `json:"edge_in_flight_mean_max,omitzero"`
+	// DrainMs and DrainOps are, for link handshakes, how long the keyserver
+	// went on working after the load ended (its HSM queue and running
+	// operations back to 0, no operation answered for 300 ms) and how many
+	// operations it answered meanwhile: work for handshakes already gone,
+	// which the next run waits out. Set by the orchestrator.
+	DrainMs  float64 `json:"keyserver_drain_ms,omitempty"`
+	DrainOps int64   `json:"keyserver_drain_ops,omitempty"`
 	// FirstError is the first error seen, if any.
 	FirstError string `json:"first_error,omitempty"`
 	// CPU is the CPU time used during the window per counted operation,

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
@@ -117,7 +118,7 @@ func parseEdge(r io.Reader) (edgeCounters, error) {
 		return c, errors.New("bench: the edge's metrics have no keyless_edge_handshakes_shed_total")
 	}
 	sum("keyless_edge_keyserver_call_errors_total", "code", c.callErrors)
-	c.callSum, c.callCount = histogramTotals(families["keyless_edge_keyserver_call_duration_seconds"])
+	c.callSum, c.callCount = histogramTotals(families["keyless_edge_keyserver_call_duration_seconds"], "method", "Sign", "Decrypt")
 	c.inFlight = gaugeTotal(families["keyless_edge_key_operations_in_flight"])
 	return c, nil
 }
@@ -128,10 +129,16 @@ func parseFamilies(r io.Reader) (map[string]*dto.MetricFamily, error) {
 	return parser.TextToMetricFamilies(r)
 }
 
-// histogramTotals returns the sum and count of every series of a
-// histogram family (zero for nil).
-func histogramTotals(f *dto.MetricFamily) (sum, count float64) {
+// histogramTotals returns the sum and count of the series of a histogram
+// family (zero for nil) whose labels have one of the given values, or of
+// every series when no label is given (as "op", "sign", "decrypt").
+func histogramTotals(f *dto.MetricFamily, label string, values ...string) (sum, count float64) {
 	for _, m := range f.GetMetric() {
+		if label != "" && !slices.ContainsFunc(m.GetLabel(), func(l *dto.LabelPair) bool {
+			return l.GetName() == label && slices.Contains(values, l.GetValue())
+		}) {
+			continue
+		}
 		sum += m.GetHistogram().GetSampleSum()
 		count += float64(m.GetHistogram().GetSampleCount())
 	}
@@ -203,7 +210,7 @@ func (r *Result) edgeDelta(before, after edgeCounters) {
 // goes: its operations' summed time from arrival to answer and their
 // count, since it started, and the operations waiting for the HSM now.
 type keyserverTime struct {
-	opSum, opCount, queue float64
+	opSum, opCount, queue, running float64
 }
 
 func parseKeyserverTime(r io.Reader) (keyserverTime, error) {
@@ -216,8 +223,11 @@ func parseKeyserverTime(r io.Reader) (keyserverTime, error) {
 		return keyserverTime{}, errors.New("bench: the keyserver's metrics have no keyless_keyserver_operation_duration_seconds")
 	}
 	var t keyserverTime
-	t.opSum, t.opCount = histogramTotals(f)
+	// Key operations only: a list_keys or tickets call is not a
+	// handshake's.
+	t.opSum, t.opCount = histogramTotals(f, "op", "sign", "decrypt")
 	t.queue = gaugeTotal(families["keyless_keyserver_hsm_queue_depth"])
+	t.running = gaugeTotal(families["keyless_keyserver_hsm_operations_running"])
 	return t, nil
 }
 
@@ -267,4 +277,42 @@ func meanMax(v []float64) (mean, most float64) {
 		most = max(most, x)
 	}
 	return round1(mean / float64(len(v))), most
+}
+
+// drainPoll and drainLimit pace and bound waitDrained.
+const (
+	drainPoll  = 100 * time.Millisecond
+	drainLimit = 15 * time.Second
+)
+
+// waitDrained waits until the keyserver at addr has nothing waiting for or
+// running in the HSM and answered no operation over the last three
+// readings, or drainLimit passes, and returns how long that took and how
+// many operations it answered meanwhile, starting from the reading from.
+// A load that stops leaves operations in the keyserver (their edge gave
+// up on them); the next run must not pay for them.
+func waitDrained(ctx context.Context, addr string, from keyserverTime) (time.Duration, float64, error) {
+	start := time.Now()
+	last, quiet := from, 0
+	for quiet < 3 {
+		if time.Since(start) > drainLimit {
+			return time.Since(start), last.opCount - from.opCount, fmt.Errorf("bench: the keyserver still had work %v after the load ended", drainLimit)
+		}
+		select {
+		case <-ctx.Done():
+			return time.Since(start), last.opCount - from.opCount, ctx.Err()
+		case <-time.After(drainPoll):
+		}
+		t, err := scrape(ctx, addr, "keyserver", parseKeyserverTime)
+		if err != nil {
+			return time.Since(start), last.opCount - from.opCount, err
+		}
+		if t.queue == 0 && t.running == 0 && t.opCount == last.opCount {
+			quiet++
+		} else {
+			quiet = 0
+		}
+		last = t
+	}
+	return time.Since(start) - 3*drainPoll, last.opCount - from.opCount, nil
 }
