@@ -87,6 +87,8 @@ type Config struct {
 
 	// resultDelay replaces maxResultDelay in tests.
 	resultDelay time.Duration
+	// workerIdle replaces streamWorkerIdle in tests.
+	workerIdle time.Duration
 }
 
 // Validate reports whether the configuration is usable. A value out of
@@ -147,6 +149,9 @@ type Service struct {
 	// resultDelay bounds how long a Stream's result waits for others to
 	// share its message (see serverStream.hold).
 	resultDelay time.Duration
+	// workerIdle is how long a Stream's worker waits for an operation
+	// before it ends (see serverStream.work).
+	workerIdle time.Duration
 	// traffic counts the messages of every Stream and what they carry.
 	traffic streamTraffic
 	// maxStreamsPerIdentity is Config.MaxStreamsPerIdentity.
@@ -182,6 +187,7 @@ func NewService(cfg Config) (*Service, error) {
 
 		streamWorkers: 2 * cfg.MaxConcurrent,
 		resultDelay:   cfg.resultDelay,
+		workerIdle:    cfg.workerIdle,
 		streams:       make(map[*serverStream]struct{}),
 		streamsOf:     make(map[string]int),
 
@@ -195,6 +201,9 @@ func NewService(cfg Config) (*Service, error) {
 	}
 	if s.resultDelay == 0 {
 		s.resultDelay = maxResultDelay
+	}
+	if s.workerIdle == 0 {
+		s.workerIdle = streamWorkerIdle
 	}
 	s.policy.Store(cfg.Policy)
 	return s, nil
