@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -97,5 +98,115 @@ func TestStreamWorkersRetireRace(t *testing.T) {
 	t.Logf("%d workers started for %d operations", spawned, senders*perSender)
 	if spawned < 10 {
 		t.Errorf("%d workers ever started; the test wants workers to end and start again often", spawned)
+	}
+}
+
+// BenchmarkStreamWorkerIdle measures a stream under steady load (64
+// P-256 signatures in flight on one stream, in-memory key, the keyserver's
+// wiring over bufconn) with workers that end after the default idle time,
+// and with workers that never end (the behaviour before they did), one
+// after the other in the same run. It reports each side's ns/op, their
+// ratio (idle-ratio: the first over the second; 1 means no cost) and the
+// workers started per operation with the default idle time (0 means no
+// goroutine is started per operation; each round opens a new stream,
+// whose first workers count). ns/op is both sides together.
+func BenchmarkStreamWorkerIdle(b *testing.B) {
+	const inFlight = 64
+	type side struct {
+		name    string
+		svc     *Service
+		client  keylessv1.KeylessServiceClient
+		elapsed time.Duration
+	}
+	sides := []*side{{name: "idle-1s"}, {name: "never"}}
+	for _, s := range sides {
+		idle := streamWorkerIdle
+		if s.name == "never" {
+			idle = 24 * time.Hour
+		}
+		s.svc = newBenchService(b, func(c *Config) { c.workerIdle = idle })
+		s.client = newBenchClientOf(b, s.svc)
+	}
+	req := benchSignRequest(b)
+	run := func(s *side, n int) (spawned int) {
+		st, err := s.client.Stream(b.Context())
+		if err != nil {
+			b.Fatalf("Stream() = %v", err)
+		}
+		defer st.CloseSend()
+		send := func(k int, next *uint64) {
+			ops := make([]*keylessv1.Operation, k)
+			for i := range ops {
+				*next++
+				ops[i] = signOp(*next, req)
+			}
+			if err := st.Send(&keylessv1.StreamRequest{Operations: ops}); err != nil {
+				b.Fatalf("Send() = %v", err)
+			}
+		}
+		var sent uint64
+		start := time.Now()
+		send(min(inFlight, n), &sent)
+		for done := 0; done < n; {
+			resp, err := st.Recv()
+			if err != nil {
+				b.Fatalf("Recv() = %v", err)
+			}
+			rs := resp.GetResults()
+			if done == 0 {
+				checkBenchSignature(b, req, rs[0])
+			}
+			done += len(rs)
+			if more := min(len(rs), n-int(sent)); more > 0 {
+				send(more, &sent)
+			}
+		}
+		s.elapsed += time.Since(start)
+		_, spawned = streamWorkers(s.svc)
+		return spawned
+	}
+	// Warm both up, then alternate in rounds so that both see the same
+	// machine.
+	for _, s := range sides {
+		run(s, 2*inFlight)
+		s.elapsed = 0
+	}
+	const rounds = 4
+	var spawned int
+	b.ResetTimer()
+	for r := range rounds {
+		per := b.N / rounds
+		if r == rounds-1 {
+			per = b.N - per*(rounds-1)
+		}
+		if per == 0 {
+			continue
+		}
+		for _, s := range sides {
+			sp := run(s, per)
+			if s.name == "idle-1s" {
+				spawned += sp
+			}
+		}
+	}
+	b.StopTimer()
+	idleNs := float64(sides[0].elapsed.Nanoseconds()) / float64(b.N)
+	neverNs := float64(sides[1].elapsed.Nanoseconds()) / float64(b.N)
+	b.ReportMetric(idleNs, "ns/op-idle-1s")
+	b.ReportMetric(neverNs, "ns/op-never")
+	b.ReportMetric(idleNs/neverNs, "idle-ratio")
+	b.ReportMetric(float64(spawned)/float64(b.N), "workers-started/op")
+}
+
+// checkBenchSignature checks that r is a signature of req that verifies
+// with the test P-256 key.
+func checkBenchSignature(b *testing.B, req *keylessv1.SignRequest, r *keylessv1.OperationResult) {
+	b.Helper()
+	if e := r.GetError(); e != nil {
+		b.Fatalf("operation %d = %s", r.GetId(), e.GetMessage())
+	}
+	alg, _ := link.AlgorithmFor(req.GetAlgorithm())
+	if err := verifySignature(testP256Key().Public(), alg, req.GetDigest(), r.GetSign().GetSignature()); err != nil {
+		b.Fatalf("operation %d: signature: %v", r.GetId(), err)
 	}
 }
