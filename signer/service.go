@@ -154,6 +154,8 @@ type Service struct {
 	workerIdle time.Duration
 	// traffic counts the messages of every Stream and what they carry.
 	traffic streamTraffic
+	// workersRunning counts the workers of every Stream.
+	workersRunning atomic.Int64
 	// maxStreamsPerIdentity is Config.MaxStreamsPerIdentity.
 	maxStreamsPerIdentity int
 	// streamsMu guards the open streams, their number per identity, and

@@ -367,6 +367,7 @@ func (st *serverStream) read() error {
 			if st.started < st.s.streamWorkers && int(st.busy.Load())+len(st.jobs) >= st.started {
 				st.started++
 				st.spawned++
+				st.s.workersRunning.Add(1)
 				st.workers.Go(st.work)
 			}
 			st.jobs <- streamJob{op: op, arrived: arrived, refused: refused}
@@ -379,6 +380,7 @@ func (st *serverStream) read() error {
 // s.workerIdle. The idle timer is armed only when no job is waiting, so a
 // busy worker does not touch it.
 func (st *serverStream) work() {
+	defer st.s.workersRunning.Add(-1)
 	var idle *time.Timer
 	for {
 		var (

@@ -35,6 +35,9 @@ func TestStreamWorkersEndWhenIdle(t *testing.T) {
 	key.waitEntered(t)
 	key.waitEntered(t)
 	waitUntil(t, "4 workers", func() bool { n, _ := streamWorkers(ts.svc); return n == 4 })
+	if n := ts.svc.workersRunning.Load(); n != 4 {
+		t.Errorf("keyless_keyserver_stream_workers counts %d workers, want 4", n)
+	}
 	key.unblock()
 	for _, r := range receiveResults(t, st, len(ops)) {
 		checkP256Result(t, r)
@@ -47,6 +50,7 @@ func TestStreamWorkersEndWhenIdle(t *testing.T) {
 	if took := time.Since(start); took > bound {
 		t.Errorf("workers ended %v after the burst, want within %v", took, bound)
 	}
+	waitUntil(t, "the stream_workers gauge to reach 0", func() bool { return ts.svc.workersRunning.Load() == 0 })
 	_, spawnedBefore := streamWorkers(ts.svc)
 
 	// The idle stream still works, and its workers go away again.
