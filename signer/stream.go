@@ -84,7 +84,7 @@ func (s *Service) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest
 		s:      s,
 		stream: stream,
 		ctx:    stream.Context(),
-		jobs:   make(chan streamJob, maxStreamInFlight),
+		jobs:   make(chan *streamJob, maxStreamInFlight),
 		slots:  make(chan struct{}, maxStreamInFlight),
 		wake:   make(chan struct{}, 1),
 	}
@@ -139,9 +139,13 @@ type serverStream struct {
 	stream grpc.BidiStreamingServer[keylessv1.StreamRequest, keylessv1.StreamResponse]
 	ctx    context.Context
 
-	jobs  chan streamJob // received, for the workers
-	slots chan struct{}  // one per operation in flight
-	wake  chan struct{}  // tells serve that a Send failed or the stream drained (signal)
+	// jobs holds the operations received, for the workers. Its buffer
+	// is allocated with the stream and kept while it is open, idle or
+	// not, so its elements are pointers: 8 bytes each, not a streamJob's
+	// 48.
+	jobs  chan *streamJob
+	slots chan struct{} // one per operation in flight
+	wake  chan struct{} // tells serve that a Send failed or the stream drained (signal)
 
 	// The workers, started by the reader as operations need them, at
 	// most s.streamWorkers at once; each ends after s.workerIdle without
@@ -370,7 +374,7 @@ func (st *serverStream) read() error {
 				st.s.workersRunning.Add(1)
 				st.workers.Go(st.work)
 			}
-			st.jobs <- streamJob{op: op, arrived: arrived, refused: refused}
+			st.jobs <- &streamJob{op: op, arrived: arrived, refused: refused}
 			st.mu.Unlock()
 		}
 	}
@@ -384,7 +388,7 @@ func (st *serverStream) work() {
 	var idle *time.Timer
 	for {
 		var (
-			j  streamJob
+			j  *streamJob
 			ok bool
 		)
 		select {
@@ -427,7 +431,7 @@ func (st *serverStream) retire() bool {
 }
 
 // perform answers one operation as the unary call would.
-func (st *serverStream) perform(j streamJob) *keylessv1.OperationResult {
+func (st *serverStream) perform(j *streamJob) *keylessv1.OperationResult {
 	timeout := link.DefaultOperationTimeout
 	if ms := j.op.GetTimeoutMs(); ms > 0 {
 		timeout = min(time.Duration(ms)*time.Millisecond, link.MaxOperationTimeout)
