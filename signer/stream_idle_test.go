@@ -133,39 +133,7 @@ func BenchmarkStreamWorkerIdle(b *testing.B) {
 	}
 	req := benchSignRequest(b)
 	run := func(s *side, n int) (spawned int) {
-		st, err := s.client.Stream(b.Context())
-		if err != nil {
-			b.Fatalf("Stream() = %v", err)
-		}
-		defer st.CloseSend()
-		send := func(k int, next *uint64) {
-			ops := make([]*keylessv1.Operation, k)
-			for i := range ops {
-				*next++
-				ops[i] = signOp(*next, req)
-			}
-			if err := st.Send(&keylessv1.StreamRequest{Operations: ops}); err != nil {
-				b.Fatalf("Send() = %v", err)
-			}
-		}
-		var sent uint64
-		start := time.Now()
-		send(min(inFlight, n), &sent)
-		for done := 0; done < n; {
-			resp, err := st.Recv()
-			if err != nil {
-				b.Fatalf("Recv() = %v", err)
-			}
-			rs := resp.GetResults()
-			if done == 0 {
-				checkBenchSignature(b, req, rs[0])
-			}
-			done += len(rs)
-			if more := min(len(rs), n-int(sent)); more > 0 {
-				send(more, &sent)
-			}
-		}
-		s.elapsed += time.Since(start)
+		s.elapsed += streamClosedLoop(b, s.client, req, n, inFlight)
 		_, spawned = streamWorkers(s.svc)
 		return spawned
 	}
@@ -200,6 +168,47 @@ func BenchmarkStreamWorkerIdle(b *testing.B) {
 	b.ReportMetric(neverNs, "ns/op-never")
 	b.ReportMetric(idleNs/neverNs, "idle-ratio")
 	b.ReportMetric(float64(spawned)/float64(b.N), "workers-started/op")
+}
+
+// streamClosedLoop performs n signatures of req on a new stream of client,
+// inFlight at a time (each result received is replaced by a new
+// operation), and returns the time they took. The first result's
+// signature is verified.
+func streamClosedLoop(b *testing.B, client keylessv1.KeylessServiceClient, req *keylessv1.SignRequest, n, inFlight int) time.Duration {
+	b.Helper()
+	st, err := client.Stream(b.Context())
+	if err != nil {
+		b.Fatalf("Stream() = %v", err)
+	}
+	defer st.CloseSend()
+	var sent uint64
+	send := func(k int) {
+		ops := make([]*keylessv1.Operation, k)
+		for i := range ops {
+			sent++
+			ops[i] = signOp(sent, req)
+		}
+		if err := st.Send(&keylessv1.StreamRequest{Operations: ops}); err != nil {
+			b.Fatalf("Send() = %v", err)
+		}
+	}
+	start := time.Now()
+	send(min(inFlight, n))
+	for done := 0; done < n; {
+		resp, err := st.Recv()
+		if err != nil {
+			b.Fatalf("Recv() = %v", err)
+		}
+		rs := resp.GetResults()
+		if done == 0 {
+			checkBenchSignature(b, req, rs[0])
+		}
+		done += len(rs)
+		if more := min(len(rs), n-int(sent)); more > 0 {
+			send(more)
+		}
+	}
+	return time.Since(start)
 }
 
 // checkBenchSignature checks that r is a signature of req that verifies
