@@ -29,8 +29,9 @@ type MemResult struct {
 // Results collects what the runs measured. It is not safe for concurrent
 // use.
 type Results struct {
-	runs map[runKey][]Result // repetitions, in order
-	mem  map[string]MemResult
+	runs  map[runKey][]Result // repetitions, in order
+	mem   map[string]MemResult
+	fleet *FleetResult // the fleet scenario's snapshots (fleet_results.go)
 }
 
 func newResults() *Results {
@@ -303,6 +304,7 @@ func (r *Results) Rows() []Row {
 					m.Conns, m.HeapAllocKiBPerConn, m.StackKiBPerConn)})
 		}
 	}
+	rows = append(rows, r.fleetRows()...)
 	return append(rows, r.Targets()...)
 }
 
@@ -401,5 +403,6 @@ func (r *Results) Targets() []Row {
 				fmt.Sprintf("%d idle connections", m.Conns))
 		}
 	}
+	rows = append(rows, r.fleetTargets()...)
 	return rows
 }

@@ -105,6 +105,7 @@ func (o *orchestrator) scenarios(ctx context.Context) error {
 	for _, proto := range mem {
 		errs = o.noteErr(errs, o.edgememRun(ctx, proto, o.srv.ksAddr))
 	}
+	errs = o.noteErr(errs, o.fleetRun(ctx))
 	if err := ctx.Err(); err != nil {
 		return err
 	}
