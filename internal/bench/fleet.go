@@ -355,7 +355,22 @@ func (c *fleetChild) load(ctx context.Context, side, op string) (Result, error) 
 	}
 	watch["client"] = os.Getpid()
 	load := &Load{Name: "fleet/" + side + "/" + op, Concurrency: n, Warmup: c.warmup, Duration: c.duration, OpTimeout: c.timeout, Op: o, Watch: watch}
-	return load.Run(ctx)
+	// How many operations share a message, from the keyserver's stream
+	// counters: one link batches, a fleet link carries one at a time.
+	before, err := scrapeTraffic(ctx, c.metrics)
+	if err != nil {
+		return Result{}, err
+	}
+	r, err := load.Run(ctx)
+	if err != nil {
+		return r, err
+	}
+	after, err := scrapeTraffic(ctx, c.metrics)
+	if err != nil {
+		return r, err
+	}
+	r.sharing(before, after)
+	return r, nil
 }
 
 // snapshot makes the keyserver collect its garbage twice, with operations

@@ -46,7 +46,7 @@ func (r *Results) fleetRows() []Row {
 			k := r.at(fleetKey(fleetSideFleet, op, n))
 			row := Row{Name: fmt.Sprintf("fleet/%s/c%d", op, n), Kind: "fleet", Concurrency: n,
 				OpsPerSec: k.OpsPerSec, P50us: k.P50us, P99us: k.P99us, Errors: k.Errors, Note: k.FirstError,
-				CPU: k.CPU, MachineBusy: k.MachineBusy}
+				CPU: k.CPU, MachineBusy: k.MachineBusy, OpsPerRequest: k.OpsPerRequest, ResultsPerResponse: k.ResultsPerResponse}
 			if b, ok := r.get(fleetKey(fleetSideSingle, op, n)); ok {
 				row.withBaseline(k, b, fmt.Sprintf("one link, %d in flight", n))
 				row.RatioRange = r.ratioRange(fleetKey(fleetSideFleet, op, n), fleetKey(fleetSideSingle, op, n))
@@ -87,7 +87,8 @@ func (r *Results) fleetTargets() []Row {
 			check("fleet-ratio/"+op, v, "ratio", ">= 0.90", v >= 0.9,
 				fmt.Sprintf("%d links with one operation in flight each %.0f/s (p50 %.0f µs, p99 %.0f µs) ÷ one link with %d in flight %.0f/s (p50 %.0f µs, p99 %.0f µs)",
 					n, k.OpsPerSec, k.P50us, k.P99us, n, b.OpsPerSec, b.P50us, b.P99us)+
-					rangeNote(r.ratioRange(fleetKey(fleetSideFleet, op, n), fleetKey(fleetSideSingle, op, n)))+limits)
+					rangeNote(r.ratioRange(fleetKey(fleetSideFleet, op, n), fleetKey(fleetSideSingle, op, n)))+
+					fleetCostNote(k, b)+limits)
 		}
 	}
 	if f == nil || f.Links < 1 {
@@ -108,4 +109,19 @@ func (r *Results) fleetTargets() []Row {
 				f.After.StreamsOpen, f.After.WorkersIdleAfter, fleetWorkersWait))
 	}
 	return rows
+}
+
+// fleetCostNote compares what an operation cost on the links (k) and on
+// the one link (b): CPU per operation of the keyserver and of the load
+// generator, and operations and results per stream message.
+func fleetCostNote(k, b Result) string {
+	var note string
+	if k.CPU != nil && b.CPU != nil {
+		note = fmt.Sprintf("; CPU µs/op keyserver %.0f vs %.0f, load generator %.0f vs %.0f, rest of the machine %.0f vs %.0f",
+			k.CPU["keyserver"], b.CPU["keyserver"], k.CPU["client"], b.CPU["client"], k.CPU["other"], b.CPU["other"])
+	}
+	if k.OpsPerRequest > 0 && b.OpsPerRequest > 0 {
+		note += fmt.Sprintf("; operations per message in/out %.1f/%.1f vs %.1f/%.1f", k.OpsPerRequest, k.ResultsPerResponse, b.OpsPerRequest, b.ResultsPerResponse)
+	}
+	return note
 }

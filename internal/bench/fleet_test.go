@@ -32,7 +32,7 @@ import (
 
 // newFleetTestPKI returns an orchestrator with the link PKI and, for n
 // fleet links, their certificates and policy, in a temporary directory.
-func newFleetTestPKI(t *testing.T, n int) (o *orchestrator, links, policy string) {
+func newFleetTestPKI(t testing.TB, n int) (o *orchestrator, links, policy string) {
 	t.Helper()
 	o = &orchestrator{dir: t.TempDir(), policy: "set"}
 	if err := os.MkdirAll(filepath.Join(o.dir, "pki"), 0o700); err != nil {
@@ -174,8 +174,10 @@ keyless_keyserver_streams_open 2
 // TestFleetTargets checks the W4 rows from made-up results.
 func TestFleetTargets(t *testing.T) {
 	r := newResults()
-	r.add(fleetKey(fleetSideSingle, OpECDSASign, 1000), Result{Concurrency: 1000, OpsPerSec: 5000, P50us: 190000, P99us: 250000})
-	r.add(fleetKey(fleetSideFleet, OpECDSASign, 1000), Result{Concurrency: 1000, OpsPerSec: 4000, P50us: 240000, P99us: 300000})
+	r.add(fleetKey(fleetSideSingle, OpECDSASign, 1000), Result{Concurrency: 1000, OpsPerSec: 5000, P50us: 190000, P99us: 250000,
+		CPU: map[string]float64{"keyserver": 240, "client": 30, "other": 20}, OpsPerRequest: 9.5, ResultsPerResponse: 12})
+	r.add(fleetKey(fleetSideFleet, OpECDSASign, 1000), Result{Concurrency: 1000, OpsPerSec: 4000, P50us: 240000, P99us: 300000,
+		CPU: map[string]float64{"keyserver": 300, "client": 70, "other": 20}, OpsPerRequest: 1, ResultsPerResponse: 1})
 	r.add(fleetKey(fleetSideSingle, OpRSASign, 1000), Result{Concurrency: 1000, OpsPerSec: 2000})
 	r.add(fleetKey(fleetSideFleet, OpRSASign, 1000), Result{Concurrency: 1000, OpsPerSec: 1900})
 	r.fleet = &FleetResult{Links: 1000, KeyserverFlags: []string{"-max-connections-per-source", "1064"},
@@ -207,8 +209,11 @@ func TestFleetTargets(t *testing.T) {
 			t.Errorf("%s = kind %s, value %v, met %v; want target, %v, %t", tt.name, row.Kind, deref(row.Value), deref(row.Met), tt.value, tt.met)
 		}
 	}
-	if note := byName["W4/fleet-ratio/ecdsa-p256-sign"].Note; !strings.Contains(note, "-max-connections-per-source 1064") {
-		t.Errorf("fleet ratio note %q does not say which keyserver limits were set", note)
+	note := byName["W4/fleet-ratio/ecdsa-p256-sign"].Note
+	for _, want := range []string{"-max-connections-per-source 1064", "keyserver 300 vs 240", "load generator 70 vs 30", "in/out 1.0/1.0 vs 9.5/12.0"} {
+		if !strings.Contains(note, want) {
+			t.Errorf("fleet ratio note %q lacks %q", note, want)
+		}
 	}
 	row := byName["fleet/ecdsa-p256-sign/c1000"]
 	if row.Kind != "fleet" || row.OpsPerSec != 4000 || row.Baseline == nil || *row.Baseline != 5000 || row.BaselineP50us != 190000 || row.P99us != 300000 {
@@ -230,14 +235,18 @@ func deref[T any](p *T) any {
 	return *p
 }
 
-// TestFleetChild runs the "fleet" mode against an in-process keyserver
-// (signer.Service over TCP with mutual TLS, the keyserver's transport
-// options, health and metrics) with a few links: snapshots, open, both
-// loads, each answered with one JSON line; then a fleet identity signs,
-// and the signature verifies.
-func TestFleetChild(t *testing.T) {
-	const n = 4
-	o, links, policyFile := newFleetTestPKI(t, n)
+// fleetTestKeyserver is an in-process keyserver for the fleet tests:
+// signer.Service with one in-memory P-256 key, over TCP with mutual TLS,
+// the keyserver's transport options, health and metrics.
+type fleetTestKeyserver struct {
+	ln      net.Listener
+	ops     *httptest.Server
+	key     *ecdsa.PrivateKey
+	pubFile string // the key's public key, PEM
+}
+
+func startFleetTestKeyserver(t testing.TB, o *orchestrator, policyFile string) *fleetTestKeyserver {
+	t.Helper()
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		t.Fatal(err)
@@ -256,7 +265,7 @@ func TestFleetChild(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	svc, err := signer.NewService(signer.Config{Keys: store, Policy: policy, MaxConcurrent: 2, MaxQueued: 100})
+	svc, err := signer.NewService(signer.Config{Keys: store, Policy: policy, MaxConcurrent: 2, MaxQueued: 4096})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -280,6 +289,19 @@ func TestFleetChild(t *testing.T) {
 	svc.RegisterQueueMetrics(reg)
 	ops := httptest.NewServer(opsserver.Handler(reg, func(context.Context) error { return nil }))
 	t.Cleanup(ops.Close)
+	return &fleetTestKeyserver{ln: ln, ops: ops, key: key, pubFile: pubFile}
+}
+
+// TestFleetChild runs the "fleet" mode against an in-process keyserver
+// (signer.Service over TCP with mutual TLS, the keyserver's transport
+// options, health and metrics) with a few links: snapshots, open, both
+// loads, each answered with one JSON line; then a fleet identity signs,
+// and the signature verifies.
+func TestFleetChild(t *testing.T) {
+	const n = 4
+	o, links, policyFile := newFleetTestPKI(t, n)
+	ks := startFleetTestKeyserver(t, o, policyFile)
+	ln, ops, key, pubFile := ks.ln, ks.ops, ks.key, ks.pubFile
 
 	stdinR, stdinW := io.Pipe()
 	var stdout, stderr syncBuffer
@@ -339,8 +361,8 @@ func TestFleetChild(t *testing.T) {
 	for _, side := range []string{fleetSideSingle, fleetSideFleet} {
 		var r Result
 		ask("load "+side+" "+OpECDSASign, &r)
-		if r.Concurrency != n || r.Ops == 0 || r.Errors != 0 {
-			t.Errorf("load %s = %+v; want %d workers, operations, no error", side, r, n)
+		if r.Concurrency != n || r.Ops == 0 || r.Errors != 0 || r.OpsPerRequest <= 0 || r.ResultsPerResponse <= 0 {
+			t.Errorf("load %s = %+v; want %d workers, operations, no error, operations per message", side, r, n)
 		}
 	}
 	if _, err := io.WriteString(stdinW, "load nowhere "+OpECDSASign+"\n"); err != nil {
