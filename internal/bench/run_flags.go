@@ -32,7 +32,8 @@ type RunConfig struct {
 	// among the same ones.
 	KeyopsConcurrency, HandshakeConcurrency []int
 	// Scenarios selects scenarios by name prefix ("keyops",
-	// "keyops/rsa2048-decrypt", "handshake/tls13", "resume", "edgemem");
+	// "keyops/rsa2048-decrypt", "handshake/tls13", "resume", "edgemem",
+	// "fleet/ecdsa-p256-sign");
 	// nil or "all" means every scenario.
 	Scenarios []string
 	// Repeat runs every figure and its baseline this many times,
@@ -81,7 +82,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
 	fs.StringVar(&keyopsConc, "keyops-concurrency", "1,2,4,8,64", "concurrencies of the key-operation scenarios, both sides (SoftHSM's best lies near 2–8)")
 	fs.StringVar(&hsConc, "handshake-concurrency", "1,8,32", "concurrencies of the handshake scenarios")
 	fs.StringVar(&conc, "concurrency", "", "concurrencies of every scenario (overrides the two above)")
-	fs.StringVar(&scenarios, "scenarios", "all", "comma-separated scenario name prefixes: keyops, handshake, resume, edgemem, or finer such as keyops/ecdsa, handshake/tls12")
+	fs.StringVar(&scenarios, "scenarios", "all", "comma-separated scenario name prefixes: keyops, handshake, resume, edgemem, fleet, or finer such as keyops/ecdsa, handshake/tls12, fleet/ecdsa")
 	fs.IntVar(&c.Repeat, "repeat", 1, "runs of each figure and its baseline, alternating; the median is kept (for noisy machines)")
 	fs.IntVar(&c.MemConns, "mem-conns", 5000, "idle connections of the edge memory scenario")
 	fs.IntVar(&c.FleetLinks, "fleet-links", 1000, "edge links of the fleet scenario, each its own connection, stream and identity")
