@@ -136,9 +136,6 @@ func runFleet(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	case c.parallel < 1:
 		return fmt.Errorf("bench: fleet: -parallel %d: want at least 1", c.parallel)
 	}
-	if err := raiseNoFile(20000); err != nil {
-		return err
-	}
 	ctx, cancel := context.WithTimeout(ctx, *lifetime)
 	defer cancel()
 	var err error
@@ -147,6 +144,10 @@ func runFleet(ctx context.Context, args []string, stdin io.Reader, stdout, stder
 	}
 	certs, err := readLinkCerts(c.linksFile)
 	if err != nil {
+		return err
+	}
+	// A connection per link, and room for the process's own files.
+	if err := raiseNoFile(uint64(len(certs)) + 1000); err != nil {
 		return err
 	}
 	if c.single, err = c.dial(c.base); err != nil {
