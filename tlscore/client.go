@@ -287,7 +287,9 @@ func Dial(cfg ClientConfig) (*Client, error) {
 			return "none"
 		})), grpc.WithContextDialer(namedDialer(dialer)))
 	} else if dialer != nil {
-		opts = append(opts, grpc.WithContextDialer(dialer))
+		// Named, so that streams tell keyservers apart (see stream.go)
+		// when the dialer's connections share a remote address.
+		opts = append(opts, grpc.WithContextDialer(namedDialer(dialer)))
 	}
 	var keepaliveOpts []grpc.DialOption
 	if cfg.KeepaliveInterval > 0 {
@@ -309,6 +311,7 @@ func Dial(cfg ClientConfig) (*Client, error) {
 		n = dnsStreams
 	}
 	c := newClient(conn, timeout, logger.Named("keyserver_client"), n)
+	c.streams.failover = n > 1
 	c.metrics = cfg.Metrics
 	c.ownConn = true
 	c.handshakes = handshakes

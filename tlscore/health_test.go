@@ -97,7 +97,7 @@ func TestKeyserverStateChanges(t *testing.T) {
 			break
 		}
 		if time.Now().After(deadline) {
-			t.Fatal("no retry counted while flaky:1 answered Unavailable")
+			t.Fatalf("no retry counted while flaky:1 answered Unavailable; log:\n%s", logs.String())
 		}
 		signVerified(t, c, 0) // may fail when its retry lands on flaky:1 too
 	}
