@@ -62,18 +62,22 @@ type ClientConfig struct {
 
 	// CallTimeout bounds each call, retries included, unless the caller's
 	// context ends sooner. Zero means DefaultCallTimeout. On a long path
-	// the bound is raised to four times the link's round trip, measured as
-	// the shortest operation that succeeded in the last 10 to 20 seconds,
-	// when that is longer.
+	// the bound is raised to four times the link's round trip, measured for
+	// each keyserver as the shortest operation that succeeded in the last
+	// 10 to 20 seconds, when that is longer: the farthest keyserver's.
 	CallTimeout time.Duration
 
 	// KeepaliveInterval, if positive, makes the client ping a keyserver
 	// whose connection has been quiet for that long and drop the connection
-	// when no answer comes within CallTimeout, so that a keyserver that
-	// vanished without closing its connections is taken out of the balancing
-	// quickly. gRPC raises values under 10 seconds to 10 seconds. The
-	// keyserver's keepalive.EnforcementPolicy.MinTime must be at most this
-	// interval, or it will close the connection. Zero means no pings.
+	// when no answer comes within CallTimeout (at least
+	// DefaultCallTimeout, so that a lowered CallTimeout does not drop a
+	// sound link whose round trip rose for a moment), so that a keyserver
+	// that vanished without closing its connections is taken out of the
+	// balancing even while no operation goes to it. Each ping is a TCP
+	// segment each way, which keeps NAT and firewall state alive. gRPC
+	// raises values under 10 seconds to 10 seconds. The keyserver's
+	// keepalive.EnforcementPolicy.MinTime must be at most this interval, or
+	// it will close the connection. Zero means no pings.
 	KeepaliveInterval time.Duration
 
 	// WindowSize is the HTTP/2 flow-control window of the client's
@@ -294,8 +298,12 @@ func Dial(cfg ClientConfig) (*Client, error) {
 	var keepaliveOpts []grpc.DialOption
 	if cfg.KeepaliveInterval > 0 {
 		keepaliveOpts = append(keepaliveOpts, grpc.WithKeepaliveParams(keepalive.ClientParameters{
-			Time:                cfg.KeepaliveInterval,
-			Timeout:             timeout,
+			Time: cfg.KeepaliveInterval,
+			// gRPC fixes it for the connection's life, so it cannot follow
+			// the measured round trip as call deadlines do; 2 s is over
+			// three times the longest round trip on Earth (a geostationary
+			// hop, ~600 ms).
+			Timeout:             max(timeout, DefaultCallTimeout),
 			PermitWithoutStream: true,
 		}))
 	}
@@ -404,10 +412,11 @@ func (c *Client) Close() error {
 }
 
 // callContext bounds a call by the client's timeout, raised to four times
-// the link's measured round trip when that is longer, or by ctx's own
+// the link's measured round trip when that is longer (the farthest
+// keyserver's, since the call and its retry may go to any), or by ctx's own
 // deadline if that is sooner.
 func (c *Client) callContext(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(ctx, c.rtt.deadline(c.timeout))
+	return context.WithTimeout(ctx, max(c.rtt.deadline(c.timeout), rttDeadlineFactor*c.streams.farthest()))
 }
 
 // Sign asks a keyserver to sign digest (for Ed25519, the whole message) with

@@ -111,6 +111,21 @@ func (p *opStreams) rtt(ks string) *rttEstimator {
 	return e
 }
 
+// farthest returns the longest of the keyservers' round-trip estimates, 0
+// if none has one. p may be nil.
+func (p *opStreams) farthest() time.Duration {
+	if p == nil {
+		return 0
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var d time.Duration
+	for _, e := range p.rtts {
+		d = max(d, e.get())
+	}
+	return d
+}
+
 // stallAfter returns how long an operation sent now on a stream to
 // keyserver ks may wait with no result arriving on that stream before the
 // stream counts as stalled, or 0 when streams are not watched.
@@ -250,7 +265,9 @@ func (p *opStreams) pick(ctx context.Context, avoid *clientStream) (*clientStrea
 	for tries := 0; ; tries++ {
 		slot.mu.Lock()
 		st := slot.st
-		if st == nil || st == avoid || !st.usable() {
+		// A stream to a suspect keyserver takes no new operations either:
+		// its own stall would only be found later.
+		if st == nil || st == avoid || !st.usable() || (st.opened() && p.suspected(st.keyserver)) {
 			if st != nil {
 				st.retire()
 			}
