@@ -90,7 +90,7 @@ func parse(args []string, stderr io.Writer) (*flags, error) {
 	fs.StringVar(&f.tlsCert, "tls-cert", "", "PEM client certificate of this edge for the keyserver link (required)")
 	fs.StringVar(&f.tlsKey, "tls-key", "", "PEM private key of -tls-cert (required)")
 	fs.DurationVar(&f.callTimeout, "call-timeout", tlscore.DefaultCallTimeout, "deadline of each keyserver call, raised to 4 × the farthest keyserver's measured round trip; a handshake whose key operation takes longer fails")
-	fs.DurationVar(&f.keepalive, "keepalive", 15*time.Second, "ping a keyserver connection idle this long, and drop it when no answer comes within -call-timeout (2s at least) (at least 10s; 0 turns pings off)")
+	fs.DurationVar(&f.keepalive, "keepalive", 15*time.Second, "ping a keyserver connection idle this long (at least 10s; 0 turns pings off), and drop it when no answer comes within -call-timeout or 2s, whichever is longer")
 	fs.IntVar(&f.linkWindow, "link-window", link.DefaultWindowSize, "HTTP/2 flow-control window of each keyserver connection, in bytes: the link carries at most this much per round trip each way (64 KiB to 64 MiB; docs/DEPLOY.md)")
 	fs.DurationVar(&f.reconnect, "reconnect-backoff", tlscore.DefaultReconnectBackoff, "longest wait between attempts to reconnect to a keyserver that is down")
 	fs.DurationVar(&f.grace, "grace", 10*time.Second, "on shutdown, how long in-flight requests may take to finish")
