@@ -39,15 +39,16 @@ const streamQueue = 1024
 // A stream whose results stop coming while operations wait on it is taken
 // for a path or keyserver that stopped answering: it is ended, its
 // operations are sent again on a stream to another keyserver within their
-// deadline, and its keyserver gets no new streams for suspectFor. A stream is stalled when an operation has waited
-// stallRTTs round trips of its keyserver (its fastest recent operation),
-// and at least stallMin, which leaves a round trip for the retry within a
-// deadline of rttDeadlineFactor round trips, with no result at all arriving on the stream
-// meanwhile; with no round trip measured yet, half of what remains of the
-// operation's deadline. A keyserver that is busy still returns results
-// on the stream, so load alone does not stall it. Only a Client that can
-// reach more than one keyserver does this: with one, the operation could
-// only wait on the same connection again.
+// deadline, and its keyserver gets no new streams for suspectFor. A stream
+// is stalled when an operation has waited stallRTTs round trips of its
+// keyserver (its fastest recent operation), and at least stallMin, with no
+// result at all arriving on the stream meanwhile; with no round trip
+// measured yet, half of what remains of the operation's deadline. Two
+// round trips leave one for the retry within a deadline of
+// rttDeadlineFactor. A busy keyserver still returns results on the stream,
+// so load alone does not stall it. Only a Client that can reach more than
+// one keyserver does this: with one, the operation could only wait on the
+// same connection again.
 const (
 	stallRTTs = 2
 	stallMin  = 500 * time.Millisecond
@@ -126,14 +127,15 @@ func (p *opStreams) farthest() time.Duration {
 	return d
 }
 
-// stallAfter returns how long an operation sent now on a stream to
-// keyserver ks may wait with no result arriving on that stream before the
-// stream counts as stalled, or 0 when streams are not watched.
-func (p *opStreams) stallAfter(ctx context.Context, ks string) time.Duration {
+// stallAfter returns how long an operation sent now on a stream to a
+// keyserver whose round trip is rtt may wait with no result arriving on
+// that stream before the stream counts as stalled, or 0 when streams are
+// not watched.
+func (p *opStreams) stallAfter(ctx context.Context, rtt *rttEstimator) time.Duration {
 	if !p.failover {
 		return 0
 	}
-	if r := p.rtt(ks).get(); r > 0 {
+	if r := rtt.get(); r > 0 {
 		return max(stallMin, stallRTTs*r)
 	}
 	if d, ok := ctx.Deadline(); ok {
@@ -312,7 +314,8 @@ type clientStream struct {
 	ready     chan struct{} // closed once the stream is open or failed to open
 	openErr   error
 	stream    grpc.BidiStreamingClient[keylessv1.StreamRequest, keylessv1.StreamResponse]
-	keyserver string // metrics label of the keyserver
+	keyserver string        // metrics label of the keyserver
+	rtt       *rttEstimator // the keyserver's round trip
 
 	queue chan *keylessv1.Operation // to the sender
 
@@ -356,6 +359,7 @@ func (c *Client) openStream() *clientStream {
 		if pr, ok := peer.FromContext(s.Context()); ok {
 			st.keyserver = c.keyserverLabel(pr.Addr)
 		}
+		st.rtt = c.streams.rtt(st.keyserver)
 		close(st.ready)
 		go st.send()
 		st.receive()
@@ -431,7 +435,7 @@ func (st *clientStream) do(ctx context.Context, op *keylessv1.Operation) (*keyle
 	sent := time.Now()
 	// A nil stalled never fires: the stream is not watched.
 	var stalled <-chan time.Time
-	stallAfter := st.streams.stallAfter(ctx, st.keyserver)
+	stallAfter := st.streams.stallAfter(ctx, st.rtt)
 	if stallAfter > 0 {
 		timer := time.NewTimer(stallAfter)
 		defer timer.Stop()
@@ -461,7 +465,7 @@ func (st *clientStream) result(r *keylessv1.OperationResult, sent time.Time) (*k
 	if r == nil {
 		return nil, st.endErr()
 	}
-	st.streams.rtt(st.keyserver).observe(time.Since(sent))
+	st.rtt.observe(time.Since(sent))
 	return r, nil
 }
 
@@ -483,15 +487,11 @@ func (st *clientStream) silentFor(sent time.Time, after time.Duration) time.Dura
 // opStreams.do retries on another keyserver, and st's keyserver is
 // suspect.
 func (st *clientStream) stall(after time.Duration) {
-	st.mu.Lock()
-	first := st.err == nil
-	st.mu.Unlock()
-	if first {
+	st.streams.suspect(st.keyserver)
+	if st.fail(status.Errorf(codes.Unavailable, "no result from keyserver %s for %v while operations waited", st.keyserver, after.Round(time.Millisecond))) {
 		st.streams.c.logger.Warn("keyserver stream stalled: sending its operations to another keyserver", "keyserver", st.keyserver,
 			"silent_for", after.Round(time.Millisecond), "suspect_for", suspectFor)
 	}
-	st.streams.suspect(st.keyserver)
-	st.fail(status.Errorf(codes.Unavailable, "no result from keyserver %s for %v while operations waited", st.keyserver, after.Round(time.Millisecond)))
 }
 
 // timeoutMs is what remains of ctx's deadline, in whole milliseconds
@@ -589,15 +589,17 @@ func (st *clientStream) receive() {
 
 // fail ends st with err: every pending operation gets a nil result and
 // then st.err, a status error (UNAVAILABLE when the keyserver closed the
-// stream without one).
-func (st *clientStream) fail(err error) {
+// stream without one). It reports whether this call ended st, rather than
+// an earlier one.
+func (st *clientStream) fail(err error) bool {
 	if errors.Is(err, io.EOF) {
 		err = status.Error(codes.Unavailable, "the keyserver closed the stream")
 	} else if _, ok := status.FromError(err); !ok {
 		err = status.Error(codes.Unavailable, err.Error())
 	}
 	st.mu.Lock()
-	if st.err == nil {
+	first := st.err == nil
+	if first {
 		st.err = fmt.Errorf("keyserver stream: %w", err)
 	}
 	for id, p := range st.pending {
@@ -606,4 +608,5 @@ func (st *clientStream) fail(err error) {
 	}
 	st.mu.Unlock()
 	st.cancel()
+	return first
 }
