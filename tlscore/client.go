@@ -112,7 +112,9 @@ type ClientConfig struct {
 	// keyserverHealth), sets keyless_edge_keyserver_up and logs each change
 	// of state once: ready (it reports SERVING), failing (it reports
 	// NOT_SERVING, an HSM fault say, or its link handshake fails), gone (its
-	// connection was refused, or lost) and back (ready again).
+	// connection was refused, or lost and not made again within a second:
+	// a connection the keyserver ends at its -max-connection-age is not
+	// news) and back (ready again).
 	Metrics *Metrics
 }
 

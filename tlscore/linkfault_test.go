@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto"
 	"net"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -274,5 +275,33 @@ func TestClientStreamStallFailsOver(t *testing.T) {
 	}
 	if n := retried(); n != afterStall {
 		t.Errorf("%v more operations went to the silent keyserver after its stream stalled; want 0", n-afterStall)
+	}
+}
+
+// TestHealthIgnoresGoAway: a keyserver that ends connections at its
+// MaxConnectionAge stays ready for the health watch (no "gone" and "back"
+// lines, keyless_edge_keyserver_up stays 1): the watch connects again
+// within lostGrace.
+func TestHealthIgnoresGoAway(t *testing.T) {
+	pki := newTestPKI(t)
+	conns := &connCounter{}
+	ks := startKeyserverWithHealth(t, pki, newSignerService(t, []crypto.Signer{testP256Key()}, nil), healthpb.HealthCheckResponse_SERVING,
+		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionAge: 500 * time.Millisecond, MaxConnectionAgeGrace: time.Second}),
+		grpc.StatsHandler(conns))
+	path := newFaultyPath(ks)
+	logger, logs := newTestLogger()
+	c := dialFaultyClient(t, pki, ClientConfig{Metrics: NewMetrics(prometheus.NewRegistry()), Logger: logger}, map[string]*faultyPath{"ks:1": path})
+	if err := signVerified(t, c, 0); err != nil {
+		t.Fatalf("Sign() = %v", err)
+	}
+	// The edge's connection and the health watch's, each renewed a few
+	// times.
+	waitFor(t, "the keyserver's connections were renewed a few times", func() bool { return conns.n.Load() >= 8 })
+	time.Sleep(lostGrace + 200*time.Millisecond)
+	if st := c.health.state("ks:1"); st != ksReady {
+		t.Errorf("keyserver state %q after its connections were renewed; want %q", st, ksReady)
+	}
+	if out := logs.String(); strings.Contains(out, "keyserver gone") || strings.Contains(out, "keyserver back") {
+		t.Errorf("connections renewed at MaxConnectionAge were logged as the keyserver going away:\n%s", out)
 	}
 }
