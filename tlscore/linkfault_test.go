@@ -18,6 +18,7 @@ import (
 	"google.golang.org/grpc/keepalive"
 
 	"github.com/keyless-tls/keyless/link"
+	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
 // faultyPath stands between a client and a keyserver's in-memory listener
@@ -303,5 +304,48 @@ func TestHealthIgnoresGoAway(t *testing.T) {
 	}
 	if out := logs.String(); strings.Contains(out, "keyserver gone") || strings.Contains(out, "keyserver back") {
 		t.Errorf("connections renewed at MaxConnectionAge were logged as the keyserver going away:\n%s", out)
+	}
+}
+
+// TestSlowKeyserversStillAnswer: keyservers that turn slow but keep
+// answering (800 ms per operation, against a measured round trip of about
+// a millisecond) stall their streams, but an operation's second attempt is
+// not watched, so it waits for its answer within the deadline instead of
+// failing.
+func TestSlowKeyserversStillAnswer(t *testing.T) {
+	pki := newTestPKI(t)
+	real := newSignerService(t, []crypto.Signer{testP256Key()}, nil)
+	var slow atomic.Bool
+	var lists atomic.Int64
+	svc := &fakeService{next: real, lists: &lists, sign: func(ctx context.Context, req *keylessv1.SignRequest) (*keylessv1.SignResponse, error) {
+		if slow.Load() {
+			select {
+			case <-time.After(800 * time.Millisecond):
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}
+		return real.Sign(ctx, req)
+	}}
+	a, b := newFaultyPath(startKeyserver(t, pki, svc)), newFaultyPath(startKeyserver(t, pki, svc))
+	c := dialFaultyClient(t, pki, ClientConfig{Addresses: []string{"a:1", "b:1"}}, map[string]*faultyPath{"a:1": a, "b:1": b})
+	waitFor(t, "the client reached both keyservers", func() bool {
+		if _, err := c.ListKeys(t.Context()); err != nil {
+			t.Fatal(err)
+		}
+		return lists.Load() >= 4
+	})
+	for i := range 10 {
+		if err := signVerified(t, c, i); err != nil {
+			t.Fatalf("Sign() = %v", err)
+		}
+	}
+	slow.Store(true)
+	for i := range 3 {
+		start := time.Now()
+		if err := signVerified(t, c, 100+i); err != nil {
+			t.Errorf("Sign() %d from slow keyservers = %v; want the answer", i, err)
+		}
+		t.Logf("Sign() %d took %v", i, time.Since(start).Round(time.Millisecond))
 	}
 }

@@ -201,7 +201,10 @@ func (p *opStreams) do(ctx context.Context, op *keylessv1.Operation) (*keylessv1
 			break
 		}
 		ks = st.keyserver
-		r, err := st.do(ctx, op)
+		// Only the first attempt is watched for a stall: the second has
+		// no third to go to, and waiting for its answer (a keyserver that
+		// is slow, not silent) beats failing it early.
+		r, err := st.do(ctx, op, attempts == 0)
 		switch {
 		case errors.Is(err, errStreamClosed):
 			continue
@@ -409,10 +412,11 @@ func (st *clientStream) retire() {
 	}
 }
 
-// do sends op on st and waits for its result or ctx. The error is
-// errStreamClosed if st takes no new operations, the stream's error (as a
-// status) if it ended before the result came, or ctx's.
-func (st *clientStream) do(ctx context.Context, op *keylessv1.Operation) (*keylessv1.OperationResult, error) {
+// do sends op on st and waits for its result or ctx; with watch, it ends
+// st as stalled if no result arrives on st for too long (see stallMin).
+// The error is errStreamClosed if st takes no new operations, the stream's
+// error (as a status) if it ended before the result came, or ctx's.
+func (st *clientStream) do(ctx context.Context, op *keylessv1.Operation, watch bool) (*keylessv1.OperationResult, error) {
 	p := &pendingOp{done: make(chan *keylessv1.OperationResult, 1)}
 	st.mu.Lock()
 	if st.err != nil || st.retired {
@@ -435,7 +439,10 @@ func (st *clientStream) do(ctx context.Context, op *keylessv1.Operation) (*keyle
 	sent := time.Now()
 	// A nil stalled never fires: the stream is not watched.
 	var stalled <-chan time.Time
-	stallAfter := st.streams.stallAfter(ctx, st.rtt)
+	var stallAfter time.Duration
+	if watch {
+		stallAfter = st.streams.stallAfter(ctx, st.rtt)
+	}
 	if stallAfter > 0 {
 		timer := time.NewTimer(stallAfter)
 		defer timer.Stop()
