@@ -34,8 +34,14 @@ type faultProxy struct {
 	blackholed bool
 	conns      []net.Conn
 	reads      []proxyRead
-	// edgeClosed is when the edge first closed a connection while it was
-	// blackholed: its keepalive gave up.
+	links      []*proxyLink
+}
+
+// proxyLink is one relayed connection.
+type proxyLink struct {
+	accepted time.Time
+	// edgeClosed is when the edge closed the connection while the proxy
+	// was blackholed: its keepalive gave up.
 	edgeClosed time.Time
 }
 
@@ -81,6 +87,7 @@ func (p *faultProxy) addr() string { return p.ln.Addr().String() }
 
 func (p *faultProxy) relay(edge net.Conn) {
 	defer edge.Close()
+	l := &proxyLink{accepted: time.Now()}
 	ks, err := net.Dial("tcp", p.target)
 	if err != nil {
 		return
@@ -88,16 +95,17 @@ func (p *faultProxy) relay(edge net.Conn) {
 	defer ks.Close()
 	p.mu.Lock()
 	p.conns = append(p.conns, edge, ks)
+	p.links = append(p.links, l)
 	p.mu.Unlock()
 	var wg sync.WaitGroup
-	wg.Go(func() { p.pipe(ks, edge, true) })
-	wg.Go(func() { p.pipe(edge, ks, false) })
+	wg.Go(func() { p.pipe(l, ks, edge, true) })
+	wg.Go(func() { p.pipe(l, edge, ks, false) })
 	wg.Wait()
 }
 
-// pipe copies src to dst unless the proxy is blackholed, recording each
-// read; when either side ends, both are closed.
-func (p *faultProxy) pipe(dst, src net.Conn, up bool) {
+// pipe copies src to dst for l unless the proxy is blackholed, recording
+// each read; when either side ends, both are closed.
+func (p *faultProxy) pipe(l *proxyLink, dst, src net.Conn, up bool) {
 	defer dst.Close()
 	defer src.Close()
 	b := make([]byte, 32<<10)
@@ -108,8 +116,8 @@ func (p *faultProxy) pipe(dst, src net.Conn, up bool) {
 			p.reads = append(p.reads, proxyRead{at: time.Now(), n: n, up: up})
 		}
 		drop := p.blackholed
-		if err != nil && up && drop && p.edgeClosed.IsZero() {
-			p.edgeClosed = time.Now()
+		if err != nil && up && drop && l.edgeClosed.IsZero() {
+			l.edgeClosed = time.Now()
 		}
 		p.mu.Unlock()
 		if err != nil {
@@ -142,12 +150,25 @@ func (p *faultProxy) readsBetween(from, to time.Time, up bool) []proxyRead {
 	return out
 }
 
-// closedByEdge returns when the edge closed a blackholed connection, or
-// the zero time.
-func (p *faultProxy) closedByEdge() time.Time {
+// closedByEdge returns when the edge had closed every connection accepted
+// before since (the last close), or the zero time while one is still
+// open.
+func (p *faultProxy) closedByEdge(since time.Time) time.Time {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.edgeClosed
+	var last time.Time
+	for _, l := range p.links {
+		if !l.accepted.Before(since) {
+			continue
+		}
+		if l.edgeClosed.IsZero() {
+			return time.Time{}
+		}
+		if l.edgeClosed.After(last) {
+			last = l.edgeClosed
+		}
+	}
+	return last
 }
 
 // linkEdge describes an in-process edge (tlscore, as cmd/edge wires it) for
@@ -312,7 +333,7 @@ func TestDistantLinkNoSecondRoundTrip(t *testing.T) {
 // silent keyserver's stream are sent again to the other once the stream
 // has been silent for max(500 ms, 2 RTT). Logged: how many operations were
 // sent again, when the edge stopped sending, and when its keepalive
-// dropped the connection.
+// dropped its connections.
 func TestDistantKeyserverGoesSilent(t *testing.T) {
 	c := startCluster(t, clusterOptions{keyservers: 2, rsa: true})
 	for _, rtt := range []time.Duration{80 * time.Millisecond, 300 * time.Millisecond} {
@@ -325,7 +346,8 @@ func TestDistantKeyserverGoesSilent(t *testing.T) {
 				addrs: []string{a0, a1}, keepalive: keepalive, metrics: tlscore.NewMetrics(reg)}.start(t)
 			rsa12 := c.clientConfig(clusterRSA)
 			rsa12.MaxVersion = tls.VersionTLS12
-			l := startLoad(edge, 4, c.clientConfig(clusterECDSA), c.clientConfig(clusterRSA), rsa12)
+			const clients = 4
+			l := startLoad(edge, clients, c.clientConfig(clusterECDSA), c.clientConfig(clusterRSA), rsa12)
 			halt := sync.OnceFunc(l.halt)
 			defer halt()
 			l.waitOK(t, 40)
@@ -338,12 +360,14 @@ func TestDistantKeyserverGoesSilent(t *testing.T) {
 			okBefore, failedBefore := l.ok.Load(), l.failed.Load()
 			silentAt := time.Now()
 			p1.blackhole()
-			for deadline := silentAt.Add(keepalive + 3*tlscore.DefaultCallTimeout + 10*time.Second); p1.closedByEdge().IsZero(); time.Sleep(50 * time.Millisecond) {
+			// The edge's connections to it: the link's, and the health
+			// watch's.
+			for deadline := silentAt.Add(keepalive + 3*tlscore.DefaultCallTimeout + 10*time.Second); p1.closedByEdge(silentAt).IsZero(); time.Sleep(50 * time.Millisecond) {
 				if time.Now().After(deadline) {
-					t.Fatalf("the edge did not drop its connection to the silent keyserver within %v", deadline.Sub(silentAt))
+					t.Fatalf("the edge did not drop its connections to the silent keyserver within %v", deadline.Sub(silentAt))
 				}
 			}
-			dropped := p1.closedByEdge().Sub(silentAt)
+			dropped := p1.closedByEdge(silentAt).Sub(silentAt)
 			time.Sleep(time.Second)
 			halt()
 			retries := sumCounter(t, reg, "keyless_edge_keyserver_call_retries_total", "keyserver", a1)
@@ -353,19 +377,24 @@ func TestDistantKeyserverGoesSilent(t *testing.T) {
 			// the ClientHello of the next (~1.5 KB).
 			var lastOp time.Duration
 			var sent []string
+			opMessages := 0
 			for _, r := range p1.readsBetween(silentAt, time.Now(), true) {
 				sent = append(sent, fmt.Sprintf("%v:%d", r.at.Sub(silentAt).Round(time.Millisecond), r.n))
 				if r.n > 100 && r.n < 1024 {
 					lastOp = r.at.Sub(silentAt)
+					opMessages++
 				}
 			}
 			t.Logf("sent into the silent path (time after it went silent:bytes): %v", sent)
 			ok, failed := l.ok.Load()-okBefore, l.failed.Load()-failedBefore
 			t.Logf("RTT %v, one keyserver silent: %d handshakes ok, %d failed, %d over 1 s; %v operations sent again to the other keyserver; "+
-				"the last operation reached the silent path %v after it went silent; the edge's keepalive dropped the connection after %v",
+				"the last operation reached the silent path %v after it went silent; the edge's keepalive dropped its connections after %v",
 				rtt, ok, failed, l.slow.Load(), retries, lastOp.Round(time.Millisecond), dropped.Round(time.Millisecond))
 			if failed != 0 {
 				t.Errorf("%d handshakes failed while one of two keyservers was silent; want 0 (first: %s)", failed, l.firstErrors())
+			}
+			if opMessages > clients {
+				t.Errorf("%d messages of operations went into the silent path; want at most %d, one per client: once a stream to it stalls, it gets no more", opMessages, clients)
 			}
 			if retries < 1 {
 				t.Errorf("no operation was sent again after the keyserver went silent; the load did not reach it, or its stream was not found stalled")
