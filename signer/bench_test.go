@@ -21,20 +21,24 @@ import (
 
 // newBenchService returns a Service as cmd/keyserver wires one: an audit
 // log (here to io.Discard) fanned out with the metrics, a quota and a
-// limiter, over in-memory keys.
-func newBenchService(b *testing.B) *Service {
+// limiter, over in-memory keys. tweaks change its Config.
+func newBenchService(b *testing.B, tweaks ...func(*Config)) *Service {
 	b.Helper()
 	var svc *Service
 	metrics := NewMetrics(prometheus.NewRegistry(), func() *Policy { return svc.Policy() })
 	keys := newTestMemoryStore(b)
-	svc, err := NewService(Config{
+	cfg := Config{
 		Keys:          keys,
 		Policy:        testPolicy(b),
 		Quota:         Quota{MaxInFlight: 256},
 		Audit:         MultiAuditor(NewAuditLog(io.Discard), metrics),
 		MaxConcurrent: 4,
 		MaxQueued:     1024,
-	})
+	}
+	for _, tweak := range tweaks {
+		tweak(&cfg)
+	}
+	svc, err := NewService(cfg)
 	if err != nil {
 		b.Fatalf("NewService() = %v", err)
 	}
@@ -49,7 +53,12 @@ func newBenchService(b *testing.B) *Service {
 // certificate.
 func newBenchClient(b *testing.B, opts ...grpc.ServerOption) keylessv1.KeylessServiceClient {
 	b.Helper()
-	svc := newBenchService(b)
+	return newBenchClientOf(b, newBenchService(b), opts...)
+}
+
+// newBenchClientOf is newBenchClient for the Service svc.
+func newBenchClientOf(b *testing.B, svc *Service, opts ...grpc.ServerOption) keylessv1.KeylessServiceClient {
+	b.Helper()
 	lis := bufconn.Listen(1 << 20)
 	opts = append(append(link.ServerOptions(), grpc.Creds(credentials.NewTLS(thePKI().serverTLS())),
 		grpc.StatsHandler(svc.StatsHandler())), opts...)

@@ -158,6 +158,10 @@ func (s *Service) RegisterQueueMetrics(reg prometheus.Registerer) {
 			Help: "KeylessService.Stream calls open: edges sending key operations on a stream.",
 		}, func() float64 { return float64(s.openStreams()) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: "keyless", Subsystem: "keyserver", Name: "stream_workers",
+			Help: "Goroutines performing the operations of KeylessService.Stream calls, over all streams: started as operations need them, at most 2 × -max-concurrent per stream, each ending after a second without an operation.",
+		}, func() float64 { return float64(s.workersRunning.Load()) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Namespace: "keyless", Subsystem: "keyserver", Name: "hsm_queue_depth",
 			Help: "Key operations waiting for a free HSM slot (see -max-concurrent, -max-queued).",
 		}, func() float64 { return float64(s.limit.queueDepth()) }),

@@ -87,6 +87,8 @@ type Config struct {
 
 	// resultDelay replaces maxResultDelay in tests.
 	resultDelay time.Duration
+	// workerIdle replaces streamWorkerIdle in tests.
+	workerIdle time.Duration
 }
 
 // Validate reports whether the configuration is usable. A value out of
@@ -147,8 +149,13 @@ type Service struct {
 	// resultDelay bounds how long a Stream's result waits for others to
 	// share its message (see serverStream.hold).
 	resultDelay time.Duration
+	// workerIdle is how long a Stream's worker waits for an operation
+	// before it ends (see serverStream.work).
+	workerIdle time.Duration
 	// traffic counts the messages of every Stream and what they carry.
 	traffic streamTraffic
+	// workersRunning counts the workers of every Stream.
+	workersRunning atomic.Int64
 	// maxStreamsPerIdentity is Config.MaxStreamsPerIdentity.
 	maxStreamsPerIdentity int
 	// streamsMu guards the open streams, their number per identity, and
@@ -182,6 +189,7 @@ func NewService(cfg Config) (*Service, error) {
 
 		streamWorkers: 2 * cfg.MaxConcurrent,
 		resultDelay:   cfg.resultDelay,
+		workerIdle:    cfg.workerIdle,
 		streams:       make(map[*serverStream]struct{}),
 		streamsOf:     make(map[string]int),
 
@@ -195,6 +203,9 @@ func NewService(cfg Config) (*Service, error) {
 	}
 	if s.resultDelay == 0 {
 		s.resultDelay = maxResultDelay
+	}
+	if s.workerIdle == 0 {
+		s.workerIdle = streamWorkerIdle
 	}
 	s.policy.Store(cfg.Policy)
 	return s, nil

@@ -28,6 +28,12 @@ const (
 	// the client is held back by HTTP/2 flow control: a stream never queues
 	// more than this in the keyserver.
 	maxStreamInFlight = 256
+
+	// streamWorkerIdle is how long a stream's worker waits for an
+	// operation before it ends. Under steady load a worker never waits
+	// that long, so workers are not started and ended per operation; an
+	// idle stream is back to its reader and handler goroutines after it.
+	streamWorkerIdle = time.Second
 )
 
 // Audited operations of streams (see AuditRecord.Op).
@@ -63,10 +69,11 @@ func (s *Service) Drain() {
 
 // Stream implements KeylessService.Stream. A stream's operations go
 // through the same checks, limiter, quotas and audit trail as Sign and
-// Decrypt, on worker goroutines that live as long as the stream, started
-// as operations need them up to twice Config.MaxConcurrent (so that the key
-// store is kept at its bound while other workers check requests and write
-// audit records). Results are sent by the workers themselves, each message
+// Decrypt, on worker goroutines started as operations need them up to
+// twice Config.MaxConcurrent (so that the key store is kept at its bound
+// while other workers check requests and write audit records); a worker
+// that has had nothing to do for a second ends, so an idle stream costs
+// two goroutines, its handler and its reader. Results are sent by the workers themselves, each message
 // carrying every result ready at that moment; while more operations are
 // unfinished than the key store performs at once, a result waits up to
 // 2 ms for others, so that under load results share messages (see
@@ -77,7 +84,7 @@ func (s *Service) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest
 		s:      s,
 		stream: stream,
 		ctx:    stream.Context(),
-		jobs:   make(chan streamJob, maxStreamInFlight),
+		jobs:   make(chan *streamJob, maxStreamInFlight),
 		slots:  make(chan struct{}, maxStreamInFlight),
 		wake:   make(chan struct{}, 1),
 	}
@@ -132,14 +139,20 @@ type serverStream struct {
 	stream grpc.BidiStreamingServer[keylessv1.StreamRequest, keylessv1.StreamResponse]
 	ctx    context.Context
 
-	jobs  chan streamJob // received, for the workers
-	slots chan struct{}  // one per operation in flight
-	wake  chan struct{}  // tells serve that a Send failed or the stream drained (signal)
+	// jobs holds the operations received, for the workers. Its buffer
+	// is allocated with the stream and kept while it is open, idle or
+	// not, so its elements are pointers: 8 bytes each, not a streamJob's
+	// 48.
+	jobs  chan *streamJob
+	slots chan struct{} // one per operation in flight
+	wake  chan struct{} // tells serve that a Send failed or the stream drained (signal)
 
-	// The workers, started by the reader as operations need them (so an
-	// idle stream costs two goroutines), at most s.streamWorkers.
+	// The workers, started by the reader as operations need them, at
+	// most s.streamWorkers at once; each ends after s.workerIdle without
+	// an operation (see work), so an idle stream costs two goroutines.
 	workers sync.WaitGroup
-	started int          // workers started (guarded by mu)
+	started int          // workers running (guarded by mu)
+	spawned int          // workers started over the stream's life (guarded by mu)
 	busy    atomic.Int32 // workers performing an operation
 
 	mu       sync.Mutex
@@ -157,11 +170,12 @@ type serverStream struct {
 	sendErr    error // the first Send that failed; nothing is sent after it
 }
 
-// startedWorkers returns the number of workers started so far.
-func (st *serverStream) startedWorkers() int {
+// startedWorkers returns the number of workers running, and the number
+// started over the stream's life.
+func (st *serverStream) startedWorkers() (running, spawned int) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
-	return st.started
+	return st.started, st.spawned
 }
 
 // streamJob is one operation as received.
@@ -343,36 +357,81 @@ func (st *serverStream) read() error {
 				return st.ctx.Err()
 			}
 			st.mu.Lock()
-			closing := st.closing
-			if !closing {
-				st.inFlight++
-				// Start a worker unless one is free for this operation.
-				if st.started < st.s.streamWorkers && int(st.busy.Load())+len(st.jobs) >= st.started {
-					st.started++
-					st.workers.Go(st.work)
-				}
-			}
-			st.mu.Unlock()
-			if closing {
+			if st.closing {
+				st.mu.Unlock()
 				<-st.slots
 				continue
 			}
-			st.jobs <- streamJob{op: op, arrived: arrived, refused: refused}
+			st.inFlight++
+			// Start a worker unless one is free for this operation. The
+			// job is queued under mu, where a worker decides to end (see
+			// retire), so that it never ends with a job left and none to
+			// take it; the send does not block, as jobs holds as many as
+			// slots.
+			if st.started < st.s.streamWorkers && int(st.busy.Load())+len(st.jobs) >= st.started {
+				st.started++
+				st.spawned++
+				st.s.workersRunning.Add(1)
+				st.workers.Go(st.work)
+			}
+			st.jobs <- &streamJob{op: op, arrived: arrived, refused: refused}
+			st.mu.Unlock()
 		}
 	}
 }
 
-// work performs operations until reading has ended.
+// work performs operations until reading has ended or none has come for
+// s.workerIdle. The idle timer is armed only when no job is waiting, so a
+// busy worker does not touch it.
 func (st *serverStream) work() {
-	for j := range st.jobs {
+	defer st.s.workersRunning.Add(-1)
+	var idle *time.Timer
+	for {
+		var (
+			j  *streamJob
+			ok bool
+		)
+		select {
+		case j, ok = <-st.jobs:
+		default:
+			if idle == nil {
+				idle = time.NewTimer(st.s.workerIdle)
+				defer idle.Stop()
+			} else {
+				idle.Reset(st.s.workerIdle)
+			}
+			select {
+			case j, ok = <-st.jobs:
+			case <-idle.C:
+				if st.retire() {
+					return
+				}
+				continue
+			}
+		}
+		if !ok {
+			return
+		}
 		st.busy.Add(1)
 		st.deliver(st.perform(j))
 		st.busy.Add(-1)
 	}
 }
 
+// retire ends an idle worker's count, unless a job has been queued since
+// its timer fired (the reader queues jobs and counts workers under mu).
+func (st *serverStream) retire() bool {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if len(st.jobs) > 0 {
+		return false
+	}
+	st.started--
+	return true
+}
+
 // perform answers one operation as the unary call would.
-func (st *serverStream) perform(j streamJob) *keylessv1.OperationResult {
+func (st *serverStream) perform(j *streamJob) *keylessv1.OperationResult {
 	timeout := link.DefaultOperationTimeout
 	if ms := j.op.GetTimeoutMs(); ms > 0 {
 		timeout = min(time.Duration(ms)*time.Millisecond, link.MaxOperationTimeout)

@@ -478,15 +478,16 @@ func checkFuzzSignature(t *testing.T, req *keylessv1.StreamRequest, id uint64, s
 }
 
 // TestStreamWorkersOnDemand: a stream starts workers as its operations
-// need them, never more than twice MaxConcurrent, so an idle stream costs
-// no worker.
+// need them, never more than twice MaxConcurrent, so a new stream costs
+// no worker. (Workers here never idle long enough to end.)
 func TestStreamWorkersOnDemand(t *testing.T) {
 	key := newBlockingKey(t, testP256Key())
-	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{key}}, MaxConcurrent: 2})
+	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{key}}, MaxConcurrent: 2, workerIdle: time.Hour})
 	st := openStream(t, ts.client)
 	started := func() int {
 		if s := openStreamOf(ts.svc); s != nil {
-			return s.startedWorkers()
+			running, _ := s.startedWorkers()
+			return running
 		}
 		return -1
 	}

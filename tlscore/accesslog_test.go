@@ -283,7 +283,7 @@ func TestAccessLogTCPAndText(t *testing.T) {
 		line = strings.TrimSpace(string(data))
 	}
 	for _, want := range []string{" type=tcp ", " server_name=rsa.example.com ", " tls_version=1.3 ", " resumed=false ",
-		" key_id=" + link.FormatKeyID(mustKeyID(t, testRSAKey().Public())) + " ", " keyserver=bufconn ", // a Client without metrics names keyservers by their connection's address
+		" key_id=" + link.FormatKeyID(mustKeyID(t, testRSAKey().Public())) + " ", " keyserver=ks1.test:443 ", // a Client with a Dialer names keyservers by their configured address
 		" origin=" + origin.Addr().String() + " ", " status=ok ", " bytes_in=5 ", " bytes_out=5 ", ` alpn="" `} {
 		if !strings.Contains(line, want) {
 			t.Errorf("TCP line %q lacks %q", line, want)

@@ -99,3 +99,50 @@ func processCPU() time.Duration {
 	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
+
+// BenchmarkStallWatch measures what watching streams for a stall costs: two
+// clients over the same two in-process keyservers, one with the watch (as
+// any Client of several keyservers has it) and, as the baseline measured in
+// the same run in alternating rounds, one without. It reports the CPU time
+// per operation of each (clients and keyservers together) and
+// watch/nowatch-cpu.
+func BenchmarkStallWatch(b *testing.B) {
+	for _, workers := range []int{1, 16} {
+		b.Run(fmt.Sprintf("workers=%d", workers), func(b *testing.B) {
+			pki := newTestPKI(b)
+			real := newSignerService(b, []crypto.Signer{testP256Key()}, nil)
+			servers := map[string]*testKeyserver{"a:1": startKeyserver(b, pki, real), "b:1": startKeyserver(b, pki, real)}
+			watched := dialTestClient(b, pki, ClientConfig{Addresses: []string{"a:1", "b:1"}}, servers)
+			plain := dialTestClient(b, pki, ClientConfig{Addresses: []string{"a:1", "b:1"}}, servers)
+			plain.streams.failover = false
+			id := mustKeyID(b, testP256Key().Public())
+			alg, _ := link.AlgorithmFor(algECDSA256)
+			d := digest(crypto.SHA256)
+			sign := func(c *Client) []byte {
+				sig, err := c.Sign(b.Context(), id, alg, d, nil)
+				if err != nil {
+					b.Errorf("Sign() = %v", err)
+				}
+				return sig
+			}
+			for range 50 {
+				for _, c := range []*Client{watched, plain} {
+					if sig := sign(c); !ecdsa.VerifyASN1(&testP256Key().PublicKey, d, sig) {
+						b.Fatalf("Sign() = %x; want a signature that verifies", sig)
+					}
+				}
+			}
+			const round = 256
+			var watchCPU, plainCPU time.Duration
+			var n int
+			for b.Loop() {
+				plainCPU += cpuOf(workers, round, func() { sign(plain) })
+				watchCPU += cpuOf(workers, round, func() { sign(watched) })
+				n += round
+			}
+			b.ReportMetric(float64(watchCPU.Nanoseconds())/float64(n), "watch-cpu-ns/op")
+			b.ReportMetric(float64(plainCPU.Nanoseconds())/float64(n), "nowatch-cpu-ns/op")
+			b.ReportMetric(float64(watchCPU)/float64(plainCPU), "watch/nowatch-cpu")
+		})
+	}
+}

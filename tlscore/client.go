@@ -62,18 +62,22 @@ type ClientConfig struct {
 
 	// CallTimeout bounds each call, retries included, unless the caller's
 	// context ends sooner. Zero means DefaultCallTimeout. On a long path
-	// the bound is raised to four times the link's round trip, measured as
-	// the shortest operation that succeeded in the last 10 to 20 seconds,
-	// when that is longer.
+	// the bound is raised to four times the link's round trip, measured for
+	// each keyserver as the shortest operation that succeeded in the last
+	// 10 to 20 seconds, when that is longer: the farthest keyserver's.
 	CallTimeout time.Duration
 
 	// KeepaliveInterval, if positive, makes the client ping a keyserver
 	// whose connection has been quiet for that long and drop the connection
-	// when no answer comes within CallTimeout, so that a keyserver that
-	// vanished without closing its connections is taken out of the balancing
-	// quickly. gRPC raises values under 10 seconds to 10 seconds. The
-	// keyserver's keepalive.EnforcementPolicy.MinTime must be at most this
-	// interval, or it will close the connection. Zero means no pings.
+	// when no answer comes within CallTimeout (at least
+	// DefaultCallTimeout, so that a lowered CallTimeout does not drop a
+	// sound link whose round trip rose for a moment), so that a keyserver
+	// that vanished without closing its connections is taken out of the
+	// balancing even while no operation goes to it. Each ping is a TCP
+	// segment each way, which keeps NAT and firewall state alive. gRPC
+	// raises values under 10 seconds to 10 seconds. The keyserver's
+	// keepalive.EnforcementPolicy.MinTime must be at most this interval, or
+	// it will close the connection. Zero means no pings.
 	KeepaliveInterval time.Duration
 
 	// WindowSize is the HTTP/2 flow-control window of the client's
@@ -108,7 +112,9 @@ type ClientConfig struct {
 	// keyserverHealth), sets keyless_edge_keyserver_up and logs each change
 	// of state once: ready (it reports SERVING), failing (it reports
 	// NOT_SERVING, an HSM fault say, or its link handshake fails), gone (its
-	// connection was refused, or lost) and back (ready again).
+	// connection was refused, or lost and not made again within a second:
+	// a connection the keyserver ends at its -max-connection-age is not
+	// news) and back (ready again).
 	Metrics *Metrics
 }
 
@@ -287,13 +293,19 @@ func Dial(cfg ClientConfig) (*Client, error) {
 			return "none"
 		})), grpc.WithContextDialer(namedDialer(dialer)))
 	} else if dialer != nil {
-		opts = append(opts, grpc.WithContextDialer(dialer))
+		// Named, so that streams tell keyservers apart (see stream.go)
+		// when the dialer's connections share a remote address.
+		opts = append(opts, grpc.WithContextDialer(namedDialer(dialer)))
 	}
 	var keepaliveOpts []grpc.DialOption
 	if cfg.KeepaliveInterval > 0 {
 		keepaliveOpts = append(keepaliveOpts, grpc.WithKeepaliveParams(keepalive.ClientParameters{
-			Time:                cfg.KeepaliveInterval,
-			Timeout:             timeout,
+			Time: cfg.KeepaliveInterval,
+			// gRPC fixes it for the connection's life, so it cannot follow
+			// the measured round trip as call deadlines do; 2 s is over
+			// three times the longest round trip on Earth (a geostationary
+			// hop, ~600 ms).
+			Timeout:             max(timeout, DefaultCallTimeout),
 			PermitWithoutStream: true,
 		}))
 	}
@@ -309,6 +321,7 @@ func Dial(cfg ClientConfig) (*Client, error) {
 		n = dnsStreams
 	}
 	c := newClient(conn, timeout, logger.Named("keyserver_client"), n)
+	c.streams.failover = n > 1
 	c.metrics = cfg.Metrics
 	c.ownConn = true
 	c.handshakes = handshakes
@@ -401,10 +414,11 @@ func (c *Client) Close() error {
 }
 
 // callContext bounds a call by the client's timeout, raised to four times
-// the link's measured round trip when that is longer, or by ctx's own
+// the link's measured round trip when that is longer (the farthest
+// keyserver's, since the call and its retry may go to any), or by ctx's own
 // deadline if that is sooner.
 func (c *Client) callContext(ctx context.Context) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(ctx, c.rtt.deadline(c.timeout))
+	return context.WithTimeout(ctx, max(c.rtt.deadline(c.timeout), rttDeadlineFactor*c.streams.farthest()))
 }
 
 // Sign asks a keyserver to sign digest (for Ed25519, the whole message) with

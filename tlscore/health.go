@@ -52,7 +52,15 @@ type keyserverState struct {
 	since     time.Time // of state
 	wasReady  bool      // it has been ready once
 	lastError string    // the latest reason it is failing or gone
+	conns     uint64    // connections made to it so far
 }
+
+// lostGrace is how long after a health connection ends its keyserver is
+// reported gone, unless a new connection to it was made meanwhile. A
+// keyserver that ends connections at its -max-connection-age (a GOAWAY)
+// is connected again within that time and was never gone; one that
+// refuses connections is reported gone at once, by the failed dial.
+const lostGrace = time.Second
 
 func newKeyserverHealth(logger hclog.Logger, m *Metrics, addrs []string) *keyserverHealth {
 	h := &keyserverHealth{logger: logger, metrics: m, addrs: addrs, states: map[string]*keyserverState{}}
@@ -114,6 +122,33 @@ func (h *keyserverHealth) set(ks, state, reason string) {
 	}
 }
 
+// dialled records a new connection to ks and returns its number.
+func (h *keyserverHealth) dialled(ks string) uint64 {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	s := h.states[ks]
+	if s == nil {
+		s = &keyserverState{}
+		h.states[ks] = s
+	}
+	s.conns++
+	return s.conns
+}
+
+// lost records that connection number conn to ks ended for reason: ks is
+// gone unless another connection to it is made within lostGrace.
+func (h *keyserverHealth) lost(ks string, conn uint64, reason string) {
+	time.AfterFunc(lostGrace, func() {
+		h.mu.Lock()
+		s := h.states[ks]
+		newer := s != nil && s.conns != conn
+		h.mu.Unlock()
+		if !newer {
+			h.set(ks, ksGone, reason)
+		}
+	})
+}
+
 // connected records a link handshake with ks: one that fails makes it
 // failing; one that succeeds says nothing until its health is known.
 func (h *keyserverHealth) connected(ks string, err error) {
@@ -138,7 +173,7 @@ func (h *keyserverHealth) watch(ctx context.Context, tlsCfg *tls.Config, dial fu
 			}
 			return nil, err
 		}
-		return &healthConn{namedConn: namedConn{Conn: c, addr: keyserverAddr(addr)}, health: h}, nil
+		return &healthConn{namedConn: namedConn{Conn: c, addr: keyserverAddr(addr)}, health: h, n: h.dialled(addr)}, nil
 	}
 	opts = append(opts, grpc.WithTransportCredentials(creds), grpc.WithContextDialer(healthDial))
 	for _, addr := range h.addrs {
@@ -220,6 +255,7 @@ func (h *keyserverHealth) state(ks string) string {
 type healthConn struct {
 	namedConn
 	health *keyserverHealth
+	n      uint64 // the connection's number, from keyserverHealth.dialled
 	once   sync.Once
 }
 
@@ -228,7 +264,7 @@ type healthConn struct {
 func (c *healthConn) handshakeFailed() { c.once.Do(func() {}) }
 
 func (c *healthConn) lost(reason string) {
-	c.once.Do(func() { c.health.set(string(c.addr), ksGone, reason) })
+	c.once.Do(func() { c.health.lost(string(c.addr), c.n, reason) })
 }
 
 func (c *healthConn) Read(p []byte) (int, error) {

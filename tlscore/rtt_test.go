@@ -53,17 +53,23 @@ func TestCallDeadlineFollowsRTT(t *testing.T) {
 		name    string
 		timeout time.Duration
 		rtt     time.Duration // 0: no observation
+		far     time.Duration // one keyserver's own round trip; 0: none
 		want    time.Duration
 	}{
-		{"no estimate", 2 * time.Second, 0, 2 * time.Second},
-		{"short path", 2 * time.Second, 80 * time.Millisecond, 2 * time.Second},
-		{"long path", 2 * time.Second, 700 * time.Millisecond, 2800 * time.Millisecond},
-		{"small timeout", 100 * time.Millisecond, 50 * time.Millisecond, 200 * time.Millisecond},
+		{"no estimate", 2 * time.Second, 0, 0, 2 * time.Second},
+		{"short path", 2 * time.Second, 80 * time.Millisecond, 0, 2 * time.Second},
+		{"long path", 2 * time.Second, 700 * time.Millisecond, 0, 2800 * time.Millisecond},
+		{"small timeout", 100 * time.Millisecond, 50 * time.Millisecond, 0, 200 * time.Millisecond},
+		{"one keyserver far", 2 * time.Second, 10 * time.Millisecond, 700 * time.Millisecond, 2800 * time.Millisecond},
+		{"one keyserver near", 2 * time.Second, 10 * time.Millisecond, 10 * time.Millisecond, 2 * time.Second},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			c := &Client{timeout: tt.timeout}
 			c.rtt.observe(tt.rtt)
+			c.streams = newOpStreams(c, 2)
+			c.streams.rtt("near:1").observe(tt.rtt)
+			c.streams.rtt("far:1").observe(tt.far)
 			before := time.Now()
 			ctx, cancel := c.callContext(t.Context())
 			defer cancel()

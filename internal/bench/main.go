@@ -21,6 +21,8 @@ modes:
   loadgen      TLS handshake load (full or resumed)
   hold         open many HTTPS connections and keep them idle
   edgemem      an in-process edge that reports its heap
+  fleet        many edge links on one keyserver, one identity each (the
+               fleet scenario's load), and the keyserver's heap per link
   transport    experiment: CPU per exchange of unary gRPC calls versus one
                batching stream (not part of run)
 
@@ -52,6 +54,8 @@ func Main(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io
 		return runHold(ctx, rest, stdin, stdout, stderr)
 	case "edgemem":
 		return runEdgemem(ctx, rest, stdin, stdout, stderr)
+	case "fleet":
+		return runFleet(ctx, rest, stdin, stdout, stderr)
 	case "transport":
 		return runTransport(ctx, rest, stdout, stderr)
 	case "-h", "-help", "--help", "help":

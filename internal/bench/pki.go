@@ -125,6 +125,7 @@ type linkPKI struct {
 	clientCert, clientKey string
 	serverName            string
 	clientIdentity        string // the URI name of the client certificate
+	ca                    *ca    // issues more client certificates (fleet.go)
 }
 
 const (
@@ -146,6 +147,7 @@ func newLinkPKI(dir string) (*linkPKI, error) {
 		clientKey:      filepath.Join(dir, "edge.key"),
 		serverName:     linkServerName,
 		clientIdentity: linkClientIdentity,
+		ca:             c,
 	}
 	if err := writeCerts(p.caFile, c.cert); err != nil {
 		return nil, err

@@ -76,6 +76,12 @@ func PrintTable(w io.Writer, rows []Row) {
 		func(r Row) string {
 			return fmt.Sprintf("%s\t%d\t%s\t%s\t", r.Name, r.Concurrency, nump(r.Value), r.Note)
 		})
+	section("fleet", "FLEET: links = one connection, stream and identity per link, one operation in flight on each; baseline = one link with as many in flight; same keyserver",
+		"name\tlinks/s\tp50 µs\tp99 µs\tone-link/s\tp50 µs\tp99 µs\tratio\tcpu µs/op links\tone link\tbusy\t",
+		func(r Row) string {
+			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t", r.Name, num(r.OpsPerSec), num(r.P50us), num(r.P99us),
+				nump(r.Baseline), num(r.BaselineP50us), num(r.BaselineP99us), ratioStr(r), cpuStr(r.CPU), cpuStr(r.BaselineCPU), busy(r.MachineBusy))
+		})
 	section("reported", "REPORTED (ratios of an earlier round, not judged: on two shared CPUs they measure CPU sharing too)",
 		"figure\tvalue\tthat round wanted\tfrom\t",
 		func(r Row) string {

@@ -31,8 +31,9 @@ type MemResult struct {
 // Results collects what the runs measured. It is not safe for concurrent
 // use.
 type Results struct {
-	runs map[runKey][]Result // repetitions, in order
-	mem  map[string]MemResult
+	runs  map[runKey][]Result // repetitions, in order
+	mem   map[string]MemResult
+	fleet *FleetResult // the fleet scenario's snapshots (fleet_results.go)
 	// link is the shape of the link scenarios, nil when none ran; their
 	// runs are group "link" (handshakes) and "linkops" (key operations),
 	// what linkWhat(item, rtt).
@@ -339,6 +340,7 @@ func (r *Results) Rows() []Row {
 					m.Conns, m.HeapAllocKiBPerConn, m.StackKiBPerConn)})
 		}
 	}
+	rows = append(rows, r.fleetRows()...)
 	rows = append(rows, r.Reported()...)
 	return append(rows, r.Targets()...)
 }
@@ -487,7 +489,7 @@ func (r *Results) Targets() []Row {
 		rows = append(rows, Row{Name: name, Kind: "target", Value: ptr(value), Unit: unit, Want: want, Met: ptr(met), Note: note})
 	}
 	if r.link == nil {
-		return rows
+		return append(rows, r.fleetTargets()...)
 	}
 	s := r.link
 	near, far, top, base := s.near(), s.farthest(), s.top(), s.base()
@@ -555,6 +557,7 @@ func (r *Results) Targets() []Row {
 			check("W3/"+kind+"/"+rttName(rtt), float64(k.Errors), "failed handshakes", "0", k.Errors == 0 && k.Ops > 0, note)
 		}
 	}
+	rows = append(rows, r.fleetTargets()...)
 	return rows
 }
 

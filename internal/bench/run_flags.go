@@ -32,7 +32,8 @@ type RunConfig struct {
 	// among the same ones.
 	KeyopsConcurrency, HandshakeConcurrency []int
 	// Scenarios selects scenarios by name prefix ("keyops",
-	// "keyops/rsa2048-decrypt", "handshake/tls13", "resume", "edgemem");
+	// "keyops/rsa2048-decrypt", "handshake/tls13", "resume", "edgemem",
+	// "fleet/ecdsa-p256-sign");
 	// nil or "all" means every scenario.
 	Scenarios []string
 	// Repeat runs every figure and its baseline this many times,
@@ -41,6 +42,8 @@ type RunConfig struct {
 	// MemConns is the number of idle connections of the edge memory
 	// scenario.
 	MemConns int
+	// FleetLinks is the number of edge links of the fleet scenario.
+	FleetLinks int
 	// Module is the SoftHSM PKCS #11 module.
 	Module string
 	// KeyserverFlags and EdgeFlags are added to the keyserver's and the
@@ -94,9 +97,10 @@ func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
 	fs.StringVar(&keyopsConc, "keyops-concurrency", "1,4,64", "concurrencies of the key-operation scenarios, both sides (SoftHSM's best lies near 2–8)")
 	fs.StringVar(&hsConc, "handshake-concurrency", "1,32", "concurrencies of the handshake scenarios")
 	fs.StringVar(&conc, "concurrency", "", "concurrencies of every scenario (overrides the two above)")
-	fs.StringVar(&scenarios, "scenarios", "all", "comma-separated scenario name prefixes: keyops, handshake, resume, link, edgemem, or finer such as keyops/ecdsa, handshake/tls12, link/tls13-rsa, link/keyops")
+	fs.StringVar(&scenarios, "scenarios", "all", "comma-separated scenario name prefixes: keyops, handshake, resume, link, edgemem, fleet, or finer such as keyops/ecdsa, handshake/tls12, link/tls13-rsa, link/keyops, fleet/ecdsa")
 	fs.IntVar(&c.Repeat, "repeat", 1, "runs of each figure and its baseline, alternating; the median is kept (for noisy machines)")
 	fs.IntVar(&c.MemConns, "mem-conns", 5000, "idle connections of the edge memory scenario")
+	fs.IntVar(&c.FleetLinks, "fleet-links", 1000, "edge links of the fleet scenario, each its own connection, stream and identity")
 	fs.StringVar(&c.Module, "module", "/usr/lib/softhsm/libsofthsm2.so", "SoftHSM PKCS #11 module")
 	fs.DurationVar(&c.LinkRTT, "link-rtt", 0, "put a relay on 127.0.0.1 that adds this round-trip time between the keyserver and the clients of the keyops, handshake and resume scenarios (0: none); the link scenarios set their own (-link-rtts)")
 	fs.BoolVar(&c.LinkRelay, "link-relay", false, "put the relay in even at -link-rtt 0, to compare runs through the same relay")

@@ -132,6 +132,11 @@ func (o *orchestrator) scenarios(ctx context.Context) error {
 		}
 		o.took("edgemem", start)
 	}
+	if len(o.cfg.selectedOf("fleet", fleetOps)) > 0 {
+		start := time.Now()
+		errs = o.noteErr(errs, o.fleetRun(ctx))
+		o.took("fleet", start)
+	}
 	if err := ctx.Err(); err != nil {
 		return err
 	}

@@ -79,7 +79,7 @@ func (o *orchestrator) startServers(hs, resume, link bool) error {
 	s := &o.srv
 	var err error
 	o.logf("starting keyserver")
-	if s.keyserver, s.ksAddr, s.ksMetrics, err = o.startKeyserver(); err != nil {
+	if s.keyserver, s.ksAddr, s.ksMetrics, err = o.startKeyserver("keyserver", o.policy); err != nil {
 		return err
 	}
 	s.linkAddr = s.ksAddr
@@ -118,13 +118,14 @@ func (o *orchestrator) startServers(hs, resume, link bool) error {
 	return nil
 }
 
-// startKeyserver starts the keyserver and returns it, its address and its
-// metrics listener's ("" for none).
-func (o *orchestrator) startKeyserver() (p *proc, addr, metricsAddr string, err error) {
+// startKeyserver starts a keyserver, whose log is named name, with the
+// policy file policy ("" for none) and the flags extra, and returns it, its
+// address and its metrics listener's ("" for none).
+func (o *orchestrator) startKeyserver(name, policy string, extra ...string) (p *proc, addr, metricsAddr string, err error) {
 	args := []string{"serve", "-listen", "127.0.0.1:0", "-tls-cert", o.link.serverCert, "-tls-key", o.link.serverKey,
 		"-client-ca", o.link.caFile}
-	if o.policy != "" {
-		args = append(args, "-policy", o.policy)
+	if policy != "" {
+		args = append(args, "-policy", policy)
 	}
 	if o.audit != "" {
 		args = append(args, "-audit-log", o.audit)
@@ -133,8 +134,8 @@ func (o *orchestrator) startKeyserver() (p *proc, addr, metricsAddr string, err 
 		// For the stream counters; see keyserverRun.
 		args = append(args, "-metrics-listen", "127.0.0.1:0")
 	}
-	args = append(append(append(args, o.token...), o.linkWindowArgs()...), o.cfg.KeyserverFlags...)
-	p, m, err := o.startReady("keyserver", append(slices.Clone(o.env), o.cfg.KeyserverEnv...), readyKeyserver, readyTimeout,
+	args = append(append(append(append(args, o.token...), o.linkWindowArgs()...), extra...), o.cfg.KeyserverFlags...)
+	p, m, err := o.startReady(name, append(slices.Clone(o.env), o.cfg.KeyserverEnv...), readyKeyserver, readyTimeout,
 		filepath.Join(o.bin, "keyserver"), args...)
 	if err != nil {
 		return nil, "", "", err

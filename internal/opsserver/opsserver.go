@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"regexp"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -21,10 +22,16 @@ import (
 
 // NewRegistry returns a private registry with the Go runtime and process
 // collectors: each process registers its metrics there, never with the
-// global default registry.
+// global default registry. Besides the collector's defaults it exports
+// go_gc_heap_live_bytes (runtime/metrics /gc/heap/live:bytes), the heap
+// the last garbage collection marked live: unlike go_memstats_heap_*, it
+// leaves out garbage not yet collected.
 func NewRegistry() *prometheus.Registry {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(
+		collectors.NewGoCollector(collectors.WithGoCollectorRuntimeMetrics(
+			collectors.GoRuntimeMetricsRule{Matcher: regexp.MustCompile(`^/gc/heap/live:bytes$`)})),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return reg
 }
 

@@ -57,6 +57,8 @@ func TestHandler(t *testing.T) {
 	}
 	if code, body := get("/metrics"); code != 200 || !strings.Contains(body, "go_goroutines") || !strings.Contains(body, "process_") {
 		t.Errorf("/metrics = %d, %.200q; want 200 with the Go and process collectors", code, body)
+	} else if !strings.Contains(body, "\ngo_gc_heap_live_bytes ") {
+		t.Errorf("/metrics has no go_gc_heap_live_bytes sample, the heap live after the last GC")
 	}
 	if code, _ := get("/healthz"); code != 200 {
 		t.Errorf("/healthz = %d, want 200", code)
