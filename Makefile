@@ -31,10 +31,11 @@ FUZZTIME ?= 10m
 fuzz:
 	scripts/fuzz.sh $(FUZZTIME)
 
-## bench: every scenario in one run of ~10 minutes: key operations and
+## bench: every scenario in one run of ~7 minutes: key operations and
 ## handshakes against in-process keys, resumption, the link through a delay
-## relay at RTT 0, 20, 80 and 300 ms with the W1-W3 targets, edge memory;
-## table on stdout, JSON in BENCH_OUT (default bench-results.json); see
+## relay at RTT 0, 20, 80 and 300 ms (W1-W3), edge memory, 1,000 links on one
+## keyserver (W4); table on stdout, JSON in BENCH_OUT (default
+## bench-results.json); see
 ## BENCHMARKS.md. BENCH_FLAGS adds flags of "keyless-bench run", e.g.
 ## BENCH_FLAGS='-scenarios link -link-duration 1s' for the link only.
 BENCH_OUT ?= bench-results.json
