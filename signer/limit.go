@@ -102,16 +102,18 @@ func (l *limiter) acquire(ctx context.Context, identity string, streamed bool) (
 		id = &identitySlots{identity: identity}
 		l.ids[identity] = id
 	}
+	// An operation whose caller has given up takes no slot, even a free
+	// one: the HSM's time goes to operations still awaited.
+	if err := ctx.Err(); err != nil {
+		l.forget(id)
+		l.mu.Unlock()
+		return nil, err
+	}
 	if l.busy < l.capacity && l.turns.Len() == 0 {
 		l.busy++
 		id.running++
 		l.mu.Unlock()
 		return id.releaser(l), nil
-	}
-	if err := ctx.Err(); err != nil {
-		l.forget(id)
-		l.mu.Unlock()
-		return nil, err
 	}
 	if !streamed && l.waiting.Load() >= l.maxQueue {
 		victim := l.mostWaiting()

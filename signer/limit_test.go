@@ -172,6 +172,14 @@ func TestLimiterCancelledWait(t *testing.T) {
 	release()
 	release() // a second call is ignored
 	lt.checkEmpty()
+
+	// Nor does it take a free slot: the caller has given up.
+	for _, streamed := range []bool{false, true} {
+		if _, err := lt.l.acquire(cctx, "b", streamed); !errors.Is(err, context.Canceled) {
+			t.Errorf("acquire(streamed %t) with a cancelled context and a free slot = %v, want context.Canceled", streamed, err)
+		}
+		lt.checkEmpty()
+	}
 }
 
 // TestLimiterQueueBound checks that the bound on waiting unary operations

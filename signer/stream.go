@@ -27,7 +27,16 @@ const (
 	// not yet answered. Beyond it the service stops reading the stream, so
 	// the client is held back by HTTP/2 flow control: a stream never queues
 	// more than this in the keyserver.
-	maxStreamInFlight = 256
+	//
+	// It is as many as an edge keeps in flight by default (its
+	// -max-key-operations), so that an edge's operations are read as they
+	// arrive: an operation's deadline counts from when it is read, and one
+	// left unread in the connection's buffer would get its full time again
+	// once read, and be performed for an edge that has given up on it. Read
+	// at once, an operation queued past its deadline is answered
+	// DEADLINE_EXCEEDED without reaching the HSM, so an overloaded keyserver
+	// spends the HSM on operations that are still awaited.
+	maxStreamInFlight = 1024
 
 	// streamWorkerIdle is how long a stream's worker waits for an
 	// operation before it ends. Under steady load a worker never waits

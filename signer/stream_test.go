@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto"
 	"errors"
+	"fmt"
 	"io"
 	"maps"
 	"strings"
@@ -661,5 +662,49 @@ func checkP256Result(t *testing.T, r *keylessv1.OperationResult) {
 	alg, _ := link.AlgorithmFor(req.GetAlgorithm())
 	if err := verifySignature(testP256Key().Public(), alg, req.GetDigest(), r.GetSign().GetSignature()); err != nil {
 		t.Errorf("operation %d: %v", r.GetId(), err)
+	}
+}
+
+// TestStreamReadsOperationsAsTheyArrive: a stream reads as many
+// operations as an edge keeps in flight by default (1,024), even when the
+// key store performs none of them, so that each one's deadline counts from
+// its arrival; those that wait past it are answered DEADLINE_EXCEEDED
+// without reaching the key. (Left unread in the connection, an operation
+// would get its full time again once read, and be performed for an edge
+// that gave up on it.)
+func TestStreamReadsOperationsAsTheyArrive(t *testing.T) {
+	const inFlight = 1024 // tlscore.DefaultMaxKeyOperations
+	slow := newBlockingKey(t, testP256Key())
+	ts := newTestServer(t, Config{Keys: &testStore{keys: []crypto.Signer{slow}}, MaxConcurrent: 1})
+	st := openStream(t, ts.client)
+	const timeout = 2 * time.Second
+	ops := p256SignOps(t, inFlight)
+	for _, op := range ops {
+		op.TimeoutMs = uint32(timeout.Milliseconds())
+	}
+	sent := time.Now()
+	for i := 0; i < len(ops); i += link.MaxStreamOperations {
+		sendOps(t, st, ops[i:min(i+link.MaxStreamOperations, len(ops))]...)
+	}
+	slow.waitEntered(t) // the first operation holds the key store
+
+	// Every operation is read long before the first deadline, while the
+	// key store is held.
+	for read := ts.svc.traffic.receivedOps.Load(); read < inFlight; read = ts.svc.traffic.receivedOps.Load() {
+		if time.Since(sent) > timeout/2 {
+			t.Fatalf("the keyserver read %d of %d operations in %v while its key store was busy; want every one read as it arrives", read, len(ops), time.Since(sent))
+		}
+		time.Sleep(time.Millisecond)
+	}
+
+	// Every one expires: the first in the key store (its caller gets the
+	// deadline; the call keeps its slot until the key returns), the others
+	// in the keyserver's queue.
+	for id, r := range receiveResults(t, st, len(ops)) {
+		checkStatus(t, fmt.Sprintf("operation %d, past its deadline", id), resultErr(r), codes.DeadlineExceeded, "")
+	}
+	slow.unblock()
+	if n := len(slow.entered); n != 0 {
+		t.Errorf("%d operations reached the key after the first; want none (each was past its deadline)", n)
 	}
 }
