@@ -58,7 +58,7 @@ func BenchmarkClientSign(b *testing.B) {
 			const round = 256
 			var streamCPU, unaryCPU time.Duration
 			var n int
-			reqs0, resps0 := streamKS.frames.get(http2.FrameData)
+			reqs0, resps0 := streamKS.frames.Get(http2.FrameData)
 			for b.Loop() {
 				// Each iteration is one round of each, so that both see
 				// the same machine.
@@ -71,7 +71,7 @@ func BenchmarkClientSign(b *testing.B) {
 			b.ReportMetric(float64(streamCPU)/float64(unaryCPU), "stream/unary-cpu")
 			// Each stream message is one DATA frame: how many operations
 			// share a message.
-			reqs, resps := streamKS.frames.get(http2.FrameData)
+			reqs, resps := streamKS.frames.Get(http2.FrameData)
 			b.ReportMetric(float64(reqs-reqs0)/float64(n), "stream-requests/op")
 			b.ReportMetric(float64(resps-resps0)/float64(n), "stream-responses/op")
 		})

@@ -32,6 +32,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
 
+	"github.com/keyless-tls/keyless/internal/h2frames"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 	"github.com/keyless-tls/keyless/signer"
@@ -310,7 +311,7 @@ func (r *opRecorder) lastSign() *keylessv1.SignRequest {
 type testKeyserver struct {
 	lis    *bufconn.Listener
 	ops    *opRecorder
-	frames *frameCounts // HTTP/2 frames the keyserver read and wrote
+	frames *h2frames.Counts // HTTP/2 frames the keyserver read and wrote
 	srv    *grpc.Server
 	health *health.Server
 }
@@ -328,8 +329,8 @@ func startKeyserverWithHealth(t testing.TB, pki *testPKI, svc keylessv1.KeylessS
 	if err != nil {
 		t.Fatal(err)
 	}
-	ks := &testKeyserver{lis: bufconn.Listen(1 << 20), ops: &opRecorder{}, frames: &frameCounts{}}
-	srv := grpc.NewServer(append(append(link.ServerOptions(), grpc.Creds(countingCreds{credentials.NewTLS(cfg), ks.frames}),
+	ks := &testKeyserver{lis: bufconn.Listen(1 << 20), ops: &opRecorder{}, frames: &h2frames.Counts{}}
+	srv := grpc.NewServer(append(append(link.ServerOptions(), grpc.Creds(h2frames.ServerCredentials(credentials.NewTLS(cfg), ks.frames)),
 		grpc.ChainUnaryInterceptor(ks.ops.intercept), grpc.ChainStreamInterceptor(ks.ops.interceptStream)), opts...)...)
 	keylessv1.RegisterKeylessServiceServer(srv, svc)
 	hs := health.NewServer()

@@ -201,9 +201,9 @@ func TestLinkWindowsAreStatic(t *testing.T) {
 			t.Fatalf("Sign() %d = %v", i, err)
 		}
 	}
-	pingsIn, pingsOut := ks.frames.get(http2.FramePing)
-	updatesIn, updatesOut := ks.frames.get(http2.FrameWindowUpdate)
-	dataIn, dataOut := ks.frames.get(http2.FrameData)
+	pingsIn, pingsOut := ks.frames.Get(http2.FramePing)
+	updatesIn, updatesOut := ks.frames.Get(http2.FrameWindowUpdate)
+	dataIn, dataOut := ks.frames.Get(http2.FrameData)
 	t.Logf("keyserver read %d DATA, %d PING, %d WINDOW_UPDATE frames and wrote %d, %d, %d", dataIn, pingsIn, updatesIn, dataOut, pingsOut, updatesOut)
 	if pingsIn+pingsOut > 0 {
 		t.Errorf("%d operations brought %d PING frames from the edge and %d to it; want none", ops, pingsIn, pingsOut)

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/credentials"
 
 	"github.com/keyless-tls/keyless/hsm"
+	"github.com/keyless-tls/keyless/internal/h2frames"
 	"github.com/keyless-tls/keyless/link"
 	"github.com/keyless-tls/keyless/tlscore"
 )
@@ -41,7 +42,7 @@ func (f *loadFlags) register(fs *flag.FlagSet) {
 // this process in Result.CPU.
 // frames, if not nil, are the frames of the load's connection: the result
 // then has its frames per operation over the measurement window.
-func (f *loadFlags) measure(ctx context.Context, name, self string, op Op, frames *frameCounts) (Result, error) {
+func (f *loadFlags) measure(ctx context.Context, name, self string, op Op, frames *h2frames.Counts) (Result, error) {
 	watch, err := parseWatch(f.watch)
 	if err != nil {
 		return Result{}, err
@@ -54,9 +55,9 @@ func (f *loadFlags) measure(ctx context.Context, name, self string, op Op, frame
 	if frames != nil {
 		load.AtWindow = func(end bool) {
 			if end {
-				at[1], ended = frames.snapshot(), true
+				at[1], ended = framesNow(frames), true
 			} else {
-				at[0] = frames.snapshot()
+				at[0] = framesNow(frames)
 			}
 		}
 	}
@@ -98,7 +99,7 @@ func (f *linkFlags) tlsConfig() (*tls.Config, error) {
 // the edge's transport options, then opts: what the edge's client does,
 // without its balancing and retry service config. Its HTTP/2 frames are
 // counted in frames, if not nil.
-func (f *linkFlags) dial(addr string, frames *frameCounts, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
+func (f *linkFlags) dial(addr string, frames *h2frames.Counts, opts ...grpc.DialOption) (*grpc.ClientConn, error) {
 	if err := link.ValidateWindowSize(f.window); err != nil {
 		return nil, fmt.Errorf("bench: -link-window: %w", err)
 	}
@@ -108,7 +109,7 @@ func (f *linkFlags) dial(addr string, frames *frameCounts, opts ...grpc.DialOpti
 	}
 	creds := credentials.NewTLS(cfg)
 	if frames != nil {
-		creds = countingCreds{creds, frames}
+		creds = h2frames.ClientCredentials(creds, frames)
 	}
 	opts = append(append(link.DialOptions(link.WithWindowSize(f.window)), grpc.WithTransportCredentials(creds)), opts...)
 	conn, err := grpc.NewClient("passthrough:///"+addr, opts...)

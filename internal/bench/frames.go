@@ -1,47 +1,22 @@
 package bench
 
 import (
-	"context"
-	"net"
-	"sync"
-
+	"github.com/keyless-tls/keyless/internal/h2frames"
 	"golang.org/x/net/http2"
-	"google.golang.org/grpc/credentials"
 )
 
-// frameCounts counts the HTTP/2 frames of a client's connections by type,
-// as written (towards the keyserver) and as read. It is safe for
-// concurrent use.
-type frameCounts struct {
-	mu            sync.Mutex
-	read, written map[http2.FrameType]int64
-}
-
-func (c *frameCounts) add(written bool, ft http2.FrameType) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.read == nil {
-		c.read, c.written = make(map[http2.FrameType]int64), make(map[http2.FrameType]int64)
-	}
-	if written {
-		c.written[ft]++
-	} else {
-		c.read[ft]++
-	}
-}
-
-// frameSnapshot is frameCounts at one moment, keyed "out DATA", "in PING"
-// and so on.
+// frameSnapshot is a connection's frame counts at one moment, keyed "out
+// DATA", "in PING" and so on.
 type frameSnapshot map[string]int64
 
-func (c *frameCounts) snapshot() frameSnapshot {
-	c.mu.Lock()
-	defer c.mu.Unlock()
+// framesNow returns c's counts now, "out" for frames written.
+func framesNow(c *h2frames.Counts) frameSnapshot {
+	read, written := c.Snapshot()
 	s := frameSnapshot{}
-	for ft, n := range c.written {
+	for ft, n := range written {
 		s["out "+ft.String()] = n
 	}
-	for ft, n := range c.read {
+	for ft, n := range read {
 		s["in "+ft.String()] = n
 	}
 	return s
@@ -67,69 +42,4 @@ func perOp(a, b frameSnapshot, ops int64) map[string]float64 {
 		}
 	}
 	return out
-}
-
-// countingCreds wraps client credentials so that every connection's
-// HTTP/2 frames, in the clear above TLS, are counted.
-type countingCreds struct {
-	credentials.TransportCredentials
-	counts *frameCounts
-}
-
-func (c countingCreds) ClientHandshake(ctx context.Context, authority string, raw net.Conn) (net.Conn, credentials.AuthInfo, error) {
-	conn, info, err := c.TransportCredentials.ClientHandshake(ctx, authority, raw)
-	if err != nil {
-		return conn, info, err
-	}
-	return &countingConn{Conn: conn, counts: c.counts, out: frameScanner{skip: len(http2.ClientPreface)}}, info, nil
-}
-
-func (c countingCreds) Clone() credentials.TransportCredentials {
-	return countingCreds{c.TransportCredentials.Clone(), c.counts}
-}
-
-// countingConn counts the frames read from and written to a connection.
-// gRPC reads from one goroutine and writes from one, so each scanner has a
-// single user.
-type countingConn struct {
-	net.Conn
-	counts  *frameCounts
-	in, out frameScanner
-}
-
-func (c *countingConn) Read(b []byte) (int, error) {
-	n, err := c.Conn.Read(b)
-	c.in.scan(b[:n], func(ft http2.FrameType) { c.counts.add(false, ft) })
-	return n, err
-}
-
-func (c *countingConn) Write(b []byte) (int, error) {
-	c.out.scan(b, func(ft http2.FrameType) { c.counts.add(true, ft) })
-	return c.Conn.Write(b)
-}
-
-// frameScanner finds frame headers in one direction of an HTTP/2
-// connection, however its bytes are split.
-type frameScanner struct {
-	skip int    // bytes still to pass over: the preface, then a frame's payload
-	hdr  []byte // a frame header read in part
-}
-
-func (s *frameScanner) scan(b []byte, frame func(http2.FrameType)) {
-	for len(b) > 0 {
-		if s.skip > 0 {
-			n := min(s.skip, len(b))
-			s.skip -= n
-			b = b[n:]
-			continue
-		}
-		n := min(9-len(s.hdr), len(b))
-		s.hdr = append(s.hdr, b[:n]...)
-		b = b[n:]
-		if len(s.hdr) == 9 {
-			frame(http2.FrameType(s.hdr[3]))
-			s.skip = int(s.hdr[0])<<16 | int(s.hdr[1])<<8 | int(s.hdr[2])
-			s.hdr = s.hdr[:0]
-		}
-	}
 }

@@ -1,43 +1,13 @@
 package bench
 
 import (
-	"bytes"
 	"context"
 	"maps"
 	"slices"
 	"sync/atomic"
 	"testing"
 	"time"
-
-	"golang.org/x/net/http2"
 )
-
-// TestFrameScanner: frames written by http2.Framer after the client
-// preface are found whatever the split of the bytes, payloads skipped.
-func TestFrameScanner(t *testing.T) {
-	var buf bytes.Buffer
-	buf.WriteString(http2.ClientPreface)
-	fr := http2.NewFramer(&buf, nil)
-	fr.WriteSettings()
-	fr.WriteData(1, false, bytes.Repeat([]byte{0}, 300)) // a payload that holds header-like bytes
-	fr.WritePing(false, [8]byte{0, 0, 9, 1})
-	fr.WriteWindowUpdate(0, 1000)
-	fr.WriteData(3, true, []byte("x"))
-	want := map[string]int64{"out SETTINGS": 1, "out DATA": 2, "out PING": 1, "out WINDOW_UPDATE": 1}
-	for _, step := range []int{1, 2, 7, 9, 10, 1000} {
-		c := &frameCounts{}
-		s := frameScanner{skip: len(http2.ClientPreface)}
-		b := buf.Bytes()
-		for len(b) > 0 {
-			n := min(step, len(b))
-			s.scan(b[:n], func(ft http2.FrameType) { c.add(true, ft) })
-			b = b[n:]
-		}
-		if got := c.snapshot(); !maps.Equal(map[string]int64(got), want) {
-			t.Errorf("chunks of %d bytes: frames %v, want %v", step, got, want)
-		}
-	}
-}
 
 func TestPerOp(t *testing.T) {
 	a := frameSnapshot{"out DATA": 10, "in DATA": 10, "in SETTINGS": 2}

@@ -15,6 +15,7 @@ import (
 	"google.golang.org/grpc"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 
+	"github.com/keyless-tls/keyless/internal/h2frames"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 	"github.com/keyless-tls/keyless/tlscore"
@@ -150,7 +151,7 @@ func runKeyops(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if relay != nil {
 		defer relay.Close()
 	}
-	frames := &frameCounts{}
+	frames := &h2frames.Counts{}
 	conn, err := link.dial(dialAddr, frames)
 	if err != nil {
 		return err
