@@ -16,6 +16,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/common/expfmt"
 	"github.com/prometheus/common/model"
 
@@ -26,8 +27,9 @@ import (
 // The "fleet" mode is the load generator of the fleet scenario: many edge
 // links on one keyserver. It opens one link as the bench's edge identity
 // (the single link), then, when told, one link per client certificate of
-// -links, each a tlscore.Client of its own (one connection, one stream, as
-// an edge keeps per keyserver). It answers commands on standard input,
+// -links, each a tlscore.Client of its own, as cmd/edge keeps one per
+// keyserver (a connection with one stream, and a second connection for its
+// health watch). It answers commands on standard input,
 // one JSON line each on standard output:
 //
 //	snapshot PHASE   the keyserver's memory and goroutines (FleetSnapshot)
@@ -232,10 +234,12 @@ func readLinkCerts(path string) ([]tls.Certificate, error) {
 	return certs, nil
 }
 
-// dial returns a tlscore.Client for the keyserver with cfg, as an edge
-// makes one (no metrics: one connection, with its health watch stream).
+// dial returns a tlscore.Client for the keyserver with cfg, as cmd/edge
+// makes one: with metrics, so also with the second connection on which it
+// watches the keyserver's health.
 func (c *fleetChild) dial(cfg *tls.Config) (*tlscore.Client, error) {
-	return tlscore.Dial(tlscore.ClientConfig{Addresses: []string{c.addr}, TLS: cfg, CallTimeout: c.timeout, WindowSize: c.lk.window})
+	return tlscore.Dial(tlscore.ClientConfig{Addresses: []string{c.addr}, TLS: cfg, CallTimeout: c.timeout, WindowSize: c.lk.window,
+		Metrics: tlscore.NewMetrics(prometheus.NewRegistry())})
 }
 
 // touch performs one operation on l, which opens its stream, retrying

@@ -26,11 +26,12 @@ func (f *FleetResult) perLink() fleetPerLink {
 	}
 }
 
-// Goroutines the keyserver keeps for an idle link: gRPC's reader, writer
-// and keepalive goroutines of the connection, the client's health watch
-// stream, and the Stream's handler and reader. Stream workers are not
-// among them: they end when idle.
-const fleetGoroutinesPerIdleLink = 6
+// Goroutines the keyserver keeps for an idle link as cmd/edge makes it,
+// two connections: gRPC's reader, writer and keepalive goroutines of each
+// (6), the health Watch stream on each (2: gRPC's health checking on the
+// link, the edge's own watch on the other), and the Stream's handler and
+// reader (2). Stream workers are not among them: they end when idle.
+const fleetGoroutinesPerIdleLink = 10
 
 // fleetMaxWorkersIdle bounds the time the stream workers may take to end
 // after the last operation: their idle time (streamWorkerIdle, one
@@ -56,7 +57,7 @@ func (r *Results) fleetRows() []Row {
 				}
 			}
 			if row.Note == "" {
-				row.Note = fmt.Sprintf("%d links, one connection, stream and identity each, one operation in flight on each", n)
+				row.Note = fmt.Sprintf("%d links, each an edge's connections, stream and identity, one operation in flight on each", n)
 			}
 			rows = append(rows, row)
 		}
@@ -96,10 +97,10 @@ func (r *Results) fleetTargets() []Row {
 	}
 	m := f.perLink()
 	check("heap-per-idle-link", m.heapKiB, "KiB", "<= 64", m.heapKiB <= 64,
-		fmt.Sprintf("keyserver go_gc_heap_live_bytes %.1f MiB with %d idle links (one connection and stream each) − %.1f MiB without, after %d and %d GCs driven by operations on another link; goroutine stacks %.1f KiB per link (not heap)",
+		fmt.Sprintf("keyserver go_gc_heap_live_bytes %.1f MiB with %d idle links (two connections each, as cmd/edge makes: the link with its stream, and the health watch) − %.1f MiB without, after %d and %d GCs driven by operations on another link; goroutine stacks %.1f KiB per link (not heap)",
 			f.Idle.HeapLive/(1<<20), f.Links, f.Base.HeapLive/(1<<20), f.Idle.GCCycles, f.Base.GCCycles, m.stackKiB))
 	check("goroutines-per-idle-link", m.goroutines, "goroutines", fmt.Sprintf("<= %d", fleetGoroutinesPerIdleLink), m.goroutines <= fleetGoroutinesPerIdleLink,
-		fmt.Sprintf("keyserver go_goroutines %.0f with %d idle links − %.0f without, stream workers %.0f: gRPC's connection reader, writer and keepalive, the health watch, the Stream's handler and reader",
+		fmt.Sprintf("keyserver go_goroutines %.0f with %d idle links − %.0f without, stream workers %.0f: per connection (two) gRPC's reader, writer and keepalive and a health Watch, and the Stream's handler and reader",
 			f.Idle.Goroutines, f.Links, f.Base.Goroutines, f.Idle.StreamWorkers))
 	if f.After.StreamsOpen > 0 {
 		v := f.After.StreamWorkers

@@ -180,7 +180,7 @@ func TestFleetTargets(t *testing.T) {
 		CPU: map[string]float64{"keyserver": 300, "client": 70, "other": 20}, OpsPerRequest: 1, ResultsPerResponse: 1})
 	r.add(fleetKey(fleetSideSingle, OpRSASign, 1000), Result{Concurrency: 1000, OpsPerSec: 2000})
 	r.add(fleetKey(fleetSideFleet, OpRSASign, 1000), Result{Concurrency: 1000, OpsPerSec: 1900})
-	r.fleet = &FleetResult{Links: 1000, KeyserverFlags: []string{"-max-connections-per-source", "1064"},
+	r.fleet = &FleetResult{Links: 1000, KeyserverFlags: []string{"-max-connections-per-source", "2064"},
 		Base:  FleetSnapshot{HeapLive: 4 << 20, Goroutines: 30, GCCycles: 2},
 		Idle:  FleetSnapshot{HeapLive: 4<<20 + 1000*40*1024, Goroutines: 6030, GCCycles: 3, StreamsOpen: 1001},
 		After: FleetSnapshot{StreamsOpen: 1001, StreamWorkers: 0, WorkersIdleAfter: 1.1},
@@ -210,7 +210,7 @@ func TestFleetTargets(t *testing.T) {
 		}
 	}
 	note := byName["W4/fleet-ratio/ecdsa-p256-sign"].Note
-	for _, want := range []string{"-max-connections-per-source 1064", "keyserver 300 vs 240", "load generator 70 vs 30", "in/out 1.0/1.0 vs 9.5/12.0"} {
+	for _, want := range []string{"-max-connections-per-source 2064", "keyserver 300 vs 240", "load generator 70 vs 30", "in/out 1.0/1.0 vs 9.5/12.0"} {
 		if !strings.Contains(note, want) {
 			t.Errorf("fleet ratio note %q lacks %q", note, want)
 		}

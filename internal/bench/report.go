@@ -76,7 +76,7 @@ func PrintTable(w io.Writer, rows []Row) {
 		func(r Row) string {
 			return fmt.Sprintf("%s\t%d\t%s\t%s\t", r.Name, r.Concurrency, nump(r.Value), r.Note)
 		})
-	section("fleet", "FLEET: links = one connection, stream and identity per link, one operation in flight on each; baseline = one link with as many in flight; same keyserver",
+	section("fleet", "FLEET: links = per link an edge's two connections (link and health watch), one stream and one identity, one operation in flight on each; baseline = one link with as many in flight; same keyserver",
 		"name\tlinks/s\tp50 µs\tp99 µs\tone-link/s\tp50 µs\tp99 µs\tratio\tcpu µs/op links\tone link\tbusy\t",
 		func(r Row) string {
 			return fmt.Sprintf("%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t", r.Name, num(r.OpsPerSec), num(r.P50us), num(r.P99us),

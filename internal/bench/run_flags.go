@@ -100,7 +100,7 @@ func parseRunFlags(args []string, stderr io.Writer) (*RunConfig, error) {
 	fs.StringVar(&scenarios, "scenarios", "all", "comma-separated scenario name prefixes: keyops, handshake, resume, link, edgemem, fleet, or finer such as keyops/ecdsa, handshake/tls12, link/tls13-rsa, link/keyops, fleet/ecdsa")
 	fs.IntVar(&c.Repeat, "repeat", 1, "runs of each figure and its baseline, alternating; the median is kept (for noisy machines)")
 	fs.IntVar(&c.MemConns, "mem-conns", 5000, "idle connections of the edge memory scenario")
-	fs.IntVar(&c.FleetLinks, "fleet-links", 1000, "edge links of the fleet scenario, each its own connection, stream and identity")
+	fs.IntVar(&c.FleetLinks, "fleet-links", 1000, "edge links of the fleet scenario, each its own connections (link and health watch, as cmd/edge), stream and identity")
 	fs.StringVar(&c.Module, "module", "/usr/lib/softhsm/libsofthsm2.so", "SoftHSM PKCS #11 module")
 	fs.DurationVar(&c.LinkRTT, "link-rtt", 0, "put a relay on 127.0.0.1 that adds this round-trip time between the keyserver and the clients of the keyops, handshake and resume scenarios (0: none); the link scenarios set their own (-link-rtts)")
 	fs.BoolVar(&c.LinkRelay, "link-relay", false, "put the relay in even at -link-rtt 0, to compare runs through the same relay")

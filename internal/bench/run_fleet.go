@@ -52,11 +52,11 @@ type FleetResult struct {
 
 // fleetKeyserverFlags are the keyserver limits the scenario sets for n
 // links from 127.0.0.1 plus the single link: connections per source and
-// in all (each link is one connection), requests in flight for the single
-// link's identity (n) and queued in all (n), and streams per identity
-// (each link's identity opens one).
+// in all (each link is two, as cmd/edge makes: the link and its health
+// watch), requests in flight for the single link's identity (n) and queued
+// in all (n), and streams per identity (each link's identity opens one).
 func fleetKeyserverFlags(n int) []string {
-	conns := n + 64
+	conns := 2*n + 64
 	return []string{
 		"-max-connections-per-source", strconv.Itoa(conns),
 		"-max-connections", strconv.Itoa(max(conns, link.DefaultMaxConnections)),
