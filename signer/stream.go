@@ -82,12 +82,13 @@ func (s *Service) Drain() {
 // twice Config.MaxConcurrent (so that the key store is kept at its bound
 // while other workers check requests and write audit records); a worker
 // that has had nothing to do for a second ends, so an idle stream costs
-// two goroutines, its handler and its reader. Results are sent by the workers themselves, each message
-// carrying every result ready at that moment; while more operations are
-// unfinished than the key store performs at once, a result waits up to
-// 2 ms for others, so that under load results share messages (see
-// serverStream.hold). A Stream beyond Config.MaxStreamsPerIdentity of its
-// caller's ends at once with ResourceExhausted.
+// two goroutines, its handler and its reader. Results are sent by the
+// workers themselves, each message carrying every result ready at that
+// moment; while more operations are unfinished than the key store
+// performs at once, a result waits up to 2 ms for others, so that under
+// load results share messages (see serverStream.hold). A Stream beyond
+// Config.MaxStreamsPerIdentity of its caller's ends at once with
+// ResourceExhausted.
 func (s *Service) Stream(stream grpc.BidiStreamingServer[keylessv1.StreamRequest, keylessv1.StreamResponse]) error {
 	st := &serverStream{
 		s:      s,
@@ -247,10 +248,11 @@ func (st *serverStream) deliver(r *keylessv1.OperationResult) {
 // hold reports whether the queued results should wait for others. While
 // more of the stream's operations are unfinished (running or queued) than
 // the key store performs at once (Config.MaxConcurrent, or half of
-// defaultStreamWorkers without a bound), more results come soon, and sending each alone would cost a
-// message and a wake-up on both sides. Otherwise, when a message is full
-// and while draining, results go at once: an operation sent alone, or the
-// last of a burst, never waits. The caller holds st.mu.
+// defaultStreamWorkers without a bound), more results come soon, and
+// sending each alone would cost a message and a wake-up on both sides.
+// Otherwise, when a message is full and while draining, results go at
+// once: an operation sent alone, or the last of a burst, never waits. The
+// caller holds st.mu.
 func (st *serverStream) hold() bool {
 	keyStoreSlots := st.s.streamWorkers / 2
 	return !st.closing &&

@@ -481,8 +481,9 @@ func (r *Results) Reported() []Row {
 // farthest RTT over the rate at the next concurrency down and the nearest
 // RTT; W2, the p50 at concurrency 1 at the farthest RTT over the nearest
 // one's plus one round trip (as measured by the link's empty call, when
-// the link key operations ran; else the RTT set); W3, no failed handshake at the highest concurrency
-// at the farthest RTT and at each further one.
+// the link key operations ran; else the RTT set); W3, no failed
+// handshake at the highest concurrency at the farthest RTT and at each
+// further one.
 func (r *Results) Targets() []Row {
 	var rows []Row
 	check := func(name string, value float64, unit, want string, met bool, note string) {
