@@ -21,14 +21,16 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
+
+	"github.com/keyless-tls/keyless/internal/testpki"
 )
 
 // TestServerCredentials checks the keyserver's handshake: a client is
 // admitted when its certificate chains to the CA and the check accepts it,
 // and every refused handshake is logged once with the names presented.
 func TestServerCredentials(t *testing.T) {
-	pki, other := newTestPKI(t), newTestPKI(t)
-	creds, err := LoadMTLSCredentials(pki.serverCert, pki.serverKey, pki.caFile)
+	pki, other := testpki.NewMTLS(t, keyserverName, edgeIdentity), testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	creds, err := LoadMTLSCredentials(pki.ServerCert, pki.ServerKey, pki.CAFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -48,14 +50,14 @@ func TestServerCredentials(t *testing.T) {
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)
 
-	issueClient := func(p *testPKI, names ...string) (certFile, keyFile string) {
-		k := mustECDSA(elliptic.P256())
-		return writeFile(t, t.TempDir(), "c.pem", certPEM(p.ca.issue(t, k.Public(), leafOptions{client: true, names: names}))),
-			writeFile(t, t.TempDir(), "c.key", keyPEM(t, k))
+	issueClient := func(p *testpki.MTLS, names ...string) (certFile, keyFile string) {
+		k := testpki.MustECDSA(elliptic.P256())
+		return testpki.WriteFile(t, t.TempDir(), "c.pem", testpki.CertPEM(p.CA.Issue(t, k.Public(), testpki.LeafOptions{Client: true, Names: names}))),
+			testpki.WriteFile(t, t.TempDir(), "c.key", testpki.KeyPEM(t, k))
 	}
 	call := func(certFile, keyFile string) error {
 		t.Helper()
-		cfg, err := ClientMTLSConfig(certFile, keyFile, pki.caFile, keyserverName)
+		cfg, err := ClientMTLSConfig(certFile, keyFile, pki.CAFile, keyserverName)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -80,7 +82,7 @@ func TestServerCredentials(t *testing.T) {
 		client client
 		reason string // "" when admitted
 	}{
-		{"listed", client{pki.clientCert, pki.clientKey}, ""},
+		{"listed", client{pki.ClientCert, pki.ClientKey}, ""},
 		{"unlisted", client{unlistedCert, unlistedKey}, "not on the allow-list"},
 		{"other CA", client{otherCert, otherKey}, "certificate signed by unknown authority"},
 	}
@@ -130,7 +132,7 @@ func TestServerCredentials(t *testing.T) {
 	if err := creds.Reload(); err != nil {
 		t.Fatal(err)
 	}
-	if err := call(pki.clientCert, pki.clientKey); err != nil {
+	if err := call(pki.ClientCert, pki.ClientKey); err != nil {
 		t.Errorf("Check() after Reload = %v", err)
 	}
 	c, k := issueClient(pki, "stranger.test")
@@ -142,8 +144,8 @@ func TestServerCredentials(t *testing.T) {
 // TestServerCredentialsNoCertificate checks that a client without a
 // certificate is refused and logged with no names.
 func TestServerCredentialsNoCertificate(t *testing.T) {
-	pki := newTestPKI(t)
-	creds, err := LoadMTLSCredentials(pki.serverCert, pki.serverKey, pki.caFile)
+	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	creds, err := LoadMTLSCredentials(pki.ServerCert, pki.ServerKey, pki.CAFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -151,7 +153,7 @@ func TestServerCredentialsNoCertificate(t *testing.T) {
 	tc := creds.ServerCredentials(nil, hclog.New(&hclog.LoggerOptions{Output: logs}), HandshakeObserver{})
 	server, client := net.Pipe()
 	go func() {
-		cfg := &tls.Config{RootCAs: pki.ca.pool, ServerName: keyserverName, MinVersion: tls.VersionTLS13}
+		cfg := &tls.Config{RootCAs: pki.CA.Pool, ServerName: keyserverName, MinVersion: tls.VersionTLS13}
 		_, _, _ = credentials.NewTLS(cfg).ClientHandshake(t.Context(), keyserverName, client)
 		client.Close()
 	}()
@@ -170,8 +172,8 @@ func TestServerCredentialsNoCertificate(t *testing.T) {
 // with hundreds of names add little to the log: a few names, each cut, per
 // line, and lines limited in rate per source.
 func TestRefusalLogBounded(t *testing.T) {
-	pki := newTestPKI(t)
-	creds, err := LoadMTLSCredentials(pki.serverCert, pki.serverKey, pki.caFile)
+	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	creds, err := LoadMTLSCredentials(pki.ServerCert, pki.ServerKey, pki.CAFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -179,10 +181,10 @@ func TestRefusalLogBounded(t *testing.T) {
 	for i := range 251 {
 		names = append(names, fmt.Sprintf("%s-%03d.refused.test", strings.Repeat("n", 180), i))
 	}
-	k := mustECDSA(elliptic.P256())
-	selfCA := newTestCA(t, "Self")
-	issued := pki.ca.issue(t, k.Public(), leafOptions{client: true, names: names})
-	self := selfCA.issue(t, k.Public(), leafOptions{client: true, names: names})
+	k := testpki.MustECDSA(elliptic.P256())
+	selfCA := testpki.NewCA(t, "Self")
+	issued := pki.CA.Issue(t, k.Public(), testpki.LeafOptions{Client: true, Names: names})
+	self := selfCA.Issue(t, k.Public(), testpki.LeafOptions{Client: true, Names: names})
 	var refused, suppressed atomic.Int64
 	logs := &syncBuffer{}
 	tc := creds.ServerCredentials(func(leaf *x509.Certificate) error {
@@ -200,7 +202,7 @@ func TestRefusalLogBounded(t *testing.T) {
 		cert := tls.Certificate{Certificate: [][]byte{leaf.Raw}, PrivateKey: k}
 		server, client := net.Pipe()
 		go func() {
-			cfg := &tls.Config{RootCAs: pki.ca.pool, ServerName: keyserverName, MinVersion: tls.VersionTLS13,
+			cfg := &tls.Config{RootCAs: pki.CA.Pool, ServerName: keyserverName, MinVersion: tls.VersionTLS13,
 				GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) { return &cert, nil }}
 			_, _, _ = credentials.NewTLS(cfg).ClientHandshake(t.Context(), keyserverName, client)
 			client.Close()

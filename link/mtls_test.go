@@ -7,16 +7,18 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/keyless-tls/keyless/internal/testpki"
 )
 
 func TestLoadMTLSCredentialsErrors(t *testing.T) {
-	pki := newTestPKI(t)
+	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
 	dir := t.TempDir()
-	otherKey := writeFile(t, dir, "other.key", keyPEM(t, mustECDSA(elliptic.P256())))
-	ek := mustECDSA(elliptic.P256())
-	expired := writeFile(t, dir, "expired.pem", certPEM(pki.ca.issue(t, ek.Public(), leafOptions{client: true, notBefore: time.Now().Add(-48 * time.Hour), notAfter: time.Now().Add(-time.Hour)})))
-	expiredKey := writeFile(t, dir, "expired.key", keyPEM(t, ek))
-	notPEM := writeFile(t, dir, "not.pem", []byte("hello"))
+	otherKey := testpki.WriteFile(t, dir, "other.key", testpki.KeyPEM(t, testpki.MustECDSA(elliptic.P256())))
+	ek := testpki.MustECDSA(elliptic.P256())
+	expired := testpki.WriteFile(t, dir, "expired.pem", testpki.CertPEM(pki.CA.Issue(t, ek.Public(), testpki.LeafOptions{Client: true, NotBefore: time.Now().Add(-48 * time.Hour), NotAfter: time.Now().Add(-time.Hour)})))
+	expiredKey := testpki.WriteFile(t, dir, "expired.key", testpki.KeyPEM(t, ek))
+	notPEM := testpki.WriteFile(t, dir, "not.pem", []byte("hello"))
 	missing := filepath.Join(dir, "missing.pem")
 
 	tests := []struct {
@@ -24,15 +26,15 @@ func TestLoadMTLSCredentialsErrors(t *testing.T) {
 		cert, key, ca    string
 		wantErr, wantIn2 string // substrings of the error
 	}{
-		{"missing-cert", missing, pki.clientKey, pki.caFile, "certificate file", missing},
-		{"missing-key", pki.clientCert, missing, pki.caFile, "key file", missing},
-		{"missing-CA", pki.clientCert, pki.clientKey, missing, "CA file", missing},
-		{"empty-path", "", pki.clientKey, pki.caFile, "no certificate file", ""},
-		{"cert-not-PEM", notPEM, pki.clientKey, pki.caFile, "no CERTIFICATE PEM block", notPEM},
-		{"key-is-a-cert", pki.clientCert, pki.clientCert, pki.caFile, "no PRIVATE KEY PEM block", pki.clientCert},
-		{"key-mismatch", pki.clientCert, otherKey, pki.caFile, "does not match", otherKey},
-		{"CA-is-a-key", pki.clientCert, pki.clientKey, pki.clientKey, "no CERTIFICATE PEM block", pki.clientKey},
-		{"expired", expired, expiredKey, pki.caFile, "expired", expired},
+		{"missing-cert", missing, pki.ClientKey, pki.CAFile, "certificate file", missing},
+		{"missing-key", pki.ClientCert, missing, pki.CAFile, "key file", missing},
+		{"missing-CA", pki.ClientCert, pki.ClientKey, missing, "CA file", missing},
+		{"empty-path", "", pki.ClientKey, pki.CAFile, "no certificate file", ""},
+		{"cert-not-PEM", notPEM, pki.ClientKey, pki.CAFile, "no CERTIFICATE PEM block", notPEM},
+		{"key-is-a-cert", pki.ClientCert, pki.ClientCert, pki.CAFile, "no PRIVATE KEY PEM block", pki.ClientCert},
+		{"key-mismatch", pki.ClientCert, otherKey, pki.CAFile, "does not match", otherKey},
+		{"CA-is-a-key", pki.ClientCert, pki.ClientKey, pki.ClientKey, "no CERTIFICATE PEM block", pki.ClientKey},
+		{"expired", expired, expiredKey, pki.CAFile, "expired", expired},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -42,42 +44,42 @@ func TestLoadMTLSCredentialsErrors(t *testing.T) {
 			}
 		})
 	}
-	if _, err := ClientMTLSConfig(pki.clientCert, pki.clientKey, pki.caFile, ""); err == nil {
+	if _, err := ClientMTLSConfig(pki.ClientCert, pki.ClientKey, pki.CAFile, ""); err == nil {
 		t.Error("ClientMTLSConfig() with no server name succeeded")
 	}
-	if _, err := ServerMTLSConfig(pki.serverCert, missing, pki.caFile); err == nil || !strings.Contains(err.Error(), missing) {
+	if _, err := ServerMTLSConfig(pki.ServerCert, missing, pki.CAFile); err == nil || !strings.Contains(err.Error(), missing) {
 		t.Errorf("ServerMTLSConfig() = %v, want an error naming %s", err, missing)
 	}
 }
 
 func TestMTLSConfigs(t *testing.T) {
-	pki := newTestPKI(t)
-	server, err := ServerMTLSConfig(pki.serverCert, pki.serverKey, pki.caFile)
+	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	server, err := ServerMTLSConfig(pki.ServerCert, pki.ServerKey, pki.CAFile)
 	if err != nil {
 		t.Fatal(err)
 	}
-	client, err := ClientMTLSConfig(pki.clientCert, pki.clientKey, pki.caFile, keyserverName)
+	client, err := ClientMTLSConfig(pki.ClientCert, pki.ClientKey, pki.CAFile, keyserverName)
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := runHandshake(t, server, client, nil)
-	if r.clientErr != nil || r.serverErr != nil {
-		t.Fatalf("handshake errors = client %v, server %v", r.clientErr, r.serverErr)
+	r := testpki.Handshake(t, server, client, nil)
+	if r.ClientErr != nil || r.ServerErr != nil {
+		t.Fatalf("handshake errors = client %v, server %v", r.ClientErr, r.ServerErr)
 	}
-	if r.state.Version != tls.VersionTLS13 {
-		t.Errorf("version = %s, want TLS 1.3", tls.VersionName(r.state.Version))
+	if r.State.Version != tls.VersionTLS13 {
+		t.Errorf("version = %s, want TLS 1.3", tls.VersionName(r.State.Version))
 	}
 
 	tests := []struct {
 		name   string
 		client *tls.Config
 	}{
-		{"TLS12-client", &tls.Config{RootCAs: pki.ca.pool, ServerName: keyserverName, MaxVersion: tls.VersionTLS12, GetClientCertificate: client.GetClientCertificate}},
-		{"no-client-certificate", &tls.Config{RootCAs: pki.ca.pool, ServerName: keyserverName}},
+		{"TLS12-client", &tls.Config{RootCAs: pki.CA.Pool, ServerName: keyserverName, MaxVersion: tls.VersionTLS12, GetClientCertificate: client.GetClientCertificate}},
+		{"no-client-certificate", &tls.Config{RootCAs: pki.CA.Pool, ServerName: keyserverName}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if r := runHandshake(t, server, tt.client, nil); r.serverErr == nil {
+			if r := testpki.Handshake(t, server, tt.client, nil); r.ServerErr == nil {
 				t.Errorf("the keyserver accepted a handshake from a %s", tt.name)
 			}
 		})
@@ -86,16 +88,16 @@ func TestMTLSConfigs(t *testing.T) {
 
 // TestMTLSReload rotates both ends' CAs and certificates through Reload.
 func TestMTLSReload(t *testing.T) {
-	a, b := newTestPKI(t), newTestPKI(t)
+	a, b := testpki.NewMTLS(t, keyserverName, edgeIdentity), testpki.NewMTLS(t, keyserverName, edgeIdentity)
 	dir := t.TempDir()
 	// The server starts with a's certificate and trusts a's clients; the
 	// client starts with b's certificate and trusts b's CA.
-	sCert := writeFile(t, dir, "s.pem", readFile(t, a.serverCert))
-	sKey := writeFile(t, dir, "s.key", readFile(t, a.serverKey))
-	sCA := writeFile(t, dir, "s-ca.pem", readFile(t, a.caFile))
-	cCert := writeFile(t, dir, "c.pem", readFile(t, b.clientCert))
-	cKey := writeFile(t, dir, "c.key", readFile(t, b.clientKey))
-	cCA := writeFile(t, dir, "c-ca.pem", readFile(t, b.caFile))
+	sCert := testpki.WriteFile(t, dir, "s.pem", readFile(t, a.ServerCert))
+	sKey := testpki.WriteFile(t, dir, "s.key", readFile(t, a.ServerKey))
+	sCA := testpki.WriteFile(t, dir, "s-ca.pem", readFile(t, a.CAFile))
+	cCert := testpki.WriteFile(t, dir, "c.pem", readFile(t, b.ClientCert))
+	cKey := testpki.WriteFile(t, dir, "c.key", readFile(t, b.ClientKey))
+	cCA := testpki.WriteFile(t, dir, "c-ca.pem", readFile(t, b.CAFile))
 
 	server, err := LoadMTLSCredentials(sCert, sKey, sCA)
 	if err != nil {
@@ -108,27 +110,27 @@ func TestMTLSReload(t *testing.T) {
 	sc, cc := server.ServerConfig(), client.ClientConfig(keyserverName)
 	handshake := func(wantOK bool) {
 		t.Helper()
-		r := runHandshake(t, sc, cc, nil)
-		if ok := r.clientErr == nil && r.serverErr == nil; ok != wantOK {
-			t.Fatalf("handshake errors = client %v, server %v; want success %t", r.clientErr, r.serverErr, wantOK)
+		r := testpki.Handshake(t, sc, cc, nil)
+		if ok := r.ClientErr == nil && r.ServerErr == nil; ok != wantOK {
+			t.Fatalf("handshake errors = client %v, server %v; want success %t", r.ClientErr, r.ServerErr, wantOK)
 		}
 	}
 	handshake(false) // the client does not trust a's server certificate
 
-	writeFile(t, dir, "c-ca.pem", readFile(t, a.caFile))
+	testpki.WriteFile(t, dir, "c-ca.pem", readFile(t, a.CAFile))
 	if err := client.Reload(); err != nil {
 		t.Fatal(err)
 	}
 	handshake(false) // the server does not trust b's client certificate
 
-	writeFile(t, dir, "s-ca.pem", readFile(t, b.caFile))
+	testpki.WriteFile(t, dir, "s-ca.pem", readFile(t, b.CAFile))
 	if err := server.Reload(); err != nil {
 		t.Fatal(err)
 	}
 	handshake(true)
 
 	// A broken file keeps the credentials in use.
-	writeFile(t, dir, "s.key", []byte("garbage"))
+	testpki.WriteFile(t, dir, "s.key", []byte("garbage"))
 	if err := server.Reload(); err == nil {
 		t.Fatal("Reload() with a broken key file succeeded")
 	}

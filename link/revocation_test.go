@@ -20,12 +20,14 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
+
+	"github.com/keyless-tls/keyless/internal/testpki"
 )
 
 // crlServer is a gRPC health server behind a keyserver's credentials, on
 // loopback TCP.
 type crlServer struct {
-	pki    *testPKI
+	pki    *testpki.MTLS
 	creds  *MTLSCredentials
 	addr   string
 	logs   *syncBuffer
@@ -35,9 +37,9 @@ type crlServer struct {
 
 func newCRLServer(t *testing.T) *crlServer {
 	t.Helper()
-	s := &crlServer{pki: newTestPKI(t), logs: &syncBuffer{}, closed: map[string]int{}}
+	s := &crlServer{pki: testpki.NewMTLS(t, keyserverName, edgeIdentity), logs: &syncBuffer{}, closed: map[string]int{}}
 	var err error
-	if s.creds, err = LoadMTLSCredentials(s.pki.serverCert, s.pki.serverKey, s.pki.caFile); err != nil {
+	if s.creds, err = LoadMTLSCredentials(s.pki.ServerCert, s.pki.ServerKey, s.pki.CAFile); err != nil {
 		t.Fatal(err)
 	}
 	obs := HandshakeObserver{Closed: func(reason string) { s.mu.Lock(); s.closed[reason]++; s.mu.Unlock() }}
@@ -63,10 +65,10 @@ func (s *crlServer) closedFor(reason string) int {
 // and returns its leaf and a connection with it.
 func (s *crlServer) client(t *testing.T, notAfter time.Time) (*x509.Certificate, *grpc.ClientConn) {
 	t.Helper()
-	k := mustECDSA(elliptic.P256())
-	leaf := s.pki.ca.issue(t, k.Public(), leafOptions{client: true, names: []string{edgeIdentity}, notAfter: notAfter})
+	k := testpki.MustECDSA(elliptic.P256())
+	leaf := s.pki.CA.Issue(t, k.Public(), testpki.LeafOptions{Client: true, Names: []string{edgeIdentity}, NotAfter: notAfter})
 	dir := t.TempDir()
-	cfg, err := ClientMTLSConfig(writeFile(t, dir, "c.pem", certPEM(leaf)), writeFile(t, dir, "c.key", keyPEM(t, k)), s.pki.caFile, keyserverName)
+	cfg, err := ClientMTLSConfig(testpki.WriteFile(t, dir, "c.pem", testpki.CertPEM(leaf)), testpki.WriteFile(t, dir, "c.key", testpki.KeyPEM(t, k)), s.pki.CAFile, keyserverName)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -87,20 +89,20 @@ func check(t *testing.T, conn *grpc.ClientConn) error {
 }
 
 // writeCRL writes a PEM CRL of ca revoking the serials of certs.
-func writeCRL(t *testing.T, ca *testCA, nextUpdate time.Time, der bool, certs ...*x509.Certificate) string {
+func writeCRL(t *testing.T, ca *testpki.CA, nextUpdate time.Time, der bool, certs ...*x509.Certificate) string {
 	t.Helper()
 	tmpl := &x509.RevocationList{Number: big.NewInt(time.Now().UnixNano()), ThisUpdate: time.Now().Add(-time.Hour), NextUpdate: nextUpdate}
 	for _, c := range certs {
 		tmpl.RevokedCertificateEntries = append(tmpl.RevokedCertificateEntries, x509.RevocationListEntry{SerialNumber: c.SerialNumber, RevocationTime: time.Now()})
 	}
-	b, err := x509.CreateRevocationList(rand.Reader, tmpl, ca.cert, ca.key)
+	b, err := x509.CreateRevocationList(rand.Reader, tmpl, ca.Cert, ca.Key)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if der {
-		return writeFile(t, t.TempDir(), "crl.der", b)
+		return testpki.WriteFile(t, t.TempDir(), "crl.der", b)
 	}
-	return writeFile(t, t.TempDir(), "crl.pem", pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: b}))
+	return testpki.WriteFile(t, t.TempDir(), "crl.pem", pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: b}))
 }
 
 // waitFor polls cond until it holds or the test's timeout passes.
@@ -126,7 +128,7 @@ func TestClientCRL(t *testing.T) {
 		}
 	}
 
-	crl := writeCRL(t, s.pki.ca, time.Now().Add(24*time.Hour), false, a)
+	crl := writeCRL(t, s.pki.CA, time.Now().Add(24*time.Hour), false, a)
 	if err := s.creds.SetClientCRLs(crl); err != nil {
 		t.Fatalf("SetClientCRLs() = %v", err)
 	}
@@ -147,11 +149,11 @@ func TestClientCRL(t *testing.T) {
 	})
 
 	// Broken CRLs are refused and the previous one stays.
-	other := newTestCA(t, "Other CA")
+	other := testpki.NewCA(t, "Other CA")
 	for name, file := range map[string]string{
 		"another CA's": writeCRL(t, other, time.Now().Add(time.Hour), false, b),
-		"not a CRL":    writeFile(t, t.TempDir(), "x.pem", certPEM(b)),
-		"garbage":      writeFile(t, t.TempDir(), "x.der", []byte("garbage")),
+		"not a CRL":    testpki.WriteFile(t, t.TempDir(), "x.pem", testpki.CertPEM(b)),
+		"garbage":      testpki.WriteFile(t, t.TempDir(), "x.der", []byte("garbage")),
 		"missing":      t.TempDir() + "/none.pem",
 	} {
 		if err := s.creds.SetClientCRLs(file); err == nil || !strings.Contains(err.Error(), "CRL") {
@@ -164,7 +166,7 @@ func TestClientCRL(t *testing.T) {
 
 	// Reload reads the files again: a DER CRL that now revokes b too, and
 	// has expired, which is reported but used.
-	expired := writeCRL(t, s.pki.ca, time.Now().Add(-time.Minute), true, a, b)
+	expired := writeCRL(t, s.pki.CA, time.Now().Add(-time.Minute), true, a, b)
 	if err := s.creds.SetClientCRLs(crl, expired); err != nil {
 		t.Fatalf("SetClientCRLs(PEM, expired DER) = %v", err)
 	}

@@ -9,8 +9,10 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keyless-tls/keyless/link"
 	"golang.org/x/net/http2"
+
+	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/link"
 )
 
 // BenchmarkClientSign measures an ECDSA P-256 signature with an in-memory
@@ -26,13 +28,13 @@ import (
 func BenchmarkClientSign(b *testing.B) {
 	for _, workers := range []int{1, 16} {
 		b.Run(fmt.Sprintf("workers=%d", workers), func(b *testing.B) {
-			pki := newTestPKI(b)
-			real := newSignerService(b, []crypto.Signer{testP256Key()}, nil)
+			pki := testpki.NewMTLS(b, keyserverName, edgeIdentity)
+			real := newSignerService(b, []crypto.Signer{testpki.P256Key()}, nil)
 			streamKS := startKeyserver(b, pki, real)
 			unaryKS := startKeyserver(b, pki, &fakeService{next: real, noStream: true})
 			stream := dialTestClient(b, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": streamKS})
 			unary := dialTestClient(b, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": unaryKS})
-			id := mustKeyID(b, testP256Key().Public())
+			id := mustKeyID(b, testpki.P256Key().Public())
 			alg, _ := link.AlgorithmFor(algECDSA256)
 			d := digest(crypto.SHA256)
 			sign := func(c *Client) []byte {
@@ -46,7 +48,7 @@ func BenchmarkClientSign(b *testing.B) {
 			// check their signatures; the measured rounds do not verify.
 			for range 50 {
 				for _, c := range []*Client{stream, unary} {
-					if sig := sign(c); !ecdsa.VerifyASN1(&testP256Key().PublicKey, d, sig) {
+					if sig := sign(c); !ecdsa.VerifyASN1(&testpki.P256Key().PublicKey, d, sig) {
 						b.Fatalf("Sign() = %x; want a signature that verifies", sig)
 					}
 				}
@@ -109,13 +111,13 @@ func processCPU() time.Duration {
 func BenchmarkStallWatch(b *testing.B) {
 	for _, workers := range []int{1, 16} {
 		b.Run(fmt.Sprintf("workers=%d", workers), func(b *testing.B) {
-			pki := newTestPKI(b)
-			real := newSignerService(b, []crypto.Signer{testP256Key()}, nil)
+			pki := testpki.NewMTLS(b, keyserverName, edgeIdentity)
+			real := newSignerService(b, []crypto.Signer{testpki.P256Key()}, nil)
 			servers := map[string]*testKeyserver{"a:1": startKeyserver(b, pki, real), "b:1": startKeyserver(b, pki, real)}
 			watched := dialTestClient(b, pki, ClientConfig{Addresses: []string{"a:1", "b:1"}}, servers)
 			plain := dialTestClient(b, pki, ClientConfig{Addresses: []string{"a:1", "b:1"}}, servers)
 			plain.streams.failover = false
-			id := mustKeyID(b, testP256Key().Public())
+			id := mustKeyID(b, testpki.P256Key().Public())
 			alg, _ := link.AlgorithmFor(algECDSA256)
 			d := digest(crypto.SHA256)
 			sign := func(c *Client) []byte {
@@ -127,7 +129,7 @@ func BenchmarkStallWatch(b *testing.B) {
 			}
 			for range 50 {
 				for _, c := range []*Client{watched, plain} {
-					if sig := sign(c); !ecdsa.VerifyASN1(&testP256Key().PublicKey, d, sig) {
+					if sig := sign(c); !ecdsa.VerifyASN1(&testpki.P256Key().PublicKey, d, sig) {
 						b.Fatalf("Sign() = %x; want a signature that verifies", sig)
 					}
 				}

@@ -12,6 +12,8 @@ import (
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/keyless-tls/keyless/internal/testpki"
 )
 
 // TestCertStorePartialLoad checks that, without RequireAll, a broken file
@@ -26,9 +28,9 @@ func TestCertStorePartialLoad(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	unknownKey := mustECDSA(elliptic.P256())
-	writeFile(t, env.dir, "missing.pem", certPEM(env.pki.ca.issue(t, unknownKey.Public(), leafOptions{names: []string{"missing.example.com"}})))
-	writeFile(t, env.dir, "broken.pem", pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte("junk")}))
+	unknownKey := testpki.MustECDSA(elliptic.P256())
+	testpki.WriteFile(t, env.dir, "missing.pem", testpki.CertPEM(env.pki.CA.Issue(t, unknownKey.Public(), testpki.LeafOptions{Names: []string{"missing.example.com"}})))
+	testpki.WriteFile(t, env.dir, "broken.pem", pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte("junk")}))
 	if err := s.Load(t.Context(), env.dir); err != nil {
 		t.Fatalf("Load() = %v, want the two bad files skipped", err)
 	}
@@ -56,8 +58,8 @@ func TestCertStorePartialLoad(t *testing.T) {
 
 	// A reload after the broken file is fixed serves it and clears the
 	// count; one after the default's own file breaks keeps the rest.
-	writeFile(t, env.dir, "broken.pem", certPEM(env.pki.ca.issue(t, testP256Key().Public(), leafOptions{names: []string{"fixed.example.com"}})))
-	writeFile(t, env.dir, "p256.pem", []byte("truncated"))
+	testpki.WriteFile(t, env.dir, "broken.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"fixed.example.com"}})))
+	testpki.WriteFile(t, env.dir, "p256.pem", []byte("truncated"))
 	if err := s.Load(t.Context(), env.dir); err != nil {
 		t.Fatalf("reload = %v", err)
 	}
@@ -89,8 +91,8 @@ func TestCertStoreNothingUsable(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	writeFile(t, dir, "a.pem", []byte("junk"))
-	writeFile(t, dir, "b.pem", certPEM(env.pki.ca.issue(t, mustECDSA(elliptic.P256()).Public(), leafOptions{names: []string{"b.example.com"}})))
+	testpki.WriteFile(t, dir, "a.pem", []byte("junk"))
+	testpki.WriteFile(t, dir, "b.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.MustECDSA(elliptic.P256()).Public(), testpki.LeafOptions{Names: []string{"b.example.com"}})))
 	err = s.Load(t.Context(), dir)
 	if err == nil {
 		t.Fatal("Load() of a directory with no usable certificate succeeded")
@@ -102,8 +104,8 @@ func TestCertStoreNothingUsable(t *testing.T) {
 	}
 
 	dir = t.TempDir()
-	writeFile(t, dir, "good.pem", readFile(t, filepath.Join(env.dir, "p256.pem")))
-	writeFile(t, dir, "bad.pem", readFile(t, filepath.Join(env.dir, "rsa.pem")), keyPEM(t, mustECDSA(elliptic.P256())))
+	testpki.WriteFile(t, dir, "good.pem", readFile(t, filepath.Join(env.dir, "p256.pem")))
+	testpki.WriteFile(t, dir, "bad.pem", readFile(t, filepath.Join(env.dir, "rsa.pem")), testpki.KeyPEM(t, testpki.MustECDSA(elliptic.P256())))
 	if err := s.Load(t.Context(), dir); err == nil || !strings.Contains(err.Error(), "holds a private key") {
 		t.Errorf("Load() of a directory with a private key = %v, want it refused", err)
 	}
@@ -117,14 +119,14 @@ func TestUnrecognizedNameAlert(t *testing.T) {
 	sc := env.serverConfig(t)
 	for _, v := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
 		t.Run(tls.VersionName(v), func(t *testing.T) {
-			r := runHandshake(t, sc, env.clientConfig("unknown.example.org", v, v), nil)
+			r := testpki.Handshake(t, sc, env.clientConfig("unknown.example.org", v, v), nil)
 			// The client reports a received alert as a *net.OpError
 			// whose Err is crypto/tls's unexported alert type.
 			var op *net.OpError
-			if !errors.As(r.clientErr, &op) || op.Op != "remote error" || reflect.ValueOf(op.Err).Kind() != reflect.Uint8 || reflect.ValueOf(op.Err).Uint() != 112 {
-				t.Errorf("client error = %v, want alert 112 (unrecognized_name)", r.clientErr)
+			if !errors.As(r.ClientErr, &op) || op.Op != "remote error" || reflect.ValueOf(op.Err).Kind() != reflect.Uint8 || reflect.ValueOf(op.Err).Uint() != 112 {
+				t.Errorf("client error = %v, want alert 112 (unrecognized_name)", r.ClientErr)
 			}
-			if r.serverErr == nil {
+			if r.ServerErr == nil {
 				t.Error("the server's handshake succeeded")
 			}
 		})

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyless-tls/keyless/internal/testpki"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
@@ -21,8 +22,8 @@ import (
 func TestCertStoreSelection(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
 	// An exact name that a wildcard also covers.
-	exact := env.pki.ca.issue(t, testP384Key().Public(), leafOptions{names: []string{"exact.wild.example.com"}})
-	writeFile(t, env.dir, "exact.crt", certPEM(exact))
+	exact := env.pki.CA.Issue(t, testpki.P384Key().Public(), testpki.LeafOptions{Names: []string{"exact.wild.example.com"}})
+	testpki.WriteFile(t, env.dir, "exact.crt", testpki.CertPEM(exact))
 	ed, p256, p384, rsaLeaf := env.leaves["ed25519.pem"], env.leaves["p256.pem"], env.leaves["p384.pem"], env.leaves["rsa.pem"]
 
 	stores := map[string]*CertStore{
@@ -87,10 +88,10 @@ func TestCertStoreSelection(t *testing.T) {
 // TestCertStoreCertificate checks what GetCertificate returns.
 func TestCertStoreCertificate(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	inter := newTestCA(t, "Intermediate")
-	inter.cert = env.pki.ca.issue(t, inter.key.Public(), leafOptions{ca: true})
-	leaf := inter.issue(t, testP256Key().Public(), leafOptions{names: []string{"chain.example.com"}})
-	writeFile(t, env.dir, "chain.pem", certPEM(leaf, inter.cert))
+	inter := testpki.NewCA(t, "Intermediate")
+	inter.Cert = env.pki.CA.Issue(t, inter.Key.Public(), testpki.LeafOptions{CA: true})
+	leaf := inter.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"chain.example.com"}})
+	testpki.WriteFile(t, env.dir, "chain.pem", testpki.CertPEM(leaf, inter.Cert))
 	s := env.newStore(t, CertStoreConfig{})
 
 	c1, err := s.GetCertificate(&tls.ClientHelloInfo{ServerName: "chain.example.com"})
@@ -101,7 +102,7 @@ func TestCertStoreCertificate(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(c1.Certificate) != 2 || !slices.Equal(c1.Certificate[1], inter.cert.Raw) {
+	if len(c1.Certificate) != 2 || !slices.Equal(c1.Certificate[1], inter.Cert.Raw) {
 		t.Errorf("chain has %d certificates, want the leaf and the intermediate", len(c1.Certificate))
 	}
 	if !c1.Leaf.Equal(leaf) {
@@ -111,7 +112,7 @@ func TestCertStoreCertificate(t *testing.T) {
 		t.Error("two handshakes got the same PrivateKey; each must be bound to its own handshake")
 	}
 	k, ok := c1.PrivateKey.(RemoteKey)
-	if !ok || k.KeyID() != mustKeyID(t, testP256Key().Public()) {
+	if !ok || k.KeyID() != mustKeyID(t, testpki.P256Key().Public()) {
 		t.Errorf("PrivateKey = %T, want the P-256 RemoteKey", c1.PrivateKey)
 	}
 	want := []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256, tls.ECDSAWithP384AndSHA384, tls.ECDSAWithP521AndSHA512}
@@ -124,11 +125,11 @@ func TestCertStoreCertificate(t *testing.T) {
 // problem of every file is reported, and nothing is served.
 func TestCertStoreLoadErrors(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	unknownKey := mustECDSA(elliptic.P256())
-	good := certPEM(env.pki.ca.issue(t, testP256Key().Public(), leafOptions{names: []string{"good.example.com"}}))
-	inter := newTestCA(t, "Intermediate")
-	inter.cert = env.pki.ca.issue(t, inter.key.Public(), leafOptions{ca: true})
-	chainLeaf := inter.issue(t, testP256Key().Public(), leafOptions{names: []string{"chain.example.com"}})
+	unknownKey := testpki.MustECDSA(elliptic.P256())
+	good := testpki.CertPEM(env.pki.CA.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"good.example.com"}}))
+	inter := testpki.NewCA(t, "Intermediate")
+	inter.Cert = env.pki.CA.Issue(t, inter.Key.Public(), testpki.LeafOptions{CA: true})
+	chainLeaf := inter.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"chain.example.com"}})
 
 	tests := []struct {
 		name    string
@@ -141,24 +142,24 @@ func TestCertStoreLoadErrors(t *testing.T) {
 			"readme.txt":  []byte("not a certificate"),
 			".hidden.pem": []byte("ignored"),
 		}},
-		{name: "ok/chain", files: map[string][]byte{"chain.pem": certPEM(chainLeaf, inter.cert)}},
-		{name: "private-key", files: map[string][]byte{"bad.pem": append(good, keyPEM(t, unknownKey)...)},
+		{name: "ok/chain", files: map[string][]byte{"chain.pem": testpki.CertPEM(chainLeaf, inter.Cert)}},
+		{name: "private-key", files: map[string][]byte{"bad.pem": append(good, testpki.KeyPEM(t, unknownKey)...)},
 			wantErr: []string{"bad.pem", "holds a private key", `"PRIVATE KEY"`}},
 		{name: "EC-private-key-first", files: map[string][]byte{"bad.crt": append(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: []byte{1}}), good...)},
 			wantErr: []string{"bad.crt", "holds a private key", `"EC PRIVATE KEY"`}},
 		{name: "RSA-private-key-after-broken-cert", files: map[string][]byte{"bad.pem": append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte{1}}), pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: []byte{1}})...)},
 			wantErr: []string{"bad.pem", "holds a private key"}},
-		{name: "key-file", files: map[string][]byte{"good.key": keyPEM(t, unknownKey)},
+		{name: "key-file", files: map[string][]byte{"good.key": testpki.KeyPEM(t, unknownKey)},
 			wantErr: []string{"good.key", "a private key file in the certificate directory"}},
-		{name: "missing-key", files: map[string][]byte{"unknown.pem": certPEM(env.pki.ca.issue(t, unknownKey.Public(), leafOptions{names: []string{"unknown.example.com"}}))},
+		{name: "missing-key", files: map[string][]byte{"unknown.pem": testpki.CertPEM(env.pki.CA.Issue(t, unknownKey.Public(), testpki.LeafOptions{Names: []string{"unknown.example.com"}}))},
 			wantErr: []string{"holds no key for", "unknown.pem", link.FormatKeyID(mustKeyID(t, unknownKey.Public()))}},
 		{name: "broken-certificate", files: map[string][]byte{"broken.pem": pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte("junk")})},
 			wantErr: []string{"broken.pem", "certificate 1"}},
 		{name: "no-certificate", files: map[string][]byte{"empty.pem": []byte("nothing here")},
 			wantErr: []string{"empty.pem", "no CERTIFICATE PEM block"}},
-		{name: "chain-out-of-order", files: map[string][]byte{"chain.pem": certPEM(inter.cert, chainLeaf)},
+		{name: "chain-out-of-order", files: map[string][]byte{"chain.pem": testpki.CertPEM(inter.Cert, chainLeaf)},
 			wantErr: []string{"chain.pem", "was not issued by certificate 2"}},
-		{name: "several-problems", files: map[string][]byte{"a.pem": []byte("x"), "b.pem": append(good, keyPEM(t, unknownKey)...)},
+		{name: "several-problems", files: map[string][]byte{"a.pem": []byte("x"), "b.pem": append(good, testpki.KeyPEM(t, unknownKey)...)},
 			wantErr: []string{"a.pem", "b.pem"}},
 		{name: "default-not-found", dflt: "nothing.example.com", wantErr: []string{`default certificate "nothing.example.com"`}},
 	}
@@ -166,10 +167,10 @@ func TestCertStoreLoadErrors(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := t.TempDir()
 			for _, c := range envCerts {
-				writeFile(t, dir, c.file, readFile(t, filepath.Join(env.dir, c.file)))
+				testpki.WriteFile(t, dir, c.file, readFile(t, filepath.Join(env.dir, c.file)))
 			}
 			for name, data := range tt.files {
-				writeFile(t, dir, name, data)
+				testpki.WriteFile(t, dir, name, data)
 			}
 			s, err := NewCertStore(CertStoreConfig{Client: env.client, Default: tt.dflt, RequireAll: true})
 			if err != nil {
@@ -205,8 +206,8 @@ func TestCertStoreLoadErrors(t *testing.T) {
 // RequireAll.
 func TestCertStoreMissingKeys(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	unknownKey := mustECDSA(elliptic.P256())
-	writeFile(t, env.dir, "unknown.pem", certPEM(env.pki.ca.issue(t, unknownKey.Public(), leafOptions{names: []string{"unknown.example.com"}})))
+	unknownKey := testpki.MustECDSA(elliptic.P256())
+	testpki.WriteFile(t, env.dir, "unknown.pem", testpki.CertPEM(env.pki.CA.Issue(t, unknownKey.Public(), testpki.LeafOptions{Names: []string{"unknown.example.com"}})))
 
 	s, err := NewCertStore(CertStoreConfig{Client: env.client, RequireAll: true})
 	if err != nil {
@@ -255,7 +256,7 @@ func TestCertStoreReload(t *testing.T) {
 	if err := get("new.example.com"); err == nil {
 		t.Fatal("new.example.com served before it exists")
 	}
-	writeFile(t, env.dir, "new.pem", certPEM(env.pki.ca.issue(t, testP384Key().Public(), leafOptions{names: []string{"new.example.com"}})))
+	testpki.WriteFile(t, env.dir, "new.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.P384Key().Public(), testpki.LeafOptions{Names: []string{"new.example.com"}})))
 	if err := s.Load(t.Context(), env.dir); err != nil {
 		t.Fatal(err)
 	}
@@ -263,7 +264,7 @@ func TestCertStoreReload(t *testing.T) {
 		t.Errorf("after Load: %v", err)
 	}
 	// A failure that is not one file's: a private key in the directory.
-	writeFile(t, env.dir, "zz-bad.pem", readFile(t, filepath.Join(env.dir, "rsa.pem")), keyPEM(t, mustECDSA(elliptic.P256())))
+	testpki.WriteFile(t, env.dir, "zz-bad.pem", readFile(t, filepath.Join(env.dir, "rsa.pem")), testpki.KeyPEM(t, testpki.MustECDSA(elliptic.P256())))
 	if os.Remove(filepath.Join(env.dir, "p384.pem")) != nil {
 		t.Fatal("remove")
 	}
@@ -282,8 +283,8 @@ func TestCertStoreReload(t *testing.T) {
 func TestCertStoreValidityWarnings(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
 	now := time.Now()
-	writeFile(t, env.dir, "expired.pem", certPEM(env.pki.ca.issue(t, testP256Key().Public(), leafOptions{names: []string{"expired.example.com"}, notBefore: now.Add(-48 * time.Hour), notAfter: now.Add(-time.Hour)})))
-	writeFile(t, env.dir, "future.pem", certPEM(env.pki.ca.issue(t, testP256Key().Public(), leafOptions{names: []string{"future.example.com"}, notBefore: now.Add(time.Hour), notAfter: now.Add(48 * time.Hour)})))
+	testpki.WriteFile(t, env.dir, "expired.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"expired.example.com"}, NotBefore: now.Add(-48 * time.Hour), NotAfter: now.Add(-time.Hour)})))
+	testpki.WriteFile(t, env.dir, "future.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"future.example.com"}, NotBefore: now.Add(time.Hour), NotAfter: now.Add(48 * time.Hour)})))
 	logger, logs := newTestLogger()
 	s := env.newStore(t, CertStoreConfig{Logger: logger})
 	for _, want := range []string{"certificate has expired: file=" + filepath.Join(env.dir, "expired.pem"), "certificate is not yet valid: file=" + filepath.Join(env.dir, "future.pem")} {
@@ -323,8 +324,8 @@ func TestCertificateSchemes(t *testing.T) {
 		pkcs1SHA = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PKCS1_SHA1
 		ecSHA1   = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ECDSA_SHA1
 	)
-	rsaPub, p256, p384, ed := testRSAKey().Public(), testP256Key().Public(), testP384Key().Public(), testEdKey().Public()
-	p224 := mustECDSA(elliptic.P224()).Public()
+	rsaPub, p256, p384, ed := testpki.RSAKey().Public(), testpki.P256Key().Public(), testpki.P384Key().Public(), testpki.Ed25519Key().Public()
+	p224 := testpki.MustECDSA(elliptic.P224()).Public()
 	tests := []struct {
 		name      string
 		pub       any

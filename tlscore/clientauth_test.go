@@ -16,17 +16,19 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/keyless-tls/keyless/internal/testpki"
 )
 
 // clientCert returns a client certificate issued by ca with the given
 // subject.
-func clientCert(t *testing.T, ca *testCA, subject pkix.Name) tls.Certificate {
+func clientCert(t *testing.T, ca *testpki.CA, subject pkix.Name) tls.Certificate {
 	t.Helper()
-	key := mustECDSA(elliptic.P256())
+	key := testpki.MustECDSA(elliptic.P256())
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: subject,
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.Key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -35,8 +37,8 @@ func clientCert(t *testing.T, ca *testCA, subject pkix.Name) tls.Certificate {
 
 func TestClientAuth(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	clientCA := newTestCA(t, "Client CA")
-	caFile := writeFile(t, t.TempDir(), "client-ca.pem", certPEM(clientCA.cert))
+	clientCA := testpki.NewCA(t, "Client CA")
+	caFile := testpki.WriteFile(t, t.TempDir(), "client-ca.pem", testpki.CertPEM(clientCA.Cert))
 	policies, err := ParseClientAuth("p256.example.com=require:" + caFile + ", *.wild.example.com=request:" + caFile)
 	if err != nil {
 		t.Fatal(err)
@@ -47,11 +49,11 @@ func TestClientAuth(t *testing.T) {
 	}
 	addr, _ := startHTTPEdge(t, sc, ClientAuthHandler(policies, mustProxy(t, ProxyConfig{Routes: []Route{{Origin: newEchoOrigin(t)}}})), time.Second)
 	alice := clientCert(t, clientCA, pkix.Name{CommonName: "alice", Organization: []string{"Example"}})
-	mallory := clientCert(t, newTestCA(t, "Other CA"), pkix.Name{CommonName: "mallory"})
+	mallory := clientCert(t, testpki.NewCA(t, "Other CA"), pkix.Name{CommonName: "mallory"})
 
 	get := func(t *testing.T, sni, host string, cert *tls.Certificate) (int, originSeen, error) {
 		t.Helper()
-		cc := &tls.Config{RootCAs: env.pki.ca.pool, ServerName: sni}
+		cc := &tls.Config{RootCAs: env.pki.CA.Pool, ServerName: sni}
 		if cert != nil {
 			// Sent whatever CAs the server names, as a client that
 			// tries its luck would.
@@ -118,8 +120,8 @@ func TestClientAuth(t *testing.T) {
 
 func TestParseClientAuth(t *testing.T) {
 	dir := t.TempDir()
-	ca := writeFile(t, dir, "ca.pem", certPEM(newTestCA(t, "CA").cert))
-	junk := writeFile(t, dir, "junk.pem", []byte("junk"))
+	ca := testpki.WriteFile(t, dir, "ca.pem", testpki.CertPEM(testpki.NewCA(t, "CA").Cert))
+	junk := testpki.WriteFile(t, dir, "junk.pem", []byte("junk"))
 	for _, tt := range []struct{ spec, wantErr string }{
 		{"", ""},
 		{"a.example.com=require:" + ca + ",*.b.example.com=request:" + ca, ""},

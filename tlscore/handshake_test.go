@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/keyless-tls/keyless/internal/testpki"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
@@ -78,28 +79,28 @@ func TestHandshake(t *testing.T) {
 				cc.InsecureSkipVerify = true // no name to verify; the server must fail anyway
 			}
 			signs0, decrypts0 := env.ks.ops.counts()
-			r := runHandshake(t, sc, cc, nil)
+			r := testpki.Handshake(t, sc, cc, nil)
 			signs, decrypts := env.ks.ops.counts()
 			signs, decrypts = signs-signs0, decrypts-decrypts0
 			if tt.wantErr {
-				if r.clientErr == nil || r.serverErr == nil {
-					t.Fatalf("handshake errors = client %v, server %v; want both to fail", r.clientErr, r.serverErr)
+				if r.ClientErr == nil || r.ServerErr == nil {
+					t.Fatalf("handshake errors = client %v, server %v; want both to fail", r.ClientErr, r.ServerErr)
 				}
 				if signs+decrypts != 0 {
 					t.Errorf("a failed handshake made %d signs and %d decryptions, want none", signs, decrypts)
 				}
 				return
 			}
-			if r.clientErr != nil || r.serverErr != nil {
-				t.Fatalf("handshake errors = client %v, server %v", r.clientErr, r.serverErr)
+			if r.ClientErr != nil || r.ServerErr != nil {
+				t.Fatalf("handshake errors = client %v, server %v", r.ClientErr, r.ServerErr)
 			}
-			if r.state.Version != tt.wantVersion {
-				t.Errorf("version = %s, want %s", tls.VersionName(r.state.Version), tls.VersionName(tt.wantVersion))
+			if r.State.Version != tt.wantVersion {
+				t.Errorf("version = %s, want %s", tls.VersionName(r.State.Version), tls.VersionName(tt.wantVersion))
 			}
-			if tt.wantSuite != 0 && r.state.CipherSuite != tt.wantSuite {
-				t.Errorf("cipher suite = %s, want %s", tls.CipherSuiteName(r.state.CipherSuite), tls.CipherSuiteName(tt.wantSuite))
+			if tt.wantSuite != 0 && r.State.CipherSuite != tt.wantSuite {
+				t.Errorf("cipher suite = %s, want %s", tls.CipherSuiteName(r.State.CipherSuite), tls.CipherSuiteName(tt.wantSuite))
 			}
-			if got, want := fmtType(r.state.PeerCertificates[0].PublicKey), fmtType(tt.wantKey); got != want {
+			if got, want := fmtType(r.State.PeerCertificates[0].PublicKey), fmtType(tt.wantKey); got != want {
 				t.Errorf("leaf public key = %s, want %s", got, want)
 			}
 			wantSigns := 1
@@ -135,7 +136,7 @@ func fmtType(v any) string {
 // 1.3, which has no PKCS #1 v1.5 signatures, must fail.
 func TestHandshakePKCS1v15(t *testing.T) {
 	pkcs1 := []tls.SignatureScheme{tls.PKCS1WithSHA256, tls.PKCS1WithSHA384, tls.PKCS1WithSHA512}
-	env := newTestEnv(t, envOptions{schemes: map[link.KeyID][]tls.SignatureScheme{mustKeyID(t, testRSAKey().Public()): pkcs1}})
+	env := newTestEnv(t, envOptions{schemes: map[link.KeyID][]tls.SignatureScheme{mustKeyID(t, testpki.RSAKey().Public()): pkcs1}})
 	sc := env.serverConfig(t)
 	tests := []struct {
 		name    string
@@ -149,16 +150,16 @@ func TestHandshakePKCS1v15(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			cc := env.clientConfig("rsa.example.com", tt.max, tt.max)
 			signs0, _ := env.ks.ops.counts()
-			r := runHandshake(t, sc, cc, nil)
+			r := testpki.Handshake(t, sc, cc, nil)
 			signs, _ := env.ks.ops.counts()
 			if tt.wantErr {
-				if r.clientErr == nil || r.serverErr == nil || signs != signs0 {
-					t.Fatalf("handshake = client %v, server %v, %d signs; want failure before any key operation", r.clientErr, r.serverErr, signs-signs0)
+				if r.ClientErr == nil || r.ServerErr == nil || signs != signs0 {
+					t.Fatalf("handshake = client %v, server %v, %d signs; want failure before any key operation", r.ClientErr, r.ServerErr, signs-signs0)
 				}
 				return
 			}
-			if r.clientErr != nil || r.serverErr != nil {
-				t.Fatalf("handshake errors = client %v, server %v", r.clientErr, r.serverErr)
+			if r.ClientErr != nil || r.ServerErr != nil {
+				t.Fatalf("handshake errors = client %v, server %v", r.ClientErr, r.ServerErr)
 			}
 			if got := env.ks.ops.lastSign().GetAlgorithm(); got != algPKCS1256 {
 				t.Errorf("signature algorithm = %v, want %v", got, algPKCS1256)
@@ -174,9 +175,9 @@ func TestHandshakeRequestContext(t *testing.T) {
 	sc := env.serverConfig(t)
 	ids := make(map[string]bool)
 	for range 3 {
-		r := runHandshake(t, sc, env.clientConfig("P256.example.com", 0, 0), nil)
-		if r.clientErr != nil || r.serverErr != nil {
-			t.Fatalf("handshake errors = client %v, server %v", r.clientErr, r.serverErr)
+		r := testpki.Handshake(t, sc, env.clientConfig("P256.example.com", 0, 0), nil)
+		if r.ClientErr != nil || r.ServerErr != nil {
+			t.Fatalf("handshake errors = client %v, server %v", r.ClientErr, r.ServerErr)
 		}
 		rc := env.ks.ops.lastSign().GetContext()
 		if rc.GetServerName() != "P256.example.com" && rc.GetServerName() != "p256.example.com" {
@@ -216,13 +217,13 @@ func TestResumptionNeedsNoKey(t *testing.T) {
 			cc.ClientSessionCache = tls.NewLRUClientSessionCache(4)
 			for i, wantResumed := range []bool{false, true, true} {
 				s0, d0 := env.ks.ops.counts()
-				r := runHandshake(t, sc, cc, nil)
+				r := testpki.Handshake(t, sc, cc, nil)
 				s1, d1 := env.ks.ops.counts()
-				if r.clientErr != nil || r.serverErr != nil {
-					t.Fatalf("handshake %d errors = client %v, server %v", i, r.clientErr, r.serverErr)
+				if r.ClientErr != nil || r.ServerErr != nil {
+					t.Fatalf("handshake %d errors = client %v, server %v", i, r.ClientErr, r.ServerErr)
 				}
-				if r.state.DidResume != wantResumed {
-					t.Fatalf("handshake %d: DidResume = %t, want %t", i, r.state.DidResume, wantResumed)
+				if r.State.DidResume != wantResumed {
+					t.Fatalf("handshake %d: DidResume = %t, want %t", i, r.State.DidResume, wantResumed)
 				}
 				if ops := s1 - s0 + d1 - d0; wantResumed && ops != 0 {
 					t.Errorf("resumed handshake %d made %d key operations, want 0", i, ops)
@@ -254,10 +255,10 @@ func TestRSAKeyExchangeNeedsOwnCertificate(t *testing.T) {
 		cc.CipherSuites = []uint16{rsaKexSuite}
 		cc.InsecureSkipVerify = true // the default certificate does not cover unheld.example.com
 		_, decrypts0 := env.ks.ops.counts()
-		r := runHandshake(t, sc, cc, nil)
+		r := testpki.Handshake(t, sc, cc, nil)
 		_, decrypts := env.ks.ops.counts()
-		if ok := r.clientErr == nil && r.serverErr == nil; ok != tt.wantOK || (decrypts-decrypts0 == 1) != tt.wantOK {
-			t.Errorf("%s: errors client %v, server %v, %d decryptions; want success %t", tt.serverName, r.clientErr, r.serverErr, decrypts-decrypts0, tt.wantOK)
+		if ok := r.ClientErr == nil && r.ServerErr == nil; ok != tt.wantOK || (decrypts-decrypts0 == 1) != tt.wantOK {
+			t.Errorf("%s: errors client %v, server %v, %d decryptions; want success %t", tt.serverName, r.ClientErr, r.ServerErr, decrypts-decrypts0, tt.wantOK)
 		}
 	}
 }
@@ -304,12 +305,12 @@ func TestResumptionBoundToServerName(t *testing.T) {
 			for i, s := range steps {
 				cc := env.clientConfig(s.serverName, version, version)
 				cc.ClientSessionCache = cache
-				r := runHandshake(t, sc, cc, nil)
-				if r.clientErr != nil || r.serverErr != nil {
-					t.Fatalf("handshake %d (%s) errors = client %v, server %v", i, s.serverName, r.clientErr, r.serverErr)
+				r := testpki.Handshake(t, sc, cc, nil)
+				if r.ClientErr != nil || r.ServerErr != nil {
+					t.Fatalf("handshake %d (%s) errors = client %v, server %v", i, s.serverName, r.ClientErr, r.ServerErr)
 				}
-				if r.state.DidResume != s.wantResumed {
-					t.Fatalf("handshake %d (%s): DidResume = %t, want %t", i, s.serverName, r.state.DidResume, s.wantResumed)
+				if r.State.DidResume != s.wantResumed {
+					t.Fatalf("handshake %d (%s): DidResume = %t, want %t", i, s.serverName, r.State.DidResume, s.wantResumed)
 				}
 			}
 		})
@@ -334,10 +335,10 @@ func TestResumptionEndsWithCertificate(t *testing.T) {
 				cc.ClientSessionCache = tls.NewLRUClientSessionCache(4)
 				step := func(what string, wantOK, wantResumed bool) {
 					t.Helper()
-					r := runHandshake(t, sc, cc, nil)
-					if ok := r.clientErr == nil && r.serverErr == nil; ok != wantOK || r.state.DidResume != wantResumed {
+					r := testpki.Handshake(t, sc, cc, nil)
+					if ok := r.ClientErr == nil && r.ServerErr == nil; ok != wantOK || r.State.DidResume != wantResumed {
 						t.Fatalf("%s: errors client %v, server %v, resumed %t; want success %t, resumed %t",
-							what, r.clientErr, r.serverErr, r.state.DidResume, wantOK, wantResumed)
+							what, r.ClientErr, r.ServerErr, r.State.DidResume, wantOK, wantResumed)
 					}
 				}
 				reload := func() {
@@ -350,7 +351,7 @@ func TestResumptionEndsWithCertificate(t *testing.T) {
 				step("second handshake", true, true)
 
 				// Replaced: the same key, a new certificate.
-				writeFile(t, env.dir, "p384.pem", certPEM(env.pki.ca.issue(t, testP384Key().Public(), leafOptions{names: []string{"p384.example.com"}})))
+				testpki.WriteFile(t, env.dir, "p384.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.P384Key().Public(), testpki.LeafOptions{Names: []string{"p384.example.com"}})))
 				reload()
 				step("after the certificate was replaced", true, false)
 				step("with a ticket for the new certificate", true, true)
@@ -385,12 +386,12 @@ func TestTicketKeysShared(t *testing.T) {
 				cc.ClientSessionCache = tls.NewLRUClientSessionCache(4)
 				step := func(i int, wantResumed bool) {
 					t.Helper()
-					r := runHandshake(t, sc, cc, nil)
-					if r.clientErr != nil || r.serverErr != nil {
-						t.Fatalf("handshake %d errors = client %v, server %v", i, r.clientErr, r.serverErr)
+					r := testpki.Handshake(t, sc, cc, nil)
+					if r.ClientErr != nil || r.ServerErr != nil {
+						t.Fatalf("handshake %d errors = client %v, server %v", i, r.ClientErr, r.ServerErr)
 					}
-					if r.state.DidResume != wantResumed {
-						t.Fatalf("handshake %d: DidResume = %t, want %t", i, r.state.DidResume, wantResumed)
+					if r.State.DidResume != wantResumed {
+						t.Fatalf("handshake %d: DidResume = %t, want %t", i, r.State.DidResume, wantResumed)
 					}
 				}
 				step(0, false)
@@ -408,8 +409,8 @@ func TestTicketKeysShared(t *testing.T) {
 // one that supports only RSA gets the RSA one.
 func TestHandshakeDualCertificates(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	writeFile(t, env.dir, "dual-a-ecdsa.pem", certPEM(env.pki.ca.issue(t, testP256Key().Public(), leafOptions{names: []string{"dual.example.com"}})))
-	writeFile(t, env.dir, "dual-b-rsa.pem", certPEM(env.pki.ca.issue(t, testRSAKey().Public(), leafOptions{names: []string{"dual.example.com"}})))
+	testpki.WriteFile(t, env.dir, "dual-a-ecdsa.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"dual.example.com"}})))
+	testpki.WriteFile(t, env.dir, "dual-b-rsa.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.RSAKey().Public(), testpki.LeafOptions{Names: []string{"dual.example.com"}})))
 	sc := env.serverConfig(t)
 	tests := []struct {
 		name    string
@@ -424,11 +425,11 @@ func TestHandshakeDualCertificates(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			cc := env.clientConfig("dual.example.com", 0, tls.VersionTLS12)
 			cc.CipherSuites = tt.suites
-			r := runHandshake(t, sc, cc, nil)
-			if r.clientErr != nil || r.serverErr != nil {
-				t.Fatalf("handshake errors = client %v, server %v", r.clientErr, r.serverErr)
+			r := testpki.Handshake(t, sc, cc, nil)
+			if r.ClientErr != nil || r.ServerErr != nil {
+				t.Fatalf("handshake errors = client %v, server %v", r.ClientErr, r.ServerErr)
 			}
-			if got := fmtType(r.state.PeerCertificates[0].PublicKey); got != tt.wantKey {
+			if got := fmtType(r.State.PeerCertificates[0].PublicKey); got != tt.wantKey {
 				t.Errorf("certificate key = %s, want %s", got, tt.wantKey)
 			}
 		})
@@ -439,17 +440,17 @@ func TestHandshakeDualCertificates(t *testing.T) {
 // one valid now is served, whatever the file order.
 func TestHandshakePrefersValidCertificate(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	expired := env.pki.ca.issue(t, testP256Key().Public(), leafOptions{names: []string{"renewed.example.com"},
-		notBefore: time.Now().Add(-48 * time.Hour), notAfter: time.Now().Add(-24 * time.Hour)})
-	current := env.pki.ca.issue(t, testP384Key().Public(), leafOptions{names: []string{"renewed.example.com"}})
-	writeFile(t, env.dir, "renewed-a-old.pem", certPEM(expired))
-	writeFile(t, env.dir, "renewed-b-new.pem", certPEM(current))
-	r := runHandshake(t, env.serverConfig(t), env.clientConfig("renewed.example.com", 0, 0), nil)
-	if r.clientErr != nil || r.serverErr != nil {
-		t.Fatalf("handshake errors = client %v, server %v", r.clientErr, r.serverErr)
+	expired := env.pki.CA.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"renewed.example.com"},
+		NotBefore: time.Now().Add(-48 * time.Hour), NotAfter: time.Now().Add(-24 * time.Hour)})
+	current := env.pki.CA.Issue(t, testpki.P384Key().Public(), testpki.LeafOptions{Names: []string{"renewed.example.com"}})
+	testpki.WriteFile(t, env.dir, "renewed-a-old.pem", testpki.CertPEM(expired))
+	testpki.WriteFile(t, env.dir, "renewed-b-new.pem", testpki.CertPEM(current))
+	r := testpki.Handshake(t, env.serverConfig(t), env.clientConfig("renewed.example.com", 0, 0), nil)
+	if r.ClientErr != nil || r.ServerErr != nil {
+		t.Fatalf("handshake errors = client %v, server %v", r.ClientErr, r.ServerErr)
 	}
-	if !r.state.PeerCertificates[0].Equal(current) {
-		t.Errorf("served the certificate that expired on %v", r.state.PeerCertificates[0].NotAfter)
+	if !r.State.PeerCertificates[0].Equal(current) {
+		t.Errorf("served the certificate that expired on %v", r.State.PeerCertificates[0].NotAfter)
 	}
 }
 
@@ -491,18 +492,18 @@ func TestHandshakeDeadKeyserver(t *testing.T) {
 			}
 			cc := env.clientConfig(tt.serverName, tt.version, tt.version)
 			cc.CipherSuites = tt.suites
-			r := runHandshake(t, sc, cc, ctx)
-			if r.clientErr == nil || r.serverErr == nil {
-				t.Fatalf("handshake errors = client %v, server %v; want both to fail", r.clientErr, r.serverErr)
+			r := testpki.Handshake(t, sc, cc, ctx)
+			if r.ClientErr == nil || r.ServerErr == nil {
+				t.Fatalf("handshake errors = client %v, server %v; want both to fail", r.ClientErr, r.ServerErr)
 			}
 			const slack = 2 * time.Second
-			if r.elapsed > tt.wantWithin+slack {
-				t.Errorf("the handshake failed after %v, want within %v (+%v slack)", r.elapsed, tt.wantWithin, slack)
+			if r.Elapsed > tt.wantWithin+slack {
+				t.Errorf("the handshake failed after %v, want within %v (+%v slack)", r.Elapsed, tt.wantWithin, slack)
 			}
 			// crypto/tls flattens the signer's error into its message, or
 			// returns the handshake context's error.
-			if msg := r.serverErr.Error(); !strings.Contains(msg, "code = DeadlineExceeded") && !errors.Is(r.serverErr, context.DeadlineExceeded) {
-				t.Errorf("server error = %v, want a deadline error", r.serverErr)
+			if msg := r.ServerErr.Error(); !strings.Contains(msg, "code = DeadlineExceeded") && !errors.Is(r.ServerErr, context.DeadlineExceeded) {
+				t.Errorf("server error = %v, want a deadline error", r.ServerErr)
 			}
 		})
 	}
@@ -538,9 +539,9 @@ func TestSharedTicketKeys(t *testing.T) {
 		sc          *tls.Config
 		wantResumed bool
 	}{{a, false}, {b, true}, {a, true}, {other, false}} {
-		r := runHandshake(t, s.sc, cc, nil)
-		if r.clientErr != nil || r.state.DidResume != s.wantResumed {
-			t.Fatalf("handshake %d: %v, resumed %t; want resumed %t", i, r.clientErr, r.state.DidResume, s.wantResumed)
+		r := testpki.Handshake(t, s.sc, cc, nil)
+		if r.ClientErr != nil || r.State.DidResume != s.wantResumed {
+			t.Fatalf("handshake %d: %v, resumed %t; want resumed %t", i, r.ClientErr, r.State.DidResume, s.wantResumed)
 		}
 	}
 

@@ -15,6 +15,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
+	"github.com/keyless-tls/keyless/internal/testpki"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
@@ -29,8 +30,8 @@ func TestKeyserverStateChanges(t *testing.T) {
 	old := streamMaxAge
 	streamMaxAge = 200 * time.Millisecond
 	t.Cleanup(func() { streamMaxAge = old })
-	pki := newTestPKI(t)
-	real := newSignerService(t, []crypto.Signer{testP256Key()}, nil)
+	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	real := newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil)
 	var broken atomic.Bool
 	flaky := &fakeService{next: real, sign: func(ctx context.Context, req *keylessv1.SignRequest) (*keylessv1.SignResponse, error) {
 		if broken.Load() {
@@ -42,7 +43,7 @@ func TestKeyserverStateChanges(t *testing.T) {
 		"good:1":  startKeyserver(t, pki, &fakeService{next: real}),
 		"flaky:1": startKeyserver(t, pki, flaky),
 	}
-	tlsCfg, err := link.ClientMTLSConfig(pki.clientCert, pki.clientKey, pki.caFile, keyserverName)
+	tlsCfg, err := link.ClientMTLSConfig(pki.ClientCert, pki.ClientKey, pki.CAFile, keyserverName)
 	if err != nil {
 		t.Fatal(err)
 	}

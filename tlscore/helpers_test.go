@@ -1,22 +1,12 @@
 package tlscore
 
 import (
-	"bytes"
 	"context"
 	"crypto"
-	"crypto/ecdsa"
-	"crypto/ed25519"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/rsa"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
-	"math/big"
 	"net"
 	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -33,6 +23,7 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/keyless-tls/keyless/internal/h2frames"
+	"github.com/keyless-tls/keyless/internal/testpki"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 	"github.com/keyless-tls/keyless/signer"
@@ -65,34 +56,6 @@ rules:
 	return p
 }
 
-// Test keys, generated once per test binary.
-var (
-	testRSAKey = sync.OnceValue(func() *rsa.PrivateKey {
-		k, err := rsa.GenerateKey(rand.Reader, 2048)
-		if err != nil {
-			panic(err)
-		}
-		return k
-	})
-	testP256Key = sync.OnceValue(func() *ecdsa.PrivateKey { return mustECDSA(elliptic.P256()) })
-	testP384Key = sync.OnceValue(func() *ecdsa.PrivateKey { return mustECDSA(elliptic.P384()) })
-	testEdKey   = sync.OnceValue(func() ed25519.PrivateKey {
-		_, k, err := ed25519.GenerateKey(rand.Reader)
-		if err != nil {
-			panic(err)
-		}
-		return k
-	})
-)
-
-func mustECDSA(c elliptic.Curve) *ecdsa.PrivateKey {
-	k, err := ecdsa.GenerateKey(c, rand.Reader)
-	if err != nil {
-		panic(err)
-	}
-	return k
-}
-
 func mustKeyID(t testing.TB, pub crypto.PublicKey) link.KeyID {
 	t.Helper()
 	id, err := link.KeyIDOf(pub)
@@ -100,144 +63,6 @@ func mustKeyID(t testing.TB, pub crypto.PublicKey) link.KeyID {
 		t.Fatal(err)
 	}
 	return id
-}
-
-// testCA is an in-memory certificate authority.
-type testCA struct {
-	cert *x509.Certificate
-	key  crypto.Signer
-	pool *x509.CertPool
-}
-
-func newTestCA(t testing.TB, name string) *testCA {
-	t.Helper()
-	key := mustECDSA(elliptic.P256())
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: name},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, key.Public(), key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	return &testCA{cert: cert, key: key, pool: pool}
-}
-
-// leafOptions describe a certificate to issue.
-type leafOptions struct {
-	names     []string
-	client    bool // client auth rather than server auth
-	ca        bool // an intermediate CA
-	notBefore time.Time
-	notAfter  time.Time
-}
-
-var serial struct {
-	sync.Mutex
-	n int64
-}
-
-func (ca *testCA) issue(t testing.TB, pub crypto.PublicKey, o leafOptions) *x509.Certificate {
-	t.Helper()
-	serial.Lock()
-	serial.n++
-	sn := serial.n + 1
-	serial.Unlock()
-	if o.notBefore.IsZero() {
-		o.notBefore = time.Now().Add(-time.Hour)
-	}
-	if o.notAfter.IsZero() {
-		o.notAfter = time.Now().Add(24 * time.Hour)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(sn),
-		Subject:      pkix.Name{CommonName: "test leaf"},
-		DNSNames:     o.names,
-		NotBefore:    o.notBefore,
-		NotAfter:     o.notAfter,
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	if _, ok := pub.(*rsa.PublicKey); ok {
-		tmpl.KeyUsage |= x509.KeyUsageKeyEncipherment
-	}
-	if o.client {
-		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
-	}
-	if o.ca {
-		tmpl.KeyUsage, tmpl.ExtKeyUsage = x509.KeyUsageCertSign, nil
-		tmpl.BasicConstraintsValid, tmpl.IsCA = true, true
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, pub, ca.key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return cert
-}
-
-func certPEM(certs ...*x509.Certificate) []byte {
-	var b bytes.Buffer
-	for _, c := range certs {
-		pem.Encode(&b, &pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})
-	}
-	return b.Bytes()
-}
-
-func keyPEM(t testing.TB, key crypto.Signer) []byte {
-	t.Helper()
-	der, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
-}
-
-func writeFile(t testing.TB, dir, name string, data ...[]byte) string {
-	t.Helper()
-	p := filepath.Join(dir, name)
-	if err := os.WriteFile(p, bytes.Join(data, nil), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	return p
-}
-
-// testPKI holds the mTLS files of a keyserver and an edge, all from one CA,
-// which also issues the edge's web certificates.
-type testPKI struct {
-	ca                                     *testCA
-	serverCert, serverKey                  string
-	clientCert, clientKey, caFile, fileDir string
-}
-
-func newTestPKI(t testing.TB) *testPKI {
-	t.Helper()
-	dir := t.TempDir()
-	ca := newTestCA(t, "Test CA")
-	sk, ck := mustECDSA(elliptic.P256()), mustECDSA(elliptic.P256())
-	return &testPKI{
-		ca:         ca,
-		fileDir:    dir,
-		caFile:     writeFile(t, dir, "ca.pem", certPEM(ca.cert)),
-		serverCert: writeFile(t, dir, "server.pem", certPEM(ca.issue(t, sk.Public(), leafOptions{names: []string{keyserverName}}))),
-		serverKey:  writeFile(t, dir, "server.key", keyPEM(t, sk)),
-		clientCert: writeFile(t, dir, "client.pem", certPEM(ca.issue(t, ck.Public(), leafOptions{client: true, names: []string{edgeIdentity}}))),
-		clientKey:  writeFile(t, dir, "client.key", keyPEM(t, ck)),
-	}
 }
 
 // opRecorder records the key operations a keyserver received.
@@ -316,16 +141,16 @@ type testKeyserver struct {
 	health *health.Server
 }
 
-func startKeyserver(t testing.TB, pki *testPKI, svc keylessv1.KeylessServiceServer) *testKeyserver {
+func startKeyserver(t testing.TB, pki *testpki.MTLS, svc keylessv1.KeylessServiceServer) *testKeyserver {
 	t.Helper()
 	return startKeyserverWithHealth(t, pki, svc, healthpb.HealthCheckResponse_SERVING)
 }
 
 // startKeyserverWithHealth starts a keyserver whose health service reports
 // st for the KeylessService, with extra server options.
-func startKeyserverWithHealth(t testing.TB, pki *testPKI, svc keylessv1.KeylessServiceServer, st healthpb.HealthCheckResponse_ServingStatus, opts ...grpc.ServerOption) *testKeyserver {
+func startKeyserverWithHealth(t testing.TB, pki *testpki.MTLS, svc keylessv1.KeylessServiceServer, st healthpb.HealthCheckResponse_ServingStatus, opts ...grpc.ServerOption) *testKeyserver {
 	t.Helper()
-	cfg, err := link.ServerMTLSConfig(pki.serverCert, pki.serverKey, pki.caFile)
+	cfg, err := link.ServerMTLSConfig(pki.ServerCert, pki.ServerKey, pki.CAFile)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -407,9 +232,9 @@ func (s schemeStore) Keys(ctx context.Context) ([]crypto.Signer, error) {
 
 // dialTestClient returns a Client for the given keyservers, keyed by the
 // address the client is given for each.
-func dialTestClient(t testing.TB, pki *testPKI, cfg ClientConfig, servers map[string]*testKeyserver) *Client {
+func dialTestClient(t testing.TB, pki *testpki.MTLS, cfg ClientConfig, servers map[string]*testKeyserver) *Client {
 	t.Helper()
-	tlsCfg, err := link.ClientMTLSConfig(pki.clientCert, pki.clientKey, pki.caFile, keyserverName)
+	tlsCfg, err := link.ClientMTLSConfig(pki.ClientCert, pki.ClientKey, pki.CAFile, keyserverName)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -528,7 +353,7 @@ func blockingHandler[Req, Resp any](t *testing.T) func(context.Context, Req) (Re
 // testEnv is an edge's view of one keyserver: a Client, and a directory of
 // certificates for the four test keys.
 type testEnv struct {
-	pki    *testPKI
+	pki    *testpki.MTLS
 	ks     *testKeyserver
 	client *Client
 	dir    string
@@ -547,15 +372,15 @@ var envCerts = []struct {
 	key   func() crypto.Signer
 	names []string
 }{
-	{"ed25519.pem", func() crypto.Signer { return testEdKey() }, []string{"ed25519.example.com"}},
-	{"p256.pem", func() crypto.Signer { return testP256Key() }, []string{"p256.example.com", "*.wild.example.com"}},
-	{"p384.pem", func() crypto.Signer { return testP384Key() }, []string{"p384.example.com"}},
-	{"rsa.pem", func() crypto.Signer { return testRSAKey() }, []string{"rsa.example.com", "legacy.example.com", "*.legacy-wild.example.com"}},
+	{"ed25519.pem", func() crypto.Signer { return testpki.Ed25519Key() }, []string{"ed25519.example.com"}},
+	{"p256.pem", func() crypto.Signer { return testpki.P256Key() }, []string{"p256.example.com", "*.wild.example.com"}},
+	{"p384.pem", func() crypto.Signer { return testpki.P384Key() }, []string{"p384.example.com"}},
+	{"rsa.pem", func() crypto.Signer { return testpki.RSAKey() }, []string{"rsa.example.com", "legacy.example.com", "*.legacy-wild.example.com"}},
 }
 
 func newTestEnv(t *testing.T, o envOptions) *testEnv {
 	t.Helper()
-	pki := newTestPKI(t)
+	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
 	var keys []crypto.Signer
 	for _, c := range envCerts {
 		keys = append(keys, c.key())
@@ -568,9 +393,9 @@ func newTestEnv(t *testing.T, o envOptions) *testEnv {
 	client := dialTestClient(t, pki, ClientConfig{CallTimeout: o.callTimeout}, map[string]*testKeyserver{"ks1.test:443": ks})
 	env := &testEnv{pki: pki, ks: ks, client: client, dir: t.TempDir(), leaves: make(map[string]*x509.Certificate)}
 	for _, c := range envCerts {
-		leaf := pki.ca.issue(t, c.key().Public(), leafOptions{names: c.names})
+		leaf := pki.CA.Issue(t, c.key().Public(), testpki.LeafOptions{Names: c.names})
 		env.leaves[c.file] = leaf
-		writeFile(t, env.dir, c.file, certPEM(leaf))
+		testpki.WriteFile(t, env.dir, c.file, testpki.CertPEM(leaf))
 	}
 	return env
 }
@@ -605,73 +430,7 @@ func (env *testEnv) serverConfig(t *testing.T, rsaKex ...string) *tls.Config {
 
 // clientConfig returns a TLS client config that trusts the test CA.
 func (env *testEnv) clientConfig(serverName string, minVersion, maxVersion uint16) *tls.Config {
-	return &tls.Config{RootCAs: env.pki.ca.pool, ServerName: serverName, MinVersion: minVersion, MaxVersion: maxVersion}
-}
-
-// handshakeResult is what runHandshake saw.
-type handshakeResult struct {
-	state     tls.ConnectionState // the client's
-	clientErr error
-	serverErr error
-	elapsed   time.Duration
-}
-
-// runHandshake performs one TLS handshake over loopback TCP between a
-// crypto/tls client with cc and a server with sc, then the server sends a
-// line the client reads (which also delivers TLS 1.3 session tickets).
-// serverCtx, if not nil, is the server's handshake context.
-func runHandshake(t *testing.T, sc, cc *tls.Config, serverCtx context.Context) handshakeResult {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	if serverCtx == nil {
-		serverCtx = t.Context()
-	}
-	serverErr := make(chan error, 1)
-	go func() {
-		c, err := ln.Accept()
-		if err != nil {
-			serverErr <- err
-			return
-		}
-		defer c.Close()
-		c.SetDeadline(time.Now().Add(defaultTestTimeout))
-		tc := tls.Server(c, sc)
-		if err := tc.HandshakeContext(serverCtx); err != nil {
-			serverErr <- err
-			return
-		}
-		_, err = tc.Write([]byte("hello\n"))
-		serverErr <- err
-	}()
-
-	start := time.Now()
-	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: defaultTestTimeout}, Config: cc}
-	ctx, cancel := context.WithTimeout(t.Context(), defaultTestTimeout)
-	defer cancel()
-	var r handshakeResult
-	conn, err := d.DialContext(ctx, "tcp", ln.Addr().String())
-	if err == nil {
-		tc := conn.(*tls.Conn)
-		tc.SetDeadline(time.Now().Add(defaultTestTimeout))
-		buf := make([]byte, 6)
-		if _, err = tc.Read(buf); err == nil && string(buf) != "hello\n" {
-			t.Errorf("client read %q, want %q", buf, "hello\n")
-		}
-		r.state = tc.ConnectionState()
-		conn.Close()
-	}
-	r.clientErr = err
-	r.elapsed = time.Since(start)
-	select {
-	case r.serverErr = <-serverErr:
-	case <-time.After(defaultTestTimeout):
-		t.Fatal("the TLS server did not finish its handshake")
-	}
-	return r
+	return &tls.Config{RootCAs: env.pki.CA.Pool, ServerName: serverName, MinVersion: minVersion, MaxVersion: maxVersion}
 }
 
 // newTestLogger returns a logger whose output the test can read.

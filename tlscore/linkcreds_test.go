@@ -14,6 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/keyless-tls/keyless/internal/testpki"
 	"github.com/keyless-tls/keyless/link"
 )
 
@@ -22,8 +23,8 @@ import (
 // the call's status and the TLS error, and that calls failing for other
 // reasons, or after a handshake succeeded again, are not.
 func TestClientLinkHandshakeError(t *testing.T) {
-	edgePKI, otherPKI := newTestPKI(t), newTestPKI(t)
-	real := newSignerService(t, []crypto.Signer{testP256Key()}, nil)
+	edgePKI, otherPKI := testpki.NewMTLS(t, keyserverName, edgeIdentity), testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	real := newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil)
 	var signs, decrypts atomic.Int64
 	// untrusted has a certificate from a CA the edge does not trust;
 	// trusted's signs fail with Unavailable, as with an unplugged HSM.
@@ -85,7 +86,7 @@ func TestClientLinkHandshakeError(t *testing.T) {
 // listens for gives Unavailable without a *LinkHandshakeError: waiting may
 // mend it.
 func TestClientUnreachableIsNotHandshakeError(t *testing.T) {
-	pki := newTestPKI(t)
+	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
 	c, err := Dial(ClientConfig{Addresses: []string{keyserverName + ":7443"}, TLS: mustClientTLS(t, pki),
 		Dialer: func(context.Context, string) (net.Conn, error) { return nil, errors.New("connection refused") }})
 	if err != nil {
@@ -100,9 +101,9 @@ func TestClientUnreachableIsNotHandshakeError(t *testing.T) {
 }
 
 // mustClientTLS returns the edge's side of the link for pki.
-func mustClientTLS(t *testing.T, pki *testPKI) *tls.Config {
+func mustClientTLS(t *testing.T, pki *testpki.MTLS) *tls.Config {
 	t.Helper()
-	cfg, err := link.ClientMTLSConfig(pki.clientCert, pki.clientKey, pki.caFile, keyserverName)
+	cfg, err := link.ClientMTLSConfig(pki.ClientCert, pki.ClientKey, pki.CAFile, keyserverName)
 	if err != nil {
 		t.Fatal(err)
 	}

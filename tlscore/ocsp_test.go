@@ -18,11 +18,13 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/crypto/ocsp"
+
+	"github.com/keyless-tls/keyless/internal/testpki"
 )
 
 // ocspLeaf issues a certificate for the P-256 test key naming responder
 // as its OCSP responder.
-func ocspLeaf(t *testing.T, ca *testCA, name, responder string) *x509.Certificate {
+func ocspLeaf(t *testing.T, ca *testpki.CA, name, responder string) *x509.Certificate {
 	t.Helper()
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(time.Now().UnixNano()),
@@ -34,7 +36,7 @@ func ocspLeaf(t *testing.T, ca *testCA, name, responder string) *x509.Certificat
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		OCSPServer:   []string{responder},
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, testP256Key().Public(), ca.key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, testpki.P256Key().Public(), ca.Key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,16 +66,16 @@ func ocspResponse(t *testing.T, issuer, signerCert *x509.Certificate, signer cry
 }
 
 func TestVerifyOCSP(t *testing.T) {
-	ca := newTestCA(t, "OCSP CA")
-	other := newTestCA(t, "Other CA")
+	ca := testpki.NewCA(t, "OCSP CA")
+	other := testpki.NewCA(t, "Other CA")
 	leaf := ocspLeaf(t, ca, "ocsp.example.com", "http://127.0.0.1:1/")
 	otherLeaf := ocspLeaf(t, ca, "other.example.com", "http://127.0.0.1:1/")
 	now := time.Now()
 	delegate := func(eku []x509.ExtKeyUsage, notAfter time.Time) (*x509.Certificate, crypto.Signer) {
-		key := mustECDSA(elliptic.P256())
+		key := testpki.MustECDSA(elliptic.P256())
 		tmpl := &x509.Certificate{SerialNumber: big.NewInt(now.UnixNano()), Subject: pkix.Name{CommonName: "responder"},
 			NotBefore: now.Add(-time.Hour), NotAfter: notAfter, ExtKeyUsage: eku, KeyUsage: x509.KeyUsageDigitalSignature}
-		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, key.Public(), ca.key)
+		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.Key)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -90,21 +92,21 @@ func TestVerifyOCSP(t *testing.T) {
 		der     []byte
 		wantErr string // "" for success
 	}{
-		{"issuer", ocspResponse(t, ca.cert, ca.cert, ca.key, leaf, ocsp.Good, now.Add(-hour), now.Add(hour)), ""},
-		{"authorised-responder", ocspResponse(t, ca.cert, goodDelegate, goodKey, leaf, ocsp.Good, now.Add(-hour), now.Add(hour)), ""},
-		{"revoked-verifies", ocspResponse(t, ca.cert, ca.cert, ca.key, leaf, ocsp.Revoked, now.Add(-hour), now.Add(hour)), ""},
-		{"other-ca", ocspResponse(t, other.cert, other.cert, other.key, leaf, ocsp.Good, now.Add(-hour), now.Add(hour)), "bad OCSP signature"},
-		{"responder-not-authorised", ocspResponse(t, ca.cert, plainDelegate, plainKey, leaf, ocsp.Good, now.Add(-hour), now.Add(hour)), "did not authorise"},
-		{"responder-expired", ocspResponse(t, ca.cert, expiredDelegate, expiredKey, leaf, ocsp.Good, now.Add(-hour), now.Add(hour)), "not valid now"},
-		{"other-serial", ocspResponse(t, ca.cert, ca.cert, ca.key, otherLeaf, ocsp.Good, now.Add(-hour), now.Add(hour)), "no response matching"},
-		{"expired", ocspResponse(t, ca.cert, ca.cert, ca.key, leaf, ocsp.Good, now.Add(-2*hour), now.Add(-hour)), "expired"},
-		{"no-next-update", ocspResponse(t, ca.cert, ca.cert, ca.key, leaf, ocsp.Good, now.Add(-hour), time.Time{}), "no nextUpdate"},
-		{"future", ocspResponse(t, ca.cert, ca.cert, ca.key, leaf, ocsp.Good, now.Add(hour), now.Add(2*hour)), "in the future"},
+		{"issuer", ocspResponse(t, ca.Cert, ca.Cert, ca.Key, leaf, ocsp.Good, now.Add(-hour), now.Add(hour)), ""},
+		{"authorised-responder", ocspResponse(t, ca.Cert, goodDelegate, goodKey, leaf, ocsp.Good, now.Add(-hour), now.Add(hour)), ""},
+		{"revoked-verifies", ocspResponse(t, ca.Cert, ca.Cert, ca.Key, leaf, ocsp.Revoked, now.Add(-hour), now.Add(hour)), ""},
+		{"other-ca", ocspResponse(t, other.Cert, other.Cert, other.Key, leaf, ocsp.Good, now.Add(-hour), now.Add(hour)), "bad OCSP signature"},
+		{"responder-not-authorised", ocspResponse(t, ca.Cert, plainDelegate, plainKey, leaf, ocsp.Good, now.Add(-hour), now.Add(hour)), "did not authorise"},
+		{"responder-expired", ocspResponse(t, ca.Cert, expiredDelegate, expiredKey, leaf, ocsp.Good, now.Add(-hour), now.Add(hour)), "not valid now"},
+		{"other-serial", ocspResponse(t, ca.Cert, ca.Cert, ca.Key, otherLeaf, ocsp.Good, now.Add(-hour), now.Add(hour)), "no response matching"},
+		{"expired", ocspResponse(t, ca.Cert, ca.Cert, ca.Key, leaf, ocsp.Good, now.Add(-2*hour), now.Add(-hour)), "expired"},
+		{"no-next-update", ocspResponse(t, ca.Cert, ca.Cert, ca.Key, leaf, ocsp.Good, now.Add(-hour), time.Time{}), "no nextUpdate"},
+		{"future", ocspResponse(t, ca.Cert, ca.Cert, ca.Key, leaf, ocsp.Good, now.Add(hour), now.Add(2*hour)), "in the future"},
 		{"garbage", []byte("not DER"), "invalid OCSP response"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := verifyOCSP(tt.der, leaf, ca.cert, now)
+			_, err := verifyOCSP(tt.der, leaf, ca.Cert, now)
 			if tt.wantErr == "" {
 				if err != nil {
 					t.Errorf("verifyOCSP() = %v, want success", err)
@@ -182,9 +184,9 @@ func TestOCSPStapling(t *testing.T) {
 	resp := &fakeResponder{t: t}
 	srv := httptest.NewServer(resp)
 	t.Cleanup(srv.Close)
-	ca := env.pki.ca
+	ca := env.pki.CA
 	leaf := ocspLeaf(t, ca, "ocsp.example.com", srv.URL)
-	writeFile(t, env.dir, "ocsp.pem", certPEM(leaf, ca.cert))
+	testpki.WriteFile(t, env.dir, "ocsp.pem", testpki.CertPEM(leaf, ca.Cert))
 
 	var (
 		mu         sync.Mutex
@@ -199,7 +201,7 @@ func TestOCSPStapling(t *testing.T) {
 		}
 		thisUpdate = time.Now().Add(-time.Minute).Truncate(time.Second)
 		// Half its validity is already past: refreshed after minRefresh.
-		return ocspResponse(t, ca.cert, ca.cert, ca.key, leaf, status, thisUpdate, thisUpdate.Add(90*time.Second))
+		return ocspResponse(t, ca.Cert, ca.Cert, ca.Key, leaf, status, thisUpdate, thisUpdate.Add(90*time.Second))
 	})
 
 	reg := prometheus.NewRegistry()
@@ -218,7 +220,7 @@ func TestOCSPStapling(t *testing.T) {
 	t.Cleanup(func() { <-done })
 
 	waitFor(t, "a response is stapled", func() bool { return staple(t, s, "ocsp.example.com") != nil })
-	r, err := ocsp.ParseResponseForCert(staple(t, s, "ocsp.example.com"), leaf, ca.cert)
+	r, err := ocsp.ParseResponseForCert(staple(t, s, "ocsp.example.com"), leaf, ca.Cert)
 	if err != nil || r.Status != ocsp.Good {
 		t.Fatalf("stapled response: %v, status %v; want a good one that verifies", err, r)
 	}
@@ -246,7 +248,7 @@ func TestOCSPStapling(t *testing.T) {
 	mu.Unlock()
 	resp.set(func(req *ocsp.Request) []byte {
 		now := time.Now().Truncate(time.Second)
-		return ocspResponse(t, ca.cert, ca.cert, ca.key, leaf, ocsp.Revoked, now.Add(-time.Minute), now.Add(time.Hour))
+		return ocspResponse(t, ca.Cert, ca.Cert, ca.Key, leaf, ocsp.Revoked, now.Add(-time.Minute), now.Add(time.Hour))
 	})
 	waitFor(t, "the revoked certificate's staple is dropped", func() bool { return staple(t, s, "ocsp.example.com") == nil })
 	// The staple is dropped just before the error is logged.
@@ -263,13 +265,13 @@ func TestOCSPStapling(t *testing.T) {
 // verifies, refused if it is for another CA, and served in a handshake.
 func TestOCSPFile(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	ca := env.pki.ca
+	ca := env.pki.CA
 	// No responder reachable: only the file can provide a response.
 	leaf := ocspLeaf(t, ca, "file.example.com", "http://127.0.0.1:1/")
-	writeFile(t, env.dir, "file.pem", certPEM(leaf, ca.cert))
+	testpki.WriteFile(t, env.dir, "file.pem", testpki.CertPEM(leaf, ca.Cert))
 	now := time.Now()
-	other := newTestCA(t, "Other CA")
-	writeFile(t, env.dir, "file.ocsp", ocspResponse(t, other.cert, other.cert, other.key, leaf, ocsp.Good, now.Add(-time.Hour), now.Add(time.Hour)))
+	other := testpki.NewCA(t, "Other CA")
+	testpki.WriteFile(t, env.dir, "file.ocsp", ocspResponse(t, other.Cert, other.Cert, other.Key, leaf, ocsp.Good, now.Add(-time.Hour), now.Add(time.Hour)))
 	logger, logs := newTestLogger()
 	s := env.newStore(t, CertStoreConfig{Logger: logger, OCSP: &OCSPConfig{}})
 	if staple(t, s, "file.example.com") != nil {
@@ -279,8 +281,8 @@ func TestOCSPFile(t *testing.T) {
 		t.Errorf("no error about the rejected file:\n%s", logs)
 	}
 
-	good := ocspResponse(t, ca.cert, ca.cert, ca.key, leaf, ocsp.Good, now.Add(-time.Hour), now.Add(time.Hour))
-	writeFile(t, env.dir, "file.ocsp", good)
+	good := ocspResponse(t, ca.Cert, ca.Cert, ca.Key, leaf, ocsp.Good, now.Add(-time.Hour), now.Add(time.Hour))
+	testpki.WriteFile(t, env.dir, "file.ocsp", good)
 	if err := s.Load(t.Context(), env.dir); err != nil {
 		t.Fatal(err)
 	}
@@ -291,11 +293,11 @@ func TestOCSPFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := runHandshake(t, sc, env.clientConfig("file.example.com", tls.VersionTLS13, tls.VersionTLS13), nil)
-	if r.clientErr != nil {
-		t.Fatal(r.clientErr)
+	r := testpki.Handshake(t, sc, env.clientConfig("file.example.com", tls.VersionTLS13, tls.VersionTLS13), nil)
+	if r.ClientErr != nil {
+		t.Fatal(r.ClientErr)
 	}
-	if string(r.state.OCSPResponse) != string(good) {
+	if string(r.State.OCSPResponse) != string(good) {
 		t.Error("the client did not receive the stapled response")
 	}
 }

@@ -77,7 +77,7 @@ func httpClient(t *testing.T, env *testEnv, addr string, h2 bool, maxVersion uin
 	protos.SetHTTP1(!h2)
 	protos.SetHTTP2(h2)
 	tr := &http.Transport{
-		TLSClientConfig: &tls.Config{RootCAs: env.pki.ca.pool, MaxVersion: maxVersion},
+		TLSClientConfig: &tls.Config{RootCAs: env.pki.CA.Pool, MaxVersion: maxVersion},
 		Protocols:       &protos,
 		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			var d net.Dialer

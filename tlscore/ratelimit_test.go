@@ -8,6 +8,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/keyless-tls/keyless/internal/testpki"
 )
 
 // TestHandshakeRateLimit: a client gets HandshakeBurst full handshakes at
@@ -30,15 +32,15 @@ func TestHandshakeRateLimit(t *testing.T) {
 			step := func(what string, cc *tls.Config, wantOK, wantResumed bool) {
 				t.Helper()
 				signs0, _ := env.ks.ops.counts()
-				r := runHandshake(t, sc, cc, nil)
+				r := testpki.Handshake(t, sc, cc, nil)
 				signs, _ := env.ks.ops.counts()
-				ok := r.clientErr == nil && r.serverErr == nil
-				if ok != wantOK || r.state.DidResume != wantResumed || (signs-signs0 == 1) != (wantOK && !wantResumed) {
+				ok := r.ClientErr == nil && r.ServerErr == nil
+				if ok != wantOK || r.State.DidResume != wantResumed || (signs-signs0 == 1) != (wantOK && !wantResumed) {
 					t.Fatalf("%s: errors client %v, server %v, resumed %t, %d signatures; want success %t, resumed %t",
-						what, r.clientErr, r.serverErr, r.state.DidResume, signs-signs0, wantOK, wantResumed)
+						what, r.ClientErr, r.ServerErr, r.State.DidResume, signs-signs0, wantOK, wantResumed)
 				}
-				if !wantOK && !strings.Contains(r.serverErr.Error(), "over its rate of full handshakes") {
-					t.Errorf("%s: server error %v; want the rate named", what, r.serverErr)
+				if !wantOK && !strings.Contains(r.ServerErr.Error(), "over its rate of full handshakes") {
+					t.Errorf("%s: server error %v; want the rate named", what, r.ServerErr)
 				}
 			}
 			step("first full handshake", resuming, true, false)

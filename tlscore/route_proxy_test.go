@@ -267,7 +267,7 @@ func TestProxyProtocolListener(t *testing.T) {
 	// client returns a client whose every connection starts with header.
 	client := func(t *testing.T, addr string, header []byte) *http.Client {
 		tr := &http.Transport{
-			TLSClientConfig: &tls.Config{RootCAs: env.pki.ca.pool},
+			TLSClientConfig: &tls.Config{RootCAs: env.pki.CA.Pool},
 			DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
 				var d net.Dialer
 				c, err := d.DialContext(ctx, network, addr)

@@ -5,6 +5,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/keyless-tls/keyless/internal/testpki"
 )
 
 func TestServerConfigValidate(t *testing.T) {
@@ -154,12 +156,12 @@ func TestRSAKeyExchangeALPN(t *testing.T) {
 			cc := env.clientConfig(legacyName, 0, tls.VersionTLS12)
 			cc.CipherSuites = tt.suites
 			cc.NextProtos = []string{"h2", "http/1.1"}
-			r := runHandshake(t, sc, cc, nil)
-			if r.clientErr != nil || r.serverErr != nil {
-				t.Fatalf("handshake errors = client %v, server %v", r.clientErr, r.serverErr)
+			r := testpki.Handshake(t, sc, cc, nil)
+			if r.ClientErr != nil || r.ServerErr != nil {
+				t.Fatalf("handshake errors = client %v, server %v", r.ClientErr, r.ServerErr)
 			}
-			if r.state.NegotiatedProtocol != tt.wantProto {
-				t.Errorf("ALPN = %q, want %q", r.state.NegotiatedProtocol, tt.wantProto)
+			if r.State.NegotiatedProtocol != tt.wantProto {
+				t.Errorf("ALPN = %q, want %q", r.State.NegotiatedProtocol, tt.wantProto)
 			}
 		})
 	}
