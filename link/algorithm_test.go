@@ -12,7 +12,7 @@ import (
 	"slices"
 	"testing"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
@@ -46,11 +46,11 @@ func testPublicKey(t *testing.T, kt keylessv1.KeyType) crypto.PublicKey {
 	t.Helper()
 	switch kt {
 	case keylessv1.KeyType_KEY_TYPE_RSA:
-		return testpki.RSAKey().Public()
+		return pkitest.RSAKey().Public()
 	case keylessv1.KeyType_KEY_TYPE_ECDSA:
-		return testpki.P256Key().Public()
+		return pkitest.P256Key().Public()
 	case keylessv1.KeyType_KEY_TYPE_ED25519:
-		return testpki.Ed25519Key().Public()
+		return pkitest.Ed25519Key().Public()
 	}
 	t.Fatalf("no test key of type %v", kt)
 	return nil
@@ -129,7 +129,7 @@ func TestAlgorithmsReturnsCopy(t *testing.T) {
 }
 
 func TestAlgorithmForOptsTLSShapes(t *testing.T) {
-	rsaPub := testpki.RSAKey().Public()
+	rsaPub := pkitest.RSAKey().Public()
 	tests := []struct {
 		name string
 		pub  crypto.PublicKey
@@ -140,10 +140,10 @@ func TestAlgorithmForOptsTLSShapes(t *testing.T) {
 		{"PSS equals-hash", rsaPub, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthEqualsHash, Hash: crypto.SHA384}, tls.PSSWithSHA384},
 		{"PSS explicit salt", rsaPub, &rsa.PSSOptions{SaltLength: 64, Hash: crypto.SHA512}, tls.PSSWithSHA512},
 		{"PKCS1", rsaPub, crypto.SHA256, tls.PKCS1WithSHA256},
-		{"P-384 with SHA-256 (TLS 1.2)", testpki.P384Key().Public(), crypto.SHA256, tls.ECDSAWithP256AndSHA256},
-		{"P-521 with SHA-512", testpki.P521Key().Public(), crypto.SHA512, tls.ECDSAWithP521AndSHA512},
-		{"Ed25519 Hash(0)", testpki.Ed25519Key().Public(), crypto.Hash(0), tls.Ed25519},
-		{"Ed25519 Options{}", testpki.Ed25519Key().Public(), &ed25519.Options{}, tls.Ed25519},
+		{"P-384 with SHA-256 (TLS 1.2)", pkitest.P384Key().Public(), crypto.SHA256, tls.ECDSAWithP256AndSHA256},
+		{"P-521 with SHA-512", pkitest.P521Key().Public(), crypto.SHA512, tls.ECDSAWithP521AndSHA512},
+		{"Ed25519 Hash(0)", pkitest.Ed25519Key().Public(), crypto.Hash(0), tls.Ed25519},
+		{"Ed25519 Options{}", pkitest.Ed25519Key().Public(), &ed25519.Options{}, tls.Ed25519},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -160,7 +160,7 @@ func TestAlgorithmForOptsErrors(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rsaPub, ecPub, edPub := testpki.RSAKey().Public(), testpki.P256Key().Public(), testpki.Ed25519Key().Public()
+	rsaPub, ecPub, edPub := pkitest.RSAKey().Public(), pkitest.P256Key().Public(), pkitest.Ed25519Key().Public()
 	tests := []struct {
 		name string
 		pub  crypto.PublicKey
@@ -168,9 +168,9 @@ func TestAlgorithmForOptsErrors(t *testing.T) {
 	}{
 		{"nil key", nil, crypto.SHA256},
 		{"ECDH key", ecdhKey.Public(), crypto.SHA256},
-		{"RSA public key by value", *testpki.RSAKey().Public().(*rsa.PublicKey), crypto.SHA256},
-		{"ECDSA public key by value", testpki.P256Key().PublicKey, crypto.SHA256},
-		{"private key", testpki.RSAKey(), crypto.SHA256},
+		{"RSA public key by value", *pkitest.RSAKey().Public().(*rsa.PublicKey), crypto.SHA256},
+		{"ECDSA public key by value", pkitest.P256Key().PublicKey, crypto.SHA256},
+		{"private key", pkitest.RSAKey(), crypto.SHA256},
 		{"PSS salt 7", rsaPub, &rsa.PSSOptions{SaltLength: 7, Hash: crypto.SHA256}},
 		{"PSS salt hash+1", rsaPub, &rsa.PSSOptions{SaltLength: 33, Hash: crypto.SHA256}},
 		{"PSS salt auto", rsaPub, &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthAuto, Hash: crypto.SHA256}},
@@ -212,12 +212,12 @@ func TestDefaultSchemes(t *testing.T) {
 		pub  crypto.PublicKey
 		want []tls.SignatureScheme
 	}{
-		{"RSA", testpki.RSAKey().Public(), rsaSchemes},
+		{"RSA", pkitest.RSAKey().Public(), rsaSchemes},
 		// ECDSA schemes follow TLS 1.2: any curve with any hash.
-		{"P-256", testpki.P256Key().Public(), ecSchemes},
-		{"P-384", testpki.P384Key().Public(), ecSchemes},
-		{"P-521", testpki.P521Key().Public(), ecSchemes},
-		{"Ed25519", testpki.Ed25519Key().Public(), []tls.SignatureScheme{tls.Ed25519}},
+		{"P-256", pkitest.P256Key().Public(), ecSchemes},
+		{"P-384", pkitest.P384Key().Public(), ecSchemes},
+		{"P-521", pkitest.P521Key().Public(), ecSchemes},
+		{"Ed25519", pkitest.Ed25519Key().Public(), []tls.SignatureScheme{tls.Ed25519}},
 		{"unknown", []byte("not a key"), nil},
 	}
 	for _, tt := range tests {
@@ -248,15 +248,15 @@ func TestKeyTypeOfAndKeyBits(t *testing.T) {
 		wantType keylessv1.KeyType
 		wantBits int
 	}{
-		{"RSA-2048", testpki.RSAKey().Public(), keylessv1.KeyType_KEY_TYPE_RSA, 2048},
+		{"RSA-2048", pkitest.RSAKey().Public(), keylessv1.KeyType_KEY_TYPE_RSA, 2048},
 		{"P-224", p224.Public(), keylessv1.KeyType_KEY_TYPE_ECDSA, 224},
-		{"P-256", testpki.P256Key().Public(), keylessv1.KeyType_KEY_TYPE_ECDSA, 256},
-		{"P-384", testpki.P384Key().Public(), keylessv1.KeyType_KEY_TYPE_ECDSA, 384},
-		{"P-521", testpki.P521Key().Public(), keylessv1.KeyType_KEY_TYPE_ECDSA, 521},
-		{"Ed25519", testpki.Ed25519Key().Public(), keylessv1.KeyType_KEY_TYPE_ED25519, 255},
+		{"P-256", pkitest.P256Key().Public(), keylessv1.KeyType_KEY_TYPE_ECDSA, 256},
+		{"P-384", pkitest.P384Key().Public(), keylessv1.KeyType_KEY_TYPE_ECDSA, 384},
+		{"P-521", pkitest.P521Key().Public(), keylessv1.KeyType_KEY_TYPE_ECDSA, 521},
+		{"Ed25519", pkitest.Ed25519Key().Public(), keylessv1.KeyType_KEY_TYPE_ED25519, 255},
 		{"X25519", ecdhKey.Public(), keylessv1.KeyType_KEY_TYPE_UNSPECIFIED, 0},
-		{"private RSA key", testpki.RSAKey(), keylessv1.KeyType_KEY_TYPE_UNSPECIFIED, 0},
-		{"private Ed25519 key", testpki.Ed25519Key(), keylessv1.KeyType_KEY_TYPE_UNSPECIFIED, 0},
+		{"private RSA key", pkitest.RSAKey(), keylessv1.KeyType_KEY_TYPE_UNSPECIFIED, 0},
+		{"private Ed25519 key", pkitest.Ed25519Key(), keylessv1.KeyType_KEY_TYPE_UNSPECIFIED, 0},
 		{"nil", nil, keylessv1.KeyType_KEY_TYPE_UNSPECIFIED, 0},
 	}
 	for _, tt := range tests {

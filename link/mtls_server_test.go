@@ -22,14 +22,14 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/grpc/test/bufconn"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 )
 
 // TestServerCredentials checks the keyserver's handshake: a client is
 // admitted when its certificate chains to the CA and the check accepts it,
 // and every refused handshake is logged once with the names presented.
 func TestServerCredentials(t *testing.T) {
-	pki, other := testpki.NewMTLS(t, keyserverName, edgeIdentity), testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	pki, other := pkitest.NewMTLS(t, keyserverName, edgeIdentity), pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	creds, err := LoadMTLSCredentials(pki.ServerCert, pki.ServerKey, pki.CAFile)
 	if err != nil {
 		t.Fatal(err)
@@ -50,10 +50,10 @@ func TestServerCredentials(t *testing.T) {
 	go srv.Serve(lis)
 	t.Cleanup(srv.Stop)
 
-	issueClient := func(p *testpki.MTLS, names ...string) (certFile, keyFile string) {
-		k := testpki.MustECDSA(elliptic.P256())
-		return testpki.WriteFile(t, t.TempDir(), "c.pem", testpki.CertPEM(p.CA.Issue(t, k.Public(), testpki.LeafOptions{Client: true, Names: names}))),
-			testpki.WriteFile(t, t.TempDir(), "c.key", testpki.KeyPEM(t, k))
+	issueClient := func(p *pkitest.MTLS, names ...string) (certFile, keyFile string) {
+		k := pkitest.MustECDSA(elliptic.P256())
+		return pkitest.WriteFile(t, t.TempDir(), "c.pem", pkitest.CertPEM(p.CA.Issue(t, k.Public(), pkitest.LeafOptions{Client: true, Names: names}))),
+			pkitest.WriteFile(t, t.TempDir(), "c.key", pkitest.KeyPEM(t, k))
 	}
 	call := func(certFile, keyFile string) error {
 		t.Helper()
@@ -144,7 +144,7 @@ func TestServerCredentials(t *testing.T) {
 // TestServerCredentialsNoCertificate checks that a client without a
 // certificate is refused and logged with no names.
 func TestServerCredentialsNoCertificate(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	creds, err := LoadMTLSCredentials(pki.ServerCert, pki.ServerKey, pki.CAFile)
 	if err != nil {
 		t.Fatal(err)
@@ -172,7 +172,7 @@ func TestServerCredentialsNoCertificate(t *testing.T) {
 // with hundreds of names add little to the log: a few names, each cut, per
 // line, and lines limited in rate per source.
 func TestRefusalLogBounded(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	creds, err := LoadMTLSCredentials(pki.ServerCert, pki.ServerKey, pki.CAFile)
 	if err != nil {
 		t.Fatal(err)
@@ -181,10 +181,10 @@ func TestRefusalLogBounded(t *testing.T) {
 	for i := range 251 {
 		names = append(names, fmt.Sprintf("%s-%03d.refused.test", strings.Repeat("n", 180), i))
 	}
-	k := testpki.MustECDSA(elliptic.P256())
-	selfCA := testpki.NewCA(t, "Self")
-	issued := pki.CA.Issue(t, k.Public(), testpki.LeafOptions{Client: true, Names: names})
-	self := selfCA.Issue(t, k.Public(), testpki.LeafOptions{Client: true, Names: names})
+	k := pkitest.MustECDSA(elliptic.P256())
+	selfCA := pkitest.NewCA(t, "Self")
+	issued := pki.CA.Issue(t, k.Public(), pkitest.LeafOptions{Client: true, Names: names})
+	self := selfCA.Issue(t, k.Public(), pkitest.LeafOptions{Client: true, Names: names})
 	var refused, suppressed atomic.Int64
 	logs := &syncBuffer{}
 	tc := creds.ServerCredentials(func(leaf *x509.Certificate) error {

@@ -8,17 +8,17 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 )
 
 func TestLoadMTLSCredentialsErrors(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	dir := t.TempDir()
-	otherKey := testpki.WriteFile(t, dir, "other.key", testpki.KeyPEM(t, testpki.MustECDSA(elliptic.P256())))
-	ek := testpki.MustECDSA(elliptic.P256())
-	expired := testpki.WriteFile(t, dir, "expired.pem", testpki.CertPEM(pki.CA.Issue(t, ek.Public(), testpki.LeafOptions{Client: true, NotBefore: time.Now().Add(-48 * time.Hour), NotAfter: time.Now().Add(-time.Hour)})))
-	expiredKey := testpki.WriteFile(t, dir, "expired.key", testpki.KeyPEM(t, ek))
-	notPEM := testpki.WriteFile(t, dir, "not.pem", []byte("hello"))
+	otherKey := pkitest.WriteFile(t, dir, "other.key", pkitest.KeyPEM(t, pkitest.MustECDSA(elliptic.P256())))
+	ek := pkitest.MustECDSA(elliptic.P256())
+	expired := pkitest.WriteFile(t, dir, "expired.pem", pkitest.CertPEM(pki.CA.Issue(t, ek.Public(), pkitest.LeafOptions{Client: true, NotBefore: time.Now().Add(-48 * time.Hour), NotAfter: time.Now().Add(-time.Hour)})))
+	expiredKey := pkitest.WriteFile(t, dir, "expired.key", pkitest.KeyPEM(t, ek))
+	notPEM := pkitest.WriteFile(t, dir, "not.pem", []byte("hello"))
 	missing := filepath.Join(dir, "missing.pem")
 
 	tests := []struct {
@@ -53,7 +53,7 @@ func TestLoadMTLSCredentialsErrors(t *testing.T) {
 }
 
 func TestMTLSConfigs(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	server, err := ServerMTLSConfig(pki.ServerCert, pki.ServerKey, pki.CAFile)
 	if err != nil {
 		t.Fatal(err)
@@ -62,7 +62,7 @@ func TestMTLSConfigs(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := testpki.Handshake(t, server, client, nil)
+	r := pkitest.Handshake(t, server, client, nil)
 	if r.ClientErr != nil || r.ServerErr != nil {
 		t.Fatalf("handshake errors = client %v, server %v", r.ClientErr, r.ServerErr)
 	}
@@ -79,7 +79,7 @@ func TestMTLSConfigs(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if r := testpki.Handshake(t, server, tt.client, nil); r.ServerErr == nil {
+			if r := pkitest.Handshake(t, server, tt.client, nil); r.ServerErr == nil {
 				t.Errorf("the keyserver accepted a handshake from a %s", tt.name)
 			}
 		})
@@ -88,16 +88,16 @@ func TestMTLSConfigs(t *testing.T) {
 
 // TestMTLSReload rotates both ends' CAs and certificates through Reload.
 func TestMTLSReload(t *testing.T) {
-	a, b := testpki.NewMTLS(t, keyserverName, edgeIdentity), testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	a, b := pkitest.NewMTLS(t, keyserverName, edgeIdentity), pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	dir := t.TempDir()
 	// The server starts with a's certificate and trusts a's clients; the
 	// client starts with b's certificate and trusts b's CA.
-	sCert := testpki.WriteFile(t, dir, "s.pem", readFile(t, a.ServerCert))
-	sKey := testpki.WriteFile(t, dir, "s.key", readFile(t, a.ServerKey))
-	sCA := testpki.WriteFile(t, dir, "s-ca.pem", readFile(t, a.CAFile))
-	cCert := testpki.WriteFile(t, dir, "c.pem", readFile(t, b.ClientCert))
-	cKey := testpki.WriteFile(t, dir, "c.key", readFile(t, b.ClientKey))
-	cCA := testpki.WriteFile(t, dir, "c-ca.pem", readFile(t, b.CAFile))
+	sCert := pkitest.WriteFile(t, dir, "s.pem", readFile(t, a.ServerCert))
+	sKey := pkitest.WriteFile(t, dir, "s.key", readFile(t, a.ServerKey))
+	sCA := pkitest.WriteFile(t, dir, "s-ca.pem", readFile(t, a.CAFile))
+	cCert := pkitest.WriteFile(t, dir, "c.pem", readFile(t, b.ClientCert))
+	cKey := pkitest.WriteFile(t, dir, "c.key", readFile(t, b.ClientKey))
+	cCA := pkitest.WriteFile(t, dir, "c-ca.pem", readFile(t, b.CAFile))
 
 	server, err := LoadMTLSCredentials(sCert, sKey, sCA)
 	if err != nil {
@@ -110,27 +110,27 @@ func TestMTLSReload(t *testing.T) {
 	sc, cc := server.ServerConfig(), client.ClientConfig(keyserverName)
 	handshake := func(wantOK bool) {
 		t.Helper()
-		r := testpki.Handshake(t, sc, cc, nil)
+		r := pkitest.Handshake(t, sc, cc, nil)
 		if ok := r.ClientErr == nil && r.ServerErr == nil; ok != wantOK {
 			t.Fatalf("handshake errors = client %v, server %v; want success %t", r.ClientErr, r.ServerErr, wantOK)
 		}
 	}
 	handshake(false) // the client does not trust a's server certificate
 
-	testpki.WriteFile(t, dir, "c-ca.pem", readFile(t, a.CAFile))
+	pkitest.WriteFile(t, dir, "c-ca.pem", readFile(t, a.CAFile))
 	if err := client.Reload(); err != nil {
 		t.Fatal(err)
 	}
 	handshake(false) // the server does not trust b's client certificate
 
-	testpki.WriteFile(t, dir, "s-ca.pem", readFile(t, b.CAFile))
+	pkitest.WriteFile(t, dir, "s-ca.pem", readFile(t, b.CAFile))
 	if err := server.Reload(); err != nil {
 		t.Fatal(err)
 	}
 	handshake(true)
 
 	// A broken file keeps the credentials in use.
-	testpki.WriteFile(t, dir, "s.key", []byte("garbage"))
+	pkitest.WriteFile(t, dir, "s.key", []byte("garbage"))
 	if err := server.Reload(); err == nil {
 		t.Fatal("Reload() with a broken key file succeeded")
 	}

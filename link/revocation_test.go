@@ -21,13 +21,13 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 )
 
 // crlServer is a gRPC health server behind a keyserver's credentials, on
 // loopback TCP.
 type crlServer struct {
-	pki    *testpki.MTLS
+	pki    *pkitest.MTLS
 	creds  *MTLSCredentials
 	addr   string
 	logs   *syncBuffer
@@ -37,7 +37,7 @@ type crlServer struct {
 
 func newCRLServer(t *testing.T) *crlServer {
 	t.Helper()
-	s := &crlServer{pki: testpki.NewMTLS(t, keyserverName, edgeIdentity), logs: &syncBuffer{}, closed: map[string]int{}}
+	s := &crlServer{pki: pkitest.NewMTLS(t, keyserverName, edgeIdentity), logs: &syncBuffer{}, closed: map[string]int{}}
 	var err error
 	if s.creds, err = LoadMTLSCredentials(s.pki.ServerCert, s.pki.ServerKey, s.pki.CAFile); err != nil {
 		t.Fatal(err)
@@ -65,10 +65,10 @@ func (s *crlServer) closedFor(reason string) int {
 // and returns its leaf and a connection with it.
 func (s *crlServer) client(t *testing.T, notAfter time.Time) (*x509.Certificate, *grpc.ClientConn) {
 	t.Helper()
-	k := testpki.MustECDSA(elliptic.P256())
-	leaf := s.pki.CA.Issue(t, k.Public(), testpki.LeafOptions{Client: true, Names: []string{edgeIdentity}, NotAfter: notAfter})
+	k := pkitest.MustECDSA(elliptic.P256())
+	leaf := s.pki.CA.Issue(t, k.Public(), pkitest.LeafOptions{Client: true, Names: []string{edgeIdentity}, NotAfter: notAfter})
 	dir := t.TempDir()
-	cfg, err := ClientMTLSConfig(testpki.WriteFile(t, dir, "c.pem", testpki.CertPEM(leaf)), testpki.WriteFile(t, dir, "c.key", testpki.KeyPEM(t, k)), s.pki.CAFile, keyserverName)
+	cfg, err := ClientMTLSConfig(pkitest.WriteFile(t, dir, "c.pem", pkitest.CertPEM(leaf)), pkitest.WriteFile(t, dir, "c.key", pkitest.KeyPEM(t, k)), s.pki.CAFile, keyserverName)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -89,7 +89,7 @@ func check(t *testing.T, conn *grpc.ClientConn) error {
 }
 
 // writeCRL writes a PEM CRL of ca revoking the serials of certs.
-func writeCRL(t *testing.T, ca *testpki.CA, nextUpdate time.Time, der bool, certs ...*x509.Certificate) string {
+func writeCRL(t *testing.T, ca *pkitest.CA, nextUpdate time.Time, der bool, certs ...*x509.Certificate) string {
 	t.Helper()
 	tmpl := &x509.RevocationList{Number: big.NewInt(time.Now().UnixNano()), ThisUpdate: time.Now().Add(-time.Hour), NextUpdate: nextUpdate}
 	for _, c := range certs {
@@ -100,9 +100,9 @@ func writeCRL(t *testing.T, ca *testpki.CA, nextUpdate time.Time, der bool, cert
 		t.Fatal(err)
 	}
 	if der {
-		return testpki.WriteFile(t, t.TempDir(), "crl.der", b)
+		return pkitest.WriteFile(t, t.TempDir(), "crl.der", b)
 	}
-	return testpki.WriteFile(t, t.TempDir(), "crl.pem", pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: b}))
+	return pkitest.WriteFile(t, t.TempDir(), "crl.pem", pem.EncodeToMemory(&pem.Block{Type: "X509 CRL", Bytes: b}))
 }
 
 // waitFor polls cond until it holds or the test's timeout passes.
@@ -149,11 +149,11 @@ func TestClientCRL(t *testing.T) {
 	})
 
 	// Broken CRLs are refused and the previous one stays.
-	other := testpki.NewCA(t, "Other CA")
+	other := pkitest.NewCA(t, "Other CA")
 	for name, file := range map[string]string{
 		"another CA's": writeCRL(t, other, time.Now().Add(time.Hour), false, b),
-		"not a CRL":    testpki.WriteFile(t, t.TempDir(), "x.pem", testpki.CertPEM(b)),
-		"garbage":      testpki.WriteFile(t, t.TempDir(), "x.der", []byte("garbage")),
+		"not a CRL":    pkitest.WriteFile(t, t.TempDir(), "x.pem", pkitest.CertPEM(b)),
+		"garbage":      pkitest.WriteFile(t, t.TempDir(), "x.der", []byte("garbage")),
 		"missing":      t.TempDir() + "/none.pem",
 	} {
 		if err := s.creds.SetClientCRLs(file); err == nil || !strings.Contains(err.Error(), "CRL") {

@@ -18,7 +18,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 	"github.com/keyless-tls/keyless/link"
 )
 
@@ -124,7 +124,7 @@ func TestAccessLogHTTP(t *testing.T) {
 		"server_name": "x.wild.example.com", "tls_version": "1.3", "cipher": "TLS_AES_128_GCM_SHA256", "resumed": false,
 		"alpn": "h2", "protocol": "HTTP/2.0", "method": "POST", "host": "x.wild.example.com", "path": "/a/b",
 		"status": float64(200), "bytes_in": float64(5), "bytes_out": float64(len(body)),
-		"key_id": link.FormatKeyID(mustKeyID(t, testpki.P256Key().Public())), "keyserver": "ks1.test:443",
+		"key_id": link.FormatKeyID(mustKeyID(t, pkitest.P256Key().Public())), "keyserver": "ks1.test:443",
 	}
 	for k, v := range want {
 		if l[k] != v {
@@ -144,7 +144,7 @@ func TestAccessLogHTTP(t *testing.T) {
 	}
 	l = lines[1]
 	for k, v := range map[string]any{"server_name": "nothing.example.org", "tls_version": "1.2", "protocol": "HTTP/1.1",
-		"key_id": link.FormatKeyID(mustKeyID(t, testpki.P384Key().Public())), "path": "/c"} {
+		"key_id": link.FormatKeyID(mustKeyID(t, pkitest.P384Key().Public())), "path": "/c"} {
 		if l[k] != v {
 			t.Errorf("HTTP/1.1 line: %s = %#v, want %#v (line %v)", k, l[k], v, l)
 		}
@@ -284,7 +284,7 @@ func TestAccessLogTCPAndText(t *testing.T) {
 		line = strings.TrimSpace(string(data))
 	}
 	for _, want := range []string{" type=tcp ", " server_name=rsa.example.com ", " tls_version=1.3 ", " resumed=false ",
-		" key_id=" + link.FormatKeyID(mustKeyID(t, testpki.RSAKey().Public())) + " ", " keyserver=ks1.test:443 ", // a Client with a Dialer names keyservers by their configured address
+		" key_id=" + link.FormatKeyID(mustKeyID(t, pkitest.RSAKey().Public())) + " ", " keyserver=ks1.test:443 ", // a Client with a Dialer names keyservers by their configured address
 		" origin=" + origin.Addr().String() + " ", " status=ok ", " bytes_in=5 ", " bytes_out=5 ", ` alpn="" `} {
 		if !strings.Contains(line, want) {
 			t.Errorf("TCP line %q lacks %q", line, want)

@@ -11,7 +11,7 @@ import (
 
 	"golang.org/x/net/http2"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 	"github.com/keyless-tls/keyless/link"
 )
 
@@ -28,13 +28,13 @@ import (
 func BenchmarkClientSign(b *testing.B) {
 	for _, workers := range []int{1, 16} {
 		b.Run(fmt.Sprintf("workers=%d", workers), func(b *testing.B) {
-			pki := testpki.NewMTLS(b, keyserverName, edgeIdentity)
-			real := newSignerService(b, []crypto.Signer{testpki.P256Key()}, nil)
+			pki := pkitest.NewMTLS(b, keyserverName, edgeIdentity)
+			real := newSignerService(b, []crypto.Signer{pkitest.P256Key()}, nil)
 			streamKS := startKeyserver(b, pki, real)
 			unaryKS := startKeyserver(b, pki, &fakeService{next: real, noStream: true})
 			stream := dialTestClient(b, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": streamKS})
 			unary := dialTestClient(b, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": unaryKS})
-			id := mustKeyID(b, testpki.P256Key().Public())
+			id := mustKeyID(b, pkitest.P256Key().Public())
 			alg, _ := link.AlgorithmFor(algECDSA256)
 			d := digest(crypto.SHA256)
 			sign := func(c *Client) []byte {
@@ -48,7 +48,7 @@ func BenchmarkClientSign(b *testing.B) {
 			// check their signatures; the measured rounds do not verify.
 			for range 50 {
 				for _, c := range []*Client{stream, unary} {
-					if sig := sign(c); !ecdsa.VerifyASN1(&testpki.P256Key().PublicKey, d, sig) {
+					if sig := sign(c); !ecdsa.VerifyASN1(&pkitest.P256Key().PublicKey, d, sig) {
 						b.Fatalf("Sign() = %x; want a signature that verifies", sig)
 					}
 				}
@@ -111,13 +111,13 @@ func processCPU() time.Duration {
 func BenchmarkStallWatch(b *testing.B) {
 	for _, workers := range []int{1, 16} {
 		b.Run(fmt.Sprintf("workers=%d", workers), func(b *testing.B) {
-			pki := testpki.NewMTLS(b, keyserverName, edgeIdentity)
-			real := newSignerService(b, []crypto.Signer{testpki.P256Key()}, nil)
+			pki := pkitest.NewMTLS(b, keyserverName, edgeIdentity)
+			real := newSignerService(b, []crypto.Signer{pkitest.P256Key()}, nil)
 			servers := map[string]*testKeyserver{"a:1": startKeyserver(b, pki, real), "b:1": startKeyserver(b, pki, real)}
 			watched := dialTestClient(b, pki, ClientConfig{Addresses: []string{"a:1", "b:1"}}, servers)
 			plain := dialTestClient(b, pki, ClientConfig{Addresses: []string{"a:1", "b:1"}}, servers)
 			plain.streams.failover = false
-			id := mustKeyID(b, testpki.P256Key().Public())
+			id := mustKeyID(b, pkitest.P256Key().Public())
 			alg, _ := link.AlgorithmFor(algECDSA256)
 			d := digest(crypto.SHA256)
 			sign := func(c *Client) []byte {
@@ -129,7 +129,7 @@ func BenchmarkStallWatch(b *testing.B) {
 			}
 			for range 50 {
 				for _, c := range []*Client{watched, plain} {
-					if sig := sign(c); !ecdsa.VerifyASN1(&testpki.P256Key().PublicKey, d, sig) {
+					if sig := sign(c); !ecdsa.VerifyASN1(&pkitest.P256Key().PublicKey, d, sig) {
 						b.Fatalf("Sign() = %x; want a signature that verifies", sig)
 					}
 				}

@@ -13,7 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 )
 
 // TestCertStorePartialLoad checks that, without RequireAll, a broken file
@@ -28,9 +28,9 @@ func TestCertStorePartialLoad(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	unknownKey := testpki.MustECDSA(elliptic.P256())
-	testpki.WriteFile(t, env.dir, "missing.pem", testpki.CertPEM(env.pki.CA.Issue(t, unknownKey.Public(), testpki.LeafOptions{Names: []string{"missing.example.com"}})))
-	testpki.WriteFile(t, env.dir, "broken.pem", pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte("junk")}))
+	unknownKey := pkitest.MustECDSA(elliptic.P256())
+	pkitest.WriteFile(t, env.dir, "missing.pem", pkitest.CertPEM(env.pki.CA.Issue(t, unknownKey.Public(), pkitest.LeafOptions{Names: []string{"missing.example.com"}})))
+	pkitest.WriteFile(t, env.dir, "broken.pem", pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte("junk")}))
 	if err := s.Load(t.Context(), env.dir); err != nil {
 		t.Fatalf("Load() = %v, want the two bad files skipped", err)
 	}
@@ -58,8 +58,8 @@ func TestCertStorePartialLoad(t *testing.T) {
 
 	// A reload after the broken file is fixed serves it and clears the
 	// count; one after the default's own file breaks keeps the rest.
-	testpki.WriteFile(t, env.dir, "broken.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"fixed.example.com"}})))
-	testpki.WriteFile(t, env.dir, "p256.pem", []byte("truncated"))
+	pkitest.WriteFile(t, env.dir, "broken.pem", pkitest.CertPEM(env.pki.CA.Issue(t, pkitest.P256Key().Public(), pkitest.LeafOptions{Names: []string{"fixed.example.com"}})))
+	pkitest.WriteFile(t, env.dir, "p256.pem", []byte("truncated"))
 	if err := s.Load(t.Context(), env.dir); err != nil {
 		t.Fatalf("reload = %v", err)
 	}
@@ -91,8 +91,8 @@ func TestCertStoreNothingUsable(t *testing.T) {
 		t.Fatal(err)
 	}
 	dir := t.TempDir()
-	testpki.WriteFile(t, dir, "a.pem", []byte("junk"))
-	testpki.WriteFile(t, dir, "b.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.MustECDSA(elliptic.P256()).Public(), testpki.LeafOptions{Names: []string{"b.example.com"}})))
+	pkitest.WriteFile(t, dir, "a.pem", []byte("junk"))
+	pkitest.WriteFile(t, dir, "b.pem", pkitest.CertPEM(env.pki.CA.Issue(t, pkitest.MustECDSA(elliptic.P256()).Public(), pkitest.LeafOptions{Names: []string{"b.example.com"}})))
 	err = s.Load(t.Context(), dir)
 	if err == nil {
 		t.Fatal("Load() of a directory with no usable certificate succeeded")
@@ -104,8 +104,8 @@ func TestCertStoreNothingUsable(t *testing.T) {
 	}
 
 	dir = t.TempDir()
-	testpki.WriteFile(t, dir, "good.pem", readFile(t, filepath.Join(env.dir, "p256.pem")))
-	testpki.WriteFile(t, dir, "bad.pem", readFile(t, filepath.Join(env.dir, "rsa.pem")), testpki.KeyPEM(t, testpki.MustECDSA(elliptic.P256())))
+	pkitest.WriteFile(t, dir, "good.pem", readFile(t, filepath.Join(env.dir, "p256.pem")))
+	pkitest.WriteFile(t, dir, "bad.pem", readFile(t, filepath.Join(env.dir, "rsa.pem")), pkitest.KeyPEM(t, pkitest.MustECDSA(elliptic.P256())))
 	if err := s.Load(t.Context(), dir); err == nil || !strings.Contains(err.Error(), "holds a private key") {
 		t.Errorf("Load() of a directory with a private key = %v, want it refused", err)
 	}
@@ -119,7 +119,7 @@ func TestUnrecognizedNameAlert(t *testing.T) {
 	sc := env.serverConfig(t)
 	for _, v := range []uint16{tls.VersionTLS12, tls.VersionTLS13} {
 		t.Run(tls.VersionName(v), func(t *testing.T) {
-			r := testpki.Handshake(t, sc, env.clientConfig("unknown.example.org", v, v), nil)
+			r := pkitest.Handshake(t, sc, env.clientConfig("unknown.example.org", v, v), nil)
 			// The client reports a received alert as a *net.OpError
 			// whose Err is crypto/tls's unexported alert type.
 			var op *net.OpError

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
@@ -22,8 +22,8 @@ import (
 func TestCertStoreSelection(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
 	// An exact name that a wildcard also covers.
-	exact := env.pki.CA.Issue(t, testpki.P384Key().Public(), testpki.LeafOptions{Names: []string{"exact.wild.example.com"}})
-	testpki.WriteFile(t, env.dir, "exact.crt", testpki.CertPEM(exact))
+	exact := env.pki.CA.Issue(t, pkitest.P384Key().Public(), pkitest.LeafOptions{Names: []string{"exact.wild.example.com"}})
+	pkitest.WriteFile(t, env.dir, "exact.crt", pkitest.CertPEM(exact))
 	ed, p256, p384, rsaLeaf := env.leaves["ed25519.pem"], env.leaves["p256.pem"], env.leaves["p384.pem"], env.leaves["rsa.pem"]
 
 	stores := map[string]*CertStore{
@@ -88,10 +88,10 @@ func TestCertStoreSelection(t *testing.T) {
 // TestCertStoreCertificate checks what GetCertificate returns.
 func TestCertStoreCertificate(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	inter := testpki.NewCA(t, "Intermediate")
-	inter.Cert = env.pki.CA.Issue(t, inter.Key.Public(), testpki.LeafOptions{CA: true})
-	leaf := inter.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"chain.example.com"}})
-	testpki.WriteFile(t, env.dir, "chain.pem", testpki.CertPEM(leaf, inter.Cert))
+	inter := pkitest.NewCA(t, "Intermediate")
+	inter.Cert = env.pki.CA.Issue(t, inter.Key.Public(), pkitest.LeafOptions{CA: true})
+	leaf := inter.Issue(t, pkitest.P256Key().Public(), pkitest.LeafOptions{Names: []string{"chain.example.com"}})
+	pkitest.WriteFile(t, env.dir, "chain.pem", pkitest.CertPEM(leaf, inter.Cert))
 	s := env.newStore(t, CertStoreConfig{})
 
 	c1, err := s.GetCertificate(&tls.ClientHelloInfo{ServerName: "chain.example.com"})
@@ -112,7 +112,7 @@ func TestCertStoreCertificate(t *testing.T) {
 		t.Error("two handshakes got the same PrivateKey; each must be bound to its own handshake")
 	}
 	k, ok := c1.PrivateKey.(RemoteKey)
-	if !ok || k.KeyID() != mustKeyID(t, testpki.P256Key().Public()) {
+	if !ok || k.KeyID() != mustKeyID(t, pkitest.P256Key().Public()) {
 		t.Errorf("PrivateKey = %T, want the P-256 RemoteKey", c1.PrivateKey)
 	}
 	want := []tls.SignatureScheme{tls.ECDSAWithP256AndSHA256, tls.ECDSAWithP384AndSHA384, tls.ECDSAWithP521AndSHA512}
@@ -125,11 +125,11 @@ func TestCertStoreCertificate(t *testing.T) {
 // problem of every file is reported, and nothing is served.
 func TestCertStoreLoadErrors(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	unknownKey := testpki.MustECDSA(elliptic.P256())
-	good := testpki.CertPEM(env.pki.CA.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"good.example.com"}}))
-	inter := testpki.NewCA(t, "Intermediate")
-	inter.Cert = env.pki.CA.Issue(t, inter.Key.Public(), testpki.LeafOptions{CA: true})
-	chainLeaf := inter.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"chain.example.com"}})
+	unknownKey := pkitest.MustECDSA(elliptic.P256())
+	good := pkitest.CertPEM(env.pki.CA.Issue(t, pkitest.P256Key().Public(), pkitest.LeafOptions{Names: []string{"good.example.com"}}))
+	inter := pkitest.NewCA(t, "Intermediate")
+	inter.Cert = env.pki.CA.Issue(t, inter.Key.Public(), pkitest.LeafOptions{CA: true})
+	chainLeaf := inter.Issue(t, pkitest.P256Key().Public(), pkitest.LeafOptions{Names: []string{"chain.example.com"}})
 
 	tests := []struct {
 		name    string
@@ -142,24 +142,24 @@ func TestCertStoreLoadErrors(t *testing.T) {
 			"readme.txt":  []byte("not a certificate"),
 			".hidden.pem": []byte("ignored"),
 		}},
-		{name: "ok/chain", files: map[string][]byte{"chain.pem": testpki.CertPEM(chainLeaf, inter.Cert)}},
-		{name: "private-key", files: map[string][]byte{"bad.pem": append(good, testpki.KeyPEM(t, unknownKey)...)},
+		{name: "ok/chain", files: map[string][]byte{"chain.pem": pkitest.CertPEM(chainLeaf, inter.Cert)}},
+		{name: "private-key", files: map[string][]byte{"bad.pem": append(good, pkitest.KeyPEM(t, unknownKey)...)},
 			wantErr: []string{"bad.pem", "holds a private key", `"PRIVATE KEY"`}},
 		{name: "EC-private-key-first", files: map[string][]byte{"bad.crt": append(pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: []byte{1}}), good...)},
 			wantErr: []string{"bad.crt", "holds a private key", `"EC PRIVATE KEY"`}},
 		{name: "RSA-private-key-after-broken-cert", files: map[string][]byte{"bad.pem": append(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte{1}}), pem.EncodeToMemory(&pem.Block{Type: "RSA PRIVATE KEY", Bytes: []byte{1}})...)},
 			wantErr: []string{"bad.pem", "holds a private key"}},
-		{name: "key-file", files: map[string][]byte{"good.key": testpki.KeyPEM(t, unknownKey)},
+		{name: "key-file", files: map[string][]byte{"good.key": pkitest.KeyPEM(t, unknownKey)},
 			wantErr: []string{"good.key", "a private key file in the certificate directory"}},
-		{name: "missing-key", files: map[string][]byte{"unknown.pem": testpki.CertPEM(env.pki.CA.Issue(t, unknownKey.Public(), testpki.LeafOptions{Names: []string{"unknown.example.com"}}))},
+		{name: "missing-key", files: map[string][]byte{"unknown.pem": pkitest.CertPEM(env.pki.CA.Issue(t, unknownKey.Public(), pkitest.LeafOptions{Names: []string{"unknown.example.com"}}))},
 			wantErr: []string{"holds no key for", "unknown.pem", link.FormatKeyID(mustKeyID(t, unknownKey.Public()))}},
 		{name: "broken-certificate", files: map[string][]byte{"broken.pem": pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: []byte("junk")})},
 			wantErr: []string{"broken.pem", "certificate 1"}},
 		{name: "no-certificate", files: map[string][]byte{"empty.pem": []byte("nothing here")},
 			wantErr: []string{"empty.pem", "no CERTIFICATE PEM block"}},
-		{name: "chain-out-of-order", files: map[string][]byte{"chain.pem": testpki.CertPEM(inter.Cert, chainLeaf)},
+		{name: "chain-out-of-order", files: map[string][]byte{"chain.pem": pkitest.CertPEM(inter.Cert, chainLeaf)},
 			wantErr: []string{"chain.pem", "was not issued by certificate 2"}},
-		{name: "several-problems", files: map[string][]byte{"a.pem": []byte("x"), "b.pem": append(good, testpki.KeyPEM(t, unknownKey)...)},
+		{name: "several-problems", files: map[string][]byte{"a.pem": []byte("x"), "b.pem": append(good, pkitest.KeyPEM(t, unknownKey)...)},
 			wantErr: []string{"a.pem", "b.pem"}},
 		{name: "default-not-found", dflt: "nothing.example.com", wantErr: []string{`default certificate "nothing.example.com"`}},
 	}
@@ -167,10 +167,10 @@ func TestCertStoreLoadErrors(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			dir := t.TempDir()
 			for _, c := range envCerts {
-				testpki.WriteFile(t, dir, c.file, readFile(t, filepath.Join(env.dir, c.file)))
+				pkitest.WriteFile(t, dir, c.file, readFile(t, filepath.Join(env.dir, c.file)))
 			}
 			for name, data := range tt.files {
-				testpki.WriteFile(t, dir, name, data)
+				pkitest.WriteFile(t, dir, name, data)
 			}
 			s, err := NewCertStore(CertStoreConfig{Client: env.client, Default: tt.dflt, RequireAll: true})
 			if err != nil {
@@ -206,8 +206,8 @@ func TestCertStoreLoadErrors(t *testing.T) {
 // RequireAll.
 func TestCertStoreMissingKeys(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	unknownKey := testpki.MustECDSA(elliptic.P256())
-	testpki.WriteFile(t, env.dir, "unknown.pem", testpki.CertPEM(env.pki.CA.Issue(t, unknownKey.Public(), testpki.LeafOptions{Names: []string{"unknown.example.com"}})))
+	unknownKey := pkitest.MustECDSA(elliptic.P256())
+	pkitest.WriteFile(t, env.dir, "unknown.pem", pkitest.CertPEM(env.pki.CA.Issue(t, unknownKey.Public(), pkitest.LeafOptions{Names: []string{"unknown.example.com"}})))
 
 	s, err := NewCertStore(CertStoreConfig{Client: env.client, RequireAll: true})
 	if err != nil {
@@ -256,7 +256,7 @@ func TestCertStoreReload(t *testing.T) {
 	if err := get("new.example.com"); err == nil {
 		t.Fatal("new.example.com served before it exists")
 	}
-	testpki.WriteFile(t, env.dir, "new.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.P384Key().Public(), testpki.LeafOptions{Names: []string{"new.example.com"}})))
+	pkitest.WriteFile(t, env.dir, "new.pem", pkitest.CertPEM(env.pki.CA.Issue(t, pkitest.P384Key().Public(), pkitest.LeafOptions{Names: []string{"new.example.com"}})))
 	if err := s.Load(t.Context(), env.dir); err != nil {
 		t.Fatal(err)
 	}
@@ -264,7 +264,7 @@ func TestCertStoreReload(t *testing.T) {
 		t.Errorf("after Load: %v", err)
 	}
 	// A failure that is not one file's: a private key in the directory.
-	testpki.WriteFile(t, env.dir, "zz-bad.pem", readFile(t, filepath.Join(env.dir, "rsa.pem")), testpki.KeyPEM(t, testpki.MustECDSA(elliptic.P256())))
+	pkitest.WriteFile(t, env.dir, "zz-bad.pem", readFile(t, filepath.Join(env.dir, "rsa.pem")), pkitest.KeyPEM(t, pkitest.MustECDSA(elliptic.P256())))
 	if os.Remove(filepath.Join(env.dir, "p384.pem")) != nil {
 		t.Fatal("remove")
 	}
@@ -283,8 +283,8 @@ func TestCertStoreReload(t *testing.T) {
 func TestCertStoreValidityWarnings(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
 	now := time.Now()
-	testpki.WriteFile(t, env.dir, "expired.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"expired.example.com"}, NotBefore: now.Add(-48 * time.Hour), NotAfter: now.Add(-time.Hour)})))
-	testpki.WriteFile(t, env.dir, "future.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"future.example.com"}, NotBefore: now.Add(time.Hour), NotAfter: now.Add(48 * time.Hour)})))
+	pkitest.WriteFile(t, env.dir, "expired.pem", pkitest.CertPEM(env.pki.CA.Issue(t, pkitest.P256Key().Public(), pkitest.LeafOptions{Names: []string{"expired.example.com"}, NotBefore: now.Add(-48 * time.Hour), NotAfter: now.Add(-time.Hour)})))
+	pkitest.WriteFile(t, env.dir, "future.pem", pkitest.CertPEM(env.pki.CA.Issue(t, pkitest.P256Key().Public(), pkitest.LeafOptions{Names: []string{"future.example.com"}, NotBefore: now.Add(time.Hour), NotAfter: now.Add(48 * time.Hour)})))
 	logger, logs := newTestLogger()
 	s := env.newStore(t, CertStoreConfig{Logger: logger})
 	for _, want := range []string{"certificate has expired: file=" + filepath.Join(env.dir, "expired.pem"), "certificate is not yet valid: file=" + filepath.Join(env.dir, "future.pem")} {
@@ -324,8 +324,8 @@ func TestCertificateSchemes(t *testing.T) {
 		pkcs1SHA = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_RSA_PKCS1_SHA1
 		ecSHA1   = keylessv1.SignatureAlgorithm_SIGNATURE_ALGORITHM_ECDSA_SHA1
 	)
-	rsaPub, p256, p384, ed := testpki.RSAKey().Public(), testpki.P256Key().Public(), testpki.P384Key().Public(), testpki.Ed25519Key().Public()
-	p224 := testpki.MustECDSA(elliptic.P224()).Public()
+	rsaPub, p256, p384, ed := pkitest.RSAKey().Public(), pkitest.P256Key().Public(), pkitest.P384Key().Public(), pkitest.Ed25519Key().Public()
+	p224 := pkitest.MustECDSA(elliptic.P224()).Public()
 	tests := []struct {
 		name      string
 		pub       any

@@ -15,13 +15,13 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
 
 func TestClientConfigValidate(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	good, err := link.ClientMTLSConfig(pki.ClientCert, pki.ClientKey, pki.CAFile, keyserverName)
 	if err != nil {
 		t.Fatal(err)
@@ -93,7 +93,7 @@ func unavailableService(next keylessv1.KeylessServiceServer, signs, decrypts *at
 
 func signOnce(t *testing.T, c *Client) error {
 	t.Helper()
-	id := mustKeyID(t, testpki.P256Key().Public())
+	id := mustKeyID(t, pkitest.P256Key().Public())
 	alg, _ := link.AlgorithmFor(algECDSA256)
 	_, err := c.Sign(t.Context(), id, alg, digest(crypto.SHA256), nil)
 	return err
@@ -102,8 +102,8 @@ func signOnce(t *testing.T, c *Client) error {
 // TestClientSignRetry checks that a Sign or Decrypt answered Unavailable is
 // retried once, on the other keyserver when there is one.
 func TestClientSignRetry(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
-	real := newSignerService(t, []crypto.Signer{testpki.P256Key(), testpki.RSAKey()}, nil)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
+	real := newSignerService(t, []crypto.Signer{pkitest.P256Key(), pkitest.RSAKey()}, nil)
 	var badSigns, badDecrypts, badLists, goodLists atomic.Int64
 	badService := unavailableService(real, &badSigns, &badDecrypts)
 	badService.lists = &badLists
@@ -147,7 +147,7 @@ func TestClientSignRetry(t *testing.T) {
 		if n := badSigns.Load(); n != 2 {
 			t.Errorf("Sign attempts = %d, want 2 (one retry)", n)
 		}
-		_, err := c.Decrypt(t.Context(), mustKeyID(t, testpki.RSAKey().Public()), make([]byte, 256), nil)
+		_, err := c.Decrypt(t.Context(), mustKeyID(t, pkitest.RSAKey().Public()), make([]byte, 256), nil)
 		if status.Code(err) != codes.Unavailable {
 			t.Errorf("Decrypt() = %v, want code Unavailable", err)
 		}
@@ -160,8 +160,8 @@ func TestClientSignRetry(t *testing.T) {
 // TestClientDeadline checks that every call carries a deadline: the call
 // timeout, or the caller's if sooner.
 func TestClientDeadline(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
-	real := newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
+	real := newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil)
 	var seen atomic.Int64 // the deadline the keyserver saw, as time left
 	release := make(chan struct{})
 	t.Cleanup(func() { close(release) })
@@ -205,7 +205,7 @@ func TestClientDeadline(t *testing.T) {
 				defer cancel()
 			}
 			alg, _ := link.AlgorithmFor(algECDSA256)
-			_, err := c.Sign(ctx, mustKeyID(t, testpki.P256Key().Public()), alg, digest(crypto.SHA256), nil)
+			_, err := c.Sign(ctx, mustKeyID(t, pkitest.P256Key().Public()), alg, digest(crypto.SHA256), nil)
 			elapsed := time.Since(start)
 			if status.Code(err) != codes.DeadlineExceeded {
 				t.Errorf("Sign() = %v, want code DeadlineExceeded", err)
@@ -225,14 +225,14 @@ func TestClientDeadline(t *testing.T) {
 
 // TestClientDecryptLength refuses a premaster of the wrong size.
 func TestClientDecryptLength(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
-	real := newSignerService(t, []crypto.Signer{testpki.RSAKey()}, nil)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
+	real := newSignerService(t, []crypto.Signer{pkitest.RSAKey()}, nil)
 	for _, n := range []int{0, 47, 49} {
 		ks := startKeyserver(t, pki, &fakeService{next: real, decrypt: func(context.Context, *keylessv1.DecryptRequest) (*keylessv1.DecryptResponse, error) {
 			return &keylessv1.DecryptResponse{Premaster: make([]byte, n)}, nil
 		}})
 		c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
-		_, err := c.Decrypt(t.Context(), mustKeyID(t, testpki.RSAKey().Public()), make([]byte, 256), nil)
+		_, err := c.Decrypt(t.Context(), mustKeyID(t, pkitest.RSAKey().Public()), make([]byte, 256), nil)
 		if err == nil || !strings.Contains(err.Error(), "premaster secret; want 48") {
 			t.Errorf("Decrypt() with a %d-byte answer = %v, want a length error", n, err)
 		}
@@ -245,11 +245,11 @@ func TestClientDecryptLength(t *testing.T) {
 // message; the client cuts them to what the keyserver takes instead, and
 // every operation succeeds.
 func TestClientOddRequestContext(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
-	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil))
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
+	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil))
 	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
 	alg, _ := link.AlgorithmFor(algECDSA256)
-	id := mustKeyID(t, testpki.P256Key().Public())
+	id := mustKeyID(t, pkitest.P256Key().Public())
 	odd := []*keylessv1.RequestContext{
 		{ServerName: "\xff.wild.example.com"},
 		{ServerName: strings.Repeat("é", 200), ClientAddress: "\xc3"},
@@ -268,7 +268,7 @@ func TestClientOddRequestContext(t *testing.T) {
 				t.Errorf("Sign(context %q) = %v", rc, err)
 				return
 			}
-			if !ecdsa.VerifyASN1(testpki.P256Key().Public().(*ecdsa.PublicKey), d, sig) {
+			if !ecdsa.VerifyASN1(pkitest.P256Key().Public().(*ecdsa.PublicKey), d, sig) {
 				t.Errorf("Sign(context %q): the signature does not verify", rc)
 			}
 		})
@@ -277,8 +277,8 @@ func TestClientOddRequestContext(t *testing.T) {
 }
 
 func TestClientClose(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
-	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil))
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
+	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil))
 	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
 	if err := signOnce(t, c); err != nil {
 		t.Fatalf("Sign() = %v", err)
@@ -297,13 +297,13 @@ func TestClientClose(t *testing.T) {
 // certificate from another CA or for another name, and with a client
 // certificate the keyserver does not trust.
 func TestClientMutualTLS(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
-	other := testpki.NewMTLS(t, keyserverName, edgeIdentity) // another CA
-	svc := newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
+	other := pkitest.NewMTLS(t, keyserverName, edgeIdentity) // another CA
+	svc := newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil)
 	tests := []struct {
 		name     string
-		server   *testpki.MTLS // whose server certificate and client CA
-		client   *testpki.MTLS // whose client certificate and CA
+		server   *pkitest.MTLS // whose server certificate and client CA
+		client   *pkitest.MTLS // whose client certificate and CA
 		hostName string
 		wantOK   bool
 	}{
@@ -337,8 +337,8 @@ func TestClientMutualTLS(t *testing.T) {
 // TestClientHealthCheck checks that a keyserver whose health service reports
 // NOT_SERVING gets no calls.
 func TestClientHealthCheck(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
-	real := newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
+	real := newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil)
 	var sickSigns, unused atomic.Int64
 	sick := startKeyserverWithHealth(t, pki, unavailableService(real, &sickSigns, &unused), healthpb.HealthCheckResponse_NOT_SERVING)
 	good := startKeyserver(t, pki, real)

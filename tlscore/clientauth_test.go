@@ -17,14 +17,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 )
 
 // clientCert returns a client certificate issued by ca with the given
 // subject.
-func clientCert(t *testing.T, ca *testpki.CA, subject pkix.Name) tls.Certificate {
+func clientCert(t *testing.T, ca *pkitest.CA, subject pkix.Name) tls.Certificate {
 	t.Helper()
-	key := testpki.MustECDSA(elliptic.P256())
+	key := pkitest.MustECDSA(elliptic.P256())
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: subject,
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
 		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
@@ -37,8 +37,8 @@ func clientCert(t *testing.T, ca *testpki.CA, subject pkix.Name) tls.Certificate
 
 func TestClientAuth(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	clientCA := testpki.NewCA(t, "Client CA")
-	caFile := testpki.WriteFile(t, t.TempDir(), "client-ca.pem", testpki.CertPEM(clientCA.Cert))
+	clientCA := pkitest.NewCA(t, "Client CA")
+	caFile := pkitest.WriteFile(t, t.TempDir(), "client-ca.pem", pkitest.CertPEM(clientCA.Cert))
 	policies, err := ParseClientAuth("p256.example.com=require:" + caFile + ", *.wild.example.com=request:" + caFile)
 	if err != nil {
 		t.Fatal(err)
@@ -49,7 +49,7 @@ func TestClientAuth(t *testing.T) {
 	}
 	addr, _ := startHTTPEdge(t, sc, ClientAuthHandler(policies, mustProxy(t, ProxyConfig{Routes: []Route{{Origin: newEchoOrigin(t)}}})), time.Second)
 	alice := clientCert(t, clientCA, pkix.Name{CommonName: "alice", Organization: []string{"Example"}})
-	mallory := clientCert(t, testpki.NewCA(t, "Other CA"), pkix.Name{CommonName: "mallory"})
+	mallory := clientCert(t, pkitest.NewCA(t, "Other CA"), pkix.Name{CommonName: "mallory"})
 
 	get := func(t *testing.T, sni, host string, cert *tls.Certificate) (int, originSeen, error) {
 		t.Helper()
@@ -120,8 +120,8 @@ func TestClientAuth(t *testing.T) {
 
 func TestParseClientAuth(t *testing.T) {
 	dir := t.TempDir()
-	ca := testpki.WriteFile(t, dir, "ca.pem", testpki.CertPEM(testpki.NewCA(t, "CA").Cert))
-	junk := testpki.WriteFile(t, dir, "junk.pem", []byte("junk"))
+	ca := pkitest.WriteFile(t, dir, "ca.pem", pkitest.CertPEM(pkitest.NewCA(t, "CA").Cert))
+	junk := pkitest.WriteFile(t, dir, "junk.pem", []byte("junk"))
 	for _, tt := range []struct{ spec, wantErr string }{
 		{"", ""},
 		{"a.example.com=require:" + ca + ",*.b.example.com=request:" + ca, ""},

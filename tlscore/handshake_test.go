@@ -15,7 +15,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
@@ -79,7 +79,7 @@ func TestHandshake(t *testing.T) {
 				cc.InsecureSkipVerify = true // no name to verify; the server must fail anyway
 			}
 			signs0, decrypts0 := env.ks.ops.counts()
-			r := testpki.Handshake(t, sc, cc, nil)
+			r := pkitest.Handshake(t, sc, cc, nil)
 			signs, decrypts := env.ks.ops.counts()
 			signs, decrypts = signs-signs0, decrypts-decrypts0
 			if tt.wantErr {
@@ -136,7 +136,7 @@ func fmtType(v any) string {
 // 1.3, which has no PKCS #1 v1.5 signatures, must fail.
 func TestHandshakePKCS1v15(t *testing.T) {
 	pkcs1 := []tls.SignatureScheme{tls.PKCS1WithSHA256, tls.PKCS1WithSHA384, tls.PKCS1WithSHA512}
-	env := newTestEnv(t, envOptions{schemes: map[link.KeyID][]tls.SignatureScheme{mustKeyID(t, testpki.RSAKey().Public()): pkcs1}})
+	env := newTestEnv(t, envOptions{schemes: map[link.KeyID][]tls.SignatureScheme{mustKeyID(t, pkitest.RSAKey().Public()): pkcs1}})
 	sc := env.serverConfig(t)
 	tests := []struct {
 		name    string
@@ -150,7 +150,7 @@ func TestHandshakePKCS1v15(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			cc := env.clientConfig("rsa.example.com", tt.max, tt.max)
 			signs0, _ := env.ks.ops.counts()
-			r := testpki.Handshake(t, sc, cc, nil)
+			r := pkitest.Handshake(t, sc, cc, nil)
 			signs, _ := env.ks.ops.counts()
 			if tt.wantErr {
 				if r.ClientErr == nil || r.ServerErr == nil || signs != signs0 {
@@ -175,7 +175,7 @@ func TestHandshakeRequestContext(t *testing.T) {
 	sc := env.serverConfig(t)
 	ids := make(map[string]bool)
 	for range 3 {
-		r := testpki.Handshake(t, sc, env.clientConfig("P256.example.com", 0, 0), nil)
+		r := pkitest.Handshake(t, sc, env.clientConfig("P256.example.com", 0, 0), nil)
 		if r.ClientErr != nil || r.ServerErr != nil {
 			t.Fatalf("handshake errors = client %v, server %v", r.ClientErr, r.ServerErr)
 		}
@@ -217,7 +217,7 @@ func TestResumptionNeedsNoKey(t *testing.T) {
 			cc.ClientSessionCache = tls.NewLRUClientSessionCache(4)
 			for i, wantResumed := range []bool{false, true, true} {
 				s0, d0 := env.ks.ops.counts()
-				r := testpki.Handshake(t, sc, cc, nil)
+				r := pkitest.Handshake(t, sc, cc, nil)
 				s1, d1 := env.ks.ops.counts()
 				if r.ClientErr != nil || r.ServerErr != nil {
 					t.Fatalf("handshake %d errors = client %v, server %v", i, r.ClientErr, r.ServerErr)
@@ -255,7 +255,7 @@ func TestRSAKeyExchangeNeedsOwnCertificate(t *testing.T) {
 		cc.CipherSuites = []uint16{rsaKexSuite}
 		cc.InsecureSkipVerify = true // the default certificate does not cover unheld.example.com
 		_, decrypts0 := env.ks.ops.counts()
-		r := testpki.Handshake(t, sc, cc, nil)
+		r := pkitest.Handshake(t, sc, cc, nil)
 		_, decrypts := env.ks.ops.counts()
 		if ok := r.ClientErr == nil && r.ServerErr == nil; ok != tt.wantOK || (decrypts-decrypts0 == 1) != tt.wantOK {
 			t.Errorf("%s: errors client %v, server %v, %d decryptions; want success %t", tt.serverName, r.ClientErr, r.ServerErr, decrypts-decrypts0, tt.wantOK)
@@ -305,7 +305,7 @@ func TestResumptionBoundToServerName(t *testing.T) {
 			for i, s := range steps {
 				cc := env.clientConfig(s.serverName, version, version)
 				cc.ClientSessionCache = cache
-				r := testpki.Handshake(t, sc, cc, nil)
+				r := pkitest.Handshake(t, sc, cc, nil)
 				if r.ClientErr != nil || r.ServerErr != nil {
 					t.Fatalf("handshake %d (%s) errors = client %v, server %v", i, s.serverName, r.ClientErr, r.ServerErr)
 				}
@@ -335,7 +335,7 @@ func TestResumptionEndsWithCertificate(t *testing.T) {
 				cc.ClientSessionCache = tls.NewLRUClientSessionCache(4)
 				step := func(what string, wantOK, wantResumed bool) {
 					t.Helper()
-					r := testpki.Handshake(t, sc, cc, nil)
+					r := pkitest.Handshake(t, sc, cc, nil)
 					if ok := r.ClientErr == nil && r.ServerErr == nil; ok != wantOK || r.State.DidResume != wantResumed {
 						t.Fatalf("%s: errors client %v, server %v, resumed %t; want success %t, resumed %t",
 							what, r.ClientErr, r.ServerErr, r.State.DidResume, wantOK, wantResumed)
@@ -351,7 +351,7 @@ func TestResumptionEndsWithCertificate(t *testing.T) {
 				step("second handshake", true, true)
 
 				// Replaced: the same key, a new certificate.
-				testpki.WriteFile(t, env.dir, "p384.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.P384Key().Public(), testpki.LeafOptions{Names: []string{"p384.example.com"}})))
+				pkitest.WriteFile(t, env.dir, "p384.pem", pkitest.CertPEM(env.pki.CA.Issue(t, pkitest.P384Key().Public(), pkitest.LeafOptions{Names: []string{"p384.example.com"}})))
 				reload()
 				step("after the certificate was replaced", true, false)
 				step("with a ticket for the new certificate", true, true)
@@ -386,7 +386,7 @@ func TestTicketKeysShared(t *testing.T) {
 				cc.ClientSessionCache = tls.NewLRUClientSessionCache(4)
 				step := func(i int, wantResumed bool) {
 					t.Helper()
-					r := testpki.Handshake(t, sc, cc, nil)
+					r := pkitest.Handshake(t, sc, cc, nil)
 					if r.ClientErr != nil || r.ServerErr != nil {
 						t.Fatalf("handshake %d errors = client %v, server %v", i, r.ClientErr, r.ServerErr)
 					}
@@ -409,8 +409,8 @@ func TestTicketKeysShared(t *testing.T) {
 // one that supports only RSA gets the RSA one.
 func TestHandshakeDualCertificates(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	testpki.WriteFile(t, env.dir, "dual-a-ecdsa.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"dual.example.com"}})))
-	testpki.WriteFile(t, env.dir, "dual-b-rsa.pem", testpki.CertPEM(env.pki.CA.Issue(t, testpki.RSAKey().Public(), testpki.LeafOptions{Names: []string{"dual.example.com"}})))
+	pkitest.WriteFile(t, env.dir, "dual-a-ecdsa.pem", pkitest.CertPEM(env.pki.CA.Issue(t, pkitest.P256Key().Public(), pkitest.LeafOptions{Names: []string{"dual.example.com"}})))
+	pkitest.WriteFile(t, env.dir, "dual-b-rsa.pem", pkitest.CertPEM(env.pki.CA.Issue(t, pkitest.RSAKey().Public(), pkitest.LeafOptions{Names: []string{"dual.example.com"}})))
 	sc := env.serverConfig(t)
 	tests := []struct {
 		name    string
@@ -425,7 +425,7 @@ func TestHandshakeDualCertificates(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			cc := env.clientConfig("dual.example.com", 0, tls.VersionTLS12)
 			cc.CipherSuites = tt.suites
-			r := testpki.Handshake(t, sc, cc, nil)
+			r := pkitest.Handshake(t, sc, cc, nil)
 			if r.ClientErr != nil || r.ServerErr != nil {
 				t.Fatalf("handshake errors = client %v, server %v", r.ClientErr, r.ServerErr)
 			}
@@ -440,12 +440,12 @@ func TestHandshakeDualCertificates(t *testing.T) {
 // one valid now is served, whatever the file order.
 func TestHandshakePrefersValidCertificate(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	expired := env.pki.CA.Issue(t, testpki.P256Key().Public(), testpki.LeafOptions{Names: []string{"renewed.example.com"},
+	expired := env.pki.CA.Issue(t, pkitest.P256Key().Public(), pkitest.LeafOptions{Names: []string{"renewed.example.com"},
 		NotBefore: time.Now().Add(-48 * time.Hour), NotAfter: time.Now().Add(-24 * time.Hour)})
-	current := env.pki.CA.Issue(t, testpki.P384Key().Public(), testpki.LeafOptions{Names: []string{"renewed.example.com"}})
-	testpki.WriteFile(t, env.dir, "renewed-a-old.pem", testpki.CertPEM(expired))
-	testpki.WriteFile(t, env.dir, "renewed-b-new.pem", testpki.CertPEM(current))
-	r := testpki.Handshake(t, env.serverConfig(t), env.clientConfig("renewed.example.com", 0, 0), nil)
+	current := env.pki.CA.Issue(t, pkitest.P384Key().Public(), pkitest.LeafOptions{Names: []string{"renewed.example.com"}})
+	pkitest.WriteFile(t, env.dir, "renewed-a-old.pem", pkitest.CertPEM(expired))
+	pkitest.WriteFile(t, env.dir, "renewed-b-new.pem", pkitest.CertPEM(current))
+	r := pkitest.Handshake(t, env.serverConfig(t), env.clientConfig("renewed.example.com", 0, 0), nil)
 	if r.ClientErr != nil || r.ServerErr != nil {
 		t.Fatalf("handshake errors = client %v, server %v", r.ClientErr, r.ServerErr)
 	}
@@ -492,7 +492,7 @@ func TestHandshakeDeadKeyserver(t *testing.T) {
 			}
 			cc := env.clientConfig(tt.serverName, tt.version, tt.version)
 			cc.CipherSuites = tt.suites
-			r := testpki.Handshake(t, sc, cc, ctx)
+			r := pkitest.Handshake(t, sc, cc, ctx)
 			if r.ClientErr == nil || r.ServerErr == nil {
 				t.Fatalf("handshake errors = client %v, server %v; want both to fail", r.ClientErr, r.ServerErr)
 			}
@@ -539,7 +539,7 @@ func TestSharedTicketKeys(t *testing.T) {
 		sc          *tls.Config
 		wantResumed bool
 	}{{a, false}, {b, true}, {a, true}, {other, false}} {
-		r := testpki.Handshake(t, s.sc, cc, nil)
+		r := pkitest.Handshake(t, s.sc, cc, nil)
 		if r.ClientErr != nil || r.State.DidResume != s.wantResumed {
 			t.Fatalf("handshake %d: %v, resumed %t; want resumed %t", i, r.ClientErr, r.State.DidResume, s.wantResumed)
 		}

@@ -15,7 +15,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/status"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
@@ -30,8 +30,8 @@ func TestKeyserverStateChanges(t *testing.T) {
 	old := streamMaxAge
 	streamMaxAge = 200 * time.Millisecond
 	t.Cleanup(func() { streamMaxAge = old })
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
-	real := newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
+	real := newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil)
 	var broken atomic.Bool
 	flaky := &fakeService{next: real, sign: func(ctx context.Context, req *keylessv1.SignRequest) (*keylessv1.SignResponse, error) {
 		if broken.Load() {

@@ -23,7 +23,7 @@ import (
 	"google.golang.org/grpc/test/bufconn"
 
 	"github.com/keyless-tls/keyless/internal/h2frames"
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 	"github.com/keyless-tls/keyless/signer"
@@ -141,14 +141,14 @@ type testKeyserver struct {
 	health *health.Server
 }
 
-func startKeyserver(t testing.TB, pki *testpki.MTLS, svc keylessv1.KeylessServiceServer) *testKeyserver {
+func startKeyserver(t testing.TB, pki *pkitest.MTLS, svc keylessv1.KeylessServiceServer) *testKeyserver {
 	t.Helper()
 	return startKeyserverWithHealth(t, pki, svc, healthpb.HealthCheckResponse_SERVING)
 }
 
 // startKeyserverWithHealth starts a keyserver whose health service reports
 // st for the KeylessService, with extra server options.
-func startKeyserverWithHealth(t testing.TB, pki *testpki.MTLS, svc keylessv1.KeylessServiceServer, st healthpb.HealthCheckResponse_ServingStatus, opts ...grpc.ServerOption) *testKeyserver {
+func startKeyserverWithHealth(t testing.TB, pki *pkitest.MTLS, svc keylessv1.KeylessServiceServer, st healthpb.HealthCheckResponse_ServingStatus, opts ...grpc.ServerOption) *testKeyserver {
 	t.Helper()
 	cfg, err := link.ServerMTLSConfig(pki.ServerCert, pki.ServerKey, pki.CAFile)
 	if err != nil {
@@ -232,7 +232,7 @@ func (s schemeStore) Keys(ctx context.Context) ([]crypto.Signer, error) {
 
 // dialTestClient returns a Client for the given keyservers, keyed by the
 // address the client is given for each.
-func dialTestClient(t testing.TB, pki *testpki.MTLS, cfg ClientConfig, servers map[string]*testKeyserver) *Client {
+func dialTestClient(t testing.TB, pki *pkitest.MTLS, cfg ClientConfig, servers map[string]*testKeyserver) *Client {
 	t.Helper()
 	tlsCfg, err := link.ClientMTLSConfig(pki.ClientCert, pki.ClientKey, pki.CAFile, keyserverName)
 	if err != nil {
@@ -353,7 +353,7 @@ func blockingHandler[Req, Resp any](t *testing.T) func(context.Context, Req) (Re
 // testEnv is an edge's view of one keyserver: a Client, and a directory of
 // certificates for the four test keys.
 type testEnv struct {
-	pki    *testpki.MTLS
+	pki    *pkitest.MTLS
 	ks     *testKeyserver
 	client *Client
 	dir    string
@@ -372,15 +372,15 @@ var envCerts = []struct {
 	key   func() crypto.Signer
 	names []string
 }{
-	{"ed25519.pem", func() crypto.Signer { return testpki.Ed25519Key() }, []string{"ed25519.example.com"}},
-	{"p256.pem", func() crypto.Signer { return testpki.P256Key() }, []string{"p256.example.com", "*.wild.example.com"}},
-	{"p384.pem", func() crypto.Signer { return testpki.P384Key() }, []string{"p384.example.com"}},
-	{"rsa.pem", func() crypto.Signer { return testpki.RSAKey() }, []string{"rsa.example.com", "legacy.example.com", "*.legacy-wild.example.com"}},
+	{"ed25519.pem", func() crypto.Signer { return pkitest.Ed25519Key() }, []string{"ed25519.example.com"}},
+	{"p256.pem", func() crypto.Signer { return pkitest.P256Key() }, []string{"p256.example.com", "*.wild.example.com"}},
+	{"p384.pem", func() crypto.Signer { return pkitest.P384Key() }, []string{"p384.example.com"}},
+	{"rsa.pem", func() crypto.Signer { return pkitest.RSAKey() }, []string{"rsa.example.com", "legacy.example.com", "*.legacy-wild.example.com"}},
 }
 
 func newTestEnv(t *testing.T, o envOptions) *testEnv {
 	t.Helper()
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	var keys []crypto.Signer
 	for _, c := range envCerts {
 		keys = append(keys, c.key())
@@ -393,9 +393,9 @@ func newTestEnv(t *testing.T, o envOptions) *testEnv {
 	client := dialTestClient(t, pki, ClientConfig{CallTimeout: o.callTimeout}, map[string]*testKeyserver{"ks1.test:443": ks})
 	env := &testEnv{pki: pki, ks: ks, client: client, dir: t.TempDir(), leaves: make(map[string]*x509.Certificate)}
 	for _, c := range envCerts {
-		leaf := pki.CA.Issue(t, c.key().Public(), testpki.LeafOptions{Names: c.names})
+		leaf := pki.CA.Issue(t, c.key().Public(), pkitest.LeafOptions{Names: c.names})
 		env.leaves[c.file] = leaf
-		testpki.WriteFile(t, env.dir, c.file, testpki.CertPEM(leaf))
+		pkitest.WriteFile(t, env.dir, c.file, pkitest.CertPEM(leaf))
 	}
 	return env
 }

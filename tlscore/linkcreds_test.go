@@ -14,7 +14,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 	"github.com/keyless-tls/keyless/link"
 )
 
@@ -23,8 +23,8 @@ import (
 // the call's status and the TLS error, and that calls failing for other
 // reasons, or after a handshake succeeded again, are not.
 func TestClientLinkHandshakeError(t *testing.T) {
-	edgePKI, otherPKI := testpki.NewMTLS(t, keyserverName, edgeIdentity), testpki.NewMTLS(t, keyserverName, edgeIdentity)
-	real := newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil)
+	edgePKI, otherPKI := pkitest.NewMTLS(t, keyserverName, edgeIdentity), pkitest.NewMTLS(t, keyserverName, edgeIdentity)
+	real := newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil)
 	var signs, decrypts atomic.Int64
 	// untrusted has a certificate from a CA the edge does not trust;
 	// trusted's signs fail with Unavailable, as with an unplugged HSM.
@@ -86,7 +86,7 @@ func TestClientLinkHandshakeError(t *testing.T) {
 // listens for gives Unavailable without a *LinkHandshakeError: waiting may
 // mend it.
 func TestClientUnreachableIsNotHandshakeError(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	c, err := Dial(ClientConfig{Addresses: []string{keyserverName + ":7443"}, TLS: mustClientTLS(t, pki),
 		Dialer: func(context.Context, string) (net.Conn, error) { return nil, errors.New("connection refused") }})
 	if err != nil {
@@ -101,7 +101,7 @@ func TestClientUnreachableIsNotHandshakeError(t *testing.T) {
 }
 
 // mustClientTLS returns the edge's side of the link for pki.
-func mustClientTLS(t *testing.T, pki *testpki.MTLS) *tls.Config {
+func mustClientTLS(t *testing.T, pki *pkitest.MTLS) *tls.Config {
 	t.Helper()
 	cfg, err := link.ClientMTLSConfig(pki.ClientCert, pki.ClientKey, pki.CAFile, keyserverName)
 	if err != nil {

@@ -17,7 +17,7 @@ import (
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
@@ -117,7 +117,7 @@ func (c *faultyConn) Close() error {
 
 // dialFaultyClient returns a Client for the keyservers behind paths, keyed
 // by the address the client is given for each.
-func dialFaultyClient(t *testing.T, pki *testpki.MTLS, cfg ClientConfig, paths map[string]*faultyPath) *Client {
+func dialFaultyClient(t *testing.T, pki *pkitest.MTLS, cfg ClientConfig, paths map[string]*faultyPath) *Client {
 	t.Helper()
 	tlsCfg, err := link.ClientMTLSConfig(pki.ClientCert, pki.ClientKey, pki.CAFile, keyserverName)
 	if err != nil {
@@ -146,9 +146,9 @@ func TestStreamRotationWaitsForNothing(t *testing.T) {
 	old := streamMaxAge
 	streamMaxAge = 50 * time.Millisecond
 	t.Cleanup(func() { streamMaxAge = old })
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	var streams atomic.Int64
-	ks := startKeyserver(t, pki, &countingStreams{KeylessServiceServer: newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil), n: &streams})
+	ks := startKeyserver(t, pki, &countingStreams{KeylessServiceServer: newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil), n: &streams})
 	path := newFaultyPath(ks)
 	c := dialFaultyClient(t, pki, ClientConfig{}, map[string]*faultyPath{"ks:1": path})
 	if err := signVerified(t, c, 0); err != nil {
@@ -181,9 +181,9 @@ func TestStreamRotationWaitsForNothing(t *testing.T) {
 // itself, before any call needs it; the next operation then makes no
 // connection (no TCP and link TLS handshake on the request path).
 func TestReconnectAfterGoAwayOffRequestPath(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	conns := &connCounter{}
-	ks := startKeyserverWithHealth(t, pki, newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil), healthpb.HealthCheckResponse_SERVING,
+	ks := startKeyserverWithHealth(t, pki, newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil), healthpb.HealthCheckResponse_SERVING,
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionAge: time.Second, MaxConnectionAgeGrace: time.Minute}),
 		grpc.StatsHandler(conns))
 	path := newFaultyPath(ks)
@@ -214,8 +214,8 @@ func TestReconnectAfterGoAwayOffRequestPath(t *testing.T) {
 // deadline, none fails, and the silent keyserver gets no operation after
 // that (it is suspect for suspectFor).
 func TestClientStreamStallFailsOver(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
-	real := newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
+	real := newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil)
 	var farLists, nearLists atomic.Int64
 	far := newFaultyPath(startKeyserver(t, pki, &fakeService{next: real, lists: &farLists}))
 	near := newFaultyPath(startKeyserver(t, pki, &fakeService{next: real, lists: &nearLists}))
@@ -285,9 +285,9 @@ func TestClientStreamStallFailsOver(t *testing.T) {
 // lines, keyless_edge_keyserver_up stays 1): the watch connects again
 // within lostGrace.
 func TestHealthIgnoresGoAway(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	conns := &connCounter{}
-	ks := startKeyserverWithHealth(t, pki, newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil), healthpb.HealthCheckResponse_SERVING,
+	ks := startKeyserverWithHealth(t, pki, newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil), healthpb.HealthCheckResponse_SERVING,
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionAge: 500 * time.Millisecond, MaxConnectionAgeGrace: time.Second}),
 		grpc.StatsHandler(conns))
 	path := newFaultyPath(ks)
@@ -314,8 +314,8 @@ func TestHealthIgnoresGoAway(t *testing.T) {
 // not watched, so it waits for its answer within the deadline instead of
 // failing.
 func TestSlowKeyserversStillAnswer(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
-	real := newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
+	real := newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil)
 	var slow atomic.Bool
 	var lists atomic.Int64
 	svc := &fakeService{next: real, lists: &lists, sign: func(ctx context.Context, req *keylessv1.SignRequest) (*keylessv1.SignResponse, error) {

@@ -19,12 +19,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/crypto/ocsp"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 )
 
 // ocspLeaf issues a certificate for the P-256 test key naming responder
 // as its OCSP responder.
-func ocspLeaf(t *testing.T, ca *testpki.CA, name, responder string) *x509.Certificate {
+func ocspLeaf(t *testing.T, ca *pkitest.CA, name, responder string) *x509.Certificate {
 	t.Helper()
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(time.Now().UnixNano()),
@@ -36,7 +36,7 @@ func ocspLeaf(t *testing.T, ca *testpki.CA, name, responder string) *x509.Certif
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		OCSPServer:   []string{responder},
 	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, testpki.P256Key().Public(), ca.Key)
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, pkitest.P256Key().Public(), ca.Key)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -66,13 +66,13 @@ func ocspResponse(t *testing.T, issuer, signerCert *x509.Certificate, signer cry
 }
 
 func TestVerifyOCSP(t *testing.T) {
-	ca := testpki.NewCA(t, "OCSP CA")
-	other := testpki.NewCA(t, "Other CA")
+	ca := pkitest.NewCA(t, "OCSP CA")
+	other := pkitest.NewCA(t, "Other CA")
 	leaf := ocspLeaf(t, ca, "ocsp.example.com", "http://127.0.0.1:1/")
 	otherLeaf := ocspLeaf(t, ca, "other.example.com", "http://127.0.0.1:1/")
 	now := time.Now()
 	delegate := func(eku []x509.ExtKeyUsage, notAfter time.Time) (*x509.Certificate, crypto.Signer) {
-		key := testpki.MustECDSA(elliptic.P256())
+		key := pkitest.MustECDSA(elliptic.P256())
 		tmpl := &x509.Certificate{SerialNumber: big.NewInt(now.UnixNano()), Subject: pkix.Name{CommonName: "responder"},
 			NotBefore: now.Add(-time.Hour), NotAfter: notAfter, ExtKeyUsage: eku, KeyUsage: x509.KeyUsageDigitalSignature}
 		der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.Key)
@@ -186,7 +186,7 @@ func TestOCSPStapling(t *testing.T) {
 	t.Cleanup(srv.Close)
 	ca := env.pki.CA
 	leaf := ocspLeaf(t, ca, "ocsp.example.com", srv.URL)
-	testpki.WriteFile(t, env.dir, "ocsp.pem", testpki.CertPEM(leaf, ca.Cert))
+	pkitest.WriteFile(t, env.dir, "ocsp.pem", pkitest.CertPEM(leaf, ca.Cert))
 
 	var (
 		mu         sync.Mutex
@@ -268,10 +268,10 @@ func TestOCSPFile(t *testing.T) {
 	ca := env.pki.CA
 	// No responder reachable: only the file can provide a response.
 	leaf := ocspLeaf(t, ca, "file.example.com", "http://127.0.0.1:1/")
-	testpki.WriteFile(t, env.dir, "file.pem", testpki.CertPEM(leaf, ca.Cert))
+	pkitest.WriteFile(t, env.dir, "file.pem", pkitest.CertPEM(leaf, ca.Cert))
 	now := time.Now()
-	other := testpki.NewCA(t, "Other CA")
-	testpki.WriteFile(t, env.dir, "file.ocsp", ocspResponse(t, other.Cert, other.Cert, other.Key, leaf, ocsp.Good, now.Add(-time.Hour), now.Add(time.Hour)))
+	other := pkitest.NewCA(t, "Other CA")
+	pkitest.WriteFile(t, env.dir, "file.ocsp", ocspResponse(t, other.Cert, other.Cert, other.Key, leaf, ocsp.Good, now.Add(-time.Hour), now.Add(time.Hour)))
 	logger, logs := newTestLogger()
 	s := env.newStore(t, CertStoreConfig{Logger: logger, OCSP: &OCSPConfig{}})
 	if staple(t, s, "file.example.com") != nil {
@@ -282,7 +282,7 @@ func TestOCSPFile(t *testing.T) {
 	}
 
 	good := ocspResponse(t, ca.Cert, ca.Cert, ca.Key, leaf, ocsp.Good, now.Add(-time.Hour), now.Add(time.Hour))
-	testpki.WriteFile(t, env.dir, "file.ocsp", good)
+	pkitest.WriteFile(t, env.dir, "file.ocsp", good)
 	if err := s.Load(t.Context(), env.dir); err != nil {
 		t.Fatal(err)
 	}
@@ -293,7 +293,7 @@ func TestOCSPFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := testpki.Handshake(t, sc, env.clientConfig("file.example.com", tls.VersionTLS13, tls.VersionTLS13), nil)
+	r := pkitest.Handshake(t, sc, env.clientConfig("file.example.com", tls.VersionTLS13, tls.VersionTLS13), nil)
 	if r.ClientErr != nil {
 		t.Fatal(r.ClientErr)
 	}

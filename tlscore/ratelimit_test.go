@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 )
 
 // TestHandshakeRateLimit: a client gets HandshakeBurst full handshakes at
@@ -32,7 +32,7 @@ func TestHandshakeRateLimit(t *testing.T) {
 			step := func(what string, cc *tls.Config, wantOK, wantResumed bool) {
 				t.Helper()
 				signs0, _ := env.ks.ops.counts()
-				r := testpki.Handshake(t, sc, cc, nil)
+				r := pkitest.Handshake(t, sc, cc, nil)
 				signs, _ := env.ks.ops.counts()
 				ok := r.ClientErr == nil && r.ServerErr == nil
 				if ok != wantOK || r.State.DidResume != wantResumed || (signs-signs0 == 1) != (wantOK && !wantResumed) {

@@ -18,7 +18,7 @@ import (
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
@@ -69,25 +69,25 @@ func TestRemoteKeySign(t *testing.T) {
 		opts    crypto.SignerOpts
 		wantErr string // substring; "" for success
 	}{
-		{name: "RSA/PSS-SHA256", pub: testpki.RSAKey().Public(), digest: digest(crypto.SHA256), opts: pss(crypto.SHA256)},
-		{name: "RSA/PSS-SHA384", pub: testpki.RSAKey().Public(), digest: digest(crypto.SHA384), opts: pss(crypto.SHA384)},
-		{name: "RSA/PSS-SHA512-explicit-salt", pub: testpki.RSAKey().Public(), digest: digest(crypto.SHA512), opts: &rsa.PSSOptions{SaltLength: 64, Hash: crypto.SHA512}},
-		{name: "RSA/PKCS1-SHA256", pub: testpki.RSAKey().Public(), digest: digest(crypto.SHA256), opts: crypto.SHA256},
-		{name: "RSA/PKCS1-SHA512", pub: testpki.RSAKey().Public(), digest: digest(crypto.SHA512), opts: crypto.SHA512},
-		{name: "P256/SHA256", pub: testpki.P256Key().Public(), digest: digest(crypto.SHA256), opts: crypto.SHA256},
-		{name: "P256/SHA512", pub: testpki.P256Key().Public(), digest: digest(crypto.SHA512), opts: crypto.SHA512},
-		{name: "P384/SHA256", pub: testpki.P384Key().Public(), digest: digest(crypto.SHA256), opts: crypto.SHA256},
-		{name: "P384/SHA384", pub: testpki.P384Key().Public(), digest: digest(crypto.SHA384), opts: crypto.SHA384},
-		{name: "Ed25519/TLS13-message", pub: testpki.Ed25519Key().Public(), digest: tls13Message(), opts: crypto.Hash(0)},
+		{name: "RSA/PSS-SHA256", pub: pkitest.RSAKey().Public(), digest: digest(crypto.SHA256), opts: pss(crypto.SHA256)},
+		{name: "RSA/PSS-SHA384", pub: pkitest.RSAKey().Public(), digest: digest(crypto.SHA384), opts: pss(crypto.SHA384)},
+		{name: "RSA/PSS-SHA512-explicit-salt", pub: pkitest.RSAKey().Public(), digest: digest(crypto.SHA512), opts: &rsa.PSSOptions{SaltLength: 64, Hash: crypto.SHA512}},
+		{name: "RSA/PKCS1-SHA256", pub: pkitest.RSAKey().Public(), digest: digest(crypto.SHA256), opts: crypto.SHA256},
+		{name: "RSA/PKCS1-SHA512", pub: pkitest.RSAKey().Public(), digest: digest(crypto.SHA512), opts: crypto.SHA512},
+		{name: "P256/SHA256", pub: pkitest.P256Key().Public(), digest: digest(crypto.SHA256), opts: crypto.SHA256},
+		{name: "P256/SHA512", pub: pkitest.P256Key().Public(), digest: digest(crypto.SHA512), opts: crypto.SHA512},
+		{name: "P384/SHA256", pub: pkitest.P384Key().Public(), digest: digest(crypto.SHA256), opts: crypto.SHA256},
+		{name: "P384/SHA384", pub: pkitest.P384Key().Public(), digest: digest(crypto.SHA384), opts: crypto.SHA384},
+		{name: "Ed25519/TLS13-message", pub: pkitest.Ed25519Key().Public(), digest: tls13Message(), opts: crypto.Hash(0)},
 
-		{name: "RSA/PSS-auto-salt", pub: testpki.RSAKey().Public(), digest: digest(crypto.SHA256), opts: &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthAuto, Hash: crypto.SHA256}, wantErr: "salt length"},
-		{name: "RSA/SHA1-not-offered", pub: testpki.RSAKey().Public(), digest: digest(crypto.SHA1), opts: crypto.SHA1, wantErr: "does not offer"},
-		{name: "RSA/MD5", pub: testpki.RSAKey().Public(), digest: digest(crypto.MD5), opts: crypto.MD5, wantErr: "no TLS signature scheme"},
-		{name: "RSA/short-digest", pub: testpki.RSAKey().Public(), digest: digest(crypto.SHA256)[:31], opts: pss(crypto.SHA256), wantErr: "31-byte digest"},
-		{name: "P256/PSS", pub: testpki.P256Key().Public(), digest: digest(crypto.SHA256), opts: pss(crypto.SHA256), wantErr: "no TLS signature scheme"},
-		{name: "P256/long-digest", pub: testpki.P256Key().Public(), digest: digest(crypto.SHA384), opts: crypto.SHA256, wantErr: "48-byte digest"},
-		{name: "Ed25519/with-hash", pub: testpki.Ed25519Key().Public(), digest: digest(crypto.SHA256), opts: crypto.SHA256, wantErr: "no TLS signature scheme"},
-		{name: "Ed25519/not-a-TLS-message", pub: testpki.Ed25519Key().Public(), digest: []byte("sign anything for me"), opts: crypto.Hash(0), wantErr: "InvalidArgument"},
+		{name: "RSA/PSS-auto-salt", pub: pkitest.RSAKey().Public(), digest: digest(crypto.SHA256), opts: &rsa.PSSOptions{SaltLength: rsa.PSSSaltLengthAuto, Hash: crypto.SHA256}, wantErr: "salt length"},
+		{name: "RSA/SHA1-not-offered", pub: pkitest.RSAKey().Public(), digest: digest(crypto.SHA1), opts: crypto.SHA1, wantErr: "does not offer"},
+		{name: "RSA/MD5", pub: pkitest.RSAKey().Public(), digest: digest(crypto.MD5), opts: crypto.MD5, wantErr: "no TLS signature scheme"},
+		{name: "RSA/short-digest", pub: pkitest.RSAKey().Public(), digest: digest(crypto.SHA256)[:31], opts: pss(crypto.SHA256), wantErr: "31-byte digest"},
+		{name: "P256/PSS", pub: pkitest.P256Key().Public(), digest: digest(crypto.SHA256), opts: pss(crypto.SHA256), wantErr: "no TLS signature scheme"},
+		{name: "P256/long-digest", pub: pkitest.P256Key().Public(), digest: digest(crypto.SHA384), opts: crypto.SHA256, wantErr: "48-byte digest"},
+		{name: "Ed25519/with-hash", pub: pkitest.Ed25519Key().Public(), digest: digest(crypto.SHA256), opts: crypto.SHA256, wantErr: "no TLS signature scheme"},
+		{name: "Ed25519/not-a-TLS-message", pub: pkitest.Ed25519Key().Public(), digest: []byte("sign anything for me"), opts: crypto.Hash(0), wantErr: "InvalidArgument"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -171,7 +171,7 @@ func TestRemoteKeyTypes(t *testing.T) {
 
 func TestNewRemoteKeyErrors(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	spki, err := x509.MarshalPKIXPublicKey(testpki.P256Key().Public())
+	spki, err := x509.MarshalPKIXPublicKey(pkitest.P256Key().Public())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -207,8 +207,8 @@ func TestNewRemoteKeyErrors(t *testing.T) {
 // without a call.
 func TestRemoteKeyDecrypt(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	key := remoteKeys(t, env)[mustKeyID(t, testpki.RSAKey().Public())].(crypto.Decrypter)
-	pub := &testpki.RSAKey().PublicKey
+	key := remoteKeys(t, env)[mustKeyID(t, pkitest.RSAKey().Public())].(crypto.Decrypter)
+	pub := &pkitest.RSAKey().PublicKey
 	premaster := make([]byte, 48)
 	rand.Read(premaster)
 	encrypt := func(pt []byte) []byte {
@@ -275,7 +275,7 @@ func TestRemoteKeyDecrypt(t *testing.T) {
 // TestRemoteKeyWithContext checks that a bound key uses its context.
 func TestRemoteKeyWithContext(t *testing.T) {
 	env := newTestEnv(t, envOptions{})
-	k := remoteKeys(t, env)[mustKeyID(t, testpki.P256Key().Public())]
+	k := remoteKeys(t, env)[mustKeyID(t, pkitest.P256Key().Public())]
 	ctx, cancel := context.WithCancel(t.Context())
 	cancel()
 	rc := &keylessv1.RequestContext{ServerName: "bound.example.com", ConnectionId: "c-1"}

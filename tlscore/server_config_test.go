@@ -6,7 +6,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 )
 
 func TestServerConfigValidate(t *testing.T) {
@@ -156,7 +156,7 @@ func TestRSAKeyExchangeALPN(t *testing.T) {
 			cc := env.clientConfig(legacyName, 0, tls.VersionTLS12)
 			cc.CipherSuites = tt.suites
 			cc.NextProtos = []string{"h2", "http/1.1"}
-			r := testpki.Handshake(t, sc, cc, nil)
+			r := pkitest.Handshake(t, sc, cc, nil)
 			if r.ClientErr != nil || r.ServerErr != nil {
 				t.Fatalf("handshake errors = client %v, server %v", r.ClientErr, r.ServerErr)
 			}

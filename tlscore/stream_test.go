@@ -17,7 +17,7 @@ import (
 	"google.golang.org/grpc/stats"
 	"google.golang.org/grpc/status"
 
-	"github.com/keyless-tls/keyless/internal/testpki"
+	"github.com/keyless-tls/keyless/internal/pkitest"
 	"github.com/keyless-tls/keyless/link"
 	keylessv1 "github.com/keyless-tls/keyless/proto/keyless/v1"
 )
@@ -28,11 +28,11 @@ func signVerified(t *testing.T, c *Client, i int) error {
 	alg, _ := link.AlgorithmFor(algECDSA256)
 	d := digest(crypto.SHA256)
 	d[0], d[1] = byte(i), byte(i>>8)
-	sig, err := c.Sign(t.Context(), mustKeyID(t, testpki.P256Key().Public()), alg, d, nil)
+	sig, err := c.Sign(t.Context(), mustKeyID(t, pkitest.P256Key().Public()), alg, d, nil)
 	if err != nil {
 		return err
 	}
-	if !ecdsa.VerifyASN1(&testpki.P256Key().PublicKey, d, sig) {
+	if !ecdsa.VerifyASN1(&pkitest.P256Key().PublicKey, d, sig) {
 		t.Errorf("signature %d does not verify", i)
 	}
 	return nil
@@ -41,8 +41,8 @@ func signVerified(t *testing.T, c *Client, i int) error {
 // TestClientStreamBatches: concurrent operations share one stream, several
 // to a message, and each gets its own verified answer.
 func TestClientStreamBatches(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
-	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil))
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
+	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil))
 	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
 	const workers, each = 32, 40
 	var wg sync.WaitGroup
@@ -71,9 +71,9 @@ func TestClientStreamBatches(t *testing.T) {
 // TestClientStreamUnaryFallback: a keyserver without Stream is called with
 // the unary RPCs, and the client stops trying streams.
 func TestClientStreamUnaryFallback(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	var lists atomic.Int64
-	fake := &fakeService{next: newSignerService(t, []crypto.Signer{testpki.P256Key(), testpki.RSAKey()}, nil), noStream: true, lists: &lists}
+	fake := &fakeService{next: newSignerService(t, []crypto.Signer{pkitest.P256Key(), pkitest.RSAKey()}, nil), noStream: true, lists: &lists}
 	ks := startKeyserver(t, pki, fake)
 	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
 	for i := range 5 {
@@ -81,7 +81,7 @@ func TestClientStreamUnaryFallback(t *testing.T) {
 			t.Fatalf("Sign() %d = %v", i, err)
 		}
 	}
-	pms, err := c.Decrypt(t.Context(), mustKeyID(t, testpki.RSAKey().Public()), make([]byte, 256), nil)
+	pms, err := c.Decrypt(t.Context(), mustKeyID(t, pkitest.RSAKey().Public()), make([]byte, 256), nil)
 	if err != nil || len(pms) != link.PremasterLen {
 		t.Fatalf("Decrypt() = %d bytes, %v", len(pms), err)
 	}
@@ -96,8 +96,8 @@ func TestClientStreamUnaryFallback(t *testing.T) {
 // TestClientStreamFailover: operations pending on a keyserver that goes
 // away are sent again to the other one and succeed.
 func TestClientStreamFailover(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
-	real := newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
+	real := newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil)
 	entered := make(chan struct{}, 100)
 	hang := make(chan struct{})
 	t.Cleanup(func() { close(hang) })
@@ -154,9 +154,9 @@ func TestClientStreamRotation(t *testing.T) {
 	old := streamMaxAge
 	streamMaxAge = 20 * time.Millisecond
 	t.Cleanup(func() { streamMaxAge = old })
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	var streams atomic.Int64
-	real := newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil)
+	real := newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil)
 	ks := startKeyserver(t, pki, &countingStreams{KeylessServiceServer: real, n: &streams})
 	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
 	var wg sync.WaitGroup
@@ -193,8 +193,8 @@ func (s *countingStreams) Stream(stream keylessv1.KeylessService_StreamServer) e
 // nearly every message would also bring a bandwidth-delay PING, its ack and
 // a WINDOW_UPDATE (see link.DefaultWindowSize).
 func TestLinkWindowsAreStatic(t *testing.T) {
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
-	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil))
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
+	ks := startKeyserver(t, pki, newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil))
 	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})
 	const ops = 40
 	for i := range ops {
@@ -226,9 +226,9 @@ func TestClientSurvivesMaxConnectionAge(t *testing.T) {
 	old := streamMaxAge
 	streamMaxAge = 100 * time.Millisecond
 	t.Cleanup(func() { streamMaxAge = old })
-	pki := testpki.NewMTLS(t, keyserverName, edgeIdentity)
+	pki := pkitest.NewMTLS(t, keyserverName, edgeIdentity)
 	conns := &connCounter{}
-	ks := startKeyserverWithHealth(t, pki, newSignerService(t, []crypto.Signer{testpki.P256Key()}, nil), healthpb.HealthCheckResponse_SERVING,
+	ks := startKeyserverWithHealth(t, pki, newSignerService(t, []crypto.Signer{pkitest.P256Key()}, nil), healthpb.HealthCheckResponse_SERVING,
 		grpc.KeepaliveParams(keepalive.ServerParameters{MaxConnectionAge: 300 * time.Millisecond, MaxConnectionAgeGrace: time.Second}),
 		grpc.StatsHandler(conns))
 	c := dialTestClient(t, pki, ClientConfig{}, map[string]*testKeyserver{"ks:1": ks})

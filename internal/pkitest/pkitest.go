@@ -1,4 +1,4 @@
-// Package testpki is an in-memory public-key infrastructure for tests only:
+// Package pkitest is an in-memory public-key infrastructure for tests only:
 // a certificate authority that lives in memory, leaf and intermediate
 // certificates issued with names, client or server use, a CA flag and a
 // validity window, PEM encoding, the mTLS files of a keyserver and an edge
@@ -9,7 +9,7 @@
 // [testing.TB] and ends the test with t.Fatal, so callers need no error
 // checks. Nothing here is fit for production: keys are generated in
 // memory, written to files unencrypted, and the CAs trust nothing else.
-package testpki
+package pkitest
 
 import (
 	"bytes"

@@ -1,4 +1,4 @@
-package testpki
+package pkitest
 
 import (
 	"go/parser"
@@ -12,7 +12,7 @@ import (
 
 const (
 	modulePath = "github.com/keyless-tls/keyless"
-	importPath = modulePath + "/internal/testpki"
+	importPath = modulePath + "/internal/pkitest"
 )
 
 // TestImportedByTestsOnly checks the package's place in the module: no
@@ -59,7 +59,7 @@ func TestImportedByTestsOnly(t *testing.T) {
 			case p == importPath && !inSelf && !strings.HasSuffix(path, "_test.go"):
 				t.Errorf("%s imports %s; only _test.go files may", path, importPath)
 			case inSelf && !strings.HasSuffix(path, "_test.go") && strings.HasPrefix(p, modulePath):
-				t.Errorf("%s imports %s; testpki must not import the module's packages", path, p)
+				t.Errorf("%s imports %s; pkitest must not import the module's packages", path, p)
 			}
 		}
 		return nil
